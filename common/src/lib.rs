@@ -1,0 +1,12 @@
+//! Types shared by vmplug's host orchestrator and guest agent: `CpuSet`, sizes, the
+//! protocol and its framing. No I/O here (the optional `io` feature adds async
+//! framing over tokio streams), so everything is unit-tested in isolation.
+#![forbid(unsafe_code)]
+
+pub mod cpuset;
+pub mod frame;
+pub mod protocol;
+pub mod size;
+
+pub use cpuset::{CpuSet, CpuSetError};
+pub use size::{BlockSize, Bytes, SizeError, GIB, KIB, MIB};
