@@ -212,11 +212,26 @@ mod tests {
 
     #[test]
     fn rejects_bad_lists_with_specific_errors() {
-        assert_eq!("3-1".parse::<CpuSet>(), Err(CpuSetError::BackwardsRange("3-1".into())));
-        assert_eq!("a".parse::<CpuSet>(), Err(CpuSetError::NotANumber("a".into())));
-        assert_eq!("1,,2".parse::<CpuSet>(), Err(CpuSetError::EmptyElement("1,,2".into())));
-        assert_eq!("0-99999".parse::<CpuSet>(), Err(CpuSetError::TooLarge(99999)));
-        assert_eq!("-1".parse::<CpuSet>(), Err(CpuSetError::NotANumber("".into())));
+        assert_eq!(
+            "3-1".parse::<CpuSet>(),
+            Err(CpuSetError::BackwardsRange("3-1".into()))
+        );
+        assert_eq!(
+            "a".parse::<CpuSet>(),
+            Err(CpuSetError::NotANumber("a".into()))
+        );
+        assert_eq!(
+            "1,,2".parse::<CpuSet>(),
+            Err(CpuSetError::EmptyElement("1,,2".into()))
+        );
+        assert_eq!(
+            "0-99999".parse::<CpuSet>(),
+            Err(CpuSetError::TooLarge(99999))
+        );
+        assert_eq!(
+            "-1".parse::<CpuSet>(),
+            Err(CpuSetError::NotANumber("".into()))
+        );
     }
 
     #[test]
@@ -225,7 +240,10 @@ mod tests {
         assert_eq!(set("9").to_cpumap(16), Ok(vec![0, 0b10]));
         assert_eq!(
             set("4").to_cpumap(4),
-            Err(CpuSetError::OutsideHost { cpu: 4, host_cpus: 4 })
+            Err(CpuSetError::OutsideHost {
+                cpu: 4,
+                host_cpus: 4
+            })
         );
     }
 

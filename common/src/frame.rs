@@ -26,7 +26,10 @@ pub enum FrameError {
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = serde_json::to_vec(msg).map_err(FrameError::Encode)?;
     if out.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge { len: out.len(), max: MAX_FRAME_BYTES });
+        return Err(FrameError::TooLarge {
+            len: out.len(),
+            max: MAX_FRAME_BYTES,
+        });
     }
     out.push(b'\n');
     Ok(out)
@@ -46,7 +49,9 @@ pub struct FrameDecoder {
 pub enum Decoded {
     Frame(Vec<u8>),
     /// An oversized frame was dropped; `len` is how many bytes it had.
-    TooLarge { len: usize },
+    TooLarge {
+        len: usize,
+    },
 }
 
 impl Default for FrameDecoder {
@@ -57,7 +62,11 @@ impl Default for FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max: usize) -> Self {
-        FrameDecoder { buf: Vec::new(), max, discarding: None }
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+            discarding: None,
+        }
     }
 
     /// Bytes buffered of an incomplete frame.
@@ -198,7 +207,10 @@ mod tests {
         let out = feed_all(&mut dec, &[b"{\"a\":", b"1}\n{\"b\"", b":2}\n\n  \n"]);
         assert_eq!(
             out,
-            vec![Decoded::Frame(b"{\"a\":1}".to_vec()), Decoded::Frame(b"{\"b\":2}".to_vec())]
+            vec![
+                Decoded::Frame(b"{\"a\":1}".to_vec()),
+                Decoded::Frame(b"{\"b\":2}".to_vec())
+            ]
         );
         assert_eq!(dec.pending(), 0);
     }
@@ -206,9 +218,15 @@ mod tests {
     #[test]
     fn oversized_frame_is_dropped_and_stream_resyncs() {
         let mut dec = FrameDecoder::new(8);
-        let big = vec![b'x'; 20];
+        let big = [b'x'; 20];
         let out = feed_all(&mut dec, &[&big[..10], &big[10..], b"\nok\n"]);
-        assert_eq!(out, vec![Decoded::TooLarge { len: 20 }, Decoded::Frame(b"ok".to_vec())]);
+        assert_eq!(
+            out,
+            vec![
+                Decoded::TooLarge { len: 20 },
+                Decoded::Frame(b"ok".to_vec())
+            ]
+        );
         // The buffer never grew past the limit.
         assert!(dec.buf.capacity() <= 16);
     }

@@ -41,7 +41,11 @@ pub struct Envelope<B> {
 
 impl<B> Envelope<B> {
     pub fn new(id: Option<u64>, body: B) -> Self {
-        Envelope { v: PROTOCOL_VERSION, id, body }
+        Envelope {
+            v: PROTOCOL_VERSION,
+            id,
+            body,
+        }
     }
 }
 
@@ -50,7 +54,10 @@ impl<B> Envelope<B> {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Handshake: answered with [`Response::GuestInfo`].
-    Hello { protocol: u32, host_agent: String },
+    Hello {
+        protocol: u32,
+        host_agent: String,
+    },
     /// The guest's current facts again (after a rescan).
     Info,
     Online(OnlineRequest),
@@ -110,7 +117,9 @@ impl std::str::FromStr for ZonePolicy {
             "movable" => Ok(ZonePolicy::Movable),
             "kernel" => Ok(ZonePolicy::Kernel),
             "online" => Ok(ZonePolicy::Online),
-            other => Err(format!("unknown zone policy '{other}' (auto, movable, kernel, online)")),
+            other => Err(format!(
+                "unknown zone policy '{other}' (auto, movable, kernel, online)"
+            )),
         }
     }
 }
@@ -261,7 +270,11 @@ pub struct Report {
 impl Report {
     pub fn failures(&self) -> usize {
         self.cpus.iter().filter(|c| !c.outcome.is_success()).count()
-            + self.blocks.iter().filter(|b| !b.outcome.is_success()).count()
+            + self
+                .blocks
+                .iter()
+                .filter(|b| !b.outcome.is_success())
+                .count()
     }
 }
 
@@ -341,7 +354,13 @@ pub struct DecodedRequest {
 /// go back to the peer (with the id when one could be read).
 pub fn decode_request(frame: &[u8]) -> Result<DecodedRequest, (Option<u64>, ErrorBody)> {
     let raw: serde_json::Value = serde_json::from_slice(frame).map_err(|e| {
-        (None, ErrorBody { code: ErrorCode::Malformed, message: format!("not JSON: {e}") })
+        (
+            None,
+            ErrorBody {
+                code: ErrorCode::Malformed,
+                message: format!("not JSON: {e}"),
+            },
+        )
     })?;
     let id = raw.get("id").and_then(|v| v.as_u64());
     let err = |code, message: String| (id, ErrorBody { code, message });
@@ -350,14 +369,25 @@ pub fn decode_request(frame: &[u8]) -> Result<DecodedRequest, (Option<u64>, Erro
     if env.v != PROTOCOL_VERSION {
         return Err(err(
             ErrorCode::VersionMismatch,
-            format!("envelope version {} is not supported (this agent speaks {PROTOCOL_VERSION})", env.v),
+            format!(
+                "envelope version {} is not supported (this agent speaks {PROTOCOL_VERSION})",
+                env.v
+            ),
         ));
     }
-    let ty = env.body.get("type").and_then(|t| t.as_str()).unwrap_or("").to_string();
+    let ty = env
+        .body
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
     if !Request::TYPES.contains(&ty.as_str()) {
         return Err(err(
             ErrorCode::UnknownRequest,
-            format!("unknown request type '{ty}' (known: {})", Request::TYPES.join(", ")),
+            format!(
+                "unknown request type '{ty}' (known: {})",
+                Request::TYPES.join(", ")
+            ),
         ));
     }
     let request: Request = serde_json::from_value(env.body)

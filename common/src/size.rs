@@ -16,7 +16,9 @@ pub const TIB: u64 = 1024 * GIB;
 pub enum SizeError {
     #[error("size '{0}' has no number")]
     NoNumber(String),
-    #[error("size '{input}' has an unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB, TiB or none)")]
+    #[error(
+        "size '{input}' has an unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB, TiB or none)"
+    )]
     UnknownUnit { input: String, unit: String },
     #[error("size '{0}' does not fit in 64 bits")]
     Overflow(String),
@@ -27,7 +29,9 @@ pub enum SizeError {
 }
 
 /// A size in bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Bytes(pub u64);
 
@@ -49,7 +53,7 @@ impl Bytes {
     }
     /// Whether the size is a whole multiple of `unit` (a zero unit divides nothing).
     pub fn is_multiple_of(self, unit: u64) -> bool {
-        unit != 0 && self.0 % unit == 0
+        unit != 0 && self.0.is_multiple_of(unit)
     }
     /// Rounds up to a multiple of `unit`.
     pub fn round_up(self, unit: u64) -> Option<Bytes> {
@@ -70,7 +74,9 @@ impl FromStr for Bytes {
         if digits.is_empty() {
             return Err(SizeError::NoNumber(s.to_string()));
         }
-        let n: u64 = digits.parse().map_err(|_| SizeError::Overflow(s.to_string()))?;
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| SizeError::Overflow(s.to_string()))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kib" | "kb" => KIB,
@@ -95,7 +101,7 @@ impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, name) in [(TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")] {
-            if n != 0 && n % unit == 0 {
+            if n != 0 && n.is_multiple_of(unit) {
                 return write!(f, "{} {name}", n / unit);
             }
         }
@@ -121,7 +127,8 @@ impl BlockSize {
     pub fn from_sysfs_hex(s: &str) -> Result<Self, SizeError> {
         let t = s.trim();
         let t = t.strip_prefix("0x").unwrap_or(t);
-        let bytes = u64::from_str_radix(t, 16).map_err(|_| SizeError::NotHex(s.trim().to_string()))?;
+        let bytes =
+            u64::from_str_radix(t, 16).map_err(|_| SizeError::NotHex(s.trim().to_string()))?;
         BlockSize::new(bytes)
     }
 
@@ -177,17 +184,38 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert!(matches!("G".parse::<Bytes>(), Err(SizeError::NoNumber(_))));
-        assert!(matches!("1Q".parse::<Bytes>(), Err(SizeError::UnknownUnit { .. })));
-        assert!(matches!("99999999999T".parse::<Bytes>(), Err(SizeError::Overflow(_))));
-        assert!(matches!("1.5G".parse::<Bytes>(), Err(SizeError::UnknownUnit { .. })));
+        assert!(matches!(
+            "1Q".parse::<Bytes>(),
+            Err(SizeError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            "99999999999T".parse::<Bytes>(),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            "1.5G".parse::<Bytes>(),
+            Err(SizeError::UnknownUnit { .. })
+        ));
     }
 
     #[test]
     fn block_size_reads_sysfs_hex() {
-        assert_eq!(BlockSize::from_sysfs_hex("8000000\n").map(|b| b.get()), Ok(128 * MIB));
-        assert_eq!(BlockSize::from_sysfs_hex("0x80000000").map(|b| b.get()), Ok(2 * GIB));
-        assert_eq!(BlockSize::from_sysfs_hex("6000000"), Err(SizeError::NotPowerOfTwo(0x6000000)));
-        assert!(matches!(BlockSize::from_sysfs_hex("zz"), Err(SizeError::NotHex(_))));
+        assert_eq!(
+            BlockSize::from_sysfs_hex("8000000\n").map(|b| b.get()),
+            Ok(128 * MIB)
+        );
+        assert_eq!(
+            BlockSize::from_sysfs_hex("0x80000000").map(|b| b.get()),
+            Ok(2 * GIB)
+        );
+        assert_eq!(
+            BlockSize::from_sysfs_hex("6000000"),
+            Err(SizeError::NotPowerOfTwo(0x6000000))
+        );
+        assert!(matches!(
+            BlockSize::from_sysfs_hex("zz"),
+            Err(SizeError::NotHex(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,37 @@
+//! vmplug-guest: the guest half of vmplug's closed loop. Watches kernel uevents and
+//! sysfs, onlines hot-plugged CPUs and memory blocks, verifies, and reports to the
+//! host over vsock or virtio-serial.
+
+pub mod agent;
+pub mod config;
+pub mod daemon;
+pub mod notify;
+pub mod online;
+pub mod server;
+pub mod sysfs;
+#[doc(hidden)]
+pub mod testing;
+pub mod transport;
+pub mod udev;
+pub mod uevent;
+
+use std::sync::Arc;
+
+use config::Config;
+use online::{KernelWriter, OnlinePolicy, Onliner};
+use sysfs::Sysfs;
+
+/// Builds the agent that talks to the real kernel under the configured roots.
+pub fn agent_from_config(config: &Config) -> Arc<agent::Agent> {
+    let sysfs = Sysfs::new(&config.sysfs_root, &config.proc_root);
+    let policy = OnlinePolicy {
+        movable_ratio: config.movable_ratio,
+        write_attempts: config.write_attempts.max(1),
+        ..OnlinePolicy::default()
+    };
+    agent::Agent::new(
+        Onliner::new(sysfs, policy, Box::new(KernelWriter)),
+        config.zone,
+        config.online_on_add,
+    )
+}

@@ -1,0 +1,381 @@
+//! The agent's core: request semantics over the onlining engine, shared by every
+//! connection, the uevent task and the one-shot commands.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, watch, Mutex};
+use vmplug_common::protocol::{
+    ErrorBody, ErrorCode, Event, GuestInfo, OfflineRequest, OnlineRequest, Pressure, Report,
+    MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+};
+use vmplug_common::Bytes;
+
+use crate::online::{blocks_of, merge, OnlineError, Onliner};
+use crate::sysfs::{hugepage_size, Sysfs, SysfsError};
+use crate::uevent::{Action, Resource, Uevent};
+
+/// While a request waits for devices to appear, sysfs is also rescanned this often,
+/// in case a uevent was lost. Never runs when no request is waiting.
+pub const WAIT_RESCAN: Duration = Duration::from_millis(250);
+
+pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Online(#[from] OnlineError),
+    #[error("guest state unreadable")]
+    Sysfs(#[from] SysfsError),
+    #[error("timeout of {0} ms is out of range (1..={MAX_TIMEOUT_MS})")]
+    BadTimeout(u64),
+    #[error("request names {0} memory ranges, more than {MAX_RANGES}")]
+    TooManyRanges(usize),
+    #[error("blocking task failed: {0}")]
+    Join(String),
+}
+
+impl AgentError {
+    pub fn to_body(&self) -> ErrorBody {
+        let code = match self {
+            AgentError::Online(OnlineError::Misaligned { .. }) => ErrorCode::Misaligned,
+            AgentError::Online(OnlineError::NoMemoryHotplug) => ErrorCode::Unsupported,
+            AgentError::Online(OnlineError::TooManyBlocks(_))
+            | AgentError::BadTimeout(_)
+            | AgentError::TooManyRanges(_) => ErrorCode::Invalid,
+            _ => ErrorCode::Internal,
+        };
+        let mut message = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            src = s.source();
+        }
+        ErrorBody { code, message }
+    }
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    onliner: Arc<Onliner>,
+    zone: vmplug_common::protocol::ZonePolicy,
+    /// Bumped on every uevent (or lost-event notice): waiting requests rescan.
+    changes: watch::Sender<u64>,
+    events: broadcast::Sender<Event>,
+    /// Serialises writers: requests and the uevent onliner never interleave.
+    lock: Mutex<()>,
+    /// Whether `add` uevents are onlined without a request.
+    online_on_add: bool,
+}
+
+impl Agent {
+    pub fn new(
+        onliner: Onliner,
+        zone: vmplug_common::protocol::ZonePolicy,
+        online_on_add: bool,
+    ) -> Arc<Self> {
+        let (changes, _) = watch::channel(0);
+        let (events, _) = broadcast::channel(256);
+        Arc::new(Agent {
+            onliner: Arc::new(onliner),
+            zone,
+            changes,
+            events,
+            lock: Mutex::new(()),
+            online_on_add,
+        })
+    }
+
+    pub fn sysfs(&self) -> &Sysfs {
+        &self.onliner.sysfs
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Something may have changed in sysfs (a uevent arrived, or was lost).
+    pub fn notify_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Onliner) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let onliner = self.onliner.clone();
+        tokio::task::spawn_blocking(move || f(&onliner))
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))?
+    }
+
+    pub fn info(&self) -> Result<GuestInfo, AgentError> {
+        let s = self.sysfs();
+        let meminfo = s.meminfo()?;
+        Ok(GuestInfo {
+            protocol: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+            kernel: s.kernel_release(),
+            cpus: s.cpu_facts()?,
+            memory: s.memory_facts()?,
+            hugepage_size: hugepage_size(&meminfo),
+            mem_total: Bytes(meminfo.get("MemTotal").copied().unwrap_or(0)),
+            mem_available: Bytes(meminfo.get("MemAvailable").copied().unwrap_or(0)),
+            acpi_memory_hotplug: s.acpi_hotplug("memory"),
+            acpi_cpu_hotplug: s.acpi_hotplug("processor"),
+            numa_nodes: s.numa_nodes(),
+            udev_online_rule: crate::udev::online_rule_installed(&s.sys),
+        })
+    }
+
+    pub fn pressure(&self) -> Result<Pressure, AgentError> {
+        let s = self.sysfs();
+        let meminfo = s.meminfo()?;
+        let (load1, load5, load15) = s.loadavg()?;
+        let (cpu_some, _) = s.psi("cpu");
+        let (memory_some, memory_full) = s.psi("memory");
+        Ok(Pressure {
+            cpu_some,
+            memory_some,
+            memory_full,
+            mem_total: Bytes(meminfo.get("MemTotal").copied().unwrap_or(0)),
+            mem_available: Bytes(meminfo.get("MemAvailable").copied().unwrap_or(0)),
+            load1,
+            load5,
+            load15,
+            cpus_online: s.cpu_facts()?.online.len() as u32,
+        })
+    }
+
+    fn check_bounds(timeout_ms: u64, ranges: usize) -> Result<Duration, AgentError> {
+        if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+            return Err(AgentError::BadTimeout(timeout_ms));
+        }
+        if ranges > MAX_RANGES {
+            return Err(AgentError::TooManyRanges(ranges));
+        }
+        Ok(Duration::from_millis(timeout_ms))
+    }
+
+    /// Brings the guest to the request's targets, waiting (bounded) for devices that
+    /// have not appeared yet. Always answers with the full report.
+    pub async fn online(&self, req: OnlineRequest) -> Result<Report, AgentError> {
+        let started = Instant::now();
+        let timeout = Self::check_bounds(req.timeout_ms, req.memory.len())?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let blocks = if req.memory.is_empty() {
+            Vec::new()
+        } else {
+            let bs = self
+                .sysfs()
+                .block_size()?
+                .ok_or(OnlineError::NoMemoryHotplug)?;
+            blocks_of(&req.memory, bs)?
+        };
+        let mut changes = self.changes.subscribe();
+        let mut cpu_results = BTreeMap::new();
+        let mut block_results = BTreeMap::new();
+        let zone = req.zone;
+        let target = req.cpus;
+        let timed_out = loop {
+            // Mark the current generation seen *before* scanning: any uevent after
+            // this point wakes the wait below, so nothing falls between scan and wait.
+            changes.borrow_and_update();
+            let guard = self.lock.lock().await;
+            let wanted = blocks.clone();
+            let (cpus, blks) = self
+                .blocking(move |o| {
+                    let cpus = match target {
+                        Some(t) => o.cpu_pass(t)?,
+                        None => Vec::new(),
+                    };
+                    Ok((cpus, o.block_pass(&wanted, zone)?))
+                })
+                .await?;
+            drop(guard);
+            merge(&mut cpu_results, cpus, |c| c.cpu, |c| &c.outcome);
+            merge(&mut block_results, blks, |b| b.index, |b| &b.outcome);
+            let missing = cpu_results
+                .values()
+                .any(|c| c.outcome == vmplug_common::protocol::Outcome::NotFound)
+                || block_results
+                    .values()
+                    .any(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound);
+            if !missing {
+                break false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break true,
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(WAIT_RESCAN) => {}
+            }
+        };
+        self.finish(cpu_results, block_results, target, timed_out, started)
+            .await
+    }
+
+    async fn finish(
+        &self,
+        cpus: BTreeMap<u32, vmplug_common::protocol::CpuResult>,
+        blocks: BTreeMap<u64, vmplug_common::protocol::BlockResult>,
+        target: Option<u32>,
+        timed_out: bool,
+        started: Instant,
+    ) -> Result<Report, AgentError> {
+        let (online, memory_online) = self
+            .blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?)))
+            .await?;
+        let cpus: Vec<_> = cpus.into_values().collect();
+        let blocks: Vec<_> = blocks.into_values().collect();
+        let all_ok = cpus.iter().all(|c| c.outcome.is_success())
+            && blocks.iter().all(|b| b.outcome.is_success());
+        let cpus_ok = target.is_none_or(|t| online.len() as u32 >= t);
+        Ok(Report {
+            cpus,
+            blocks,
+            cpus_online: online,
+            memory_online,
+            complete: all_ok && cpus_ok && !timed_out,
+            timed_out,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Takes CPUs and memory blocks offline so the host can unplug them.
+    pub async fn offline(&self, req: OfflineRequest) -> Result<Report, AgentError> {
+        let started = Instant::now();
+        Self::check_bounds(req.timeout_ms, req.memory.len())?;
+        let blocks = if req.memory.is_empty() {
+            Vec::new()
+        } else {
+            let bs = self
+                .sysfs()
+                .block_size()?
+                .ok_or(OnlineError::NoMemoryHotplug)?;
+            blocks_of(&req.memory, bs)?
+        };
+        let target = req.cpus;
+        let _guard = self.lock.lock().await;
+        let (cpus, blks) = self
+            .blocking(move |o| {
+                let cpus = match target {
+                    Some(t) => o.cpu_offline_pass(t)?,
+                    None => Vec::new(),
+                };
+                let blks = blocks
+                    .iter()
+                    .map(|&i| o.offline_block(i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((cpus, blks))
+            })
+            .await?;
+        let (online, memory_online) = self
+            .blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?)))
+            .await?;
+        let complete = cpus.iter().all(|c| c.outcome.is_success())
+            && blks.iter().all(|b| b.outcome.is_success())
+            && target.is_none_or(|t| online.len() as u32 <= t);
+        Ok(Report {
+            cpus,
+            blocks: blks,
+            cpus_online: online,
+            memory_online,
+            complete,
+            timed_out: false,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Onlines everything offline now (start-up, `vmplug-guest online`).
+    pub async fn online_everything(&self) -> Result<Report, AgentError> {
+        let started = Instant::now();
+        let zone = self.zone;
+        let _guard = self.lock.lock().await;
+        let (cpus, blocks) = self
+            .blocking(move |o| Ok(o.online_everything(zone)?))
+            .await?;
+        drop(_guard);
+        for c in &cpus {
+            self.emit_result(Resource::Cpu(c.cpu), &c.outcome, None);
+        }
+        for b in &blocks {
+            self.emit_result(Resource::MemoryBlock(b.index), &b.outcome, b.zone.clone());
+        }
+        self.finish(
+            cpus.into_iter().map(|c| (c.cpu, c)).collect(),
+            blocks.into_iter().map(|b| (b.index, b)).collect(),
+            None,
+            false,
+            started,
+        )
+        .await
+    }
+
+    fn emit_result(
+        &self,
+        what: Resource,
+        outcome: &vmplug_common::protocol::Outcome,
+        zone: Option<String>,
+    ) {
+        use vmplug_common::protocol::Outcome;
+        let event = match (what, outcome) {
+            (Resource::Cpu(cpu), Outcome::Done) => Event::CpuOnlined { cpu },
+            (Resource::MemoryBlock(block), Outcome::Done) => Event::MemoryOnlined { block, zone },
+            (r, Outcome::Failed { errno, .. }) => Event::OnlineFailed {
+                what: match r {
+                    Resource::Cpu(c) => format!("cpu{c}"),
+                    Resource::MemoryBlock(b) => format!("memory{b}"),
+                },
+                errno: *errno,
+            },
+            _ => return,
+        };
+        self.emit(event);
+    }
+
+    /// Reacts to one kernel uevent: wakes waiting requests and, if configured,
+    /// onlines a newly added CPU or memory block right away.
+    pub async fn on_uevent(&self, ev: &Uevent) {
+        let Some(resource) = ev.resource() else {
+            return;
+        };
+        if ev.action == Action::Add {
+            self.emit(match resource {
+                Resource::Cpu(cpu) => Event::CpuAdded { cpu },
+                Resource::MemoryBlock(block) => Event::MemoryAdded { block },
+            });
+            if self.online_on_add {
+                let zone = self.zone;
+                let guard = self.lock.lock().await;
+                let res = self
+                    .blocking(move |o| {
+                        Ok(match resource {
+                            Resource::Cpu(c) => (o.online_cpu(c)?, None),
+                            Resource::MemoryBlock(b) => {
+                                let mut counts = crate::online::ZoneCounts::of(&o.sysfs.blocks()?);
+                                let r = o.online_block(b, zone, &mut counts)?;
+                                (r.outcome, r.zone)
+                            }
+                        })
+                    })
+                    .await;
+                drop(guard);
+                match res {
+                    Ok((outcome, zone)) => {
+                        tracing::info!(?resource, ?outcome, "onlined on add");
+                        self.emit_result(resource, &outcome, zone);
+                    }
+                    Err(e) => tracing::warn!(?resource, error = %e, "onlining on add failed"),
+                }
+            }
+        }
+        self.notify_changed();
+    }
+}

@@ -1,0 +1,708 @@
+//! The onlining engine: one pass over sysfs toward a target, synchronous and pure
+//! apart from the [`AttrWriter`] it writes through (the kernel in production, a
+//! simulated kernel in unit tests).
+//!
+//! Every write is retried a bounded number of times on EBUSY/EAGAIN and followed by
+//! a re-read; every item gets an [`Outcome`]. A resource already in the wanted state
+//! (a udev rule or kernel auto-online got there first) is success, not an error.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use vmplug_common::protocol::{BlockResult, CpuResult, MemRange, Outcome, ZonePolicy};
+use vmplug_common::{BlockSize, Bytes, CpuSet};
+
+use crate::sysfs::{Block, Sysfs, SysfsError};
+
+/// Most blocks one request may name: 64 Ki blocks is 8 TiB at 128 MiB.
+pub const MAX_REQUEST_BLOCKS: u64 = 65_536;
+
+/// How sysfs attributes are written. The real kernel, or a simulation in tests.
+pub trait AttrWriter: Send + Sync + std::fmt::Debug {
+    fn write(&self, path: &Path, value: &str) -> io::Result<()>;
+}
+
+/// Writes through the filesystem: the real sysfs.
+#[derive(Debug, Default)]
+pub struct KernelWriter;
+
+impl AttrWriter for KernelWriter {
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        std::fs::write(path, value)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OnlinePolicy {
+    /// Upper bound of movable:kernel online blocks for the `auto` zone policy.
+    pub movable_ratio: f64,
+    /// Attempts per write on EBUSY/EAGAIN.
+    pub write_attempts: u32,
+    /// Pause between attempts (multiplied by the attempt number).
+    pub retry_pause: Duration,
+}
+
+impl Default for OnlinePolicy {
+    fn default() -> Self {
+        OnlinePolicy {
+            movable_ratio: 3.0,
+            write_attempts: 5,
+            retry_pause: Duration::from_millis(20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnlineError {
+    #[error(
+        "memory range at {start:#x} of {size} is not a whole number of blocks of {block_size}"
+    )]
+    Misaligned {
+        start: u64,
+        size: Bytes,
+        block_size: BlockSize,
+    },
+    #[error(
+        "memory hot-plug is not available in this guest kernel (no /sys/devices/system/memory)"
+    )]
+    NoMemoryHotplug,
+    #[error("request names {0} memory blocks, more than the limit of {MAX_REQUEST_BLOCKS}")]
+    TooManyBlocks(u64),
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+}
+
+/// Block indices covered by `ranges`, checked for alignment.
+pub fn blocks_of(ranges: &[MemRange], block_size: BlockSize) -> Result<Vec<u64>, OnlineError> {
+    let bs = block_size.get();
+    let mut total = 0u64;
+    let mut out = Vec::new();
+    for r in ranges {
+        if r.start % bs != 0 || r.size.get() % bs != 0 || r.size.get() == 0 {
+            return Err(OnlineError::Misaligned {
+                start: r.start,
+                size: r.size,
+                block_size,
+            });
+        }
+        let n = r.size.get() / bs;
+        total = total.saturating_add(n);
+        if total > MAX_REQUEST_BLOCKS {
+            return Err(OnlineError::TooManyBlocks(total));
+        }
+        out.extend(r.start / bs..r.start / bs + n);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Counts used by the `auto` zone policy.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ZoneCounts {
+    pub movable: u64,
+    pub kernel: u64,
+}
+
+impl ZoneCounts {
+    pub fn of(blocks: &[Block]) -> Self {
+        let mut c = ZoneCounts::default();
+        for b in blocks.iter().filter(|b| b.online) {
+            if b.zones.first().map(String::as_str) == Some("Movable") {
+                c.movable += 1;
+            } else {
+                c.kernel += 1;
+            }
+        }
+        c
+    }
+}
+
+/// The `state` value to write for an offline block under `policy`.
+pub fn choose_state(
+    policy: ZonePolicy,
+    valid_zones: &[String],
+    counts: ZoneCounts,
+    ratio: f64,
+) -> &'static str {
+    let may_move = valid_zones.iter().any(|z| z == "Movable");
+    let may_kernel = valid_zones.is_empty() || valid_zones.iter().any(|z| z != "Movable");
+    match policy {
+        ZonePolicy::Online => "online",
+        ZonePolicy::Movable => "online_movable",
+        ZonePolicy::Kernel => "online_kernel",
+        ZonePolicy::Auto => {
+            let under_bound = (counts.movable + 1) as f64 <= ratio * counts.kernel.max(1) as f64;
+            if may_move && (under_bound || !may_kernel) {
+                "online_movable"
+            } else {
+                "online_kernel"
+            }
+        }
+    }
+}
+
+fn errno_outcome(e: &io::Error) -> Outcome {
+    Outcome::Failed {
+        errno: e.raw_os_error().unwrap_or(0),
+        message: e.to_string(),
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN))
+}
+
+/// Onlines and offlines through sysfs.
+#[derive(Debug)]
+pub struct Onliner {
+    pub sysfs: Sysfs,
+    pub policy: OnlinePolicy,
+    writer: Box<dyn AttrWriter>,
+}
+
+impl Onliner {
+    pub fn new(sysfs: Sysfs, policy: OnlinePolicy, writer: Box<dyn AttrWriter>) -> Self {
+        Onliner {
+            sysfs,
+            policy,
+            writer,
+        }
+    }
+
+    /// Writes with bounded retries on transient errors.
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.writer.write(path, value) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_transient(&e) && attempt < self.policy.write_attempts => {
+                    tracing::debug!(path = %path.display(), attempt, error = %e, "transient write failure, retrying");
+                    std::thread::sleep(self.policy.retry_pause * attempt);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Brings one CPU online. Re-reads after the write.
+    pub fn online_cpu(&self, id: u32) -> Result<Outcome, SysfsError> {
+        let Some(cpu) = self.sysfs.cpu(id)? else {
+            return Ok(Outcome::NotFound);
+        };
+        if cpu.online {
+            return Ok(Outcome::Already);
+        }
+        if let Err(e) = self.write(&self.sysfs.cpu_online_path(id), "1") {
+            return Ok(errno_outcome(&e));
+        }
+        Ok(match self.sysfs.cpu(id)? {
+            Some(c) if c.online => Outcome::Done,
+            Some(_) => Outcome::Failed {
+                errno: 0,
+                message: format!("cpu{id} still offline after the write"),
+            },
+            None => Outcome::NotFound,
+        })
+    }
+
+    pub fn offline_cpu(&self, id: u32) -> Result<Outcome, SysfsError> {
+        let Some(cpu) = self.sysfs.cpu(id)? else {
+            return Ok(Outcome::NotFound);
+        };
+        if !cpu.online {
+            return Ok(Outcome::Already);
+        }
+        if !cpu.hotpluggable {
+            return Ok(Outcome::Failed {
+                errno: libc::EPERM,
+                message: format!("cpu{id} cannot be offlined"),
+            });
+        }
+        if let Err(e) = self.write(&self.sysfs.cpu_online_path(id), "0") {
+            return Ok(errno_outcome(&e));
+        }
+        Ok(match self.sysfs.cpu(id)? {
+            Some(c) if !c.online => Outcome::Done,
+            Some(_) => Outcome::Failed {
+                errno: 0,
+                message: format!("cpu{id} still online after the write"),
+            },
+            None => Outcome::Done,
+        })
+    }
+
+    /// Onlines one block by policy; `counts` is updated for the next decision.
+    pub fn online_block(
+        &self,
+        index: u64,
+        zone: ZonePolicy,
+        counts: &mut ZoneCounts,
+    ) -> Result<BlockResult, SysfsError> {
+        let start = self
+            .sysfs
+            .block_size()?
+            .map(|b| b.get() * index)
+            .unwrap_or(0);
+        let result = |block: Option<&Block>, outcome| BlockResult {
+            index,
+            start,
+            node: block.and_then(|b| b.node),
+            zone: block
+                .filter(|b| b.online)
+                .and_then(|b| b.zones.first().cloned()),
+            outcome,
+        };
+        let Some(block) = self.sysfs.block(index)? else {
+            return Ok(result(None, Outcome::NotFound));
+        };
+        if block.online {
+            return Ok(result(Some(&block), Outcome::Already));
+        }
+        let state = choose_state(zone, &block.zones, *counts, self.policy.movable_ratio);
+        if let Err(e) = self.write(&self.sysfs.block_state_path(index), state) {
+            return Ok(result(Some(&block), errno_outcome(&e)));
+        }
+        let after = self.sysfs.block(index)?;
+        let outcome = match &after {
+            Some(b) if b.online => {
+                if b.zones.first().map(String::as_str) == Some("Movable") {
+                    counts.movable += 1;
+                } else {
+                    counts.kernel += 1;
+                }
+                Outcome::Done
+            }
+            Some(b) => Outcome::Failed {
+                errno: 0,
+                message: format!("memory{index} reads '{}' after writing {state}", b.state),
+            },
+            None => Outcome::NotFound,
+        };
+        Ok(result(after.as_ref(), outcome))
+    }
+
+    pub fn offline_block(&self, index: u64) -> Result<BlockResult, SysfsError> {
+        let start = self
+            .sysfs
+            .block_size()?
+            .map(|b| b.get() * index)
+            .unwrap_or(0);
+        let Some(block) = self.sysfs.block(index)? else {
+            return Ok(BlockResult {
+                index,
+                start,
+                node: None,
+                zone: None,
+                outcome: Outcome::Already,
+            });
+        };
+        let result = |outcome| BlockResult {
+            index,
+            start,
+            node: block.node,
+            zone: None,
+            outcome,
+        };
+        if !block.online {
+            return Ok(result(Outcome::Already));
+        }
+        if let Err(e) = self.write(&self.sysfs.block_state_path(index), "offline") {
+            return Ok(result(errno_outcome(&e)));
+        }
+        Ok(match self.sysfs.block(index)? {
+            Some(b) if b.online => result(Outcome::Failed {
+                errno: 0,
+                message: format!("memory{index} still online after the write"),
+            }),
+            _ => result(Outcome::Done),
+        })
+    }
+
+    /// One pass toward "at least `target` CPUs online", ascending. Returns a result
+    /// for each of the lowest `target` present CPUs, plus `NotFound` for the ids the
+    /// guest does not have yet.
+    pub fn cpu_pass(&self, target: u32) -> Result<Vec<CpuResult>, SysfsError> {
+        let cpus = self.sysfs.cpus()?;
+        let mut online = cpus.iter().filter(|c| c.online).count() as u32;
+        let mut out = Vec::new();
+        for c in &cpus {
+            if out.len() as u32 >= target {
+                break;
+            }
+            let outcome = if c.online {
+                Outcome::Already
+            } else if online < target {
+                let o = self.online_cpu(c.id)?;
+                if matches!(o, Outcome::Done) {
+                    online += 1;
+                }
+                o
+            } else {
+                continue;
+            };
+            out.push(CpuResult { cpu: c.id, outcome });
+        }
+        let present: CpuSet = cpus.iter().map(|c| c.id).collect();
+        let possible = self
+            .sysfs
+            .cpu_facts()
+            .map(|f| f.possible)
+            .unwrap_or_default();
+        let missing = possible.difference(&present);
+        for cpu in missing
+            .iter()
+            .take(target.saturating_sub(out.len() as u32) as usize)
+        {
+            out.push(CpuResult {
+                cpu,
+                outcome: Outcome::NotFound,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One pass over `blocks`, onlining every offline one.
+    pub fn block_pass(
+        &self,
+        blocks: &[u64],
+        zone: ZonePolicy,
+    ) -> Result<Vec<BlockResult>, SysfsError> {
+        let mut counts = ZoneCounts::of(&self.sysfs.blocks()?);
+        blocks
+            .iter()
+            .map(|&i| self.online_block(i, zone, &mut counts))
+            .collect()
+    }
+
+    /// Offlines the highest-numbered hot-pluggable CPUs until `target` are online.
+    pub fn cpu_offline_pass(&self, target: u32) -> Result<Vec<CpuResult>, SysfsError> {
+        let cpus = self.sysfs.cpus()?;
+        let mut online = cpus.iter().filter(|c| c.online).count() as u32;
+        let mut out = Vec::new();
+        for c in cpus.iter().rev().filter(|c| c.online && c.hotpluggable) {
+            if online <= target {
+                break;
+            }
+            let outcome = self.offline_cpu(c.id)?;
+            if matches!(outcome, Outcome::Done) {
+                online -= 1;
+            }
+            out.push(CpuResult { cpu: c.id, outcome });
+        }
+        Ok(out)
+    }
+
+    /// Onlines everything offline right now: the guide's shell loop, done properly.
+    pub fn online_everything(
+        &self,
+        zone: ZonePolicy,
+    ) -> Result<(Vec<CpuResult>, Vec<BlockResult>), SysfsError> {
+        let mut cpus = Vec::new();
+        for c in self.sysfs.cpus()?.into_iter().filter(|c| !c.online) {
+            cpus.push(CpuResult {
+                cpu: c.id,
+                outcome: self.online_cpu(c.id)?,
+            });
+        }
+        let offline: Vec<u64> = self
+            .sysfs
+            .blocks()?
+            .into_iter()
+            .filter(|b| !b.online)
+            .map(|b| b.index)
+            .collect();
+        Ok((cpus, self.block_pass(&offline, zone)?))
+    }
+
+    /// Bytes in online blocks.
+    pub fn memory_online(&self) -> Result<Bytes, SysfsError> {
+        let Some(bs) = self.sysfs.block_size()? else {
+            return Ok(Bytes(0));
+        };
+        let n = self.sysfs.blocks()?.iter().filter(|b| b.online).count() as u64;
+        Ok(Bytes(n * bs.get()))
+    }
+}
+
+/// Merges a later pass into earlier results: `Done` is kept (a re-read says
+/// `Already` once we onlined it), anything else is replaced by the newer outcome.
+pub fn merge<K: Ord + Copy, T: Clone>(
+    acc: &mut BTreeMap<K, T>,
+    new: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> K,
+    outcome: impl Fn(&T) -> &Outcome,
+) {
+    for item in new {
+        let k = key(&item);
+        match acc.get(&k) {
+            Some(old)
+                if matches!(outcome(old), Outcome::Done)
+                    && matches!(outcome(&item), Outcome::Already) => {}
+            _ => {
+                acc.insert(k, item);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeKernel;
+    use vmplug_common::MIB;
+
+    fn setup(possible: u32) -> (tempfile::TempDir, FakeKernel, Onliner) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = FakeKernel::new(dir.path(), possible);
+        let policy = OnlinePolicy {
+            retry_pause: Duration::from_millis(1),
+            ..OnlinePolicy::default()
+        };
+        let o = Onliner::new(k.sysfs(), policy, k.writer());
+        (dir, k, o)
+    }
+
+    #[test]
+    fn block_size_is_read_as_hex() {
+        let (_d, _k, o) = setup(4);
+        assert_eq!(
+            o.sysfs.block_size().expect("readable").map(|b| b.get()),
+            Some(128 * MIB)
+        );
+    }
+
+    #[test]
+    fn cpu0_without_online_file_is_online_and_not_offlinable() {
+        let (_d, k, o) = setup(4);
+        let cpu0 = o.sysfs.cpu(0).expect("readable").expect("present");
+        assert!(cpu0.online && !cpu0.hotpluggable);
+        assert!(matches!(
+            o.offline_cpu(0).expect("readable"),
+            Outcome::Failed {
+                errno: libc::EPERM,
+                ..
+            }
+        ));
+        assert!(k.writes().is_empty(), "nothing written to cpu0");
+    }
+
+    #[test]
+    fn cpus_online_ascending_to_a_total_target() {
+        let (_d, k, o) = setup(4);
+        k.add_cpu(1, true);
+        k.add_cpu(2, false);
+        k.add_cpu(3, false);
+        let r = o.cpu_pass(3).expect("pass");
+        let got: Vec<_> = r.iter().map(|c| (c.cpu, c.outcome.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, Outcome::Already),
+                (1, Outcome::Already),
+                (2, Outcome::Done)
+            ]
+        );
+        assert_eq!(k.writes().len(), 1, "only cpu2 written");
+        assert_eq!(
+            o.sysfs.cpu_facts().expect("facts").online.to_string(),
+            "0-2"
+        );
+        // Idempotent: the same target again writes nothing.
+        let again = o.cpu_pass(3).expect("pass");
+        assert!(again.iter().all(|c| c.outcome == Outcome::Already));
+        assert_eq!(k.writes().len(), 1);
+    }
+
+    #[test]
+    fn missing_cpus_are_not_found_with_their_ids() {
+        let (_d, _k, o) = setup(4);
+        let r = o.cpu_pass(3).expect("pass");
+        let got: Vec<_> = r.iter().map(|c| (c.cpu, c.outcome.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, Outcome::Already),
+                (1, Outcome::NotFound),
+                (2, Outcome::NotFound)
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_write_carries_the_errno_after_bounded_retries() {
+        let (_d, k, o) = setup(2);
+        k.add_cpu(1, false);
+        k.fail_writes(o.sysfs.cpu_online_path(1), &[libc::EBUSY; 10]);
+        let outcome = o.online_cpu(1).expect("readable");
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Failed {
+                    errno: libc::EBUSY,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(k.writes().len(), 5, "write_attempts bounds the retries");
+    }
+
+    #[test]
+    fn transient_errors_are_retried_to_success() {
+        let (_d, k, o) = setup(2);
+        k.add_cpu(1, false);
+        k.fail_writes(o.sysfs.cpu_online_path(1), &[libc::EAGAIN, libc::EBUSY]);
+        assert_eq!(o.online_cpu(1).expect("readable"), Outcome::Done);
+        assert_eq!(k.writes().len(), 3);
+    }
+
+    #[test]
+    fn einval_is_not_retried() {
+        let (_d, k, o) = setup(2);
+        k.add_block(8, false, "Normal Movable", 0);
+        k.fail_writes(o.sysfs.block_state_path(8), &[libc::EINVAL]);
+        let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
+        assert!(matches!(
+            r[0].outcome,
+            Outcome::Failed {
+                errno: libc::EINVAL,
+                ..
+            }
+        ));
+        assert_eq!(k.writes().len(), 1);
+    }
+
+    #[test]
+    fn already_online_blocks_are_not_written() {
+        let (_d, k, o) = setup(2);
+        k.add_block(8, true, "Normal", 0);
+        let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
+        assert_eq!(r[0].outcome, Outcome::Already);
+        assert_eq!(r[0].zone.as_deref(), Some("Normal"));
+        assert!(k.writes().is_empty());
+    }
+
+    #[test]
+    fn valid_zones_without_movable_goes_to_the_kernel_zone() {
+        let (_d, k, o) = setup(2);
+        k.add_block(8, false, "Normal", 0);
+        let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
+        assert_eq!(
+            (r[0].outcome.clone(), r[0].zone.as_deref()),
+            (Outcome::Done, Some("Normal"))
+        );
+        assert_eq!(k.writes()[0].1, "online_kernel");
+    }
+
+    #[test]
+    fn ratio_guard_switches_auto_to_the_kernel_zone() {
+        let (_d, k, o) = setup(2);
+        // One kernel block online: a 3:1 bound allows three movable blocks.
+        k.add_block(0, true, "Normal", 0);
+        for i in 8..13 {
+            k.add_block(i, false, "Normal Movable", 0);
+        }
+        let r = o
+            .block_pass(&[8, 9, 10, 11, 12], ZonePolicy::Auto)
+            .expect("pass");
+        let zones: Vec<_> = r
+            .iter()
+            .map(|b| b.zone.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            zones,
+            vec!["Movable", "Movable", "Movable", "Normal", "Movable"]
+        );
+        assert!(r.iter().all(|b| b.outcome == Outcome::Done));
+    }
+
+    #[test]
+    fn explicit_policies_write_what_they_say() {
+        let (_d, k, o) = setup(2);
+        k.add_block(8, false, "Normal Movable", 1);
+        k.add_block(9, false, "Normal Movable", 1);
+        k.add_block(10, false, "Normal Movable", 1);
+        o.block_pass(&[8], ZonePolicy::Movable).expect("pass");
+        o.block_pass(&[9], ZonePolicy::Kernel).expect("pass");
+        let r = o.block_pass(&[10], ZonePolicy::Online).expect("pass");
+        let written: Vec<_> = k.writes().into_iter().map(|(_, v)| v).collect();
+        assert_eq!(written, vec!["online_movable", "online_kernel", "online"]);
+        assert_eq!(r[0].node, Some(1));
+    }
+
+    #[test]
+    fn no_memory_directory_is_a_capability_not_a_crash() {
+        let (d, _k, o) = setup(2);
+        std::fs::remove_dir_all(d.path().join("sys/devices/system/memory")).expect("rm");
+        assert_eq!(o.sysfs.block_size().expect("ok"), None);
+        assert_eq!(o.sysfs.memory_facts().expect("ok"), None);
+        assert!(o.sysfs.blocks().expect("ok").is_empty());
+        assert_eq!(o.memory_online().expect("ok"), Bytes(0));
+    }
+
+    #[test]
+    fn misaligned_ranges_name_both_numbers() {
+        let bs = BlockSize::new(128 * MIB).expect("pow2");
+        let err = blocks_of(
+            &[MemRange {
+                start: 0x1_0000_0000,
+                size: Bytes(100 * MIB),
+            }],
+            bs,
+        )
+        .expect_err("misaligned");
+        let msg = err.to_string();
+        assert!(msg.contains("100 MiB") && msg.contains("128 MiB"), "{msg}");
+        assert_eq!(
+            blocks_of(
+                &[MemRange {
+                    start: 0x1_0000_0000,
+                    size: Bytes(256 * MIB)
+                }],
+                bs
+            )
+            .expect("aligned"),
+            vec![32, 33]
+        );
+        assert!(matches!(
+            blocks_of(
+                &[MemRange {
+                    start: 0,
+                    size: Bytes(u64::MAX / 2 + 1)
+                }],
+                bs
+            ),
+            Err(OnlineError::TooManyBlocks(_)) | Err(OnlineError::Misaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn offline_takes_highest_cpus_first() {
+        let (_d, k, o) = setup(4);
+        for i in 1..4 {
+            k.add_cpu(i, true);
+        }
+        let r = o.cpu_offline_pass(2).expect("pass");
+        assert_eq!(r.iter().map(|c| c.cpu).collect::<Vec<_>>(), vec![3, 2]);
+        assert_eq!(
+            o.sysfs.cpu_facts().expect("facts").online.to_string(),
+            "0-1"
+        );
+    }
+
+    #[test]
+    fn everything_offline_is_onlined_like_the_guides_loop() {
+        let (_d, k, o) = setup(4);
+        k.add_cpu(1, false);
+        k.add_block(8, false, "Normal Movable", 0);
+        k.add_block(9, true, "Normal", 0);
+        let (cpus, blocks) = o.online_everything(ZonePolicy::Auto).expect("pass");
+        assert_eq!(cpus.len(), 1);
+        assert_eq!(blocks.len(), 1, "already-online blocks are not touched");
+        assert_eq!(blocks[0].outcome, Outcome::Done);
+    }
+}

@@ -1,0 +1,192 @@
+//! One connection: frames in, dispatch, frames out. Generic over any byte stream so
+//! it runs the same over vsock, virtio-serial and an in-process socket pair.
+//!
+//! Per connection: `Hello` first (hot-plug requests before it are refused), one
+//! Online/Offline at a time (a second request meanwhile gets `Busy`), unsolicited
+//! events forwarded after the handshake. Bad frames get a specific error and the
+//! connection goes on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use vmplug_common::frame::{write_frame, Decoded, FrameError, FrameReader, MAX_FRAME_BYTES};
+use vmplug_common::protocol::{
+    decode_request, DecodedRequest, Envelope, ErrorBody, ErrorCode, Request, Response,
+    PROTOCOL_VERSION,
+};
+
+use crate::agent::Agent;
+
+fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Envelope<Response> {
+    Envelope::new(
+        id,
+        Response::Error(ErrorBody {
+            code,
+            message: message.into(),
+        }),
+    )
+}
+
+/// Serves one connection until the peer closes it or `shutdown` flips.
+/// `prefix` holds bytes already read from the stream (virtio-serial's probe).
+pub async fn serve_connection<S>(
+    agent: Arc<Agent>,
+    stream: S,
+    prefix: Vec<u8>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), FrameError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Envelope<Response>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            write_frame(&mut wr, &msg).await?;
+        }
+        Ok::<_, FrameError>(())
+    });
+    let mut reader = FrameReader::new(tokio::io::AsyncReadExt::chain(
+        std::io::Cursor::new(prefix),
+        rd,
+    ));
+    let busy = Arc::new(AtomicBool::new(false));
+    let mut events: Option<tokio::task::JoinHandle<()>> = None;
+    let result = loop {
+        let item = tokio::select! {
+            item = reader.next() => item,
+            _ = shutdown.changed() => break Ok(()),
+        };
+        let frame = match item {
+            Ok(Decoded::Frame(f)) => f,
+            Ok(Decoded::TooLarge { len }) => {
+                let msg =
+                    format!("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes");
+                tracing::warn!("{msg}");
+                let _ = tx.send(error(None, ErrorCode::FrameTooLarge, msg)).await;
+                continue;
+            }
+            Err(FrameError::Closed) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let DecodedRequest { id, request } = match decode_request(&frame) {
+            Ok(r) => r,
+            Err((id, body)) => {
+                tracing::warn!(code = ?body.code, "{}", body.message);
+                let _ = tx.send(Envelope::new(id, Response::Error(body))).await;
+                continue;
+            }
+        };
+        if busy.load(Ordering::Acquire) {
+            let _ = tx
+                .send(error(
+                    id,
+                    ErrorCode::Busy,
+                    format!(
+                        "'{}' refused: another request is still running on this connection",
+                        request.type_name()
+                    ),
+                ))
+                .await;
+            continue;
+        }
+        let span = tracing::info_span!("request", id, kind = request.type_name());
+        let _enter = span.enter();
+        match request {
+            Request::Hello {
+                protocol,
+                host_agent,
+            } => {
+                if protocol != PROTOCOL_VERSION {
+                    let _ = tx
+                        .send(error(id, ErrorCode::VersionMismatch, format!("host speaks protocol {protocol}, this agent speaks {PROTOCOL_VERSION}")))
+                        .await;
+                    continue;
+                }
+                tracing::info!(%host_agent, "handshake");
+                if events.is_none() {
+                    let mut sub = agent.subscribe();
+                    let tx = tx.clone();
+                    events = Some(tokio::spawn(async move {
+                        loop {
+                            match sub.recv().await {
+                                Ok(ev) => {
+                                    if tx
+                                        .send(Envelope::new(None, Response::Event(ev)))
+                                        .await
+                                        .is_err()
+                                    {
+                                        break;
+                                    }
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                    tracing::warn!(lost = n, "event subscriber lagged");
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }));
+                }
+                let _ = tx
+                    .send(respond(id, agent.info().map(Response::GuestInfo)))
+                    .await;
+            }
+            _ if events.is_none() => {
+                let _ = tx
+                    .send(error(
+                        id,
+                        ErrorCode::HandshakeRequired,
+                        format!("'{}' refused: send hello first", request.type_name()),
+                    ))
+                    .await;
+            }
+            Request::Info => {
+                let _ = tx
+                    .send(respond(id, agent.info().map(Response::GuestInfo)))
+                    .await;
+            }
+            Request::Pressure => {
+                let _ = tx
+                    .send(respond(id, agent.pressure().map(Response::Pressure)))
+                    .await;
+            }
+            Request::Online(req) => {
+                busy.store(true, Ordering::Release);
+                let (agent, tx, busy) = (agent.clone(), tx.clone(), busy.clone());
+                tokio::spawn(async move {
+                    let res = agent.online(req).await.map(Response::Report);
+                    busy.store(false, Ordering::Release);
+                    let _ = tx.send(respond(id, res)).await;
+                });
+            }
+            Request::Offline(req) => {
+                busy.store(true, Ordering::Release);
+                let (agent, tx, busy) = (agent.clone(), tx.clone(), busy.clone());
+                tokio::spawn(async move {
+                    let res = agent.offline(req).await.map(Response::Report);
+                    busy.store(false, Ordering::Release);
+                    let _ = tx.send(respond(id, res)).await;
+                });
+            }
+        }
+    };
+    if let Some(ev) = events {
+        ev.abort();
+    }
+    drop(tx);
+    // Running operations finish and their answers drain before the writer ends.
+    let _ = writer.await;
+    result
+}
+
+fn respond(id: Option<u64>, res: Result<Response, crate::agent::AgentError>) -> Envelope<Response> {
+    match res {
+        Ok(r) => Envelope::new(id, r),
+        Err(e) => {
+            tracing::warn!(error = %e, "request failed");
+            Envelope::new(id, Response::Error(e.to_body()))
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Every read and write of the guest kernel's state, through injected roots.
+//!
+//! Logic never names `/sys` or `/proc`: a [`Sysfs`] value carries the roots, so unit
+//! tests lay out a fake tree in a temp dir. Quirks encoded here: `block_size_bytes`
+//! and `phys_index` are hex; `cpu0` often has no `online` file (online, and not
+//! offlinable); `valid_zones` of an online block names the zone it is in.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use vmplug_common::protocol::{CpuFacts, MemoryFacts, Psi};
+use vmplug_common::{BlockSize, Bytes, CpuSet, SizeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: unexpected content '{content}'")]
+    Parse { path: PathBuf, content: String },
+    #[error("{path}: bad block size")]
+    BlockSize { path: PathBuf, source: SizeError },
+}
+
+/// The roots every path is built from.
+#[derive(Debug, Clone)]
+pub struct Sysfs {
+    pub sys: PathBuf,
+    pub proc: PathBuf,
+}
+
+impl Default for Sysfs {
+    fn default() -> Self {
+        Sysfs {
+            sys: PathBuf::from("/sys"),
+            proc: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// State of one memory block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub index: u64,
+    pub online: bool,
+    /// The raw `state` content (`online`, `offline`, `going-offline`).
+    pub state: String,
+    /// `valid_zones` words: for an offline block what it may become, for an online
+    /// block the zone it is in.
+    pub zones: Vec<String>,
+    pub node: Option<u32>,
+    pub removable: bool,
+}
+
+/// State of one CPU directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpu {
+    pub id: u32,
+    pub online: bool,
+    /// Has an `online` file (cpu0 often has none: always online).
+    pub hotpluggable: bool,
+}
+
+pub fn read_string(path: &Path) -> Result<String, SysfsError> {
+    fs::read_to_string(path).map_err(|source| SysfsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_err(path: &Path, content: &str) -> SysfsError {
+    SysfsError::Parse {
+        path: path.to_path_buf(),
+        content: content.trim().to_string(),
+    }
+}
+
+fn read_cpuset(path: &Path) -> Result<CpuSet, SysfsError> {
+    let s = read_string(path)?;
+    s.parse().map_err(|_| parse_err(path, &s))
+}
+
+/// Sorted numeric suffixes of the entries `prefixN` in `dir`.
+fn numbered_entries(dir: &Path, prefix: &str) -> Result<Vec<u64>, SysfsError> {
+    let rd = fs::read_dir(dir).map_err(|source| SysfsError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut ids: Vec<u64> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+impl Sysfs {
+    pub fn new(sys: impl Into<PathBuf>, proc: impl Into<PathBuf>) -> Self {
+        Sysfs {
+            sys: sys.into(),
+            proc: proc.into(),
+        }
+    }
+
+    pub fn cpu_dir(&self) -> PathBuf {
+        self.sys.join("devices/system/cpu")
+    }
+
+    pub fn memory_dir(&self) -> PathBuf {
+        self.sys.join("devices/system/memory")
+    }
+
+    pub fn cpu_online_path(&self, cpu: u32) -> PathBuf {
+        self.cpu_dir().join(format!("cpu{cpu}/online"))
+    }
+
+    pub fn block_state_path(&self, index: u64) -> PathBuf {
+        self.memory_dir().join(format!("memory{index}/state"))
+    }
+
+    pub fn cpu_facts(&self) -> Result<CpuFacts, SysfsError> {
+        let dir = self.cpu_dir();
+        Ok(CpuFacts {
+            possible: read_cpuset(&dir.join("possible"))?,
+            present: read_cpuset(&dir.join("present"))?,
+            online: read_cpuset(&dir.join("online"))?,
+        })
+    }
+
+    /// Every `cpuN` directory and its state.
+    pub fn cpus(&self) -> Result<Vec<Cpu>, SysfsError> {
+        let mut out = Vec::new();
+        for id in numbered_entries(&self.cpu_dir(), "cpu")? {
+            let Ok(id) = u32::try_from(id) else { continue };
+            out.push(self.cpu(id)?.unwrap_or(Cpu {
+                id,
+                online: false,
+                hotpluggable: false,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// One CPU, `None` if its directory does not exist.
+    pub fn cpu(&self, id: u32) -> Result<Option<Cpu>, SysfsError> {
+        let dir = self.cpu_dir().join(format!("cpu{id}"));
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let online_path = dir.join("online");
+        match fs::read_to_string(&online_path) {
+            Ok(s) => match s.trim() {
+                "1" => Ok(Some(Cpu {
+                    id,
+                    online: true,
+                    hotpluggable: true,
+                })),
+                "0" => Ok(Some(Cpu {
+                    id,
+                    online: false,
+                    hotpluggable: true,
+                })),
+                _ => Err(parse_err(&online_path, &s)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Cpu {
+                id,
+                online: true,
+                hotpluggable: false,
+            })),
+            Err(source) => Err(SysfsError::Read {
+                path: online_path,
+                source,
+            }),
+        }
+    }
+
+    /// `None` when the kernel has no memory hot-plug support.
+    pub fn block_size(&self) -> Result<Option<BlockSize>, SysfsError> {
+        let path = self.memory_dir().join("block_size_bytes");
+        match fs::read_to_string(&path) {
+            Ok(s) => BlockSize::from_sysfs_hex(&s)
+                .map(Some)
+                .map_err(|source| SysfsError::BlockSize { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SysfsError::Read { path, source }),
+        }
+    }
+
+    pub fn auto_online_blocks(&self) -> Option<String> {
+        fs::read_to_string(self.memory_dir().join("auto_online_blocks"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// One memory block, `None` if absent.
+    pub fn block(&self, index: u64) -> Result<Option<Block>, SysfsError> {
+        let dir = self.memory_dir().join(format!("memory{index}"));
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let state = read_string(&dir.join("state"))?.trim().to_string();
+        let zones = fs::read_to_string(dir.join("valid_zones"))
+            .map(|s| s.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let removable = fs::read_to_string(dir.join("removable"))
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+        let node = fs::read_dir(&dir).ok().and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .find_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
+        });
+        Ok(Some(Block {
+            index,
+            online: state == "online",
+            state,
+            zones,
+            node,
+            removable,
+        }))
+    }
+
+    /// Every memory block. Empty when there is no memory directory.
+    pub fn blocks(&self) -> Result<Vec<Block>, SysfsError> {
+        let dir = self.memory_dir();
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for index in numbered_entries(&dir, "memory")? {
+            if let Some(b) = self.block(index)? {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn memory_facts(&self) -> Result<Option<MemoryFacts>, SysfsError> {
+        let Some(block_size) = self.block_size()? else {
+            return Ok(None);
+        };
+        let mut facts = MemoryFacts {
+            block_size,
+            blocks_online: 0,
+            blocks_offline: 0,
+            zones: BTreeMap::new(),
+            auto_online_blocks: self.auto_online_blocks(),
+        };
+        for b in self.blocks()? {
+            if b.online {
+                facts.blocks_online += 1;
+                let zone = b.zones.first().cloned().unwrap_or_else(|| "unknown".into());
+                *facts.zones.entry(zone).or_default() += 1;
+            } else {
+                facts.blocks_offline += 1;
+            }
+        }
+        Ok(Some(facts))
+    }
+
+    /// `/sys/firmware/acpi/hotplug/KIND/enabled`, `None` where absent.
+    pub fn acpi_hotplug(&self, kind: &str) -> Option<bool> {
+        fs::read_to_string(
+            self.sys
+                .join("firmware/acpi/hotplug")
+                .join(kind)
+                .join("enabled"),
+        )
+        .ok()
+        .map(|s| s.trim() == "1")
+    }
+
+    pub fn numa_nodes(&self) -> CpuSet {
+        read_cpuset(&self.sys.join("devices/system/node/online"))
+            .unwrap_or_else(|_| CpuSet::first_n(1))
+    }
+
+    /// `/dev/virtio-ports/NAME` equivalent found via `/sys/class/virtio-ports/*/name`:
+    /// the device name (`vport1p1`) whose port is called `name`.
+    pub fn virtio_port_device(&self, name: &str) -> Option<String> {
+        let rd = fs::read_dir(self.sys.join("class/virtio-ports")).ok()?;
+        rd.filter_map(|e| e.ok()).find_map(|e| {
+            let n = fs::read_to_string(e.path().join("name")).ok()?;
+            (n.trim() == name).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+    }
+
+    pub fn kernel_release(&self) -> String {
+        fs::read_to_string(self.proc.join("sys/kernel/osrelease"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// `/proc/meminfo` as key → bytes (values given in kB are converted).
+    pub fn meminfo(&self) -> Result<BTreeMap<String, u64>, SysfsError> {
+        let path = self.proc.join("meminfo");
+        let s = read_string(&path)?;
+        Ok(parse_meminfo(&s))
+    }
+
+    /// `(load1, load5, load15)`.
+    pub fn loadavg(&self) -> Result<(f64, f64, f64), SysfsError> {
+        let path = self.proc.join("loadavg");
+        let s = read_string(&path)?;
+        let mut it = s.split_whitespace().map(|w| w.parse::<f64>());
+        match (it.next(), it.next(), it.next()) {
+            (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Ok((a, b, c)),
+            _ => Err(parse_err(&path, &s)),
+        }
+    }
+
+    /// `/proc/pressure/RESOURCE` lines `some` and `full`; `None` where PSI is off.
+    pub fn psi(&self, resource: &str) -> (Option<Psi>, Option<Psi>) {
+        match fs::read_to_string(self.proc.join("pressure").join(resource)) {
+            Ok(s) => parse_psi(&s),
+            Err(_) => (None, None),
+        }
+    }
+}
+
+pub fn parse_meminfo(s: &str) -> BTreeMap<String, u64> {
+    s.lines()
+        .filter_map(|line| {
+            let (key, rest) = line.split_once(':')?;
+            let mut words = rest.split_whitespace();
+            let n: u64 = words.next()?.parse().ok()?;
+            let mult = if words.next() == Some("kB") { 1024 } else { 1 };
+            Some((key.trim().to_string(), n.saturating_mul(mult)))
+        })
+        .collect()
+}
+
+/// Parses PSI text into (some, full).
+pub fn parse_psi(s: &str) -> (Option<Psi>, Option<Psi>) {
+    let mut some = None;
+    let mut full = None;
+    for line in s.lines() {
+        let mut words = line.split_whitespace();
+        let kind = words.next();
+        let mut psi = Psi {
+            avg10: 0.0,
+            avg60: 0.0,
+            avg300: 0.0,
+            total_us: 0,
+        };
+        for w in words {
+            match w.split_once('=') {
+                Some(("avg10", v)) => psi.avg10 = v.parse().unwrap_or(0.0),
+                Some(("avg60", v)) => psi.avg60 = v.parse().unwrap_or(0.0),
+                Some(("avg300", v)) => psi.avg300 = v.parse().unwrap_or(0.0),
+                Some(("total", v)) => psi.total_us = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        match kind {
+            Some("some") => some = Some(psi),
+            Some("full") => full = Some(psi),
+            _ => {}
+        }
+    }
+    (some, full)
+}
+
+/// Hugepage size from meminfo's `Hugepagesize`.
+pub fn hugepage_size(meminfo: &BTreeMap<String, u64>) -> Option<Bytes> {
+    meminfo.get("Hugepagesize").copied().map(Bytes)
+}
