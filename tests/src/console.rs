@@ -1,0 +1,90 @@
+//! A shell on the guest's serial console (a Unix socket QEMU listens on): run a
+//! command, get its output and exit status, every read bounded.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct Console {
+    stream: UnixStream,
+    seq: u64,
+    /// Everything read so far (printed when a test fails).
+    pub transcript: String,
+}
+
+impl Console {
+    pub fn connect(path: &Path, timeout: Duration) -> Console {
+        let end = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("console {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut c = Console {
+            stream,
+            seq: 0,
+            transcript: String::new(),
+        };
+        // No echo of what we type; quiet kernel messages on this console.
+        c.exec("stty -echo; dmesg -n 1", timeout)
+            .expect("console shell answers");
+        c
+    }
+
+    /// Runs `cmd` in the guest shell; `Err` on timeout, with what was read.
+    pub fn exec(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String), String> {
+        self.seq += 1;
+        let n = self.seq;
+        // The markers are assembled by the shell, so the typed text never matches.
+        let line = format!("echo \"@@B\"\"EGIN-{n}@@\"; {cmd}; echo \"@@E\"\"ND-{n} $?@@\"\n");
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("console write: {e}"))?;
+        let begin = format!("@@BEGIN-{n}@@");
+        let end_tag = format!("@@END-{n} ");
+        let deadline = Instant::now() + timeout;
+        let mut buf = String::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let (Some(b), Some(e)) = (buf.find(&begin), buf.find(&end_tag)) {
+                if let Some(close) = buf[e + end_tag.len()..].find("@@") {
+                    let status: i32 = buf[e + end_tag.len()..e + end_tag.len() + close]
+                        .trim()
+                        .parse()
+                        .unwrap_or(-1);
+                    let out = buf[b + begin.len()..e].replace('\r', "").trim().to_string();
+                    return Ok((status, out));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no answer to `{cmd}` within {timeout:?}; read: {buf}"
+                ));
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("console closed".into()),
+                Ok(k) => {
+                    let s = String::from_utf8_lossy(&chunk[..k]);
+                    buf.push_str(&s);
+                    self.transcript.push_str(&s);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(format!("console read: {e}")),
+            }
+        }
+    }
+}

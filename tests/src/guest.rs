@@ -1,0 +1,388 @@
+//! One test guest: spec, domain XML, boot, shell, the `vmplug` binary, teardown.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::console::Console;
+use crate::initramfs::{initramfs, READY_MARKER};
+use crate::libvirtd::{reap_stale, stop_pid, Libvirtd};
+use crate::Env;
+
+/// Boot to the ready marker: 6–8 s measured under TCG; generous for a loaded host.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// One shell command in the guest.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many guests at once per test process (2 cores, TCG).
+pub const MAX_GUESTS: usize = 2;
+
+pub const AGENT_PORT: u32 = 1027;
+pub const SERIAL_NAME: &str = "org.vmplug.guest.0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-serial channel (a Unix socket on the host).
+    Serial,
+    /// virtio-vsock through vhost-device-vsock, dialled as hybrid vsock.
+    Vsock,
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    /// Initial memory of each guest NUMA cell, MiB (vCPUs are spread evenly).
+    pub cells_mib: Vec<u64>,
+    pub max_memory_mib: u64,
+    pub slots: u32,
+    pub transport: Transport,
+    pub cmdline_extra: String,
+}
+
+impl Default for GuestSpec {
+    fn default() -> Self {
+        GuestSpec {
+            vcpus: 1,
+            max_vcpus: 4,
+            cells_mib: vec![512],
+            max_memory_mib: 8192,
+            slots: 8,
+            transport: Transport::Serial,
+            cmdline_extra: String::new(),
+        }
+    }
+}
+
+impl GuestSpec {
+    /// The domain XML of a hot-plug-ready test guest.
+    pub fn domain_xml(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        kernel: &std::path::Path,
+        initrd: &std::path::Path,
+    ) -> String {
+        let total: u64 = self.cells_mib.iter().sum();
+        let ncells = self.cells_mib.len() as u32;
+        let per_cell = self.max_vcpus / ncells;
+        let mut cells = String::new();
+        for (i, mib) in self.cells_mib.iter().enumerate() {
+            let i = i as u32;
+            let last = if i + 1 == ncells {
+                self.max_vcpus - 1
+            } else {
+                (i + 1) * per_cell - 1
+            };
+            let _ = write!(
+                cells,
+                "<cell id='{i}' cpus='{}-{last}' memory='{mib}' unit='MiB'/>",
+                i * per_cell
+            );
+        }
+        let d = dir.display();
+        let (backing, vsock) = match self.transport {
+            Transport::Serial => (String::new(), String::new()),
+            Transport::Vsock => (
+                "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>".to_string(),
+                format!(
+                    "<qemu:commandline><qemu:arg value='-chardev'/><qemu:arg value='socket,id=vmplugvsock,path={d}/vhu.sock'/>\
+                     <qemu:arg value='-device'/><qemu:arg value='vhost-user-vsock-pci,chardev=vmplugvsock,bus=pcie.0,addr=0x10'/></qemu:commandline>"
+                ),
+            ),
+        };
+        let metadata = match self.transport {
+            Transport::Serial => String::new(),
+            Transport::Vsock => format!(
+                "<metadata><vmplug:agent xmlns:vmplug='https://vmplug.dev/xmlns/agent/1' transport='hybrid' path='{d}/vsock.sock' port='{AGENT_PORT}'/></metadata>"
+            ),
+        };
+        format!(
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  {metadata}
+  <memory unit='MiB'>{total}</memory>
+  <maxMemory slots='{slots}' unit='MiB'>{maxmem}</maxMemory>
+  <vcpu placement='static' current='{vcpus}'>{maxv}</vcpu>
+  {backing}
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 {extra}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='allow'>qemu64</model>
+    <topology sockets='{maxv}' dies='1' clusters='1' cores='1' threads='1'/>
+    <numa>{cells}</numa>
+  </cpu>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='unix'>
+      <source mode='bind' path='{d}/console.sock'/>
+      <log file='{d}/console.log' append='on'/>
+      <target port='0'/>
+    </serial>
+    <channel type='unix'>
+      <source mode='bind' path='{d}/agent.sock'/>
+      <target type='virtio' name='{SERIAL_NAME}'/>
+    </channel>
+    <memballoon model='none'/>
+  </devices>
+  {vsock}
+</domain>
+",
+            slots = self.slots,
+            maxmem = self.max_memory_mib,
+            vcpus = self.vcpus,
+            maxv = self.max_vcpus,
+            kernel = kernel.display(),
+            initrd = initrd.display(),
+            extra = self.cmdline_extra,
+        )
+    }
+}
+
+/// Limits concurrent guests within one test process.
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+static SLOTS: Slots = Slots {
+    used: Mutex::new(0),
+    freed: Condvar::new(),
+};
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn take_slot() {
+    let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
+    while *used >= MAX_GUESTS {
+        used = SLOTS.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+    }
+    *used += 1;
+}
+
+fn give_slot() {
+    *SLOTS.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+    SLOTS.freed.notify_one();
+}
+
+#[derive(Debug)]
+pub struct Guest {
+    pub name: String,
+    pub dir: PathBuf,
+    pub spec: GuestSpec,
+    pub daemon: Libvirtd,
+    pub console: Option<Console>,
+    vsock_backend: Option<Child>,
+    xml: String,
+}
+
+impl Guest {
+    /// Defines and starts a guest, waits for its agent to be started and its
+    /// console shell to answer.
+    pub fn boot(test: &str, spec: GuestSpec) -> Guest {
+        let env = Env::get();
+        reap_stale(env);
+        take_slot();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("vmplug-{test}-{}-{n}", std::process::id());
+        let dir = env.work.join(format!("{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("guest dir");
+        let daemon = Libvirtd::start(env, &dir);
+        let initrd = initramfs(env);
+        let xml = spec.domain_xml(&name, &dir, &env.kernel, &initrd);
+        let mut guest = Guest {
+            name,
+            dir,
+            spec,
+            daemon,
+            console: None,
+            vsock_backend: None,
+            xml,
+        };
+        if guest.spec.transport == Transport::Vsock {
+            guest.start_vsock_backend(3 + n);
+        }
+        fs::write(guest.dir.join("domain.xml"), &guest.xml).expect("write xml");
+        let path = guest.dir.join("domain.xml");
+        guest.daemon.virsh_ok(&["define", &path.to_string_lossy()]);
+        guest.start();
+        guest
+    }
+
+    fn start_vsock_backend(&mut self, cid: u32) {
+        let env = Env::get();
+        let log = fs::File::create(self.dir.join("vhost-vsock.log")).expect("log");
+        let child = Command::new(&env.vhost_vsock)
+            .arg("--guest-cid")
+            .arg(cid.to_string())
+            .arg("--socket")
+            .arg(self.dir.join("vhu.sock"))
+            .arg("--uds-path")
+            .arg(self.dir.join("vsock.sock"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start vhost-device-vsock");
+        fs::write(self.dir.join("vhost-vsock.pid"), child.id().to_string()).expect("pid");
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.dir.join("vhu.sock").exists() {
+            assert!(
+                Instant::now() < end,
+                "vhost-device-vsock did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.vsock_backend = Some(child);
+    }
+
+    /// Starts the defined domain and waits until its shell answers.
+    pub fn start(&mut self) {
+        let _ = fs::remove_file(self.dir.join("console.log"));
+        self.console = None;
+        self.daemon.virsh_ok(&["start", &self.name]);
+        let log = self.dir.join("console.log");
+        let end = Instant::now() + BOOT_TIMEOUT;
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(READY_MARKER)
+        {
+            if Instant::now() > end {
+                self.dump_logs();
+                panic!("guest {} did not boot within {BOOT_TIMEOUT:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.console = Some(Console::connect(
+            &self.dir.join("console.sock"),
+            EXEC_TIMEOUT,
+        ));
+    }
+
+    /// Destroys the running domain (its definition stays).
+    pub fn destroy(&mut self) {
+        self.console = None;
+        let _ = self.daemon.virsh(&["destroy", &self.name]);
+    }
+
+    /// Runs a shell command in the guest; panics (with logs) on timeout.
+    pub fn sh(&mut self, cmd: &str) -> String {
+        match self
+            .console
+            .as_mut()
+            .expect("guest running")
+            .exec(cmd, EXEC_TIMEOUT)
+        {
+            Ok((_, out)) => out,
+            Err(e) => {
+                self.dump_logs();
+                panic!("guest shell: {e}");
+            }
+        }
+    }
+
+    /// Runs the real `vmplug` binary against this guest's daemon.
+    pub fn vmplug(&self, args: &[&str]) -> Output {
+        let env = Env::get();
+        let out = Command::new(&env.vmplug)
+            .arg("-c")
+            .arg(&self.daemon.uri)
+            .args(args)
+            .env("RUST_LOG", "vmplug=debug")
+            .output()
+            .expect("run vmplug");
+        eprintln!(
+            "$ vmplug {}\n[exit {}]\n{}{}",
+            args.join(" "),
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `vmplug … --json` parsed; panics unless it exits 0.
+    pub fn vmplug_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.vmplug(&a);
+        assert!(out.status.success(), "vmplug {} failed", args.join(" "));
+        serde_json::from_slice(&out.stdout).expect("vmplug --json prints JSON")
+    }
+
+    /// The QEMU process of the running domain.
+    pub fn qemu_pid(&self) -> i32 {
+        let pidfile = self.dir.join(format!("lib/qemu/{}.pid", self.name));
+        let pidfile = if pidfile.exists() {
+            pidfile
+        } else {
+            self.dir.join(format!("run/qemu/{}.pid", self.name))
+        };
+        fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    pub fn dump_logs(&mut self) {
+        eprintln!(
+            "===== {} console =====\n{}",
+            self.name,
+            fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+        );
+        if let Some(c) = self.console.as_mut() {
+            if let Ok((_, log)) = c.exec("tail -n 80 /tmp/agent.log", Duration::from_secs(10)) {
+                eprintln!("===== agent log =====\n{log}");
+            }
+        }
+        let qemu_log = self.dir.join(format!("log/qemu/{}.log", self.name));
+        eprintln!(
+            "===== qemu log =====\n{}",
+            fs::read_to_string(qemu_log).unwrap_or_default()
+        );
+        eprintln!("===== libvirtd log (tail) =====");
+        let log = self.daemon.log();
+        let lines: Vec<_> = log.lines().collect();
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{l}");
+        }
+        if self.vsock_backend.is_some() {
+            eprintln!(
+                "===== vhost-device-vsock =====\n{}",
+                fs::read_to_string(self.dir.join("vhost-vsock.log")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.console = None;
+        let _ = self.daemon.virsh(&["destroy", &self.name]);
+        self.daemon.stop();
+        if let Some(mut child) = self.vsock_backend.take() {
+            stop_pid(child.id() as i32, Duration::from_secs(5));
+            let _ = child.wait();
+        }
+        if std::env::var_os("VMPLUG_KEEP").is_none() && !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+        give_slot();
+    }
+}
