@@ -1,9 +1,12 @@
 //! Types shared by vmplug's host orchestrator and guest agent: `CpuSet`, sizes, the
 //! protocol and its framing. No I/O here (the optional `io` feature adds async
 //! framing over tokio streams), so everything is unit-tested in isolation.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cpuset;
+#[cfg(feature = "io")]
+#[allow(unsafe_code)]
+pub mod fdstream;
 pub mod frame;
 pub mod protocol;
 pub mod size;

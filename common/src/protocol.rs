@@ -63,11 +63,13 @@ pub enum Request {
     Online(OnlineRequest),
     Offline(OfflineRequest),
     Pressure,
+    /// Read-only: the state, zone and node of every block in these ranges.
+    Blocks { memory: Vec<MemRange> },
 }
 
 impl Request {
     /// The names of every request type, for "unknown request" errors.
-    pub const TYPES: &'static [&'static str] = &["hello", "info", "online", "offline", "pressure"];
+    pub const TYPES: &'static [&'static str] = &["hello", "info", "online", "offline", "pressure", "blocks"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -76,6 +78,7 @@ impl Request {
             Request::Online(_) => "online",
             Request::Offline(_) => "offline",
             Request::Pressure => "pressure",
+            Request::Blocks { .. } => "blocks",
         }
     }
 }
@@ -159,6 +162,7 @@ pub enum Response {
     GuestInfo(GuestInfo),
     Report(Report),
     Pressure(Pressure),
+    Blocks { blocks: Vec<BlockState> },
     Error(ErrorBody),
     /// Unsolicited (no id).
     Event(Event),
@@ -249,6 +253,21 @@ pub struct BlockResult {
     pub zone: Option<String>,
     #[serde(flatten)]
     pub outcome: Outcome,
+}
+
+/// One memory block as the guest sees it (answer to `Blocks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    pub index: u64,
+    pub start: u64,
+    /// `false` when the block is absent from the guest.
+    pub present: bool,
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u32>,
 }
 
 /// The answer to `Online` and `Offline`.

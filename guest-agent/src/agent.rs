@@ -248,6 +248,26 @@ impl Agent {
         })
     }
 
+    /// The state of every block in `ranges` (read-only).
+    pub fn blocks(&self, ranges: &[vmplug_common::protocol::MemRange]) -> Result<Vec<vmplug_common::protocol::BlockState>, AgentError> {
+        Self::check_bounds(1, ranges.len())?;
+        let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
+        blocks_of(ranges, bs)?
+            .into_iter()
+            .map(|index| {
+                let b = self.sysfs().block(index)?;
+                Ok(vmplug_common::protocol::BlockState {
+                    index,
+                    start: index * bs.get(),
+                    present: b.is_some(),
+                    online: b.as_ref().is_some_and(|b| b.online),
+                    zone: b.as_ref().filter(|b| b.online).and_then(|b| b.zones.first().cloned()),
+                    node: b.and_then(|b| b.node),
+                })
+            })
+            .collect()
+    }
+
     /// Takes CPUs and memory blocks offline so the host can unplug them.
     pub async fn offline(&self, req: OfflineRequest) -> Result<Report, AgentError> {
         let started = Instant::now();

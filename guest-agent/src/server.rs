@@ -152,6 +152,10 @@ where
                     .send(respond(id, agent.pressure().map(Response::Pressure)))
                     .await;
             }
+            Request::Blocks { memory } => {
+                let res = agent.blocks(&memory).map(|blocks| Response::Blocks { blocks });
+                let _ = tx.send(respond(id, res)).await;
+            }
             Request::Online(req) => {
                 busy.store(true, Ordering::Release);
                 let (agent, tx, busy) = (agent.clone(), tx.clone(), busy.clone());
