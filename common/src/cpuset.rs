@@ -110,10 +110,7 @@ impl FromIterator<u32> for CpuSet {
 }
 
 fn parse_cpu(s: &str) -> Result<u32, CpuSetError> {
-    let cpu: u32 = s
-        .trim()
-        .parse()
-        .map_err(|_| CpuSetError::NotANumber(s.trim().to_string()))?;
+    let cpu: u32 = s.trim().parse().map_err(|_| CpuSetError::NotANumber(s.trim().to_string()))?;
     if cpu > MAX_CPU_ID {
         return Err(CpuSetError::TooLarge(cpu));
     }
@@ -212,39 +209,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_lists_with_specific_errors() {
-        assert_eq!(
-            "3-1".parse::<CpuSet>(),
-            Err(CpuSetError::BackwardsRange("3-1".into()))
-        );
-        assert_eq!(
-            "a".parse::<CpuSet>(),
-            Err(CpuSetError::NotANumber("a".into()))
-        );
-        assert_eq!(
-            "1,,2".parse::<CpuSet>(),
-            Err(CpuSetError::EmptyElement("1,,2".into()))
-        );
-        assert_eq!(
-            "0-99999".parse::<CpuSet>(),
-            Err(CpuSetError::TooLarge(99999))
-        );
-        assert_eq!(
-            "-1".parse::<CpuSet>(),
-            Err(CpuSetError::NotANumber("".into()))
-        );
+        assert_eq!("3-1".parse::<CpuSet>(), Err(CpuSetError::BackwardsRange("3-1".into())));
+        assert_eq!("a".parse::<CpuSet>(), Err(CpuSetError::NotANumber("a".into())));
+        assert_eq!("1,,2".parse::<CpuSet>(), Err(CpuSetError::EmptyElement("1,,2".into())));
+        assert_eq!("0-99999".parse::<CpuSet>(), Err(CpuSetError::TooLarge(99999)));
+        assert_eq!("-1".parse::<CpuSet>(), Err(CpuSetError::NotANumber("".into())));
     }
 
     #[test]
     fn cpumap_bits_match_libvirt_layout() {
         assert_eq!(set("0,2-3").to_cpumap(4), Ok(vec![0b1101]));
         assert_eq!(set("9").to_cpumap(16), Ok(vec![0, 0b10]));
-        assert_eq!(
-            set("4").to_cpumap(4),
-            Err(CpuSetError::OutsideHost {
-                cpu: 4,
-                host_cpus: 4
-            })
-        );
+        assert_eq!(set("4").to_cpumap(4), Err(CpuSetError::OutsideHost { cpu: 4, host_cpus: 4 }));
     }
 
     proptest! {

@@ -26,10 +26,7 @@ pub enum FrameError {
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = serde_json::to_vec(msg).map_err(FrameError::Encode)?;
     if out.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge {
-            len: out.len(),
-            max: MAX_FRAME_BYTES,
-        });
+        return Err(FrameError::TooLarge { len: out.len(), max: MAX_FRAME_BYTES });
     }
     out.push(b'\n');
     Ok(out)
@@ -62,11 +59,7 @@ impl Default for FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max: usize) -> Self {
-        FrameDecoder {
-            buf: Vec::new(),
-            max,
-            discarding: None,
-        }
+        FrameDecoder { buf: Vec::new(), max, discarding: None }
     }
 
     /// Bytes buffered of an incomplete frame.
@@ -174,10 +167,7 @@ mod io {
     }
 
     /// Writes one message as a frame and flushes.
-    pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
-        w: &mut W,
-        msg: &T,
-    ) -> Result<(), FrameError> {
+    pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
         let bytes = encode(msg)?;
         w.write_all(&bytes).await?;
         w.flush().await?;
@@ -205,13 +195,7 @@ mod tests {
     fn splits_lines_across_chunks() {
         let mut dec = FrameDecoder::new(64);
         let out = feed_all(&mut dec, &[b"{\"a\":", b"1}\n{\"b\"", b":2}\n\n  \n"]);
-        assert_eq!(
-            out,
-            vec![
-                Decoded::Frame(b"{\"a\":1}".to_vec()),
-                Decoded::Frame(b"{\"b\":2}".to_vec())
-            ]
-        );
+        assert_eq!(out, vec![Decoded::Frame(b"{\"a\":1}".to_vec()), Decoded::Frame(b"{\"b\":2}".to_vec())]);
         assert_eq!(dec.pending(), 0);
     }
 
@@ -220,13 +204,7 @@ mod tests {
         let mut dec = FrameDecoder::new(8);
         let big = [b'x'; 20];
         let out = feed_all(&mut dec, &[&big[..10], &big[10..], b"\nok\n"]);
-        assert_eq!(
-            out,
-            vec![
-                Decoded::TooLarge { len: 20 },
-                Decoded::Frame(b"ok".to_vec())
-            ]
-        );
+        assert_eq!(out, vec![Decoded::TooLarge { len: 20 }, Decoded::Frame(b"ok".to_vec())]);
         // The buffer never grew past the limit.
         assert!(dec.buf.capacity() <= 16);
     }

@@ -41,11 +41,7 @@ pub struct Envelope<B> {
 
 impl<B> Envelope<B> {
     pub fn new(id: Option<u64>, body: B) -> Self {
-        Envelope {
-            v: PROTOCOL_VERSION,
-            id,
-            body,
-        }
+        Envelope { v: PROTOCOL_VERSION, id, body }
     }
 }
 
@@ -64,7 +60,9 @@ pub enum Request {
     Offline(OfflineRequest),
     Pressure,
     /// Read-only: the state, zone and node of every block in these ranges.
-    Blocks { memory: Vec<MemRange> },
+    Blocks {
+        memory: Vec<MemRange>,
+    },
 }
 
 impl Request {
@@ -120,9 +118,7 @@ impl std::str::FromStr for ZonePolicy {
             "movable" => Ok(ZonePolicy::Movable),
             "kernel" => Ok(ZonePolicy::Kernel),
             "online" => Ok(ZonePolicy::Online),
-            other => Err(format!(
-                "unknown zone policy '{other}' (auto, movable, kernel, online)"
-            )),
+            other => Err(format!("unknown zone policy '{other}' (auto, movable, kernel, online)")),
         }
     }
 }
@@ -162,7 +158,9 @@ pub enum Response {
     GuestInfo(GuestInfo),
     Report(Report),
     Pressure(Pressure),
-    Blocks { blocks: Vec<BlockState> },
+    Blocks {
+        blocks: Vec<BlockState>,
+    },
     Error(ErrorBody),
     /// Unsolicited (no id).
     Event(Event),
@@ -289,11 +287,7 @@ pub struct Report {
 impl Report {
     pub fn failures(&self) -> usize {
         self.cpus.iter().filter(|c| !c.outcome.is_success()).count()
-            + self
-                .blocks
-                .iter()
-                .filter(|b| !b.outcome.is_success())
-                .count()
+            + self.blocks.iter().filter(|b| !b.outcome.is_success()).count()
     }
 }
 
@@ -372,44 +366,26 @@ pub struct DecodedRequest {
 /// Decodes a request frame, classifying every failure into an [`ErrorBody`] that can
 /// go back to the peer (with the id when one could be read).
 pub fn decode_request(frame: &[u8]) -> Result<DecodedRequest, (Option<u64>, ErrorBody)> {
-    let raw: serde_json::Value = serde_json::from_slice(frame).map_err(|e| {
-        (
-            None,
-            ErrorBody {
-                code: ErrorCode::Malformed,
-                message: format!("not JSON: {e}"),
-            },
-        )
-    })?;
+    let raw: serde_json::Value = serde_json::from_slice(frame)
+        .map_err(|e| (None, ErrorBody { code: ErrorCode::Malformed, message: format!("not JSON: {e}") }))?;
     let id = raw.get("id").and_then(|v| v.as_u64());
     let err = |code, message: String| (id, ErrorBody { code, message });
-    let env: Envelope<serde_json::Value> = serde_json::from_value(raw)
-        .map_err(|e| err(ErrorCode::Malformed, format!("not an envelope: {e}")))?;
+    let env: Envelope<serde_json::Value> =
+        serde_json::from_value(raw).map_err(|e| err(ErrorCode::Malformed, format!("not an envelope: {e}")))?;
     if env.v != PROTOCOL_VERSION {
         return Err(err(
             ErrorCode::VersionMismatch,
-            format!(
-                "envelope version {} is not supported (this agent speaks {PROTOCOL_VERSION})",
-                env.v
-            ),
+            format!("envelope version {} is not supported (this agent speaks {PROTOCOL_VERSION})", env.v),
         ));
     }
-    let ty = env
-        .body
-        .get("type")
-        .and_then(|t| t.as_str())
-        .unwrap_or("")
-        .to_string();
+    let ty = env.body.get("type").and_then(|t| t.as_str()).unwrap_or("").to_string();
     if !Request::TYPES.contains(&ty.as_str()) {
         return Err(err(
             ErrorCode::UnknownRequest,
-            format!(
-                "unknown request type '{ty}' (known: {})",
-                Request::TYPES.join(", ")
-            ),
+            format!("unknown request type '{ty}' (known: {})", Request::TYPES.join(", ")),
         ));
     }
-    let request: Request = serde_json::from_value(env.body)
-        .map_err(|e| err(ErrorCode::Malformed, format!("bad '{ty}' request: {e}")))?;
+    let request: Request =
+        serde_json::from_value(env.body).map_err(|e| err(ErrorCode::Malformed, format!("bad '{ty}' request: {e}")))?;
     Ok(DecodedRequest { id, request })
 }

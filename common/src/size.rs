@@ -16,9 +16,7 @@ pub const TIB: u64 = 1024 * GIB;
 pub enum SizeError {
     #[error("size '{0}' has no number")]
     NoNumber(String),
-    #[error(
-        "size '{input}' has an unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB, TiB or none)"
-    )]
+    #[error("size '{input}' has an unknown unit '{unit}' (use K, M, G, T, KiB, MiB, GiB, TiB or none)")]
     UnknownUnit { input: String, unit: String },
     #[error("size '{0}' does not fit in 64 bits")]
     Overflow(String),
@@ -29,9 +27,7 @@ pub enum SizeError {
 }
 
 /// A size in bytes.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Bytes(pub u64);
 
@@ -74,25 +70,16 @@ impl FromStr for Bytes {
         if digits.is_empty() {
             return Err(SizeError::NoNumber(s.to_string()));
         }
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| SizeError::Overflow(s.to_string()))?;
+        let n: u64 = digits.parse().map_err(|_| SizeError::Overflow(s.to_string()))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kib" | "kb" => KIB,
             "m" | "mib" | "mb" => MIB,
             "g" | "gib" | "gb" => GIB,
             "t" | "tib" | "tb" => TIB,
-            _ => {
-                return Err(SizeError::UnknownUnit {
-                    input: s.to_string(),
-                    unit: unit.trim().to_string(),
-                })
-            }
+            _ => return Err(SizeError::UnknownUnit { input: s.to_string(), unit: unit.trim().to_string() }),
         };
-        n.checked_mul(mult)
-            .map(Bytes)
-            .ok_or_else(|| SizeError::Overflow(s.to_string()))
+        n.checked_mul(mult).map(Bytes).ok_or_else(|| SizeError::Overflow(s.to_string()))
     }
 }
 
@@ -127,8 +114,7 @@ impl BlockSize {
     pub fn from_sysfs_hex(s: &str) -> Result<Self, SizeError> {
         let t = s.trim();
         let t = t.strip_prefix("0x").unwrap_or(t);
-        let bytes =
-            u64::from_str_radix(t, 16).map_err(|_| SizeError::NotHex(s.trim().to_string()))?;
+        let bytes = u64::from_str_radix(t, 16).map_err(|_| SizeError::NotHex(s.trim().to_string()))?;
         BlockSize::new(bytes)
     }
 
@@ -184,38 +170,17 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert!(matches!("G".parse::<Bytes>(), Err(SizeError::NoNumber(_))));
-        assert!(matches!(
-            "1Q".parse::<Bytes>(),
-            Err(SizeError::UnknownUnit { .. })
-        ));
-        assert!(matches!(
-            "99999999999T".parse::<Bytes>(),
-            Err(SizeError::Overflow(_))
-        ));
-        assert!(matches!(
-            "1.5G".parse::<Bytes>(),
-            Err(SizeError::UnknownUnit { .. })
-        ));
+        assert!(matches!("1Q".parse::<Bytes>(), Err(SizeError::UnknownUnit { .. })));
+        assert!(matches!("99999999999T".parse::<Bytes>(), Err(SizeError::Overflow(_))));
+        assert!(matches!("1.5G".parse::<Bytes>(), Err(SizeError::UnknownUnit { .. })));
     }
 
     #[test]
     fn block_size_reads_sysfs_hex() {
-        assert_eq!(
-            BlockSize::from_sysfs_hex("8000000\n").map(|b| b.get()),
-            Ok(128 * MIB)
-        );
-        assert_eq!(
-            BlockSize::from_sysfs_hex("0x80000000").map(|b| b.get()),
-            Ok(2 * GIB)
-        );
-        assert_eq!(
-            BlockSize::from_sysfs_hex("6000000"),
-            Err(SizeError::NotPowerOfTwo(0x6000000))
-        );
-        assert!(matches!(
-            BlockSize::from_sysfs_hex("zz"),
-            Err(SizeError::NotHex(_))
-        ));
+        assert_eq!(BlockSize::from_sysfs_hex("8000000\n").map(|b| b.get()), Ok(128 * MIB));
+        assert_eq!(BlockSize::from_sysfs_hex("0x80000000").map(|b| b.get()), Ok(2 * GIB));
+        assert_eq!(BlockSize::from_sysfs_hex("6000000"), Err(SizeError::NotPowerOfTwo(0x6000000)));
+        assert!(matches!(BlockSize::from_sysfs_hex("zz"), Err(SizeError::NotHex(_))));
     }
 
     #[test]

@@ -8,28 +8,15 @@ use vmplug_common::frame::encode;
 use vmplug_common::protocol::*;
 use vmplug_common::{BlockSize, Bytes, CpuSet, MIB};
 
-fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
-    name: &str,
-    msg: &T,
-) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
+fn check<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, msg: &T) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
     let frame = encode(msg).expect("encodes");
     if std::env::var_os("VMPLUG_BLESS").is_some() {
         std::fs::write(&path, &frame).expect("write golden");
     }
-    let golden = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with VMPLUG_BLESS=1 to create)",
-            path.display()
-        )
-    });
-    assert_eq!(
-        String::from_utf8_lossy(&frame),
-        String::from_utf8_lossy(&golden),
-        "wire format of {name} changed"
-    );
+    let golden =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run with VMPLUG_BLESS=1 to create)", path.display()));
+    assert_eq!(String::from_utf8_lossy(&frame), String::from_utf8_lossy(&golden), "wire format of {name} changed");
     let back: T = serde_json::from_slice(&golden).expect("golden decodes");
     assert_eq!(&back, msg);
 }
@@ -40,16 +27,7 @@ fn cpus(s: &str) -> CpuSet {
 
 #[test]
 fn hello() {
-    check(
-        "hello.json",
-        &Envelope::new(
-            Some(1),
-            Request::Hello {
-                protocol: 1,
-                host_agent: "vmplug 0.1.0".into(),
-            },
-        ),
-    );
+    check("hello.json", &Envelope::new(Some(1), Request::Hello { protocol: 1, host_agent: "vmplug 0.1.0".into() }));
 }
 
 #[test]
@@ -60,10 +38,7 @@ fn online_request() {
             Some(2),
             Request::Online(OnlineRequest {
                 cpus: Some(4),
-                memory: vec![MemRange {
-                    start: 0x1_0000_0000,
-                    size: Bytes(1024 * MIB),
-                }],
+                memory: vec![MemRange { start: 0x1_0000_0000, size: Bytes(1024 * MIB) }],
                 zone: ZonePolicy::Auto,
                 timeout_ms: 30_000,
             }),
@@ -82,11 +57,7 @@ fn guest_info() {
                 agent_version: "0.1.0".into(),
                 capabilities: vec!["online".into(), "offline".into(), "pressure".into()],
                 kernel: "6.1.0-56-amd64".into(),
-                cpus: CpuFacts {
-                    possible: cpus("0-3"),
-                    present: cpus("0-1"),
-                    online: cpus("0-1"),
-                },
+                cpus: CpuFacts { possible: cpus("0-3"), present: cpus("0-1"), online: cpus("0-1") },
                 memory: Some(MemoryFacts {
                     block_size: BlockSize::new(128 * MIB).expect("pow2"),
                     blocks_online: 8,
@@ -114,21 +85,9 @@ fn report() {
             Some(2),
             Response::Report(Report {
                 cpus: vec![
-                    CpuResult {
-                        cpu: 1,
-                        outcome: Outcome::Already,
-                    },
-                    CpuResult {
-                        cpu: 2,
-                        outcome: Outcome::Done,
-                    },
-                    CpuResult {
-                        cpu: 3,
-                        outcome: Outcome::Failed {
-                            errno: 16,
-                            message: "EBUSY".into(),
-                        },
-                    },
+                    CpuResult { cpu: 1, outcome: Outcome::Already },
+                    CpuResult { cpu: 2, outcome: Outcome::Done },
+                    CpuResult { cpu: 3, outcome: Outcome::Failed { errno: 16, message: "EBUSY".into() } },
                 ],
                 blocks: vec![BlockResult {
                     index: 32,
@@ -155,46 +114,25 @@ fn error_and_event() {
             Some(9),
             Response::Error(ErrorBody {
                 code: ErrorCode::Misaligned,
-                message: "memory range size 100 MiB is not a multiple of the block size 128 MiB"
-                    .into(),
+                message: "memory range size 100 MiB is not a multiple of the block size 128 MiB".into(),
             }),
         ),
     );
     check(
         "event.json",
-        &Envelope::new(
-            None,
-            Response::Event(Event::MemoryOnlined {
-                block: 33,
-                zone: Some("Movable".into()),
-            }),
-        ),
+        &Envelope::new(None, Response::Event(Event::MemoryOnlined { block: 33, zone: Some("Movable".into()) })),
     );
 }
 
 #[test]
 fn decode_request_classifies_bad_input() {
-    let code = |frame: &str| {
-        decode_request(frame.as_bytes())
-            .map(|_| ())
-            .map_err(|(_, e)| e.code)
-    };
+    let code = |frame: &str| decode_request(frame.as_bytes()).map(|_| ()).map_err(|(_, e)| e.code);
     assert_eq!(code("{"), Err(ErrorCode::Malformed));
     assert_eq!(code("[1]"), Err(ErrorCode::Malformed));
-    assert_eq!(
-        code(r#"{"v":2,"id":1,"body":{"type":"info"}}"#),
-        Err(ErrorCode::VersionMismatch)
-    );
-    assert_eq!(
-        code(r#"{"v":1,"id":1,"body":{"type":"reboot"}}"#),
-        Err(ErrorCode::UnknownRequest)
-    );
-    assert_eq!(
-        code(r#"{"v":1,"id":1,"body":{"type":"online"}}"#),
-        Err(ErrorCode::Malformed)
-    );
+    assert_eq!(code(r#"{"v":2,"id":1,"body":{"type":"info"}}"#), Err(ErrorCode::VersionMismatch));
+    assert_eq!(code(r#"{"v":1,"id":1,"body":{"type":"reboot"}}"#), Err(ErrorCode::UnknownRequest));
+    assert_eq!(code(r#"{"v":1,"id":1,"body":{"type":"online"}}"#), Err(ErrorCode::Malformed));
     assert_eq!(code(r#"{"v":1,"id":1,"body":{"type":"info"}}"#), Ok(()));
-    let (id, _) =
-        decode_request(br#"{"v":1,"id":77,"body":{"type":"nope"}}"#).expect_err("unknown");
+    let (id, _) = decode_request(br#"{"v":1,"id":77,"body":{"type":"nope"}}"#).expect_err("unknown");
     assert_eq!(id, Some(77), "the id of a bad request is echoed back");
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch, Mutex};
 use vmplug_common::protocol::{
-    ErrorBody, ErrorCode, Event, GuestInfo, OfflineRequest, OnlineRequest, Pressure, Report,
-    MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+    ErrorBody, ErrorCode, Event, GuestInfo, OfflineRequest, OnlineRequest, Pressure, Report, MAX_RANGES,
+    MAX_TIMEOUT_MS, PROTOCOL_VERSION,
 };
 use vmplug_common::Bytes;
 
@@ -19,6 +19,11 @@ use crate::uevent::{Action, Resource, Uevent};
 /// While a request waits for devices to appear, sysfs is also rescanned this often,
 /// in case a uevent was lost. Never runs when no request is waiting.
 pub const WAIT_RESCAN: Duration = Duration::from_millis(250);
+
+/// After a memory `add` uevent, how often and how long to wait for the kernel to
+/// finish registering the block (2 s in all); a request's own wait covers the rest.
+const ADD_SETTLE_TRIES: u32 = 80;
+const ADD_SETTLE_PAUSE: Duration = Duration::from_millis(25);
 
 pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events"];
 
@@ -71,21 +76,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(
-        onliner: Onliner,
-        zone: vmplug_common::protocol::ZonePolicy,
-        online_on_add: bool,
-    ) -> Arc<Self> {
+    pub fn new(onliner: Onliner, zone: vmplug_common::protocol::ZonePolicy, online_on_add: bool) -> Arc<Self> {
         let (changes, _) = watch::channel(0);
         let (events, _) = broadcast::channel(256);
-        Arc::new(Agent {
-            onliner: Arc::new(onliner),
-            zone,
-            changes,
-            events,
-            lock: Mutex::new(()),
-            online_on_add,
-        })
+        Arc::new(Agent { onliner: Arc::new(onliner), zone, changes, events, lock: Mutex::new(()), online_on_add })
     }
 
     pub fn sysfs(&self) -> &Sysfs {
@@ -110,9 +104,7 @@ impl Agent {
         f: impl FnOnce(&Onliner) -> Result<T, AgentError> + Send + 'static,
     ) -> Result<T, AgentError> {
         let onliner = self.onliner.clone();
-        tokio::task::spawn_blocking(move || f(&onliner))
-            .await
-            .map_err(|e| AgentError::Join(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&onliner)).await.map_err(|e| AgentError::Join(e.to_string()))?
     }
 
     pub fn info(&self) -> Result<GuestInfo, AgentError> {
@@ -173,10 +165,7 @@ impl Agent {
         let blocks = if req.memory.is_empty() {
             Vec::new()
         } else {
-            let bs = self
-                .sysfs()
-                .block_size()?
-                .ok_or(OnlineError::NoMemoryHotplug)?;
+            let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
             blocks_of(&req.memory, bs)?
         };
         let mut changes = self.changes.subscribe();
@@ -202,12 +191,8 @@ impl Agent {
             drop(guard);
             merge(&mut cpu_results, cpus, |c| c.cpu, |c| &c.outcome);
             merge(&mut block_results, blks, |b| b.index, |b| &b.outcome);
-            let missing = cpu_results
-                .values()
-                .any(|c| c.outcome == vmplug_common::protocol::Outcome::NotFound)
-                || block_results
-                    .values()
-                    .any(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound);
+            let missing = cpu_results.values().any(|c| c.outcome == vmplug_common::protocol::Outcome::NotFound)
+                || block_results.values().any(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound);
             if !missing {
                 break false;
             }
@@ -217,8 +202,7 @@ impl Agent {
                 _ = tokio::time::sleep(WAIT_RESCAN) => {}
             }
         };
-        self.finish(cpu_results, block_results, target, timed_out, started)
-            .await
+        self.finish(cpu_results, block_results, target, timed_out, started).await
     }
 
     async fn finish(
@@ -229,13 +213,10 @@ impl Agent {
         timed_out: bool,
         started: Instant,
     ) -> Result<Report, AgentError> {
-        let (online, memory_online) = self
-            .blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?)))
-            .await?;
+        let (online, memory_online) = self.blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?))).await?;
         let cpus: Vec<_> = cpus.into_values().collect();
         let blocks: Vec<_> = blocks.into_values().collect();
-        let all_ok = cpus.iter().all(|c| c.outcome.is_success())
-            && blocks.iter().all(|b| b.outcome.is_success());
+        let all_ok = cpus.iter().all(|c| c.outcome.is_success()) && blocks.iter().all(|b| b.outcome.is_success());
         let cpus_ok = target.is_none_or(|t| online.len() as u32 >= t);
         Ok(Report {
             cpus,
@@ -249,7 +230,10 @@ impl Agent {
     }
 
     /// The state of every block in `ranges` (read-only).
-    pub fn blocks(&self, ranges: &[vmplug_common::protocol::MemRange]) -> Result<Vec<vmplug_common::protocol::BlockState>, AgentError> {
+    pub fn blocks(
+        &self,
+        ranges: &[vmplug_common::protocol::MemRange],
+    ) -> Result<Vec<vmplug_common::protocol::BlockState>, AgentError> {
         Self::check_bounds(1, ranges.len())?;
         let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
         blocks_of(ranges, bs)?
@@ -275,10 +259,7 @@ impl Agent {
         let blocks = if req.memory.is_empty() {
             Vec::new()
         } else {
-            let bs = self
-                .sysfs()
-                .block_size()?
-                .ok_or(OnlineError::NoMemoryHotplug)?;
+            let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
             blocks_of(&req.memory, bs)?
         };
         let target = req.cpus;
@@ -289,16 +270,11 @@ impl Agent {
                     Some(t) => o.cpu_offline_pass(t)?,
                     None => Vec::new(),
                 };
-                let blks = blocks
-                    .iter()
-                    .map(|&i| o.offline_block(i))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let blks = blocks.iter().map(|&i| o.offline_block(i)).collect::<Result<Vec<_>, _>>()?;
                 Ok((cpus, blks))
             })
             .await?;
-        let (online, memory_online) = self
-            .blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?)))
-            .await?;
+        let (online, memory_online) = self.blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?))).await?;
         let complete = cpus.iter().all(|c| c.outcome.is_success())
             && blks.iter().all(|b| b.outcome.is_success())
             && target.is_none_or(|t| online.len() as u32 <= t);
@@ -318,9 +294,7 @@ impl Agent {
         let started = Instant::now();
         let zone = self.zone;
         let _guard = self.lock.lock().await;
-        let (cpus, blocks) = self
-            .blocking(move |o| Ok(o.online_everything(zone)?))
-            .await?;
+        let (cpus, blocks) = self.blocking(move |o| Ok(o.online_everything(zone)?)).await?;
         drop(_guard);
         for c in &cpus {
             self.emit_result(Resource::Cpu(c.cpu), &c.outcome, None);
@@ -338,12 +312,7 @@ impl Agent {
         .await
     }
 
-    fn emit_result(
-        &self,
-        what: Resource,
-        outcome: &vmplug_common::protocol::Outcome,
-        zone: Option<String>,
-    ) {
+    fn emit_result(&self, what: Resource, outcome: &vmplug_common::protocol::Outcome, zone: Option<String>) {
         use vmplug_common::protocol::Outcome;
         let event = match (what, outcome) {
             (Resource::Cpu(cpu), Outcome::Done) => Event::CpuOnlined { cpu },
@@ -379,6 +348,14 @@ impl Agent {
                         Ok(match resource {
                             Resource::Cpu(c) => (o.online_cpu(c)?, None),
                             Resource::MemoryBlock(b) => {
+                                // The add uevent comes before the kernel links the
+                                // block to its node; wait (bounded) for that.
+                                for _ in 0..ADD_SETTLE_TRIES {
+                                    if o.sysfs.block(b)?.is_none_or(|blk| blk.ready) {
+                                        break;
+                                    }
+                                    std::thread::sleep(ADD_SETTLE_PAUSE);
+                                }
                                 let mut counts = crate::online::ZoneCounts::of(&o.sysfs.blocks()?);
                                 let r = o.online_block(b, zone, &mut counts)?;
                                 (r.outcome, r.zone)

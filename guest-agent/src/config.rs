@@ -67,17 +67,15 @@ impl Config {
     pub fn load(path: &Path, optional: bool) -> Result<Config, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Config::default())
-            }
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
             Err(e) => return Err(ConfigError::Read(path.to_path_buf(), e)),
         };
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.message().to_string()))?;
+        let c: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.message().to_string()))?;
         if c.movable_ratio <= 0.0 || c.movable_ratio.is_nan() {
             return Err(ConfigError::BadRatio(path.to_path_buf(), c.movable_ratio));
         }
@@ -98,16 +96,12 @@ mod tests {
     #[test]
     fn shipped_example_is_the_defaults() {
         let text = include_str!("../guest.toml");
-        assert_eq!(
-            Config::parse(Path::new("guest.toml"), text).expect("parses"),
-            Config::default()
-        );
+        assert_eq!(Config::parse(Path::new("guest.toml"), text).expect("parses"), Config::default());
     }
 
     #[test]
     fn partial_file_keeps_defaults() {
-        let c = Config::parse(Path::new("g.toml"), "zone = \"movable\"\nvsock_port = 0")
-            .expect("parses");
+        let c = Config::parse(Path::new("g.toml"), "zone = \"movable\"\nvsock_port = 0").expect("parses");
         assert_eq!(c.zone, ZonePolicy::Movable);
         assert_eq!(c.vsock_port, 0);
         assert_eq!(c.serial_port, DEFAULT_SERIAL_NAME);

@@ -54,22 +54,15 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
             Ok(r) if r.failures() > 0 => {
                 tracing::warn!(failures = r.failures(), "start-up onlining had failures")
             }
-            Ok(r) => tracing::info!(
-                cpus = r.cpus.len(),
-                blocks = r.blocks.len(),
-                "start-up onlining done"
-            ),
+            Ok(r) => tracing::info!(cpus = r.cpus.len(), blocks = r.blocks.len(), "start-up onlining done"),
             Err(e) => tracing::warn!(error = %e, "start-up onlining failed"),
         }
     }
 
     let mut transports = 0;
     if config.vsock_port != 0 {
-        let listener =
-            VsockListener::bind(config.vsock_port).map_err(|source| DaemonError::Vsock {
-                port: config.vsock_port,
-                source,
-            })?;
+        let listener = VsockListener::bind(config.vsock_port)
+            .map_err(|source| DaemonError::Vsock { port: config.vsock_port, source })?;
         tracing::info!(port = config.vsock_port, "listening on vsock");
         transports += 1;
         let agent = agent.clone();
@@ -99,8 +92,7 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
         let sysfs = agent.sysfs().clone();
         match find_serial_port(&sysfs, &config.dev_root, &config.serial_port) {
             Some(path) => {
-                let stream =
-                    open_serial(&path).map_err(|e| DaemonError::Serial(path.clone(), e))?;
+                let stream = open_serial(&path).map_err(|e| DaemonError::Serial(path.clone(), e))?;
                 tracing::info!(path = %path.display(), "serving virtio-serial port");
                 transports += 1;
                 let agent = agent.clone();
@@ -115,10 +107,7 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
                             },
                             _ = stop.changed() => break,
                         }
-                        if let Err(e) =
-                            serve_connection(agent.clone(), stream.clone(), prefix, stop.clone())
-                                .await
-                        {
+                        if let Err(e) = serve_connection(agent.clone(), stream.clone(), prefix, stop.clone()).await {
                             tracing::warn!(error = %e, "virtio-serial session ended");
                         }
                         if *stop.borrow() {
@@ -127,9 +116,7 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
                     }
                 });
             }
-            None if config.vsock_port == 0 => {
-                return Err(DaemonError::SerialMissing(config.serial_port.clone()))
-            }
+            None if config.vsock_port == 0 => return Err(DaemonError::SerialMissing(config.serial_port.clone())),
             None => {
                 tracing::warn!(name = %config.serial_port, "virtio-serial port not present; vsock only")
             }
@@ -139,9 +126,7 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
         return Err(DaemonError::NoTransport);
     }
 
-    agent.emit(vmplug_common::protocol::Event::AgentStarted {
-        version: env!("CARGO_PKG_VERSION").into(),
-    });
+    agent.emit(vmplug_common::protocol::Event::AgentStarted { version: env!("CARGO_PKG_VERSION").into() });
     crate::notify::notify("READY=1\nSTATUS=serving");
     if let Some(every) = crate::notify::watchdog_interval() {
         let mut stop = shutdown.clone();

@@ -29,9 +29,5 @@ pub fn agent_from_config(config: &Config) -> Arc<agent::Agent> {
         write_attempts: config.write_attempts.max(1),
         ..OnlinePolicy::default()
     };
-    agent::Agent::new(
-        Onliner::new(sysfs, policy, Box::new(KernelWriter)),
-        config.zone,
-        config.online_on_add,
-    )
+    agent::Agent::new(Onliner::new(sysfs, policy, Box::new(KernelWriter)), config.zone, config.online_on_add)
 }

@@ -9,11 +9,7 @@ use vmplug_common::protocol::ZonePolicy;
 use vmplug_guest::config::{Config, DEFAULT_CONFIG};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "vmplug-guest",
-    version,
-    about = "Onlines hot-plugged CPUs and memory and reports to the host"
-)]
+#[command(name = "vmplug-guest", version, about = "Onlines hot-plugged CPUs and memory and reports to the host")]
 struct Cli {
     /// Configuration file (default /etc/vmplug/guest.toml; absent means defaults).
     #[arg(long, global = true)]
@@ -79,21 +75,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut config = load(&cli)?;
     match &cli.command {
         None | Some(Command::Serve { .. }) => {
-            if let Some(Command::Serve {
-                vsock_port,
-                serial_port,
-                zone,
-            }) = &cli.command
-            {
+            if let Some(Command::Serve { vsock_port, serial_port, zone }) = &cli.command {
                 config.vsock_port = vsock_port.unwrap_or(config.vsock_port);
                 config.serial_port = serial_port.clone().unwrap_or(config.serial_port);
                 config.zone = zone.unwrap_or(config.zone);
             }
             init_tracing(&config.log);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async {
                 let agent = vmplug_guest::agent_from_config(&config);
                 vmplug_guest::daemon::run(agent, &config).await
@@ -103,23 +91,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Online { zone }) => {
             config.zone = zone.unwrap_or(config.zone);
             init_tracing(&config.log);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let report =
-                rt.block_on(vmplug_guest::agent_from_config(&config).online_everything())?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let report = rt.block_on(vmplug_guest::agent_from_config(&config).online_everything())?;
             println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(if report.failures() > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if report.failures() > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Some(Command::Status { json }) => {
             init_tracing(&config.log);
-            let info = vmplug_guest::agent_from_config(&config)
-                .info()
-                .context("reading the guest's state")?;
+            let info = vmplug_guest::agent_from_config(&config).info().context("reading the guest's state")?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -134,11 +113,7 @@ fn print_status(i: &vmplug_common::protocol::GuestInfo) {
     println!("kernel:            {}", i.kernel);
     println!("cpus possible:     {}", i.cpus.possible);
     println!("cpus present:      {}", i.cpus.present);
-    println!(
-        "cpus online:       {} ({})",
-        i.cpus.online,
-        i.cpus.online.len()
-    );
+    println!("cpus online:       {} ({})", i.cpus.online, i.cpus.online.len());
     match &i.memory {
         Some(m) => {
             println!("block size:        {}", m.block_size);
@@ -147,35 +122,23 @@ fn print_status(i: &vmplug_common::protocol::GuestInfo) {
             for (zone, n) in &m.zones {
                 println!("  zone {zone:<12} {n}");
             }
-            println!(
-                "auto_online:       {}",
-                m.auto_online_blocks.as_deref().unwrap_or("-")
-            );
+            println!("auto_online:       {}", m.auto_online_blocks.as_deref().unwrap_or("-"));
         }
         None => println!("memory hot-plug:   not supported by this kernel"),
     }
-    println!(
-        "acpi hotplug:      memory={:?} processor={:?}",
-        i.acpi_memory_hotplug, i.acpi_cpu_hotplug
-    );
+    println!("acpi hotplug:      memory={:?} processor={:?}", i.acpi_memory_hotplug, i.acpi_cpu_hotplug);
     println!("numa nodes:        {}", i.numa_nodes);
     println!("mem total/avail:   {} / {}", i.mem_total, i.mem_available);
-    println!(
-        "udev online rule:  {}",
-        if i.udev_online_rule {
-            "installed"
-        } else {
-            "none"
-        }
-    );
+    println!("udev online rule:  {}", if i.udev_online_rule { "installed" } else { "none" });
 }
 
 fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

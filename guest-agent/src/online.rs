@@ -46,27 +46,15 @@ pub struct OnlinePolicy {
 
 impl Default for OnlinePolicy {
     fn default() -> Self {
-        OnlinePolicy {
-            movable_ratio: 3.0,
-            write_attempts: 5,
-            retry_pause: Duration::from_millis(20),
-        }
+        OnlinePolicy { movable_ratio: 3.0, write_attempts: 5, retry_pause: Duration::from_millis(20) }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnlineError {
-    #[error(
-        "memory range at {start:#x} of {size} is not a whole number of blocks of {block_size}"
-    )]
-    Misaligned {
-        start: u64,
-        size: Bytes,
-        block_size: BlockSize,
-    },
-    #[error(
-        "memory hot-plug is not available in this guest kernel (no /sys/devices/system/memory)"
-    )]
+    #[error("memory range at {start:#x} of {size} is not a whole number of blocks of {block_size}")]
+    Misaligned { start: u64, size: Bytes, block_size: BlockSize },
+    #[error("memory hot-plug is not available in this guest kernel (no /sys/devices/system/memory)")]
     NoMemoryHotplug,
     #[error("request names {0} memory blocks, more than the limit of {MAX_REQUEST_BLOCKS}")]
     TooManyBlocks(u64),
@@ -81,11 +69,7 @@ pub fn blocks_of(ranges: &[MemRange], block_size: BlockSize) -> Result<Vec<u64>,
     let mut out = Vec::new();
     for r in ranges {
         if r.start % bs != 0 || r.size.get() % bs != 0 || r.size.get() == 0 {
-            return Err(OnlineError::Misaligned {
-                start: r.start,
-                size: r.size,
-                block_size,
-            });
+            return Err(OnlineError::Misaligned { start: r.start, size: r.size, block_size });
         }
         let n = r.size.get() / bs;
         total = total.saturating_add(n);
@@ -121,12 +105,7 @@ impl ZoneCounts {
 }
 
 /// The `state` value to write for an offline block under `policy`.
-pub fn choose_state(
-    policy: ZonePolicy,
-    valid_zones: &[String],
-    counts: ZoneCounts,
-    ratio: f64,
-) -> &'static str {
+pub fn choose_state(policy: ZonePolicy, valid_zones: &[String], counts: ZoneCounts, ratio: f64) -> &'static str {
     let may_move = valid_zones.iter().any(|z| z == "Movable");
     let may_kernel = valid_zones.is_empty() || valid_zones.iter().any(|z| z != "Movable");
     match policy {
@@ -145,10 +124,7 @@ pub fn choose_state(
 }
 
 fn errno_outcome(e: &io::Error) -> Outcome {
-    Outcome::Failed {
-        errno: e.raw_os_error().unwrap_or(0),
-        message: e.to_string(),
-    }
+    Outcome::Failed { errno: e.raw_os_error().unwrap_or(0), message: e.to_string() }
 }
 
 fn is_transient(e: &io::Error) -> bool {
@@ -165,11 +141,7 @@ pub struct Onliner {
 
 impl Onliner {
     pub fn new(sysfs: Sysfs, policy: OnlinePolicy, writer: Box<dyn AttrWriter>) -> Self {
-        Onliner {
-            sysfs,
-            policy,
-            writer,
-        }
+        Onliner { sysfs, policy, writer }
     }
 
     /// Writes with bounded retries on transient errors.
@@ -201,10 +173,7 @@ impl Onliner {
         }
         Ok(match self.sysfs.cpu(id)? {
             Some(c) if c.online => Outcome::Done,
-            Some(_) => Outcome::Failed {
-                errno: 0,
-                message: format!("cpu{id} still offline after the write"),
-            },
+            Some(_) => Outcome::Failed { errno: 0, message: format!("cpu{id} still offline after the write") },
             None => Outcome::NotFound,
         })
     }
@@ -217,20 +186,14 @@ impl Onliner {
             return Ok(Outcome::Already);
         }
         if !cpu.hotpluggable {
-            return Ok(Outcome::Failed {
-                errno: libc::EPERM,
-                message: format!("cpu{id} cannot be offlined"),
-            });
+            return Ok(Outcome::Failed { errno: libc::EPERM, message: format!("cpu{id} cannot be offlined") });
         }
         if let Err(e) = self.write(&self.sysfs.cpu_online_path(id), "0") {
             return Ok(errno_outcome(&e));
         }
         Ok(match self.sysfs.cpu(id)? {
             Some(c) if !c.online => Outcome::Done,
-            Some(_) => Outcome::Failed {
-                errno: 0,
-                message: format!("cpu{id} still online after the write"),
-            },
+            Some(_) => Outcome::Failed { errno: 0, message: format!("cpu{id} still online after the write") },
             None => Outcome::Done,
         })
     }
@@ -242,18 +205,12 @@ impl Onliner {
         zone: ZonePolicy,
         counts: &mut ZoneCounts,
     ) -> Result<BlockResult, SysfsError> {
-        let start = self
-            .sysfs
-            .block_size()?
-            .map(|b| b.get() * index)
-            .unwrap_or(0);
+        let start = self.sysfs.block_size()?.map(|b| b.get() * index).unwrap_or(0);
         let result = |block: Option<&Block>, outcome| BlockResult {
             index,
             start,
             node: block.and_then(|b| b.node),
-            zone: block
-                .filter(|b| b.online)
-                .and_then(|b| b.zones.first().cloned()),
+            zone: block.filter(|b| b.online).and_then(|b| b.zones.first().cloned()),
             outcome,
         };
         let Some(block) = self.sysfs.block(index)? else {
@@ -261,6 +218,10 @@ impl Onliner {
         };
         if block.online {
             return Ok(result(Some(&block), Outcome::Already));
+        }
+        if !block.ready {
+            // Still being registered by the kernel: not there yet for us.
+            return Ok(result(None, Outcome::NotFound));
         }
         let state = choose_state(zone, &block.zones, *counts, self.policy.movable_ratio);
         if let Err(e) = self.write(&self.sysfs.block_state_path(index), state) {
@@ -286,27 +247,11 @@ impl Onliner {
     }
 
     pub fn offline_block(&self, index: u64) -> Result<BlockResult, SysfsError> {
-        let start = self
-            .sysfs
-            .block_size()?
-            .map(|b| b.get() * index)
-            .unwrap_or(0);
-        let Some(block) = self.sysfs.block(index)? else {
-            return Ok(BlockResult {
-                index,
-                start,
-                node: None,
-                zone: None,
-                outcome: Outcome::Already,
-            });
+        let start = self.sysfs.block_size()?.map(|b| b.get() * index).unwrap_or(0);
+        let Some(block) = self.sysfs.block(index)?.filter(|b| b.ready) else {
+            return Ok(BlockResult { index, start, node: None, zone: None, outcome: Outcome::Already });
         };
-        let result = |outcome| BlockResult {
-            index,
-            start,
-            node: block.node,
-            zone: None,
-            outcome,
-        };
+        let result = |outcome| BlockResult { index, start, node: block.node, zone: None, outcome };
         if !block.online {
             return Ok(result(Outcome::Already));
         }
@@ -314,10 +259,9 @@ impl Onliner {
             return Ok(result(errno_outcome(&e)));
         }
         Ok(match self.sysfs.block(index)? {
-            Some(b) if b.online => result(Outcome::Failed {
-                errno: 0,
-                message: format!("memory{index} still online after the write"),
-            }),
+            Some(b) if b.online => {
+                result(Outcome::Failed { errno: 0, message: format!("memory{index} still online after the write") })
+            }
             _ => result(Outcome::Done),
         })
     }
@@ -347,35 +291,18 @@ impl Onliner {
             out.push(CpuResult { cpu: c.id, outcome });
         }
         let present: CpuSet = cpus.iter().map(|c| c.id).collect();
-        let possible = self
-            .sysfs
-            .cpu_facts()
-            .map(|f| f.possible)
-            .unwrap_or_default();
+        let possible = self.sysfs.cpu_facts().map(|f| f.possible).unwrap_or_default();
         let missing = possible.difference(&present);
-        for cpu in missing
-            .iter()
-            .take(target.saturating_sub(out.len() as u32) as usize)
-        {
-            out.push(CpuResult {
-                cpu,
-                outcome: Outcome::NotFound,
-            });
+        for cpu in missing.iter().take(target.saturating_sub(out.len() as u32) as usize) {
+            out.push(CpuResult { cpu, outcome: Outcome::NotFound });
         }
         Ok(out)
     }
 
     /// One pass over `blocks`, onlining every offline one.
-    pub fn block_pass(
-        &self,
-        blocks: &[u64],
-        zone: ZonePolicy,
-    ) -> Result<Vec<BlockResult>, SysfsError> {
+    pub fn block_pass(&self, blocks: &[u64], zone: ZonePolicy) -> Result<Vec<BlockResult>, SysfsError> {
         let mut counts = ZoneCounts::of(&self.sysfs.blocks()?);
-        blocks
-            .iter()
-            .map(|&i| self.online_block(i, zone, &mut counts))
-            .collect()
+        blocks.iter().map(|&i| self.online_block(i, zone, &mut counts)).collect()
     }
 
     /// Offlines the highest-numbered hot-pluggable CPUs until `target` are online.
@@ -397,24 +324,12 @@ impl Onliner {
     }
 
     /// Onlines everything offline right now: the guide's shell loop, done properly.
-    pub fn online_everything(
-        &self,
-        zone: ZonePolicy,
-    ) -> Result<(Vec<CpuResult>, Vec<BlockResult>), SysfsError> {
+    pub fn online_everything(&self, zone: ZonePolicy) -> Result<(Vec<CpuResult>, Vec<BlockResult>), SysfsError> {
         let mut cpus = Vec::new();
         for c in self.sysfs.cpus()?.into_iter().filter(|c| !c.online) {
-            cpus.push(CpuResult {
-                cpu: c.id,
-                outcome: self.online_cpu(c.id)?,
-            });
+            cpus.push(CpuResult { cpu: c.id, outcome: self.online_cpu(c.id)? });
         }
-        let offline: Vec<u64> = self
-            .sysfs
-            .blocks()?
-            .into_iter()
-            .filter(|b| !b.online)
-            .map(|b| b.index)
-            .collect();
+        let offline: Vec<u64> = self.sysfs.blocks()?.into_iter().filter(|b| !b.online).map(|b| b.index).collect();
         Ok((cpus, self.block_pass(&offline, zone)?))
     }
 
@@ -439,9 +354,7 @@ pub fn merge<K: Ord + Copy, T: Clone>(
     for item in new {
         let k = key(&item);
         match acc.get(&k) {
-            Some(old)
-                if matches!(outcome(old), Outcome::Done)
-                    && matches!(outcome(&item), Outcome::Already) => {}
+            Some(old) if matches!(outcome(old), Outcome::Done) && matches!(outcome(&item), Outcome::Already) => {}
             _ => {
                 acc.insert(k, item);
             }
@@ -458,10 +371,7 @@ mod tests {
     fn setup(possible: u32) -> (tempfile::TempDir, FakeKernel, Onliner) {
         let dir = tempfile::tempdir().expect("tempdir");
         let k = FakeKernel::new(dir.path(), possible);
-        let policy = OnlinePolicy {
-            retry_pause: Duration::from_millis(1),
-            ..OnlinePolicy::default()
-        };
+        let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
         let o = Onliner::new(k.sysfs(), policy, k.writer());
         (dir, k, o)
     }
@@ -469,10 +379,7 @@ mod tests {
     #[test]
     fn block_size_is_read_as_hex() {
         let (_d, _k, o) = setup(4);
-        assert_eq!(
-            o.sysfs.block_size().expect("readable").map(|b| b.get()),
-            Some(128 * MIB)
-        );
+        assert_eq!(o.sysfs.block_size().expect("readable").map(|b| b.get()), Some(128 * MIB));
     }
 
     #[test]
@@ -480,13 +387,7 @@ mod tests {
         let (_d, k, o) = setup(4);
         let cpu0 = o.sysfs.cpu(0).expect("readable").expect("present");
         assert!(cpu0.online && !cpu0.hotpluggable);
-        assert!(matches!(
-            o.offline_cpu(0).expect("readable"),
-            Outcome::Failed {
-                errno: libc::EPERM,
-                ..
-            }
-        ));
+        assert!(matches!(o.offline_cpu(0).expect("readable"), Outcome::Failed { errno: libc::EPERM, .. }));
         assert!(k.writes().is_empty(), "nothing written to cpu0");
     }
 
@@ -498,19 +399,9 @@ mod tests {
         k.add_cpu(3, false);
         let r = o.cpu_pass(3).expect("pass");
         let got: Vec<_> = r.iter().map(|c| (c.cpu, c.outcome.clone())).collect();
-        assert_eq!(
-            got,
-            vec![
-                (0, Outcome::Already),
-                (1, Outcome::Already),
-                (2, Outcome::Done)
-            ]
-        );
+        assert_eq!(got, vec![(0, Outcome::Already), (1, Outcome::Already), (2, Outcome::Done)]);
         assert_eq!(k.writes().len(), 1, "only cpu2 written");
-        assert_eq!(
-            o.sysfs.cpu_facts().expect("facts").online.to_string(),
-            "0-2"
-        );
+        assert_eq!(o.sysfs.cpu_facts().expect("facts").online.to_string(), "0-2");
         // Idempotent: the same target again writes nothing.
         let again = o.cpu_pass(3).expect("pass");
         assert!(again.iter().all(|c| c.outcome == Outcome::Already));
@@ -522,14 +413,7 @@ mod tests {
         let (_d, _k, o) = setup(4);
         let r = o.cpu_pass(3).expect("pass");
         let got: Vec<_> = r.iter().map(|c| (c.cpu, c.outcome.clone())).collect();
-        assert_eq!(
-            got,
-            vec![
-                (0, Outcome::Already),
-                (1, Outcome::NotFound),
-                (2, Outcome::NotFound)
-            ]
-        );
+        assert_eq!(got, vec![(0, Outcome::Already), (1, Outcome::NotFound), (2, Outcome::NotFound)]);
     }
 
     #[test]
@@ -538,16 +422,7 @@ mod tests {
         k.add_cpu(1, false);
         k.fail_writes(o.sysfs.cpu_online_path(1), &[libc::EBUSY; 10]);
         let outcome = o.online_cpu(1).expect("readable");
-        assert!(
-            matches!(
-                outcome,
-                Outcome::Failed {
-                    errno: libc::EBUSY,
-                    ..
-                }
-            ),
-            "{outcome:?}"
-        );
+        assert!(matches!(outcome, Outcome::Failed { errno: libc::EBUSY, .. }), "{outcome:?}");
         assert_eq!(k.writes().len(), 5, "write_attempts bounds the retries");
     }
 
@@ -566,13 +441,7 @@ mod tests {
         k.add_block(8, false, "Normal Movable", 0);
         k.fail_writes(o.sysfs.block_state_path(8), &[libc::EINVAL]);
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert!(matches!(
-            r[0].outcome,
-            Outcome::Failed {
-                errno: libc::EINVAL,
-                ..
-            }
-        ));
+        assert!(matches!(r[0].outcome, Outcome::Failed { errno: libc::EINVAL, .. }));
         assert_eq!(k.writes().len(), 1);
     }
 
@@ -591,10 +460,7 @@ mod tests {
         let (_d, k, o) = setup(2);
         k.add_block(8, false, "Normal", 0);
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert_eq!(
-            (r[0].outcome.clone(), r[0].zone.as_deref()),
-            (Outcome::Done, Some("Normal"))
-        );
+        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (Outcome::Done, Some("Normal")));
         assert_eq!(k.writes()[0].1, "online_kernel");
     }
 
@@ -606,17 +472,9 @@ mod tests {
         for i in 8..13 {
             k.add_block(i, false, "Normal Movable", 0);
         }
-        let r = o
-            .block_pass(&[8, 9, 10, 11, 12], ZonePolicy::Auto)
-            .expect("pass");
-        let zones: Vec<_> = r
-            .iter()
-            .map(|b| b.zone.clone().unwrap_or_default())
-            .collect();
-        assert_eq!(
-            zones,
-            vec!["Movable", "Movable", "Movable", "Normal", "Movable"]
-        );
+        let r = o.block_pass(&[8, 9, 10, 11, 12], ZonePolicy::Auto).expect("pass");
+        let zones: Vec<_> = r.iter().map(|b| b.zone.clone().unwrap_or_default()).collect();
+        assert_eq!(zones, vec!["Movable", "Movable", "Movable", "Normal", "Movable"]);
         assert!(r.iter().all(|b| b.outcome == Outcome::Done));
     }
 
@@ -647,37 +505,30 @@ mod tests {
     #[test]
     fn misaligned_ranges_name_both_numbers() {
         let bs = BlockSize::new(128 * MIB).expect("pow2");
-        let err = blocks_of(
-            &[MemRange {
-                start: 0x1_0000_0000,
-                size: Bytes(100 * MIB),
-            }],
-            bs,
-        )
-        .expect_err("misaligned");
+        let err = blocks_of(&[MemRange { start: 0x1_0000_0000, size: Bytes(100 * MIB) }], bs).expect_err("misaligned");
         let msg = err.to_string();
         assert!(msg.contains("100 MiB") && msg.contains("128 MiB"), "{msg}");
         assert_eq!(
-            blocks_of(
-                &[MemRange {
-                    start: 0x1_0000_0000,
-                    size: Bytes(256 * MIB)
-                }],
-                bs
-            )
-            .expect("aligned"),
+            blocks_of(&[MemRange { start: 0x1_0000_0000, size: Bytes(256 * MIB) }], bs).expect("aligned"),
             vec![32, 33]
         );
         assert!(matches!(
-            blocks_of(
-                &[MemRange {
-                    start: 0,
-                    size: Bytes(u64::MAX / 2 + 1)
-                }],
-                bs
-            ),
+            blocks_of(&[MemRange { start: 0, size: Bytes(u64::MAX / 2 + 1) }], bs),
             Err(OnlineError::TooManyBlocks(_)) | Err(OnlineError::Misaligned { .. })
         ));
+    }
+
+    #[test]
+    fn a_block_not_yet_under_its_node_is_left_alone() {
+        let (d, k, o) = setup(2);
+        k.add_block(8, false, "Normal Movable", 0);
+        std::fs::remove_dir(d.path().join("sys/devices/system/memory/memory8/node0")).expect("unlink node");
+        // valid_zones must not even be read: make reading it an error.
+        std::fs::remove_file(d.path().join("sys/devices/system/memory/memory8/valid_zones")).expect("rm");
+        std::fs::create_dir(d.path().join("sys/devices/system/memory/memory8/valid_zones")).expect("dir");
+        let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
+        assert_eq!(r[0].outcome, Outcome::NotFound);
+        assert!(k.writes().is_empty());
     }
 
     #[test]
@@ -688,10 +539,7 @@ mod tests {
         }
         let r = o.cpu_offline_pass(2).expect("pass");
         assert_eq!(r.iter().map(|c| c.cpu).collect::<Vec<_>>(), vec![3, 2]);
-        assert_eq!(
-            o.sysfs.cpu_facts().expect("facts").online.to_string(),
-            "0-1"
-        );
+        assert_eq!(o.sysfs.cpu_facts().expect("facts").online.to_string(), "0-1");
     }
 
     #[test]

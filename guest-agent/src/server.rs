@@ -13,20 +13,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use vmplug_common::frame::{write_frame, Decoded, FrameError, FrameReader, MAX_FRAME_BYTES};
 use vmplug_common::protocol::{
-    decode_request, DecodedRequest, Envelope, ErrorBody, ErrorCode, Request, Response,
-    PROTOCOL_VERSION,
+    decode_request, DecodedRequest, Envelope, ErrorBody, ErrorCode, Request, Response, PROTOCOL_VERSION,
 };
 
 use crate::agent::Agent;
 
 fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Envelope<Response> {
-    Envelope::new(
-        id,
-        Response::Error(ErrorBody {
-            code,
-            message: message.into(),
-        }),
-    )
+    Envelope::new(id, Response::Error(ErrorBody { code, message: message.into() }))
 }
 
 /// Serves one connection until the peer closes it or `shutdown` flips.
@@ -48,10 +41,7 @@ where
         }
         Ok::<_, FrameError>(())
     });
-    let mut reader = FrameReader::new(tokio::io::AsyncReadExt::chain(
-        std::io::Cursor::new(prefix),
-        rd,
-    ));
+    let mut reader = FrameReader::new(tokio::io::AsyncReadExt::chain(std::io::Cursor::new(prefix), rd));
     let busy = Arc::new(AtomicBool::new(false));
     let mut events: Option<tokio::task::JoinHandle<()>> = None;
     let result = loop {
@@ -62,8 +52,7 @@ where
         let frame = match item {
             Ok(Decoded::Frame(f)) => f,
             Ok(Decoded::TooLarge { len }) => {
-                let msg =
-                    format!("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes");
+                let msg = format!("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes");
                 tracing::warn!("{msg}");
                 let _ = tx.send(error(None, ErrorCode::FrameTooLarge, msg)).await;
                 continue;
@@ -84,10 +73,7 @@ where
                 .send(error(
                     id,
                     ErrorCode::Busy,
-                    format!(
-                        "'{}' refused: another request is still running on this connection",
-                        request.type_name()
-                    ),
+                    format!("'{}' refused: another request is still running on this connection", request.type_name()),
                 ))
                 .await;
             continue;
@@ -95,13 +81,14 @@ where
         let span = tracing::info_span!("request", id, kind = request.type_name());
         let _enter = span.enter();
         match request {
-            Request::Hello {
-                protocol,
-                host_agent,
-            } => {
+            Request::Hello { protocol, host_agent } => {
                 if protocol != PROTOCOL_VERSION {
                     let _ = tx
-                        .send(error(id, ErrorCode::VersionMismatch, format!("host speaks protocol {protocol}, this agent speaks {PROTOCOL_VERSION}")))
+                        .send(error(
+                            id,
+                            ErrorCode::VersionMismatch,
+                            format!("host speaks protocol {protocol}, this agent speaks {PROTOCOL_VERSION}"),
+                        ))
                         .await;
                     continue;
                 }
@@ -113,11 +100,7 @@ where
                         loop {
                             match sub.recv().await {
                                 Ok(ev) => {
-                                    if tx
-                                        .send(Envelope::new(None, Response::Event(ev)))
-                                        .await
-                                        .is_err()
-                                    {
+                                    if tx.send(Envelope::new(None, Response::Event(ev))).await.is_err() {
                                         break;
                                     }
                                 }
@@ -129,9 +112,7 @@ where
                         }
                     }));
                 }
-                let _ = tx
-                    .send(respond(id, agent.info().map(Response::GuestInfo)))
-                    .await;
+                let _ = tx.send(respond(id, agent.info().map(Response::GuestInfo))).await;
             }
             _ if events.is_none() => {
                 let _ = tx
@@ -143,14 +124,10 @@ where
                     .await;
             }
             Request::Info => {
-                let _ = tx
-                    .send(respond(id, agent.info().map(Response::GuestInfo)))
-                    .await;
+                let _ = tx.send(respond(id, agent.info().map(Response::GuestInfo))).await;
             }
             Request::Pressure => {
-                let _ = tx
-                    .send(respond(id, agent.pressure().map(Response::Pressure)))
-                    .await;
+                let _ = tx.send(respond(id, agent.pressure().map(Response::Pressure))).await;
             }
             Request::Blocks { memory } => {
                 let res = agent.blocks(&memory).map(|blocks| Response::Blocks { blocks });

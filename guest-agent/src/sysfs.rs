@@ -32,10 +32,7 @@ pub struct Sysfs {
 
 impl Default for Sysfs {
     fn default() -> Self {
-        Sysfs {
-            sys: PathBuf::from("/sys"),
-            proc: PathBuf::from("/proc"),
-        }
+        Sysfs { sys: PathBuf::from("/sys"), proc: PathBuf::from("/proc") }
     }
 }
 
@@ -51,6 +48,12 @@ pub struct Block {
     pub zones: Vec<String>,
     pub node: Option<u32>,
     pub removable: bool,
+    /// The kernel finished registering the block: it is linked under its NUMA
+    /// node (or the kernel has no NUMA). Until then neither `valid_zones` nor
+    /// `state` may be touched: Debian's 6.1 kernel dereferences the node of a
+    /// block that has none yet and oopses (seen on `valid_zones` right after the
+    /// `add` uevent).
+    pub ready: bool,
 }
 
 /// State of one CPU directory.
@@ -63,17 +66,11 @@ pub struct Cpu {
 }
 
 pub fn read_string(path: &Path) -> Result<String, SysfsError> {
-    fs::read_to_string(path).map_err(|source| SysfsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| SysfsError::Read { path: path.to_path_buf(), source })
 }
 
 fn parse_err(path: &Path, content: &str) -> SysfsError {
-    SysfsError::Parse {
-        path: path.to_path_buf(),
-        content: content.trim().to_string(),
-    }
+    SysfsError::Parse { path: path.to_path_buf(), content: content.trim().to_string() }
 }
 
 fn read_cpuset(path: &Path) -> Result<CpuSet, SysfsError> {
@@ -83,24 +80,16 @@ fn read_cpuset(path: &Path) -> Result<CpuSet, SysfsError> {
 
 /// Sorted numeric suffixes of the entries `prefixN` in `dir`.
 fn numbered_entries(dir: &Path, prefix: &str) -> Result<Vec<u64>, SysfsError> {
-    let rd = fs::read_dir(dir).map_err(|source| SysfsError::Read {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut ids: Vec<u64> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
-        .collect();
+    let rd = fs::read_dir(dir).map_err(|source| SysfsError::Read { path: dir.to_path_buf(), source })?;
+    let mut ids: Vec<u64> =
+        rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok()).collect();
     ids.sort_unstable();
     Ok(ids)
 }
 
 impl Sysfs {
     pub fn new(sys: impl Into<PathBuf>, proc: impl Into<PathBuf>) -> Self {
-        Sysfs {
-            sys: sys.into(),
-            proc: proc.into(),
-        }
+        Sysfs { sys: sys.into(), proc: proc.into() }
     }
 
     pub fn cpu_dir(&self) -> PathBuf {
@@ -133,11 +122,7 @@ impl Sysfs {
         let mut out = Vec::new();
         for id in numbered_entries(&self.cpu_dir(), "cpu")? {
             let Ok(id) = u32::try_from(id) else { continue };
-            out.push(self.cpu(id)?.unwrap_or(Cpu {
-                id,
-                online: false,
-                hotpluggable: false,
-            }));
+            out.push(self.cpu(id)?.unwrap_or(Cpu { id, online: false, hotpluggable: false }));
         }
         Ok(out)
     }
@@ -151,27 +136,12 @@ impl Sysfs {
         let online_path = dir.join("online");
         match fs::read_to_string(&online_path) {
             Ok(s) => match s.trim() {
-                "1" => Ok(Some(Cpu {
-                    id,
-                    online: true,
-                    hotpluggable: true,
-                })),
-                "0" => Ok(Some(Cpu {
-                    id,
-                    online: false,
-                    hotpluggable: true,
-                })),
+                "1" => Ok(Some(Cpu { id, online: true, hotpluggable: true })),
+                "0" => Ok(Some(Cpu { id, online: false, hotpluggable: true })),
                 _ => Err(parse_err(&online_path, &s)),
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Cpu {
-                id,
-                online: true,
-                hotpluggable: false,
-            })),
-            Err(source) => Err(SysfsError::Read {
-                path: online_path,
-                source,
-            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Cpu { id, online: true, hotpluggable: false })),
+            Err(source) => Err(SysfsError::Read { path: online_path, source }),
         }
     }
 
@@ -179,18 +149,14 @@ impl Sysfs {
     pub fn block_size(&self) -> Result<Option<BlockSize>, SysfsError> {
         let path = self.memory_dir().join("block_size_bytes");
         match fs::read_to_string(&path) {
-            Ok(s) => BlockSize::from_sysfs_hex(&s)
-                .map(Some)
-                .map_err(|source| SysfsError::BlockSize { path, source }),
+            Ok(s) => BlockSize::from_sysfs_hex(&s).map(Some).map_err(|source| SysfsError::BlockSize { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(SysfsError::Read { path, source }),
         }
     }
 
     pub fn auto_online_blocks(&self) -> Option<String> {
-        fs::read_to_string(self.memory_dir().join("auto_online_blocks"))
-            .ok()
-            .map(|s| s.trim().to_string())
+        fs::read_to_string(self.memory_dir().join("auto_online_blocks")).ok().map(|s| s.trim().to_string())
     }
 
     /// One memory block, `None` if absent.
@@ -199,25 +165,26 @@ impl Sysfs {
         if !dir.is_dir() {
             return Ok(None);
         }
-        let state = read_string(&dir.join("state"))?.trim().to_string();
-        let zones = fs::read_to_string(dir.join("valid_zones"))
-            .map(|s| s.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default();
-        let removable = fs::read_to_string(dir.join("removable"))
-            .map(|s| s.trim() == "1")
-            .unwrap_or(false);
         let node = fs::read_dir(&dir).ok().and_then(|rd| {
-            rd.filter_map(|e| e.ok())
-                .find_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
+            rd.filter_map(|e| e.ok()).find_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
         });
-        Ok(Some(Block {
-            index,
-            online: state == "online",
-            state,
-            zones,
-            node,
-            removable,
-        }))
+        let state = read_string(&dir.join("state"))?.trim().to_string();
+        let online = state == "online";
+        let ready = online || node.is_some() || !self.has_numa();
+        let zones = if ready {
+            fs::read_to_string(dir.join("valid_zones"))
+                .map(|s| s.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let removable = fs::read_to_string(dir.join("removable")).map(|s| s.trim() == "1").unwrap_or(false);
+        Ok(Some(Block { index, online, state, zones, node, removable, ready }))
+    }
+
+    /// Whether the kernel has NUMA (node directories).
+    pub fn has_numa(&self) -> bool {
+        self.sys.join("devices/system/node").is_dir()
     }
 
     /// Every memory block. Empty when there is no memory directory.
@@ -260,19 +227,13 @@ impl Sysfs {
 
     /// `/sys/firmware/acpi/hotplug/KIND/enabled`, `None` where absent.
     pub fn acpi_hotplug(&self, kind: &str) -> Option<bool> {
-        fs::read_to_string(
-            self.sys
-                .join("firmware/acpi/hotplug")
-                .join(kind)
-                .join("enabled"),
-        )
-        .ok()
-        .map(|s| s.trim() == "1")
+        fs::read_to_string(self.sys.join("firmware/acpi/hotplug").join(kind).join("enabled"))
+            .ok()
+            .map(|s| s.trim() == "1")
     }
 
     pub fn numa_nodes(&self) -> CpuSet {
-        read_cpuset(&self.sys.join("devices/system/node/online"))
-            .unwrap_or_else(|_| CpuSet::first_n(1))
+        read_cpuset(&self.sys.join("devices/system/node/online")).unwrap_or_else(|_| CpuSet::first_n(1))
     }
 
     /// `/dev/virtio-ports/NAME` equivalent found via `/sys/class/virtio-ports/*/name`:
@@ -337,12 +298,7 @@ pub fn parse_psi(s: &str) -> (Option<Psi>, Option<Psi>) {
     for line in s.lines() {
         let mut words = line.split_whitespace();
         let kind = words.next();
-        let mut psi = Psi {
-            avg10: 0.0,
-            avg60: 0.0,
-            avg300: 0.0,
-            total_us: 0,
-        };
+        let mut psi = Psi { avg10: 0.0, avg60: 0.0, avg300: 0.0, total_us: 0 };
         for w in words {
             match w.split_once('=') {
                 Some(("avg10", v)) => psi.avg10 = v.parse().unwrap_or(0.0),

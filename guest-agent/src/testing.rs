@@ -33,11 +33,7 @@ impl FakeKernel {
     /// A guest with `possible` CPUs possible, cpu0 present (no `online` file),
     /// 128 MiB blocks, no memory blocks yet.
     pub fn new(root: &Path, possible: u32) -> Self {
-        let k = FakeKernel {
-            root: root.to_path_buf(),
-            faults: Arc::default(),
-            writes: Arc::default(),
-        };
+        let k = FakeKernel { root: root.to_path_buf(), faults: Arc::default(), writes: Arc::default() };
         let cpu = k.sys().join("devices/system/cpu");
         put(&cpu.join("possible"), &format!("0-{}\n", possible - 1));
         fs::create_dir_all(cpu.join("cpu0")).expect("cpu0");
@@ -46,15 +42,19 @@ impl FakeKernel {
         put(&mem.join("block_size_bytes"), "8000000\n");
         put(&mem.join("auto_online_blocks"), "offline\n");
         put(&k.sys().join("devices/system/node/online"), "0\n");
+        fs::create_dir_all(k.sys().join("devices/system/node/node0")).expect("node0");
         put(&k.sys().join("firmware/acpi/hotplug/memory/enabled"), "1\n");
-        put(
-            &k.sys().join("firmware/acpi/hotplug/processor/enabled"),
-            "1\n",
-        );
+        put(&k.sys().join("firmware/acpi/hotplug/processor/enabled"), "1\n");
         put(&k.proc().join("meminfo"), "MemTotal:        1000000 kB\nMemFree:          800000 kB\nMemAvailable:     900000 kB\nHugepagesize:       2048 kB\n");
         put(&k.proc().join("loadavg"), "0.50 0.25 0.10 1/80 1234\n");
-        put(&k.proc().join("pressure/cpu"), "some avg10=1.50 avg60=0.50 avg300=0.10 total=12345\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n");
-        put(&k.proc().join("pressure/memory"), "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n");
+        put(
+            &k.proc().join("pressure/cpu"),
+            "some avg10=1.50 avg60=0.50 avg300=0.10 total=12345\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+        );
+        put(
+            &k.proc().join("pressure/memory"),
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+        );
         put(&k.proc().join("sys/kernel/osrelease"), "6.1.0-fake\n");
         k
     }
@@ -82,34 +82,19 @@ impl FakeKernel {
 
     /// The next `errnos.len()` writes to `path` fail with these errnos.
     pub fn fail_writes(&self, path: PathBuf, errnos: &[i32]) {
-        self.faults
-            .lock()
-            .expect("lock")
-            .entry(path)
-            .or_default()
-            .extend(errnos);
+        self.faults.lock().expect("lock").entry(path).or_default().extend(errnos);
     }
 
     /// Hot-plugs `cpuN` (`online` file present, offline unless `online`).
     pub fn add_cpu(&self, id: u32, online: bool) {
-        put(
-            &self
-                .sys()
-                .join(format!("devices/system/cpu/cpu{id}/online")),
-            if online { "1\n" } else { "0\n" },
-        );
+        put(&self.sys().join(format!("devices/system/cpu/cpu{id}/online")), if online { "1\n" } else { "0\n" });
         self.sync_cpu_lists();
     }
 
     /// Hot-plugs `memoryN` on `node` with the given `valid_zones`.
     pub fn add_block(&self, index: u64, online: bool, zones: &str, node: u32) {
-        let dir = self
-            .sys()
-            .join(format!("devices/system/memory/memory{index}"));
-        put(
-            &dir.join("state"),
-            if online { "online\n" } else { "offline\n" },
-        );
+        let dir = self.sys().join(format!("devices/system/memory/memory{index}"));
+        put(&dir.join("state"), if online { "online\n" } else { "offline\n" });
         put(&dir.join("valid_zones"), &format!("{zones}\n"));
         put(&dir.join("phys_index"), &format!("{index:08x}\n"));
         put(&dir.join("removable"), "1\n");
@@ -129,26 +114,14 @@ impl FakeKernel {
 
 impl AttrWriter for FakeKernel {
     fn write(&self, path: &Path, value: &str) -> io::Result<()> {
-        self.writes
-            .lock()
-            .expect("lock")
-            .push((path.to_path_buf(), value.to_string()));
-        if let Some(errno) = self
-            .faults
-            .lock()
-            .expect("lock")
-            .get_mut(path)
-            .and_then(|q| q.pop_front())
-        {
+        self.writes.lock().expect("lock").push((path.to_path_buf(), value.to_string()));
+        if let Some(errno) = self.faults.lock().expect("lock").get_mut(path).and_then(|q| q.pop_front()) {
             return Err(io::Error::from_raw_os_error(errno));
         }
         if !path.exists() {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         match (name, value) {
             ("online", "1" | "0") => {
                 fs::write(path, format!("{value}\n"))?;
@@ -160,11 +133,7 @@ impl AttrWriter for FakeKernel {
                 let zone = match v {
                     "online_movable" => "Movable".to_string(),
                     "online_kernel" => "Normal".to_string(),
-                    _ => zones
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("Normal")
-                        .to_string(),
+                    _ => zones.split_whitespace().next().unwrap_or("Normal").to_string(),
                 };
                 if !zones.split_whitespace().any(|z| z == zone) {
                     return Err(io::Error::from_raw_os_error(libc::EINVAL));

@@ -6,8 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
-    accept4, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
-    VsockAddr,
+    accept4, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
 };
 use tokio::io::unix::AsyncFd;
 pub use vmplug_common::fdstream::{register, FdStream};
@@ -24,18 +23,11 @@ pub struct VsockListener {
 
 impl VsockListener {
     pub fn bind(port: u32) -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
+        let fd =
+            socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
         bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
         listen(&fd, Backlog::new(16).map_err(io::Error::from)?)?;
-        Ok(VsockListener {
-            fd: register(fd)?,
-            port,
-        })
+        Ok(VsockListener { fd: register(fd)?, port })
     }
 
     /// Accepts the next connection from the host. Connections from any other CID
@@ -44,11 +36,7 @@ impl VsockListener {
         loop {
             let mut guard = self.fd.readable().await?;
             let res = guard.try_io(|fd| {
-                accept4(
-                    fd.as_raw_fd(),
-                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                )
-                .map_err(io::Error::from)
+                accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK).map_err(io::Error::from)
             });
             let raw = match res {
                 Err(_would_block) => continue,
@@ -59,11 +47,7 @@ impl VsockListener {
             let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
             let peer: VsockAddr = getpeername(fd.as_raw_fd())?;
             if peer.cid() != HOST_CID {
-                tracing::warn!(
-                    cid = peer.cid(),
-                    port = peer.port(),
-                    "refused vsock connection not from the host"
-                );
+                tracing::warn!(cid = peer.cid(), port = peer.port(), "refused vsock connection not from the host");
                 continue;
             }
             return FdStream::new(fd);

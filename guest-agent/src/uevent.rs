@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
-    bind, recvfrom, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag,
-    SockProtocol, SockType,
+    bind, recvfrom, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -46,11 +45,7 @@ impl Uevent {
         let name = self.devpath.rsplit('/').next()?;
         match self.subsystem.as_str() {
             "cpu" => name.strip_prefix("cpu")?.parse().ok().map(Resource::Cpu),
-            "memory" => name
-                .strip_prefix("memory")?
-                .parse()
-                .ok()
-                .map(Resource::MemoryBlock),
+            "memory" => name.strip_prefix("memory")?.parse().ok().map(Resource::MemoryBlock),
             _ => None,
         }
     }
@@ -92,19 +87,10 @@ pub fn parse(buf: &[u8]) -> Result<Uevent, UeventError> {
         Some(_) => Action::Other,
         None => return Err(UeventError::Missing("ACTION")),
     };
-    let devpath = env
-        .get("DEVPATH")
-        .cloned()
-        .ok_or(UeventError::Missing("DEVPATH"))?;
+    let devpath = env.get("DEVPATH").cloned().ok_or(UeventError::Missing("DEVPATH"))?;
     let subsystem = env.get("SUBSYSTEM").cloned().unwrap_or_default();
     let seqnum = env.get("SEQNUM").and_then(|s| s.parse().ok());
-    Ok(Uevent {
-        action,
-        devpath,
-        subsystem,
-        seqnum,
-        env,
-    })
+    Ok(Uevent { action, devpath, subsystem, seqnum, env })
 }
 
 /// A bound kernel uevent socket.
@@ -126,10 +112,7 @@ impl UeventSocket {
         // handled (a rescan covers what was lost).
         let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1))?;
-        Ok(UeventSocket {
-            fd: crate::transport::register(fd)?,
-            buf: vec![0u8; UEVENT_BUFFER].into_boxed_slice(),
-        })
+        Ok(UeventSocket { fd: crate::transport::register(fd)?, buf: vec![0u8; UEVENT_BUFFER].into_boxed_slice() })
     }
 
     /// The next kernel uevent. `Ok(None)` means events were lost (ENOBUFS) or a
@@ -137,9 +120,8 @@ impl UeventSocket {
     pub async fn next(&mut self) -> std::io::Result<Option<Uevent>> {
         loop {
             let mut guard = self.fd.readable().await?;
-            let res = guard.try_io(|fd| {
-                recvfrom::<NetlinkAddr>(fd.as_raw_fd(), &mut self.buf).map_err(std::io::Error::from)
-            });
+            let res =
+                guard.try_io(|fd| recvfrom::<NetlinkAddr>(fd.as_raw_fd(), &mut self.buf).map_err(std::io::Error::from));
             match res {
                 Err(_would_block) => continue,
                 Ok(Ok((n, from))) => {
@@ -164,10 +146,7 @@ mod tests {
     use super::*;
 
     fn payload(parts: &[&str]) -> Vec<u8> {
-        parts
-            .iter()
-            .flat_map(|p| p.bytes().chain(std::iter::once(0)))
-            .collect()
+        parts.iter().flat_map(|p| p.bytes().chain(std::iter::once(0))).collect()
     }
 
     #[test]
@@ -187,11 +166,7 @@ mod tests {
 
     #[test]
     fn memory_add_online_offline() {
-        for (action, want) in [
-            ("add", Action::Add),
-            ("online", Action::Online),
-            ("offline", Action::Offline),
-        ] {
+        for (action, want) in [("add", Action::Add), ("online", Action::Online), ("offline", Action::Offline)] {
             let ev = parse(&payload(&[
                 &format!("{action}@/devices/system/memory/memory40"),
                 &format!("ACTION={action}"),
@@ -215,10 +190,7 @@ mod tests {
             "SEQNUM=12",
         ]))
         .expect("parses");
-        assert_eq!(
-            (ev.action, ev.resource()),
-            (Action::Online, Some(Resource::Cpu(3)))
-        );
+        assert_eq!((ev.action, ev.resource()), (Action::Online, Some(Resource::Cpu(3))));
         let other = parse(&payload(&[
             "add@/devices/virtual/block/loop0",
             "ACTION=add",
@@ -231,15 +203,9 @@ mod tests {
 
     #[test]
     fn rejects_udev_and_garbage() {
-        assert_eq!(
-            parse(b"libudev\0\xfe\xed\xca\xfe"),
-            Err(UeventError::FromUdev)
-        );
+        assert_eq!(parse(b"libudev\0\xfe\xed\xca\xfe"), Err(UeventError::FromUdev));
         assert!(matches!(parse(b"garbage"), Err(UeventError::NoHeader(_))));
-        assert_eq!(
-            parse(&payload(&["add@/x", "DEVPATH=/x"])),
-            Err(UeventError::Missing("ACTION"))
-        );
+        assert_eq!(parse(&payload(&["add@/x", "DEVPATH=/x"])), Err(UeventError::Missing("ACTION")));
         assert_eq!(parse(b""), Err(UeventError::NoHeader(String::new())));
     }
 

@@ -28,9 +28,7 @@ impl Link {
 
     async fn send(&mut self, req: Request) -> u64 {
         self.next_id += 1;
-        write_frame(&mut self.writer, &Envelope::new(Some(self.next_id), req))
-            .await
-            .expect("send");
+        write_frame(&mut self.writer, &Envelope::new(Some(self.next_id), req)).await.expect("send");
         self.next_id
     }
 
@@ -41,9 +39,7 @@ impl Link {
                 .await
                 .expect("agent answered within 10 s")
                 .expect("frame");
-            let Decoded::Frame(f) = item else {
-                panic!("oversized frame from agent")
-            };
+            let Decoded::Frame(f) = item else { panic!("oversized frame from agent") };
             let env: Envelope<Response> = serde_json::from_slice(&f).expect("valid response");
             if !matches!(env.body, Response::Event(_)) {
                 return env;
@@ -59,13 +55,7 @@ impl Link {
     }
 
     async fn hello(&mut self) -> GuestInfo {
-        match self
-            .call(Request::Hello {
-                protocol: PROTOCOL_VERSION,
-                host_agent: "test".into(),
-            })
-            .await
-        {
+        match self.call(Request::Hello { protocol: PROTOCOL_VERSION, host_agent: "test".into() }).await {
             Response::GuestInfo(i) => i,
             other => panic!("expected guest info, got {other:?}"),
         }
@@ -75,30 +65,13 @@ impl Link {
 fn start(possible: u32) -> (tempfile::TempDir, FakeKernel, Arc<Agent>, Link) {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = FakeKernel::new(dir.path(), possible);
-    let policy = OnlinePolicy {
-        retry_pause: Duration::from_millis(1),
-        ..OnlinePolicy::default()
-    };
-    let agent = Agent::new(
-        Onliner::new(kernel.sysfs(), policy, kernel.writer()),
-        ZonePolicy::Auto,
-        false,
-    );
+    let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
+    let agent = Agent::new(Onliner::new(kernel.sysfs(), policy, kernel.writer()), ZonePolicy::Auto, false);
     let (host, guest) = tokio::io::duplex(1 << 20);
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(serve_connection(agent.clone(), guest, Vec::new(), stop));
     let (r, w) = tokio::io::split(host);
-    (
-        dir,
-        kernel,
-        agent,
-        Link {
-            reader: FrameReader::new(r),
-            writer: w,
-            next_id: 0,
-            _stop: stop_tx,
-        },
-    )
+    (dir, kernel, agent, Link { reader: FrameReader::new(r), writer: w, next_id: 0, _stop: stop_tx })
 }
 
 fn error_code(r: &Response) -> ErrorCode {
@@ -131,10 +104,7 @@ async fn online_waits_for_devices_that_appear_after_the_request() {
     let id = link
         .send(Request::Online(OnlineRequest {
             cpus: Some(3),
-            memory: vec![MemRange {
-                start: 32 * 128 * MIB,
-                size: Bytes(256 * MIB),
-            }],
+            memory: vec![MemRange { start: 32 * 128 * MIB, size: Bytes(256 * MIB) }],
             zone: ZonePolicy::Auto,
             timeout_ms: 10_000,
         }))
@@ -147,19 +117,11 @@ async fn online_waits_for_devices_that_appear_after_the_request() {
     agent.notify_changed(); // what a uevent does
     let env = link.recv().await;
     assert_eq!(env.id, Some(id));
-    let Response::Report(r) = env.body else {
-        panic!("expected report, got {:?}", env.body)
-    };
+    let Response::Report(r) = env.body else { panic!("expected report, got {:?}", env.body) };
     assert!(r.complete && !r.timed_out, "{r:?}");
     assert_eq!(r.cpus_online.to_string(), "0-2");
-    assert_eq!(
-        r.blocks.iter().map(|b| b.index).collect::<Vec<_>>(),
-        vec![32, 33]
-    );
-    assert!(r
-        .blocks
-        .iter()
-        .all(|b| b.outcome == Outcome::Done && b.node == Some(0)));
+    assert_eq!(r.blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![32, 33]);
+    assert!(r.blocks.iter().all(|b| b.outcome == Outcome::Done && b.node == Some(0)));
     assert_eq!(r.memory_online, Bytes(256 * MIB));
 }
 
@@ -168,21 +130,11 @@ async fn online_times_out_with_an_explicit_report() {
     let (_d, _k, _a, mut link) = start(4);
     link.hello().await;
     let r = link
-        .call(Request::Online(OnlineRequest {
-            cpus: Some(2),
-            memory: vec![],
-            zone: ZonePolicy::Auto,
-            timeout_ms: 300,
-        }))
+        .call(Request::Online(OnlineRequest { cpus: Some(2), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 300 }))
         .await;
-    let Response::Report(r) = r else {
-        panic!("expected report, got {r:?}")
-    };
+    let Response::Report(r) = r else { panic!("expected report, got {r:?}") };
     assert!(r.timed_out && !r.complete);
-    assert_eq!(
-        r.cpus.last().map(|c| (c.cpu, c.outcome.clone())),
-        Some((1, Outcome::NotFound))
-    );
+    assert_eq!(r.cpus.last().map(|c| (c.cpu, c.outcome.clone())), Some((1, Outcome::NotFound)));
 }
 
 #[tokio::test]
@@ -192,43 +144,24 @@ async fn misaligned_memory_is_refused_naming_both_sizes() {
     let r = link
         .call(Request::Online(OnlineRequest {
             cpus: None,
-            memory: vec![MemRange {
-                start: 4 << 30,
-                size: Bytes(100 * MIB),
-            }],
+            memory: vec![MemRange { start: 4 << 30, size: Bytes(100 * MIB) }],
             zone: ZonePolicy::Auto,
             timeout_ms: 1000,
         }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::Misaligned);
-    let Response::Error(e) = r else {
-        unreachable!()
-    };
-    assert!(
-        e.message.contains("100 MiB") && e.message.contains("128 MiB"),
-        "{}",
-        e.message
-    );
+    let Response::Error(e) = r else { unreachable!() };
+    assert!(e.message.contains("100 MiB") && e.message.contains("128 MiB"), "{}", e.message);
 }
 
 #[tokio::test]
 async fn hot_plug_before_hello_is_refused() {
     let (_d, _k, _a, mut link) = start(2);
     let r = link
-        .call(Request::Online(OnlineRequest {
-            cpus: Some(1),
-            memory: vec![],
-            zone: ZonePolicy::Auto,
-            timeout_ms: 100,
-        }))
+        .call(Request::Online(OnlineRequest { cpus: Some(1), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 100 }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::HandshakeRequired);
-    let r = link
-        .call(Request::Hello {
-            protocol: 99,
-            host_agent: "future".into(),
-        })
-        .await;
+    let r = link.call(Request::Hello { protocol: 99, host_agent: "future".into() }).await;
     assert_eq!(error_code(&r), ErrorCode::VersionMismatch);
 }
 
@@ -237,33 +170,17 @@ async fn bad_frames_get_specific_errors_and_the_connection_survives() {
     let (_d, _k, _a, mut link) = start(2);
     link.send_raw(b"{not json\n").await;
     assert_eq!(error_code(&link.recv().await.body), ErrorCode::Malformed);
-    link.send_raw(b"{\"v\":1,\"id\":5,\"body\":{\"type\":\"reboot\"}}\n")
-        .await;
+    link.send_raw(b"{\"v\":1,\"id\":5,\"body\":{\"type\":\"reboot\"}}\n").await;
     let env = link.recv().await;
-    assert_eq!(
-        (env.id, error_code(&env.body)),
-        (Some(5), ErrorCode::UnknownRequest)
-    );
-    link.send_raw(b"{\"v\":7,\"id\":6,\"body\":{\"type\":\"info\"}}\n")
-        .await;
-    assert_eq!(
-        error_code(&link.recv().await.body),
-        ErrorCode::VersionMismatch
-    );
+    assert_eq!((env.id, error_code(&env.body)), (Some(5), ErrorCode::UnknownRequest));
+    link.send_raw(b"{\"v\":7,\"id\":6,\"body\":{\"type\":\"info\"}}\n").await;
+    assert_eq!(error_code(&link.recv().await.body), ErrorCode::VersionMismatch);
     let mut big = vec![b'x'; MAX_FRAME_BYTES + 10];
     big.push(b'\n');
     link.send_raw(&big).await;
-    assert_eq!(
-        error_code(&link.recv().await.body),
-        ErrorCode::FrameTooLarge
-    );
+    assert_eq!(error_code(&link.recv().await.body), ErrorCode::FrameTooLarge);
     let r = link
-        .call(Request::Online(OnlineRequest {
-            cpus: Some(1),
-            memory: vec![],
-            zone: ZonePolicy::Auto,
-            timeout_ms: 0,
-        }))
+        .call(Request::Online(OnlineRequest { cpus: Some(1), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 0 }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::HandshakeRequired);
     // Still serving.
@@ -275,12 +192,7 @@ async fn a_second_request_while_one_runs_is_busy() {
     let (_d, _k, _a, mut link) = start(4);
     link.hello().await;
     let first = link
-        .send(Request::Online(OnlineRequest {
-            cpus: Some(3),
-            memory: vec![],
-            zone: ZonePolicy::Auto,
-            timeout_ms: 500,
-        }))
+        .send(Request::Online(OnlineRequest { cpus: Some(3), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 500 }))
         .await;
     let second = link.send(Request::Pressure).await;
     let a = link.recv().await;
@@ -303,20 +215,8 @@ async fn bounds_on_timeouts_and_ranges() {
         }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::Invalid);
-    let ranges = vec![
-        MemRange {
-            start: 0,
-            size: Bytes(128 * MIB)
-        };
-        MAX_RANGES + 1
-    ];
-    let r = link
-        .call(Request::Offline(OfflineRequest {
-            cpus: None,
-            memory: ranges,
-            timeout_ms: 100,
-        }))
-        .await;
+    let ranges = vec![MemRange { start: 0, size: Bytes(128 * MIB) }; MAX_RANGES + 1];
+    let r = link.call(Request::Offline(OfflineRequest { cpus: None, memory: ranges, timeout_ms: 100 })).await;
     assert_eq!(error_code(&r), ErrorCode::Invalid);
 }
 
@@ -324,9 +224,7 @@ async fn bounds_on_timeouts_and_ranges() {
 async fn pressure_reads_psi_meminfo_and_load() {
     let (_d, _k, _a, mut link) = start(2);
     link.hello().await;
-    let Response::Pressure(p) = link.call(Request::Pressure).await else {
-        panic!("expected pressure")
-    };
+    let Response::Pressure(p) = link.call(Request::Pressure).await else { panic!("expected pressure") };
     assert_eq!(p.cpu_some.map(|s| s.avg10), Some(1.5));
     assert_eq!(p.mem_available, Bytes(900_000 * 1024));
     assert_eq!(p.load1, 0.5);
@@ -339,13 +237,8 @@ async fn events_flow_after_hello() {
     link.hello().await;
     k.add_cpu(1, false);
     agent.emit(Event::CpuAdded { cpu: 1 });
-    let item = tokio::time::timeout(Duration::from_secs(5), link.reader.next())
-        .await
-        .expect("event")
-        .expect("frame");
-    let Decoded::Frame(f) = item else {
-        panic!("oversized")
-    };
+    let item = tokio::time::timeout(Duration::from_secs(5), link.reader.next()).await.expect("event").expect("frame");
+    let Decoded::Frame(f) = item else { panic!("oversized") };
     let env: Envelope<Response> = serde_json::from_slice(&f).expect("json");
     assert_eq!(env.id, None);
     assert_eq!(env.body, Response::Event(Event::CpuAdded { cpu: 1 }));

@@ -1,1 +1,13 @@
+//! vmplug, the host orchestrator: every operation of the guide through libvirt,
+//! each constraint checked before acting, and a closed loop with the guest agent.
 
+pub mod cli;
+pub mod domain;
+pub mod libvirt;
+pub mod link;
+pub mod ops;
+pub mod planner;
+pub mod preflight;
+pub mod report;
+pub mod tune;
+pub mod xml;

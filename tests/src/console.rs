@@ -27,17 +27,10 @@ impl Console {
                 Err(e) => panic!("console {}: {e}", path.display()),
             }
         };
-        stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        let mut c = Console {
-            stream,
-            seq: 0,
-            transcript: String::new(),
-        };
+        stream.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        let mut c = Console { stream, seq: 0, transcript: String::new() };
         // No echo of what we type; quiet kernel messages on this console.
-        c.exec("stty -echo; dmesg -n 1", timeout)
-            .expect("console shell answers");
+        c.exec("stty -echo; dmesg -n 1", timeout).expect("console shell answers");
         c
     }
 
@@ -47,9 +40,7 @@ impl Console {
         let n = self.seq;
         // The markers are assembled by the shell, so the typed text never matches.
         let line = format!("echo \"@@B\"\"EGIN-{n}@@\"; {cmd}; echo \"@@E\"\"ND-{n} $?@@\"\n");
-        self.stream
-            .write_all(line.as_bytes())
-            .map_err(|e| format!("console write: {e}"))?;
+        self.stream.write_all(line.as_bytes()).map_err(|e| format!("console write: {e}"))?;
         let begin = format!("@@BEGIN-{n}@@");
         let end_tag = format!("@@END-{n} ");
         let deadline = Instant::now() + timeout;
@@ -58,18 +49,13 @@ impl Console {
         loop {
             if let (Some(b), Some(e)) = (buf.find(&begin), buf.find(&end_tag)) {
                 if let Some(close) = buf[e + end_tag.len()..].find("@@") {
-                    let status: i32 = buf[e + end_tag.len()..e + end_tag.len() + close]
-                        .trim()
-                        .parse()
-                        .unwrap_or(-1);
+                    let status: i32 = buf[e + end_tag.len()..e + end_tag.len() + close].trim().parse().unwrap_or(-1);
                     let out = buf[b + begin.len()..e].replace('\r', "").trim().to_string();
                     return Ok((status, out));
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "no answer to `{cmd}` within {timeout:?}; read: {buf}"
-                ));
+                return Err(format!("no answer to `{cmd}` within {timeout:?}; read: {buf}"));
             }
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err("console closed".into()),
@@ -78,11 +64,7 @@ impl Console {
                     buf.push_str(&s);
                     self.transcript.push_str(&s);
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(e) => return Err(format!("console read: {e}")),
             }
         }

@@ -27,47 +27,29 @@ impl Env {
     pub fn get() -> &'static Env {
         static ENV: OnceLock<Env> = OnceLock::new();
         ENV.get_or_init(|| {
-            let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("repo root")
-                .to_path_buf();
-            let cache = std::env::var_os("VMPLUG_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/var/tmp/vmplug-cache".into());
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
+            let cache =
+                std::env::var_os("VMPLUG_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-cache".into());
             let setup = "run `make test` (or scripts/setup-host.sh) first";
             let kdir = cache.join("kernel");
             let kernel = std::fs::read_dir(kdir.join("boot"))
                 .ok()
                 .and_then(|rd| {
-                    rd.flatten().map(|e| e.path()).find(|p| {
-                        p.file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-                    })
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
                 })
                 .unwrap_or_else(|| panic!("no guest kernel under {}: {setup}", kdir.display()));
-            let release = kernel
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .trim_start_matches("vmlinuz-")
-                .to_string();
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo.join("target"));
-            let work = std::env::var_os("VMPLUG_E2E_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
+            let release =
+                kernel.file_name().expect("name").to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+            let work =
+                std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
             std::fs::create_dir_all(&work).expect("create e2e work dir");
             Env {
-                modules: must_exist(
-                    kdir.join("lib/modules").join(&release).join("kernel"),
-                    setup,
-                ),
+                modules: must_exist(kdir.join("lib/modules").join(&release).join("kernel"), setup),
                 kernel,
-                vmplug: must_exist(
-                    target.join("debug/vmplug"),
-                    "build it: cargo build -p vmplug",
-                ),
+                vmplug: must_exist(target.join("debug/vmplug"), "build it: cargo build -p vmplug"),
                 guest_agent: must_exist(
                     target.join("x86_64-unknown-linux-gnu/release/vmplug-guest"),
                     "build the static agent: make guest-agent",

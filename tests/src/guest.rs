@@ -72,16 +72,8 @@ impl GuestSpec {
         let mut cells = String::new();
         for (i, mib) in self.cells_mib.iter().enumerate() {
             let i = i as u32;
-            let last = if i + 1 == ncells {
-                self.max_vcpus - 1
-            } else {
-                (i + 1) * per_cell - 1
-            };
-            let _ = write!(
-                cells,
-                "<cell id='{i}' cpus='{}-{last}' memory='{mib}' unit='MiB'/>",
-                i * per_cell
-            );
+            let last = if i + 1 == ncells { self.max_vcpus - 1 } else { (i + 1) * per_cell - 1 };
+            let _ = write!(cells, "<cell id='{i}' cpus='{}-{last}' memory='{mib}' unit='MiB'/>", i * per_cell);
         }
         let d = dir.display();
         let (backing, vsock) = match self.transport {
@@ -157,10 +149,7 @@ struct Slots {
     freed: Condvar,
 }
 
-static SLOTS: Slots = Slots {
-    used: Mutex::new(0),
-    freed: Condvar::new(),
-};
+static SLOTS: Slots = Slots { used: Mutex::new(0), freed: Condvar::new() };
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn take_slot() {
@@ -202,15 +191,7 @@ impl Guest {
         let daemon = Libvirtd::start(env, &dir);
         let initrd = initramfs(env);
         let xml = spec.domain_xml(&name, &dir, &env.kernel, &initrd);
-        let mut guest = Guest {
-            name,
-            dir,
-            spec,
-            daemon,
-            console: None,
-            vsock_backend: None,
-            xml,
-        };
+        let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml };
         if guest.spec.transport == Transport::Vsock {
             guest.start_vsock_backend(3 + n);
         }
@@ -239,10 +220,7 @@ impl Guest {
         fs::write(self.dir.join("vhost-vsock.pid"), child.id().to_string()).expect("pid");
         let end = Instant::now() + Duration::from_secs(10);
         while !self.dir.join("vhu.sock").exists() {
-            assert!(
-                Instant::now() < end,
-                "vhost-device-vsock did not create its socket"
-            );
+            assert!(Instant::now() < end, "vhost-device-vsock did not create its socket");
             std::thread::sleep(Duration::from_millis(20));
         }
         self.vsock_backend = Some(child);
@@ -255,20 +233,14 @@ impl Guest {
         self.daemon.virsh_ok(&["start", &self.name]);
         let log = self.dir.join("console.log");
         let end = Instant::now() + BOOT_TIMEOUT;
-        while !fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(READY_MARKER)
-        {
+        while !fs::read_to_string(&log).unwrap_or_default().contains(READY_MARKER) {
             if Instant::now() > end {
                 self.dump_logs();
                 panic!("guest {} did not boot within {BOOT_TIMEOUT:?}", self.name);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.console = Some(Console::connect(
-            &self.dir.join("console.sock"),
-            EXEC_TIMEOUT,
-        ));
+        self.console = Some(Console::connect(&self.dir.join("console.sock"), EXEC_TIMEOUT));
     }
 
     /// Destroys the running domain (its definition stays).
@@ -279,12 +251,7 @@ impl Guest {
 
     /// Runs a shell command in the guest; panics (with logs) on timeout.
     pub fn sh(&mut self, cmd: &str) -> String {
-        match self
-            .console
-            .as_mut()
-            .expect("guest running")
-            .exec(cmd, EXEC_TIMEOUT)
-        {
+        match self.console.as_mut().expect("guest running").exec(cmd, EXEC_TIMEOUT) {
             Ok((_, out)) => out,
             Err(e) => {
                 self.dump_logs();
@@ -325,11 +292,7 @@ impl Guest {
     /// The QEMU process of the running domain.
     pub fn qemu_pid(&self) -> i32 {
         let pidfile = self.dir.join(format!("lib/qemu/{}.pid", self.name));
-        let pidfile = if pidfile.exists() {
-            pidfile
-        } else {
-            self.dir.join(format!("run/qemu/{}.pid", self.name))
-        };
+        let pidfile = if pidfile.exists() { pidfile } else { self.dir.join(format!("run/qemu/{}.pid", self.name)) };
         fs::read_to_string(&pidfile)
             .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
             .trim()
@@ -349,10 +312,7 @@ impl Guest {
             }
         }
         let qemu_log = self.dir.join(format!("log/qemu/{}.log", self.name));
-        eprintln!(
-            "===== qemu log =====\n{}",
-            fs::read_to_string(qemu_log).unwrap_or_default()
-        );
+        eprintln!("===== qemu log =====\n{}", fs::read_to_string(qemu_log).unwrap_or_default());
         eprintln!("===== libvirtd log (tail) =====");
         let log = self.daemon.log();
         let lines: Vec<_> = log.lines().collect();

@@ -62,18 +62,12 @@ fn hash_file(p: &Path) -> String {
 
 /// The initramfs for the current agent binary (rebuilt when it changes).
 pub fn initramfs(env: &Env) -> PathBuf {
-    let key = format!(
-        "{}-{:x}",
-        hash_file(&env.guest_agent),
-        INIT.len() + MODULES.len()
-    );
+    let key = format!("{}-{:x}", hash_file(&env.guest_agent), INIT.len() + MODULES.len());
     let out = env.cache.join(format!("initramfs-{key}.cpio.gz"));
     if out.exists() {
         return out;
     }
-    let tmp = env
-        .cache
-        .join(format!("initramfs-build-{}", std::process::id()));
+    let tmp = env.cache.join(format!("initramfs-build-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     for d in ["bin", "lib/modules", "sbin", "usr/bin", "usr/sbin"] {
         fs::create_dir_all(tmp.join(d)).expect("mkdir");
@@ -82,16 +76,9 @@ pub fn initramfs(env: &Env) -> PathBuf {
     fs::copy(&env.guest_agent, tmp.join("bin/vmplug-guest")).expect("copy agent");
     let mut order = String::new();
     for m in MODULES {
-        let name = Path::new(m)
-            .file_name()
-            .expect("module name")
-            .to_string_lossy()
-            .to_string();
-        fs::copy(
-            env.modules.join(format!("{m}.ko")),
-            tmp.join(format!("lib/modules/{name}.ko")),
-        )
-        .unwrap_or_else(|e| panic!("module {m}: {e}"));
+        let name = Path::new(m).file_name().expect("module name").to_string_lossy().to_string();
+        fs::copy(env.modules.join(format!("{m}.ko")), tmp.join(format!("lib/modules/{name}.ko")))
+            .unwrap_or_else(|e| panic!("module {m}: {e}"));
         order.push_str(&name);
         order.push('\n');
     }
@@ -101,11 +88,7 @@ pub fn initramfs(env: &Env) -> PathBuf {
     let partial = out.with_extension("partial");
     let status = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
-            tmp.display(),
-            partial.display()
-        ))
+        .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", tmp.display(), partial.display()))
         .status()
         .expect("run cpio");
     assert!(status.success(), "building the initramfs failed");

@@ -56,23 +56,12 @@ pub fn reap_stale(env: &Env) {
         if alive(owner) {
             continue;
         }
-        eprintln!(
-            "e2e: reaping leftovers of dead test process {owner} in {}",
-            dir.display()
-        );
-        let _ = Command::new("virsh")
-            .args(["-c", &uri_for(&dir), "list", "--name"])
-            .output()
-            .map(|o| {
-                for name in String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .filter(|l| !l.is_empty())
-                {
-                    let _ = Command::new("virsh")
-                        .args(["-c", &uri_for(&dir), "destroy", name])
-                        .output();
-                }
-            });
+        eprintln!("e2e: reaping leftovers of dead test process {owner} in {}", dir.display());
+        let _ = Command::new("virsh").args(["-c", &uri_for(&dir), "list", "--name"]).output().map(|o| {
+            for name in String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.is_empty()) {
+                let _ = Command::new("virsh").args(["-c", &uri_for(&dir), "destroy", name]).output();
+            }
+        });
         for pidfile in ["vhost-vsock.pid", "libvirtd.pid", "virtlogd.pid"] {
             if let Some(pid) = read_pid(&dir.join(pidfile)).filter(|&p| alive(p)) {
                 stop_pid(pid, Duration::from_secs(5));
@@ -100,10 +89,8 @@ impl Libvirtd {
         // A copy of the stock configuration, without autostarted networks (no
         // bridge on the host), QEMU run as root (sockets in our work dir), and
         // logs kept in the work dir.
-        let status = Command::new("cp")
-            .args(["-a", "/etc/libvirt/.", &dir.join("etc").to_string_lossy()])
-            .status()
-            .expect("cp");
+        let status =
+            Command::new("cp").args(["-a", "/etc/libvirt/.", &dir.join("etc").to_string_lossy()]).status().expect("cp");
         assert!(status.success(), "copying /etc/libvirt failed");
         let _ = fs::remove_dir_all(dir.join("etc/qemu/networks"));
         let _ = fs::remove_dir_all(dir.join("etc/hooks"));
@@ -129,16 +116,8 @@ impl Libvirtd {
             .args(["-m", "--propagation", "private", "sh", "-c", &script])
             .output()
             .expect("unshare");
-        assert!(
-            out.status.success(),
-            "starting libvirtd failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let daemon = Libvirtd {
-            dir: dir.to_path_buf(),
-            uri: uri_for(dir),
-            stopped: false,
-        };
+        assert!(out.status.success(), "starting libvirtd failed: {}", String::from_utf8_lossy(&out.stderr));
+        let daemon = Libvirtd { dir: dir.to_path_buf(), uri: uri_for(dir), stopped: false };
         let end = Instant::now() + DAEMON_READY_TIMEOUT;
         loop {
             let o = daemon.virsh(&["version"]);
@@ -157,23 +136,13 @@ impl Libvirtd {
     }
 
     pub fn virsh(&self, args: &[&str]) -> Output {
-        Command::new("virsh")
-            .arg("-c")
-            .arg(&self.uri)
-            .args(args)
-            .output()
-            .expect("run virsh")
+        Command::new("virsh").arg("-c").arg(&self.uri).args(args).output().expect("run virsh")
     }
 
     /// Runs virsh and returns stdout, panicking with stderr on failure.
     pub fn virsh_ok(&self, args: &[&str]) -> String {
         let o = self.virsh(args);
-        assert!(
-            o.status.success(),
-            "virsh {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "virsh {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -187,14 +156,8 @@ impl Libvirtd {
             return;
         }
         self.stopped = true;
-        if let Ok(o) = Command::new("virsh")
-            .args(["-c", &self.uri, "list", "--name"])
-            .output()
-        {
-            for name in String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-            {
+        if let Ok(o) = Command::new("virsh").args(["-c", &self.uri, "list", "--name"]).output() {
+            for name in String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.trim().is_empty()) {
                 let _ = self.virsh(&["destroy", name.trim()]);
             }
         }

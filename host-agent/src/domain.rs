@@ -1,0 +1,158 @@
+//! The hypervisor boundary: exactly the verbs vmplug uses, behind two narrow
+//! traits. `libvirt` implements them on the `virt` crate; `fake` in memory for
+//! unit tests. Raw libvirt flags and cpumaps never leave this module.
+
+use vmplug_common::CpuSet;
+
+/// Where a change applies, as virsh's `--live`, `--config`, `--current`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affect {
+    /// The running domain (`--live`).
+    Live,
+    /// The persistent definition (`--config`).
+    Config,
+    /// Both (`--live --config`).
+    Both,
+    /// Live if running, else config (`--current`, virsh's default).
+    Current,
+}
+
+impl Affect {
+    /// From virsh-style flags.
+    pub fn from_flags(live: bool, config: bool, current: bool) -> Result<Affect, DomainError> {
+        match (live, config, current) {
+            (_, _, true) if live || config => {
+                Err(DomainError::Usage("--current is exclusive with --live and --config".into()))
+            }
+            (true, true, _) => Ok(Affect::Both),
+            (true, false, _) => Ok(Affect::Live),
+            (false, true, _) => Ok(Affect::Config),
+            (false, false, _) => Ok(Affect::Current),
+        }
+    }
+
+    /// Resolves `Current` against the domain's state.
+    pub fn resolve(self, running: bool) -> Affect {
+        match self {
+            Affect::Current if running => Affect::Live,
+            Affect::Current => Affect::Config,
+            a => a,
+        }
+    }
+
+    pub fn live(self) -> bool {
+        matches!(self, Affect::Live | Affect::Both)
+    }
+
+    pub fn config(self) -> bool {
+        matches!(self, Affect::Config | Affect::Both)
+    }
+}
+
+/// Scheduler parameters of the guide's `virsh schedinfo` listing.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct SchedParams {
+    pub scheduler: String,
+    pub cpu_shares: Option<u64>,
+    pub vcpu_period: Option<u64>,
+    pub vcpu_quota: Option<i64>,
+    pub emulator_period: Option<u64>,
+    pub emulator_quota: Option<i64>,
+    pub global_period: Option<u64>,
+    pub global_quota: Option<i64>,
+    pub iothread_period: Option<u64>,
+    pub iothread_quota: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaMode {
+    Strict,
+    Preferred,
+    Interleave,
+    Restrictive,
+}
+
+impl NumaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NumaMode::Strict => "strict",
+            NumaMode::Preferred => "preferred",
+            NumaMode::Interleave => "interleave",
+            NumaMode::Restrictive => "restrictive",
+        }
+    }
+}
+
+impl std::str::FromStr for NumaMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(NumaMode::Strict),
+            "preferred" => Ok(NumaMode::Preferred),
+            "interleave" => Ok(NumaMode::Interleave),
+            "restrictive" => Ok(NumaMode::Restrictive),
+            o => Err(format!("unknown numatune mode '{o}' (strict, preferred, interleave, restrictive)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct NumaParams {
+    pub mode: Option<NumaMode>,
+    pub nodeset: Option<CpuSet>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain '{0}' not found")]
+    NotFound(String),
+    #[error("domain '{0}' is not running")]
+    NotRunning(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot connect to {uri}: {message}")]
+    Connect { uri: String, message: String },
+    #[error("libvirt: {op} on '{domain}' failed: {message}")]
+    Libvirt { domain: String, op: &'static str, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Which XML to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XmlView {
+    Live,
+    Inactive,
+}
+
+/// A libvirt connection: host facts and domain lookup.
+pub trait Connection: Send + Sync + std::fmt::Debug {
+    fn uri(&self) -> String;
+    fn capabilities(&self) -> Result<String, DomainError>;
+    /// Domain capabilities for an emulator/arch/machine/virt type.
+    fn domain_capabilities(&self, arch: &str, machine: &str, virt_type: &str) -> Result<String, DomainError>;
+    /// Free bytes on each host NUMA node.
+    fn cells_free_memory(&self, nodes: u32) -> Result<Vec<u64>, DomainError>;
+    fn lookup(&self, name: &str) -> Result<std::sync::Arc<dyn Domain>, DomainError>;
+    fn list_domains(&self) -> Result<Vec<String>, DomainError>;
+}
+
+/// One domain.
+pub trait Domain: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &str;
+    fn is_active(&self) -> Result<bool, DomainError>;
+    fn xml(&self, view: XmlView) -> Result<String, DomainError>;
+    /// A migration, save or snapshot job is running.
+    fn job_running(&self) -> Result<bool, DomainError>;
+    fn set_vcpus(&self, count: u32, affect: Affect) -> Result<(), DomainError>;
+    fn attach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError>;
+    fn detach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError>;
+    fn scheduler(&self, affect: Affect) -> Result<SchedParams, DomainError>;
+    fn set_scheduler(&self, params: &SchedParams, affect: Affect) -> Result<(), DomainError>;
+    fn pin_emulator(&self, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError>;
+    fn pin_vcpu(&self, vcpu: u32, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError>;
+    fn numa(&self, affect: Affect) -> Result<NumaParams, DomainError>;
+    fn set_numa(&self, params: &NumaParams, affect: Affect) -> Result<(), DomainError>;
+}

@@ -1,0 +1,189 @@
+//! `Connection`/`Domain` on libvirt through the `virt` crate. Every call blocks:
+//! callers on the async runtime go through `spawn_blocking`.
+
+use std::sync::Arc;
+
+use virt::connect::Connect;
+use virt::domain::{SchedBandwidth, SchedulerInfo};
+use virt::sys;
+use vmplug_common::CpuSet;
+
+use crate::domain::{Affect, Connection, Domain, DomainError, NumaMode, NumaParams, SchedParams, XmlView};
+
+fn impact(a: Affect) -> u32 {
+    match a {
+        Affect::Live => sys::VIR_DOMAIN_AFFECT_LIVE,
+        Affect::Config => sys::VIR_DOMAIN_AFFECT_CONFIG,
+        Affect::Both => sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG,
+        Affect::Current => sys::VIR_DOMAIN_AFFECT_CURRENT,
+    }
+}
+
+#[derive(Debug)]
+pub struct LibvirtConnection {
+    conn: Connect,
+    uri: String,
+}
+
+impl LibvirtConnection {
+    /// Opens `uri` (None: `LIBVIRT_DEFAULT_URI`, else libvirt's default), as virsh does.
+    pub fn open(uri: Option<&str>) -> Result<Self, DomainError> {
+        let conn = Connect::open(uri).map_err(|e| DomainError::Connect {
+            uri: uri.unwrap_or("(default)").to_string(),
+            message: e.message().to_string(),
+        })?;
+        let uri = conn.uri().unwrap_or_else(|_| uri.unwrap_or_default().to_string());
+        Ok(LibvirtConnection { conn, uri })
+    }
+}
+
+impl Connection for LibvirtConnection {
+    fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    fn capabilities(&self) -> Result<String, DomainError> {
+        self.conn.capabilities().map_err(|e| DomainError::Other(format!("capabilities: {}", e.message())))
+    }
+
+    fn domain_capabilities(&self, arch: &str, machine: &str, virt_type: &str) -> Result<String, DomainError> {
+        self.conn
+            .domain_capabilities(None, Some(arch), Some(machine), Some(virt_type), 0)
+            .map_err(|e| DomainError::Other(format!("domain capabilities: {}", e.message())))
+    }
+
+    fn cells_free_memory(&self, nodes: u32) -> Result<Vec<u64>, DomainError> {
+        self.conn
+            .cells_free_memory(0, nodes as i32)
+            .map_err(|e| DomainError::Other(format!("free memory per node: {}", e.message())))
+    }
+
+    fn lookup(&self, name: &str) -> Result<Arc<dyn Domain>, DomainError> {
+        let dom = self.conn.lookup_domain_by_name(name).map_err(|_| DomainError::NotFound(name.to_string()))?;
+        Ok(Arc::new(LibvirtDomain { dom, name: name.to_string() }))
+    }
+
+    fn list_domains(&self) -> Result<Vec<String>, DomainError> {
+        let doms =
+            self.conn.list_all_domains(0).map_err(|e| DomainError::Other(format!("list domains: {}", e.message())))?;
+        Ok(doms.iter().filter_map(|d| d.name().ok()).collect())
+    }
+}
+
+#[derive(Debug)]
+pub struct LibvirtDomain {
+    dom: virt::domain::Domain,
+    name: String,
+}
+
+impl LibvirtDomain {
+    fn err(&self, op: &'static str) -> impl Fn(virt::error::Error) -> DomainError + '_ {
+        move |e| DomainError::Libvirt { domain: self.name.clone(), op, message: e.message().to_string() }
+    }
+}
+
+impl Domain for LibvirtDomain {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn is_active(&self) -> Result<bool, DomainError> {
+        self.dom.is_active().map_err(self.err("is-active"))
+    }
+
+    fn xml(&self, view: XmlView) -> Result<String, DomainError> {
+        let flags = match view {
+            XmlView::Live => 0,
+            XmlView::Inactive => sys::VIR_DOMAIN_XML_INACTIVE,
+        };
+        self.dom.xml_desc(flags).map_err(self.err("dumpxml"))
+    }
+
+    fn job_running(&self) -> Result<bool, DomainError> {
+        if !self.is_active()? {
+            return Ok(false);
+        }
+        // job_info, not job_stats: virt 0.5's job_stats builds a Vec from a null
+        // pointer when libvirt returns no parameters (no job).
+        let stats = self.dom.job_info().map_err(self.err("domjobinfo"))?;
+        Ok(stats.r#type != sys::VIR_DOMAIN_JOB_NONE as i32)
+    }
+
+    fn set_vcpus(&self, count: u32, affect: Affect) -> Result<(), DomainError> {
+        self.dom.set_vcpus_flags(count, impact(affect)).map_err(self.err("setvcpus"))
+    }
+
+    fn attach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        self.dom.attach_device_flags(xml, impact(affect)).map_err(self.err("attach-device"))
+    }
+
+    fn detach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        self.dom.detach_device_flags(xml, impact(affect)).map_err(self.err("detach-device"))
+    }
+
+    fn scheduler(&self, affect: Affect) -> Result<SchedParams, DomainError> {
+        let s = self.dom.scheduler_parameters_flags(impact(affect)).map_err(self.err("schedinfo"))?;
+        Ok(SchedParams {
+            scheduler: s.scheduler_type,
+            cpu_shares: s.cpu_shares,
+            vcpu_period: s.vcpu_bw.period,
+            vcpu_quota: s.vcpu_bw.quota,
+            emulator_period: s.emulator_bw.period,
+            emulator_quota: s.emulator_bw.quota,
+            global_period: s.global_bw.period,
+            global_quota: s.global_bw.quota,
+            iothread_period: s.iothread_bw.period,
+            iothread_quota: s.iothread_bw.quota,
+        })
+    }
+
+    fn set_scheduler(&self, p: &SchedParams, affect: Affect) -> Result<(), DomainError> {
+        let info = SchedulerInfo {
+            scheduler_type: p.scheduler.clone(),
+            cpu_shares: p.cpu_shares,
+            vcpu_bw: SchedBandwidth { period: p.vcpu_period, quota: p.vcpu_quota },
+            emulator_bw: SchedBandwidth { period: p.emulator_period, quota: p.emulator_quota },
+            global_bw: SchedBandwidth { period: p.global_period, quota: p.global_quota },
+            iothread_bw: SchedBandwidth { period: p.iothread_period, quota: p.iothread_quota },
+            ..Default::default()
+        };
+        self.dom.set_scheduler_parameters_flags(&info, impact(affect)).map_err(self.err("schedinfo"))
+    }
+
+    fn pin_emulator(&self, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError> {
+        let map = cpus.to_cpumap(host_cpus).map_err(|e| DomainError::Usage(e.to_string()))?;
+        self.dom.pin_emulator(&map, impact(affect)).map_err(self.err("emulatorpin"))
+    }
+
+    fn pin_vcpu(&self, vcpu: u32, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError> {
+        let map = cpus.to_cpumap(host_cpus).map_err(|e| DomainError::Usage(e.to_string()))?;
+        self.dom.pin_vcpu_flags(vcpu, &map, impact(affect)).map_err(self.err("vcpupin"))
+    }
+
+    fn numa(&self, affect: Affect) -> Result<NumaParams, DomainError> {
+        let p = self.dom.numa_parameters(impact(affect)).map_err(self.err("numatune"))?;
+        Ok(NumaParams {
+            mode: p.mode.and_then(|m| match m as u32 {
+                sys::VIR_DOMAIN_NUMATUNE_MEM_STRICT => Some(NumaMode::Strict),
+                sys::VIR_DOMAIN_NUMATUNE_MEM_PREFERRED => Some(NumaMode::Preferred),
+                sys::VIR_DOMAIN_NUMATUNE_MEM_INTERLEAVE => Some(NumaMode::Interleave),
+                sys::VIR_DOMAIN_NUMATUNE_MEM_RESTRICTIVE => Some(NumaMode::Restrictive),
+                _ => None,
+            }),
+            nodeset: p.node_set.filter(|s| !s.is_empty()).and_then(|s| s.parse().ok()),
+        })
+    }
+
+    fn set_numa(&self, p: &NumaParams, affect: Affect) -> Result<(), DomainError> {
+        let params = virt::domain::NUMAParameters {
+            node_set: p.nodeset.as_ref().map(|s| s.to_string()),
+            mode: p.mode.map(|m| match m {
+                NumaMode::Strict => sys::VIR_DOMAIN_NUMATUNE_MEM_STRICT as i32,
+                NumaMode::Preferred => sys::VIR_DOMAIN_NUMATUNE_MEM_PREFERRED as i32,
+                NumaMode::Interleave => sys::VIR_DOMAIN_NUMATUNE_MEM_INTERLEAVE as i32,
+                NumaMode::Restrictive => sys::VIR_DOMAIN_NUMATUNE_MEM_RESTRICTIVE as i32,
+            }),
+        };
+        self.dom.set_numa_parameters(params, impact(affect)).map_err(self.err("numatune"))
+    }
+}

@@ -1,0 +1,305 @@
+//! The host end of the guest link: AF_VSOCK, hybrid vsock (a Unix socket and
+//! `CONNECT <port>`), or virtio-serial (the channel's Unix socket). Bounded retry
+//! until the handshake succeeds; every read bounded; every byte from the guest
+//! treated as untrusted (bounded frames, ids matched, values validated by type).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
+use vmplug_common::frame::{write_frame, Decoded, FrameError, FrameReader};
+use vmplug_common::protocol::*;
+
+use crate::xml::{AgentHint, DomainFacts};
+
+/// How often a refused or unanswered connection is retried while waiting.
+pub const CONNECT_RETRY: Duration = Duration::from_millis(250);
+/// How long one connection attempt may take to answer `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Extra time the host grants beyond the guest's own deadline before giving up.
+pub const REPLY_SLACK: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAddr {
+    Vsock { cid: u32, port: u32 },
+    Hybrid { path: PathBuf, port: u32 },
+    Serial { path: PathBuf },
+}
+
+impl std::fmt::Display for AgentAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            AgentAddr::Hybrid { path, port } => write!(f, "hybrid:{}:{port}", path.display()),
+            AgentAddr::Serial { path } => write!(f, "serial:{}", path.display()),
+        }
+    }
+}
+
+impl FromStr for AgentAddr {
+    type Err = String;
+    /// `vsock:CID:PORT`, `hybrid:PATH:PORT`, `serial:PATH`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("agent address '{s}' is not vsock:CID:PORT, hybrid:PATH:PORT or serial:PATH");
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "vsock" => {
+                let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+                Ok(AgentAddr::Vsock { cid: cid.parse().map_err(|_| bad())?, port: port.parse().map_err(|_| bad())? })
+            }
+            "hybrid" => {
+                let (path, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+                Ok(AgentAddr::Hybrid { path: path.into(), port: port.parse().map_err(|_| bad())? })
+            }
+            "serial" if !rest.is_empty() => Ok(AgentAddr::Serial { path: rest.into() }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Where the agent of this domain listens: vmplug metadata, else the
+/// virtio-serial channel named `org.vmplug.guest.0`, else a `<vsock>` device.
+pub fn discover(facts: &DomainFacts) -> Option<AgentAddr> {
+    match &facts.agent_hint {
+        Some(AgentHint::Hybrid { path, port }) => return Some(AgentAddr::Hybrid { path: path.into(), port: *port }),
+        Some(AgentHint::Vsock { cid, port }) => return Some(AgentAddr::Vsock { cid: *cid, port: *port }),
+        Some(AgentHint::Serial { path }) => return Some(AgentAddr::Serial { path: path.into() }),
+        None => {}
+    }
+    if let Some(path) = facts.channels.get(DEFAULT_SERIAL_NAME) {
+        return Some(AgentAddr::Serial { path: path.into() });
+    }
+    facts.vsock_cid.map(|cid| AgentAddr::Vsock { cid, port: DEFAULT_VSOCK_PORT })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no guest agent address: the domain has no vmplug metadata, no '{DEFAULT_SERIAL_NAME}' channel and no <vsock>; pass --agent")]
+    NoAddress,
+    #[error("guest agent at {addr} did not complete a handshake within {waited:?} (last error: {last})")]
+    Unreachable { addr: String, waited: Duration, last: String },
+    #[error("hybrid vsock backend refused CONNECT {port}: '{reply}'")]
+    HybridRefused { port: u32, reply: String },
+    #[error("guest agent speaks protocol {0}, this host speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("guest agent did not answer '{0}' within {1:?}")]
+    Timeout(&'static str, Duration),
+    #[error("guest agent answered '{request}' with {code:?}: {message}")]
+    Guest { request: &'static str, code: ErrorCode, message: String },
+    #[error("guest agent sent an unexpected answer to '{0}'")]
+    Unexpected(&'static str),
+    #[error("guest link")]
+    Frame(#[from] FrameError),
+    #[error("guest link i/o")]
+    Io(#[from] std::io::Error),
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A connected, handshaken link.
+pub struct GuestLink {
+    reader: FrameReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
+    writer: tokio::io::WriteHalf<Box<dyn Stream>>,
+    next_id: u64,
+    pub addr: AgentAddr,
+    pub info: GuestInfo,
+    /// Unsolicited events seen while waiting for answers.
+    pub events: Vec<Event>,
+}
+
+impl std::fmt::Debug for GuestLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestLink").field("addr", &self.addr).field("next_id", &self.next_id).finish()
+    }
+}
+
+async fn open(addr: &AgentAddr) -> Result<Box<dyn Stream>, LinkError> {
+    match addr {
+        AgentAddr::Serial { path } => Ok(Box::new(tokio::net::UnixStream::connect(path).await?)),
+        AgentAddr::Hybrid { path, port } => {
+            let mut s = tokio::net::UnixStream::connect(path).await?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+            // The reply line is short; read it byte by byte so no frame byte is consumed.
+            let mut reply = Vec::new();
+            loop {
+                let b = s.read_u8().await?;
+                if b == b'\n' || reply.len() > 64 {
+                    break;
+                }
+                reply.push(b);
+            }
+            let reply = String::from_utf8_lossy(&reply).into_owned();
+            if !reply.starts_with("OK ") {
+                return Err(LinkError::HybridRefused { port: *port, reply });
+            }
+            Ok(Box::new(s))
+        }
+        AgentAddr::Vsock { cid, port } => Ok(Box::new(vmplug_common::fdstream::connect_vsock(*cid, *port).await?)),
+    }
+}
+
+/// Request ids start from the clock so a stale answer of an earlier session
+/// (virtio-serial keeps one byte stream) never matches.
+fn first_id() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1) << 8
+}
+
+impl GuestLink {
+    /// Connects and handshakes, retrying until `wait` has passed.
+    pub async fn connect(addr: &AgentAddr, wait: Duration) -> Result<GuestLink, LinkError> {
+        let started = Instant::now();
+        let deadline = started + wait;
+        let mut last;
+        loop {
+            match timeout(HELLO_TIMEOUT, Self::try_connect(addr)).await {
+                Ok(Ok(link)) => return Ok(link),
+                Ok(Err(e @ LinkError::Version(_))) => return Err(e),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer to hello within {HELLO_TIMEOUT:?}"),
+            }
+            if Instant::now() + CONNECT_RETRY >= deadline {
+                return Err(LinkError::Unreachable { addr: addr.to_string(), waited: started.elapsed(), last });
+            }
+            tracing::debug!(%addr, %last, "agent not ready, retrying");
+            tokio::time::sleep(CONNECT_RETRY).await;
+        }
+    }
+
+    async fn try_connect(addr: &AgentAddr) -> Result<GuestLink, LinkError> {
+        let stream = open(addr).await?;
+        let (r, w) = tokio::io::split(stream);
+        let mut link = GuestLink {
+            reader: FrameReader::new(r),
+            writer: w,
+            next_id: first_id(),
+            addr: addr.clone(),
+            info: placeholder_info(),
+            events: Vec::new(),
+        };
+        let hello =
+            Request::Hello { protocol: PROTOCOL_VERSION, host_agent: format!("vmplug {}", env!("CARGO_PKG_VERSION")) };
+        match link.call(hello, HELLO_TIMEOUT).await? {
+            Response::GuestInfo(info) => {
+                if info.protocol != PROTOCOL_VERSION {
+                    return Err(LinkError::Version(info.protocol));
+                }
+                link.info = info;
+                Ok(link)
+            }
+            _ => Err(LinkError::Unexpected("hello")),
+        }
+    }
+
+    /// Sends a request and waits (bounded) for the answer with its id.
+    pub async fn call(&mut self, req: Request, wait: Duration) -> Result<Response, LinkError> {
+        let kind = req.type_name();
+        self.next_id += 1;
+        let id = self.next_id;
+        write_frame(&mut self.writer, &Envelope::new(Some(id), req)).await?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.reader.next())
+                .await
+                .map_err(|_| LinkError::Timeout(kind, wait))??;
+            let Decoded::Frame(frame) = item else {
+                tracing::warn!("guest sent an oversized frame; dropped");
+                continue;
+            };
+            let env: Envelope<Response> = match serde_json::from_slice(&frame) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "guest sent an invalid frame; dropped");
+                    continue;
+                }
+            };
+            match (env.id, env.body) {
+                (None, Response::Event(ev)) => {
+                    tracing::debug!(?ev, "guest event");
+                    if self.events.len() < 1024 {
+                        self.events.push(ev);
+                    }
+                }
+                (Some(i), Response::Error(e)) if i == id => {
+                    return Err(LinkError::Guest { request: kind, code: e.code, message: e.message });
+                }
+                (Some(i), body) if i == id => return Ok(body),
+                (other, _) => tracing::debug!(id = ?other, "stale answer ignored"),
+            }
+        }
+    }
+
+    pub async fn info(&mut self) -> Result<GuestInfo, LinkError> {
+        match self.call(Request::Info, HELLO_TIMEOUT).await? {
+            Response::GuestInfo(i) => Ok(i),
+            _ => Err(LinkError::Unexpected("info")),
+        }
+    }
+
+    async fn report(&mut self, req: Request, guest_wait: Duration) -> Result<Report, LinkError> {
+        let kind = req.type_name();
+        match self.call(req, guest_wait + REPLY_SLACK).await? {
+            Response::Report(r) => Ok(r),
+            _ => Err(LinkError::Unexpected(kind)),
+        }
+    }
+
+    pub async fn online(&mut self, req: OnlineRequest) -> Result<Report, LinkError> {
+        let wait = Duration::from_millis(req.timeout_ms);
+        self.report(Request::Online(req), wait).await
+    }
+
+    pub async fn offline(&mut self, req: OfflineRequest) -> Result<Report, LinkError> {
+        let wait = Duration::from_millis(req.timeout_ms);
+        self.report(Request::Offline(req), wait).await
+    }
+
+    pub async fn blocks(&mut self, memory: Vec<MemRange>) -> Result<Vec<BlockState>, LinkError> {
+        match self.call(Request::Blocks { memory }, HELLO_TIMEOUT).await? {
+            Response::Blocks { blocks } => Ok(blocks),
+            _ => Err(LinkError::Unexpected("blocks")),
+        }
+    }
+
+    pub async fn pressure(&mut self) -> Result<Pressure, LinkError> {
+        match self.call(Request::Pressure, HELLO_TIMEOUT).await? {
+            Response::Pressure(p) => Ok(p),
+            _ => Err(LinkError::Unexpected("pressure")),
+        }
+    }
+}
+
+fn placeholder_info() -> GuestInfo {
+    GuestInfo {
+        protocol: 0,
+        agent_version: String::new(),
+        capabilities: Vec::new(),
+        kernel: String::new(),
+        cpus: CpuFacts { possible: Default::default(), present: Default::default(), online: Default::default() },
+        memory: None,
+        hugepage_size: None,
+        mem_total: Default::default(),
+        mem_available: Default::default(),
+        acpi_memory_hotplug: None,
+        acpi_cpu_hotplug: None,
+        numa_nodes: Default::default(),
+        udev_online_rule: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_print() {
+        for s in ["vsock:3:1027", "hybrid:/run/vm/v.sock:1027", "serial:/run/vm/agent.sock"] {
+            assert_eq!(s.parse::<AgentAddr>().expect("parses").to_string(), s);
+        }
+        for bad in ["tcp:1.2.3.4:5", "vsock:3", "vsock:x:1", "serial:", "hybrid:/p"] {
+            assert!(bad.parse::<AgentAddr>().is_err(), "{bad}");
+        }
+    }
+}

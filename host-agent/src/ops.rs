@@ -1,0 +1,554 @@
+//! The closed loop: read → preflight → plan → act through libvirt → wait for the
+//! guest → verify → one report. Blocking libvirt calls run off the async threads.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, ZonePolicy};
+use vmplug_common::Bytes;
+
+use crate::domain::{Affect, Connection, Domain, DomainError, XmlView};
+use crate::link::{discover, AgentAddr, GuestLink, LinkError};
+use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError};
+use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::report::{HostSide, OpReport, Outcome, Timings};
+use crate::xml::{DomainFacts, HostFacts};
+
+/// Runs a blocking libvirt call on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DomainError> + Send + 'static,
+) -> Result<T, DomainError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| DomainError::Other(format!("libvirt worker failed: {e}")))?
+}
+
+/// A domain with everything read about it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub dom: Arc<dyn Domain>,
+    pub running: bool,
+    pub job_running: bool,
+    pub facts: DomainFacts,
+    pub host: HostFacts,
+}
+
+/// Whether the libvirt host is this machine (then its cgroup version is ours).
+fn is_local(uri: &str) -> bool {
+    let after = uri.split_once("://").map(|(_, r)| r).unwrap_or("");
+    after.starts_with('/')
+}
+
+fn local_cgroup_v2() -> Option<bool> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        Some(true)
+    } else if root.join("cpu").exists() || root.join("cpu,cpuacct").exists() {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Host facts for a domain: topology, free memory per node, hypervisor limits.
+pub fn host_facts(conn: &dyn Connection, facts: &DomainFacts) -> Result<HostFacts, DomainError> {
+    let mut host = HostFacts::parse_capabilities(&conn.capabilities()?)
+        .map_err(|e| DomainError::Other(format!("host capabilities: {e}")))?;
+    if !host.nodes.is_empty() {
+        host.free =
+            conn.cells_free_memory(host.nodes.len() as u32).unwrap_or_default().into_iter().map(Bytes).collect();
+    }
+    if !facts.arch.is_empty() {
+        host.max_vcpus = conn
+            .domain_capabilities(&facts.arch, &facts.machine, &facts.virt_type)
+            .ok()
+            .and_then(|x| HostFacts::parse_domcaps_max_vcpus(&x));
+    }
+    if is_local(&conn.uri()) {
+        host.cgroup_v2 = local_cgroup_v2();
+    }
+    Ok(host)
+}
+
+/// Reads a domain: state, XML (live when running and `live` wanted), host facts.
+pub async fn load(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Result<Loaded, DomainError> {
+    let name = name.to_string();
+    blocking(move || {
+        let dom = conn.lookup(&name)?;
+        let running = dom.is_active()?;
+        let view = if running && want_live { XmlView::Live } else { XmlView::Inactive };
+        let facts = DomainFacts::parse(&dom.xml(view)?)
+            .map_err(|e| DomainError::Other(format!("domain XML of '{name}': {e}")))?;
+        let job_running = dom.job_running().unwrap_or(false);
+        let host = host_facts(conn.as_ref(), &facts)?;
+        Ok(Loaded { dom, running, job_running, facts, host })
+    })
+    .await
+}
+
+/// Options shared by the hot-plug commands.
+#[derive(Debug, Clone)]
+pub struct HotplugOpts {
+    pub affect: Affect,
+    /// How long the guest may take to bring everything online.
+    pub timeout: Duration,
+    /// How long to wait for the agent's handshake.
+    pub agent_wait: Duration,
+    pub no_wait: bool,
+    /// Apply even when preflight has errors (the guest still verifies).
+    pub force: bool,
+    pub agent: Option<AgentAddr>,
+    pub zone: ZonePolicy,
+}
+
+struct Run {
+    started: Instant,
+    preflight_ms: u64,
+    libvirt_ms: u64,
+    guest_ms: u64,
+}
+
+impl Run {
+    fn new() -> Self {
+        Run { started: Instant::now(), preflight_ms: 0, libvirt_ms: 0, guest_ms: 0 }
+    }
+    fn timings(&self) -> Timings {
+        Timings {
+            preflight_ms: self.preflight_ms,
+            libvirt_ms: self.libvirt_ms,
+            guest_ms: self.guest_ms,
+            total_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+/// Connects to the agent for a live operation on a running domain.
+pub async fn connect_agent(
+    facts: &DomainFacts,
+    addr: Option<&AgentAddr>,
+    wait: Duration,
+) -> Result<GuestLink, LinkError> {
+    let addr = addr.cloned().or_else(|| discover(facts)).ok_or(LinkError::NoAddress)?;
+    GuestLink::connect(&addr, wait).await
+}
+
+fn refused(
+    op: &str,
+    name: &str,
+    affect: Affect,
+    findings: Vec<Finding>,
+    link_err: Option<&LinkError>,
+    run: &Run,
+) -> OpReport {
+    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
+    let only_agent = errors.iter().all(|f| f.id == "agent.ready");
+    let (outcome, message) = match link_err {
+        Some(e) if only_agent => (Outcome::AgentUnreachable, e.to_string()),
+        _ => (
+            Outcome::Refused,
+            format!(
+                "preflight refused ({}); nothing was changed",
+                errors.iter().map(|f| f.id).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    };
+    OpReport {
+        operation: op.into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings,
+        host: HostSide { applied: vec![], verified: None, persistent: false },
+        guest: None,
+        timings: run.timings(),
+    }
+}
+
+/// `vmplug setvcpus`: preflight, socket-sized steps, libvirt, guest online, verify.
+pub async fn setvcpus(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    target: u32,
+    opts: &HotplugOpts,
+) -> Result<OpReport, DomainError> {
+    let mut run = Run::new();
+    let t = Instant::now();
+    let l = load(conn.clone(), name, true).await?;
+    let affect = opts.affect.resolve(l.running);
+    let (mut link, link_err) =
+        if affect.live() && l.running && !(opts.no_wait && opts.agent.is_none() && discover(&l.facts).is_none()) {
+            match connect_agent(&l.facts, opts.agent.as_ref(), opts.agent_wait).await {
+                Ok(link) => (Some(link), None),
+                Err(e) => (None, Some(e)),
+            }
+        } else {
+            (None, None)
+        };
+    let ctx = Ctx {
+        dom: &l.facts,
+        host: &l.host,
+        guest: link.as_ref().map(|k| &k.info),
+        running: l.running,
+        job_running: l.job_running,
+        affect,
+        no_wait: opts.no_wait,
+    };
+    let findings = preflight::check(&ctx, &Operation::Vcpus { target });
+    run.preflight_ms = ms(t);
+    if preflight::has_errors(&findings) && !opts.force {
+        return Ok(refused("setvcpus", name, affect, findings, link_err.as_ref(), &run));
+    }
+
+    // Shrinking: offline in the guest first, so the unplug never yanks a busy CPU.
+    let mut guest_report = None;
+    if affect.live() && target < l.facts.vcpus_current {
+        if let Some(link) = link.as_mut() {
+            let t = Instant::now();
+            let r = link
+                .offline(OfflineRequest {
+                    cpus: Some(target),
+                    memory: vec![],
+                    timeout_ms: opts.timeout.as_millis() as u64,
+                })
+                .await
+                .map_err(|e| DomainError::Other(format!("guest offline: {e}")))?;
+            run.guest_ms += ms(t);
+            guest_report = Some(r);
+        }
+    }
+
+    let steps = if affect.live() {
+        plan_vcpus(l.facts.vcpus_current, target, l.facts.topology.as_ref().map(|t| t.per_socket()).unwrap_or(1))
+    } else {
+        vec![target]
+    };
+    let mut applied = Vec::new();
+    let t = Instant::now();
+    for step in &steps {
+        let (dom, step) = (l.dom.clone(), *step);
+        if let Err(e) = blocking(move || dom.set_vcpus(step, affect)).await {
+            run.libvirt_ms = ms(t);
+            let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
+            return Ok(OpReport {
+                operation: "setvcpus".into(),
+                domain: name.into(),
+                affect,
+                outcome,
+                message: e.to_string(),
+                findings,
+                host: HostSide { applied, verified: None, persistent: affect.config() },
+                guest: None,
+                timings: run.timings(),
+            });
+        }
+        applied.push(format!("setvcpus {step} ({})", affect_text(affect)));
+    }
+    run.libvirt_ms = ms(t);
+
+    // Guest side.
+    let mut outcome = Outcome::Ok;
+    let mut message = format!("{target} vCPUs");
+    if affect.live() && target >= l.facts.vcpus_current {
+        match link.as_mut() {
+            Some(link) if !opts.no_wait => {
+                let t = Instant::now();
+                let r = link
+                    .online(OnlineRequest {
+                        cpus: Some(target),
+                        memory: vec![],
+                        zone: opts.zone,
+                        timeout_ms: opts.timeout.as_millis() as u64,
+                    })
+                    .await;
+                run.guest_ms += ms(t);
+                match r {
+                    Ok(r) => {
+                        if r.timed_out {
+                            outcome = Outcome::GuestTimeout;
+                            message = format!(
+                                "libvirt set {target} vCPUs but the guest has only {} online after {:?}",
+                                r.cpus_online.len(),
+                                opts.timeout
+                            );
+                        } else if !r.complete {
+                            outcome = Outcome::GuestFailed;
+                            message =
+                                format!("the guest could not bring {target} CPUs online ({} failed)", r.failures());
+                        } else {
+                            message = format!("{target} vCPUs: libvirt and the guest agree ({} online)", r.cpus_online);
+                        }
+                        guest_report = Some(r);
+                    }
+                    Err(e) => {
+                        outcome = Outcome::GuestFailed;
+                        message = format!("libvirt set {target} vCPUs; the guest did not confirm: {e}");
+                    }
+                }
+            }
+            _ => message = format!("{target} vCPUs set in libvirt; guest not verified (--no-wait or no agent)"),
+        }
+    } else if !affect.live() {
+        message = format!("{target} vCPUs in the persistent definition (effective at the next start)");
+    }
+
+    // Verify the host side from a fresh read.
+    let (dom, view) = (l.dom.clone(), if affect.live() { XmlView::Live } else { XmlView::Inactive });
+    let after = blocking(move || dom.xml(view)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
+    let verified = after.as_ref().map(|f| format!("vcpu current={} max={}", f.vcpus_current, f.vcpus_max));
+    if let Some(f) = &after {
+        if f.vcpus_current != target && outcome == Outcome::Ok {
+            outcome = Outcome::LibvirtError;
+            message = format!("libvirt reports {} vCPUs after setting {target}", f.vcpus_current);
+        }
+    }
+    Ok(OpReport {
+        operation: "setvcpus".into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest: guest_report,
+        timings: run.timings(),
+    })
+}
+
+pub fn affect_text(a: Affect) -> &'static str {
+    match a {
+        Affect::Live => "live",
+        Affect::Config => "config",
+        Affect::Both => "live+config",
+        Affect::Current => "current",
+    }
+}
+
+/// Options of `attach-memory`.
+#[derive(Debug, Clone)]
+pub struct MemoryOpts {
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub round_up: bool,
+    pub max_dimm: Bytes,
+}
+
+/// `vmplug attach-memory`: size to the guest's block size, plan DIMMs, attach,
+/// find their addresses in the live XML, have the guest online exactly those
+/// blocks, check each block's node.
+pub async fn attach_memory(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    mem: &MemoryOpts,
+    opts: &HotplugOpts,
+) -> Result<OpReport, DomainError> {
+    let mut run = Run::new();
+    let t = Instant::now();
+    let l = load(conn.clone(), name, true).await?;
+    let affect = opts.affect.resolve(l.running);
+    let (mut link, link_err) = if affect.live() && l.running {
+        match connect_agent(&l.facts, opts.agent.as_ref(), opts.agent_wait).await {
+            Ok(link) => (Some(link), None),
+            Err(e) => (None, Some(e)),
+        }
+    } else {
+        (None, None)
+    };
+    let guest = link.as_ref().map(|k| k.info.clone());
+    let block = guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
+    let hugepage = l.facts.hugepage_size.map(|h| h.get());
+    // Without guest facts only the hugepage size (or 1 MiB) is known; preflight warns.
+    let (unit, what) = match block {
+        Some(b) => alignment(b, hugepage),
+        None => (hugepage.unwrap_or(1 << 20), "the hugepage size"),
+    };
+    let size = match align(mem.size, unit, what, mem.round_up) {
+        Ok(s) => s,
+        Err(e @ PlanError::Misaligned { .. }) if !opts.force => {
+            let mut findings =
+                vec![Finding { id: "mem.block-align", severity: Severity::Error, message: e.to_string() }];
+            if let Some(le) = &link_err {
+                findings.push(Finding { id: "agent.ready", severity: Severity::Warning, message: le.to_string() });
+            }
+            run.preflight_ms = ms(t);
+            return Ok(refused("attach-memory", name, affect, findings, None, &run));
+        }
+        Err(PlanError::Zero) => return Err(DomainError::Usage("size must be larger than zero".into())),
+        Err(_) => mem.size,
+    };
+    let cells: Vec<(u32, Bytes)> = l
+        .facts
+        .cells
+        .iter()
+        .map(|c| {
+            (
+                c.id,
+                Bytes(
+                    c.memory.get()
+                        + l.facts.dimms.iter().filter(|d| d.node == Some(c.id)).map(|d| d.size.get()).sum::<u64>(),
+                ),
+            )
+        })
+        .collect();
+    let plan = plan_dimms(size, unit, mem.max_dimm, mem.node, &cells, l.facts.free_slots().max(1));
+    let dimm_count = plan.as_ref().map(|p| p.len() as u32).unwrap_or(1);
+    let ctx = Ctx {
+        dom: &l.facts,
+        host: &l.host,
+        guest: guest.as_ref(),
+        running: l.running,
+        job_running: l.job_running,
+        affect,
+        no_wait: opts.no_wait,
+    };
+    let mut findings = preflight::check(&ctx, &Operation::Memory { size, node: mem.node, dimms: dimm_count });
+    if let Err(e) = &plan {
+        if !findings.iter().any(|f| f.severity == Severity::Error) {
+            findings.insert(0, Finding { id: "mem.plan", severity: Severity::Error, message: e.to_string() });
+        }
+    }
+    run.preflight_ms = ms(t);
+    if preflight::has_errors(&findings) && !opts.force {
+        return Ok(refused("attach-memory", name, affect, findings, link_err.as_ref(), &run));
+    }
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => return Err(DomainError::Usage(e.to_string())),
+    };
+
+    let before: BTreeSet<String> = l.facts.dimms.iter().filter_map(|d| d.alias.clone()).collect();
+    let mut applied = Vec::new();
+    let t = Instant::now();
+    let mut libvirt_err = None;
+    for d in &plan {
+        let (dom, xml) = (l.dom.clone(), d.to_xml());
+        tracing::debug!(%xml, "attaching");
+        match blocking(move || dom.attach_device(&xml, affect)).await {
+            Ok(()) => applied.push(format!("attach dimm {} on node {} ({})", d.size, d.node, affect_text(affect))),
+            Err(e) => {
+                libvirt_err = Some(e);
+                break;
+            }
+        }
+    }
+    run.libvirt_ms = ms(t);
+    if let Some(e) = libvirt_err {
+        let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
+        return Ok(OpReport {
+            operation: "attach-memory".into(),
+            domain: name.into(),
+            affect,
+            outcome,
+            message: e.to_string(),
+            findings,
+            host: HostSide { applied, verified: None, persistent: affect.config() },
+            guest: None,
+            timings: run.timings(),
+        });
+    }
+    if !affect.live() {
+        return Ok(OpReport {
+            operation: "attach-memory".into(),
+            domain: name.into(),
+            affect,
+            outcome: Outcome::Ok,
+            message: format!("{size} added to the persistent definition (effective at the next start)"),
+            findings,
+            host: HostSide { applied, verified: None, persistent: true },
+            guest: None,
+            timings: run.timings(),
+        });
+    }
+
+    // The new DIMMs, with the addresses QEMU gave them.
+    let dom = l.dom.clone();
+    let after = blocking(move || dom.xml(XmlView::Live)).await?;
+    let after = DomainFacts::parse(&after).map_err(|e| DomainError::Other(e.to_string()))?;
+    let new: Vec<_> =
+        after.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| !before.contains(a))).cloned().collect();
+    let verified = Some(format!(
+        "{} DIMM(s), memory {}, {} slot(s) free; new: {}",
+        after.dimms.len(),
+        after.memory,
+        after.free_slots(),
+        new.iter()
+            .map(|d| format!("{} node {} @{:#x}", d.size, d.node.unwrap_or(0), d.base.unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let ranges: Vec<MemRange> = new.iter().filter_map(|d| Some(MemRange { start: d.base?, size: d.size })).collect();
+    let mut outcome = Outcome::Ok;
+    let mut message = format!("{size} attached");
+    let mut guest_report = None;
+    match link.as_mut() {
+        Some(link) if !opts.no_wait => {
+            let t = Instant::now();
+            let r = link
+                .online(OnlineRequest {
+                    cpus: None,
+                    memory: ranges,
+                    zone: opts.zone,
+                    timeout_ms: opts.timeout.as_millis() as u64,
+                })
+                .await;
+            run.guest_ms = ms(t);
+            match r {
+                Ok(r) => {
+                    let wrong_node: Vec<String> = r
+                        .blocks
+                        .iter()
+                        .filter_map(|b| {
+                            let dimm = new.iter().find(|d| {
+                                d.base.is_some_and(|base| b.start >= base && b.start < base + d.size.get())
+                            })?;
+                            (b.node.is_some() && b.node != dimm.node).then(|| {
+                                format!("memory{} on node {:?}, DIMM on node {:?}", b.index, b.node, dimm.node)
+                            })
+                        })
+                        .collect();
+                    let missing =
+                        r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound).count();
+                    if r.timed_out {
+                        outcome = Outcome::GuestTimeout;
+                        message = format!(
+                            "libvirt attached {size} but {missing} of {} block(s) never appeared in the guest within {:?} (the guest kernel rejected or did not see the DIMM)",
+                            r.blocks.len(),
+                            opts.timeout
+                        );
+                    } else if !r.complete {
+                        outcome = Outcome::GuestFailed;
+                        message = format!("the guest failed to online {} block(s)", r.failures());
+                    } else if !wrong_node.is_empty() {
+                        outcome = Outcome::GuestFailed;
+                        message = format!("blocks landed on the wrong guest node: {}", wrong_node.join("; "));
+                    } else {
+                        message = format!(
+                            "{size} attached; libvirt and the guest agree ({} block(s) online)",
+                            r.blocks.len()
+                        );
+                    }
+                    guest_report = Some(r);
+                }
+                Err(e) => {
+                    outcome = Outcome::GuestFailed;
+                    message = format!("libvirt attached {size}; the guest refused to online it: {e}");
+                }
+            }
+        }
+        _ => message = format!("{size} attached in libvirt; guest not verified (--no-wait or no agent)"),
+    }
+    Ok(OpReport {
+        operation: "attach-memory".into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest: guest_report,
+        timings: run.timings(),
+    })
+}

@@ -1,0 +1,198 @@
+//! Pure planners: vCPU increments and DIMM layouts, computed as data before
+//! anything is applied.
+
+use vmplug_common::{Bytes, MIB};
+
+use crate::xml::DimmSpec;
+
+/// Largest DIMM vmplug creates unless told otherwise; bigger requests are split.
+pub const DEFAULT_MAX_DIMM: Bytes = Bytes(4096 * MIB);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("size {size} is not a multiple of {what} {unit}; use a multiple (e.g. {down} or {up}) or --round-up")]
+    Misaligned { size: Bytes, what: &'static str, unit: Bytes, down: Bytes, up: Bytes },
+    #[error("size must be larger than zero")]
+    Zero,
+    #[error("{needed} DIMMs are needed but only {free} memory slots are free")]
+    NoSlots { needed: u32, free: u32 },
+    #[error("guest NUMA node {0} does not exist (cells: {1})")]
+    NoSuchNode(u32, String),
+    #[error("the domain has no guest NUMA cell to place memory on")]
+    NoCells,
+}
+
+/// The alignment unit for DIMMs: the guest's block size and, when hugepages back
+/// the guest, the hugepage size (both powers of two, so the larger one).
+pub fn alignment(block_size: u64, hugepage: Option<u64>) -> (u64, &'static str) {
+    match hugepage {
+        Some(h) if h > block_size => (h, "the hugepage size"),
+        _ => (block_size, "the guest's memory block size"),
+    }
+}
+
+/// Checks (or rounds) `size` to `unit`.
+pub fn align(size: Bytes, unit: u64, what: &'static str, round_up: bool) -> Result<Bytes, PlanError> {
+    if size.get() == 0 {
+        return Err(PlanError::Zero);
+    }
+    if size.is_multiple_of(unit) {
+        return Ok(size);
+    }
+    let up = size.round_up(unit).unwrap_or(size);
+    if round_up {
+        return Ok(up);
+    }
+    Err(PlanError::Misaligned { size, what, unit: Bytes(unit), down: Bytes(size.get() / unit * unit), up })
+}
+
+/// Splits `size` (already aligned to `unit`) into DIMMs no larger than `max_dimm`
+/// and places them: all on `node` when given, else balanced over `cells`
+/// (id, current memory), the least-filled cell first.
+pub fn plan_dimms(
+    size: Bytes,
+    unit: u64,
+    max_dimm: Bytes,
+    node: Option<u32>,
+    cells: &[(u32, Bytes)],
+    free_slots: u32,
+) -> Result<Vec<DimmSpec>, PlanError> {
+    if cells.is_empty() {
+        return Err(PlanError::NoCells);
+    }
+    if let Some(n) = node {
+        if !cells.iter().any(|(id, _)| *id == n) {
+            let ids: Vec<String> = cells.iter().map(|(id, _)| id.to_string()).collect();
+            return Err(PlanError::NoSuchNode(n, ids.join(",")));
+        }
+    }
+    let units = size.get() / unit;
+    let max_units = (max_dimm.get() / unit).max(1);
+    let mut count = units.div_ceil(max_units);
+    if node.is_none() {
+        // Spread over the cells when there is enough to spread.
+        count = count.max((cells.len() as u64).min(units));
+    }
+    if count > free_slots as u64 {
+        return Err(PlanError::NoSlots { needed: count as u32, free: free_slots });
+    }
+    let mut fill: Vec<(u32, u64)> = cells.iter().map(|(id, m)| (*id, m.get())).collect();
+    let mut out = Vec::new();
+    for i in 0..count {
+        // Even split in whole units; the first DIMMs take the remainder.
+        let n_units = units / count + u64::from(i < units % count);
+        let dimm_size = n_units * unit;
+        let target = match node {
+            Some(n) => n,
+            None => {
+                let (idx, _) = fill.iter().enumerate().min_by_key(|(_, (id, m))| (*m, *id)).expect("cells not empty");
+                fill[idx].1 += dimm_size;
+                fill[idx].0
+            }
+        };
+        out.push(DimmSpec { size: Bytes(dimm_size), node: target });
+    }
+    Ok(out)
+}
+
+/// vCPU steps from `current` to `target`, one socket's worth at a time, so the
+/// guest never sees a half-populated socket (the guide's "multiple of cores").
+pub fn plan_vcpus(current: u32, target: u32, per_socket: u32) -> Vec<u32> {
+    let step = per_socket.max(1);
+    let mut out = Vec::new();
+    let mut at = current;
+    while at < target {
+        at = (at + step).min(target);
+        out.push(at);
+    }
+    if target < current {
+        out.push(target);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmplug_common::GIB;
+
+    const BLOCK: u64 = 128 * MIB;
+
+    fn cells(list: &[(u32, u64)]) -> Vec<(u32, Bytes)> {
+        list.iter().map(|&(id, mib)| (id, Bytes(mib * MIB))).collect()
+    }
+
+    fn sizes(d: &[DimmSpec]) -> Vec<(u64, u32)> {
+        d.iter().map(|d| (d.size.mib(), d.node)).collect()
+    }
+
+    #[test]
+    fn alignment_table() {
+        for (size_mib, round, want) in
+            [(128, false, Ok(128)), (1024, false, Ok(1024)), (100, true, Ok(128)), (129, true, Ok(256))]
+        {
+            assert_eq!(align(Bytes(size_mib * MIB), BLOCK, "b", round).map(|b| b.mib()), want, "{size_mib}");
+        }
+        let err = align(Bytes(100 * MIB), BLOCK, "the guest's memory block size", false).expect_err("misaligned");
+        assert_eq!(
+            err.to_string(),
+            "size 100 MiB is not a multiple of the guest's memory block size 128 MiB; use a multiple (e.g. 0 B or 128 MiB) or --round-up"
+        );
+        assert_eq!(align(Bytes(0), BLOCK, "b", true), Err(PlanError::Zero));
+        assert_eq!(alignment(BLOCK, Some(GIB)), (GIB, "the hugepage size"));
+        assert_eq!(alignment(BLOCK, Some(2 * MIB)).0, BLOCK);
+    }
+
+    #[test]
+    fn dimm_plans() {
+        let two = cells(&[(0, 512), (1, 512)]);
+        let one = cells(&[(0, 512)]);
+        // (size MiB, node, max dimm MiB, cells, slots) -> [(MiB, node)]
+        let table: Vec<(u64, Option<u32>, u64, &[(u32, Bytes)], u32, Vec<(u64, u32)>)> = vec![
+            (128, None, 4096, &one, 8, vec![(128, 0)]),
+            (1024, Some(0), 4096, &two, 8, vec![(1024, 0)]),
+            (512, Some(1), 4096, &two, 8, vec![(512, 1)]),
+            (1024, None, 4096, &two, 8, vec![(512, 0), (512, 1)]),
+            (8192, Some(0), 4096, &two, 8, vec![(4096, 0), (4096, 0)]),
+            (384, None, 4096, &two, 8, vec![(256, 0), (128, 1)]),
+            (128, None, 4096, &two, 8, vec![(128, 0)]),
+            (3072, Some(0), 1024, &one, 8, vec![(1024, 0), (1024, 0), (1024, 0)]),
+        ];
+        for (size, node, max, cells, slots, want) in table {
+            let plan = plan_dimms(Bytes(size * MIB), BLOCK, Bytes(max * MIB), node, cells, slots).expect("plans");
+            assert_eq!(sizes(&plan), want, "{size} MiB node {node:?}");
+            assert_eq!(plan.iter().map(|d| d.size.get()).sum::<u64>(), size * MIB);
+            assert!(plan.iter().all(|d| d.size.is_multiple_of(BLOCK)));
+        }
+    }
+
+    #[test]
+    fn balanced_placement_fills_the_emptier_cell_first() {
+        let uneven = cells(&[(0, 2048), (1, 512)]);
+        let plan = plan_dimms(Bytes(256 * MIB), BLOCK, Bytes(4096 * MIB), None, &uneven, 8).expect("plans");
+        assert_eq!(sizes(&plan), vec![(128, 1), (128, 0)]);
+    }
+
+    #[test]
+    fn dimm_plan_errors() {
+        let one = cells(&[(0, 512)]);
+        assert_eq!(
+            plan_dimms(Bytes(8192 * MIB), BLOCK, Bytes(1024 * MIB), Some(0), &one, 4),
+            Err(PlanError::NoSlots { needed: 8, free: 4 })
+        );
+        assert_eq!(
+            plan_dimms(Bytes(128 * MIB), BLOCK, Bytes(GIB), Some(3), &one, 4),
+            Err(PlanError::NoSuchNode(3, "0".into()))
+        );
+        assert_eq!(plan_dimms(Bytes(128 * MIB), BLOCK, Bytes(GIB), None, &[], 4), Err(PlanError::NoCells));
+    }
+
+    #[test]
+    fn vcpu_steps_follow_sockets() {
+        assert_eq!(plan_vcpus(1, 4, 1), vec![2, 3, 4]);
+        assert_eq!(plan_vcpus(2, 8, 2), vec![4, 6, 8]);
+        assert_eq!(plan_vcpus(2, 7, 2), vec![4, 6, 7]);
+        assert_eq!(plan_vcpus(4, 4, 2), Vec::<u32>::new());
+        assert_eq!(plan_vcpus(4, 2, 1), vec![2]);
+    }
+}

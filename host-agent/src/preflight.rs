@@ -1,0 +1,480 @@
+//! Preflight: every constraint of the guide as one rule with a stable id, a
+//! severity and a message that says what to change. Rules are pure functions of
+//! (domain XML facts, host facts, guest facts, the operation).
+
+use vmplug_common::protocol::GuestInfo;
+use vmplug_common::{Bytes, CpuSet, GIB};
+
+use crate::domain::{Affect, NumaMode};
+use crate::xml::{DomainFacts, HostFacts};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    pub id: &'static str,
+    pub severity: Severity,
+    pub message: String,
+}
+
+fn error(id: &'static str, message: impl Into<String>) -> Option<Finding> {
+    Some(Finding { id, severity: Severity::Error, message: message.into() })
+}
+
+fn warning(id: &'static str, message: impl Into<String>) -> Option<Finding> {
+    Some(Finding { id, severity: Severity::Warning, message: message.into() })
+}
+
+/// What is about to be done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    /// `setvcpus` to a total.
+    Vcpus {
+        target: u32,
+    },
+    /// `attach-memory`: total size, target node (None: balanced), DIMM count planned.
+    Memory {
+        size: Bytes,
+        node: Option<u32>,
+        dimms: u32,
+    },
+    Shares(u64),
+    Pin {
+        vcpu: Option<u32>,
+        cpus: CpuSet,
+    },
+    Numatune {
+        mode: Option<NumaMode>,
+        nodeset: Option<CpuSet>,
+    },
+    /// General readiness (`vmplug check` with no operation).
+    Readiness,
+}
+
+/// Everything a rule may look at.
+#[derive(Debug, Clone)]
+pub struct Ctx<'a> {
+    pub dom: &'a DomainFacts,
+    pub host: &'a HostFacts,
+    /// `None`: the agent was not reached (rules warn instead of guessing).
+    pub guest: Option<&'a GuestInfo>,
+    pub running: bool,
+    pub job_running: bool,
+    pub affect: Affect,
+    /// The caller will not wait for the guest (`--no-wait`).
+    pub no_wait: bool,
+}
+
+type Rule = fn(&Ctx, &Operation) -> Option<Finding>;
+
+/// `virt-4.1` → Some((4, 1)); bare `virt` (the newest) → None.
+fn machine_version(machine: &str, family: &str) -> Option<(u32, u32)> {
+    let rest = machine.strip_prefix(family)?.strip_prefix('-')?;
+    let mut it = rest.split('.');
+    Some((it.next()?.parse().ok()?, it.next().and_then(|m| m.parse().ok()).unwrap_or(0)))
+}
+
+fn is_x86_hotplug_machine(m: &str) -> bool {
+    m == "pc" || m == "q35" || m.starts_with("pc-")
+}
+
+fn live_op(ctx: &Ctx, op: &Operation) -> bool {
+    matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. }) && ctx.affect.live()
+}
+
+fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    (live_op(ctx, op) && !ctx.running).then(|| ())?;
+    error("domain.running", format!("domain '{}' is not running: a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
+}
+
+fn rule_job(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    (live_op(ctx, op) && ctx.job_running).then(|| ())?;
+    error(
+        "domain.job",
+        "a migration, save or snapshot job is running: hot-plug is not supported during it; wait for the job to finish",
+    )
+}
+
+fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !live_op(ctx, op) || !ctx.running || ctx.guest.is_some() {
+        return None;
+    }
+    if ctx.no_wait {
+        return warning(
+            "agent.ready",
+            "the guest agent did not answer: the guest's view is unknown and nothing will verify the plug",
+        );
+    }
+    error("agent.ready", "the guest agent did not complete its handshake: vmplug never plugs into a guest that cannot confirm (is vmplug-guest running? use --no-wait to plug blind)")
+}
+
+fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Vcpus { .. } = op else { return None };
+    let (arch, m) = (ctx.dom.arch.as_str(), ctx.dom.machine.as_str());
+    match arch {
+        "x86_64" | "i686" if is_x86_hotplug_machine(m) => None,
+        "aarch64" => match machine_version(m, "virt") {
+            Some(v) if v < (4, 1) => error("cpu.machine", format!("machine '{m}' cannot hot-plug vCPUs: the guide requires virt-4.1 or newer")),
+            _ if m == "virt" || m.starts_with("virt-") => warning(
+                "cpu.machine",
+                "aarch64 vCPU hot-plug needs a QEMU that implements it (openEuler's does; upstream QEMU 10 does not, and libvirt then says 'cpu hotplug is not supported')",
+            ),
+            _ => error("cpu.machine", format!("machine '{m}' is not an aarch64 'virt' machine; vCPU hot-plug needs virt-4.1 or newer")),
+        },
+        _ => error("cpu.machine", format!("machine '{m}' ({arch}) is not known to hot-plug vCPUs (x86: pc or q35; aarch64: virt-4.1+)")),
+    }
+}
+
+fn rule_cpu_placement(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Vcpus { .. } = op else { return None };
+    (ctx.dom.vcpu_placement != "static").then(|| ())?;
+    error("cpu.placement", format!("<vcpu placement='{}'> must be 'static' for CPU hot-plug", ctx.dom.vcpu_placement))
+}
+
+fn rule_cpu_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Vcpus { target } = *op else { return None };
+    if target == 0 {
+        return error("cpu.max", "a domain needs at least one vCPU");
+    }
+    (target > ctx.dom.vcpus_max).then(|| ())?;
+    error(
+        "cpu.max",
+        format!("{target} vCPUs exceeds the domain's maximum of {} (<vcpu current='m'>n</vcpu>: raise n with `vmplug prepare`, which takes effect at the next boot)", ctx.dom.vcpus_max),
+    )
+}
+
+fn rule_cpu_hypervisor_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Vcpus { target } = *op else { return None };
+    let max = ctx.host.max_vcpus?;
+    (target > max).then(|| ())?;
+    error(
+        "cpu.hypervisor-max",
+        format!("{target} vCPUs exceeds the hypervisor's maximum of {max} for machine '{}'", ctx.dom.machine),
+    )
+}
+
+fn rule_cpu_guest_possible(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Vcpus { target } = *op else { return None };
+    if !ctx.affect.live() {
+        return None;
+    }
+    match ctx.guest {
+        Some(g) if target as usize > g.cpus.possible.len() => error(
+            "cpu.guest-possible",
+            format!("the guest kernel supports {} CPUs (/sys/devices/system/cpu/possible = {}); {target} cannot come online", g.cpus.possible.len(), g.cpus.possible),
+        ),
+        Some(g) if g.acpi_cpu_hotplug == Some(false) => error("cpu.guest-acpi", "the guest kernel has no ACPI processor hot-plug: a new vCPU would never appear in it"),
+        None if ctx.running => warning("cpu.guest-possible", "guest facts unknown (no agent): cannot check the guest kernel's possible CPUs"),
+        _ => None,
+    }
+}
+
+fn rule_cpu_cores(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Vcpus { target } = *op else { return None };
+    let per = ctx.dom.topology.as_ref()?.per_socket();
+    let delta = target.abs_diff(ctx.dom.vcpus_current);
+    (delta % per != 0).then(|| ())?;
+    warning(
+        "cpu.cores-multiple",
+        format!("changing by {delta} vCPUs is not a multiple of the topology's {per} vCPUs per socket: the guest may see a confused topology; use a multiple of {per}"),
+    )
+}
+
+fn rule_cpu_socket_cell(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !matches!(op, Operation::Vcpus { .. } | Operation::Readiness) || ctx.dom.cells.is_empty() {
+        return None;
+    }
+    let per = ctx.dom.topology.as_ref().map(|t| t.per_socket()).unwrap_or(1);
+    for socket in 0..ctx.dom.vcpus_max.div_ceil(per) {
+        let vcpus: Vec<u32> = (socket * per..((socket + 1) * per).min(ctx.dom.vcpus_max)).collect();
+        let cells: std::collections::BTreeSet<Option<u32>> =
+            vcpus.iter().map(|v| ctx.dom.cell_of_vcpu(*v).map(|c| c.id)).collect();
+        if cells.len() > 1 {
+            return error(
+                "cpu.socket-cell",
+                format!("socket {socket} (vCPUs {}) spans guest NUMA cells {cells:?}: the guide warns this can soft-lockup the guest after a CPU hot-plug; put each socket's vCPUs in one <cell>", vcpus.iter().copied().collect::<CpuSet>()),
+            );
+        }
+    }
+    None
+}
+
+fn rule_persist(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. }) {
+        return None;
+    }
+    (ctx.affect == Affect::Live).then(|| ())?;
+    warning("persist.live-only", "a --live change is lost when the domain restarts; add --config to keep it")
+}
+
+fn rule_mem_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { .. } = op else { return None };
+    let (arch, m) = (ctx.dom.arch.as_str(), ctx.dom.machine.as_str());
+    match arch {
+        "x86_64" | "i686" if is_x86_hotplug_machine(m) => None,
+        "aarch64" => match machine_version(m, "virt") {
+            Some(v) if v < (4, 1) => error("mem.machine", format!("machine '{m}' cannot hot-plug memory: the guide requires virt-4.1 or newer")),
+            Some(v) if v < (4, 2) => warning("mem.machine", format!("machine '{m}': upstream QEMU needs virt-4.2 or newer for memory hot-plug (the ACPI GED device); only openEuler's QEMU accepts virt-4.1")),
+            _ if m == "virt" || m.starts_with("virt-") => None,
+            _ => error("mem.machine", format!("machine '{m}' is not an aarch64 'virt' machine")),
+        },
+        _ => error("mem.machine", format!("machine '{m}' ({arch}) is not known to hot-plug memory")),
+    }
+}
+
+fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { size, .. } = *op else { return None };
+    if !ctx.affect.live() {
+        return None;
+    }
+    let g = ctx.guest?;
+    if g.memory.is_none() {
+        return error(
+            "mem.guest-kernel",
+            "the guest kernel has no memory hot-plug (/sys/devices/system/memory is absent)",
+        );
+    }
+    if g.acpi_memory_hotplug == Some(false) {
+        return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (/sys/firmware/acpi/hotplug/memory): the DIMM would attach but the guest would never see it");
+    }
+    (g.mem_available.get() < size.get() / 32).then(|| ())?;
+    error(
+        "mem.guest-free",
+        format!("the guest has {} available but hot-plugging {size} needs at least {} (1/32 of it) for its memory map; free memory in the guest first or plug less", g.mem_available, Bytes(size.get() / 32)),
+    )
+}
+
+fn rule_mem_maxmemory(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
+        return None;
+    }
+    ctx.dom.max_memory.is_none().then(|| ())?;
+    error(
+        "mem.max-memory",
+        "no <maxMemory slots='…'>: memory hot-plug needs slots reserved at creation (`vmplug prepare`)",
+    )
+}
+
+fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { dimms, .. } = *op else { return None };
+    ctx.dom.max_memory?;
+    let free = ctx.dom.free_slots();
+    (dimms > free).then(|| ())?;
+    error(
+        "mem.slots",
+        format!(
+            "{dimms} DIMM(s) needed, {free} slot(s) free (min(slots {}, 64 − {} virtio-net) − {} DIMMs present)",
+            ctx.dom.slots.unwrap_or(0),
+            ctx.dom.virtio_nets,
+            ctx.dom.dimms.len()
+        ),
+    )
+}
+
+fn rule_mem_headroom(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { size, .. } = *op else { return None };
+    let max = ctx.dom.max_memory?;
+    (size > ctx.dom.memory_headroom()).then(|| ())?;
+    error("mem.max-size", format!("{} + {size} exceeds <maxMemory> {max}", ctx.dom.memory))
+}
+
+fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
+        return None;
+    }
+    ctx.dom.cells.is_empty().then(|| ())?;
+    error("mem.numa", "no guest NUMA (<cpu><numa><cell …/>): memory hot-plug depends on it; add cells with `vmplug prepare --cells N`")
+}
+
+fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { node: Some(n), .. } = *op else { return None };
+    if ctx.dom.cells.is_empty() || ctx.dom.cells.iter().any(|c| c.id == n) {
+        return None;
+    }
+    let ids: Vec<String> = ctx.dom.cells.iter().map(|c| c.id.to_string()).collect();
+    error("mem.node", format!("guest NUMA node {n} does not exist (cells: {})", ids.join(", ")))
+}
+
+fn rule_mem_block_align(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { size, .. } = *op else { return None };
+    match ctx.guest.and_then(|g| g.memory.as_ref()) {
+        Some(m) if !size.is_multiple_of(m.block_size.get()) => error(
+            "mem.block-align",
+            format!("{size} is not a multiple of the guest's memory block size {} (block_size_bytes): the guest would reject the DIMM and every DIMM after it; use a multiple or --round-up", m.block_size.bytes()),
+        ),
+        None if ctx.guest.is_none() => warning("mem.block-align", "guest facts unknown (no agent): cannot check the size against the guest's block_size_bytes"),
+        _ => None,
+    }
+}
+
+fn rule_mem_hugepages(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { size, .. } = *op else { return None };
+    let hp = ctx.dom.hugepage_size?;
+    (!size.is_multiple_of(hp.get())).then(|| ())?;
+    error(
+        "mem.hugepage-align",
+        format!("hugepages of {hp} back this guest: {size} is not a multiple of the hugepage size"),
+    )
+}
+
+fn rule_mem_vhost_user(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
+        return None;
+    }
+    let dev = ctx.dom.vhost_user_devices.iter().find(|d| !d.contains("vhost-user-vsock"))?;
+    error("mem.vhost-user", format!("a vhost-user device is configured ({dev}): the guide says vhost-user devices and memory hot-plug exclude each other"))
+}
+
+fn rule_mem_linux_4g(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { .. } = op else { return None };
+    if ctx.dom.os_is_windows || ctx.dom.memory.get() >= 4 * GIB {
+        return None;
+    }
+    warning(
+        "mem.linux-4g",
+        format!(
+            "initial memory is {}: the guide asks Linux guests to start with at least 4 GiB before memory hot-plug",
+            Bytes(ctx.dom.memory.get() - ctx.dom.dimm_memory().get().min(ctx.dom.memory.get()))
+        ),
+    )
+}
+
+fn rule_mem_windows_node0(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { node, .. } = *op else { return None };
+    if !ctx.dom.os_is_windows || !ctx.dom.dimms.is_empty() || node == Some(0) {
+        return None;
+    }
+    error(
+        "mem.windows-node0",
+        "Windows guests see hot-plugged memory only if the first DIMM goes to guest NUMA node 0: pass --node 0",
+    )
+}
+
+fn rule_shares(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Shares(n) = *op else { return None };
+    let (lo, hi, v) = match ctx.host.cgroup_v2 {
+        Some(true) => (1, 10_000, "v2 (cpu.weight)"),
+        Some(false) => (2, 262_144, "v1 (cpu.shares)"),
+        None => return None,
+    };
+    (n < lo || n > hi).then(|| ())?;
+    error("sched.shares-range", format!("cpu_shares={n} is outside {lo}..={hi}, the range of the host's cgroup {v}"))
+}
+
+fn rule_pin(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Pin { vcpu, cpus } = op else { return None };
+    if cpus.is_empty() {
+        return error("pin.host-cpus", "an empty cpuset would leave nothing to run on");
+    }
+    if let Some(v) = vcpu {
+        if *v >= ctx.dom.vcpus_max {
+            return error(
+                "pin.vcpu",
+                format!("vCPU {v} does not exist (the domain has {} at most)", ctx.dom.vcpus_max),
+            );
+        }
+    }
+    let host = ctx.host.all_cpus();
+    (ctx.host.cpus > 0 && !cpus.is_subset(&host)).then(|| ())?;
+    error(
+        "pin.host-cpus",
+        format!(
+            "cpuset {cpus} includes CPUs {} that the host does not have (host CPUs: {host})",
+            cpus.difference(&host)
+        ),
+    )
+}
+
+fn rule_numatune(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Numatune { mode, nodeset } = op else { return None };
+    let set = nodeset.as_ref()?;
+    let nodes: CpuSet = ctx.host.nodes.iter().map(|n| n.id).collect();
+    if !set.is_subset(&nodes) {
+        return error(
+            "numatune.nodes",
+            format!(
+                "nodeset {set} names host nodes {} that do not exist (host nodes: {nodes})",
+                set.difference(&nodes)
+            ),
+        );
+    }
+    if mode.unwrap_or(NumaMode::Strict) == NumaMode::Strict {
+        let free: u64 = set.iter().filter_map(|n| ctx.host.free_on(n)).map(|b| b.get()).sum();
+        if !ctx.host.free.is_empty() && free < ctx.dom.memory.get() && !ctx.running {
+            return error(
+                "numatune.strict-free",
+                format!("strict binding to node(s) {set} with {} free cannot hold the guest's {}: the guest would fail to start", Bytes(free), ctx.dom.memory),
+            );
+        }
+    }
+    None
+}
+
+fn rule_cell_pinning(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if !matches!(op, Operation::Readiness) {
+        return None;
+    }
+    for cell in &ctx.dom.cells {
+        let Some((_, nodeset)) = ctx.dom.memnodes.get(&cell.id) else { continue };
+        let node_cpus =
+            nodeset.iter().filter_map(|n| ctx.host.node(n)).fold(CpuSet::new(), |acc, n| acc.union(&n.cpus));
+        for v in cell.cpus.iter() {
+            if let Some(pin) = ctx.dom.vcpupins.get(&v) {
+                if !pin.is_subset(&node_cpus) {
+                    return warning(
+                        "numa.cell-pinning",
+                        format!("guest cell {} has its memory on host node(s) {nodeset} but vCPU {v} is pinned to {pin}: pin the cell's vCPUs to {node_cpus} to avoid remote memory access", cell.id),
+                    );
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Every rule, in report order.
+pub const RULES: &[(&str, Rule)] = &[
+    ("domain.running", rule_running),
+    ("domain.job", rule_job),
+    ("agent.ready", rule_agent),
+    ("cpu.machine", rule_cpu_machine),
+    ("cpu.placement", rule_cpu_placement),
+    ("cpu.max", rule_cpu_max),
+    ("cpu.hypervisor-max", rule_cpu_hypervisor_max),
+    ("cpu.guest-possible", rule_cpu_guest_possible),
+    ("cpu.cores-multiple", rule_cpu_cores),
+    ("cpu.socket-cell", rule_cpu_socket_cell),
+    ("persist.live-only", rule_persist),
+    ("mem.machine", rule_mem_machine),
+    ("mem.guest", rule_mem_guest),
+    ("mem.max-memory", rule_mem_maxmemory),
+    ("mem.slots", rule_mem_slots),
+    ("mem.max-size", rule_mem_headroom),
+    ("mem.numa", rule_mem_numa),
+    ("mem.node", rule_mem_node),
+    ("mem.block-align", rule_mem_block_align),
+    ("mem.hugepage-align", rule_mem_hugepages),
+    ("mem.vhost-user", rule_mem_vhost_user),
+    ("mem.linux-4g", rule_mem_linux_4g),
+    ("mem.windows-node0", rule_mem_windows_node0),
+    ("sched.shares-range", rule_shares),
+    ("pin.host-cpus", rule_pin),
+    ("numatune", rule_numatune),
+    ("numa.cell-pinning", rule_cell_pinning),
+];
+
+/// Runs every rule; errors first.
+pub fn check(ctx: &Ctx, op: &Operation) -> Vec<Finding> {
+    let mut out: Vec<Finding> = RULES.iter().filter_map(|(_, rule)| rule(ctx, op)).collect();
+    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out
+}
+
+pub fn has_errors(findings: &[Finding]) -> bool {
+    findings.iter().any(|f| f.severity == Severity::Error)
+}

@@ -1,0 +1,155 @@
+//! The one report every operation ends with, its outcome and exit code.
+
+use serde::Serialize;
+use vmplug_common::protocol::Report as GuestReport;
+
+use crate::domain::Affect;
+use crate::preflight::{Finding, Severity};
+
+/// How an operation ended. Each has its own, documented exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Host and guest agree: done.
+    Ok,
+    /// Preflight refused; nothing was changed.
+    Refused,
+    /// libvirt refused or failed.
+    LibvirtError,
+    /// libvirt applied it but the guest did not confirm in time.
+    GuestTimeout,
+    /// The guest reported a failure (or a mismatch with the host's view).
+    GuestFailed,
+    /// Some steps applied, others not.
+    Partial,
+    /// The guest agent could not be reached.
+    AgentUnreachable,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Refused => 2,
+            Outcome::LibvirtError => 3,
+            Outcome::GuestTimeout => 4,
+            Outcome::GuestFailed => 5,
+            Outcome::Partial => 6,
+            Outcome::AgentUnreachable => 7,
+        }
+    }
+}
+
+/// Exit code for usage errors and failures before any operation started.
+pub const EXIT_USAGE: u8 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub preflight_ms: u64,
+    pub libvirt_ms: u64,
+    pub guest_ms: u64,
+    pub total_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSide {
+    /// libvirt calls made, in order (`setvcpus 2 live+config`, `attach dimm 1 GiB node 0`).
+    pub applied: Vec<String>,
+    /// What libvirt's live XML says afterwards.
+    pub verified: Option<String>,
+    /// The change is also in the persistent definition.
+    pub persistent: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpReport {
+    pub operation: String,
+    pub domain: String,
+    pub affect: Affect,
+    pub outcome: Outcome,
+    pub message: String,
+    pub findings: Vec<Finding>,
+    pub host: HostSide,
+    pub guest: Option<GuestReport>,
+    pub timings: Timings,
+}
+
+impl OpReport {
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let status = match self.outcome {
+            Outcome::Ok => "OK",
+            Outcome::Refused => "REFUSED",
+            Outcome::LibvirtError => "LIBVIRT ERROR",
+            Outcome::GuestTimeout => "GUEST TIMEOUT",
+            Outcome::GuestFailed => "GUEST FAILED",
+            Outcome::Partial => "PARTIAL",
+            Outcome::AgentUnreachable => "AGENT UNREACHABLE",
+        };
+        s.push_str(&format!("{} {}: {} — {}\n", self.operation, self.domain, status, self.message));
+        for f in &self.findings {
+            let sev = if f.severity == Severity::Error { "error" } else { "warning" };
+            s.push_str(&format!("  {sev} [{}] {}\n", f.id, f.message));
+        }
+        for step in &self.host.applied {
+            s.push_str(&format!("  host: {step}\n"));
+        }
+        if let Some(v) = &self.host.verified {
+            s.push_str(&format!("  host: live XML: {v}\n"));
+        }
+        if self.outcome != Outcome::Refused && !self.host.applied.is_empty() {
+            s.push_str(&format!(
+                "  host: {}\n",
+                if self.host.persistent {
+                    "persistent (also in the domain definition)"
+                } else {
+                    "live only: lost at the next domain start"
+                }
+            ));
+        }
+        if let Some(g) = &self.guest {
+            for c in &g.cpus {
+                s.push_str(&format!("  guest: cpu{} {}\n", c.cpu, outcome_text(&c.outcome)));
+            }
+            for b in &g.blocks {
+                s.push_str(&format!(
+                    "  guest: memory{} @{:#x} node {} {}{}\n",
+                    b.index,
+                    b.start,
+                    b.node.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                    outcome_text(&b.outcome),
+                    b.zone.as_ref().map(|z| format!(" ({z})")).unwrap_or_default()
+                ));
+            }
+            s.push_str(&format!(
+                "  guest: {} CPUs online ({}), {} memory online, {} in {} ms\n",
+                g.cpus_online.len(),
+                g.cpus_online,
+                g.memory_online,
+                if g.complete {
+                    "complete"
+                } else if g.timed_out {
+                    "timed out"
+                } else {
+                    "incomplete"
+                },
+                g.duration_ms
+            ));
+        }
+        s.push_str(&format!(
+            "  time: preflight {} ms, libvirt {} ms, guest {} ms, total {} ms\n",
+            self.timings.preflight_ms, self.timings.libvirt_ms, self.timings.guest_ms, self.timings.total_ms
+        ));
+        s
+    }
+}
+
+pub fn outcome_text(o: &vmplug_common::protocol::Outcome) -> String {
+    use vmplug_common::protocol::Outcome::*;
+    match o {
+        Done => "onlined".into(),
+        Already => "already online".into(),
+        NotFound => "not found".into(),
+        Failed { errno, message } => format!("FAILED (errno {errno}: {message})"),
+    }
+}

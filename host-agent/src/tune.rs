@@ -1,0 +1,547 @@
+//! The guide's tuning verbs (schedinfo, emulatorpin, vcpupin, numatune), the
+//! NUMA view, `check` and `status`: each returns a serialisable value and a
+//! virsh-like text rendering.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use vmplug_common::protocol::{BlockState, GuestInfo, MemRange};
+use vmplug_common::{Bytes, CpuSet};
+
+use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, SchedParams};
+use crate::link::AgentAddr;
+use crate::ops::{blocking, connect_agent, load};
+use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::xml::DomainFacts;
+
+/// A refusal by preflight of a tuning change (nothing was applied).
+#[derive(Debug, thiserror::Error)]
+#[error("preflight refused: {}", .0.iter().map(|f| format!("[{}] {}", f.id, f.message)).collect::<Vec<_>>().join("; "))]
+pub struct Refused(pub Vec<Finding>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TuneError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+}
+
+fn gate(findings: Vec<Finding>) -> Result<Vec<Finding>, Refused> {
+    if preflight::has_errors(&findings) {
+        Err(Refused(findings))
+    } else {
+        Ok(findings)
+    }
+}
+
+/// Parses `cpu_shares=N vcpu_quota=…` into scheduler fields.
+pub fn parse_sched_args(args: &[String]) -> Result<SchedParams, DomainError> {
+    let mut p = SchedParams::default();
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or_else(|| DomainError::Usage(format!("'{a}' is not key=value")))?;
+        let bad = || DomainError::Usage(format!("{k}: '{v}' is not a number"));
+        match k {
+            "cpu_shares" => p.cpu_shares = Some(v.parse().map_err(|_| bad())?),
+            "vcpu_period" => p.vcpu_period = Some(v.parse().map_err(|_| bad())?),
+            "vcpu_quota" => p.vcpu_quota = Some(v.parse().map_err(|_| bad())?),
+            "emulator_period" => p.emulator_period = Some(v.parse().map_err(|_| bad())?),
+            "emulator_quota" => p.emulator_quota = Some(v.parse().map_err(|_| bad())?),
+            "global_period" => p.global_period = Some(v.parse().map_err(|_| bad())?),
+            "global_quota" => p.global_quota = Some(v.parse().map_err(|_| bad())?),
+            "iothread_period" => p.iothread_period = Some(v.parse().map_err(|_| bad())?),
+            "iothread_quota" => p.iothread_quota = Some(v.parse().map_err(|_| bad())?),
+            _ => {
+                return Err(DomainError::Usage(format!(
+                    "unknown scheduler parameter '{k}' (cpu_shares, vcpu_period, vcpu_quota, emulator_period, emulator_quota, global_period, global_quota, iothread_period, iothread_quota)"
+                )))
+            }
+        }
+    }
+    for (name, period) in [
+        ("vcpu_period", p.vcpu_period),
+        ("emulator_period", p.emulator_period),
+        ("global_period", p.global_period),
+        ("iothread_period", p.iothread_period),
+    ] {
+        if let Some(v) = period {
+            if v != 0 && !(1000..=1_000_000).contains(&v) {
+                return Err(DomainError::Usage(format!("{name}={v} is outside 1000..=1000000 µs")));
+            }
+        }
+    }
+    Ok(p)
+}
+
+pub fn render_sched(p: &SchedParams) -> String {
+    let mut s = String::new();
+    let mut row = |k: &str, v: String| {
+        let _ = writeln!(s, "{k:<15}: {v}");
+    };
+    let o = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let i = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    row("Scheduler", p.scheduler.clone());
+    row("cpu_shares", o(p.cpu_shares));
+    row("vcpu_period", o(p.vcpu_period));
+    row("vcpu_quota", i(p.vcpu_quota));
+    row("emulator_period", o(p.emulator_period));
+    row("emulator_quota", i(p.emulator_quota));
+    row("global_period", o(p.global_period));
+    row("global_quota", i(p.global_quota));
+    row("iothread_period", o(p.iothread_period));
+    row("iothread_quota", i(p.iothread_quota));
+    s
+}
+
+/// `schedinfo DOM [cpu_shares=N …]`: sets what is given, then shows all.
+pub async fn schedinfo(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    affect: Affect,
+    set: SchedParams,
+) -> Result<SchedParams, TuneError> {
+    let l = load(conn, name, true).await?;
+    let affect = affect.resolve(l.running);
+    if let Some(shares) = set.cpu_shares {
+        let ctx = ctx_for(&l, affect);
+        gate(preflight::check(&ctx, &Operation::Shares(shares)))?;
+    }
+    let dom = l.dom.clone();
+    let changed = set != SchedParams::default();
+    Ok(blocking(move || {
+        if changed {
+            let mut p = set;
+            p.scheduler = dom.scheduler(affect)?.scheduler;
+            dom.set_scheduler(&p, affect)?;
+        }
+        dom.scheduler(affect)
+    })
+    .await?)
+}
+
+fn ctx_for(l: &crate::ops::Loaded, affect: Affect) -> Ctx<'_> {
+    Ctx {
+        dom: &l.facts,
+        host: &l.host,
+        guest: None,
+        running: l.running,
+        job_running: l.job_running,
+        affect,
+        no_wait: true,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PinTable {
+    pub emulator: Option<CpuSet>,
+    pub vcpus: Vec<(u32, CpuSet)>,
+}
+
+fn pin_table(facts: &DomainFacts, host_cpus: &CpuSet) -> PinTable {
+    PinTable {
+        emulator: Some(facts.emulatorpin.clone().unwrap_or_else(|| host_cpus.clone())),
+        vcpus: (0..facts.vcpus_max)
+            .map(|v| (v, facts.vcpupins.get(&v).cloned().unwrap_or_else(|| host_cpus.clone())))
+            .collect(),
+    }
+}
+
+async fn reread(conn: Arc<dyn Connection>, name: &str, affect: Affect) -> Result<crate::ops::Loaded, DomainError> {
+    load(conn, name, affect.live()).await
+}
+
+/// `emulatorpin DOM [CPUSET]`.
+pub async fn emulatorpin(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    affect: Affect,
+    cpus: Option<CpuSet>,
+) -> Result<PinTable, TuneError> {
+    let l = load(conn.clone(), name, true).await?;
+    let affect = affect.resolve(l.running);
+    if let Some(cpus) = cpus {
+        gate(preflight::check(&ctx_for(&l, affect), &Operation::Pin { vcpu: None, cpus: cpus.clone() }))?;
+        let (dom, n) = (l.dom.clone(), l.host.cpus);
+        blocking(move || dom.pin_emulator(&cpus, n, affect)).await?;
+    }
+    let l = reread(conn, name, affect).await?;
+    let t = pin_table(&l.facts, &l.host.all_cpus());
+    Ok(PinTable { emulator: t.emulator, vcpus: vec![] })
+}
+
+/// `vcpupin DOM [VCPU CPUSET]`.
+pub async fn vcpupin(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    affect: Affect,
+    pin: Option<(u32, CpuSet)>,
+) -> Result<PinTable, TuneError> {
+    let l = load(conn.clone(), name, true).await?;
+    let affect = affect.resolve(l.running);
+    if let Some((vcpu, cpus)) = pin {
+        gate(preflight::check(&ctx_for(&l, affect), &Operation::Pin { vcpu: Some(vcpu), cpus: cpus.clone() }))?;
+        let (dom, n) = (l.dom.clone(), l.host.cpus);
+        blocking(move || dom.pin_vcpu(vcpu, &cpus, n, affect)).await?;
+    }
+    let l = reread(conn, name, affect).await?;
+    let t = pin_table(&l.facts, &l.host.all_cpus());
+    Ok(PinTable { emulator: None, vcpus: t.vcpus })
+}
+
+pub fn render_pins(t: &PinTable) -> String {
+    let mut s = String::new();
+    if let Some(e) = &t.emulator {
+        let _ = writeln!(s, "emulator: CPU Affinity\n----------------------------------\n       *: {e}");
+    }
+    if !t.vcpus.is_empty() {
+        let _ = writeln!(s, " VCPU   CPU Affinity\n----------------------");
+        for (v, set) in &t.vcpus {
+            let _ = writeln!(s, " {v:<6} {set}");
+        }
+    }
+    s
+}
+
+/// `numatune DOM [--mode M] [--nodeset SET]`.
+pub async fn numatune(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    affect: Affect,
+    set: NumaParams,
+) -> Result<NumaParams, TuneError> {
+    let l = load(conn, name, true).await?;
+    let affect = affect.resolve(l.running);
+    let dom = l.dom.clone();
+    if set.mode.is_some() || set.nodeset.is_some() {
+        gate(preflight::check(
+            &ctx_for(&l, affect),
+            &Operation::Numatune { mode: set.mode, nodeset: set.nodeset.clone() },
+        ))?;
+    }
+    Ok(blocking(move || {
+        if set.mode.is_some() || set.nodeset.is_some() {
+            dom.set_numa(&set, affect)?;
+        }
+        dom.numa(affect)
+    })
+    .await?)
+}
+
+pub fn render_numatune(p: &NumaParams) -> String {
+    format!(
+        "numa_mode      : {}\nnuma_nodeset   : {}\n",
+        p.mode.map(NumaMode::as_str).unwrap_or("-"),
+        p.nodeset.as_ref().map(|s| s.to_string()).unwrap_or_default()
+    )
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NumaView {
+    pub host: Vec<HostNodeView>,
+    pub distances: Vec<Vec<u32>>,
+    pub guest_cells: Vec<GuestCellView>,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostNodeView {
+    pub id: u32,
+    pub cpus: CpuSet,
+    pub size: Bytes,
+    pub free: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestCellView {
+    pub id: u32,
+    pub vcpus: CpuSet,
+    pub memory: Bytes,
+    pub dimm_memory: Bytes,
+    pub host_nodes: Option<CpuSet>,
+    pub mode: Option<String>,
+}
+
+/// `numa DOM`: host topology as `numactl -H`, guest cells and their host nodes.
+pub async fn numa(conn: Arc<dyn Connection>, name: &str) -> Result<NumaView, TuneError> {
+    let l = load(conn, name, true).await?;
+    let host = l
+        .host
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| HostNodeView {
+            id: n.id,
+            cpus: n.cpus.clone(),
+            size: n.memory,
+            free: l.host.free.get(i).copied(),
+        })
+        .collect();
+    let distances = l
+        .host
+        .nodes
+        .iter()
+        .map(|n| l.host.nodes.iter().map(|m| n.distances.get(&m.id).copied().unwrap_or(0)).collect())
+        .collect();
+    let guest_cells = l
+        .facts
+        .cells
+        .iter()
+        .map(|c| GuestCellView {
+            id: c.id,
+            vcpus: c.cpus.clone(),
+            memory: c.memory,
+            dimm_memory: Bytes(l.facts.dimms.iter().filter(|d| d.node == Some(c.id)).map(|d| d.size.get()).sum()),
+            host_nodes: l
+                .facts
+                .memnodes
+                .get(&c.id)
+                .map(|(_, s)| s.clone())
+                .or_else(|| l.facts.numatune_nodeset.clone()),
+            mode: l.facts.memnodes.get(&c.id).map(|(m, _)| m.clone()).or_else(|| l.facts.numatune_mode.clone()),
+        })
+        .collect();
+    let findings = preflight::check(&ctx_for(&l, Affect::Live), &Operation::Readiness)
+        .into_iter()
+        .filter(|f| f.id == "numa.cell-pinning" || f.id == "cpu.socket-cell")
+        .collect();
+    Ok(NumaView { host, distances, guest_cells, findings })
+}
+
+pub fn render_numa(v: &NumaView) -> String {
+    let mut s = String::new();
+    let ids: Vec<String> = v.host.iter().map(|n| n.id.to_string()).collect();
+    let _ = writeln!(s, "available: {} nodes ({})", v.host.len(), ids.join(","));
+    for n in &v.host {
+        let cpus: Vec<String> = n.cpus.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(s, "node {} cpus: {}", n.id, cpus.join(" "));
+        let _ = writeln!(s, "node {} size: {} MB", n.id, n.size.mib());
+        let _ = writeln!(
+            s,
+            "node {} free: {}",
+            n.id,
+            n.free.map(|f| format!("{} MB", f.mib())).unwrap_or_else(|| "?".into())
+        );
+    }
+    let _ = writeln!(s, "node distances:\nnode {}", ids.iter().map(|i| format!("{i:>3}")).collect::<String>());
+    for (n, row) in v.host.iter().zip(&v.distances) {
+        let _ = writeln!(s, "{:>4}:{}", n.id, row.iter().map(|d| format!("{d:>4}")).collect::<String>());
+    }
+    let _ = writeln!(s, "\nguest cells:");
+    for c in &v.guest_cells {
+        let _ = writeln!(
+            s,
+            "cell {} vcpus {} memory {} (+{} DIMM) host nodes {} mode {}",
+            c.id,
+            c.vcpus,
+            c.memory,
+            c.dimm_memory,
+            c.host_nodes.as_ref().map(|h| h.to_string()).unwrap_or_else(|| "any".into()),
+            c.mode.as_deref().unwrap_or("-")
+        );
+    }
+    for f in &v.findings {
+        let _ = writeln!(s, "warning [{}] {}", f.id, f.message);
+    }
+    s
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub domain: String,
+    pub ready: bool,
+    pub guest: Option<GuestInfo>,
+    pub agent_error: Option<String>,
+    pub findings: Vec<Finding>,
+}
+
+/// `check DOM [--cpus N] [--memory SIZE [--node N]]`: preflight only.
+pub async fn check(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    cpus: Option<u32>,
+    memory: Option<(Bytes, Option<u32>)>,
+    agent: Option<&AgentAddr>,
+    agent_wait: Duration,
+) -> Result<CheckResult, TuneError> {
+    let l = load(conn, name, true).await?;
+    let (guest, agent_error) = if l.running {
+        match connect_agent(&l.facts, agent, agent_wait).await {
+            Ok(link) => (Some(link.info), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, None)
+    };
+    let affect = if l.running { Affect::Live } else { Affect::Config };
+    let ctx = Ctx {
+        dom: &l.facts,
+        host: &l.host,
+        guest: guest.as_ref(),
+        running: l.running,
+        job_running: l.job_running,
+        affect,
+        no_wait: guest.is_none(),
+    };
+    let mut findings = preflight::check(&ctx, &Operation::Readiness);
+    if let Some(target) = cpus {
+        findings.extend(preflight::check(&ctx, &Operation::Vcpus { target }));
+    }
+    if let Some((size, node)) = memory {
+        findings.extend(preflight::check(&ctx, &Operation::Memory { size, node, dimms: 1 }));
+    }
+    findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.id.cmp(b.id)));
+    findings.dedup();
+    let ready = !findings.iter().any(|f| f.severity == Severity::Error);
+    Ok(CheckResult { domain: name.into(), ready, guest, agent_error, findings })
+}
+
+pub fn render_check(c: &CheckResult) -> String {
+    let mut s = format!("{}: {}\n", c.domain, if c.ready { "ready" } else { "NOT ready" });
+    if let Some(e) = &c.agent_error {
+        let _ = writeln!(s, "  agent: {e}");
+    }
+    for f in &c.findings {
+        let _ = writeln!(
+            s,
+            "  {} [{}] {}",
+            if f.severity == Severity::Error { "error" } else { "warning" },
+            f.id,
+            f.message
+        );
+    }
+    s
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub domain: String,
+    pub running: bool,
+    pub vcpus_current: u32,
+    pub vcpus_max: u32,
+    pub memory: Bytes,
+    pub max_memory: Option<Bytes>,
+    pub slots: Option<u32>,
+    pub slots_free: u32,
+    pub dimms: Vec<DimmStatus>,
+    pub guest: Option<GuestInfo>,
+    pub agent_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DimmStatus {
+    pub alias: Option<String>,
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub base: Option<u64>,
+    pub blocks: Vec<BlockState>,
+}
+
+/// `status DOM`: the host's and the guest's view side by side.
+pub async fn status(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    agent: Option<&AgentAddr>,
+    agent_wait: Duration,
+) -> Result<Status, TuneError> {
+    let l = load(conn, name, true).await?;
+    let mut dimms: Vec<DimmStatus> = l
+        .facts
+        .dimms
+        .iter()
+        .map(|d| DimmStatus { alias: d.alias.clone(), size: d.size, node: d.node, base: d.base, blocks: vec![] })
+        .collect();
+    let (mut guest, mut agent_error) = (None, None);
+    if l.running {
+        match connect_agent(&l.facts, agent, agent_wait).await {
+            Ok(mut link) => {
+                for d in dimms.iter_mut() {
+                    if let Some(base) = d.base {
+                        match link.blocks(vec![MemRange { start: base, size: d.size }]).await {
+                            Ok(b) => d.blocks = b,
+                            Err(e) => agent_error = Some(e.to_string()),
+                        }
+                    }
+                }
+                guest = Some(link.info);
+            }
+            Err(e) => agent_error = Some(e.to_string()),
+        }
+    }
+    Ok(Status {
+        domain: name.into(),
+        running: l.running,
+        vcpus_current: l.facts.vcpus_current,
+        vcpus_max: l.facts.vcpus_max,
+        memory: l.facts.memory,
+        max_memory: l.facts.max_memory,
+        slots: l.facts.slots,
+        slots_free: l.facts.free_slots(),
+        dimms,
+        guest,
+        agent_error,
+    })
+}
+
+pub fn render_status(st: &Status) -> String {
+    let mut s = String::new();
+    let g = st.guest.as_ref();
+    let _ = writeln!(s, "{:<14} {:<34} {}", "", "host (libvirt)", "guest (agent)");
+    let _ = writeln!(
+        s,
+        "{:<14} {:<34} {}",
+        "state",
+        if st.running { "running" } else { "shut off" },
+        g.map(|g| format!("kernel {}", g.kernel)).unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "{:<14} {:<34} {}",
+        "vcpus",
+        format!("{} of {}", st.vcpus_current, st.vcpus_max),
+        g.map(|g| format!("{} online ({}), possible {}", g.cpus.online.len(), g.cpus.online, g.cpus.possible))
+            .unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "{:<14} {:<34} {}",
+        "memory",
+        format!("{} of {}", st.memory, st.max_memory.map(|m| m.to_string()).unwrap_or_else(|| "-".into())),
+        g.map(|g| format!("MemTotal {}, available {}", g.mem_total, g.mem_available)).unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "{:<14} {:<34} {}",
+        "blocks",
+        format!("slots {} used, {} free", st.dimms.len(), st.slots_free),
+        g.and_then(|g| g.memory.as_ref())
+            .map(|m| format!("{} online, {} offline, block size {}", m.blocks_online, m.blocks_offline, m.block_size))
+            .unwrap_or_else(|| "-".into())
+    );
+    for d in &st.dimms {
+        let online = d.blocks.iter().filter(|b| b.online).count();
+        let zones: std::collections::BTreeSet<&str> = d.blocks.iter().filter_map(|b| b.zone.as_deref()).collect();
+        let nodes: std::collections::BTreeSet<u32> = d.blocks.iter().filter_map(|b| b.node).collect();
+        let _ = writeln!(
+            s,
+            "{:<14} {:<34} {}",
+            format!("dimm {}", d.alias.as_deref().unwrap_or("?")),
+            format!(
+                "{} node {} @{:#x}",
+                d.size,
+                d.node.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                d.base.unwrap_or(0)
+            ),
+            if d.blocks.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{online}/{} blocks online, zone {:?}, node {:?}", d.blocks.len(), zones, nodes)
+            }
+        );
+    }
+    if let Some(e) = &st.agent_error {
+        let _ = writeln!(s, "agent: {e}");
+    }
+    s
+}

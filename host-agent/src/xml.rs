@@ -1,0 +1,443 @@
+//! Domain and host XML: a DOM query over what libvirt gives us (unknown elements
+//! are never touched), and typed writers for the few pieces vmplug writes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use roxmltree::{Document, Node};
+use vmplug_common::{Bytes, CpuSet, KIB};
+
+/// The metadata namespace for vmplug's own annotations.
+pub const VMPLUG_NS: &str = "https://vmplug.dev/xmlns/agent/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum XmlError {
+    #[error("domain XML does not parse")]
+    Parse(#[from] roxmltree::Error),
+    #[error("<{element}> attribute {attr}='{value}' is invalid")]
+    Attr { element: &'static str, attr: &'static str, value: String },
+    #[error("domain XML has no <{0}>")]
+    Missing(&'static str),
+}
+
+fn unit_to_bytes(n: u64, unit: Option<&str>) -> Option<u64> {
+    let mult = match unit.unwrap_or("KiB") {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "KiB" => KIB,
+        "MB" => 1000 * 1000,
+        "M" | "MiB" => KIB * KIB,
+        "GB" => 1000 * 1000 * 1000,
+        "G" | "GiB" => KIB * KIB * KIB,
+        "T" | "TiB" => KIB * KIB * KIB * KIB,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn size_of(node: Node) -> Option<Bytes> {
+    let n: u64 = node.text()?.trim().parse().ok()?;
+    unit_to_bytes(n, node.attribute("unit")).map(Bytes)
+}
+
+fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+    node.children().find(|c| c.has_tag_name(name))
+}
+
+fn path<'a, 'i>(node: Node<'a, 'i>, names: &[&str]) -> Option<Node<'a, 'i>> {
+    names.iter().try_fold(node, |n, name| child(n, name))
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub id: u32,
+    pub cpus: CpuSet,
+    pub memory: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dimm {
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub slot: Option<u32>,
+    /// Guest-physical base (live XML only).
+    pub base: Option<u64>,
+    pub alias: Option<String>,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Topology {
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+}
+
+impl Topology {
+    /// vCPUs per socket.
+    pub fn per_socket(&self) -> u32 {
+        (self.cores * self.threads).max(1)
+    }
+}
+
+/// Where the guest agent can be reached, as the domain XML tells.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentHint {
+    /// `<metadata><vmplug:agent transport='hybrid' path=… port=…/>`
+    Hybrid { path: String, port: u32 },
+    /// `<metadata><vmplug:agent transport='vsock' cid=… port=…/>`
+    Vsock { cid: u32, port: u32 },
+    /// `<metadata><vmplug:agent transport='serial' path=…/>`
+    Serial { path: String },
+}
+
+/// Everything vmplug reads from one domain XML.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DomainFacts {
+    pub name: String,
+    pub virt_type: String,
+    pub arch: String,
+    pub machine: String,
+    pub os_is_windows: bool,
+    pub vcpu_placement: String,
+    pub vcpus_max: u32,
+    pub vcpus_current: u32,
+    pub topology: Option<Topology>,
+    pub cells: Vec<Cell>,
+    pub memory: Bytes,
+    pub max_memory: Option<Bytes>,
+    pub slots: Option<u32>,
+    pub dimms: Vec<Dimm>,
+    pub virtio_nets: u32,
+    pub vhost_user_devices: Vec<String>,
+    /// virtio-serial channels: target name → host socket path.
+    pub channels: BTreeMap<String, String>,
+    pub vsock_cid: Option<u32>,
+    pub hugepage_size: Option<Bytes>,
+    pub cpu_shares: Option<u64>,
+    pub emulatorpin: Option<CpuSet>,
+    pub vcpupins: BTreeMap<u32, CpuSet>,
+    pub numatune_mode: Option<String>,
+    pub numatune_nodeset: Option<CpuSet>,
+    /// cellid → (mode, nodeset)
+    pub memnodes: BTreeMap<u32, (String, CpuSet)>,
+    pub agent_hint: Option<AgentHint>,
+}
+
+impl DomainFacts {
+    pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
+        let doc = Document::parse(xml)?;
+        let dom = doc.root_element();
+        let mut f = DomainFacts {
+            name: child(dom, "name").and_then(|n| n.text()).unwrap_or_default().to_string(),
+            virt_type: dom.attribute("type").unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        if let Some(t) = path(dom, &["os", "type"]) {
+            f.arch = t.attribute("arch").unwrap_or_default().to_string();
+            f.machine = t.attribute("machine").unwrap_or_default().to_string();
+        }
+        f.os_is_windows = dom.descendants().any(|n| {
+            n.tag_name().name() == "os" && n.attribute("id").is_some_and(|id| id.contains("microsoft.com/win"))
+        }) || path(dom, &["features", "hyperv"]).is_some();
+        let vcpu = child(dom, "vcpu").ok_or(XmlError::Missing("vcpu"))?;
+        f.vcpu_placement = vcpu.attribute("placement").unwrap_or("static").to_string();
+        f.vcpus_max = vcpu.text().and_then(|t| t.trim().parse().ok()).ok_or(XmlError::Attr {
+            element: "vcpu",
+            attr: "text",
+            value: vcpu.text().unwrap_or_default().to_string(),
+        })?;
+        f.vcpus_current = match vcpu.attribute("current") {
+            Some(c) => {
+                c.parse().map_err(|_| XmlError::Attr { element: "vcpu", attr: "current", value: c.to_string() })?
+            }
+            None => f.vcpus_max,
+        };
+        if let Some(cpu) = child(dom, "cpu") {
+            if let Some(t) = child(cpu, "topology") {
+                let get = |a| t.attribute(a).and_then(|v| v.parse().ok()).unwrap_or(1);
+                f.topology = Some(Topology { sockets: get("sockets"), cores: get("cores"), threads: get("threads") });
+            }
+            if let Some(numa) = child(cpu, "numa") {
+                for c in numa.children().filter(|c| c.has_tag_name("cell")) {
+                    let id = c.attribute("id").and_then(|v| v.parse().ok()).unwrap_or(f.cells.len() as u32);
+                    let cpus = c.attribute("cpus").unwrap_or("").parse().map_err(|_| XmlError::Attr {
+                        element: "cell",
+                        attr: "cpus",
+                        value: c.attribute("cpus").unwrap_or_default().to_string(),
+                    })?;
+                    let memory = c
+                        .attribute("memory")
+                        .and_then(|m| m.parse().ok())
+                        .and_then(|m| unit_to_bytes(m, c.attribute("unit")))
+                        .map(Bytes)
+                        .unwrap_or_default();
+                    f.cells.push(Cell { id, cpus, memory });
+                }
+            }
+        }
+        f.memory = child(dom, "memory").and_then(size_of).unwrap_or_default();
+        if let Some(mm) = child(dom, "maxMemory") {
+            f.max_memory = size_of(mm);
+            f.slots = mm.attribute("slots").and_then(|s| s.parse().ok());
+        }
+        if let Some(mb) = child(dom, "memoryBacking") {
+            if let Some(hp) = child(mb, "hugepages") {
+                f.hugepage_size = child(hp, "page")
+                    .and_then(|p| p.attribute("size")?.parse().ok().and_then(|n| unit_to_bytes(n, p.attribute("unit"))))
+                    .map(Bytes)
+                    .or(Some(Bytes(2 * KIB * KIB)));
+            }
+        }
+        if let Some(devices) = child(dom, "devices") {
+            for d in devices.children().filter(|n| n.is_element()) {
+                match d.tag_name().name() {
+                    "memory" => f.dimms.push(Dimm {
+                        model: d.attribute("model").unwrap_or_default().to_string(),
+                        size: path(d, &["target", "size"]).and_then(size_of).unwrap_or_default(),
+                        node: path(d, &["target", "node"]).and_then(|n| n.text()?.trim().parse().ok()),
+                        slot: child(d, "address").and_then(|a| a.attribute("slot")?.parse().ok()),
+                        base: child(d, "address").and_then(|a| parse_num(a.attribute("base")?)),
+                        alias: child(d, "alias").and_then(|a| a.attribute("name")).map(str::to_string),
+                    }),
+                    "interface" => {
+                        let kind = d.attribute("type").unwrap_or_default();
+                        if kind == "vhostuser" {
+                            f.vhost_user_devices.push("interface type='vhostuser'".into());
+                        }
+                        if child(d, "model").and_then(|m| m.attribute("type")) == Some("virtio") {
+                            f.virtio_nets += 1;
+                        }
+                    }
+                    "channel" => {
+                        if let (Some(t), Some(src)) = (child(d, "target"), child(d, "source")) {
+                            if t.attribute("type") == Some("virtio") {
+                                if let (Some(name), Some(p)) = (t.attribute("name"), src.attribute("path")) {
+                                    f.channels.insert(name.to_string(), p.to_string());
+                                }
+                            }
+                        }
+                    }
+                    "vsock" => {
+                        f.vsock_cid = child(d, "cid").and_then(|c| c.attribute("address")?.parse().ok());
+                    }
+                    other => {
+                        if child(d, "driver").and_then(|dr| dr.attribute("type")) == Some("vhostuser")
+                            || d.attribute("type") == Some("vhostuser")
+                        {
+                            f.vhost_user_devices.push(format!("{other} type='vhostuser'"));
+                        }
+                    }
+                }
+            }
+        }
+        // vhost-user devices passed through on the QEMU command line count too.
+        for arg in dom.descendants().filter(|n| n.tag_name().name() == "arg") {
+            if let Some(v) = arg.attribute("value") {
+                if let Some(dev) = v.split(',').next().filter(|d| d.starts_with("vhost-user-")) {
+                    f.vhost_user_devices.push(format!("qemu:commandline {dev}"));
+                }
+            }
+        }
+        if let Some(ct) = child(dom, "cputune") {
+            f.cpu_shares = child(ct, "shares").and_then(|s| s.text()?.trim().parse().ok());
+            f.emulatorpin = child(ct, "emulatorpin").and_then(|e| e.attribute("cpuset")?.parse().ok());
+            for p in ct.children().filter(|c| c.has_tag_name("vcpupin")) {
+                if let (Some(v), Some(set)) = (
+                    p.attribute("vcpu").and_then(|v| v.parse().ok()),
+                    p.attribute("cpuset").and_then(|s| s.parse().ok()),
+                ) {
+                    f.vcpupins.insert(v, set);
+                }
+            }
+        }
+        if let Some(nt) = child(dom, "numatune") {
+            if let Some(m) = child(nt, "memory") {
+                f.numatune_mode = Some(m.attribute("mode").unwrap_or("strict").to_string());
+                f.numatune_nodeset = m.attribute("nodeset").and_then(|s| s.parse().ok());
+            }
+            for mn in nt.children().filter(|c| c.has_tag_name("memnode")) {
+                if let (Some(id), Some(set)) = (
+                    mn.attribute("cellid").and_then(|v| v.parse().ok()),
+                    mn.attribute("nodeset").and_then(|s| s.parse().ok()),
+                ) {
+                    f.memnodes.insert(id, (mn.attribute("mode").unwrap_or("strict").to_string(), set));
+                }
+            }
+        }
+        if let Some(md) = child(dom, "metadata") {
+            if let Some(a) =
+                md.children().find(|n| n.tag_name().name() == "agent" && n.tag_name().namespace() == Some(VMPLUG_NS))
+            {
+                let port = a
+                    .attribute("port")
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(vmplug_common::protocol::DEFAULT_VSOCK_PORT);
+                f.agent_hint = match a.attribute("transport") {
+                    Some("hybrid") => a.attribute("path").map(|p| AgentHint::Hybrid { path: p.to_string(), port }),
+                    Some("vsock") => {
+                        a.attribute("cid").and_then(|c| c.parse().ok()).map(|cid| AgentHint::Vsock { cid, port })
+                    }
+                    Some("serial") => a.attribute("path").map(|p| AgentHint::Serial { path: p.to_string() }),
+                    _ => None,
+                };
+            }
+        }
+        Ok(f)
+    }
+
+    /// Memory in DIMMs.
+    pub fn dimm_memory(&self) -> Bytes {
+        Bytes(self.dimms.iter().map(|d| d.size.get()).sum())
+    }
+
+    /// The cell holding `vcpu`.
+    pub fn cell_of_vcpu(&self, vcpu: u32) -> Option<&Cell> {
+        self.cells.iter().find(|c| c.cpus.contains(vcpu))
+    }
+
+    /// Memory slots a DIMM may still use: `min(slots, 64 - virtio-net devices)`
+    /// minus DIMMs present (the guide reserves slots for the NICs).
+    pub fn free_slots(&self) -> u32 {
+        let usable = self.slots.unwrap_or(0).min(64u32.saturating_sub(self.virtio_nets));
+        usable.saturating_sub(self.dimms.len() as u32)
+    }
+
+    /// Memory vmplug may still add under `<maxMemory>`.
+    pub fn memory_headroom(&self) -> Bytes {
+        Bytes(self.max_memory.map(|m| m.get().saturating_sub(self.memory.get())).unwrap_or(0))
+    }
+}
+
+/// One host NUMA node from the capabilities XML.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostNode {
+    pub id: u32,
+    pub memory: Bytes,
+    pub cpus: CpuSet,
+    /// sibling id → distance
+    pub distances: BTreeMap<u32, u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HostFacts {
+    pub arch: String,
+    pub nodes: Vec<HostNode>,
+    /// Highest host CPU id + 1 (the cpumap length).
+    pub cpus: u32,
+    /// Free memory per node, bytes (same order as `nodes`), when known.
+    pub free: Vec<Bytes>,
+    /// The hypervisor's vCPU maximum for this domain's machine (domain capabilities).
+    pub max_vcpus: Option<u32>,
+    /// cgroup version of the host, when the host is this machine.
+    pub cgroup_v2: Option<bool>,
+}
+
+impl HostFacts {
+    pub fn parse_capabilities(xml: &str) -> Result<HostFacts, XmlError> {
+        let doc = Document::parse(xml)?;
+        let host = child(doc.root_element(), "host").ok_or(XmlError::Missing("host"))?;
+        let mut f = HostFacts {
+            arch: path(host, &["cpu", "arch"]).and_then(|a| a.text()).unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        if let Some(cells) = path(host, &["topology", "cells"]) {
+            for c in cells.children().filter(|c| c.has_tag_name("cell")) {
+                let id = c.attribute("id").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let memory = child(c, "memory").and_then(size_of).unwrap_or_default();
+                let cpus: CpuSet = child(c, "cpus")
+                    .map(|cs| {
+                        cs.children()
+                            .filter(|n| n.has_tag_name("cpu"))
+                            .filter_map(|n| n.attribute("id")?.parse().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let distances = child(c, "distances")
+                    .map(|d| {
+                        d.children()
+                            .filter(|n| n.has_tag_name("sibling"))
+                            .filter_map(|n| {
+                                Some((n.attribute("id")?.parse().ok()?, n.attribute("value")?.parse().ok()?))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                f.cpus = f.cpus.max(cpus.max().map(|m| m + 1).unwrap_or(0));
+                f.nodes.push(HostNode { id, memory, cpus, distances });
+            }
+        }
+        Ok(f)
+    }
+
+    /// `<vcpu max='N'/>` of the domain capabilities XML.
+    pub fn parse_domcaps_max_vcpus(xml: &str) -> Option<u32> {
+        let doc = Document::parse(xml).ok()?;
+        child(doc.root_element(), "vcpu")?.attribute("max")?.parse().ok()
+    }
+
+    pub fn all_cpus(&self) -> CpuSet {
+        CpuSet::first_n(self.cpus)
+    }
+
+    pub fn node(&self, id: u32) -> Option<&HostNode> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn free_on(&self, id: u32) -> Option<Bytes> {
+        let idx = self.nodes.iter().position(|n| n.id == id)?;
+        self.free.get(idx).copied()
+    }
+}
+
+/// Minimal XML escaping for attribute and text values we write.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+/// A `<memory model='dimm'>` device as vmplug attaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DimmSpec {
+    pub size: Bytes,
+    pub node: u32,
+}
+
+impl DimmSpec {
+    /// The device XML, sized in KiB (libvirt's native unit; always exact here
+    /// because sizes are block-aligned).
+    pub fn to_xml(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "<memory model='dimm'>\n  <target>\n    <size unit='KiB'>{}</size>\n    <node>{}</node>\n  </target>\n</memory>\n",
+            self.size.kib(),
+            self.node
+        );
+        s
+    }
+}
+
+/// The XML that detaches an existing DIMM (matched by alias, as libvirt does).
+pub fn dimm_detach_xml(d: &Dimm) -> String {
+    let mut s = String::new();
+    let _ = write!(s, "<memory model='{}'>\n  <target>\n    <size unit='KiB'>{}</size>\n", esc(&d.model), d.size.kib());
+    if let Some(n) = d.node {
+        let _ = writeln!(s, "    <node>{n}</node>");
+    }
+    s.push_str("  </target>\n");
+    if let Some(a) = &d.alias {
+        let _ = writeln!(s, "  <alias name='{}'/>", esc(a));
+    }
+    if let (Some(slot), Some(base)) = (d.slot, d.base) {
+        let _ = writeln!(s, "  <address type='dimm' slot='{slot}' base='{base:#x}'/>");
+    }
+    s.push_str("</memory>\n");
+    s
+}
