@@ -20,6 +20,11 @@ pub const CONNECT_RETRY: Duration = Duration::from_millis(250);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Extra time the host grants beyond the guest's own deadline before giving up.
 pub const REPLY_SLACK: Duration = Duration::from_secs(10);
+/// Longest single `Online` round of [`GuestLink::online_until_done`].
+pub const ONLINE_ROUND: Duration = Duration::from_secs(10);
+/// How long past a round's deadline an answer may take before the agent is
+/// presumed gone (a round is then at most 12 s).
+pub const ROUND_SLACK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddr {
@@ -249,6 +254,40 @@ impl GuestLink {
     pub async fn online(&mut self, req: OnlineRequest) -> Result<Report, LinkError> {
         let wait = Duration::from_millis(req.timeout_ms);
         self.report(Request::Online(req), wait).await
+    }
+
+    /// Brings the guest to `req`'s targets, surviving an agent restart: the wait
+    /// is cut into rounds of at most [`ONLINE_ROUND`]; a round that ends without
+    /// an answer (agent killed, link dropped) reconnects and asks again. Totals,
+    /// not deltas, make the repeat harmless. Ends by `req.timeout_ms` overall.
+    pub async fn online_until_done(&mut self, req: OnlineRequest) -> Result<(Report, u32), LinkError> {
+        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
+        let mut reconnects = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let round = left.min(ONLINE_ROUND).max(Duration::from_millis(1));
+            let r = OnlineRequest { timeout_ms: round.as_millis() as u64, ..req.clone() };
+            let res = self.report(Request::Online(r), round.saturating_sub(REPLY_SLACK) + ROUND_SLACK).await;
+            match res {
+                Ok(report) if report.complete || !report.timed_out || Instant::now() >= deadline => {
+                    return Ok((report, reconnects))
+                }
+                Ok(_) => continue,
+                Err(e @ (LinkError::Timeout(..) | LinkError::Frame(_) | LinkError::Io(_))) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "no answer from the guest agent; reconnecting");
+                    let fresh = GuestLink::connect(&self.addr, left).await?;
+                    let events = std::mem::take(&mut self.events);
+                    *self = fresh;
+                    self.events = events;
+                    reconnects += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn offline(&mut self, req: OfflineRequest) -> Result<Report, LinkError> {

@@ -257,13 +257,14 @@ pub async fn setvcpus(
             Some(link) if !opts.no_wait => {
                 let t = Instant::now();
                 let r = link
-                    .online(OnlineRequest {
+                    .online_until_done(OnlineRequest {
                         cpus: Some(target),
                         memory: vec![],
                         zone: opts.zone,
                         timeout_ms: opts.timeout.as_millis() as u64,
                     })
-                    .await;
+                    .await
+                    .map(|(r, _)| r);
                 run.guest_ms += ms(t);
                 match r {
                     Ok(r) => {
@@ -377,8 +378,11 @@ pub async fn attach_memory(
             return Ok(refused("attach-memory", name, affect, findings, None, &run));
         }
         Err(PlanError::Zero) => return Err(DomainError::Usage("size must be larger than zero".into())),
+        // Forced past a misaligned size: plan in libvirt's MiB granularity and let
+        // the guest's answer show what happened.
         Err(_) => mem.size,
     };
+    let unit = if size.is_multiple_of(unit) { unit } else { vmplug_common::MIB };
     let cells: Vec<(u32, Bytes)> = l
         .facts
         .cells
@@ -487,13 +491,19 @@ pub async fn attach_memory(
         Some(link) if !opts.no_wait => {
             let t = Instant::now();
             let r = link
-                .online(OnlineRequest {
+                .online_until_done(OnlineRequest {
                     cpus: None,
                     memory: ranges,
                     zone: opts.zone,
                     timeout_ms: opts.timeout.as_millis() as u64,
                 })
                 .await;
+            let r = r.map(|(r, reconnects)| {
+                if reconnects > 0 {
+                    applied.push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
+                }
+                r
+            });
             run.guest_ms = ms(t);
             match r {
                 Ok(r) => {
@@ -509,6 +519,8 @@ pub async fn attach_memory(
                             })
                         })
                         .collect();
+                    let confirmed: u64 =
+                        r.blocks.iter().filter(|b| b.outcome.is_success()).count() as u64 * block.unwrap_or(0);
                     let missing =
                         r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound).count();
                     if r.timed_out {
@@ -521,6 +533,12 @@ pub async fn attach_memory(
                     } else if !r.complete {
                         outcome = Outcome::GuestFailed;
                         message = format!("the guest failed to online {} block(s)", r.failures());
+                    } else if confirmed != size.get() {
+                        outcome = Outcome::GuestFailed;
+                        message = format!(
+                            "libvirt attached {size} but the guest confirmed {} online for it",
+                            Bytes(confirmed)
+                        );
                     } else if !wrong_node.is_empty() {
                         outcome = Outcome::GuestFailed;
                         message = format!("blocks landed on the wrong guest node: {}", wrong_node.join("; "));

@@ -260,6 +260,28 @@ impl Guest {
         }
     }
 
+    /// `/sys/devices/system/cpu/online` in the guest.
+    pub fn online_cpus(&mut self) -> String {
+        self.sh("cat /sys/devices/system/cpu/online")
+    }
+
+    /// `MemTotal` of the guest's /proc/meminfo, KiB.
+    pub fn mem_total_kib(&mut self) -> u64 {
+        let out = self.sh("grep MemTotal /proc/meminfo");
+        out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("MemTotal from '{out}'"))
+    }
+
+    /// (state, node) of `memoryN` as the guest's sysfs shows it.
+    pub fn block(&mut self, index: u64) -> (String, Option<u32>) {
+        let out = self.sh(&format!(
+            "cat /sys/devices/system/memory/memory{index}/state; ls /sys/devices/system/memory/memory{index} | grep '^node'"
+        ));
+        let mut lines = out.lines();
+        let state = lines.next().unwrap_or_default().trim().to_string();
+        let node = lines.next().and_then(|l| l.trim().strip_prefix("node")?.parse().ok());
+        (state, node)
+    }
+
     /// Runs the real `vmplug` binary against this guest's daemon.
     pub fn vmplug(&self, args: &[&str]) -> Output {
         let env = Env::get();
