@@ -73,13 +73,24 @@ pub struct Agent {
     lock: Mutex<()>,
     /// Whether `add` uevents are onlined without a request.
     online_on_add: bool,
+    /// Resources this agent onlined on its own (on `add`), not yet reported:
+    /// a request that finds them online reports them as done by the agent.
+    self_onlined: std::sync::Mutex<std::collections::HashSet<Resource>>,
 }
 
 impl Agent {
     pub fn new(onliner: Onliner, zone: vmplug_common::protocol::ZonePolicy, online_on_add: bool) -> Arc<Self> {
         let (changes, _) = watch::channel(0);
         let (events, _) = broadcast::channel(256);
-        Arc::new(Agent { onliner: Arc::new(onliner), zone, changes, events, lock: Mutex::new(()), online_on_add })
+        Arc::new(Agent {
+            onliner: Arc::new(onliner),
+            zone,
+            changes,
+            events,
+            lock: Mutex::new(()),
+            online_on_add,
+            self_onlined: Default::default(),
+        })
     }
 
     pub fn sysfs(&self) -> &Sysfs {
@@ -214,8 +225,22 @@ impl Agent {
         started: Instant,
     ) -> Result<Report, AgentError> {
         let (online, memory_online) = self.blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?))).await?;
-        let cpus: Vec<_> = cpus.into_values().collect();
-        let blocks: Vec<_> = blocks.into_values().collect();
+        let mut cpus: Vec<_> = cpus.into_values().collect();
+        let mut blocks: Vec<_> = blocks.into_values().collect();
+        {
+            use vmplug_common::protocol::Outcome;
+            let mut mine = self.self_onlined.lock().unwrap_or_else(|e| e.into_inner());
+            for c in cpus.iter_mut().filter(|c| c.outcome == Outcome::Already) {
+                if mine.remove(&Resource::Cpu(c.cpu)) {
+                    c.outcome = Outcome::Done;
+                }
+            }
+            for b in blocks.iter_mut().filter(|b| b.outcome == Outcome::Already) {
+                if mine.remove(&Resource::MemoryBlock(b.index)) {
+                    b.outcome = Outcome::Done;
+                }
+            }
+        }
         let all_ok = cpus.iter().all(|c| c.outcome.is_success()) && blocks.iter().all(|b| b.outcome.is_success());
         let cpus_ok = target.is_none_or(|t| online.len() as u32 >= t);
         Ok(Report {
@@ -367,6 +392,13 @@ impl Agent {
                 match res {
                     Ok((outcome, zone)) => {
                         tracing::info!(?resource, ?outcome, "onlined on add");
+                        if outcome == vmplug_common::protocol::Outcome::Done {
+                            let mut mine = self.self_onlined.lock().unwrap_or_else(|e| e.into_inner());
+                            // Bounded: a guest that is never asked must not grow this forever.
+                            if mine.len() < 65_536 {
+                                mine.insert(resource);
+                            }
+                        }
                         self.emit_result(resource, &outcome, zone);
                     }
                     Err(e) => tracing::warn!(?resource, error = %e, "onlining on add failed"),

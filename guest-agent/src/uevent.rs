@@ -24,7 +24,7 @@ pub enum Action {
 }
 
 /// What a uevent is about, for the resources vmplug cares for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Resource {
     Cpu(u32),
     MemoryBlock(u64),

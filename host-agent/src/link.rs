@@ -236,6 +236,14 @@ impl GuestLink {
         }
     }
 
+    /// Drops the underlying connection (the link is unusable afterwards).
+    fn close(&mut self) {
+        let (closed, _) = tokio::io::duplex(1);
+        let (r, w) = tokio::io::split(Box::new(closed) as Box<dyn Stream>);
+        self.reader = FrameReader::new(r);
+        self.writer = w;
+    }
+
     pub async fn info(&mut self) -> Result<GuestInfo, LinkError> {
         match self.call(Request::Info, HELLO_TIMEOUT).await? {
             Response::GuestInfo(i) => Ok(i),
@@ -279,6 +287,9 @@ impl GuestLink {
                         return Err(e);
                     }
                     tracing::warn!(error = %e, "no answer from the guest agent; reconnecting");
+                    // Close this connection first: a virtio-serial chardev serves one
+                    // client at a time and would never answer a second one.
+                    self.close();
                     let fresh = GuestLink::connect(&self.addr, left).await?;
                     let events = std::mem::take(&mut self.events);
                     *self = fresh;

@@ -10,7 +10,7 @@ pub const DEFAULT_MAX_DIMM: Bytes = Bytes(4096 * MIB);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("size {size} is not a multiple of {what} {unit}; use a multiple (e.g. {down} or {up}) or --round-up")]
+    #[error("size {size} is not a multiple of {what} {unit}; use a multiple such as {up}{} or --round-up", or_down(.down))]
     Misaligned { size: Bytes, what: &'static str, unit: Bytes, down: Bytes, up: Bytes },
     #[error("size must be larger than zero")]
     Zero,
@@ -20,6 +20,14 @@ pub enum PlanError {
     NoSuchNode(u32, String),
     #[error("the domain has no guest NUMA cell to place memory on")]
     NoCells,
+}
+
+fn or_down(down: &Bytes) -> String {
+    if down.get() > 0 {
+        format!(" or {down}")
+    } else {
+        String::new()
+    }
 }
 
 /// The alignment unit for DIMMs: the guest's block size and, when hugepages back
@@ -92,7 +100,16 @@ pub fn plan_dimms(
         };
         out.push(DimmSpec { size: Bytes(dimm_size), node: target });
     }
-    Ok(out)
+    // Pieces that landed on the same node become one DIMM where the size allows:
+    // slots are scarce.
+    let mut merged: Vec<DimmSpec> = Vec::new();
+    for d in out {
+        match merged.iter_mut().find(|m| m.node == d.node && m.size.get() + d.size.get() <= max_dimm.get()) {
+            Some(m) => m.size = Bytes(m.size.get() + d.size.get()),
+            None => merged.push(d),
+        }
+    }
+    Ok(merged)
 }
 
 /// vCPU steps from `current` to `target`, one socket's worth at a time, so the
@@ -136,7 +153,7 @@ mod tests {
         let err = align(Bytes(100 * MIB), BLOCK, "the guest's memory block size", false).expect_err("misaligned");
         assert_eq!(
             err.to_string(),
-            "size 100 MiB is not a multiple of the guest's memory block size 128 MiB; use a multiple (e.g. 0 B or 128 MiB) or --round-up"
+            "size 100 MiB is not a multiple of the guest's memory block size 128 MiB; use a multiple such as 128 MiB or --round-up"
         );
         assert_eq!(align(Bytes(0), BLOCK, "b", true), Err(PlanError::Zero));
         assert_eq!(alignment(BLOCK, Some(GIB)), (GIB, "the hugepage size"));
@@ -148,7 +165,8 @@ mod tests {
         let two = cells(&[(0, 512), (1, 512)]);
         let one = cells(&[(0, 512)]);
         // (size MiB, node, max dimm MiB, cells, slots) -> [(MiB, node)]
-        let table: Vec<(u64, Option<u32>, u64, &[(u32, Bytes)], u32, Vec<(u64, u32)>)> = vec![
+        type Row<'a> = (u64, Option<u32>, u64, &'a [(u32, Bytes)], u32, Vec<(u64, u32)>);
+        let table: Vec<Row> = vec![
             (128, None, 4096, &one, 8, vec![(128, 0)]),
             (1024, Some(0), 4096, &two, 8, vec![(1024, 0)]),
             (512, Some(1), 4096, &two, 8, vec![(512, 1)]),
@@ -170,7 +188,10 @@ mod tests {
     fn balanced_placement_fills_the_emptier_cell_first() {
         let uneven = cells(&[(0, 2048), (1, 512)]);
         let plan = plan_dimms(Bytes(256 * MIB), BLOCK, Bytes(4096 * MIB), None, &uneven, 8).expect("plans");
-        assert_eq!(sizes(&plan), vec![(128, 1), (128, 0)]);
+        assert_eq!(sizes(&plan), vec![(256, 1)], "both halves go to the emptier cell, as one DIMM");
+        let even = cells(&[(0, 512), (1, 512)]);
+        let plan = plan_dimms(Bytes(512 * MIB), BLOCK, Bytes(4096 * MIB), None, &even, 8).expect("plans");
+        assert_eq!(sizes(&plan), vec![(256, 0), (256, 1)]);
     }
 
     #[test]

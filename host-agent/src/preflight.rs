@@ -88,12 +88,12 @@ fn live_op(ctx: &Ctx, op: &Operation) -> bool {
 }
 
 fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    (live_op(ctx, op) && !ctx.running).then(|| ())?;
+    (live_op(ctx, op) && !ctx.running).then_some(())?;
     error("domain.running", format!("domain '{}' is not running: a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
 }
 
 fn rule_job(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    (live_op(ctx, op) && ctx.job_running).then(|| ())?;
+    (live_op(ctx, op) && ctx.job_running).then_some(())?;
     error(
         "domain.job",
         "a migration, save or snapshot job is running: hot-plug is not supported during it; wait for the job to finish",
@@ -132,7 +132,7 @@ fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 
 fn rule_cpu_placement(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Vcpus { .. } = op else { return None };
-    (ctx.dom.vcpu_placement != "static").then(|| ())?;
+    (ctx.dom.vcpu_placement != "static").then_some(())?;
     error("cpu.placement", format!("<vcpu placement='{}'> must be 'static' for CPU hot-plug", ctx.dom.vcpu_placement))
 }
 
@@ -141,7 +141,7 @@ fn rule_cpu_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if target == 0 {
         return error("cpu.max", "a domain needs at least one vCPU");
     }
-    (target > ctx.dom.vcpus_max).then(|| ())?;
+    (target > ctx.dom.vcpus_max).then_some(())?;
     error(
         "cpu.max",
         format!("{target} vCPUs exceeds the domain's maximum of {} (<vcpu current='m'>n</vcpu>: raise n with `vmplug prepare`, which takes effect at the next boot)", ctx.dom.vcpus_max),
@@ -151,7 +151,7 @@ fn rule_cpu_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_cpu_hypervisor_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Vcpus { target } = *op else { return None };
     let max = ctx.host.max_vcpus?;
-    (target > max).then(|| ())?;
+    (target > max).then_some(())?;
     error(
         "cpu.hypervisor-max",
         format!("{target} vCPUs exceeds the hypervisor's maximum of {max} for machine '{}'", ctx.dom.machine),
@@ -178,7 +178,7 @@ fn rule_cpu_cores(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Vcpus { target } = *op else { return None };
     let per = ctx.dom.topology.as_ref()?.per_socket();
     let delta = target.abs_diff(ctx.dom.vcpus_current);
-    (delta % per != 0).then(|| ())?;
+    (delta % per != 0).then_some(())?;
     warning(
         "cpu.cores-multiple",
         format!("changing by {delta} vCPUs is not a multiple of the topology's {per} vCPUs per socket: the guest may see a confused topology; use a multiple of {per}"),
@@ -208,7 +208,7 @@ fn rule_persist(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if !matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. }) {
         return None;
     }
-    (ctx.affect == Affect::Live).then(|| ())?;
+    (ctx.affect == Affect::Live).then_some(())?;
     warning("persist.live-only", "a --live change is lost when the domain restarts; add --config to keep it")
 }
 
@@ -242,7 +242,7 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if g.acpi_memory_hotplug == Some(false) {
         return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (/sys/firmware/acpi/hotplug/memory): the DIMM would attach but the guest would never see it");
     }
-    (g.mem_available.get() < size.get() / 32).then(|| ())?;
+    (g.mem_available.get() < size.get() / 32).then_some(())?;
     error(
         "mem.guest-free",
         format!("the guest has {} available but hot-plugging {size} needs at least {} (1/32 of it) for its memory map; free memory in the guest first or plug less", g.mem_available, Bytes(size.get() / 32)),
@@ -253,7 +253,7 @@ fn rule_mem_maxmemory(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
         return None;
     }
-    ctx.dom.max_memory.is_none().then(|| ())?;
+    ctx.dom.max_memory.is_none().then_some(())?;
     error(
         "mem.max-memory",
         "no <maxMemory slots='…'>: memory hot-plug needs slots reserved at creation (`vmplug prepare`)",
@@ -264,7 +264,7 @@ fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { dimms, .. } = *op else { return None };
     ctx.dom.max_memory?;
     let free = ctx.dom.free_slots();
-    (dimms > free).then(|| ())?;
+    (dimms > free).then_some(())?;
     error(
         "mem.slots",
         format!(
@@ -279,7 +279,7 @@ fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_mem_headroom(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { size, .. } = *op else { return None };
     let max = ctx.dom.max_memory?;
-    (size > ctx.dom.memory_headroom()).then(|| ())?;
+    (size > ctx.dom.memory_headroom()).then_some(())?;
     error("mem.max-size", format!("{} + {size} exceeds <maxMemory> {max}", ctx.dom.memory))
 }
 
@@ -287,7 +287,7 @@ fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
         return None;
     }
-    ctx.dom.cells.is_empty().then(|| ())?;
+    ctx.dom.cells.is_empty().then_some(())?;
     error("mem.numa", "no guest NUMA (<cpu><numa><cell …/>): memory hot-plug depends on it; add cells with `vmplug prepare --cells N`")
 }
 
@@ -315,7 +315,7 @@ fn rule_mem_block_align(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_mem_hugepages(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { size, .. } = *op else { return None };
     let hp = ctx.dom.hugepage_size?;
-    (!size.is_multiple_of(hp.get())).then(|| ())?;
+    (!size.is_multiple_of(hp.get())).then_some(())?;
     error(
         "mem.hugepage-align",
         format!("hugepages of {hp} back this guest: {size} is not a multiple of the hugepage size"),
@@ -362,7 +362,7 @@ fn rule_shares(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         Some(false) => (2, 262_144, "v1 (cpu.shares)"),
         None => return None,
     };
-    (n < lo || n > hi).then(|| ())?;
+    (n < lo || n > hi).then_some(())?;
     error("sched.shares-range", format!("cpu_shares={n} is outside {lo}..={hi}, the range of the host's cgroup {v}"))
 }
 
@@ -380,7 +380,7 @@ fn rule_pin(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         }
     }
     let host = ctx.host.all_cpus();
-    (ctx.host.cpus > 0 && !cpus.is_subset(&host)).then(|| ())?;
+    (ctx.host.cpus > 0 && !cpus.is_subset(&host)).then_some(())?;
     error(
         "pin.host-cpus",
         format!(
@@ -471,7 +471,7 @@ pub const RULES: &[(&str, Rule)] = &[
 /// Runs every rule; errors first.
 pub fn check(ctx: &Ctx, op: &Operation) -> Vec<Finding> {
     let mut out: Vec<Finding> = RULES.iter().filter_map(|(_, rule)| rule(ctx, op)).collect();
-    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     out
 }
 

@@ -487,7 +487,7 @@ pub async fn status(
 pub fn render_status(st: &Status) -> String {
     let mut s = String::new();
     let g = st.guest.as_ref();
-    let _ = writeln!(s, "{:<14} {:<34} {}", "", "host (libvirt)", "guest (agent)");
+    let _ = writeln!(s, "{:<14} {:<34} guest (agent)", "", "host (libvirt)");
     let _ = writeln!(
         s,
         "{:<14} {:<34} {}",

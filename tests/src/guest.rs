@@ -282,7 +282,13 @@ impl Guest {
         (state, node)
     }
 
-    /// Runs the real `vmplug` binary against this guest's daemon.
+    /// Runs the real `vmplug` binary against this guest's daemon, quietly.
+    pub fn vmplug_quiet(&self, args: &[&str]) -> Output {
+        Command::new(&Env::get().vmplug).arg("-c").arg(&self.daemon.uri).args(args).output().expect("run vmplug")
+    }
+
+    /// Runs the real `vmplug` binary against this guest's daemon (debug logs on,
+    /// command and output echoed for the test log).
     pub fn vmplug(&self, args: &[&str]) -> Output {
         let env = Env::get();
         let out = Command::new(&env.vmplug)
