@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod domain;
+#[doc(hidden)]
+pub mod fake;
 pub mod libvirt;
 pub mod link;
 pub mod ops;

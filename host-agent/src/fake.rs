@@ -1,0 +1,246 @@
+//! An in-memory libvirt for unit tests: domains are XML strings that the fake
+//! edits as libvirt would (vCPU count, DIMMs with slot and base address), every
+//! call is recorded, any verb can be made to fail, and hooks let a test play the
+//! guest's side (a simulated kernel seeing the new CPU or DIMM). Tests only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use vmplug_common::{CpuSet, GIB};
+
+use crate::domain::{Affect, Connection, Domain, DomainError, NumaParams, SchedParams, XmlView};
+
+/// What the fake hypervisor did, for hooks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FakeEvent {
+    Vcpus(u32),
+    Dimm { base: u64, size: u64, node: u32 },
+}
+
+pub type Hook = Arc<dyn Fn(&FakeEvent) + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    live: String,
+    config: String,
+    running: bool,
+    calls: Vec<String>,
+    fail: HashMap<&'static str, String>,
+    sched: SchedParams,
+    numa: NumaParams,
+    dimms: u32,
+    next_base: u64,
+}
+
+pub struct FakeDomain {
+    name: String,
+    state: Mutex<State>,
+    hook: Option<Hook>,
+}
+
+impl std::fmt::Debug for FakeDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeDomain").field("name", &self.name).finish()
+    }
+}
+
+fn set_current(xml: &str, n: u32) -> String {
+    let Some(start) = xml.find("<vcpu") else { return xml.to_string() };
+    let end = start + xml[start..].find('>').unwrap_or(0);
+    let tag = &xml[start..end];
+    let new_tag = match tag.find("current='") {
+        Some(i) => {
+            let j = tag[i + 9..].find('\'').map(|j| i + 9 + j).unwrap_or(tag.len());
+            format!("{}current='{n}'{}", &tag[..i], &tag[j + 1..])
+        }
+        None => format!("{tag} current='{n}'"),
+    };
+    format!("{}{}{}", &xml[..start], new_tag, &xml[end..])
+}
+
+fn insert_device(xml: &str, dev: &str) -> String {
+    match xml.rfind("</devices>") {
+        Some(i) => format!("{}{dev}{}", &xml[..i], &xml[i..]),
+        None => xml.to_string(),
+    }
+}
+
+impl FakeDomain {
+    /// A running domain with `xml` as both live and persistent definition.
+    pub fn new(name: &str, xml: &str, hook: Option<Hook>) -> Arc<FakeDomain> {
+        Arc::new(FakeDomain {
+            name: name.into(),
+            state: Mutex::new(State {
+                live: xml.into(),
+                config: xml.into(),
+                running: true,
+                // Past any DIMM a fixture may already have.
+                dimms: xml.matches("<memory model=").count() as u32,
+                next_base: 64 * GIB,
+                sched: SchedParams { scheduler: "posix".into(), cpu_shares: Some(1024), ..Default::default() },
+                ..Default::default()
+            }),
+            hook,
+        })
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next call of `verb` fails with `message`.
+    pub fn fail(&self, verb: &'static str, message: &str) {
+        self.st().fail.insert(verb, message.into());
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.st().calls.clone()
+    }
+
+    pub fn set_running(&self, running: bool) {
+        self.st().running = running;
+    }
+
+    fn enter(&self, verb: &'static str, detail: String) -> Result<(), DomainError> {
+        let mut st = self.st();
+        st.calls.push(format!("{verb} {detail}").trim().to_string());
+        match st.fail.remove(verb) {
+            Some(message) => Err(DomainError::Libvirt { domain: self.name.clone(), op: verb, message }),
+            None => Ok(()),
+        }
+    }
+
+    fn fire(&self, ev: FakeEvent) {
+        if let Some(h) = &self.hook {
+            h(&ev);
+        }
+    }
+}
+
+impl Domain for FakeDomain {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn is_active(&self) -> Result<bool, DomainError> {
+        Ok(self.st().running)
+    }
+    fn xml(&self, view: XmlView) -> Result<String, DomainError> {
+        let st = self.st();
+        Ok(if view == XmlView::Live && st.running { st.live.clone() } else { st.config.clone() })
+    }
+    fn job_running(&self) -> Result<bool, DomainError> {
+        Ok(false)
+    }
+    fn set_vcpus(&self, count: u32, affect: Affect) -> Result<(), DomainError> {
+        self.enter("setvcpus", format!("{count} {affect:?}"))?;
+        {
+            let mut st = self.st();
+            if affect.live() {
+                st.live = set_current(&st.live, count);
+            }
+            if affect.config() {
+                st.config = set_current(&st.config, count);
+            }
+        }
+        if affect.live() {
+            self.fire(FakeEvent::Vcpus(count));
+        }
+        Ok(())
+    }
+    fn attach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        self.enter("attach-device", format!("{affect:?}"))?;
+        let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
+            .map_err(|e| DomainError::Other(e.to_string()))?;
+        let d = facts.dimms.first().ok_or_else(|| DomainError::Other("not a memory device".into()))?;
+        let (size, node) = (d.size.get(), d.node.unwrap_or(0));
+        let base = {
+            let mut st = self.st();
+            let (slot, base) = (st.dimms, st.next_base);
+            st.dimms += 1;
+            st.next_base += size;
+            let dev = format!(
+                "<memory model='dimm'><target><size unit='KiB'>{}</size><node>{node}</node></target><alias name='dimm{slot}'/><address type='dimm' slot='{slot}' base='{base:#x}'/></memory>",
+                size / 1024
+            );
+            if affect.live() {
+                st.live = insert_device(&st.live, &dev);
+            }
+            if affect.config() {
+                st.config = insert_device(&st.config, &dev);
+            }
+            base
+        };
+        if affect.live() {
+            self.fire(FakeEvent::Dimm { base, size, node });
+        }
+        Ok(())
+    }
+    fn detach_device(&self, _xml: &str, _affect: Affect) -> Result<(), DomainError> {
+        self.enter("detach-device", String::new())
+    }
+    fn scheduler(&self, _affect: Affect) -> Result<SchedParams, DomainError> {
+        Ok(self.st().sched.clone())
+    }
+    fn set_scheduler(&self, p: &SchedParams, affect: Affect) -> Result<(), DomainError> {
+        self.enter("schedinfo", format!("{:?} {affect:?}", p.cpu_shares))?;
+        let mut st = self.st();
+        if let Some(s) = p.cpu_shares {
+            st.sched.cpu_shares = Some(s);
+        }
+        Ok(())
+    }
+    fn pin_emulator(&self, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError> {
+        cpus.to_cpumap(host_cpus).map_err(|e| DomainError::Usage(e.to_string()))?;
+        self.enter("emulatorpin", format!("{cpus} {affect:?}"))
+    }
+    fn pin_vcpu(&self, vcpu: u32, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError> {
+        cpus.to_cpumap(host_cpus).map_err(|e| DomainError::Usage(e.to_string()))?;
+        self.enter("vcpupin", format!("{vcpu} {cpus} {affect:?}"))
+    }
+    fn numa(&self, _affect: Affect) -> Result<NumaParams, DomainError> {
+        Ok(self.st().numa.clone())
+    }
+    fn set_numa(&self, p: &NumaParams, affect: Affect) -> Result<(), DomainError> {
+        self.enter("numatune", format!("{affect:?}"))?;
+        self.st().numa = p.clone();
+        Ok(())
+    }
+}
+
+/// A fake connection holding fake domains.
+#[derive(Debug)]
+pub struct FakeConnection {
+    pub caps: String,
+    pub domains: Mutex<HashMap<String, Arc<FakeDomain>>>,
+}
+
+impl FakeConnection {
+    pub fn new(caps: &str, domains: Vec<Arc<FakeDomain>>) -> Arc<FakeConnection> {
+        Arc::new(FakeConnection {
+            caps: caps.into(),
+            domains: Mutex::new(domains.into_iter().map(|d| (d.name.clone(), d)).collect()),
+        })
+    }
+}
+
+impl Connection for FakeConnection {
+    fn uri(&self) -> String {
+        "fake:///".into()
+    }
+    fn capabilities(&self) -> Result<String, DomainError> {
+        Ok(self.caps.clone())
+    }
+    fn domain_capabilities(&self, _: &str, _: &str, _: &str) -> Result<String, DomainError> {
+        Ok("<domainCapabilities><vcpu max='255'/></domainCapabilities>".into())
+    }
+    fn cells_free_memory(&self, nodes: u32) -> Result<Vec<u64>, DomainError> {
+        Ok(vec![16 * GIB; nodes as usize])
+    }
+    fn lookup(&self, name: &str) -> Result<Arc<dyn Domain>, DomainError> {
+        let doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        doms.get(name).cloned().map(|d| d as Arc<dyn Domain>).ok_or_else(|| DomainError::NotFound(name.into()))
+    }
+    fn list_domains(&self) -> Result<Vec<String>, DomainError> {
+        Ok(self.domains.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect())
+    }
+}

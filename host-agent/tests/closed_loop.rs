@@ -1,0 +1,162 @@
+//! The whole closed loop without a VM: `ops` drives the in-memory libvirt, whose
+//! hooks play the hypervisor into a simulated guest kernel, while the real guest
+//! agent serves over a Unix socket as it would over virtio-serial.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmplug::domain::Affect;
+use vmplug::fake::{FakeConnection, FakeDomain, FakeEvent, Hook};
+use vmplug::link::AgentAddr;
+use vmplug::ops::{attach_memory, setvcpus, HotplugOpts, MemoryOpts};
+use vmplug::report::Outcome;
+use vmplug_common::protocol::ZonePolicy;
+use vmplug_common::{Bytes, GIB, MIB};
+use vmplug_guest::agent::Agent;
+use vmplug_guest::online::{OnlinePolicy, Onliner};
+use vmplug_guest::testing::FakeKernel;
+
+const XML: &str = include_str!("fixtures/x86-ready.xml");
+const CAPS: &str = include_str!("fixtures/caps.xml");
+
+struct World {
+    _dir: tempfile::TempDir,
+    kernel: FakeKernel,
+    dom: Arc<FakeDomain>,
+    conn: Arc<FakeConnection>,
+    addr: AgentAddr,
+}
+
+/// `plays_hypervisor`: whether plugged devices show up in the guest kernel.
+async fn world(plays_hypervisor: bool) -> World {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = FakeKernel::new(&dir.path().join("guest"), 8);
+    kernel.add_cpu(1, true);
+    for i in 0..64 {
+        kernel.add_block(i, true, "Normal", if i < 32 { 0 } else { 1 });
+    }
+    let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
+    let agent = Agent::new(Onliner::new(kernel.sysfs(), policy, kernel.writer()), ZonePolicy::Auto, false);
+    let sock = dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
+    let served = agent.clone();
+    tokio::spawn(async move {
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(vmplug_guest::server::serve_connection(served.clone(), stream, Vec::new(), stop.clone()));
+        }
+    });
+    let k = kernel.clone();
+    let hook: Option<Hook> = plays_hypervisor.then(|| {
+        Arc::new(move |ev: &FakeEvent| {
+            match *ev {
+                FakeEvent::Vcpus(n) => (2..n).for_each(|c| k.add_cpu(c, false)),
+                FakeEvent::Dimm { base, size, node } => (base / (128 * MIB)..(base + size) / (128 * MIB))
+                    .for_each(|b| k.add_block(b, false, "Normal Movable", node)),
+            }
+            agent.notify_changed();
+        }) as Hook
+    });
+    let dom = FakeDomain::new("web1", XML, hook);
+    let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
+    World { _dir: dir, kernel, dom, conn, addr: AgentAddr::Serial { path: sock } }
+}
+
+fn opts(w: &World, timeout: Duration) -> HotplugOpts {
+    HotplugOpts {
+        affect: Affect::Both,
+        timeout,
+        agent_wait: Duration::from_secs(5),
+        no_wait: false,
+        force: false,
+        agent: Some(w.addr.clone()),
+        zone: ZonePolicy::Auto,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setvcpus_is_confirmed_by_the_guest() {
+    let w = world(true).await;
+    let r = setvcpus(w.conn.clone(), "web1", 4, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.dom.calls(), vec!["setvcpus 4 Both"], "one socket (2 vCPUs) per step: 2 -> 4");
+    assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3");
+    assert!(r.host.persistent);
+    assert_eq!(r.guest.expect("guest report").cpus_online.to_string(), "0-3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
+    let w = world(true).await;
+    let mem = MemoryOpts { size: Bytes(GIB), node: Some(1), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    let g = r.guest.expect("guest report");
+    assert_eq!(g.blocks.len(), 8);
+    assert!(g.blocks.iter().all(|b| b.node == Some(1) && b.zone.as_deref() == Some("Movable")), "{g:?}");
+    assert_eq!(g.blocks[0].start, 64 * GIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misaligned_memory_is_refused_before_libvirt_is_called() {
+    let w = world(true).await;
+    let mem = MemoryOpts { size: Bytes(100 * MIB), node: Some(0), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused);
+    assert_eq!(r.outcome.exit_code(), 2);
+    assert!(w.dom.calls().is_empty(), "nothing applied");
+    let rounded = MemoryOpts { round_up: true, ..mem };
+    let r = attach_memory(w.conn.clone(), "web1", &rounded, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(r.guest.expect("report").blocks.len(), 1, "rounded up to one 128 MiB block");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_failure_is_reported_as_such() {
+    let w = world(true).await;
+    w.dom.fail("attach-device", "internal error: unable to execute QEMU command 'device_add'");
+    let mem = MemoryOpts { size: Bytes(GIB), node: Some(0), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::LibvirtError);
+    assert!(r.message.contains("device_add"), "{}", r.message);
+    assert!(r.host.applied.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dimm_the_guest_never_sees_is_a_guest_timeout_not_a_success() {
+    let w = world(false).await;
+    let mem = MemoryOpts { size: Bytes(256 * MIB), node: Some(0), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(1))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::GuestTimeout, "{}", r.render_text());
+    assert_eq!(r.outcome.exit_code(), 4);
+    assert_eq!(r.host.applied.len(), 1, "the host side is reported as applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_agent_is_its_own_outcome() {
+    let w = world(true).await;
+    let mut o = opts(&w, Duration::from_secs(5));
+    o.agent = Some(AgentAddr::Serial { path: "/nonexistent/agent.sock".into() });
+    o.agent_wait = Duration::from_millis(600);
+    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::AgentUnreachable, "{}", r.render_text());
+    assert_eq!(r.outcome.exit_code(), 7);
+    assert!(w.dom.calls().is_empty());
+    let unknown = setvcpus(w.conn.clone(), "nope", 4, &o).await;
+    assert!(unknown.is_err_and(|e| e.to_string().contains("'nope' not found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_on_a_stopped_domain_is_refused() {
+    let w = world(true).await;
+    w.dom.set_running(false);
+    let mut o = opts(&w, Duration::from_secs(5));
+    o.affect = Affect::Live;
+    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused);
+    assert!(r.findings.iter().any(|f| f.id == "domain.running"));
+    o.affect = Affect::Config;
+    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.dom.calls(), vec!["setvcpus 4 Config"]);
+}

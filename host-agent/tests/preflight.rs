@@ -1,0 +1,391 @@
+//! One test per preflight rule, failing and passing, on domain XML fixtures.
+
+use std::collections::BTreeMap;
+
+use vmplug::domain::{Affect, NumaMode};
+use vmplug::preflight::{check, Ctx, Finding, Operation, Severity};
+use vmplug::xml::{DomainFacts, HostFacts};
+use vmplug_common::protocol::{CpuFacts, GuestInfo, MemoryFacts};
+use vmplug_common::{BlockSize, Bytes, CpuSet, GIB, MIB};
+
+const READY: &str = include_str!("fixtures/x86-ready.xml");
+const CAPS: &str = include_str!("fixtures/caps.xml");
+
+fn dom(xml: &str) -> DomainFacts {
+    DomainFacts::parse(xml).expect("fixture parses")
+}
+
+fn host() -> HostFacts {
+    let mut h = HostFacts::parse_capabilities(CAPS).expect("caps parse");
+    h.free = vec![Bytes(16 * GIB), Bytes(GIB)];
+    h.max_vcpus = Some(255);
+    h.cgroup_v2 = Some(false);
+    h
+}
+
+fn guest() -> GuestInfo {
+    GuestInfo {
+        protocol: 1,
+        agent_version: "0.1.0".into(),
+        capabilities: vec![],
+        kernel: "6.1.0".into(),
+        cpus: CpuFacts {
+            possible: "0-7".parse().expect("set"),
+            present: "0-1".parse().expect("set"),
+            online: "0-1".parse().expect("set"),
+        },
+        memory: Some(MemoryFacts {
+            block_size: BlockSize::new(128 * MIB).expect("pow2"),
+            blocks_online: 64,
+            blocks_offline: 0,
+            zones: BTreeMap::new(),
+            auto_online_blocks: Some("offline".into()),
+        }),
+        hugepage_size: Some(Bytes(2 * MIB)),
+        mem_total: Bytes(8 * GIB),
+        mem_available: Bytes(6 * GIB),
+        acpi_memory_hotplug: Some(true),
+        acpi_cpu_hotplug: Some(true),
+        numa_nodes: "0-1".parse().expect("set"),
+        udev_online_rule: false,
+    }
+}
+
+struct Case {
+    dom: DomainFacts,
+    host: HostFacts,
+    guest: Option<GuestInfo>,
+    running: bool,
+    job: bool,
+    affect: Affect,
+}
+
+impl Case {
+    fn new() -> Case {
+        Case { dom: dom(READY), host: host(), guest: Some(guest()), running: true, job: false, affect: Affect::Both }
+    }
+    fn xml(mut self, from: &str, to: &str) -> Case {
+        assert!(READY.contains(from), "fixture lacks {from}");
+        self.dom = dom(&READY.replace(from, to));
+        self
+    }
+    fn run(&self, op: &Operation) -> Vec<Finding> {
+        let ctx = Ctx {
+            dom: &self.dom,
+            host: &self.host,
+            guest: self.guest.as_ref(),
+            running: self.running,
+            job_running: self.job,
+            affect: self.affect,
+            no_wait: false,
+        };
+        check(&ctx, op)
+    }
+}
+
+fn ids(f: &[Finding], sev: Severity) -> Vec<&'static str> {
+    f.iter().filter(|x| x.severity == sev).map(|x| x.id).collect()
+}
+
+/// The rule fires (with `sev`) on `bad` and not on `good`.
+fn assert_rule(id: &str, sev: Severity, bad: &Case, good: &Case, op: &Operation) {
+    let b = bad.run(op);
+    assert!(ids(&b, sev).contains(&id), "{id} should fire: {b:#?}");
+    let g = good.run(op);
+    assert!(!g.iter().any(|f| f.id == id), "{id} should not fire: {g:#?}");
+}
+
+fn cpus(target: u32) -> Operation {
+    Operation::Vcpus { target }
+}
+
+fn mem(size: u64, node: Option<u32>) -> Operation {
+    Operation::Memory { size: Bytes(size), node, dimms: 1 }
+}
+
+#[test]
+fn the_ready_fixture_passes_everything() {
+    let c = Case::new();
+    for op in [cpus(4), mem(GIB, Some(1)), Operation::Readiness] {
+        let f = c.run(&op);
+        assert!(ids(&f, Severity::Error).is_empty(), "{op:?}: {f:#?}");
+    }
+}
+
+#[test]
+fn domain_running() {
+    let mut bad = Case::new();
+    bad.running = false;
+    assert_rule("domain.running", Severity::Error, &bad, &Case::new(), &cpus(4));
+}
+
+#[test]
+fn domain_job() {
+    let mut bad = Case::new();
+    bad.job = true;
+    assert_rule("domain.job", Severity::Error, &bad, &Case::new(), &mem(GIB, Some(0)));
+}
+
+#[test]
+fn agent_ready() {
+    let mut bad = Case::new();
+    bad.guest = None;
+    assert_rule("agent.ready", Severity::Error, &bad, &Case::new(), &cpus(4));
+}
+
+#[test]
+fn cpu_machine() {
+    let bad = Case::new().xml("machine='pc-q35-10.0'", "machine='microvm'");
+    assert_rule("cpu.machine", Severity::Error, &bad, &Case::new(), &cpus(4));
+    let old_arm = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-4.0'");
+    assert!(ids(&old_arm.run(&cpus(4)), Severity::Error).contains(&"cpu.machine"));
+    let arm = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-4.1'");
+    assert!(
+        ids(&arm.run(&cpus(4)), Severity::Warning).contains(&"cpu.machine"),
+        "upstream QEMU cannot hot-plug arm vCPUs"
+    );
+}
+
+#[test]
+fn cpu_placement() {
+    let bad = Case::new().xml("placement='static'", "placement='auto'");
+    assert_rule("cpu.placement", Severity::Error, &bad, &Case::new(), &cpus(4));
+}
+
+#[test]
+fn cpu_max() {
+    let c = Case::new();
+    assert!(ids(&c.run(&cpus(9)), Severity::Error).contains(&"cpu.max"));
+    assert!(ids(&c.run(&cpus(0)), Severity::Error).contains(&"cpu.max"));
+    assert!(!c.run(&cpus(8)).iter().any(|f| f.id == "cpu.max"));
+}
+
+#[test]
+fn cpu_hypervisor_max() {
+    let mut bad = Case::new().xml(">8</vcpu>", ">300</vcpu>");
+    bad.guest = None;
+    let f = bad.run(&cpus(300));
+    assert!(ids(&f, Severity::Error).contains(&"cpu.hypervisor-max"), "{f:#?}");
+    assert!(!Case::new().run(&cpus(8)).iter().any(|f| f.id == "cpu.hypervisor-max"));
+}
+
+#[test]
+fn cpu_guest_possible() {
+    let mut bad = Case::new();
+    if let Some(g) = bad.guest.as_mut() {
+        g.cpus.possible = "0-3".parse().expect("set");
+    }
+    assert_rule("cpu.guest-possible", Severity::Error, &bad, &Case::new(), &cpus(6));
+}
+
+#[test]
+fn cpu_guest_acpi() {
+    let mut bad = Case::new();
+    if let Some(g) = bad.guest.as_mut() {
+        g.acpi_cpu_hotplug = Some(false);
+    }
+    assert_rule("cpu.guest-acpi", Severity::Error, &bad, &Case::new(), &cpus(4));
+}
+
+#[test]
+fn cpu_cores_multiple() {
+    // Two vCPUs per socket: 2 → 3 splits a socket, 2 → 4 does not.
+    let f = Case::new().run(&cpus(3));
+    assert!(ids(&f, Severity::Warning).contains(&"cpu.cores-multiple"), "{f:#?}");
+    assert!(!Case::new().run(&cpus(4)).iter().any(|f| f.id == "cpu.cores-multiple"));
+}
+
+#[test]
+fn cpu_socket_cell() {
+    // Socket 1 holds vCPUs 2-3; moving vCPU 3 to cell 1 splits it across cells.
+    let split = READY.replace("cpus='0-3' memory", "cpus='0-2' memory").replace("cpus='4-7'", "cpus='3-7'");
+    let bad = Case { dom: dom(&split), ..Case::new() };
+    assert_rule("cpu.socket-cell", Severity::Error, &bad, &Case::new(), &cpus(4));
+}
+
+#[test]
+fn persist_live_only() {
+    let mut bad = Case::new();
+    bad.affect = Affect::Live;
+    assert_rule("persist.live-only", Severity::Warning, &bad, &Case::new(), &cpus(4));
+}
+
+#[test]
+fn mem_machine() {
+    let bad = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-4.1'");
+    let f = bad.run(&mem(GIB, Some(0)));
+    assert!(ids(&f, Severity::Warning).contains(&"mem.machine"), "virt-4.1 needs openEuler's QEMU: {f:#?}");
+    let worse = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-3.1'");
+    assert_rule("mem.machine", Severity::Error, &worse, &Case::new(), &mem(GIB, Some(0)));
+}
+
+#[test]
+fn mem_guest_kernel_acpi_and_free() {
+    let mut no_hotplug = Case::new();
+    if let Some(g) = no_hotplug.guest.as_mut() {
+        g.memory = None;
+    }
+    assert_rule("mem.guest-kernel", Severity::Error, &no_hotplug, &Case::new(), &mem(GIB, Some(0)));
+    let mut no_acpi = Case::new();
+    if let Some(g) = no_acpi.guest.as_mut() {
+        g.acpi_memory_hotplug = Some(false);
+    }
+    assert_rule("mem.guest-acpi", Severity::Error, &no_acpi, &Case::new(), &mem(GIB, Some(0)));
+    let mut tight = Case::new();
+    if let Some(g) = tight.guest.as_mut() {
+        g.mem_available = Bytes(16 * MIB);
+    }
+    // 1 GiB needs 32 MiB free (1/32).
+    assert_rule("mem.guest-free", Severity::Error, &tight, &Case::new(), &mem(GIB, Some(0)));
+}
+
+#[test]
+fn mem_max_memory() {
+    let bad = Case::new().xml("<maxMemory slots='8' unit='KiB'>16777216</maxMemory>", "");
+    assert_rule("mem.max-memory", Severity::Error, &bad, &Case::new(), &mem(GIB, Some(0)));
+}
+
+#[test]
+fn mem_slots() {
+    // One DIMM present of 8 slots: 7 free; 8 DIMMs do not fit.
+    let op = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 8 };
+    assert!(ids(&Case::new().run(&op), Severity::Error).contains(&"mem.slots"));
+    let fits = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 7 };
+    assert!(!Case::new().run(&fits).iter().any(|f| f.id == "mem.slots"));
+    // min(max_slot, 64 - virtio NICs): 62 NICs leave 2 slots, one used.
+    let nic =
+        "<interface type='network'>\n      <source network='default'/>\n      <model type='virtio'/>\n    </interface>";
+    let many_nics = READY.replace("<maxMemory slots='8'", "<maxMemory slots='200'").replace(nic, &nic.repeat(62));
+    let many = Case { dom: dom(&many_nics), ..Case::new() };
+    let two = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 2 };
+    assert!(ids(&many.run(&two), Severity::Error).contains(&"mem.slots"));
+}
+
+#[test]
+fn mem_max_size() {
+    assert!(ids(&Case::new().run(&mem(16 * GIB, Some(0))), Severity::Error).contains(&"mem.max-size"));
+    assert!(!Case::new().run(&mem(8 * GIB, Some(0))).iter().any(|f| f.id == "mem.max-size"));
+}
+
+#[test]
+fn mem_numa_and_node() {
+    let no_numa = Case::new().xml(
+        "<numa>\n      <cell id='0' cpus='0-3' memory='4194304' unit='KiB'/>\n      <cell id='1' cpus='4-7' memory='4' unit='GiB'/>\n    </numa>",
+        "",
+    );
+    assert_rule("mem.numa", Severity::Error, &no_numa, &Case::new(), &mem(GIB, None));
+    let f = Case::new().run(&mem(GIB, Some(5)));
+    assert!(ids(&f, Severity::Error).contains(&"mem.node"), "{f:#?}");
+    assert!(!Case::new().run(&mem(GIB, Some(1))).iter().any(|f| f.id == "mem.node"));
+}
+
+#[test]
+fn mem_block_align() {
+    let f = Case::new().run(&mem(100 * MIB, Some(0)));
+    let rule = f.iter().find(|f| f.id == "mem.block-align").expect("fires");
+    assert_eq!(rule.severity, Severity::Error);
+    assert!(rule.message.contains("100 MiB") && rule.message.contains("128 MiB"), "{}", rule.message);
+    assert!(!Case::new().run(&mem(256 * MIB, Some(0))).iter().any(|f| f.id == "mem.block-align"));
+    let mut unknown = Case::new();
+    unknown.guest = None;
+    let f = unknown.run(&mem(256 * MIB, Some(0)));
+    assert!(ids(&f, Severity::Warning).contains(&"mem.block-align"), "unknown guest: a warning, not a guess");
+}
+
+#[test]
+fn mem_hugepage_align() {
+    let bad = Case::new().xml(
+        "<vcpu placement",
+        "<memoryBacking><hugepages><page size='1' unit='GiB'/></hugepages></memoryBacking>\n  <vcpu placement",
+    );
+    let f = bad.run(&mem(512 * MIB, Some(0)));
+    assert!(ids(&f, Severity::Error).contains(&"mem.hugepage-align"), "{f:#?}");
+    assert!(!bad.run(&mem(GIB, Some(0))).iter().any(|f| f.id == "mem.hugepage-align"));
+}
+
+#[test]
+fn mem_vhost_user() {
+    let bad = Case::new().xml("<interface type='network'>", "<interface type='vhostuser'>");
+    assert_rule("mem.vhost-user", Severity::Error, &bad, &Case::new(), &mem(GIB, Some(0)));
+}
+
+#[test]
+fn mem_linux_4g() {
+    let small = Case::new().xml("<memory unit='KiB'>8388608</memory>", "<memory unit='KiB'>2097152</memory>");
+    assert_rule("mem.linux-4g", Severity::Warning, &small, &Case::new(), &mem(GIB, Some(0)));
+}
+
+#[test]
+fn mem_windows_node0() {
+    let win = "<os>\n    <type arch='x86_64' machine='pc-q35-10.0'>hvm</type>\n  </os>";
+    let first = READY.replace(win, &format!("{win}\n  <features><hyperv mode='custom'/></features>")).replace(
+        "<memory model='dimm'>\n      <target>\n        <size unit='KiB'>1048576</size>\n        <node>0</node>\n      </target>\n      <alias name='dimm0'/>\n      <address type='dimm' slot='0' base='0x240000000'/>\n    </memory>",
+        "",
+    );
+    let bad = Case { dom: dom(&first), ..Case::new() };
+    assert!(ids(&bad.run(&mem(GIB, Some(1))), Severity::Error).contains(&"mem.windows-node0"));
+    assert!(!bad.run(&mem(GIB, Some(0))).iter().any(|f| f.id == "mem.windows-node0"));
+}
+
+#[test]
+fn sched_shares_range() {
+    let c = Case::new();
+    assert!(ids(&c.run(&Operation::Shares(1)), Severity::Error).contains(&"sched.shares-range"));
+    assert!(ids(&c.run(&Operation::Shares(300_000)), Severity::Error).contains(&"sched.shares-range"));
+    assert!(c.run(&Operation::Shares(2048)).is_empty());
+    let mut v2 = Case::new();
+    v2.host.cgroup_v2 = Some(true);
+    assert!(ids(&v2.run(&Operation::Shares(20_000)), Severity::Error).contains(&"sched.shares-range"));
+}
+
+#[test]
+fn pin_host_cpus_and_vcpu() {
+    let c = Case::new();
+    let outside: CpuSet = "0-3,^1,9".parse().expect("set");
+    assert!(ids(&c.run(&Operation::Pin { vcpu: None, cpus: outside }), Severity::Error).contains(&"pin.host-cpus"));
+    let fine: CpuSet = "0-3,^1".parse().expect("set");
+    assert!(c.run(&Operation::Pin { vcpu: Some(0), cpus: fine.clone() }).is_empty());
+    assert!(ids(&c.run(&Operation::Pin { vcpu: Some(8), cpus: fine }), Severity::Error).contains(&"pin.vcpu"));
+}
+
+#[test]
+fn numatune_nodes_and_strict_free() {
+    let mut stopped = Case::new();
+    stopped.running = false;
+    let bad_node = Operation::Numatune { mode: Some(NumaMode::Strict), nodeset: Some("3".parse().expect("set")) };
+    assert!(ids(&stopped.run(&bad_node), Severity::Error).contains(&"numatune.nodes"));
+    // Node 1 has 1 GiB free, the guest needs 8 GiB.
+    let tight = Operation::Numatune { mode: Some(NumaMode::Strict), nodeset: Some("1".parse().expect("set")) };
+    assert!(ids(&stopped.run(&tight), Severity::Error).contains(&"numatune.strict-free"));
+    let roomy = Operation::Numatune { mode: Some(NumaMode::Strict), nodeset: Some("0".parse().expect("set")) };
+    assert!(stopped.run(&roomy).is_empty());
+    let preferred = Operation::Numatune { mode: Some(NumaMode::Preferred), nodeset: Some("1".parse().expect("set")) };
+    assert!(stopped.run(&preferred).is_empty(), "preferred may spill to other nodes");
+}
+
+#[test]
+fn numa_cell_pinning() {
+    let bad = Case::new().xml("<vcpupin vcpu='4' cpuset='4-7'/>", "<vcpupin vcpu='4' cpuset='0-3'/>");
+    assert_rule("numa.cell-pinning", Severity::Warning, &bad, &Case::new(), &Operation::Readiness);
+}
+
+#[test]
+fn unknown_elements_do_not_disturb_the_reading() {
+    let f = dom(READY);
+    assert_eq!((f.vcpus_current, f.vcpus_max), (2, 8));
+    assert_eq!(f.cells.len(), 2);
+    assert_eq!(f.cells[1].memory, Bytes(4 * GIB));
+    assert_eq!(f.dimms[0].base, Some(0x2_4000_0000));
+    assert_eq!(f.free_slots(), 7);
+    assert_eq!(f.channels.get("org.vmplug.guest.0").map(String::as_str), Some("/run/vmplug/web1.agent"));
+    assert_eq!(f.memnodes.get(&1).map(|(m, s)| (m.as_str(), s.to_string())), Some(("strict", "1".to_string())));
+}
+
+#[test]
+fn every_rule_has_a_test_here() {
+    let src = include_str!("preflight.rs");
+    for (id, _) in vmplug::preflight::RULES {
+        let probe = id.split('.').next().unwrap_or(id);
+        assert!(src.contains(probe), "no test mentions rule family {id}");
+    }
+}
