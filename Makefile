@@ -8,7 +8,10 @@ STATIC := RUSTFLAGS="-C target-feature=+crt-static"
 # At most two guests at once on these 2-core machines.
 E2E_THREADS ?= 2
 
-.PHONY: all setup build guest-agent lint unit e2e test demo bench package clean
+PKG_DIR := target/packages
+TOOLS := $(or $(VMPLUG_CACHE),/var/tmp/vmplug-cache)/bin
+
+.PHONY: all setup build guest-agent lint unit e2e test demo bench package package-test clean
 
 all: build
 
@@ -33,10 +36,28 @@ unit:
 e2e: setup build
 	$(CARGO) test --locked -p vmplug-e2e -- --test-threads=$(E2E_THREADS)
 
-test: setup lint build unit e2e
+# Guest .deb/.rpm (static agent, unit, config, rules) and host .deb/.rpm.
+package: setup guest-agent
+	$(CARGO) build --release --locked -p vmplug
+	rm -rf $(PKG_DIR) && mkdir -p $(PKG_DIR)
+	$(TOOLS)/cargo-deb -p vmplug-guest --no-build --target $(GUEST_TARGET) -o $(PKG_DIR)/
+	$(TOOLS)/cargo-deb -p vmplug --no-build -o $(PKG_DIR)/
+	$(TOOLS)/cargo-generate-rpm -p guest-agent --target $(GUEST_TARGET) -o $(PKG_DIR)/
+	$(TOOLS)/cargo-generate-rpm -p host-agent -o $(PKG_DIR)/
+	@ls -l $(PKG_DIR)
+
+package-test: package
+	scripts/check-packages.sh $(PKG_DIR)
+
+test: setup lint build unit package-test e2e
 
 demo: setup build
 	$(CARGO) run --locked -q -p vmplug-e2e --bin vmplug-demo
 
 clean:
 	$(CARGO) clean
+
+# Hot-plug latency of vmplug vs the guide's methods, and the agent's footprint.
+bench: setup build
+	$(CARGO) build --release --locked -p vmplug -p vmplug-e2e --bins
+	VMPLUG_BIN=target/release/vmplug target/release/vmplug-bench

@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 backports_sources=/etc/apt/sources.list.d/vmplug-bookworm-backports.sources
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux)
+          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file)
 
 need_apt=0
 for p in "${packages[@]}"; do
@@ -36,7 +36,11 @@ SRC
   log "apt-get update"
   apt-get update -qq >/dev/null
   log "installing ${packages[*]}"
-  # No daemon of the host may be started by the package scripts: policy-rc.d refuses.
+  # No daemon of the host may be started by the package scripts.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq -t bookworm-backports \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     "${packages[@]}" >"$CACHE/apt.log" 2>&1 || { cat "$CACHE/apt.log" >&2; exit 1; }
@@ -61,5 +65,15 @@ if [ ! -x "$CACHE/bin/vhost-device-vsock" ]; then
     || cargo install --quiet --root "$CACHE" vhost-device-vsock >>"$CACHE/vhost-build.log" 2>&1 \
     || { cat "$CACHE/vhost-build.log" >&2; exit 1; }
 fi
+
+# Packaging tools for `make package` (crates.io, built once).
+for tool in cargo-deb cargo-generate-rpm; do
+  if [ ! -x "$CACHE/bin/$tool" ]; then
+    log "building $tool (once)"
+    cargo install --quiet --locked --root "$CACHE" "$tool" >"$CACHE/$tool-build.log" 2>&1 \
+      || cargo install --quiet --root "$CACHE" "$tool" >>"$CACHE/$tool-build.log" 2>&1 \
+      || { cat "$CACHE/$tool-build.log" >&2; exit 1; }
+  fi
+done
 
 log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernel $(ls "$kdir"/boot/vmlinuz-* | xargs -n1 basename)"

@@ -25,31 +25,6 @@ impl FdStream {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         Ok(FdStream(Arc::new(register(fd)?)))
     }
-
-    /// Waits until the peer (the host, on virtio-serial) may have something for
-    /// us. Clears stale readiness first, then probes, so a connection made between
-    /// the probe and the wait still wakes us.
-    pub async fn wait_for_peer(&self, buf: &mut Vec<u8>) -> io::Result<()> {
-        let mut scratch = [0u8; 4096];
-        loop {
-            let mut guard = self.0.readable().await?;
-            guard.clear_ready();
-            match nix::unistd::read(self.0.get_ref().as_raw_fd(), &mut scratch) {
-                Ok(0) => {
-                    // No host connected: sleep until the port's state changes.
-                    let mut g = self.0.readable().await?;
-                    g.clear_ready_matching(tokio::io::Ready::READ_CLOSED);
-                    continue;
-                }
-                Ok(n) => {
-                    buf.extend_from_slice(&scratch[..n]);
-                    return Ok(());
-                }
-                Err(nix::errno::Errno::EAGAIN) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
 }
 
 impl AsyncRead for FdStream {
@@ -105,4 +80,119 @@ pub async fn connect_vsock(cid: u32, port: u32) -> io::Result<FdStream> {
         return Err(io::Error::from_raw_os_error(err));
     }
     Ok(stream)
+}
+
+/// An epoll instance watching one fd edge-triggered, itself watched by tokio.
+#[derive(Debug)]
+struct EdgeWatch(nix::sys::epoll::Epoll);
+
+impl AsRawFd for EdgeWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+fn edge_watch(fd: &OwnedFd, flags: nix::sys::epoll::EpollFlags) -> io::Result<AsyncFd<EdgeWatch>> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    ep.add(fd, EpollEvent::new(flags | EpollFlags::EPOLLET, 0))?;
+    // SAFETY: the epoll fd is owned by `EdgeWatch`, valid and unchanged for the
+    // whole life of the `AsyncFd`, and closed only when that is dropped.
+    unsafe { AsyncFd::register(EdgeWatch(ep)) }.map_err(io::Error::from)
+}
+
+/// Consumes the queued edges of a watch (never blocks).
+fn drain(w: &AsyncFd<EdgeWatch>) {
+    let mut events = [nix::sys::epoll::EpollEvent::empty(); 4];
+    while matches!(w.get_ref().0.wait(&mut events, 0u8), Ok(n) if n == events.len()) {}
+}
+
+/// A character device whose poll(2) reports a *level* hang-up while its peer is
+/// away: a virtio-serial port with no host connected. tokio keeps read-closed
+/// readiness once seen, so awaiting such an fd directly spins at 100% CPU.
+/// Instead the fd is watched by two private edge-triggered epoll instances (input
+/// and output) and tokio watches those, which only become readable when the
+/// port's state really changes. Clones share the fd.
+#[derive(Debug, Clone)]
+pub struct EdgeStream(Arc<EdgeInner>);
+
+#[derive(Debug)]
+struct EdgeInner {
+    fd: OwnedFd,
+    input: AsyncFd<EdgeWatch>,
+    output: AsyncFd<EdgeWatch>,
+}
+
+impl EdgeStream {
+    /// `fd` must be non-blocking.
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        use nix::sys::epoll::EpollFlags;
+        let input = edge_watch(&fd, EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLRDHUP)?;
+        let output = edge_watch(&fd, EpollFlags::EPOLLOUT)?;
+        Ok(EdgeStream(Arc::new(EdgeInner { fd, input, output })))
+    }
+
+    /// Waits until the peer sends something, and returns its first bytes. Reads
+    /// of 0 (no peer) and EAGAIN both wait for the next edge: no busy loop, no
+    /// timer, and an edge that arrives between the read and the wait is kept.
+    pub async fn wait_for_peer(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            match nix::unistd::read(self.0.fd.as_raw_fd(), &mut scratch) {
+                Ok(n) if n > 0 => {
+                    buf.extend_from_slice(&scratch[..n]);
+                    return Ok(());
+                }
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => {
+                    let mut guard = self.0.input.readable().await?;
+                    drain(&self.0.input);
+                    guard.clear_ready();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl AsyncRead for EdgeStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match nix::unistd::read(self.0.fd.as_raw_fd(), buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    let mut guard = ready!(self.0.input.poll_read_ready(cx))?;
+                    drain(&self.0.input);
+                    guard.clear_ready();
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for EdgeStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match nix::unistd::write(&self.0.fd, data) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    let mut guard = ready!(self.0.output.poll_read_ready(cx))?;
+                    drain(&self.0.output);
+                    guard.clear_ready();
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }

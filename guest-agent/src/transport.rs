@@ -9,7 +9,7 @@ use nix::sys::socket::{
     accept4, bind, getpeername, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
 };
 use tokio::io::unix::AsyncFd;
-pub use vmplug_common::fdstream::{register, FdStream};
+pub use vmplug_common::fdstream::{register, EdgeStream, FdStream};
 use vmplug_common::protocol::HOST_CID;
 
 use crate::sysfs::Sysfs;
@@ -65,13 +65,14 @@ pub fn find_serial_port(sysfs: &Sysfs, dev_root: &Path, name: &str) -> Option<Pa
     sysfs.virtio_port_device(name).map(|d| dev_root.join(d))
 }
 
-/// Opens a virtio-serial port non-blocking.
-pub fn open_serial(path: &Path) -> io::Result<FdStream> {
+/// Opens a virtio-serial port non-blocking, watched edge-triggered (its hang-up
+/// is level-triggered while no host is connected).
+pub fn open_serial(path: &Path) -> io::Result<EdgeStream> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
-    FdStream::new(OwnedFd::from(file))
+    EdgeStream::new(OwnedFd::from(file))
 }

@@ -49,7 +49,10 @@ impl Env {
             Env {
                 modules: must_exist(kdir.join("lib/modules").join(&release).join("kernel"), setup),
                 kernel,
-                vmplug: must_exist(target.join("debug/vmplug"), "build it: cargo build -p vmplug"),
+                vmplug: must_exist(
+                    std::env::var_os("VMPLUG_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("debug/vmplug")),
+                    "build it: cargo build -p vmplug",
+                ),
                 guest_agent: must_exist(
                     target.join("x86_64-unknown-linux-gnu/release/vmplug-guest"),
                     "build the static agent: make guest-agent",

@@ -260,6 +260,12 @@ impl Guest {
         }
     }
 
+    /// utime + stime of the guest agent, in clock ticks (1/100 s).
+    pub fn agent_cpu_ticks(&mut self) -> u64 {
+        let out = self.sh("cut -d' ' -f14,15 /proc/$(cat /run/agent.pid)/stat");
+        out.split_whitespace().filter_map(|w| w.parse::<u64>().ok()).sum()
+    }
+
     /// `/sys/devices/system/cpu/online` in the guest.
     pub fn online_cpus(&mut self) -> String {
         self.sh("cat /sys/devices/system/cpu/online")

@@ -24,6 +24,21 @@ const MODULES: &[&str] = &[
 /// The line init prints once the agent is started and the shell is about to run.
 pub const READY_MARKER: &str = "vmplug-e2e: ready";
 
+/// `onliner agent|udev|none|kernel`: who onlines hot-plugged resources (benchmarks
+/// switch between the methods in one guest). `kernel` is memory auto-online.
+const ONLINER: &str = r#"#!/bin/sh
+stop_agent() { touch /run/agent.disabled; [ -e /run/agent.pid ] && kill "$(cat /run/agent.pid)" 2>/dev/null; rm -f /run/agent.pid; }
+stop_udev() { p=$(pidof systemd-udevd) && kill $p && while pidof systemd-udevd >/dev/null; do usleep 10000; done; true; }
+echo offline >/sys/devices/system/memory/auto_online_blocks
+case "$1" in
+  agent) stop_udev; rm -f /run/agent.disabled; while [ ! -e /run/agent.pid ]; do sleep 0.05; done ;;
+  udev) stop_agent; pidof systemd-udevd >/dev/null || setsid /lib/systemd/systemd-udevd --daemon </dev/null >/dev/null 2>&1; timeout 10 udevadm settle ;;
+  none) stop_agent; stop_udev ;;
+  kernel) stop_agent; stop_udev; echo online >/sys/devices/system/memory/auto_online_blocks ;;
+  *) echo "usage: onliner agent|udev|none|kernel" >&2; exit 2 ;;
+esac
+"#;
+
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /run /tmp /etc/vmplug
@@ -35,9 +50,11 @@ mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
   [ -e "$p/name" ] && ln -sf "/dev/$(basename "$p")" "/dev/virtio-ports/$(cat "$p/name")"
 done
-# The agent, restarted when it dies, as systemd's Restart= would.
+# The agent, restarted when it dies, as systemd's Restart= would. `onliner`
+# (benchmarks) parks it while /run/agent.disabled exists.
 (
   while :; do
+    if [ -e /run/agent.disabled ]; then sleep 0.2; continue; fi
     /bin/vmplug-guest serve >>/tmp/agent.log 2>&1 &
     echo $! >/run/agent.pid
     wait $!
@@ -46,8 +63,38 @@ done
   done
 ) &
 echo "vmplug-e2e: ready"
-exec setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
+# PID 1 stays this script: a console shell that exits is simply started again.
+while :; do
+  setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
+  echo "vmplug-e2e: console shell exited with $?" >/dev/ttyS0
+done
 "#;
+
+/// systemd-udevd (udevadm) with its libraries and the repository's corrected
+/// rules, so the guide's udev path can be measured in the same guest.
+fn add_udev(root: &Path, env: &Env) {
+    let udevadm = Path::new("/bin/udevadm");
+    let ldd = Command::new("ldd").arg(udevadm).output().expect("ldd");
+    let mut files = vec![udevadm.to_path_buf()];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line.split("=>").nth(1).unwrap_or(line).split_whitespace().next().unwrap_or("");
+        if path.starts_with('/') {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for f in files {
+        let dest = root.join(f.strip_prefix("/").expect("absolute"));
+        fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        fs::copy(&f, &dest).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
+    fs::create_dir_all(root.join("lib/systemd")).expect("mkdir");
+    std::os::unix::fs::symlink("/bin/udevadm", root.join("lib/systemd/systemd-udevd")).expect("symlink");
+    let rules = root.join("etc/udev/rules.d");
+    fs::create_dir_all(&rules).expect("mkdir");
+    for r in ["80-vmplug-memory-online.rules", "80-vmplug-cpu-online.rules"] {
+        fs::copy(env.repo.join("udev-rules").join(r), rules.join(r)).expect("copy rule");
+    }
+}
 
 fn hash_file(p: &Path) -> String {
     let meta = fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -62,7 +109,7 @@ fn hash_file(p: &Path) -> String {
 
 /// The initramfs for the current agent binary (rebuilt when it changes).
 pub fn initramfs(env: &Env) -> PathBuf {
-    let key = format!("{}-{:x}", hash_file(&env.guest_agent), INIT.len() + MODULES.len());
+    let key = format!("{}-{:x}", hash_file(&env.guest_agent), INIT.len() + ONLINER.len() + MODULES.len());
     let out = env.cache.join(format!("initramfs-{key}.cpio.gz"));
     if out.exists() {
         return out;
@@ -85,6 +132,9 @@ pub fn initramfs(env: &Env) -> PathBuf {
     fs::write(tmp.join("modules.order"), order).expect("order");
     fs::write(tmp.join("init"), INIT).expect("init");
     fs::set_permissions(tmp.join("init"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(tmp.join("bin/onliner"), ONLINER).expect("onliner");
+    fs::set_permissions(tmp.join("bin/onliner"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    add_udev(&tmp, env);
     let partial = out.with_extension("partial");
     let status = Command::new("sh")
         .arg("-c")

@@ -9,6 +9,12 @@ fn closed_loop(transport: Transport) {
         GuestSpec { transport, ..GuestSpec::default() },
     );
     let name = g.name.clone();
+    // No host connected yet: the agent must sleep, not spin (a virtio-serial port
+    // without a host reports a level hang-up; waiting on it naively burns a CPU).
+    let before = g.agent_cpu_ticks();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let burnt = g.agent_cpu_ticks() - before;
+    assert!(burnt < 30, "the idle agent used {burnt} ticks of CPU in 3 s: it is busy-looping");
     let r = g.vmplug_json(&["setvcpus", &name, "2", "--live"]);
     assert_eq!(r["outcome"], "ok", "{r}");
     let r = g.vmplug_json(&["attach-memory", &name, "256M", "--live"]);

@@ -1,0 +1,323 @@
+//! `make bench`: in one nested guest, interleaving the methods run by run,
+//! measures how fast hot-plugged CPUs and memory are really online —
+//! vmplug's closed loop, the guide's udev rule (corrected), the guide's shell
+//! loop, and the floor (kernel auto-online for memory, the bare sysfs write for
+//! CPUs) — plus the agent's footprint and vmplug's own time per operation.
+//! Prints a markdown table and writes it, a JSON file and an SVG chart to
+//! `results/`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use vmplug_e2e::{Env, Guest, GuestSpec};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 128 * MIB;
+
+fn runs() -> usize {
+    std::env::var("VMPLUG_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+}
+
+#[derive(Default)]
+struct Samples(BTreeMap<(String, String), Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, op: &str, method: &str, ms: f64) {
+        eprintln!("  {op:<14} {method:<22} {ms:>9.1} ms");
+        self.0.entry((op.to_string(), method.to_string())).or_default().push(ms);
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn total_blocks(g: &mut Guest) -> u64 {
+    g.sh("ls -d /sys/devices/system/memory/memory* | wc -l").trim().parse().expect("block count")
+}
+
+/// Waits inside the guest until `want` blocks exist and none is offline.
+fn wait_memory_online(g: &mut Guest, want: u64) {
+    g.sh(&format!(
+        "while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ] || grep -q offline /sys/devices/system/memory/memory*/state; do usleep 2000; done"
+    ));
+}
+
+fn attach_dimm_virsh(g: &Guest, size: u64) {
+    let path = g.dir.join("bench-dimm.xml");
+    std::fs::write(
+        &path,
+        format!("<memory model='dimm'><target><size unit='KiB'>{}</size><node>0</node></target></memory>", size / 1024),
+    )
+    .expect("dimm xml");
+    g.daemon.virsh_ok(&["attach-device", &g.name, &path.to_string_lossy(), "--live"]);
+}
+
+/// Offlines the newest DIMM's blocks and unplugs it, so the next run starts equal.
+fn remove_last_dimm(g: &mut Guest, blocks_before: u64, size: u64) {
+    let n = size / BLOCK;
+    g.sh(&format!(
+        "for f in $(ls -d /sys/devices/system/memory/memory* | sed 's/.*memory//' | sort -n | tail -n {n}); do echo offline > /sys/devices/system/memory/memory$f/state; done"
+    ));
+    let xml = g.daemon.virsh_ok(&["dumpxml", &g.name]);
+    let start = xml.rfind("<memory model='dimm'").expect("a DIMM to remove");
+    let end = start + xml[start..].find("</memory>").expect("end") + "</memory>".len();
+    let path = g.dir.join("bench-detach.xml");
+    std::fs::write(&path, &xml[start..end]).expect("detach xml");
+    g.daemon.virsh_ok(&["detach-device", &g.name, &path.to_string_lossy(), "--live"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while total_blocks(g) > blocks_before {
+        assert!(Instant::now() < deadline, "DIMM was not removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while g.daemon.virsh_ok(&["dumpxml", &g.name]).matches("model='dimm'").count() > 0 {
+        assert!(Instant::now() < deadline, "libvirt still lists the DIMM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmplug JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, size: u64) {
+    let op = format!("memory {} GiB", size / 1024 / MIB);
+    let methods = ["vmplug", "udev rule", "shell loop (guide)", "kernel auto-online"];
+    for run in 0..runs() {
+        for (i, _) in methods.iter().enumerate() {
+            // Rotate the order each run so no method always goes first.
+            let method = methods[(i + run) % methods.len()];
+            let before = total_blocks(g);
+            let want = before + size / BLOCK;
+            match method {
+                "vmplug" => {
+                    g.sh("onliner agent");
+                    let t = Instant::now();
+                    let out = g.vmplug_quiet(&[
+                        "attach-memory",
+                        &g.name.clone(),
+                        &format!("{}M", size / MIB),
+                        "--node",
+                        "0",
+                        "--live",
+                        "--json",
+                    ]);
+                    let el = t.elapsed();
+                    let r = json(&out);
+                    assert_eq!(r["outcome"], "ok", "{r}");
+                    s.add(&op, method, ms(el));
+                    let t = &r["timings"];
+                    own.push(
+                        (t["total_ms"].as_f64().unwrap_or(0.0)
+                            - t["libvirt_ms"].as_f64().unwrap_or(0.0)
+                            - t["guest_ms"].as_f64().unwrap_or(0.0))
+                        .max(0.0),
+                    );
+                }
+                "udev rule" | "kernel auto-online" => {
+                    g.sh(if method == "udev rule" { "onliner udev" } else { "onliner kernel" });
+                    let t = Instant::now();
+                    attach_dimm_virsh(g, size);
+                    wait_memory_online(g, want);
+                    s.add(&op, method, ms(t.elapsed()));
+                }
+                _ => {
+                    g.sh("onliner none");
+                    let t = Instant::now();
+                    attach_dimm_virsh(g, size);
+                    // The guide's loop, run when the blocks are there, as a person would.
+                    g.sh(&format!("while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ]; do usleep 2000; done"));
+                    g.sh("for i in `grep -l offline /sys/devices/system/memory/memory*/state`; do echo online > $i; done");
+                    wait_memory_online(g, want);
+                    s.add(&op, method, ms(t.elapsed()));
+                }
+            }
+            g.sh("onliner none");
+            remove_last_dimm(g, before, size);
+        }
+    }
+}
+
+fn bench_cpus(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, max: u32) {
+    let op = "vCPU";
+    let methods = ["vmplug", "udev rule", "sysfs write (floor)"];
+    let name = g.name.clone();
+    for k in 2..=max {
+        let method = methods[(k as usize - 2) % methods.len()];
+        let cpu = k - 1;
+        match method {
+            "vmplug" => {
+                g.sh("onliner agent");
+                let t = Instant::now();
+                let out = g.vmplug_quiet(&["setvcpus", &name, &k.to_string(), "--live", "--json"]);
+                let el = t.elapsed();
+                let r = json(&out);
+                assert_eq!(r["outcome"], "ok", "{r}");
+                s.add(op, method, ms(el));
+                let t = &r["timings"];
+                own.push(
+                    (t["total_ms"].as_f64().unwrap_or(0.0)
+                        - t["libvirt_ms"].as_f64().unwrap_or(0.0)
+                        - t["guest_ms"].as_f64().unwrap_or(0.0))
+                    .max(0.0),
+                );
+            }
+            "udev rule" => {
+                g.sh("onliner udev");
+                let t = Instant::now();
+                g.daemon.virsh_ok(&["setvcpus", &name, &k.to_string(), "--live"]);
+                g.sh(&format!("until [ \"$(cat /sys/devices/system/cpu/cpu{cpu}/online 2>/dev/null)\" = 1 ]; do usleep 2000; done"));
+                s.add(op, method, ms(t.elapsed()));
+            }
+            _ => {
+                g.sh("onliner none");
+                g.daemon.virsh_ok(&["setvcpus", &name, &k.to_string(), "--live"]);
+                g.sh(&format!("until [ -e /sys/devices/system/cpu/cpu{cpu}/online ]; do usleep 2000; done"));
+                let out = g.sh(&format!(
+                    "a=$(date +%s%N); echo 1 > /sys/devices/system/cpu/cpu{cpu}/online; b=$(date +%s%N); echo $((b-a))"
+                ));
+                let ns: f64 = out.trim().parse().unwrap_or_else(|_| panic!("in-guest timing: {out}"));
+                s.add(op, method, ns / 1e6);
+            }
+        }
+    }
+}
+
+/// (VmRSS KiB, VmHWM KiB, utime+stime ticks, context switches) of the agent.
+fn agent_proc(g: &mut Guest) -> (u64, u64, u64, u64) {
+    let out = g.sh(
+        "p=$(cat /run/agent.pid); grep -E '^(VmRSS|VmHWM)' /proc/$p/status | tr -s ' ' | cut -d' ' -f2 | tr '\\n' ' '; \
+         cut -d' ' -f14,15 /proc/$p/stat | tr '\\n' ' '; \
+         cat /proc/$p/task/*/status | grep ctxt_switches | tr -s '\\t ' ' ' | cut -d' ' -f2 | paste -sd+ | bc 2>/dev/null || \
+         (t=0; for n in $(cat /proc/$p/task/*/status | grep ctxt_switches | tr -s '\\t ' ' ' | cut -d' ' -f2); do t=$((t+n)); done; echo $t)",
+    );
+    let v: Vec<u64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(v.len() >= 5, "agent /proc figures: {out}");
+    (v[0], v[1], v[2] + v[3], v[4])
+}
+
+fn svg(samples: &Samples) -> String {
+    let rows: Vec<_> = samples.0.iter().map(|((op, m), v)| (format!("{op}: {m}"), stats(v))).collect();
+    let max = rows.iter().map(|(_, (_, _, hi))| *hi).fold(1.0, f64::max);
+    let (w, left, bar_h) = (900.0, 300.0, 22.0);
+    let h = 40.0 + rows.len() as f64 * (bar_h + 8.0);
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n"
+    );
+    let _ = writeln!(s, "<text x='10' y='20' font-size='14'>Hot-plug to confirmed online, median with min–max (ms, lower is better)</text>");
+    let scale = (w - left - 80.0) / max;
+    for (i, (label, (med, lo, hi))) in rows.iter().enumerate() {
+        let y = 35.0 + i as f64 * (bar_h + 8.0);
+        let color = if label.contains("vmplug") {
+            "#2a7ab0"
+        } else if label.contains("floor") || label.contains("kernel") {
+            "#999"
+        } else {
+            "#d08a2a"
+        };
+        let _ = writeln!(s, "<text x='{}' y='{}' text-anchor='end'>{label}</text>", left - 8.0, y + 15.0);
+        let _ = writeln!(s, "<rect x='{left}' y='{y}' width='{:.1}' height='{bar_h}' fill='{color}'/>", med * scale);
+        let _ = writeln!(
+            s,
+            "<line x1='{:.1}' x2='{:.1}' y1='{:.1}' y2='{:.1}' stroke='black'/>",
+            left + lo * scale,
+            left + hi * scale,
+            y + bar_h / 2.0,
+            y + bar_h / 2.0
+        );
+        let _ = writeln!(s, "<text x='{:.1}' y='{}'>{med:.0}</text>", left + hi * scale + 6.0, y + 15.0);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn main() {
+    let env = Env::get();
+    let started = Instant::now();
+    eprintln!("vmplug bench: {} runs per method, methods interleaved", runs());
+    let spec = GuestSpec {
+        vcpus: 1,
+        max_vcpus: 10,
+        cells_mib: vec![1024],
+        max_memory_mib: 8192,
+        slots: 4,
+        cmdline_extra: "movable_node".into(),
+        ..GuestSpec::default()
+    };
+    let mut g = Guest::boot("bench", spec);
+    let mut samples = Samples::default();
+    let mut own = Vec::new();
+
+    g.sh("onliner agent");
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_idle, _, _, cs0) = agent_proc(&mut g);
+    std::thread::sleep(Duration::from_secs(30));
+    let (_, _, ticks0, cs1) = agent_proc(&mut g);
+    let idle_wakeups_per_min = (cs1.saturating_sub(cs0)) as f64 * 2.0;
+
+    for size in [1024 * MIB, 4096 * MIB] {
+        bench_memory(&mut g, &mut samples, &mut own, size);
+    }
+    g.sh("onliner agent");
+    let (_, hwm, ticks1, _) = agent_proc(&mut g);
+    let vmplug_blocks = runs() as u64 * (1024 + 4096) * MIB / BLOCK;
+    let cpu_ms_per_block = (ticks1.saturating_sub(ticks0)) as f64 * 10.0 / vmplug_blocks as f64;
+    bench_cpus(&mut g, &mut samples, &mut own, 10);
+    drop(g);
+
+    let bin_size = std::fs::metadata(&env.guest_agent).map(|m| m.len()).unwrap_or(0);
+    let floor_of = |op: &str| -> Option<f64> {
+        samples
+            .0
+            .iter()
+            .find(|((o, m), _)| o == op && (m.contains("floor") || m.contains("kernel")))
+            .map(|(_, v)| stats(v).0)
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| operation | method | median ms | min ms | max ms | × floor |\n| --- | --- | ---: | ---: | ---: | ---: |"
+    );
+    for ((op, m), v) in &samples.0 {
+        let (med, lo, hi) = stats(v);
+        let ratio = floor_of(op).map(|f| format!("{:.2}", med / f)).unwrap_or_default();
+        let _ = writeln!(md, "| {op} | {m} | {med:.1} | {lo:.1} | {hi:.1} | {ratio} |");
+    }
+    let (own_med, own_lo, own_hi) = if own.is_empty() { (0.0, 0.0, 0.0) } else { stats(&own) };
+    let _ = writeln!(md, "\n| agent / host figure | value |\n| --- | ---: |");
+    let _ = writeln!(md, "| vmplug-guest static binary | {:.2} MiB |", bin_size as f64 / MIB as f64);
+    let _ = writeln!(md, "| agent RSS idle | {:.2} MiB |", rss_idle as f64 / 1024.0);
+    let _ = writeln!(md, "| agent peak RSS (VmHWM) after all onlining | {:.2} MiB |", hwm as f64 / 1024.0);
+    let _ = writeln!(md, "| agent CPU time per onlined block | {cpu_ms_per_block:.2} ms |");
+    let _ = writeln!(md, "| agent wake-ups per idle minute (context switches) | {idle_wakeups_per_min:.0} |");
+    let _ = writeln!(md, "| vmplug's own time per operation (excl. libvirt and guest), median [min–max] | {own_med:.0} ms [{own_lo:.0}–{own_hi:.0}] |");
+    let _ = writeln!(
+        md,
+        "\n{} runs per method and memory size, methods rotated run by run, one TCG guest (Debian 6.1, `movable_node`), {}; total {:.0} s.",
+        runs(),
+        chrono_like_now(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("{md}");
+    let dir = env.repo.join("results");
+    std::fs::create_dir_all(&dir).expect("results dir");
+    std::fs::write(dir.join("bench.md"), &md).expect("write md");
+    std::fs::write(dir.join("bench.svg"), svg(&samples)).expect("write svg");
+    let raw: BTreeMap<String, &Vec<f64>> = samples.0.iter().map(|((o, m), v)| (format!("{o} / {m}"), v)).collect();
+    std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&raw).expect("json")).expect("write json");
+    eprintln!("results written to {}", dir.display());
+}
+
+fn chrono_like_now() -> String {
+    let out = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
