@@ -108,6 +108,10 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, size: u64) {
                         &format!("{}M", size / MIB),
                         "--node",
                         "0",
+                        // Movable, as every other method gets under movable_node,
+                        // so the DIMM can be unplugged for the next run.
+                        "--zone",
+                        "movable",
                         "--live",
                         "--json",
                     ]);
