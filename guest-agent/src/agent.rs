@@ -22,8 +22,8 @@ pub const WAIT_RESCAN: Duration = Duration::from_millis(250);
 
 /// After a memory `add` uevent, how often and how long to wait for the kernel to
 /// finish registering the block (2 s in all); a request's own wait covers the rest.
-const ADD_SETTLE_TRIES: u32 = 80;
-const ADD_SETTLE_PAUSE: Duration = Duration::from_millis(25);
+const ADD_SETTLE_TRIES: u32 = 400;
+const ADD_SETTLE_PAUSE: Duration = Duration::from_millis(5);
 
 pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events"];
 
@@ -381,7 +381,13 @@ impl Agent {
                                     }
                                     std::thread::sleep(ADD_SETTLE_PAUSE);
                                 }
-                                let mut counts = crate::online::ZoneCounts::of(&o.sysfs.blocks()?);
+                                // Only `auto` needs the zone counts (a read of every block).
+                                let mut counts = match zone {
+                                    vmplug_common::protocol::ZonePolicy::Auto => {
+                                        crate::online::ZoneCounts::of(&o.sysfs.blocks()?)
+                                    }
+                                    _ => crate::online::ZoneCounts::default(),
+                                };
                                 let r = o.online_block(b, zone, &mut counts)?;
                                 (r.outcome, r.zone)
                             }

@@ -166,6 +166,33 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Make a domain hot-plug-ready (edits the persistent definition only; takes
+    /// effect at the next start). Prints a unified diff of the XML.
+    Prepare {
+        domain: String,
+        /// Largest vCPU count hot-plug may reach.
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        /// Largest memory hot-plug may reach (<maxMemory>).
+        #[arg(long)]
+        max_memory: Option<Bytes>,
+        /// Memory slots to reserve (at most 256).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// Guest NUMA cells (each holds whole sockets).
+        #[arg(long)]
+        cells: Option<u32>,
+        /// Host NUMA nodes to back the cells with (round-robin), pinning each
+        /// cell's vCPUs to its node's CPUs.
+        #[arg(long)]
+        host_nodes: Option<CpuSet>,
+        /// numatune mode for the memnodes.
+        #[arg(long)]
+        mode: Option<NumaMode>,
+        /// Print the diff only; define nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The host's and the guest's view side by side.
     Status {
         domain: String,
@@ -256,6 +283,19 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
             .map_err(tune_err)?;
             let exit = if c.ready { 0 } else { crate::report::Outcome::Refused.exit_code() };
             Outcome { text: print(json, &c, tune::render_check), exit }
+        }
+        Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {
+            let opts = crate::prepare::PrepareOpts {
+                max_vcpus: *max_vcpus,
+                max_memory: *max_memory,
+                slots: *slots,
+                cells: *cells,
+                host_nodes: host_nodes.clone(),
+                mode: *mode,
+            };
+            let r = ops::prepare(conn, domain, &opts, *dry_run).await?;
+            let exit = if r.refused.is_some() { crate::report::Outcome::Refused.exit_code() } else { 0 };
+            Outcome { text: print(json, &r, ops::PrepareReport::render_text), exit }
         }
         Command::Status { domain, agent } => {
             let s = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout))

@@ -137,6 +137,8 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
     fn cells_free_memory(&self, nodes: u32) -> Result<Vec<u64>, DomainError>;
     fn lookup(&self, name: &str) -> Result<std::sync::Arc<dyn Domain>, DomainError>;
     fn list_domains(&self) -> Result<Vec<String>, DomainError>;
+    /// Defines (or redefines) a domain's persistent configuration.
+    fn define(&self, xml: &str) -> Result<(), DomainError>;
 }
 
 /// One domain.

@@ -240,6 +240,15 @@ impl Connection for FakeConnection {
         let doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
         doms.get(name).cloned().map(|d| d as Arc<dyn Domain>).ok_or_else(|| DomainError::NotFound(name.into()))
     }
+    fn define(&self, xml: &str) -> Result<(), DomainError> {
+        let f = crate::xml::DomainFacts::parse(xml).map_err(|e| DomainError::Other(e.to_string()))?;
+        let doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        let d = doms.get(&f.name).ok_or_else(|| DomainError::NotFound(f.name.clone()))?;
+        d.enter("define", String::new())?;
+        d.st().config = xml.to_string();
+        Ok(())
+    }
+
     fn list_domains(&self) -> Result<Vec<String>, DomainError> {
         Ok(self.domains.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect())
     }

@@ -10,6 +10,7 @@ pub mod link;
 pub mod ops;
 pub mod planner;
 pub mod preflight;
+pub mod prepare;
 pub mod report;
 pub mod tune;
 pub mod xml;

@@ -63,6 +63,10 @@ impl Connection for LibvirtConnection {
         Ok(Arc::new(LibvirtDomain { dom, name: name.to_string() }))
     }
 
+    fn define(&self, xml: &str) -> Result<(), DomainError> {
+        self.conn.define_domain_xml(xml).map(|_| ()).map_err(|e| DomainError::Other(format!("define: {}", e.message())))
+    }
+
     fn list_domains(&self) -> Result<Vec<String>, DomainError> {
         let doms =
             self.conn.list_all_domains(0).map_err(|e| DomainError::Other(format!("list domains: {}", e.message())))?;

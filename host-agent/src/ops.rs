@@ -570,3 +570,68 @@ pub async fn attach_memory(
         timings: run.timings(),
     })
 }
+
+/// What `vmplug prepare` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrepareReport {
+    pub domain: String,
+    pub running: bool,
+    pub defined: bool,
+    pub diff: String,
+    pub notes: Vec<String>,
+    pub refused: Option<String>,
+}
+
+impl PrepareReport {
+    pub fn render_text(&self) -> String {
+        if let Some(why) = &self.refused {
+            return format!("prepare {}: REFUSED — {why}\n", self.domain);
+        }
+        let mut s = self.diff.clone();
+        for n in &self.notes {
+            s.push_str(&format!("# {n}\n"));
+        }
+        s.push_str(&match (self.defined, self.diff.is_empty()) {
+            (_, true) => format!("prepare {}: already hot-plug-ready; nothing to change\n", self.domain),
+            (false, false) => format!("prepare {}: dry run; nothing defined\n", self.domain),
+            (true, false) if self.running => {
+                format!("prepare {}: definition updated; takes effect at the next start (the running domain is unchanged)\n", self.domain)
+            }
+            (true, false) => format!("prepare {}: definition updated; takes effect at the next start\n", self.domain),
+        });
+        s
+    }
+}
+
+/// `vmplug prepare`: edits the persistent definition (never the live one).
+pub async fn prepare(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    opts: &crate::prepare::PrepareOpts,
+    dry_run: bool,
+) -> Result<PrepareReport, DomainError> {
+    let l = load(conn.clone(), name, false).await?;
+    let dom = l.dom.clone();
+    let old = blocking(move || dom.xml(XmlView::Inactive)).await?;
+    let mut report = PrepareReport {
+        domain: name.into(),
+        running: l.running,
+        defined: false,
+        diff: String::new(),
+        notes: vec![],
+        refused: None,
+    };
+    match crate::prepare::prepare(&old, &l.host, opts) {
+        Err(e) => report.refused = Some(e.to_string()),
+        Ok(p) => {
+            report.diff = if p.xml == old { String::new() } else { crate::prepare::diff(&old, &p.xml) };
+            report.notes = p.notes;
+            if !dry_run && p.xml != old {
+                let c = conn.clone();
+                blocking(move || c.define(&p.xml)).await?;
+                report.defined = true;
+            }
+        }
+    }
+    Ok(report)
+}

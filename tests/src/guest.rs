@@ -41,6 +41,9 @@ pub struct GuestSpec {
     pub slots: u32,
     pub transport: Transport,
     pub cmdline_extra: String,
+    /// A domain as an operator would write it without hot-plug in mind: no
+    /// `<maxMemory>`, no guest NUMA, every vCPU present (for `vmplug prepare`).
+    pub plain: bool,
 }
 
 impl Default for GuestSpec {
@@ -53,6 +56,7 @@ impl Default for GuestSpec {
             slots: 8,
             transport: Transport::Serial,
             cmdline_extra: String::new(),
+            plain: false,
         }
     }
 }
@@ -86,6 +90,15 @@ impl GuestSpec {
                 ),
             ),
         };
+        let (max_memory, numa, vcpu) = if self.plain {
+            (String::new(), String::new(), format!("<vcpu placement='static'>{}</vcpu>", self.vcpus))
+        } else {
+            (
+                format!("<maxMemory slots='{}' unit='MiB'>{}</maxMemory>", self.slots, self.max_memory_mib),
+                format!("<topology sockets='{maxv}' dies='1' clusters='1' cores='1' threads='1'/>\n    <numa>{cells}</numa>", maxv = self.max_vcpus),
+                format!("<vcpu placement='static' current='{}'>{}</vcpu>", self.vcpus, self.max_vcpus),
+            )
+        };
         let metadata = match self.transport {
             Transport::Serial => String::new(),
             Transport::Vsock => format!(
@@ -97,8 +110,8 @@ impl GuestSpec {
   <name>{name}</name>
   {metadata}
   <memory unit='MiB'>{total}</memory>
-  <maxMemory slots='{slots}' unit='MiB'>{maxmem}</maxMemory>
-  <vcpu placement='static' current='{vcpus}'>{maxv}</vcpu>
+  {max_memory}
+  {vcpu}
   {backing}
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
@@ -109,8 +122,7 @@ impl GuestSpec {
   <features><acpi/><apic/></features>
   <cpu mode='custom' match='exact' check='none'>
     <model fallback='allow'>qemu64</model>
-    <topology sockets='{maxv}' dies='1' clusters='1' cores='1' threads='1'/>
-    <numa>{cells}</numa>
+    {numa}
   </cpu>
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
@@ -132,10 +144,6 @@ impl GuestSpec {
   {vsock}
 </domain>
 ",
-            slots = self.slots,
-            maxmem = self.max_memory_mib,
-            vcpus = self.vcpus,
-            maxv = self.max_vcpus,
             kernel = kernel.display(),
             initrd = initrd.display(),
             extra = self.cmdline_extra,
@@ -180,6 +188,13 @@ impl Guest {
     /// Defines and starts a guest, waits for its agent to be started and its
     /// console shell to answer.
     pub fn boot(test: &str, spec: GuestSpec) -> Guest {
+        let mut g = Guest::define(test, spec);
+        g.start();
+        g
+    }
+
+    /// Defines a guest (under its own daemon) without starting it.
+    pub fn define(test: &str, spec: GuestSpec) -> Guest {
         let env = Env::get();
         reap_stale(env);
         take_slot();
@@ -198,7 +213,6 @@ impl Guest {
         fs::write(guest.dir.join("domain.xml"), &guest.xml).expect("write xml");
         let path = guest.dir.join("domain.xml");
         guest.daemon.virsh_ok(&["define", &path.to_string_lossy()]);
-        guest.start();
         guest
     }
 

@@ -1,0 +1,291 @@
+//! `vmplug prepare`: make a domain hot-plug-ready as the guide's creation-time
+//! templates say, by editing its persistent definition. The edit is a splice of
+//! the few elements vmplug owns (`<vcpu>`, `<maxMemory>`, `<cpu>` topology and
+//! NUMA cells, `<cputune>` vCPU pins, `<numatune>` memnodes) into the original
+//! text: everything else — unknown elements, metadata, comments — stays byte for
+//! byte.
+
+use std::fmt::Write as _;
+
+use roxmltree::{Document, Node};
+use vmplug_common::{Bytes, CpuSet, MIB};
+
+use crate::domain::NumaMode;
+use crate::xml::{DomainFacts, HostFacts, XmlError};
+
+/// The guide's limit on memory slots.
+pub const MAX_SLOTS: u32 = 256;
+
+#[derive(Debug, Clone, Default)]
+pub struct PrepareOpts {
+    pub max_vcpus: Option<u32>,
+    pub max_memory: Option<Bytes>,
+    pub slots: Option<u32>,
+    pub cells: Option<u32>,
+    pub host_nodes: Option<CpuSet>,
+    pub mode: Option<NumaMode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareError {
+    #[error("domain XML: {0}")]
+    Xml(String),
+    #[error("{0} memory slots requested: the guide allows at most {MAX_SLOTS}")]
+    TooManySlots(u32),
+    #[error("max memory {max} is below the current memory {current}")]
+    MaxMemoryBelowCurrent { max: Bytes, current: Bytes },
+    #[error("{max} vCPUs is below the {current} the domain has now")]
+    MaxVcpusBelowCurrent { max: u32, current: u32 },
+    #[error("{max} vCPUs is not a multiple of the topology's {per_socket} vCPUs per socket")]
+    NotWholeSockets { max: u32, per_socket: u32 },
+    #[error("{cells} guest NUMA cells for {sockets} sockets: every cell needs at least one whole socket")]
+    TooManyCells { cells: u32, sockets: u32 },
+    #[error("machine '{machine}' ({arch}) cannot hot-plug: {why}")]
+    Machine { machine: String, arch: String, why: &'static str },
+    #[error("host NUMA node {0} does not exist (host nodes: {1})")]
+    NoSuchHostNode(u32, String),
+    #[error("strict binding of cell {cell} ({need}) to host node {node} with {free} free would fail at start")]
+    NodeTooSmall { cell: u32, node: u32, need: Bytes, free: Bytes },
+}
+
+impl From<XmlError> for PrepareError {
+    fn from(e: XmlError) -> Self {
+        PrepareError::Xml(e.to_string())
+    }
+}
+
+/// The new definition and what changed, in words.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    pub xml: String,
+    pub notes: Vec<String>,
+}
+
+fn child<'a, 'i>(n: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(name))
+}
+
+/// Byte offset just after an element's start tag.
+fn after_start_tag(xml: &str, n: Node) -> usize {
+    let start = n.range().start;
+    start + xml[start..].find('>').map(|i| i + 1).unwrap_or(0)
+}
+
+/// The indentation of the line an element starts on.
+fn indent_of(xml: &str, n: Node) -> String {
+    let start = n.range().start;
+    let line = xml[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    xml[line..start].chars().take_while(|c| c.is_whitespace()).collect()
+}
+
+fn check_machine(f: &DomainFacts) -> Result<(), PrepareError> {
+    let err = |why| Err(PrepareError::Machine { machine: f.machine.clone(), arch: f.arch.clone(), why });
+    match f.arch.as_str() {
+        "x86_64" | "i686" if f.machine == "pc" || f.machine == "q35" || f.machine.starts_with("pc-") => Ok(()),
+        "aarch64" => {
+            let v = f.machine.strip_prefix("virt-").and_then(|v| {
+                let mut it = v.split('.');
+                Some((it.next()?.parse::<u32>().ok()?, it.next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0)))
+            });
+            match v {
+                Some(v) if v < (4, 1) => err("the guide requires virt-4.1 or newer"),
+                _ if f.machine == "virt" || f.machine.starts_with("virt-") => Ok(()),
+                _ => err("only the 'virt' machine can hot-plug on aarch64"),
+            }
+        }
+        _ => err("vmplug knows hot-plug on x86 pc/q35 and aarch64 virt"),
+    }
+}
+
+/// Computes the prepared definition of `xml` (the persistent one) on `host`.
+pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared, PrepareError> {
+    let f = DomainFacts::parse(xml)?;
+    check_machine(&f)?;
+    let doc = Document::parse(xml).map_err(|e| PrepareError::Xml(e.to_string()))?;
+    let dom = doc.root_element();
+    let mut notes = Vec::new();
+
+    let current = f.vcpus_current;
+    let max = o.max_vcpus.unwrap_or(f.vcpus_max.max(current));
+    if max < current {
+        return Err(PrepareError::MaxVcpusBelowCurrent { max, current });
+    }
+    let (cores, threads) = f.topology.as_ref().map(|t| (t.cores.max(1), t.threads.max(1))).unwrap_or((1, 1));
+    let per_socket = cores * threads;
+    if !max.is_multiple_of(per_socket) {
+        return Err(PrepareError::NotWholeSockets { max, per_socket });
+    }
+    let sockets = max / per_socket;
+    let ncells = o.cells.unwrap_or(f.cells.len().max(1) as u32);
+    if ncells == 0 || ncells > sockets {
+        return Err(PrepareError::TooManyCells { cells: ncells, sockets });
+    }
+    let slots = o.slots.unwrap_or(f.slots.unwrap_or(16));
+    if slots > MAX_SLOTS {
+        return Err(PrepareError::TooManySlots(slots));
+    }
+    // The initial memory stays; only the ceiling and the layout change.
+    let initial = Bytes(f.memory.get().saturating_sub(f.dimm_memory().get()));
+    let max_memory = o.max_memory.or(f.max_memory).unwrap_or(Bytes(initial.get() * 4));
+    if max_memory < f.memory {
+        return Err(PrepareError::MaxMemoryBelowCurrent { max: max_memory, current: f.memory });
+    }
+
+    // Cells: whole sockets each (the guide: a socket's vCPUs in one vNode), memory
+    // split evenly in MiB.
+    let mib = initial.get() / MIB;
+    let mut cells = Vec::new();
+    let mut first_socket = 0;
+    for i in 0..ncells {
+        let n_sockets = sockets / ncells + u32::from(i < sockets % ncells);
+        let cpus: CpuSet = (first_socket * per_socket..(first_socket + n_sockets) * per_socket).collect();
+        first_socket += n_sockets;
+        let cell_mib = mib / ncells as u64 + u64::from((i as u64) < mib % ncells as u64);
+        cells.push((i, cpus, Bytes(cell_mib * MIB)));
+    }
+
+    // Host placement.
+    let mut pins: Vec<(u32, CpuSet)> = Vec::new();
+    let mut memnodes: Vec<(u32, u32)> = Vec::new();
+    if let Some(nodes) = &o.host_nodes {
+        let host_ids: CpuSet = host.nodes.iter().map(|n| n.id).collect();
+        let list: Vec<u32> = nodes.iter().collect();
+        for n in &list {
+            if !host_ids.contains(*n) {
+                return Err(PrepareError::NoSuchHostNode(*n, host_ids.to_string()));
+            }
+        }
+        let mode = o.mode.unwrap_or(NumaMode::Strict);
+        let mut need = std::collections::BTreeMap::<u32, u64>::new();
+        for (i, cpus, mem) in &cells {
+            let node = list[*i as usize % list.len()];
+            *need.entry(node).or_default() += mem.get();
+            memnodes.push((*i, node));
+            let node_cpus = host.node(node).map(|n| n.cpus.clone()).unwrap_or_default();
+            for v in cpus.iter() {
+                pins.push((v, node_cpus.clone()));
+            }
+        }
+        if mode == NumaMode::Strict {
+            for (i, _, mem) in &cells {
+                let node = list[*i as usize % list.len()];
+                if let Some(free) = host.free_on(node) {
+                    if free.get() < need[&node] {
+                        return Err(PrepareError::NodeTooSmall { cell: *i, node, need: *mem, free });
+                    }
+                }
+            }
+        }
+        notes.push(format!(
+            "cells → host nodes: {}",
+            memnodes.iter().map(|(c, n)| format!("{c}→{n}")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+
+    // The edits, as (byte range, replacement), applied back to front.
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    let vcpu = child(dom, "vcpu").ok_or(PrepareError::Xml("no <vcpu>".into()))?;
+    edits.push((vcpu.range(), format!("<vcpu placement='static' current='{current}'>{max}</vcpu>")));
+    if max != f.vcpus_max || f.vcpu_placement != "static" {
+        notes.push(format!("vCPUs: {current} now, up to {max} by hot-plug"));
+    }
+    let mm = format!("<maxMemory slots='{slots}' unit='KiB'>{}</maxMemory>", max_memory.kib());
+    match child(dom, "maxMemory") {
+        Some(n) => edits.push((n.range(), mm)),
+        None => {
+            let mem = child(dom, "memory").ok_or(PrepareError::Xml("no <memory>".into()))?;
+            let at = mem.range().end;
+            edits.push((at..at, format!("\n{}{mm}", indent_of(xml, mem))));
+        }
+    }
+    notes.push(format!("memory: up to {max_memory} in {slots} slots"));
+
+    let pad = indent_of(xml, vcpu);
+    let topo = format!("<topology sockets='{sockets}' dies='1' clusters='1' cores='{cores}' threads='{threads}'/>");
+    let mut numa = String::from("<numa>");
+    for (i, cpus, mem) in &cells {
+        let _ = write!(numa, "\n{pad}{pad}{pad}<cell id='{i}' cpus='{cpus}' memory='{}' unit='KiB'/>", mem.kib());
+    }
+    let _ = write!(numa, "\n{pad}{pad}</numa>");
+    match child(dom, "cpu") {
+        Some(cpu) if !cpu.children().any(|c| c.is_element()) && xml[cpu.range()].trim_end().ends_with("/>") => {
+            let start_tag = &xml[cpu.range()];
+            let open = start_tag.trim_end().trim_end_matches("/>").trim_end();
+            edits.push((cpu.range(), format!("{open}>\n{pad}{pad}{topo}\n{pad}{pad}{numa}\n{pad}</cpu>")));
+        }
+        Some(cpu) => {
+            match child(cpu, "topology") {
+                Some(t) => edits.push((t.range(), topo)),
+                None => {
+                    let at = after_start_tag(xml, cpu);
+                    edits.push((at..at, format!("\n{pad}{pad}{topo}")));
+                }
+            }
+            match child(cpu, "numa") {
+                Some(n) => edits.push((n.range(), numa)),
+                None => {
+                    let at = cpu.range().end - "</cpu>".len();
+                    edits.push((at..at, format!("{pad}{numa}\n{pad}")));
+                }
+            }
+        }
+        None => {
+            let devices = child(dom, "devices").ok_or(PrepareError::Xml("no <devices>".into()))?;
+            let at = devices.range().start;
+            edits.push((at..at, format!("<cpu>\n{pad}{pad}{topo}\n{pad}{pad}{numa}\n{pad}</cpu>\n{pad}")));
+        }
+    }
+    notes.push(format!("guest NUMA: {ncells} cell(s) of whole sockets ({per_socket} vCPU(s) each)"));
+
+    if !pins.is_empty() {
+        let mode = o.mode.unwrap_or(NumaMode::Strict).as_str();
+        let mut pin_xml = String::new();
+        for (v, set) in &pins {
+            let _ = write!(pin_xml, "\n{pad}{pad}<vcpupin vcpu='{v}' cpuset='{set}'/>");
+        }
+        match child(dom, "cputune") {
+            Some(ct) => {
+                // Replace our vcpupins, keep every other child (shares, emulatorpin…).
+                for p in ct.children().filter(|c| c.has_tag_name("vcpupin")) {
+                    let r = p.range();
+                    let line_start = xml[..r.start].rfind('\n').unwrap_or(r.start);
+                    edits.push((line_start..r.end, String::new()));
+                }
+                let at = after_start_tag(xml, ct);
+                edits.push((at..at, pin_xml));
+            }
+            None => {
+                let at = vcpu.range().end;
+                edits.push((at..at, format!("\n{pad}<cputune>{pin_xml}\n{pad}</cputune>")));
+            }
+        }
+        let mut mn = String::new();
+        for (c, n) in &memnodes {
+            let _ = write!(mn, "\n{pad}{pad}<memnode cellid='{c}' mode='{mode}' nodeset='{n}'/>");
+        }
+        let nodes: CpuSet = memnodes.iter().map(|(_, n)| *n).collect();
+        let numatune = format!("<numatune>\n{pad}{pad}<memory mode='{mode}' nodeset='{nodes}'/>{mn}\n{pad}</numatune>");
+        match child(dom, "numatune") {
+            Some(nt) => edits.push((nt.range(), numatune)),
+            None => {
+                let at = vcpu.range().end;
+                edits.push((at..at, format!("\n{pad}{numatune}")));
+            }
+        }
+    }
+
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse((r.start, r.end)));
+    let mut out = xml.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    // What we wrote must read back as what we meant.
+    let back = DomainFacts::parse(&out)?;
+    debug_assert_eq!(back.vcpus_max, max);
+    Ok(Prepared { xml: out, notes })
+}
+
+/// A unified diff of two definitions.
+pub fn diff(old: &str, new: &str) -> String {
+    similar::TextDiff::from_lines(old, new).unified_diff().context_radius(2).header("current", "prepared").to_string()
+}

@@ -1,0 +1,120 @@
+//! Golden files for `vmplug prepare`: input definition → prepared definition.
+//! Regenerate deliberately with `VMPLUG_BLESS=1`.
+
+use vmplug::domain::NumaMode;
+use vmplug::prepare::{prepare, PrepareError, PrepareOpts};
+use vmplug::xml::{DomainFacts, HostFacts};
+use vmplug_common::{Bytes, GIB};
+
+fn host() -> HostFacts {
+    let mut h = HostFacts::parse_capabilities(include_str!("fixtures/caps.xml")).expect("caps");
+    h.free = vec![Bytes(16 * GIB), Bytes(GIB)];
+    h
+}
+
+fn golden(name: &str, input: &str, opts: &PrepareOpts) -> DomainFacts {
+    let out = prepare(input, &host(), opts).expect("prepares");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    if std::env::var_os("VMPLUG_BLESS").is_some() {
+        std::fs::write(&path, &out.xml).expect("bless");
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (VMPLUG_BLESS=1 creates it)", path.display()));
+    assert_eq!(out.xml, want, "prepared XML of {name} changed");
+    // Idempotent: preparing the result again changes nothing.
+    let again = prepare(&out.xml, &host(), opts).expect("prepares again");
+    assert_eq!(again.xml, out.xml, "prepare is not idempotent for {name}");
+    DomainFacts::parse(&out.xml).expect("reads back")
+}
+
+#[test]
+fn plain_domain_one_cell() {
+    let input = include_str!("fixtures/plain.xml");
+    let opts =
+        PrepareOpts { max_vcpus: Some(8), max_memory: Some(Bytes(16 * GIB)), slots: Some(16), ..Default::default() };
+    let f = golden("prepared-plain-1cell.xml", input, &opts);
+    assert_eq!((f.vcpus_current, f.vcpus_max), (2, 8));
+    assert_eq!((f.max_memory, f.slots), (Some(Bytes(16 * GIB)), Some(16)));
+    assert_eq!(f.cells.len(), 1);
+    assert_eq!(f.cells[0].cpus.to_string(), "0-7");
+    let out = prepare(input, &host(), &opts).expect("prepares").xml;
+    assert!(out.contains("<!-- hand-written; this comment must survive -->"));
+    assert!(out.contains("<app:tag xmlns:app='https://example.com/app'>keep-me</app:tag>"));
+}
+
+#[test]
+fn two_cells_on_two_host_nodes() {
+    let input = include_str!("fixtures/plain.xml");
+    let opts = PrepareOpts {
+        max_vcpus: Some(4),
+        max_memory: Some(Bytes(8 * GIB)),
+        cells: Some(2),
+        host_nodes: Some("0-1".parse().expect("set")),
+        mode: Some(NumaMode::Preferred),
+        ..Default::default()
+    };
+    let f = golden("prepared-plain-2cells.xml", input, &opts);
+    assert_eq!(f.cells.iter().map(|c| c.cpus.to_string()).collect::<Vec<_>>(), vec!["0-1", "2-3"]);
+    assert_eq!(f.cells.iter().map(|c| c.memory).collect::<Vec<_>>(), vec![Bytes(2 * GIB), Bytes(2 * GIB)]);
+    assert_eq!(f.memnodes.get(&1).map(|(m, s)| (m.clone(), s.to_string())), Some(("preferred".into(), "1".into())));
+    assert_eq!(f.vcpupins.get(&3).map(|s| s.to_string()), Some("4-7".into()), "cell 1's vCPUs on host node 1's CPUs");
+}
+
+#[test]
+fn existing_cputune_children_are_kept() {
+    let input = include_str!("fixtures/x86-ready.xml");
+    let opts = PrepareOpts { cells: Some(2), host_nodes: Some("0".parse().expect("set")), ..Default::default() };
+    let f = golden("prepared-ready-cputune.xml", input, &opts);
+    assert_eq!(f.cpu_shares, Some(1024), "<shares> kept");
+    assert_eq!(f.emulatorpin.map(|s| s.to_string()), Some("0-1".into()), "<emulatorpin> kept");
+    assert!(f.vcpupins.values().all(|s| s.to_string() == "0-3"), "every vCPU on node 0");
+    assert_eq!(f.dimms.len(), 1, "devices untouched");
+}
+
+#[test]
+fn aarch64_virt_41_with_topology() {
+    let opts = PrepareOpts { max_vcpus: Some(8), slots: Some(256), cells: Some(2), ..Default::default() };
+    let f = golden("prepared-arm-virt41.xml", include_str!("fixtures/arm-virt41.xml"), &opts);
+    assert_eq!(
+        f.cells.iter().map(|c| c.cpus.to_string()).collect::<Vec<_>>(),
+        vec!["0-3", "4-7"],
+        "whole 2-core sockets per cell"
+    );
+    assert_eq!(f.topology.map(|t| t.sockets), Some(4));
+}
+
+#[test]
+fn impossible_requests_are_refused_each_with_its_reason() {
+    let plain = include_str!("fixtures/plain.xml");
+    let h = host();
+    let refuse = |xml: &str, o: PrepareOpts| prepare(xml, &h, &o).expect_err("refused");
+    assert_eq!(refuse(plain, PrepareOpts { slots: Some(257), ..Default::default() }), PrepareError::TooManySlots(257));
+    assert!(matches!(
+        refuse(plain, PrepareOpts { max_memory: Some(Bytes(GIB)), ..Default::default() }),
+        PrepareError::MaxMemoryBelowCurrent { .. }
+    ));
+    assert!(matches!(
+        refuse(plain, PrepareOpts { max_vcpus: Some(1), ..Default::default() }),
+        PrepareError::MaxVcpusBelowCurrent { .. }
+    ));
+    assert!(matches!(
+        refuse(plain, PrepareOpts { host_nodes: Some("5".parse().expect("set")), ..Default::default() }),
+        PrepareError::NoSuchHostNode(5, _)
+    ));
+    // Node 1 has 1 GiB free; a strict 4 GiB cell cannot start there.
+    assert!(matches!(
+        refuse(plain, PrepareOpts { host_nodes: Some("1".parse().expect("set")), ..Default::default() }),
+        PrepareError::NodeTooSmall { node: 1, .. }
+    ));
+    let old_arm = include_str!("fixtures/arm-virt41.xml").replace("virt-4.1", "virt-4.0");
+    assert!(matches!(refuse(&old_arm, PrepareOpts::default()), PrepareError::Machine { .. }));
+    let arm = include_str!("fixtures/arm-virt41.xml");
+    assert!(matches!(
+        refuse(arm, PrepareOpts { max_vcpus: Some(7), ..Default::default() }),
+        PrepareError::NotWholeSockets { .. }
+    ));
+    assert!(matches!(
+        refuse(plain, PrepareOpts { cells: Some(3), ..Default::default() }),
+        PrepareError::TooManyCells { .. }
+    ));
+}
