@@ -193,6 +193,18 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Grow running VMs from their guests' pressure, within a policy (TOML).
+    /// Prints one JSON event per decision.
+    Autoscale {
+        #[arg(long)]
+        policy: std::path::PathBuf,
+        /// Sample until one decision per domain, act, and exit.
+        #[arg(long)]
+        once: bool,
+        /// Decide and report, but change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The host's and the guest's view side by side.
     Status {
         domain: String,
@@ -296,6 +308,25 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
             let r = ops::prepare(conn, domain, &opts, *dry_run).await?;
             let exit = if r.refused.is_some() { crate::report::Outcome::Refused.exit_code() } else { 0 };
             Outcome { text: print(json, &r, ops::PrepareReport::render_text), exit }
+        }
+        Command::Autoscale { policy, once, dry_run } => {
+            use crate::autoscale::{Host, Policy, PolicyError};
+            let text =
+                std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
+            let p = Policy::parse(&policy.display().to_string(), &text)?;
+            let mut hosts = Vec::new();
+            if p.uris.is_empty() {
+                hosts.push(Host { uri: conn.uri(), conn });
+            } else {
+                for uri in &p.uris {
+                    let u = uri.clone();
+                    let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(Some(&u)))
+                        .await??;
+                    hosts.push(Host { uri: uri.clone(), conn: Arc::new(c) });
+                }
+            }
+            crate::autoscale::run(hosts, p, *dry_run, *once).await?;
+            ok(String::new())
         }
         Command::Status { domain, agent } => {
             let s = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout))

@@ -1,6 +1,7 @@
 //! vmplug, the host orchestrator: every operation of the guide through libvirt,
 //! each constraint checked before acting, and a closed loop with the guest agent.
 
+pub mod autoscale;
 pub mod cli;
 pub mod domain;
 #[doc(hidden)]

@@ -32,6 +32,26 @@ pub struct Loaded {
     pub host: HostFacts,
 }
 
+impl Loaded {
+    /// The preflight context for this domain.
+    pub fn ctx<'a>(
+        &'a self,
+        guest: Option<&'a vmplug_common::protocol::GuestInfo>,
+        affect: Affect,
+        no_wait: bool,
+    ) -> Ctx<'a> {
+        Ctx {
+            dom: &self.facts,
+            host: &self.host,
+            guest,
+            running: self.running,
+            job_running: self.job_running,
+            affect,
+            no_wait,
+        }
+    }
+}
+
 /// Whether the libvirt host is this machine (then its cgroup version is ours).
 fn is_local(uri: &str) -> bool {
     let after = uri.split_once("://").map(|(_, r)| r).unwrap_or("");
@@ -135,6 +155,42 @@ pub async fn connect_agent(
     GuestLink::connect(&addr, wait).await
 }
 
+/// The agent link a live hot-plug on a running domain needs; nothing otherwise,
+/// nor when the caller plugs blind (`--no-wait`) into a domain without an agent.
+async fn agent_for(l: &Loaded, affect: Affect, opts: &HotplugOpts) -> (Option<GuestLink>, Option<LinkError>) {
+    let blind = opts.no_wait && opts.agent.is_none() && discover(&l.facts).is_none();
+    if !affect.live() || !l.running || blind {
+        return (None, None);
+    }
+    match connect_agent(&l.facts, opts.agent.as_ref(), opts.agent_wait).await {
+        Ok(link) => (Some(link), None),
+        Err(e) => (None, Some(e)),
+    }
+}
+
+/// libvirt refused a step: nothing applied (LibvirtError) or some steps did (Partial).
+fn libvirt_failed(
+    op: &str,
+    name: &str,
+    affect: Affect,
+    applied: Vec<String>,
+    findings: Vec<Finding>,
+    e: &DomainError,
+    run: &Run,
+) -> OpReport {
+    OpReport {
+        operation: op.into(),
+        domain: name.into(),
+        affect,
+        outcome: if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial },
+        message: e.to_string(),
+        findings,
+        host: HostSide { applied, verified: None, persistent: affect.config() },
+        guest: None,
+        timings: run.timings(),
+    }
+}
+
 fn refused(
     op: &str,
     name: &str,
@@ -179,24 +235,8 @@ pub async fn setvcpus(
     let t = Instant::now();
     let l = load(conn.clone(), name, true).await?;
     let affect = opts.affect.resolve(l.running);
-    let (mut link, link_err) =
-        if affect.live() && l.running && !(opts.no_wait && opts.agent.is_none() && discover(&l.facts).is_none()) {
-            match connect_agent(&l.facts, opts.agent.as_ref(), opts.agent_wait).await {
-                Ok(link) => (Some(link), None),
-                Err(e) => (None, Some(e)),
-            }
-        } else {
-            (None, None)
-        };
-    let ctx = Ctx {
-        dom: &l.facts,
-        host: &l.host,
-        guest: link.as_ref().map(|k| &k.info),
-        running: l.running,
-        job_running: l.job_running,
-        affect,
-        no_wait: opts.no_wait,
-    };
+    let (mut link, link_err) = agent_for(&l, affect, opts).await;
+    let ctx = l.ctx(link.as_ref().map(|k| &k.info), affect, opts.no_wait);
     let findings = preflight::check(&ctx, &Operation::Vcpus { target });
     run.preflight_ms = ms(t);
     if preflight::has_errors(&findings) && !opts.force {
@@ -232,18 +272,7 @@ pub async fn setvcpus(
         let (dom, step) = (l.dom.clone(), *step);
         if let Err(e) = blocking(move || dom.set_vcpus(step, affect)).await {
             run.libvirt_ms = ms(t);
-            let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
-            return Ok(OpReport {
-                operation: "setvcpus".into(),
-                domain: name.into(),
-                affect,
-                outcome,
-                message: e.to_string(),
-                findings,
-                host: HostSide { applied, verified: None, persistent: affect.config() },
-                guest: None,
-                timings: run.timings(),
-            });
+            return Ok(libvirt_failed("setvcpus", name, affect, applied, findings, &e, &run));
         }
         applied.push(format!("setvcpus {step} ({})", affect_text(affect)));
     }
@@ -350,14 +379,7 @@ pub async fn attach_memory(
     let t = Instant::now();
     let l = load(conn.clone(), name, true).await?;
     let affect = opts.affect.resolve(l.running);
-    let (mut link, link_err) = if affect.live() && l.running {
-        match connect_agent(&l.facts, opts.agent.as_ref(), opts.agent_wait).await {
-            Ok(link) => (Some(link), None),
-            Err(e) => (None, Some(e)),
-        }
-    } else {
-        (None, None)
-    };
+    let (mut link, link_err) = agent_for(&l, affect, opts).await;
     let guest = link.as_ref().map(|k| k.info.clone());
     let block = guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
     let hugepage = l.facts.hugepage_size.map(|h| h.get());
@@ -399,15 +421,7 @@ pub async fn attach_memory(
         .collect();
     let plan = plan_dimms(size, unit, mem.max_dimm, mem.node, &cells, l.facts.free_slots().max(1));
     let dimm_count = plan.as_ref().map(|p| p.len() as u32).unwrap_or(1);
-    let ctx = Ctx {
-        dom: &l.facts,
-        host: &l.host,
-        guest: guest.as_ref(),
-        running: l.running,
-        job_running: l.job_running,
-        affect,
-        no_wait: opts.no_wait,
-    };
+    let ctx = l.ctx(guest.as_ref(), affect, opts.no_wait);
     let mut findings = preflight::check(&ctx, &Operation::Memory { size, node: mem.node, dimms: dimm_count });
     if let Err(e) = &plan {
         if !findings.iter().any(|f| f.severity == Severity::Error) {
@@ -440,18 +454,7 @@ pub async fn attach_memory(
     }
     run.libvirt_ms = ms(t);
     if let Some(e) = libvirt_err {
-        let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
-        return Ok(OpReport {
-            operation: "attach-memory".into(),
-            domain: name.into(),
-            affect,
-            outcome,
-            message: e.to_string(),
-            findings,
-            host: HostSide { applied, verified: None, persistent: affect.config() },
-            guest: None,
-            timings: run.timings(),
-        });
+        return Ok(libvirt_failed("attach-memory", name, affect, applied, findings, &e, &run));
     }
     if !affect.live() {
         return Ok(OpReport {

@@ -132,16 +132,17 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
     }
 
     // Cells: whole sockets each (the guide: a socket's vCPUs in one vNode), memory
-    // split evenly in MiB.
-    let mib = initial.get() / MIB;
+    // split evenly in MiB, or in hugepages when hugepages back the guest.
+    let unit = f.hugepage_size.map(|h| h.get()).filter(|&h| h > MIB).unwrap_or(MIB);
+    let units = initial.get() / unit;
     let mut cells = Vec::new();
     let mut first_socket = 0;
     for i in 0..ncells {
         let n_sockets = sockets / ncells + u32::from(i < sockets % ncells);
         let cpus: CpuSet = (first_socket * per_socket..(first_socket + n_sockets) * per_socket).collect();
         first_socket += n_sockets;
-        let cell_mib = mib / ncells as u64 + u64::from((i as u64) < mib % ncells as u64);
-        cells.push((i, cpus, Bytes(cell_mib * MIB)));
+        let cell_units = units / ncells as u64 + u64::from((i as u64) < units % ncells as u64);
+        cells.push((i, cpus, Bytes(cell_units * unit)));
     }
 
     // Host placement.

@@ -122,15 +122,7 @@ pub async fn schedinfo(
 }
 
 fn ctx_for(l: &crate::ops::Loaded, affect: Affect) -> Ctx<'_> {
-    Ctx {
-        dom: &l.facts,
-        host: &l.host,
-        guest: None,
-        running: l.running,
-        job_running: l.job_running,
-        affect,
-        no_wait: true,
-    }
+    l.ctx(None, affect, true)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -375,15 +367,7 @@ pub async fn check(
         (None, None)
     };
     let affect = if l.running { Affect::Live } else { Affect::Config };
-    let ctx = Ctx {
-        dom: &l.facts,
-        host: &l.host,
-        guest: guest.as_ref(),
-        running: l.running,
-        job_running: l.job_running,
-        affect,
-        no_wait: guest.is_none(),
-    };
+    let ctx = l.ctx(guest.as_ref(), affect, guest.is_none());
     let mut findings = preflight::check(&ctx, &Operation::Readiness);
     if let Some(target) = cpus {
         findings.extend(preflight::check(&ctx, &Operation::Vcpus { target }));

@@ -129,6 +129,8 @@ pub struct DomainFacts {
     /// cellid → (mode, nodeset)
     pub memnodes: BTreeMap<u32, (String, CpuSet)>,
     pub agent_hint: Option<AgentHint>,
+    /// `<metadata><vmplug:tag>NAME</vmplug:tag>` entries (autoscale selection).
+    pub tags: Vec<String>,
 }
 
 impl DomainFacts {
@@ -273,6 +275,11 @@ impl DomainFacts {
             }
         }
         if let Some(md) = child(dom, "metadata") {
+            f.tags = md
+                .children()
+                .filter(|n| n.tag_name().name() == "tag" && n.tag_name().namespace() == Some(VMPLUG_NS))
+                .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+                .collect();
             if let Some(a) =
                 md.children().find(|n| n.tag_name().name() == "agent" && n.tag_name().namespace() == Some(VMPLUG_NS))
             {

@@ -118,3 +118,13 @@ fn impossible_requests_are_refused_each_with_its_reason() {
         PrepareError::TooManyCells { .. }
     ));
 }
+
+#[test]
+fn hugepage_backed_cells_are_whole_hugepages() {
+    let opts =
+        PrepareOpts { max_vcpus: Some(4), max_memory: Some(Bytes(16 * GIB)), cells: Some(2), ..Default::default() };
+    let f = golden("prepared-hugepages.xml", include_str!("fixtures/hugepages.xml"), &opts);
+    // 3 GiB in 1 GiB pages over two cells: 2 + 1, never 1.5 + 1.5.
+    assert_eq!(f.cells.iter().map(|c| c.memory).collect::<Vec<_>>(), vec![Bytes(2 * GIB), Bytes(GIB)]);
+    assert_eq!(f.hugepage_size, Some(Bytes(GIB)), "<memoryBacking> untouched");
+}

@@ -89,6 +89,13 @@ fn settle() {
     std::thread::sleep(Duration::from_secs(1));
 }
 
+/// vmplug's own time in a report: total minus libvirt and guest.
+fn own_ms(r: &serde_json::Value) -> f64 {
+    let t = &r["timings"];
+    let get = |k: &str| t[k].as_f64().unwrap_or(0.0);
+    (get("total_ms") - get("libvirt_ms") - get("guest_ms")).max(0.0)
+}
+
 fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("vmplug JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)))
@@ -138,13 +145,7 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut A
                     cost.ticks += ticks_after.saturating_sub(ticks_before);
                     cost.blocks += size / BLOCK;
                     cost.peak_kib = cost.peak_kib.max(hwm);
-                    let t = &r["timings"];
-                    own.push(
-                        (t["total_ms"].as_f64().unwrap_or(0.0)
-                            - t["libvirt_ms"].as_f64().unwrap_or(0.0)
-                            - t["guest_ms"].as_f64().unwrap_or(0.0))
-                        .max(0.0),
-                    );
+                    own.push(own_ms(&r));
                 }
                 "udev rule" | "kernel auto-online" => {
                     g.sh(if method == "udev rule" { "onliner udev" } else { "onliner kernel" });
@@ -188,13 +189,7 @@ fn bench_cpus(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, max: u32) {
                 let r = json(&out);
                 assert_eq!(r["outcome"], "ok", "{r}");
                 s.add(op, method, ms(el));
-                let t = &r["timings"];
-                own.push(
-                    (t["total_ms"].as_f64().unwrap_or(0.0)
-                        - t["libvirt_ms"].as_f64().unwrap_or(0.0)
-                        - t["guest_ms"].as_f64().unwrap_or(0.0))
-                    .max(0.0),
-                );
+                own.push(own_ms(&r));
             }
             "udev rule" => {
                 g.sh("onliner udev");
