@@ -31,10 +31,13 @@ dpkg-deb -x "$deb_guest" "$tmp"
 check "packaged agent is statically linked" sh -c "file -L '$tmp/usr/bin/vmplug-guest' | grep -q 'static'"
 check "packaged unit is Type=notify with a watchdog" sh -c "grep -q '^Type=notify' '$tmp/usr/lib/systemd/system/vmplug-guest.service' && grep -q '^WatchdogSec=' '$tmp/usr/lib/systemd/system/vmplug-guest.service'"
 for r in "$tmp"/usr/share/vmplug/udev-rules/*.rules; do check "udevadm verify $(basename "$r")" udevadm verify "$r"; done
-for f in usr/bin/vmplug usr/share/doc/vmplug/README.md; do
+for f in usr/bin/vmplug usr/share/doc/vmplug/README.md usr/share/doc/vmplug/SECURITY.md etc/vmplug/autoscale.toml \
+         usr/lib/systemd/system/vmplug-autoscale.service; do
   check "host .deb has /$f" has "$dh" "\./$f\$"
 done
-check "host .rpm has /usr/bin/vmplug" has "$rh" '^/usr/bin/vmplug$'
+for f in usr/bin/vmplug etc/vmplug/autoscale.toml usr/lib/systemd/system/vmplug-autoscale.service; do
+  check "host .rpm has /$f" has "$rh" "^/$f\$"
+done
 check "host .deb depends on libvirt" has "$(dpkg-deb -f "$deb_host" Depends)" 'libvirt0'
 echo "packages: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

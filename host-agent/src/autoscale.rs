@@ -758,3 +758,13 @@ mod tests {
         assert!(glob("a*c?", "abbbcd") && !glob("a*c?", "abbbc"));
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    #[test]
+    fn the_packaged_policy_parses_and_selects_nothing() {
+        let p = super::Policy::parse("autoscale.toml", include_str!("../autoscale.toml")).expect("parses");
+        p.limits().expect("valid");
+        assert!(!p.selects("anything", &[]), "nothing is selected until the operator names domains");
+    }
+}

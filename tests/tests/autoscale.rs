@@ -95,3 +95,29 @@ fn a_silent_agent_is_left_alone_and_metrics_are_served() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn two_hosts_by_uri_at_once() {
+    // Two private libvirtd instances stand in for two hosts.
+    let a = Guest::boot("as-host-a", GuestSpec::default());
+    let b = Guest::boot("as-host-b", GuestSpec::default());
+    let policy = format!(
+        "uris = ['{}', '{}']\n[select]\nglobs = ['vmplug-as-host-*']\n[timing]\ninterval_s = 1\nsustain = 1\n",
+        a.daemon.uri, b.daemon.uri
+    );
+    let path = a.dir.join("two-hosts.toml");
+    std::fs::write(&path, policy).expect("policy");
+    let out = a.vmplug(&["autoscale", "--policy", &path.to_string_lossy(), "--once", "--dry-run"]);
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("event")).collect();
+    for g in [&a, &b] {
+        let ev = events
+            .iter()
+            .find(|e| e["domain"] == g.name.as_str())
+            .unwrap_or_else(|| panic!("no event for {}: {events:?}", g.name));
+        assert_eq!(ev["uri"], g.daemon.uri.as_str());
+        assert_eq!(ev["dry_run"], true);
+        assert!(ev["inputs"].is_object(), "pressure read from each host's guest: {ev}");
+    }
+}
