@@ -29,9 +29,16 @@ impl Console {
         };
         stream.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
         let mut c = Console { stream, seq: 0, transcript: String::new() };
-        // No echo of what we type; quiet kernel messages on this console.
-        c.exec("stty -echo; dmesg -n 1", timeout).expect("console shell answers");
-        c
+        // No echo of what we type; quiet kernel messages on this console. A login
+        // shell may not be reading yet (getty flushes early input): ask again.
+        let end = Instant::now() + timeout;
+        loop {
+            match c.exec("stty -echo; dmesg -n 1", Duration::from_secs(3)) {
+                Ok(_) => return c,
+                Err(e) if Instant::now() > end => panic!("console shell does not answer: {e}"),
+                Err(_) => {}
+            }
+        }
     }
 
     /// Runs `cmd` in the guest shell; `Err` on timeout, with what was read.

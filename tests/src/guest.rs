@@ -44,6 +44,9 @@ pub struct GuestSpec {
     /// A domain as an operator would write it without hot-plug in mind: no
     /// `<maxMemory>`, no guest NUMA, every vCPU present (for `vmplug prepare`).
     pub plain: bool,
+    /// Boot this ext4 image (copied per test) with systemd instead of the
+    /// busybox initramfs userland.
+    pub disk: Option<PathBuf>,
 }
 
 impl Default for GuestSpec {
@@ -57,6 +60,7 @@ impl Default for GuestSpec {
             transport: Transport::Serial,
             cmdline_extra: String::new(),
             plain: false,
+            disk: None,
         }
     }
 }
@@ -99,6 +103,13 @@ impl GuestSpec {
                 format!("<vcpu placement='static' current='{}'>{}</vcpu>", self.vcpus, self.max_vcpus),
             )
         };
+        let (disk, root_arg) = match &self.disk {
+            Some(_) => (
+                format!("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{d}/root.img'/><target dev='vda' bus='virtio'/></disk>"),
+                "vmplug.root=/dev/vda",
+            ),
+            None => (String::new(), ""),
+        };
         let metadata = match self.transport {
             Transport::Serial => String::new(),
             Transport::Vsock => format!(
@@ -117,7 +128,7 @@ impl GuestSpec {
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 {extra}</cmdline>
+    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 {root_arg} {extra}</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <cpu mode='custom' match='exact' check='none'>
@@ -139,6 +150,7 @@ impl GuestSpec {
       <source mode='bind' path='{d}/agent.sock'/>
       <target type='virtio' name='{SERIAL_NAME}'/>
     </channel>
+    {disk}
     <memballoon model='none'/>
   </devices>
   {vsock}
@@ -205,6 +217,11 @@ impl Guest {
         fs::create_dir_all(&dir).expect("guest dir");
         let daemon = Libvirtd::start(env, &dir);
         let initrd = initramfs(env);
+        if let Some(img) = &spec.disk {
+            // A private, sparse copy: the test may write to it and reboot.
+            let st = Command::new("cp").arg("--sparse=always").arg(img).arg(dir.join("root.img")).status().expect("cp");
+            assert!(st.success(), "copying {}", img.display());
+        }
         let xml = spec.domain_xml(&name, &dir, &env.kernel, &initrd);
         let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml };
         if guest.spec.transport == Transport::Vsock {

@@ -19,6 +19,13 @@ const MODULES: &[&str] = &[
     "net/vmw_vsock/vsock",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common",
     "net/vmw_vsock/vmw_vsock_virtio_transport",
+    // For `vmplug.root=`: a systemd guest's ext4 root disk.
+    "drivers/block/virtio_blk",
+    "lib/crc16",
+    "crypto/crc32c_generic",
+    "fs/mbcache",
+    "fs/jbd2/jbd2",
+    "fs/ext4/ext4",
 ];
 
 /// The line init prints once the agent is started and the shell is about to run.
@@ -46,6 +53,16 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do insmod /lib/modules/$m.ko || echo "vmplug-e2e: insmod $m failed"; done
+# A systemd guest: mount its root disk and hand over to its /sbin/init.
+root=$(sed -n 's/.*vmplug\.root=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$root" ]; then
+  mkdir -p /newroot
+  if mount -t ext4 "$root" /newroot; then
+    umount /proc /sys /dev
+    exec switch_root /newroot /sbin/init
+  fi
+  echo "vmplug-e2e: cannot mount $root"
+fi
 mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
   [ -e "$p/name" ] && ln -sf "/dev/$(basename "$p")" "/dev/virtio-ports/$(cat "$p/name")"
@@ -111,9 +128,14 @@ fn hash_file(p: &Path) -> String {
 pub fn initramfs(env: &Env) -> PathBuf {
     let key = format!("{}-{:x}", hash_file(&env.guest_agent), INIT.len() + ONLINER.len() + MODULES.len());
     let out = env.cache.join(format!("initramfs-{key}.cpio.gz"));
+    // Tests of one process start guests in parallel: one builds, the others wait.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     if out.exists() {
         return out;
     }
+    // Unique per process, published by an atomic rename: concurrent test
+    // processes never see a half-written archive.
     let tmp = env.cache.join(format!("initramfs-build-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     for d in ["bin", "lib/modules", "sbin", "usr/bin", "usr/sbin"] {
@@ -135,7 +157,7 @@ pub fn initramfs(env: &Env) -> PathBuf {
     fs::write(tmp.join("bin/onliner"), ONLINER).expect("onliner");
     fs::set_permissions(tmp.join("bin/onliner"), fs::Permissions::from_mode(0o755)).expect("chmod");
     add_udev(&tmp, env);
-    let partial = out.with_extension("partial");
+    let partial = out.with_extension(format!("partial-{}", std::process::id()));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", tmp.display(), partial.display()))
@@ -144,5 +166,23 @@ pub fn initramfs(env: &Env) -> PathBuf {
     assert!(status.success(), "building the initramfs failed");
     fs::rename(&partial, &out).expect("publish initramfs");
     let _ = fs::remove_dir_all(&tmp);
+    prune_old(env, &out);
     out
+}
+
+/// Removes archives of earlier agent builds (older than an hour, so a test
+/// process still booting from one is not disturbed).
+fn prune_old(env: &Env, keep: &Path) {
+    let Ok(rd) = fs::read_dir(&env.cache) else { return };
+    for p in rd.flatten().map(|e| e.path()) {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let old = fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if p != keep && name.starts_with("initramfs-") && name.ends_with(".cpio.gz") && old {
+            let _ = fs::remove_file(&p);
+        }
+    }
 }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds a minimal Debian bookworm systemd guest image (raw ext4) for the
+# end-to-end tests:
+#   build-systemd-image.sh agent DEB OUT   the vmplug-guest .deb installed offline
+#   build-systemd-image.sh udev  -   OUT   only the corrected udev rules, no agent
+# The debootstrapped base is cached in $VMPLUG_CACHE; each image takes ~10 s.
+set -euo pipefail
+kind=$1 deb=$2 out=$3
+repo=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${VMPLUG_CACHE:-/var/tmp/vmplug-cache}
+base=$CACHE/rootfs-bookworm
+if [ ! -d "$base" ]; then
+  rm -rf "$base.partial"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$base.partial" \
+    http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; exit 1; }
+  mv "$base.partial" "$base"
+fi
+work=$(mktemp -d "$CACHE/image.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+cp -a "$base" "$root"
+rel=$(ls "$CACHE/kernel/lib/modules")
+mkdir -p "$root/lib/modules"
+cp -a "$CACHE/kernel/lib/modules/$rel" "$root/lib/modules/"
+chroot "$root" depmod "$rel"
+echo vmplug-guest >"$root/etc/hostname"
+chroot "$root" passwd -d root >/dev/null
+# A root shell on the serial console for the test harness, and a ready marker.
+mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
+cat >"$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'UNIT'
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200 %I dumb
+UNIT
+cat >"$root/etc/systemd/system/vmplug-e2e-ready.service" <<'UNIT'
+[Unit]
+Description=Tell the test harness the guest is up
+After=multi-user.target vmplug-guest.service serial-getty@ttyS0.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'sleep 1; echo "vmplug-e2e: ready" >/dev/ttyS0'
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf /etc/systemd/system/vmplug-e2e-ready.service "$root/etc/systemd/system/multi-user.target.wants/vmplug-e2e-ready.service"
+case "$kind" in
+  agent)
+    cp "$deb" "$root/tmp/vmplug-guest.deb"
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"; chmod +x "$root/usr/sbin/policy-rc.d"
+    chroot "$root" dpkg -i /tmp/vmplug-guest.deb >"$work/dpkg.log" 2>&1 || { cat "$work/dpkg.log" >&2; exit 1; }
+    rm -f "$root/tmp/vmplug-guest.deb" "$root/usr/sbin/policy-rc.d"
+    test -L "$root/etc/systemd/system/sysinit.target.wants/vmplug-guest.service" \
+      || { echo "the package did not enable vmplug-guest.service" >&2; exit 1; }
+    ;;
+  udev)
+    cp "$repo/udev-rules/80-vmplug-memory-online.rules" "$repo/udev-rules/80-vmplug-cpu-online.rules" "$root/etc/udev/rules.d/"
+    ;;
+  *) echo "usage: $0 agent|udev DEB OUT" >&2; exit 2 ;;
+esac
+truncate -s 2G "$out.partial"
+mkfs.ext4 -q -F -L vmplugroot -d "$root" "$out.partial"
+mv "$out.partial" "$out"

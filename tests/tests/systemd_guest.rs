@@ -1,0 +1,99 @@
+//! Guest image integration: a debootstrapped bookworm systemd guest with the
+//! vmplug-guest .deb installed offline onlines hot-plugged CPUs and memory with
+//! no manual step, reports to the host, and does so again after a restart; an
+//! image with only the corrected udev rules (no agent) onlines too.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vmplug_e2e::{Env, Guest, GuestSpec};
+
+/// The image of `kind`, built once per package (cached next to the kernel).
+fn image(kind: &str) -> PathBuf {
+    let env = Env::get();
+    let deb = std::fs::read_dir(env.repo.join("target/packages"))
+        .ok()
+        .and_then(|rd| rd.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("vmplug-guest_")))
+        .expect("target/packages/vmplug-guest_*.deb: run `make package` (make test does)");
+    let meta = std::fs::metadata(&deb).expect("deb");
+    let stamp = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let out = env.cache.join(format!("systemd-{kind}-{:x}-{stamp:x}.img", meta.len()));
+    if !out.exists() {
+        let st = Command::new(env.repo.join("scripts/build-systemd-image.sh"))
+            .arg(kind)
+            .arg(&deb)
+            .arg(&out)
+            .status()
+            .expect("image script");
+        assert!(st.success(), "building the {kind} image failed");
+    }
+    out
+}
+
+fn wait_in_guest(g: &mut Guest, what: &str, cond: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if g.sh(&format!("{cond} && echo YES")).contains("YES") {
+            return;
+        }
+        assert!(Instant::now() < end, "{what} did not happen within 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_packaged_service_onlines_and_reports_across_a_restart() {
+    let spec = GuestSpec { vcpus: 1, max_vcpus: 4, disk: Some(image("agent")), ..GuestSpec::default() };
+    let mut g = Guest::boot("systemd", spec);
+    let name = g.name.clone();
+    assert_eq!(g.sh("systemctl is-active vmplug-guest.service").trim(), "active");
+    assert_eq!(g.sh("systemctl show -p Type --value vmplug-guest.service").trim(), "notify");
+    assert_eq!(g.sh("ls /etc/udev/rules.d/ | grep -c vmplug || true").trim(), "0", "no rule competes with the agent");
+
+    let r = g.vmplug_json(&["setvcpus", &name, "2", "--live", "--config"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let r = g.vmplug_json(&["attach-memory", &name, "256M", "--live", "--config"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.online_cpus(), "0-1");
+    assert!(g.sh("journalctl -u vmplug-guest.service --no-pager").contains("onlined on add"));
+
+    // A restart: the definition has 2 vCPUs and the DIMM; the service comes back
+    // and the coldplugged DIMM's blocks are online.
+    g.destroy();
+    g.start();
+    assert_eq!(g.sh("systemctl is-active vmplug-guest.service").trim(), "active");
+    assert_eq!(g.online_cpus(), "0-1");
+    wait_in_guest(
+        &mut g,
+        "every block online after the restart",
+        "! grep -q offline /sys/devices/system/memory/memory*/state",
+    );
+    let st = g.vmplug_json(&["status", &name]);
+    let dimms = st["dimms"].as_array().expect("dimms");
+    assert_eq!(dimms.len(), 1, "{st}");
+    assert!(dimms[0]["blocks"].as_array().expect("blocks").iter().all(|b| b["online"] == true), "{st}");
+}
+
+#[test]
+fn an_image_with_only_the_udev_rules_onlines_too() {
+    let spec = GuestSpec { vcpus: 1, max_vcpus: 2, disk: Some(image("udev")), ..GuestSpec::default() };
+    let mut g = Guest::boot("udevonly", spec);
+    let name = g.name.clone();
+    assert_ne!(g.sh("systemctl is-active vmplug-guest.service || true").trim(), "active", "no agent in this image");
+    let before = g.sh("ls -d /sys/devices/system/memory/memory* | wc -l").trim().parse::<u64>().expect("count");
+    g.daemon.virsh_ok(&["setvcpus", &name, "2", "--live"]);
+    let out = g.vmplug(&["attach-memory", &name, "256M", "--live", "--no-wait", "--agent-timeout", "2"]);
+    assert!(out.status.success(), "plugged without an agent (--no-wait)");
+    wait_in_guest(&mut g, "udev onlines the new vCPU", "[ \"$(cat /sys/devices/system/cpu/cpu1/online)\" = 1 ]");
+    wait_in_guest(
+        &mut g,
+        "udev onlines the new blocks",
+        &format!("[ $(ls -d /sys/devices/system/memory/memory* | wc -l) -ge {} ] && ! grep -q offline /sys/devices/system/memory/memory*/state", before + 2),
+    );
+}
