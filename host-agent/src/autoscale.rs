@@ -494,7 +494,13 @@ pub async fn step_domain(
         let r = match d.action {
             Action::AddVcpus { to } => ops::setvcpus(host.conn.clone(), name, to, &opts).await,
             Action::AddMemory { size } => {
-                let mem = MemoryOpts { size, node: None, round_up: true, max_dimm: crate::planner::DEFAULT_MAX_DIMM };
+                let mem = MemoryOpts {
+                    size,
+                    node: None,
+                    round_up: true,
+                    max_dimm: crate::planner::DEFAULT_MAX_DIMM,
+                    request_id: ops::new_request_id(),
+                };
                 ops::attach_memory(host.conn.clone(), name, &mem, &opts).await
             }
             Action::None => unreachable!("checked above"),

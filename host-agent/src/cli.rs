@@ -139,6 +139,10 @@ pub enum Command {
         /// Largest single DIMM; larger sizes are split.
         #[arg(long, default_value = "4G")]
         max_dimm: Bytes,
+        /// Idempotency key: repeating the command with the same id (after a crash)
+        /// attaches only what is missing. Default: a fresh id, printed in the report.
+        #[arg(long)]
+        request_id: Option<String>,
         #[command(flatten)]
         hotplug: HotplugArgs,
     },
@@ -267,8 +271,14 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
         Command::Setvcpus { domain, count, hotplug } => {
             op_out(json, ops::setvcpus(conn, domain, *count, &hotplug.opts()?).await?)
         }
-        Command::AttachMemory { domain, size, node, round_up, max_dimm, hotplug } => {
-            let mem = MemoryOpts { size: *size, node: *node, round_up: *round_up, max_dimm: *max_dimm };
+        Command::AttachMemory { domain, size, node, round_up, max_dimm, request_id, hotplug } => {
+            let mem = MemoryOpts {
+                size: *size,
+                node: *node,
+                round_up: *round_up,
+                max_dimm: *max_dimm,
+                request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
+            };
             op_out(json, ops::attach_memory(conn, domain, &mem, &hotplug.opts()?).await?)
         }
         Command::Numatune { domain, mode, nodeset, affect } => {

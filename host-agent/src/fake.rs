@@ -26,6 +26,8 @@ struct State {
     running: bool,
     calls: Vec<String>,
     fail: HashMap<&'static str, String>,
+    /// verb → (calls still to succeed, message of the failure after them)
+    fail_after: HashMap<&'static str, (u32, String)>,
     sched: SchedParams,
     numa: NumaParams,
     dimms: u32,
@@ -93,6 +95,11 @@ impl FakeDomain {
         self.st().fail.insert(verb, message.into());
     }
 
+    /// `verb` succeeds `ok` more times, then fails once with `message`.
+    pub fn fail_after(&self, verb: &'static str, ok: u32, message: &str) {
+        self.st().fail_after.insert(verb, (ok, message.into()));
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.st().calls.clone()
     }
@@ -104,6 +111,13 @@ impl FakeDomain {
     fn enter(&self, verb: &'static str, detail: String) -> Result<(), DomainError> {
         let mut st = self.st();
         st.calls.push(format!("{verb} {detail}").trim().to_string());
+        if let Some((left, _)) = st.fail_after.get_mut(verb) {
+            if *left == 0 {
+                let (_, message) = st.fail_after.remove(verb).unwrap_or_default();
+                return Err(DomainError::Libvirt { domain: self.name.clone(), op: verb, message });
+            }
+            *left -= 1;
+        }
         match st.fail.remove(verb) {
             Some(message) => Err(DomainError::Libvirt { domain: self.name.clone(), op: verb, message }),
             None => Ok(()),
@@ -152,14 +166,15 @@ impl Domain for FakeDomain {
         let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
             .map_err(|e| DomainError::Other(e.to_string()))?;
         let d = facts.dimms.first().ok_or_else(|| DomainError::Other("not a memory device".into()))?;
-        let (size, node) = (d.size.get(), d.node.unwrap_or(0));
+        let (size, node, user_alias) = (d.size.get(), d.node.unwrap_or(0), d.alias.clone());
         let base = {
             let mut st = self.st();
             let (slot, base) = (st.dimms, st.next_base);
             st.dimms += 1;
             st.next_base += size;
+            let alias = user_alias.unwrap_or_else(|| format!("dimm{slot}"));
             let dev = format!(
-                "<memory model='dimm'><target><size unit='KiB'>{}</size><node>{node}</node></target><alias name='dimm{slot}'/><address type='dimm' slot='{slot}' base='{base:#x}'/></memory>",
+                "<memory model='dimm'><target><size unit='KiB'>{}</size><node>{node}</node></target><alias name='{alias}'/><address type='dimm' slot='{slot}' base='{base:#x}'/></memory>",
                 size / 1024
             );
             if affect.live() {

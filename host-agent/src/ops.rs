@@ -1,7 +1,6 @@
 //! The closed loop: read → preflight → plan → act through libvirt → wait for the
 //! guest → verify → one report. Blocking libvirt calls run off the async threads.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use crate::link::{discover, AgentAddr, GuestLink, LinkError};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError};
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
-use crate::xml::{DomainFacts, HostFacts};
+use crate::xml::{DomainFacts, HostFacts, NamedDimm};
 
 /// Runs a blocking libvirt call on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
@@ -364,6 +363,26 @@ pub struct MemoryOpts {
     pub node: Option<u32>,
     pub round_up: bool,
     pub max_dimm: Bytes,
+    /// Ties the DIMMs to this request (`<alias name='ua-vmplug-ID-N'/>`): the
+    /// same command with the same id, after a crash, attaches only what is missing.
+    pub request_id: String,
+}
+
+/// A fresh request id (microseconds since the epoch, base 36).
+pub fn new_request_id() -> String {
+    let mut n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    let mut s = String::new();
+    while n > 0 {
+        let d = (n % 36) as u32;
+        s.insert(0, char::from_digit(d, 36).unwrap_or('0'));
+        n /= 36;
+    }
+    s
+}
+
+/// Request ids become libvirt user aliases: `[A-Za-z0-9_-]`, at most 40.
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 40 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// `vmplug attach-memory`: size to the guest's block size, plan DIMMs, attach,
@@ -419,10 +438,30 @@ pub async fn attach_memory(
             )
         })
         .collect();
-    let plan = plan_dimms(size, unit, mem.max_dimm, mem.node, &cells, l.facts.free_slots().max(1));
+    // Reconcile with the live XML: DIMMs of this request that are already there
+    // (an earlier run crashed) count; only the remainder is planned.
+    if !valid_request_id(&mem.request_id) {
+        return Err(DomainError::Usage(format!("request id '{}' must be 1 to 40 of A-Z a-z 0-9 _ -", mem.request_id)));
+    }
+    let prefix = format!("ua-vmplug-{}-", mem.request_id);
+    let mine: Vec<&crate::xml::Dimm> =
+        l.facts.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| a.starts_with(&prefix))).collect();
+    let already = Bytes(mine.iter().map(|d| d.size.get()).sum());
+    let next_index = mine
+        .iter()
+        .filter_map(|d| d.alias.as_ref()?.strip_prefix(&prefix)?.parse::<u32>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    let remaining = Bytes(size.get().saturating_sub(already.get()));
+    let plan = if remaining.get() == 0 {
+        Ok(Vec::new())
+    } else {
+        plan_dimms(remaining, unit, mem.max_dimm, mem.node, &cells, l.facts.free_slots().max(1))
+    };
     let dimm_count = plan.as_ref().map(|p| p.len() as u32).unwrap_or(1);
     let ctx = l.ctx(guest.as_ref(), affect, opts.no_wait);
-    let mut findings = preflight::check(&ctx, &Operation::Memory { size, node: mem.node, dimms: dimm_count });
+    let mut findings =
+        preflight::check(&ctx, &Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count });
     if let Err(e) = &plan {
         if !findings.iter().any(|f| f.severity == Severity::Error) {
             findings.insert(0, Finding { id: "mem.plan", severity: Severity::Error, message: e.to_string() });
@@ -437,15 +476,27 @@ pub async fn attach_memory(
         Err(e) => return Err(DomainError::Usage(e.to_string())),
     };
 
-    let before: BTreeSet<String> = l.facts.dimms.iter().filter_map(|d| d.alias.clone()).collect();
     let mut applied = Vec::new();
+    if !mine.is_empty() {
+        applied.push(format!(
+            "reconciled: {} DIMM(s) ({already}) of this request were already attached; {remaining} to go",
+            mine.len()
+        ));
+    }
     let t = Instant::now();
     let mut libvirt_err = None;
-    for d in &plan {
-        let (dom, xml) = (l.dom.clone(), d.to_xml());
+    for (i, d) in plan.iter().enumerate() {
+        let named = NamedDimm { spec: *d, alias: format!("{prefix}{}", next_index + i as u32) };
+        let (dom, xml) = (l.dom.clone(), named.to_xml());
         tracing::debug!(%xml, "attaching");
         match blocking(move || dom.attach_device(&xml, affect)).await {
-            Ok(()) => applied.push(format!("attach dimm {} on node {} ({})", d.size, d.node, affect_text(affect))),
+            Ok(()) => applied.push(format!(
+                "attach dimm {} on node {} as {} ({})",
+                d.size,
+                d.node,
+                named.alias,
+                affect_text(affect)
+            )),
             Err(e) => {
                 libvirt_err = Some(e);
                 break;
@@ -454,7 +505,10 @@ pub async fn attach_memory(
     }
     run.libvirt_ms = ms(t);
     if let Some(e) = libvirt_err {
-        return Ok(libvirt_failed("attach-memory", name, affect, applied, findings, &e, &run));
+        let mut r = libvirt_failed("attach-memory", name, affect, applied, findings, &e, &run);
+        r.message =
+            format!("{}; repeat with --request-id {} to attach only what is missing", r.message, mem.request_id);
+        return Ok(r);
     }
     if !affect.live() {
         return Ok(OpReport {
@@ -475,9 +529,10 @@ pub async fn attach_memory(
     let after = blocking(move || dom.xml(XmlView::Live)).await?;
     let after = DomainFacts::parse(&after).map_err(|e| DomainError::Other(e.to_string()))?;
     let new: Vec<_> =
-        after.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| !before.contains(a))).cloned().collect();
+        after.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| a.starts_with(&prefix))).cloned().collect();
     let verified = Some(format!(
-        "{} DIMM(s), memory {}, {} slot(s) free; new: {}",
+        "request {}: {} DIMM(s), memory {}, {} slot(s) free; this request: {}",
+        mem.request_id,
         after.dimms.len(),
         after.memory,
         after.free_slots(),

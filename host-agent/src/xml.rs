@@ -416,6 +416,21 @@ pub struct DimmSpec {
     pub node: u32,
 }
 
+/// A [`DimmSpec`] with the user alias (`ua-…`) that ties it to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedDimm {
+    pub spec: DimmSpec,
+    pub alias: String,
+}
+
+impl NamedDimm {
+    pub fn to_xml(&self) -> String {
+        let plain = self.spec.to_xml();
+        let body = plain.trim_end().trim_end_matches("</memory>");
+        format!("{body}  <alias name='{}'/>\n</memory>\n", esc(&self.alias))
+    }
+}
+
 impl DimmSpec {
     /// The device XML, sized in KiB (libvirt's native unit; always exact here
     /// because sizes are block-aligned).

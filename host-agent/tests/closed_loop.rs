@@ -88,7 +88,13 @@ async fn setvcpus_is_confirmed_by_the_guest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
     let w = world(true).await;
-    let mem = MemoryOpts { size: Bytes(GIB), node: Some(1), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let mem = MemoryOpts {
+        size: Bytes(GIB),
+        node: Some(1),
+        round_up: false,
+        max_dimm: Bytes(4 * GIB),
+        request_id: "t".into(),
+    };
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let g = r.guest.expect("guest report");
@@ -100,7 +106,13 @@ async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misaligned_memory_is_refused_before_libvirt_is_called() {
     let w = world(true).await;
-    let mem = MemoryOpts { size: Bytes(100 * MIB), node: Some(0), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let mem = MemoryOpts {
+        size: Bytes(100 * MIB),
+        node: Some(0),
+        round_up: false,
+        max_dimm: Bytes(4 * GIB),
+        request_id: "t".into(),
+    };
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Refused);
     assert_eq!(r.outcome.exit_code(), 2);
@@ -115,7 +127,13 @@ async fn misaligned_memory_is_refused_before_libvirt_is_called() {
 async fn a_libvirt_failure_is_reported_as_such() {
     let w = world(true).await;
     w.dom.fail("attach-device", "internal error: unable to execute QEMU command 'device_add'");
-    let mem = MemoryOpts { size: Bytes(GIB), node: Some(0), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let mem = MemoryOpts {
+        size: Bytes(GIB),
+        node: Some(0),
+        round_up: false,
+        max_dimm: Bytes(4 * GIB),
+        request_id: "t".into(),
+    };
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::LibvirtError);
     assert!(r.message.contains("device_add"), "{}", r.message);
@@ -125,7 +143,13 @@ async fn a_libvirt_failure_is_reported_as_such() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dimm_the_guest_never_sees_is_a_guest_timeout_not_a_success() {
     let w = world(false).await;
-    let mem = MemoryOpts { size: Bytes(256 * MIB), node: Some(0), round_up: false, max_dimm: Bytes(4 * GIB) };
+    let mem = MemoryOpts {
+        size: Bytes(256 * MIB),
+        node: Some(0),
+        round_up: false,
+        max_dimm: Bytes(4 * GIB),
+        request_id: "t".into(),
+    };
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(1))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::GuestTimeout, "{}", r.render_text());
     assert_eq!(r.outcome.exit_code(), 4);
@@ -159,4 +183,31 @@ async fn live_on_a_stopped_domain_is_refused() {
     let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls(), vec!["setvcpus 4 Config"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_attaches_only_what_is_missing() {
+    let w = world(true).await;
+    // 1 GiB as four 256 MiB DIMMs; libvirt fails on the third: a crash mid-attach.
+    w.dom.fail_after("attach-device", 2, "connection lost");
+    let mem = MemoryOpts {
+        size: Bytes(GIB),
+        node: Some(0),
+        round_up: false,
+        max_dimm: Bytes(256 * MIB),
+        request_id: "retry-1".into(),
+    };
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
+    // The same command again: reconciled from the live XML, two more DIMMs, not four.
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert!(r.host.applied.iter().any(|a| a.contains("reconciled: 2 DIMM(s)")), "{:?}", r.host.applied);
+    let attaches = w.dom.calls().iter().filter(|c| c.starts_with("attach-device")).count();
+    assert_eq!(attaches, 2 + 1 + 2, "two, one failed, then the missing two");
+    assert_eq!(r.guest.expect("report").blocks.len(), 8, "the guest confirms the whole request");
+    // And once more: nothing left to attach, still verified.
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.dom.calls().iter().filter(|c| c.starts_with("attach-device")).count(), 5);
 }

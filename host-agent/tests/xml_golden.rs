@@ -18,3 +18,13 @@ fn dimm_detach_xml_matches_golden() {
     let f = DomainFacts::parse(include_str!("fixtures/x86-ready.xml")).expect("fixture");
     assert_eq!(dimm_detach_xml(&f.dimms[0]), include_str!("golden/dimm0-detach.xml"));
 }
+
+#[test]
+fn named_dimm_carries_its_user_alias() {
+    let xml = vmplug::xml::NamedDimm { spec: DimmSpec { size: Bytes(GIB), node: 1 }, alias: "ua-vmplug-r1-0".into() }
+        .to_xml();
+    assert_eq!(xml, include_str!("golden/dimm-1g-node1-alias.xml"));
+    let f = DomainFacts::parse(&format!("<domain><name>x</name><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
+        .expect("parses");
+    assert_eq!(f.dimms[0].alias.as_deref(), Some("ua-vmplug-r1-0"));
+}

@@ -40,3 +40,36 @@ fn agent_killed_while_onlining_converges() {
     assert_eq!(r["guest"]["blocks"].as_array().expect("blocks").len(), 8);
     assert!(g.sh("cat /tmp/agent.log").contains("agent exited"), "the agent really was killed");
 }
+
+#[test]
+fn vmplug_killed_mid_attach_then_repeated_attaches_only_what_is_missing() {
+    let mut g = Guest::boot("vmplugkill", GuestSpec::default());
+    let name = g.name.clone();
+    let env = Env::get();
+    let args = ["attach-memory", &name, "2G", "--max-dimm", "512M", "--live", "--request-id", "crash1", "--json"];
+    let mut child = Command::new(&env.vmplug)
+        .arg("-c")
+        .arg(&g.daemon.uri)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vmplug");
+    // Kill it as soon as the first DIMM of the request is in the live XML.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !g.daemon.virsh_ok(&["dumpxml", &name]).contains("ua-vmplug-crash1-") {
+        assert!(Instant::now() < deadline, "no DIMM was attached");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let attached = g.daemon.virsh_ok(&["dumpxml", &name]).matches("ua-vmplug-crash1-").count();
+    eprintln!("killed vmplug with {attached} of 4 DIMMs attached");
+    // The same command again: the live XML is the truth; no second DIMM set.
+    let r = g.vmplug_json(&args[..args.len() - 1]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let xml = g.daemon.virsh_ok(&["dumpxml", &name]);
+    assert_eq!(xml.matches("ua-vmplug-crash1-").count(), 4, "exactly the request's four DIMMs");
+    assert_eq!(r["guest"]["blocks"].as_array().expect("blocks").len(), 16, "the guest confirms all 2 GiB");
+    assert_eq!(g.sh("grep -l offline /sys/devices/system/memory/memory*/state | wc -l").trim(), "0");
+}
