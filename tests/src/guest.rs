@@ -280,19 +280,8 @@ impl Guest {
 
     /// Starts the defined domain and waits until its shell answers.
     pub fn start(&mut self) {
-        let _ = fs::remove_file(self.dir.join("console.log"));
-        self.console = None;
-        self.daemon.virsh_ok(&["start", &self.name]);
-        let log = self.dir.join("console.log");
-        let end = Instant::now() + BOOT_TIMEOUT;
-        while !fs::read_to_string(&log).unwrap_or_default().contains(READY_MARKER) {
-            if Instant::now() > end {
-                self.dump_logs();
-                panic!("guest {} did not boot within {BOOT_TIMEOUT:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.console = Some(Console::connect(&self.dir.join("console.sock"), EXEC_TIMEOUT));
+        self.start_nowait();
+        self.wait_ready();
     }
 
     /// Destroys the running domain (its definition stays).
