@@ -173,12 +173,7 @@ impl Agent {
         let started = Instant::now();
         let timeout = Self::check_bounds(req.timeout_ms, req.memory.len())?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let blocks = if req.memory.is_empty() {
-            Vec::new()
-        } else {
-            let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
-            blocks_of(&req.memory, bs)?
-        };
+        let blocks = self.onliner.blocks_for(&req.memory)?;
         let mut changes = self.changes.subscribe();
         let mut cpu_results = BTreeMap::new();
         let mut block_results = BTreeMap::new();
@@ -260,7 +255,7 @@ impl Agent {
         ranges: &[vmplug_common::protocol::MemRange],
     ) -> Result<Vec<vmplug_common::protocol::BlockState>, AgentError> {
         Self::check_bounds(1, ranges.len())?;
-        let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
+        let bs = self.onliner.block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
         blocks_of(ranges, bs)?
             .into_iter()
             .map(|index| {
@@ -281,12 +276,7 @@ impl Agent {
     pub async fn offline(&self, req: OfflineRequest) -> Result<Report, AgentError> {
         let started = Instant::now();
         Self::check_bounds(req.timeout_ms, req.memory.len())?;
-        let blocks = if req.memory.is_empty() {
-            Vec::new()
-        } else {
-            let bs = self.sysfs().block_size()?.ok_or(OnlineError::NoMemoryHotplug)?;
-            blocks_of(&req.memory, bs)?
-        };
+        let blocks = self.onliner.blocks_for(&req.memory)?;
         let target = req.cpus;
         let _guard = self.lock.lock().await;
         let (cpus, blks) = self

@@ -137,11 +137,33 @@ pub struct Onliner {
     pub sysfs: Sysfs,
     pub policy: OnlinePolicy,
     writer: Box<dyn AttrWriter>,
+    /// `block_size_bytes` is fixed for the kernel's lifetime: read it once.
+    block_size: std::sync::OnceLock<BlockSize>,
 }
 
 impl Onliner {
     pub fn new(sysfs: Sysfs, policy: OnlinePolicy, writer: Box<dyn AttrWriter>) -> Self {
-        Onliner { sysfs, policy, writer }
+        Onliner { sysfs, policy, writer, block_size: std::sync::OnceLock::new() }
+    }
+
+    /// The guest's memory block size; `None` without memory hot-plug.
+    pub fn block_size(&self) -> Result<Option<BlockSize>, SysfsError> {
+        if let Some(bs) = self.block_size.get() {
+            return Ok(Some(*bs));
+        }
+        let read = self.sysfs.block_size()?;
+        if let Some(bs) = read {
+            let _ = self.block_size.set(bs);
+        }
+        Ok(read)
+    }
+
+    /// Block indices covered by `ranges` (none for no ranges), checked for alignment.
+    pub fn blocks_for(&self, ranges: &[MemRange]) -> Result<Vec<u64>, OnlineError> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        blocks_of(ranges, self.block_size()?.ok_or(OnlineError::NoMemoryHotplug)?)
     }
 
     /// Writes with bounded retries on transient errors.
@@ -205,7 +227,7 @@ impl Onliner {
         zone: ZonePolicy,
         counts: &mut ZoneCounts,
     ) -> Result<BlockResult, SysfsError> {
-        let start = self.sysfs.block_size()?.map(|b| b.get() * index).unwrap_or(0);
+        let start = self.block_size()?.map(|b| b.get() * index).unwrap_or(0);
         let result = |block: Option<&Block>, outcome| BlockResult {
             index,
             start,
@@ -247,7 +269,7 @@ impl Onliner {
     }
 
     pub fn offline_block(&self, index: u64) -> Result<BlockResult, SysfsError> {
-        let start = self.sysfs.block_size()?.map(|b| b.get() * index).unwrap_or(0);
+        let start = self.block_size()?.map(|b| b.get() * index).unwrap_or(0);
         let Some(block) = self.sysfs.block(index)?.filter(|b| b.ready) else {
             return Ok(BlockResult { index, start, node: None, zone: None, outcome: Outcome::Already });
         };
@@ -335,7 +357,7 @@ impl Onliner {
 
     /// Bytes in online blocks.
     pub fn memory_online(&self) -> Result<Bytes, SysfsError> {
-        let Some(bs) = self.sysfs.block_size()? else {
+        let Some(bs) = self.block_size()? else {
             return Ok(Bytes(0));
         };
         let n = self.sysfs.blocks()?.iter().filter(|b| b.online).count() as u64;

@@ -134,22 +134,12 @@ where
                 let _ = tx.send(respond(id, res)).await;
             }
             Request::Online(req) => {
-                busy.store(true, Ordering::Release);
-                let (agent, tx, busy) = (agent.clone(), tx.clone(), busy.clone());
-                tokio::spawn(async move {
-                    let res = agent.online(req).await.map(Response::Report);
-                    busy.store(false, Ordering::Release);
-                    let _ = tx.send(respond(id, res)).await;
-                });
+                let agent = agent.clone();
+                run_long(id, &busy, &tx, async move { agent.online(req).await });
             }
             Request::Offline(req) => {
-                busy.store(true, Ordering::Release);
-                let (agent, tx, busy) = (agent.clone(), tx.clone(), busy.clone());
-                tokio::spawn(async move {
-                    let res = agent.offline(req).await.map(Response::Report);
-                    busy.store(false, Ordering::Release);
-                    let _ = tx.send(respond(id, res)).await;
-                });
+                let agent = agent.clone();
+                run_long(id, &busy, &tx, async move { agent.offline(req).await });
             }
         }
     };
@@ -160,6 +150,25 @@ where
     // Running operations finish and their answers drain before the writer ends.
     let _ = writer.await;
     result
+}
+
+/// Runs a long request (Online/Offline) off the read loop: the connection is
+/// busy until it answers, so a second request meanwhile gets `Busy`.
+fn run_long(
+    id: Option<u64>,
+    busy: &Arc<AtomicBool>,
+    tx: &mpsc::Sender<Envelope<Response>>,
+    op: impl std::future::Future<Output = Result<vmplug_common::protocol::Report, crate::agent::AgentError>>
+        + Send
+        + 'static,
+) {
+    busy.store(true, Ordering::Release);
+    let (tx, busy) = (tx.clone(), busy.clone());
+    tokio::spawn(async move {
+        let res = op.await.map(Response::Report);
+        busy.store(false, Ordering::Release);
+        let _ = tx.send(respond(id, res)).await;
+    });
 }
 
 fn respond(id: Option<u64>, res: Result<Response, crate::agent::AgentError>) -> Envelope<Response> {
