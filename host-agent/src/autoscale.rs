@@ -427,20 +427,20 @@ pub struct Engine {
 pub async fn step_domain(
     engine: &Engine,
     host: &Host,
-    name: &str,
+    facts: &DomainFacts,
+    room: &HostRoom,
     state: &mut DomainState,
-    host_vcpus: u32,
 ) -> Result<DecisionEvent, DomainError> {
-    let l = ops::load(host.conn.clone(), name, true).await?;
+    let name = facts.name.as_str();
     let cap = Capacity {
-        vcpus: l.facts.vcpus_current,
-        vcpus_max: l.facts.vcpus_max,
-        memory: l.facts.memory,
-        max_memory: l.facts.max_memory.unwrap_or(l.facts.memory),
-        free_slots: l.facts.free_slots(),
-        host_free: Bytes(l.host.free.iter().map(|b| b.get()).sum()),
-        host_cpus: l.host.cpus.max(1),
-        host_vcpus,
+        vcpus: facts.vcpus_current,
+        vcpus_max: facts.vcpus_max,
+        memory: facts.memory,
+        max_memory: facts.max_memory.unwrap_or(facts.memory),
+        free_slots: facts.free_slots(),
+        host_free: room.free,
+        host_cpus: room.cpus,
+        host_vcpus: room.vcpus,
     };
     let started = std::time::Instant::now();
     let mut ev = DecisionEvent {
@@ -458,7 +458,7 @@ pub async fn step_domain(
         message: None,
         duration_ms: 0,
     };
-    let pressure = match ops::connect_agent(&l.facts, None, Duration::from_secs(3)).await {
+    let pressure = match ops::connect_agent(facts, None, Duration::from_secs(3)).await {
         Ok(mut link) => link.pressure().await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -563,15 +563,18 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
     for round in 0..rounds {
         let mut tasks = tokio::task::JoinSet::new();
         for host in &hosts {
-            let (selected, host_vcpus) = select_running(&engine.policy, host).await;
+            let (selected, room) = select_running(&engine.policy, host).await;
+            let room = Arc::new(room);
             let sem = Arc::new(tokio::sync::Semaphore::new(engine.policy.host.concurrency.max(1)));
-            for name in selected {
-                let (host, engine, states, sem) = (host.clone(), engine.clone(), states.clone(), sem.clone());
+            for facts in selected {
+                let (host, engine, states, sem, room) =
+                    (host.clone(), engine.clone(), states.clone(), sem.clone(), room.clone());
                 tasks.spawn(async move {
                     let _permit = sem.acquire().await;
+                    let name = facts.name.clone();
                     let key = (host.uri.clone(), name.clone());
                     let mut st = states.lock().await.remove(&key).unwrap_or_default();
-                    let res = step_domain(&engine, &host, &name, &mut st, host_vcpus).await;
+                    let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
                     states.lock().await.insert(key, st);
                     match res {
                         Ok(ev) => println!("{}", serde_json::to_string(&ev).unwrap_or_default()),
@@ -588,12 +591,27 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
     Ok(())
 }
 
-/// The running domains of `host` the policy selects, and their vCPUs in total.
-async fn select_running(policy: &Policy, host: &Host) -> (Vec<String>, u32) {
+/// A host's room for growth, read once per round for all its domains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostRoom {
+    pub free: Bytes,
+    pub cpus: u32,
+    /// vCPUs of the running selected domains.
+    pub vcpus: u32,
+}
+
+/// The running domains of `host` the policy selects (their live XML, read once
+/// per round) and the host's room.
+async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainFacts>, HostRoom) {
     let conn = host.conn.clone();
-    let names = ops::blocking(move || conn.list_domains()).await.unwrap_or_default();
+    let (names, host_facts) = ops::blocking(move || {
+        let names = conn.list_domains()?;
+        // Free memory and CPUs only: no domain capabilities needed here.
+        Ok((names, ops::host_facts(conn.as_ref(), &DomainFacts::default())?))
+    })
+    .await
+    .unwrap_or_default();
     let mut selected = Vec::new();
-    let mut vcpus = 0;
     for name in names {
         let conn = host.conn.clone();
         let facts = ops::blocking(move || {
@@ -608,12 +626,16 @@ async fn select_running(policy: &Policy, host: &Host) -> (Vec<String>, u32) {
         .await;
         if let Ok(Some(f)) = facts {
             if policy.selects(&f.name, &f.tags) {
-                vcpus += f.vcpus_current;
-                selected.push(f.name);
+                selected.push(f);
             }
         }
     }
-    (selected, vcpus)
+    let room = HostRoom {
+        free: Bytes(host_facts.free.iter().map(|b| b.get()).sum()),
+        cpus: host_facts.cpus.max(1),
+        vcpus: selected.iter().map(|f| f.vcpus_current).sum(),
+    };
+    (selected, room)
 }
 
 #[cfg(test)]

@@ -259,11 +259,6 @@ impl GuestLink {
         }
     }
 
-    pub async fn online(&mut self, req: OnlineRequest) -> Result<Report, LinkError> {
-        let wait = Duration::from_millis(req.timeout_ms);
-        self.report(Request::Online(req), wait).await
-    }
-
     /// Brings the guest to `req`'s targets, surviving an agent restart: the wait
     /// is cut into rounds of at most [`ONLINE_ROUND`]; a round that ends without
     /// an answer (agent killed, link dropped) reconnects and asks again. Totals,

@@ -158,10 +158,22 @@ pub async fn connect_agent(
 /// nor when the caller plugs blind (`--no-wait`) into a domain without an agent.
 async fn agent_for(l: &Loaded, affect: Affect, opts: &HotplugOpts) -> (Option<GuestLink>, Option<LinkError>) {
     let blind = opts.no_wait && opts.agent.is_none() && discover(&l.facts).is_none();
-    if !affect.live() || !l.running || blind {
+    if !affect.live() || blind {
         return (None, None);
     }
-    match connect_agent(&l.facts, opts.agent.as_ref(), opts.agent_wait).await {
+    agent_if_running(l, opts.agent.as_ref(), opts.agent_wait).await
+}
+
+/// The agent link of a running domain (none for a stopped one), or why not.
+pub async fn agent_if_running(
+    l: &Loaded,
+    addr: Option<&AgentAddr>,
+    wait: Duration,
+) -> (Option<GuestLink>, Option<LinkError>) {
+    if !l.running {
+        return (None, None);
+    }
+    match connect_agent(&l.facts, addr, wait).await {
         Ok(link) => (Some(link), None),
         Err(e) => (None, Some(e)),
     }

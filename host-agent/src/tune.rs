@@ -12,7 +12,7 @@ use vmplug_common::{Bytes, CpuSet};
 
 use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, SchedParams};
 use crate::link::AgentAddr;
-use crate::ops::{blocking, connect_agent, load};
+use crate::ops::{agent_if_running, blocking, load};
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::xml::DomainFacts;
 
@@ -358,14 +358,8 @@ pub async fn check(
     agent_wait: Duration,
 ) -> Result<CheckResult, TuneError> {
     let l = load(conn, name, true).await?;
-    let (guest, agent_error) = if l.running {
-        match connect_agent(&l.facts, agent, agent_wait).await {
-            Ok(link) => (Some(link.info), None),
-            Err(e) => (None, Some(e.to_string())),
-        }
-    } else {
-        (None, None)
-    };
+    let (link, err) = agent_if_running(&l, agent, agent_wait).await;
+    let (guest, agent_error) = (link.map(|k| k.info), err.map(|e| e.to_string()));
     let affect = if l.running { Affect::Live } else { Affect::Config };
     let ctx = l.ctx(guest.as_ref(), affect, guest.is_none());
     let mut findings = preflight::check(&ctx, &Operation::Readiness);
@@ -436,22 +430,19 @@ pub async fn status(
         .iter()
         .map(|d| DimmStatus { alias: d.alias.clone(), size: d.size, node: d.node, base: d.base, blocks: vec![] })
         .collect();
-    let (mut guest, mut agent_error) = (None, None);
-    if l.running {
-        match connect_agent(&l.facts, agent, agent_wait).await {
-            Ok(mut link) => {
-                for d in dimms.iter_mut() {
-                    if let Some(base) = d.base {
-                        match link.blocks(vec![MemRange { start: base, size: d.size }]).await {
-                            Ok(b) => d.blocks = b,
-                            Err(e) => agent_error = Some(e.to_string()),
-                        }
-                    }
+    let (link, err) = agent_if_running(&l, agent, agent_wait).await;
+    let mut agent_error = err.map(|e| e.to_string());
+    let mut guest = None;
+    if let Some(mut link) = link {
+        for d in dimms.iter_mut() {
+            if let Some(base) = d.base {
+                match link.blocks(vec![MemRange { start: base, size: d.size }]).await {
+                    Ok(b) => d.blocks = b,
+                    Err(e) => agent_error = Some(e.to_string()),
                 }
-                guest = Some(link.info);
             }
-            Err(e) => agent_error = Some(e.to_string()),
         }
+        guest = Some(link.info);
     }
     Ok(Status {
         domain: name.into(),
