@@ -184,22 +184,46 @@ impl GuestLink {
             info: placeholder_info(),
             events: Vec::new(),
         };
+        link.handshake().await?;
+        Ok(link)
+    }
+
+    /// Hello, and the guest's facts in return.
+    async fn handshake(&mut self) -> Result<(), LinkError> {
         let hello =
             Request::Hello { protocol: PROTOCOL_VERSION, host_agent: format!("vmplug {}", env!("CARGO_PKG_VERSION")) };
-        match link.call(hello, HELLO_TIMEOUT).await? {
+        match self.call_once(hello, HELLO_TIMEOUT).await? {
             Response::GuestInfo(info) => {
                 if info.protocol != PROTOCOL_VERSION {
                     return Err(LinkError::Version(info.protocol));
                 }
-                link.info = info;
-                Ok(link)
+                self.info = info;
+                Ok(())
             }
             _ => Err(LinkError::Unexpected("hello")),
         }
     }
 
-    /// Sends a request and waits (bounded) for the answer with its id.
+    /// Sends a request and waits (bounded) for the answer with its id. An agent
+    /// that has forgotten this session's handshake gets hello again and the request
+    /// once more: on virtio-serial the guest learns of host connects and hang-ups
+    /// from control messages that can race the data, so it may have closed our
+    /// session and opened a fresh one under us. Requests are totals, so the repeat
+    /// is harmless.
     pub async fn call(&mut self, req: Request, wait: Duration) -> Result<Response, LinkError> {
+        match self.call_once(req.clone(), wait).await {
+            Err(LinkError::Guest { code: ErrorCode::HandshakeRequired, .. })
+                if !matches!(req, Request::Hello { .. }) =>
+            {
+                tracing::warn!(request = req.type_name(), "the agent lost this session's handshake; handshaking again");
+                self.handshake().await?;
+                self.call_once(req, wait).await
+            }
+            other => other,
+        }
+    }
+
+    async fn call_once(&mut self, req: Request, wait: Duration) -> Result<Response, LinkError> {
         let kind = req.type_name();
         self.next_id += 1;
         let id = self.next_id;

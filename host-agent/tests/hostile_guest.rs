@@ -83,3 +83,38 @@ async fn a_guest_with_another_protocol_version_is_refused() {
     let err = GuestLink::connect(&addr, Duration::from_secs(2)).await.expect_err("refused");
     assert!(matches!(err, LinkError::Version(99)), "{err}");
 }
+
+#[tokio::test]
+async fn an_agent_that_lost_the_handshake_gets_hello_again_and_the_request_once_more() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let (_d, addr) = fake_agent(|s| async move {
+        let (r, mut w) = tokio::io::split(s);
+        let mut r = BufReader::new(r);
+        let info: serde_json::Value =
+            serde_json::from_str(include_str!("../../common/tests/golden/guest_info.json")).expect("golden");
+        let mut line = String::new();
+        let mut forgot = false;
+        while r.read_line(&mut line).await.map(|n| n > 0).unwrap_or(false) {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("host frames are JSON");
+            line.clear();
+            let ty = v["body"]["type"].as_str().unwrap_or_default().to_string();
+            log.lock().expect("log").push(ty.clone());
+            // The first `info` is refused as after a virtio-serial session flip.
+            let mut answer = if ty == "info" && !forgot {
+                forgot = true;
+                serde_json::json!({"v": 1, "body": {"type": "error", "code": "handshake_required",
+                    "message": "'info' refused: send hello first"}})
+            } else {
+                info.clone()
+            };
+            answer["id"] = v["id"].clone();
+            let _ = w.write_all(format!("{answer}\n").as_bytes()).await;
+        }
+    })
+    .await;
+    let mut link = GuestLink::connect(&addr, Duration::from_secs(5)).await.expect("handshake");
+    let info = link.info().await.expect("answered after a second hello");
+    assert_eq!(info.protocol, 1);
+    assert_eq!(*seen.lock().expect("log"), ["hello", "info", "hello", "info"]);
+}
