@@ -101,6 +101,11 @@ impl FakeKernel {
         fs::create_dir_all(dir.join(format!("node{node}"))).expect("node link");
     }
 
+    /// Hot-unplugs `memoryN` (the DIMM was ejected).
+    pub fn remove_block(&self, index: u64) {
+        let _ = fs::remove_dir_all(self.sys().join(format!("devices/system/memory/memory{index}")));
+    }
+
     fn sync_cpu_lists(&self) {
         let dir = self.sys().join("devices/system/cpu");
         let sysfs = self.sysfs();

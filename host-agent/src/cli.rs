@@ -12,6 +12,7 @@ use crate::link::AgentAddr;
 use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::report::{OpReport, EXIT_USAGE};
 use crate::tune::{self, TuneError};
+use crate::unplug::{self, DimmSelector};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -141,6 +142,19 @@ pub enum Command {
         max_dimm: Bytes,
         /// Idempotency key: repeating the command with the same id (after a crash)
         /// attaches only what is missing. Default: a fresh id, printed in the report.
+        #[arg(long)]
+        request_id: Option<String>,
+        #[command(flatten)]
+        hotplug: HotplugArgs,
+    },
+    /// Hot-unplug DIMMs: the guest offlines their blocks, libvirt detaches them,
+    /// vmplug waits for QEMU to remove them and the guest to confirm.
+    DetachMemory {
+        domain: String,
+        /// One DIMM by alias (`ua-vmplug-ID-N`, or libvirt's `dimmN`).
+        #[arg(long, conflicts_with = "request_id", required_unless_present = "request_id")]
+        alias: Option<String>,
+        /// Every DIMM that `attach-memory --request-id ID` attached.
         #[arg(long)]
         request_id: Option<String>,
         #[command(flatten)]
@@ -280,6 +294,14 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
                 request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
             };
             op_out(json, ops::attach_memory(conn, domain, &mem, &hotplug.opts()?).await?)
+        }
+        Command::DetachMemory { domain, alias, request_id, hotplug } => {
+            let sel = match (alias, request_id) {
+                (Some(a), _) => DimmSelector::Alias(a.clone()),
+                (None, Some(id)) => DimmSelector::Request(id.clone()),
+                (None, None) => Err(DomainError::Usage("give --alias or --request-id".into()))?,
+            };
+            op_out(json, unplug::detach_memory(conn, domain, &sel, &hotplug.opts()?).await?)
         }
         Command::Numatune { domain, mode, nodeset, affect } => {
             let p =

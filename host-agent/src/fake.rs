@@ -14,7 +14,16 @@ use crate::domain::{Affect, Connection, Domain, DomainError, NumaParams, SchedPa
 #[derive(Debug, Clone, PartialEq)]
 pub enum FakeEvent {
     Vcpus(u32),
-    Dimm { base: u64, size: u64, node: u32 },
+    Dimm {
+        base: u64,
+        size: u64,
+        node: u32,
+    },
+    /// A DIMM left the live domain (the guest ejected it).
+    DimmRemoved {
+        base: u64,
+        size: u64,
+    },
 }
 
 pub type Hook = Arc<dyn Fn(&FakeEvent) + Send + Sync>;
@@ -65,6 +74,14 @@ fn insert_device(xml: &str, dev: &str) -> String {
         Some(i) => format!("{}{dev}{}", &xml[..i], &xml[i..]),
         None => xml.to_string(),
     }
+}
+
+/// `xml` without the `<memory>` device whose alias is `alias` (None: no such device).
+fn remove_device(xml: &str, alias: &str) -> Option<String> {
+    let at = xml.find(&format!("<alias name='{alias}'/>"))?;
+    let start = xml[..at].rfind("<memory ")?;
+    let end = at + xml[at..].find("</memory>")? + "</memory>".len();
+    Some(format!("{}{}", &xml[..start], &xml[end..]))
 }
 
 impl FakeDomain {
@@ -190,8 +207,39 @@ impl Domain for FakeDomain {
         }
         Ok(())
     }
-    fn detach_device(&self, _xml: &str, _affect: Affect) -> Result<(), DomainError> {
-        self.enter("detach-device", String::new())
+    fn detach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        self.enter("detach-device", format!("{affect:?}"))?;
+        let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
+            .map_err(|e| DomainError::Other(e.to_string()))?;
+        let d = facts.dimms.first().ok_or_else(|| DomainError::Other("not a memory device".into()))?;
+        let alias = d.alias.clone().ok_or_else(|| DomainError::Other("the fake matches DIMMs by alias".into()))?;
+        let removed = {
+            let mut st = self.st();
+            let live = remove_device(&st.live, &alias);
+            let config = remove_device(&st.config, &alias);
+            match (affect.live(), live, affect.config(), config) {
+                (true, None, ..) | (_, _, true, None) => {
+                    return Err(DomainError::Libvirt {
+                        domain: self.name.clone(),
+                        op: "detach-device",
+                        message: format!("device not found: memory device {alias}"),
+                    })
+                }
+                (l, live, c, config) => {
+                    if let (true, Some(x)) = (l, live) {
+                        st.live = x;
+                    }
+                    if let (true, Some(x)) = (c, config) {
+                        st.config = x;
+                    }
+                }
+            }
+            affect.live()
+        };
+        if let (true, Some(base)) = (removed, d.base) {
+            self.fire(FakeEvent::DimmRemoved { base, size: d.size.get() });
+        }
+        Ok(())
     }
     fn scheduler(&self, _affect: Affect) -> Result<SchedParams, DomainError> {
         Ok(self.st().sched.clone())

@@ -14,4 +14,5 @@ pub mod preflight;
 pub mod prepare;
 pub mod report;
 pub mod tune;
+pub mod unplug;
 pub mod xml;

@@ -119,18 +119,18 @@ pub struct HotplugOpts {
     pub zone: ZonePolicy,
 }
 
-struct Run {
-    started: Instant,
-    preflight_ms: u64,
-    libvirt_ms: u64,
-    guest_ms: u64,
+pub(crate) struct Run {
+    pub(crate) started: Instant,
+    pub(crate) preflight_ms: u64,
+    pub(crate) libvirt_ms: u64,
+    pub(crate) guest_ms: u64,
 }
 
 impl Run {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Run { started: Instant::now(), preflight_ms: 0, libvirt_ms: 0, guest_ms: 0 }
     }
-    fn timings(&self) -> Timings {
+    pub(crate) fn timings(&self) -> Timings {
         Timings {
             preflight_ms: self.preflight_ms,
             libvirt_ms: self.libvirt_ms,
@@ -140,7 +140,7 @@ impl Run {
     }
 }
 
-fn ms(since: Instant) -> u64 {
+pub(crate) fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
@@ -180,7 +180,7 @@ pub async fn agent_if_running(
 }
 
 /// libvirt refused a step: nothing applied (LibvirtError) or some steps did (Partial).
-fn libvirt_failed(
+pub(crate) fn libvirt_failed(
     op: &str,
     name: &str,
     affect: Affect,
@@ -202,7 +202,7 @@ fn libvirt_failed(
     }
 }
 
-fn refused(
+pub(crate) fn refused(
     op: &str,
     name: &str,
     affect: Affect,

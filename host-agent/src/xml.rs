@@ -62,7 +62,7 @@ pub struct Cell {
     pub memory: Bytes,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Dimm {
     pub size: Bytes,
     pub node: Option<u32>,

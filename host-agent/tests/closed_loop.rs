@@ -10,6 +10,7 @@ use vmplug::fake::{FakeConnection, FakeDomain, FakeEvent, Hook};
 use vmplug::link::AgentAddr;
 use vmplug::ops::{attach_memory, setvcpus, HotplugOpts, MemoryOpts};
 use vmplug::report::Outcome;
+use vmplug::unplug::{detach_memory, DimmSelector};
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, GIB, MIB};
 use vmplug_guest::agent::Agent;
@@ -53,6 +54,9 @@ async fn world(plays_hypervisor: bool) -> World {
                 FakeEvent::Vcpus(n) => (2..n).for_each(|c| k.add_cpu(c, false)),
                 FakeEvent::Dimm { base, size, node } => (base / (128 * MIB)..(base + size) / (128 * MIB))
                     .for_each(|b| k.add_block(b, false, "Normal Movable", node)),
+                FakeEvent::DimmRemoved { base, size } => {
+                    (base / (128 * MIB)..(base + size) / (128 * MIB)).for_each(|b| k.remove_block(b))
+                }
             }
             agent.notify_changed();
         }) as Hook
@@ -211,3 +215,82 @@ async fn a_repeated_request_attaches_only_what_is_missing() {
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls().iter().filter(|c| c.starts_with("attach-device")).count(), 5);
 }
+
+async fn attached(w: &World, id: &str, size: u64) {
+    let mem = MemoryOpts {
+        size: Bytes(size),
+        node: Some(0),
+        round_up: false,
+        max_dimm: Bytes(256 * MIB),
+        request_id: id.into(),
+    };
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+}
+
+fn state(w: &World, block: u64) -> Option<String> {
+    w.kernel.sysfs().block(block).expect("sysfs").map(|b| if b.online { "online".into() } else { "offline".into() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detach_memory_offlines_first_then_detaches_and_the_guest_confirms() {
+    let w = world(true).await;
+    attached(&w, "u1", 512 * MIB).await;
+    let first = 64 * GIB / (128 * MIB);
+    assert_eq!(state(&w, first).as_deref(), Some("online"));
+    let sel = DimmSelector::Request("u1".into());
+    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(r.guest.as_ref().expect("offline report").blocks.len(), 4);
+    assert_eq!(w.dom.calls().iter().filter(|c| c.starts_with("detach-device")).count(), 2, "two 256 MiB DIMMs");
+    let live = vmplug::domain::Domain::xml(w.dom.as_ref(), vmplug::domain::XmlView::Live).expect("xml");
+    assert_eq!(live.matches("ua-vmplug-u1-").count(), 0, "gone from the live XML");
+    assert!((first..first + 4).all(|b| state(&w, b).is_none()), "the blocks are gone from the guest");
+    assert!(r.message.contains("4 block(s) gone"), "{}", r.message);
+    // Offlined before the detach: every state write of the request was "offline".
+    let offline_writes = w.kernel.writes().iter().filter(|(_, v)| v == "offline").count();
+    assert_eq!(offline_writes, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_the_guest_cannot_offline_means_nothing_is_detached() {
+    let w = world(true).await;
+    attached(&w, "u2", 256 * MIB).await;
+    let first = 64 * GIB / (128 * MIB);
+    // The second block keeps failing with EBUSY (unmovable pages) through every retry.
+    let path = w.kernel.sysfs().block_state_path(first + 1);
+    w.kernel.fail_writes(path, &[EBUSY; 64]);
+    let sel = DimmSelector::Request("u2".into());
+    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
+    assert!(r.message.contains("nothing was detached"), "{}", r.message);
+    assert!(!w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was never asked");
+    assert_eq!(state(&w, first).as_deref(), Some("online"), "the block it did offline is online again");
+    assert_eq!(state(&w, first + 1).as_deref(), Some("online"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_detach_puts_the_remaining_blocks_back_online() {
+    let w = world(true).await;
+    attached(&w, "u3", 512 * MIB).await;
+    w.dom.fail_after("detach-device", 1, "internal error: unable to execute QEMU command 'device_del'");
+    let sel = DimmSelector::Request("u3".into());
+    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
+    assert!(r.message.contains("device_del") && r.message.contains("online again"), "{}", r.message);
+    let first = 64 * GIB / (128 * MIB);
+    assert!((first..first + 2).all(|b| state(&w, b).is_none()), "the first DIMM went");
+    assert!((first + 2..first + 4).all(|b| state(&w, b).as_deref() == Some("online")), "the second stays usable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detach_memory_names_what_exists_when_nothing_matches() {
+    let w = world(true).await;
+    let sel = DimmSelector::Request("nope".into());
+    let e = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect_err("usage");
+    assert!(e.to_string().contains("no DIMM of 'web1' has request id 'nope'"), "{e}");
+    assert!(w.dom.calls().is_empty());
+}
+
+/// errno of a block whose pages cannot be migrated away.
+const EBUSY: i32 = 16;

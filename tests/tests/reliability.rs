@@ -87,3 +87,53 @@ fn soak_200_cpu_offline_online_cycles_through_the_agent() {
     assert_eq!(fds1, fds0, "no file descriptor leaks");
     assert!(rss1 <= rss0 + 512, "RSS stays flat (allocator noise aside): {rss0} -> {rss1} KiB");
 }
+
+/// DIMM plug then unplug, each through vmplug (the guest agent onlines, then
+/// offlines before the detach), many times: every cycle ends with the guest back at
+/// its boot memory and the agent's RSS and open files flat.
+#[test]
+fn soak_dimm_plug_unplug_cycles() {
+    let cycles: u32 = std::env::var("VMPLUG_SOAK_DIMM_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut g = Guest::boot("dimmsoak", GuestSpec::default());
+    let name = g.name.clone();
+    let boot_kib = g.mem_total_kib();
+    let cycle = |g: &mut Guest, i: u32| -> Result<(), String> {
+        let id = format!("soak{i}");
+        let plug = g.vmplug_quiet(&["attach-memory", &name, "256M", "--live", "--request-id", &id, "--json"]);
+        let unplug = g.vmplug_quiet(&["detach-memory", &name, "--request-id", &id, "--live", "--json"]);
+        for (what, out) in [("attach", plug), ("detach", unplug)] {
+            if !out.status.success() {
+                return Err(format!("{what} of cycle {i}: {}", String::from_utf8_lossy(&out.stdout)));
+            }
+        }
+        Ok(())
+    };
+    // The first cycle, looked at closely.
+    cycle(&mut g, 0).expect("first cycle");
+    assert_eq!(g.mem_total_kib(), boot_kib, "the guest is back at its boot memory");
+    assert_eq!(g.sh("ls -d /sys/devices/system/memory/memory* | wc -l").trim(), "4", "only the boot blocks remain");
+    assert!(!g.daemon.virsh_ok(&["dumpxml", &name]).contains("ua-vmplug-soak0-"));
+    let (rss0, fds0) = agent_rss_and_fds(&mut g);
+    let started = std::time::Instant::now();
+    let (mut tried, mut survived, mut failures) = (0, 0, Vec::new());
+    for i in 1..=cycles {
+        tried += 1;
+        match cycle(&mut g, i) {
+            Ok(()) => survived += 1,
+            Err(e) => failures.push(e),
+        }
+    }
+    let per_cycle = started.elapsed() / cycles.max(1);
+    let (rss1, fds1) = agent_rss_and_fds(&mut g);
+    let dimms_left = g.daemon.virsh_ok(&["dumpxml", &name]).matches("<memory model='dimm'").count();
+    let mem_now = g.mem_total_kib();
+    eprintln!(
+        "dimm soak: tried {tried}, survived {survived}, lost {}; {per_cycle:?} per plug+unplug; agent RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}; DIMMs left {dimms_left}; MemTotal {boot_kib} -> {mem_now} KiB",
+        tried - survived
+    );
+    assert!(failures.is_empty(), "{} failed cycles, first: {}", failures.len(), failures[0]);
+    assert_eq!(dimms_left, 0, "every DIMM went away");
+    assert_eq!(mem_now, boot_kib, "the guest is back at its boot memory");
+    assert_eq!(fds1, fds0, "no file descriptor leaks");
+    assert!(rss1 <= rss0 + 512, "RSS stays flat (allocator noise aside): {rss0} -> {rss1} KiB");
+}
