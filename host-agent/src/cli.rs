@@ -293,7 +293,15 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
                 max_dimm: *max_dimm,
                 request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
             };
-            op_out(json, ops::attach_memory(conn, domain, &mem, &hotplug.opts()?).await?)
+            // The id is what makes a repeat safe: name it even when the run ends in an error.
+            let r = ops::attach_memory(conn, domain, &mem, &hotplug.opts()?).await.map_err(|e| match e {
+                DomainError::Usage(_) | DomainError::NotFound(_) => anyhow::Error::new(e),
+                e => anyhow::Error::new(e).context(format!(
+                    "attach-memory request {}: repeat with --request-id {} to attach only what is missing",
+                    mem.request_id, mem.request_id
+                )),
+            })?;
+            op_out(json, r)
         }
         Command::DetachMemory { domain, alias, request_id, hotplug } => {
             let sel = match (alias, request_id) {

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use vmplug::cli::{run, Cli};
-use vmplug::domain::Connection;
+use vmplug::domain::{Connection, DomainError};
 use vmplug::libvirt::LibvirtConnection;
-use vmplug::report::EXIT_USAGE;
+use vmplug::report::{Outcome, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,7 +39,15 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("vmplug: {e:#}");
-            ExitCode::from(EXIT_USAGE)
+            ExitCode::from(error_exit(&e))
         }
+    }
+}
+
+/// libvirt failures keep their own exit code even when they end a command early.
+fn error_exit(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<DomainError>() {
+        Some(DomainError::Libvirt { .. } | DomainError::Connect { .. }) => Outcome::LibvirtError.exit_code(),
+        _ => EXIT_USAGE,
     }
 }

@@ -304,7 +304,13 @@ pub async fn setvcpus(
                         timeout_ms: opts.timeout.as_millis() as u64,
                     })
                     .await
-                    .map(|(r, _)| r);
+                    .map(|(r, reconnects)| {
+                        if reconnects > 0 {
+                            applied
+                                .push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
+                        }
+                        r
+                    });
                 run.guest_ms += ms(t);
                 match r {
                     Ok(r) => {
@@ -538,8 +544,22 @@ pub async fn attach_memory(
 
     // The new DIMMs, with the addresses QEMU gave them.
     let dom = l.dom.clone();
-    let after = blocking(move || dom.xml(XmlView::Live)).await?;
-    let after = DomainFacts::parse(&after).map_err(|e| DomainError::Other(e.to_string()))?;
+    let after = match blocking(move || dom.xml(XmlView::Live))
+        .await
+        .and_then(|x| DomainFacts::parse(&x).map_err(|e| DomainError::Other(format!("live XML: {e}"))))
+    {
+        Ok(f) => f,
+        // libvirtd restarted or the connection dropped after the attach: the DIMMs
+        // are there, the guest side is unknown; the repeat reconciles.
+        Err(e) => {
+            let mut r = libvirt_failed("attach-memory", name, affect, applied, findings, &e, &run);
+            r.message = format!(
+                "{}; the DIMMs were attached but not verified: repeat with --request-id {} to verify and finish",
+                r.message, mem.request_id
+            );
+            return Ok(r);
+        }
+    };
     let new: Vec<_> =
         after.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| a.starts_with(&prefix))).cloned().collect();
     let verified = Some(format!(
