@@ -266,9 +266,26 @@ impl Guest {
 
     /// Waits for a started domain's ready marker and connects its console.
     pub fn wait_ready(&mut self) {
-        let log = self.dir.join("console.log");
+        self.wait_boots(1);
+    }
+
+    /// Hard-resets the running guest (as a crash or `reboot -f` does; QEMU and its
+    /// hot-plugged devices stay) and waits until it has booted again.
+    pub fn reset(&mut self) {
+        let boots = self.boots();
+        self.console = None;
+        self.daemon.virsh_ok(&["reset", &self.name]);
+        self.wait_boots(boots + 1);
+    }
+
+    /// How many times the guest reached its ready marker since it was started.
+    fn boots(&self) -> usize {
+        fs::read_to_string(self.dir.join("console.log")).unwrap_or_default().matches(READY_MARKER).count()
+    }
+
+    fn wait_boots(&mut self, n: usize) {
         let end = Instant::now() + BOOT_TIMEOUT;
-        while !fs::read_to_string(&log).unwrap_or_default().contains(READY_MARKER) {
+        while self.boots() < n {
             if Instant::now() > end {
                 self.dump_logs();
                 panic!("guest {} did not boot within {BOOT_TIMEOUT:?}", self.name);

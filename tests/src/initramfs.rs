@@ -67,13 +67,15 @@ mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
   [ -e "$p/name" ] && ln -sf "/dev/$(basename "$p")" "/dev/virtio-ports/$(cat "$p/name")"
 done
-# The agent, restarted when it dies, as systemd's Restart= would. `onliner`
+# The agent, restarted when it dies, as systemd's Restart= would, and as
+# unlikely as under the unit to be chosen by the OOM killer. `onliner`
 # (benchmarks) parks it while /run/agent.disabled exists.
 (
   while :; do
     if [ -e /run/agent.disabled ]; then sleep 0.2; continue; fi
     /bin/vmplug-guest serve >>/tmp/agent.log 2>&1 &
     echo $! >/run/agent.pid
+    echo -999 >/proc/$!/oom_score_adj  # as the unit's OOMScoreAdjust=-999
     wait $!
     echo "agent exited with $?" >>/tmp/agent.log
     sleep 0.2

@@ -118,21 +118,46 @@ impl Libvirtd {
             .expect("unshare");
         assert!(out.status.success(), "starting libvirtd failed: {}", String::from_utf8_lossy(&out.stderr));
         let daemon = Libvirtd { dir: dir.to_path_buf(), uri: uri_for(dir), stopped: false };
+        daemon.wait_answering();
+        daemon
+    }
+
+    /// Restarts libvirtd as `systemctl restart` would (SIGTERM, then a new daemon)
+    /// in the same mount namespace, entered through virtlogd; running QEMU
+    /// processes stay, and the new daemon reconnects to them. Returns how long the
+    /// daemon did not answer.
+    pub fn restart(&self) -> Duration {
+        let started = Instant::now();
+        let old = read_pid(&self.dir.join("libvirtd.pid")).expect("libvirtd pid file");
+        let logd = read_pid(&self.dir.join("virtlogd.pid")).expect("virtlogd pid file");
+        stop_pid(old, Duration::from_secs(30));
+        let _ = fs::remove_file(self.dir.join("libvirtd.pid"));
+        let pidfile = self.dir.join("libvirtd.pid");
+        let out = Command::new("nsenter")
+            .args(["-t", &logd.to_string(), "-m", "--", "libvirtd", "-d", "--pid-file"])
+            .arg(&pidfile)
+            .output()
+            .expect("nsenter");
+        assert!(out.status.success(), "restarting libvirtd failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.wait_answering();
+        started.elapsed()
+    }
+
+    fn wait_answering(&self) {
         let end = Instant::now() + DAEMON_READY_TIMEOUT;
         loop {
-            let o = daemon.virsh(&["version"]);
+            let o = self.virsh(&["version"]);
             if o.status.success() {
-                break;
+                return;
             }
             assert!(
                 Instant::now() < end,
                 "libvirtd did not answer within {DAEMON_READY_TIMEOUT:?}: {}\n{}",
                 String::from_utf8_lossy(&o.stderr),
-                daemon.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        daemon
     }
 
     pub fn virsh(&self, args: &[&str]) -> Output {

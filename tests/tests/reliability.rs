@@ -137,3 +137,41 @@ fn soak_dimm_plug_unplug_cycles() {
     assert_eq!(fds1, fds0, "no file descriptor leaks");
     assert!(rss1 <= rss0 + 512, "RSS stays flat (allocator noise aside): {rss0} -> {rss1} KiB");
 }
+
+/// Memory added exactly when the guest has run out of it: a RAM-backed file
+/// leaves about 16 MiB available; the agent still answers (status), and onlines a
+/// 512 MiB DIMM that vmplug attaches, without being killed or restarted.
+#[test]
+fn the_agent_answers_and_onlines_when_guest_memory_is_nearly_full() {
+    let mut g = Guest::boot("memfull", GuestSpec::default());
+    let name = g.name.clone();
+    let avail_kib = |g: &mut Guest| -> u64 {
+        let out = g.sh("grep MemAvailable /proc/meminfo");
+        out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("MemAvailable")
+    };
+    let agent_pid = g.sh("cat /run/agent.pid");
+    // Unevictable (ramfs) pages: the kernel cannot reclaim them.
+    let fill_mib = avail_kib(&mut g) / 1024 - 16;
+    g.sh(&format!(
+        "mkdir -p /fill && mount -t ramfs ramfs /fill && dd if=/dev/zero of=/fill/f bs=1M count={fill_mib} 2>&1 | tail -1"
+    ));
+    let before = avail_kib(&mut g);
+    eprintln!("filled {fill_mib} MiB: MemAvailable {} MiB", before / 1024);
+    assert!(before < 32 * 1024, "memory is nearly full: {before} KiB available");
+    let st = g.vmplug_json(&["status", &name]);
+    let seen = st["guest"]["mem_available"].as_u64().expect("the agent reports MemAvailable");
+    assert!(seen < 32 << 20, "the agent sees the pressure: {seen} bytes");
+    let r = g.vmplug_json(&["attach-memory", &name, "512M", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["guest"]["blocks"].as_array().expect("blocks").len(), 4);
+    let after = avail_kib(&mut g);
+    eprintln!(
+        "memory nearly full: tried 1, survived 1, lost 0; MemAvailable {} -> {} MiB",
+        before / 1024,
+        after / 1024
+    );
+    assert!(after > before + 400 * 1024, "the new memory is usable: {before} -> {after} KiB");
+    assert_eq!(g.sh("cat /run/agent.pid"), agent_pid, "the agent was neither killed nor restarted");
+    assert!(!g.sh("cat /tmp/agent.log").contains("agent exited"));
+    g.sh("rm -f /fill/f; umount /fill");
+}
