@@ -11,7 +11,7 @@ E2E_THREADS ?= 2
 PKG_DIR := target/packages
 TOOLS := $(or $(VMPLUG_CACHE),/var/tmp/vmplug-cache)/bin
 
-.PHONY: all setup build guest-agent lint unit e2e test demo bench package package-test clean
+.PHONY: all setup build guest-agent lint unit e2e test demo bench fuzz package package-test clean
 
 all: build
 
@@ -29,6 +29,9 @@ build: guest-agent
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	# The fuzz targets are their own workspace; keep them compiling on stable.
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) clippy --locked --manifest-path fuzz/Cargo.toml -- -D warnings
 
 unit:
 	$(CARGO) test --locked --workspace --exclude vmplug-e2e
@@ -61,3 +64,7 @@ clean:
 bench: setup build
 	$(CARGO) build --release --locked -p vmplug -p vmplug-e2e --bins
 	VMPLUG_BIN=target/release/vmplug target/release/vmplug-bench
+
+# A bounded coverage-guided fuzz campaign (cargo-fuzz); FUZZ_SECONDS per target.
+fuzz:
+	scripts/fuzz.sh

@@ -389,3 +389,68 @@ pub fn decode_request(frame: &[u8]) -> Result<DecodedRequest, (Option<u64>, Erro
         serde_json::from_value(env.body).map_err(|e| err(ErrorCode::Malformed, format!("bad '{ty}' request: {e}")))?;
     Ok(DecodedRequest { id, request })
 }
+
+/// The fuzz targets' properties (fuzz/fuzz_targets), as proptests in the regular suite.
+#[cfg(test)]
+mod fuzz_properties {
+    use super::*;
+    use crate::frame::{encode, Decoded, FrameDecoder};
+    use proptest::prelude::*;
+
+    const GOLDEN: [&str; 6] = [
+        include_str!("../tests/golden/hello.json"),
+        include_str!("../tests/golden/online.json"),
+        include_str!("../tests/golden/guest_info.json"),
+        include_str!("../tests/golden/report.json"),
+        include_str!("../tests/golden/event.json"),
+        include_str!("../tests/golden/error.json"),
+    ];
+
+    /// A golden frame with a few bytes overwritten: mostly near-valid JSON, which
+    /// reaches the validators rather than stopping at the parser.
+    fn mutated() -> impl Strategy<Value = Vec<u8>> {
+        (0..GOLDEN.len(), proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4)).prop_map(
+            |(i, edits)| {
+                let mut f: Vec<u8> = GOLDEN[i].trim().bytes().filter(|&b| b != b'\n').collect();
+                for (at, b) in edits {
+                    let at = at.index(f.len());
+                    f[at] = b;
+                }
+                f
+            },
+        )
+    }
+
+    proptest! {
+        /// `guest_request`: bounded decoding independent of chunking, and every frame
+        /// either a request or a specific error.
+        #[test]
+        fn guest_side_decoding(frames in proptest::collection::vec(mutated(), 1..4), cut in 0usize..2048) {
+            let stream: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied().chain([b'\n'])).collect();
+            let cut = cut.min(stream.len());
+            let (mut whole, mut parts) = (FrameDecoder::new(4096), FrameDecoder::new(4096));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            whole.feed(&stream, &mut a);
+            parts.feed(&stream[..cut], &mut b);
+            parts.feed(&stream[cut..], &mut b);
+            prop_assert_eq!(&a, &b);
+            for item in a {
+                if let Decoded::Frame(f) = item {
+                    if let Err((_, body)) = decode_request(&f) {
+                        prop_assert!(!body.message.is_empty());
+                    }
+                }
+            }
+        }
+
+        /// `host_response`: an answer the host accepts re-encodes to the same answer.
+        #[test]
+        fn host_side_accepted_answers_round_trip(frame in mutated()) {
+            if let Ok(env) = serde_json::from_slice::<Envelope<Response>>(&frame) {
+                let again = encode(&env).expect("re-encodes");
+                let back: Envelope<Response> = serde_json::from_slice(&again).expect("decodes");
+                prop_assert_eq!(back, env);
+            }
+        }
+    }
+}
