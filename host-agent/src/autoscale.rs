@@ -412,6 +412,15 @@ fn now_s() -> u64 {
 pub struct Host {
     pub uri: String,
     pub conn: Arc<dyn Connection>,
+    /// Hot-plugs allowed at once on this host (`[host] concurrency`). Only actions
+    /// take a permit; sampling never waits for another domain.
+    pub actions: Arc<tokio::sync::Semaphore>,
+}
+
+impl Host {
+    pub fn new(uri: String, conn: Arc<dyn Connection>, concurrency: usize) -> Host {
+        Host { uri, conn, actions: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))) }
+    }
 }
 
 /// The policy, its parsed limits, the metrics, and whether to act.
@@ -481,6 +490,7 @@ pub async fn step_domain(
     ev.reason = d.reason;
     ev.action = d.action.clone();
     if d.action != Action::None && !engine.dry_run {
+        let _permit = host.actions.acquire().await;
         state.in_flight = true;
         let opts = HotplugOpts {
             affect: if engine.policy.persist { Affect::Both } else { Affect::Live },
@@ -559,23 +569,30 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
         serve_metrics(&addr, e).await.map_err(|err| PolicyError::Invalid(format!("metrics_listen {addr}: {err}")))?;
     }
     let states: Arc<tokio::sync::Mutex<std::collections::HashMap<(String, String), DomainState>>> = Arc::default();
+    // Domains whose step is still running (a slow action, a stalling guest) are
+    // skipped by later rounds instead of holding them up: one guest never delays
+    // the sampling of another. `--once` waits for each round to finish.
+    let busy: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>> = Arc::default();
     let rounds = if once { engine.limits.sustain } else { usize::MAX };
+    let mut tasks = tokio::task::JoinSet::new();
     for round in 0..rounds {
-        let mut tasks = tokio::task::JoinSet::new();
         for host in &hosts {
             let (selected, room) = select_running(&engine.policy, host).await;
             let room = Arc::new(room);
-            let sem = Arc::new(tokio::sync::Semaphore::new(engine.policy.host.concurrency.max(1)));
             for facts in selected {
-                let (host, engine, states, sem, room) =
-                    (host.clone(), engine.clone(), states.clone(), sem.clone(), room.clone());
+                let key = (host.uri.clone(), facts.name.clone());
+                if !busy.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+                    tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
+                    continue;
+                }
+                let (host, engine, states, busy, room) =
+                    (host.clone(), engine.clone(), states.clone(), busy.clone(), room.clone());
                 tasks.spawn(async move {
-                    let _permit = sem.acquire().await;
                     let name = facts.name.clone();
-                    let key = (host.uri.clone(), name.clone());
                     let mut st = states.lock().await.remove(&key).unwrap_or_default();
                     let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
-                    states.lock().await.insert(key, st);
+                    states.lock().await.insert(key.clone(), st);
+                    busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                     match res {
                         Ok(ev) => println!("{}", serde_json::to_string(&ev).unwrap_or_default()),
                         Err(e) => eprintln!("autoscale: {name}: {e}"),
@@ -583,11 +600,16 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
                 });
             }
         }
-        while tasks.join_next().await.is_some() {}
+        if once {
+            while tasks.join_next().await.is_some() {}
+        } else {
+            while tasks.try_join_next().is_some() {}
+        }
         if round + 1 < rounds {
             tokio::time::sleep(Duration::from_secs(engine.policy.timing.interval_s.max(1))).await;
         }
     }
+    while tasks.join_next().await.is_some() {}
     Ok(())
 }
 

@@ -356,13 +356,13 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
             let p = Policy::parse(&policy.display().to_string(), &text)?;
             let mut hosts = Vec::new();
             if p.uris.is_empty() {
-                hosts.push(Host { uri: conn.uri(), conn });
+                hosts.push(Host::new(conn.uri(), conn, p.host.concurrency));
             } else {
                 for uri in &p.uris {
                     let u = uri.clone();
                     let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(Some(&u)))
                         .await??;
-                    hosts.push(Host { uri: uri.clone(), conn: Arc::new(c) });
+                    hosts.push(Host::new(uri.clone(), Arc::new(c), p.host.concurrency));
                 }
             }
             crate::autoscale::run(hosts, p, *dry_run, *once).await?;
