@@ -179,6 +179,33 @@ pub async fn agent_if_running(
     }
 }
 
+/// What the host side did, with nothing from the guest: the shape shared by the
+/// reports that end before (or without) the guest's part.
+struct HostOnly<'a> {
+    op: &'a str,
+    name: &'a str,
+    affect: Affect,
+    findings: Vec<Finding>,
+    applied: Vec<String>,
+    persistent: bool,
+}
+
+impl HostOnly<'_> {
+    fn report(self, outcome: Outcome, message: String, run: &Run) -> OpReport {
+        OpReport {
+            operation: self.op.into(),
+            domain: self.name.into(),
+            affect: self.affect,
+            outcome,
+            message,
+            findings: self.findings,
+            host: HostSide { applied: self.applied, verified: None, persistent: self.persistent },
+            guest: None,
+            timings: run.timings(),
+        }
+    }
+}
+
 /// libvirt refused a step: nothing applied (LibvirtError) or some steps did (Partial).
 pub(crate) fn libvirt_failed(
     op: &str,
@@ -189,17 +216,21 @@ pub(crate) fn libvirt_failed(
     e: &DomainError,
     run: &Run,
 ) -> OpReport {
-    OpReport {
-        operation: op.into(),
-        domain: name.into(),
-        affect,
-        outcome: if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial },
-        message: e.to_string(),
-        findings,
-        host: HostSide { applied, verified: None, persistent: affect.config() },
-        guest: None,
-        timings: run.timings(),
-    }
+    let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
+    HostOnly { op, name, affect, findings, applied, persistent: affect.config() }.report(outcome, e.to_string(), run)
+}
+
+/// A change made to the persistent definition only: nothing for the guest to confirm.
+pub(crate) fn persistent_only(
+    op: &str,
+    name: &str,
+    affect: Affect,
+    message: String,
+    findings: Vec<Finding>,
+    applied: Vec<String>,
+    run: &Run,
+) -> OpReport {
+    HostOnly { op, name, affect, findings, applied, persistent: true }.report(Outcome::Ok, message, run)
 }
 
 pub(crate) fn refused(
@@ -222,17 +253,7 @@ pub(crate) fn refused(
             ),
         ),
     };
-    OpReport {
-        operation: op.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings,
-        host: HostSide { applied: vec![], verified: None, persistent: false },
-        guest: None,
-        timings: run.timings(),
-    }
+    HostOnly { op, name, affect, findings, applied: vec![], persistent: false }.report(outcome, message, run)
 }
 
 /// `vmplug setvcpus`: preflight, socket-sized steps, libvirt, guest online, verify.
@@ -529,17 +550,8 @@ pub async fn attach_memory(
         return Ok(r);
     }
     if !affect.live() {
-        return Ok(OpReport {
-            operation: "attach-memory".into(),
-            domain: name.into(),
-            affect,
-            outcome: Outcome::Ok,
-            message: format!("{size} added to the persistent definition (effective at the next start)"),
-            findings,
-            host: HostSide { applied, verified: None, persistent: true },
-            guest: None,
-            timings: run.timings(),
-        });
+        let message = format!("{size} added to the persistent definition (effective at the next start)");
+        return Ok(persistent_only("attach-memory", name, affect, message, findings, applied, &run));
     }
 
     // The new DIMMs, with the addresses QEMU gave them.

@@ -13,7 +13,9 @@ use vmplug_common::Bytes;
 
 use crate::domain::{Connection, DomainError, XmlView};
 use crate::link::GuestLink;
-use crate::ops::{affect_text, agent_if_running, blocking, libvirt_failed, load, ms, refused, HotplugOpts, Run};
+use crate::ops::{
+    affect_text, agent_if_running, blocking, libvirt_failed, load, ms, persistent_only, refused, HotplugOpts, Run,
+};
 use crate::preflight::{has_errors, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome};
 use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
@@ -220,17 +222,8 @@ pub async fn detach_memory(
     }
     run.libvirt_ms = ms(t);
     if !affect.live() {
-        return Ok(OpReport {
-            operation: OP.into(),
-            domain: name.into(),
-            affect,
-            outcome: Outcome::Ok,
-            message: format!("{size} removed from the persistent definition (effective at the next start)"),
-            findings,
-            host: HostSide { applied, verified: None, persistent: true },
-            guest: None,
-            timings: run.timings(),
-        });
+        let message = format!("{size} removed from the persistent definition (effective at the next start)");
+        return Ok(persistent_only(OP, name, affect, message, findings, applied, &run));
     }
 
     // 3. QEMU removes the DIMMs once the guest has ejected them: watch the live XML.

@@ -372,6 +372,19 @@ impl Guest {
         out
     }
 
+    /// Starts the real `vmplug` in the background (stdout and stderr piped), for
+    /// tests that inject a fault while it runs.
+    pub fn vmplug_spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(&Env::get().vmplug)
+            .arg("-c")
+            .arg(&self.daemon.uri)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vmplug")
+    }
+
     /// `vmplug … --json` parsed; panics unless it exits 0.
     pub fn vmplug_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();

@@ -2,23 +2,16 @@
 //! supervisor restarts it; the host's wait reconnects and ends with every block
 //! online, never with an offline block unreported.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmplug_e2e::{Env, Guest, GuestSpec};
+use vmplug_e2e::{Guest, GuestSpec};
 
 #[test]
 fn agent_killed_while_onlining_converges() {
     let mut g = Guest::boot("fault", GuestSpec::default());
     let name = g.name.clone();
-    let env = Env::get();
     // The host side runs in the background while the test kills the agent.
-    let child = Command::new(&env.vmplug)
-        .args(["-c", &g.daemon.uri, "attach-memory", &name, "1G", "--live", "--timeout", "90", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("vmplug");
+    let child = g.vmplug_spawn(&["attach-memory", &name, "1G", "--live", "--timeout", "90", "--json"]);
     // Kill the agent as soon as the first block of the DIMM exists in the guest.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -45,16 +38,8 @@ fn agent_killed_while_onlining_converges() {
 fn vmplug_killed_mid_attach_then_repeated_attaches_only_what_is_missing() {
     let mut g = Guest::boot("vmplugkill", GuestSpec::default());
     let name = g.name.clone();
-    let env = Env::get();
     let args = ["attach-memory", &name, "2G", "--max-dimm", "512M", "--live", "--request-id", "crash1", "--json"];
-    let mut child = Command::new(&env.vmplug)
-        .arg("-c")
-        .arg(&g.daemon.uri)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("vmplug");
+    let mut child = g.vmplug_spawn(&args);
     // Kill it as soon as the first DIMM of the request is in the live XML.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !g.daemon.virsh_ok(&["dumpxml", &name]).contains("ua-vmplug-crash1-") {
@@ -84,21 +69,13 @@ fn vmplug_killed_mid_attach_then_repeated_attaches_only_what_is_missing() {
 fn libvirtd_restarted_mid_attach_converges() {
     let mut g = Guest::boot("lvrestart", GuestSpec::default());
     let name = g.name.clone();
-    let env = Env::get();
     let (mut tried, mut survived) = (0, 0);
     let first_block = |i: usize| 32 + 16 * i as u64;
     for (i, phase) in ["libvirt", "guest"].into_iter().enumerate() {
         tried += 1;
         let id = format!("lvr{i}");
         let args = ["attach-memory", &name, "2G", "--max-dimm", "512M", "--live", "--request-id", &id, "--json"];
-        let child = Command::new(&env.vmplug)
-            .arg("-c")
-            .arg(&g.daemon.uri)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("vmplug");
+        let child = g.vmplug_spawn(&args);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let hit = match phase {
@@ -156,7 +133,6 @@ fn libvirtd_restarted_mid_attach_converges() {
 fn guest_reset_mid_operation_converges() {
     let mut g = Guest::boot("reset", GuestSpec::default());
     let name = g.name.clone();
-    let env = Env::get();
     let (mut tried, mut survived) = (0, 0);
     let cases: [(&[&str], &str); 2] = [
         (&["attach-memory", &name, "1G", "--live", "--request-id", "rst", "--timeout", "120"], "memory/memory32"),
@@ -164,15 +140,7 @@ fn guest_reset_mid_operation_converges() {
     ];
     for (args, device) in cases {
         tried += 1;
-        let child = Command::new(&env.vmplug)
-            .arg("-c")
-            .arg(&g.daemon.uri)
-            .args(args)
-            .arg("--json")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("vmplug");
+        let child = g.vmplug_spawn(&[args, &["--json"]].concat());
         let deadline = Instant::now() + Duration::from_secs(60);
         while !g.sh(&format!("ls -d /sys/devices/system/{device} 2>/dev/null")).contains(device) {
             assert!(Instant::now() < deadline, "{device} never appeared in the guest");
