@@ -122,12 +122,15 @@ impl Sysfs {
         let mut out = Vec::new();
         for id in numbered_entries(&self.cpu_dir(), "cpu")? {
             let Ok(id) = u32::try_from(id) else { continue };
-            out.push(self.cpu(id)?.unwrap_or(Cpu { id, online: false, hotpluggable: false }));
+            // A CPU that vanished or is still being created is not there yet.
+            if let Some(cpu) = self.cpu(id)? {
+                out.push(cpu);
+            }
         }
         Ok(out)
     }
 
-    /// One CPU, `None` if its directory does not exist.
+    /// One CPU, `None` if its directory does not exist or is not complete yet.
     pub fn cpu(&self, id: u32) -> Result<Option<Cpu>, SysfsError> {
         let dir = self.cpu_dir().join(format!("cpu{id}"));
         if !dir.is_dir() {
@@ -140,7 +143,13 @@ impl Sysfs {
                 "0" => Ok(Some(Cpu { id, online: false, hotpluggable: true })),
                 _ => Err(parse_err(&online_path, &s)),
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(Cpu { id, online: true, hotpluggable: false })),
+            // No `online` file: a CPU that cannot be offlined (cpu0) is in the online
+            // list; any other is a directory the kernel has not finished creating
+            // (attributes follow the directory) or is removing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let online = read_cpuset(&self.cpu_dir().join("online"))?;
+                Ok(online.contains(id).then_some(Cpu { id, online: true, hotpluggable: false }))
+            }
             Err(source) => Err(SysfsError::Read { path: online_path, source }),
         }
     }
@@ -159,7 +168,9 @@ impl Sysfs {
         fs::read_to_string(self.memory_dir().join("auto_online_blocks")).ok().map(|s| s.trim().to_string())
     }
 
-    /// One memory block, `None` if absent.
+    /// One memory block, `None` if absent. A directory without its `state` file is
+    /// a block the kernel is still creating (attributes follow the directory) or
+    /// is removing: absent too, for now.
     pub fn block(&self, index: u64) -> Result<Option<Block>, SysfsError> {
         let dir = self.memory_dir().join(format!("memory{index}"));
         if !dir.is_dir() {
@@ -168,7 +179,12 @@ impl Sysfs {
         let node = fs::read_dir(&dir).ok().and_then(|rd| {
             rd.filter_map(|e| e.ok()).find_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
         });
-        let state = read_string(&dir.join("state"))?.trim().to_string();
+        let state_path = dir.join("state");
+        let state = match fs::read_to_string(&state_path) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SysfsError::Read { path: state_path, source }),
+        };
         let online = state == "online";
         let ready = online || node.is_some() || !self.has_numa();
         let zones = if ready {
@@ -320,4 +336,37 @@ pub fn parse_psi(s: &str) -> (Option<Psi>, Option<Psi>) {
 /// Hugepage size from meminfo's `Hugepagesize`.
 pub fn hugepage_size(meminfo: &BTreeMap<String, u64>) -> Option<Bytes> {
     meminfo.get("Hugepagesize").copied().map(Bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(path: &Path, content: &str) {
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, content).expect("write");
+    }
+
+    /// The kernel creates a device's directory before its attribute files, and
+    /// removes them in the other order: a half-made entry is "not there yet".
+    #[test]
+    fn half_created_blocks_and_cpus_are_absent_not_errors() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let sys = Sysfs::new(d.path().join("sys"), d.path().join("proc"));
+        let mem = d.path().join("sys/devices/system/memory");
+        put(&mem.join("block_size_bytes"), "8000000\n");
+        put(&mem.join("memory0/state"), "online\n");
+        fs::create_dir_all(mem.join("memory32")).expect("mkdir");
+        assert_eq!(sys.block(32).expect("no error"), None);
+        assert_eq!(sys.blocks().expect("no error").len(), 1);
+        let cpu = d.path().join("sys/devices/system/cpu");
+        for f in ["possible", "present"] {
+            put(&cpu.join(f), "0-3\n");
+        }
+        put(&cpu.join("online"), "0\n");
+        fs::create_dir_all(cpu.join("cpu0")).expect("mkdir");
+        fs::create_dir_all(cpu.join("cpu3")).expect("mkdir");
+        let cpus = sys.cpus().expect("no error");
+        assert_eq!(cpus, vec![Cpu { id: 0, online: true, hotpluggable: false }], "cpu3 has no online file yet");
+    }
 }

@@ -36,6 +36,8 @@ impl FakeKernel {
         let k = FakeKernel { root: root.to_path_buf(), faults: Arc::default(), writes: Arc::default() };
         let cpu = k.sys().join("devices/system/cpu");
         put(&cpu.join("possible"), &format!("0-{}\n", possible - 1));
+        // cpu0 has no `online` file: the kernel's online list is what says it is up.
+        put(&cpu.join("online"), "0\n");
         fs::create_dir_all(cpu.join("cpu0")).expect("cpu0");
         k.sync_cpu_lists();
         let mem = k.sys().join("devices/system/memory");

@@ -139,8 +139,10 @@ fn soak_dimm_plug_unplug_cycles() {
 }
 
 /// Memory added exactly when the guest has run out of it: a RAM-backed file
-/// leaves about 16 MiB available; the agent still answers (status), and onlines a
-/// 512 MiB DIMM that vmplug attaches, without being killed or restarted.
+/// leaves about 24 MiB available. The agent still answers (status); a 1 GiB DIMM,
+/// whose memory map alone needs more than that, is refused before libvirt is
+/// asked; a 512 MiB DIMM is attached and onlined, and the agent is neither killed
+/// nor restarted.
 #[test]
 fn the_agent_answers_and_onlines_when_guest_memory_is_nearly_full() {
     let mut g = Guest::boot("memfull", GuestSpec::default());
@@ -151,7 +153,7 @@ fn the_agent_answers_and_onlines_when_guest_memory_is_nearly_full() {
     };
     let agent_pid = g.sh("cat /run/agent.pid");
     // Unevictable (ramfs) pages: the kernel cannot reclaim them.
-    let fill_mib = avail_kib(&mut g) / 1024 - 16;
+    let fill_mib = avail_kib(&mut g) / 1024 - 24;
     g.sh(&format!(
         "mkdir -p /fill && mount -t ramfs ramfs /fill && dd if=/dev/zero of=/fill/f bs=1M count={fill_mib} 2>&1 | tail -1"
     ));
@@ -161,6 +163,12 @@ fn the_agent_answers_and_onlines_when_guest_memory_is_nearly_full() {
     let st = g.vmplug_json(&["status", &name]);
     let seen = st["guest"]["mem_available"].as_u64().expect("the agent reports MemAvailable");
     assert!(seen < 32 << 20, "the agent sees the pressure: {seen} bytes");
+    // 1 GiB needs 32 MiB for its memory map: refused, nothing attached.
+    let big = g.vmplug(&["attach-memory", &name, "1G", "--live", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&big.stdout).expect("JSON report");
+    assert_eq!(big.status.code(), Some(2), "{r}");
+    assert!(r["findings"].as_array().expect("findings").iter().any(|f| f["id"] == "mem.guest-free"), "{r}");
+    assert!(!g.daemon.virsh_ok(&["dumpxml", &name]).contains("<memory model='dimm'"), "nothing was attached");
     let r = g.vmplug_json(&["attach-memory", &name, "512M", "--live"]);
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(r["guest"]["blocks"].as_array().expect("blocks").len(), 4);
