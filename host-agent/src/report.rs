@@ -108,6 +108,12 @@ impl OpReport {
             ));
         }
         if let Some(g) = &self.guest {
+            // An offline report (unplug, shrink): a CPU it took down is not online after it.
+            let offline = self.operation == "detach-memory"
+                || g.cpus
+                    .iter()
+                    .any(|c| c.outcome == vmplug_common::protocol::Outcome::Done && !g.cpus_online.contains(c.cpu));
+            let outcome_text = |o| outcome_text(o, offline);
             for c in &g.cpus {
                 s.push_str(&format!("  guest: cpu{} {}\n", c.cpu, outcome_text(&c.outcome)));
             }
@@ -144,12 +150,14 @@ impl OpReport {
     }
 }
 
-pub fn outcome_text(o: &vmplug_common::protocol::Outcome) -> String {
+pub fn outcome_text(o: &vmplug_common::protocol::Outcome, offline: bool) -> String {
     use vmplug_common::protocol::Outcome::*;
-    match o {
-        Done => "onlined".into(),
-        Already => "already online".into(),
-        NotFound => "not found".into(),
-        Failed { errno, message } => format!("FAILED (errno {errno}: {message})"),
+    match (o, offline) {
+        (Done, false) => "onlined".into(),
+        (Already, false) => "already online".into(),
+        (Done, true) => "offlined".into(),
+        (Already, true) => "already offline".into(),
+        (NotFound, _) => "not found".into(),
+        (Failed { errno, message }, _) => format!("FAILED (errno {errno}: {message})"),
     }
 }

@@ -247,6 +247,8 @@ async fn detach_memory_offlines_first_then_detaches_and_the_guest_confirms() {
     assert_eq!(live.matches("ua-vmplug-u1-").count(), 0, "gone from the live XML");
     assert!((first..first + 4).all(|b| state(&w, b).is_none()), "the blocks are gone from the guest");
     assert!(r.message.contains("4 block(s) gone"), "{}", r.message);
+    let text = r.render_text();
+    assert!(text.contains(" offlined") && !text.contains(" onlined"), "{text}");
     // Offlined before the detach: every state write of the request was "offline".
     let offline_writes = w.kernel.writes().iter().filter(|(_, v)| v == "offline").count();
     assert_eq!(offline_writes, 4);

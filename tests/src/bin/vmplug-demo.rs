@@ -43,10 +43,17 @@ fn main() {
         ("CPU hot-plug 1 → 2, live and persistent", vec!["setvcpus", &name, "2", "--live", "--config"]),
         ("CPU hot-plug 2 → 4", vec!["setvcpus", &name, "4", "--live", "--config"]),
         ("Memory hot-plug: 1 GiB on guest node 1", vec!["attach-memory", &name, "1G", "--node", "1", "--live"]),
-        ("Memory hot-plug: 512 MiB, balanced over the cells", vec!["attach-memory", &name, "512M", "--live"]),
+        (
+            "Memory hot-plug: 512 MiB, balanced over the cells",
+            vec!["attach-memory", &name, "512M", "--live", "--request-id", "demo512"],
+        ),
         (
             "A size the guest cannot use: refused before anything is plugged",
             vec!["attach-memory", &name, "100M", "--live"],
+        ),
+        (
+            "Memory unplug: the 512 MiB again, offlined in the guest before libvirt detaches it",
+            vec!["detach-memory", &name, "--request-id", "demo512", "--live"],
         ),
     ] {
         let out = step(&g, title, &args);
