@@ -6,6 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// What the initramfs prints when the console shell exits and another starts.
+const SHELL_RESTARTED: &str = "vmplug-e2e: console shell exited";
+
 #[derive(Debug)]
 pub struct Console {
     stream: UnixStream,
@@ -41,8 +44,23 @@ impl Console {
         }
     }
 
-    /// Runs `cmd` in the guest shell; `Err` on timeout, with what was read.
+    /// Runs `cmd` in the guest shell; `Err` on timeout, with what was read. If the
+    /// console shell dies before it starts the command (the initramfs starts a new
+    /// one and says so), the new shell is set up and gets the command once more:
+    /// the command never ran, so sending it again cannot run it twice.
     pub fn exec(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String), String> {
+        match self.exec_once(cmd, timeout)? {
+            Some(done) => Ok(done),
+            None => {
+                self.transcript.push_str("\n[e2e: the console shell restarted before the command; sending it again]\n");
+                self.exec_once("stty -echo; dmesg -n 1", timeout)?.ok_or("console shell restarted twice")?;
+                self.exec_once(cmd, timeout)?.ok_or_else(|| "console shell restarted twice".into())
+            }
+        }
+    }
+
+    /// `None`: the shell restarted before it began `cmd`.
+    fn exec_once(&mut self, cmd: &str, timeout: Duration) -> Result<Option<(i32, String)>, String> {
         self.seq += 1;
         let n = self.seq;
         // The markers are assembled by the shell, so the typed text never matches.
@@ -58,8 +76,13 @@ impl Console {
                 if let Some(close) = buf[e + end_tag.len()..].find("@@") {
                     let status: i32 = buf[e + end_tag.len()..e + end_tag.len() + close].trim().parse().unwrap_or(-1);
                     let out = buf[b + begin.len()..e].replace('\r', "").trim().to_string();
-                    return Ok((status, out));
+                    return Ok(Some((status, out)));
                 }
+            }
+            if !buf.contains(&begin) && buf.contains(SHELL_RESTARTED) {
+                // Let the new shell come up and read what is left of our line.
+                std::thread::sleep(Duration::from_millis(500));
+                return Ok(None);
             }
             if Instant::now() > deadline {
                 return Err(format!("no answer to `{cmd}` within {timeout:?}; read: {buf}"));
