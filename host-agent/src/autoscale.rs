@@ -242,6 +242,7 @@ pub struct DomainState {
     pub last_action_s: Option<u64>,
     pub backoff_until_s: u64,
     pub failures: u32,
+    /// A step on this domain is running (the daemon skips it; `decide` holds).
     pub in_flight: bool,
 }
 
@@ -491,7 +492,6 @@ pub async fn step_domain(
     ev.action = d.action.clone();
     if d.action != Action::None && !engine.dry_run {
         let _permit = host.actions.acquire().await;
-        state.in_flight = true;
         let opts = HotplugOpts {
             affect: if engine.policy.persist { Affect::Both } else { Affect::Live },
             timeout: Duration::from_secs(60),
@@ -515,7 +515,6 @@ pub async fn step_domain(
             }
             Action::None => unreachable!("checked above"),
         };
-        state.in_flight = false;
         let (outcome, message) = match r {
             Ok(r) => (r.outcome, r.message),
             Err(e) => (Outcome::LibvirtError, e.to_string()),
@@ -568,11 +567,10 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
         let e = engine.clone();
         serve_metrics(&addr, e).await.map_err(|err| PolicyError::Invalid(format!("metrics_listen {addr}: {err}")))?;
     }
-    let states: Arc<tokio::sync::Mutex<std::collections::HashMap<(String, String), DomainState>>> = Arc::default();
-    // Domains whose step is still running (a slow action, a stalling guest) are
-    // skipped by later rounds instead of holding them up: one guest never delays
-    // the sampling of another. `--once` waits for each round to finish.
-    let busy: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>> = Arc::default();
+    // A domain whose step is still running (a slow action, a stalling guest) is
+    // marked in flight and skipped by later rounds instead of holding them up: one
+    // guest never delays the sampling of another. `--once` waits for each round.
+    let states: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), DomainState>>> = Arc::default();
     let rounds = if once { engine.limits.sustain } else { usize::MAX };
     let mut tasks = tokio::task::JoinSet::new();
     for round in 0..rounds {
@@ -581,18 +579,21 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
             let room = Arc::new(room);
             for facts in selected {
                 let key = (host.uri.clone(), facts.name.clone());
-                if !busy.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
-                    tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
-                    continue;
-                }
-                let (host, engine, states, busy, room) =
-                    (host.clone(), engine.clone(), states.clone(), busy.clone(), room.clone());
+                let mut st = {
+                    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
+                    let st = map.entry(key.clone()).or_default();
+                    if st.in_flight {
+                        tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
+                        continue;
+                    }
+                    st.in_flight = true;
+                    DomainState { in_flight: false, ..st.clone() }
+                };
+                let (host, engine, states, room) = (host.clone(), engine.clone(), states.clone(), room.clone());
                 tasks.spawn(async move {
                     let name = facts.name.clone();
-                    let mut st = states.lock().await.remove(&key).unwrap_or_default();
                     let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
-                    states.lock().await.insert(key.clone(), st);
-                    busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    states.lock().unwrap_or_else(|e| e.into_inner()).insert(key, st);
                     match res {
                         Ok(ev) => println!("{}", serde_json::to_string(&ev).unwrap_or_default()),
                         Err(e) => eprintln!("autoscale: {name}: {e}"),

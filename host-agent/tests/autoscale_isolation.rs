@@ -87,5 +87,6 @@ async fn a_guest_stalling_its_hot_plug_does_not_delay_sampling_of_another() {
     assert_eq!(ops(&slow_log, "online"), 1, "the slow guest provoked one hot-plug and stalls it");
     assert_eq!(ops(&slow_log, "pressure"), 1, "and its domain is skipped while the action runs");
     let calm = ops(&calm_log, "pressure");
+    eprintln!("while the slow guest stalls its hot-plug, the calm domain was sampled {calm} times in 5 s");
     assert!(calm >= 3, "the calm domain is sampled every interval meanwhile: {calm} samples in 5 s");
 }
