@@ -76,6 +76,13 @@ fn insert_device(xml: &str, dev: &str) -> String {
     }
 }
 
+/// The DIMM a device XML describes, read as libvirt's XML reader reads it.
+fn memory_device(xml: &str) -> Result<crate::xml::Dimm, DomainError> {
+    let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
+        .map_err(|e| DomainError::Other(e.to_string()))?;
+    facts.dimms.into_iter().next().ok_or_else(|| DomainError::Other("not a memory device".into()))
+}
+
 /// `xml` without the `<memory>` device whose alias is `alias` (None: no such device).
 fn remove_device(xml: &str, alias: &str) -> Option<String> {
     let at = xml.find(&format!("<alias name='{alias}'/>"))?;
@@ -180,9 +187,7 @@ impl Domain for FakeDomain {
     }
     fn attach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
         self.enter("attach-device", format!("{affect:?}"))?;
-        let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
-            .map_err(|e| DomainError::Other(e.to_string()))?;
-        let d = facts.dimms.first().ok_or_else(|| DomainError::Other("not a memory device".into()))?;
+        let d = memory_device(xml)?;
         let (size, node, user_alias) = (d.size.get(), d.node.unwrap_or(0), d.alias.clone());
         let base = {
             let mut st = self.st();
@@ -209,9 +214,7 @@ impl Domain for FakeDomain {
     }
     fn detach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
         self.enter("detach-device", format!("{affect:?}"))?;
-        let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
-            .map_err(|e| DomainError::Other(e.to_string()))?;
-        let d = facts.dimms.first().ok_or_else(|| DomainError::Other("not a memory device".into()))?;
+        let d = memory_device(xml)?;
         let alias = d.alias.clone().ok_or_else(|| DomainError::Other("the fake matches DIMMs by alias".into()))?;
         let removed = {
             let mut st = self.st();

@@ -12,7 +12,7 @@ use crate::link::{discover, AgentAddr, GuestLink, LinkError};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError};
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
-use crate::xml::{DomainFacts, HostFacts, NamedDimm};
+use crate::xml::{request_alias, request_index, DomainFacts, HostFacts, NamedDimm};
 
 /// Runs a blocking libvirt call on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
@@ -482,15 +482,10 @@ pub async fn attach_memory(
     if !valid_request_id(&mem.request_id) {
         return Err(DomainError::Usage(format!("request id '{}' must be 1 to 40 of A-Z a-z 0-9 _ -", mem.request_id)));
     }
-    let prefix = format!("ua-vmplug-{}-", mem.request_id);
     let mine: Vec<&crate::xml::Dimm> =
-        l.facts.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| a.starts_with(&prefix))).collect();
+        l.facts.dimms.iter().filter(|d| request_index(d, &mem.request_id).is_some()).collect();
     let already = Bytes(mine.iter().map(|d| d.size.get()).sum());
-    let next_index = mine
-        .iter()
-        .filter_map(|d| d.alias.as_ref()?.strip_prefix(&prefix)?.parse::<u32>().ok())
-        .max()
-        .map_or(0, |m| m + 1);
+    let next_index = mine.iter().filter_map(|d| request_index(d, &mem.request_id)).max().map_or(0, |m| m + 1);
     let remaining = Bytes(size.get().saturating_sub(already.get()));
     let plan = if remaining.get() == 0 {
         Ok(Vec::new())
@@ -525,7 +520,7 @@ pub async fn attach_memory(
     let t = Instant::now();
     let mut libvirt_err = None;
     for (i, d) in plan.iter().enumerate() {
-        let named = NamedDimm { spec: *d, alias: format!("{prefix}{}", next_index + i as u32) };
+        let named = NamedDimm { spec: *d, alias: request_alias(&mem.request_id, next_index + i as u32) };
         let (dom, xml) = (l.dom.clone(), named.to_xml());
         tracing::debug!(%xml, "attaching");
         match blocking(move || dom.attach_device(&xml, affect)).await {
@@ -572,8 +567,7 @@ pub async fn attach_memory(
             return Ok(r);
         }
     };
-    let new: Vec<_> =
-        after.dimms.iter().filter(|d| d.alias.as_ref().is_some_and(|a| a.starts_with(&prefix))).cloned().collect();
+    let new: Vec<_> = after.dimms.iter().filter(|d| request_index(d, &mem.request_id).is_some()).cloned().collect();
     let verified = Some(format!(
         "request {}: {} DIMM(s), memory {}, {} slot(s) free; this request: {}",
         mem.request_id,
@@ -585,7 +579,7 @@ pub async fn attach_memory(
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let ranges: Vec<MemRange> = new.iter().filter_map(|d| Some(MemRange { start: d.base?, size: d.size })).collect();
+    let ranges: Vec<MemRange> = new.iter().filter_map(crate::xml::Dimm::range).collect();
     let mut outcome = Outcome::Ok;
     let mut message = format!("{size} attached");
     let mut guest_report = None;

@@ -18,7 +18,7 @@ use crate::ops::{
 };
 use crate::preflight::{has_errors, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome};
-use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
+use crate::xml::{dimm_detach_xml, request_index, Dimm, DomainFacts};
 
 /// How often the live XML is read while QEMU removes a DIMM.
 const REMOVAL_POLL: Duration = Duration::from_millis(100);
@@ -34,14 +34,9 @@ pub enum DimmSelector {
 
 impl DimmSelector {
     pub fn matches(&self, d: &Dimm) -> bool {
-        let Some(alias) = d.alias.as_deref() else { return false };
         match self {
-            DimmSelector::Alias(a) => alias == a,
-            DimmSelector::Request(id) => alias
-                .strip_prefix("ua-vmplug-")
-                .and_then(|rest| rest.strip_prefix(id.as_str()))
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+            DimmSelector::Alias(a) => d.alias.as_deref() == Some(a.as_str()),
+            DimmSelector::Request(id) => request_index(d, id).is_some(),
         }
     }
 
@@ -58,7 +53,7 @@ fn alias(d: &Dimm) -> &str {
 }
 
 fn ranges(dimms: &[&Dimm]) -> Vec<MemRange> {
-    dimms.iter().filter_map(|d| Some(MemRange { start: d.base?, size: d.size })).collect()
+    dimms.iter().filter_map(|d| d.range()).collect()
 }
 
 fn total(dimms: &[&Dimm]) -> Bytes {

@@ -73,6 +73,13 @@ pub struct Dimm {
     pub model: String,
 }
 
+impl Dimm {
+    /// The guest-physical range the DIMM covers (known from the live XML only).
+    pub fn range(&self) -> Option<vmplug_common::protocol::MemRange> {
+        Some(vmplug_common::protocol::MemRange { start: self.base?, size: self.size })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Topology {
     pub sockets: u32,
@@ -414,6 +421,17 @@ fn esc(s: &str) -> String {
 pub struct DimmSpec {
     pub size: Bytes,
     pub node: u32,
+}
+
+/// The user alias of DIMM `n` of `attach-memory` request `id`: `ua-vmplug-ID-N`.
+pub fn request_alias(id: &str, n: u32) -> String {
+    format!("ua-vmplug-{id}-{n}")
+}
+
+/// `n` when `d` is DIMM `n` of request `id` (the inverse of [`request_alias`]).
+pub fn request_index(d: &Dimm, id: &str) -> Option<u32> {
+    let n = d.alias.as_deref()?.strip_prefix("ua-vmplug-")?.strip_prefix(id)?.strip_prefix('-')?;
+    n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse().ok()).flatten()
 }
 
 /// A [`DimmSpec`] with the user alias (`ua-…`) that ties it to one request.
