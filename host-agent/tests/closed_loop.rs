@@ -66,6 +66,17 @@ async fn world(plays_hypervisor: bool) -> World {
     World { _dir: dir, kernel, dom, conn, addr: AgentAddr::Serial { path: sock } }
 }
 
+/// `size` on guest node `node`, in DIMMs of at most `max_dimm`, as request `id`.
+fn mem_opts(size: u64, node: u32, max_dimm: u64, id: &str) -> MemoryOpts {
+    MemoryOpts {
+        size: Bytes(size),
+        node: Some(node),
+        round_up: false,
+        max_dimm: Bytes(max_dimm),
+        request_id: id.into(),
+    }
+}
+
 fn opts(w: &World, timeout: Duration) -> HotplugOpts {
     HotplugOpts {
         affect: Affect::Both,
@@ -92,13 +103,7 @@ async fn setvcpus_is_confirmed_by_the_guest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
     let w = world(true).await;
-    let mem = MemoryOpts {
-        size: Bytes(GIB),
-        node: Some(1),
-        round_up: false,
-        max_dimm: Bytes(4 * GIB),
-        request_id: "t".into(),
-    };
+    let mem = mem_opts(GIB, 1, 4 * GIB, "t");
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let g = r.guest.expect("guest report");
@@ -110,13 +115,7 @@ async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misaligned_memory_is_refused_before_libvirt_is_called() {
     let w = world(true).await;
-    let mem = MemoryOpts {
-        size: Bytes(100 * MIB),
-        node: Some(0),
-        round_up: false,
-        max_dimm: Bytes(4 * GIB),
-        request_id: "t".into(),
-    };
+    let mem = mem_opts(100 * MIB, 0, 4 * GIB, "t");
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Refused);
     assert_eq!(r.outcome.exit_code(), 2);
@@ -131,13 +130,7 @@ async fn misaligned_memory_is_refused_before_libvirt_is_called() {
 async fn a_libvirt_failure_is_reported_as_such() {
     let w = world(true).await;
     w.dom.fail("attach-device", "internal error: unable to execute QEMU command 'device_add'");
-    let mem = MemoryOpts {
-        size: Bytes(GIB),
-        node: Some(0),
-        round_up: false,
-        max_dimm: Bytes(4 * GIB),
-        request_id: "t".into(),
-    };
+    let mem = mem_opts(GIB, 0, 4 * GIB, "t");
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::LibvirtError);
     assert!(r.message.contains("device_add"), "{}", r.message);
@@ -147,13 +140,7 @@ async fn a_libvirt_failure_is_reported_as_such() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dimm_the_guest_never_sees_is_a_guest_timeout_not_a_success() {
     let w = world(false).await;
-    let mem = MemoryOpts {
-        size: Bytes(256 * MIB),
-        node: Some(0),
-        round_up: false,
-        max_dimm: Bytes(4 * GIB),
-        request_id: "t".into(),
-    };
+    let mem = mem_opts(256 * MIB, 0, 4 * GIB, "t");
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(1))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::GuestTimeout, "{}", r.render_text());
     assert_eq!(r.outcome.exit_code(), 4);
@@ -194,13 +181,7 @@ async fn a_repeated_request_attaches_only_what_is_missing() {
     let w = world(true).await;
     // 1 GiB as four 256 MiB DIMMs; libvirt fails on the third: a crash mid-attach.
     w.dom.fail_after("attach-device", 2, "connection lost");
-    let mem = MemoryOpts {
-        size: Bytes(GIB),
-        node: Some(0),
-        round_up: false,
-        max_dimm: Bytes(256 * MIB),
-        request_id: "retry-1".into(),
-    };
+    let mem = mem_opts(GIB, 0, 256 * MIB, "retry-1");
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
     // The same command again: reconciled from the live XML, two more DIMMs, not four.
@@ -217,13 +198,7 @@ async fn a_repeated_request_attaches_only_what_is_missing() {
 }
 
 async fn attached(w: &World, id: &str, size: u64) {
-    let mem = MemoryOpts {
-        size: Bytes(size),
-        node: Some(0),
-        round_up: false,
-        max_dimm: Bytes(256 * MIB),
-        request_id: id.into(),
-    };
+    let mem = mem_opts(size, 0, 256 * MIB, id);
     let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(w, Duration::from_secs(10))).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
 }
