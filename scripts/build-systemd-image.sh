@@ -4,17 +4,31 @@
 #   build-systemd-image.sh agent DEB OUT   the vmplug-guest .deb installed offline
 #   build-systemd-image.sh udev  -   OUT   only the corrected udev rules, no agent
 # The debootstrapped base is cached in $VMPLUG_CACHE; each image takes ~10 s.
+# Both are built under their own lock into a temporary path and renamed into
+# place (scripts/lib.sh), so concurrent test binaries share one build.
 set -euo pipefail
+LOG_TAG=systemd-image
+. "$(dirname "$0")/lib.sh"
 kind=$1 deb=$2 out=$3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-CACHE=${VMPLUG_CACHE:-/var/tmp/vmplug-cache}
 base=$CACHE/rootfs-bookworm
-if [ ! -d "$base" ]; then
-  rm -rf "$base.partial"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$base.partial" \
-    http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; exit 1; }
-  mv "$base.partial" "$base"
-fi
+
+debootstrap_once() {
+  local dir=$1 mirror=$2
+  rm -rf "$dir"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$dir" "$mirror" \
+    >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; return 1; }
+}
+
+build_rootfs() {
+  local tmp=$1 mirror keyring
+  read -r mirror keyring < <(debian_mirror) || return 1
+  log "debootstrap bookworm from $mirror (about 80 s, once)"
+  retry "debootstrap bookworm" debootstrap_once "$tmp" "$mirror"
+}
+
+build_image() {
+local tmp=$1
 work=$(mktemp -d "$CACHE/image.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root=$work/root
@@ -59,6 +73,9 @@ case "$kind" in
     ;;
   *) echo "usage: $0 agent|udev DEB OUT" >&2; exit 2 ;;
 esac
-truncate -s 2G "$out.partial"
-mkfs.ext4 -q -F -L vmplugroot -d "$root" "$out.partial"
-mv "$out.partial" "$out"
+truncate -s 2G "$tmp"
+mkfs.ext4 -q -F -L vmplugroot -d "$root" "$tmp"
+}
+
+artefact "$base" build_rootfs
+artefact "$out" build_image

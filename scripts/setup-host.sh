@@ -1,79 +1,86 @@
 #!/usr/bin/env bash
 # Installs what vmplug's demo, end-to-end tests and benchmarks need on a fresh
 # Debian 12 machine: QEMU 10 + libvirt 11 from bookworm-backports, the guest
-# kernel, and vhost-device-vsock. Re-runnable: every step checks before acting.
+# kernel, vhost-device-vsock and the packaging tools. Re-runnable, and safe to
+# run concurrently (scripts/lib.sh): each artefact is built once, under its own
+# lock, into a temporary path renamed into place; every download is retried.
 set -euo pipefail
-
-CACHE=${VMPLUG_CACHE:-/var/tmp/vmplug-cache}
-mkdir -p "$CACHE"
-
-log() { printf 'setup: %s\n' "$*" >&2; }
+LOG_TAG=setup
+. "$(dirname "$0")/lib.sh"
 
 backports_sources=/etc/apt/sources.list.d/vmplug-bookworm-backports.sources
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
           pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file)
 
-need_apt=0
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_apt=1
-done
-# QEMU must come from backports (10.x): stock 7.2 slows guests down 30-50x after a CPU hot-plug.
-if command -v qemu-system-x86_64 >/dev/null; then
-  qemu-system-x86_64 --version | grep -q 'version 10\.' || need_apt=1
-fi
+apt_needed() {
+  local p
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || return 0
+  done
+  # QEMU must come from backports (10.x): stock 7.2 slows guests down 30-50x after a CPU hot-plug.
+  ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'
+}
 
-if [ "$need_apt" = 1 ]; then
+install_packages() {
   if [ ! -f "$backports_sources" ]; then
-    log "adding bookworm-backports"
-    cat >"$backports_sources" <<'SRC'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+    local mirror keyring
+    read -r mirror keyring < <(debian_mirror)
+    log "adding bookworm-backports from $mirror"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+      "$mirror" "$keyring" >"$backports_sources.tmp"
+    mv "$backports_sources.tmp" "$backports_sources"
   fi
-  log "apt-get update"
-  apt-get update -qq >/dev/null
+  retry "apt-get update" apt_get update -qq
   log "installing ${packages[*]}"
   # No daemon of the host may be started by the package scripts.
+  local own_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    own_policy=1
   fi
-  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq -t bookworm-backports \
+  local rc=0
+  retry "apt-get install (bookworm-backports)" env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+    apt-get -o Acquire::Retries=3 -o DPkg::Lock::Timeout=600 install -y -qq -t bookworm-backports \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    "${packages[@]}" >"$CACHE/apt.log" 2>&1 || { cat "$CACHE/apt.log" >&2; exit 1; }
+    "${packages[@]}" >"$CACHE/apt.log" 2>&1 || { cat "$CACHE/apt.log" >&2; rc=1; }
+  [ "$own_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
+  return "$rc"
+}
+
+# Packages are the machine's, not the cache's: one lock for the machine.
+if apt_needed; then
+  exec {apt_lock}>/run/lock/vmplug-setup-apt.lock
+  flock "$apt_lock"
+  if apt_needed; then install_packages; fi
+  exec {apt_lock}>&-
 fi
 
 # Guest kernel: Debian's 6.1 amd64 image, unpacked (not installed) into the cache.
-kdir=$CACHE/kernel
-if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
-  log "downloading the guest kernel"
-  rm -rf "$kdir" "$CACHE/kdeb"; mkdir -p "$kdir" "$CACHE/kdeb"
-  ( cd "$CACHE/kdeb"
-    apt-get download linux-image-amd64 >/dev/null 2>&1 || { apt-get update -qq >/dev/null; apt-get download linux-image-amd64 >/dev/null; }
-    dep=$(dpkg-deb -f linux-image-amd64_*.deb Depends | tr ',' '\n' | grep -o 'linux-image-[0-9][^ ]*' | head -1)
-    apt-get download "$dep" >/dev/null
-    dpkg -x "$(ls "$dep"_*.deb)" "$kdir" )
-fi
+download_kernel() {
+  local tmp=$1 debs="$1.debs" dep
+  mkdir -p "$tmp" "$debs"
+  cd "$debs"
+  retry "apt-get download linux-image-amd64" apt_download linux-image-amd64
+  dep=$(dpkg-deb -f linux-image-amd64_*.deb Depends | tr ',' '\n' | grep -o 'linux-image-[0-9][^ ]*' | head -1)
+  retry "apt-get download $dep" apt_download "$dep"
+  dpkg -x "$(ls "$dep"_*.deb)" "$tmp"
+  cd / && rm -rf "$debs"
+  ls "$tmp"/boot/vmlinuz-* >/dev/null
+}
 
-# vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these machines).
-if [ ! -x "$CACHE/bin/vhost-device-vsock" ]; then
-  log "building vhost-device-vsock (about 100 s, once)"
-  cargo install --quiet --locked --root "$CACHE" vhost-device-vsock >"$CACHE/vhost-build.log" 2>&1 \
-    || cargo install --quiet --root "$CACHE" vhost-device-vsock >>"$CACHE/vhost-build.log" 2>&1 \
-    || { cat "$CACHE/vhost-build.log" >&2; exit 1; }
-fi
+# `apt-get download` fails on a stale package list: refresh it, then fail.
+apt_download() {
+  apt_get download "$1" >/dev/null 2>&1 || { apt_get update -qq >/dev/null 2>&1; apt_get download "$1" >/dev/null; }
+}
 
-# Packaging tools for `make package` (crates.io, built once).
-for tool in cargo-deb cargo-generate-rpm; do
-  if [ ! -x "$CACHE/bin/$tool" ]; then
-    log "building $tool (once)"
-    cargo install --quiet --locked --root "$CACHE" "$tool" >"$CACHE/$tool-build.log" 2>&1 \
-      || cargo install --quiet --root "$CACHE" "$tool" >>"$CACHE/$tool-build.log" 2>&1 \
-      || { cat "$CACHE/$tool-build.log" >&2; exit 1; }
-  fi
+if [ ! -e "$CACHE/kernel" ]; then log "downloading the guest kernel"; fi
+artefact "$CACHE/kernel" download_kernel
+
+# vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
+# machines); packaging tools for `make package`. All from crates.io, built once.
+for tool in vhost-device-vsock cargo-deb cargo-generate-rpm; do
+  if [ ! -x "$CACHE/bin/$tool" ]; then log "building $tool (once; vhost-device-vsock takes about 100 s)"; fi
+  artefact "$CACHE/bin/$tool" cargo_tool "$tool"
 done
 
-log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernel $(ls "$kdir"/boot/vmlinuz-* | xargs -n1 basename)"
+log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernel $(ls "$CACHE"/kernel/boot/vmlinuz-* | xargs -n1 basename)"

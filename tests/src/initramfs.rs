@@ -130,16 +130,28 @@ fn hash_file(p: &Path) -> String {
 pub fn initramfs(env: &Env) -> PathBuf {
     let key = format!("{}-{:x}", hash_file(&env.guest_agent), INIT.len() + ONLINER.len() + MODULES.len());
     let out = env.cache.join(format!("initramfs-{key}.cpio.gz"));
-    // Tests of one process start guests in parallel: one builds, the others wait.
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if out.exists() {
-        return out;
-    }
-    // Unique per process, published by an atomic rename: concurrent test
-    // processes never see a half-written archive.
-    let tmp = env.cache.join(format!("initramfs-build-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
+    crate::cache::artefact(&env.cache, &out, |archive| {
+        let root = archive.with_extension("root");
+        let _ = fs::remove_dir_all(&root);
+        fill_root(&root, env);
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+                root.display(),
+                archive.display()
+            ))
+            .status()
+            .expect("run cpio");
+        let _ = fs::remove_dir_all(&root);
+        assert!(status.success(), "building the initramfs failed");
+    });
+    prune_old(env, &out);
+    out
+}
+
+/// The initramfs's tree: busybox, the agent, the modules, init and udev.
+fn fill_root(tmp: &Path, env: &Env) {
     for d in ["bin", "lib/modules", "sbin", "usr/bin", "usr/sbin"] {
         fs::create_dir_all(tmp.join(d)).expect("mkdir");
     }
@@ -158,18 +170,7 @@ pub fn initramfs(env: &Env) -> PathBuf {
     fs::set_permissions(tmp.join("init"), fs::Permissions::from_mode(0o755)).expect("chmod");
     fs::write(tmp.join("bin/onliner"), ONLINER).expect("onliner");
     fs::set_permissions(tmp.join("bin/onliner"), fs::Permissions::from_mode(0o755)).expect("chmod");
-    add_udev(&tmp, env);
-    let partial = out.with_extension(format!("partial-{}", std::process::id()));
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", tmp.display(), partial.display()))
-        .status()
-        .expect("run cpio");
-    assert!(status.success(), "building the initramfs failed");
-    fs::rename(&partial, &out).expect("publish initramfs");
-    let _ = fs::remove_dir_all(&tmp);
-    prune_old(env, &out);
-    out
+    add_udev(tmp, env);
 }
 
 /// Removes archives of earlier agent builds (older than an hour, so a test

@@ -7,6 +7,7 @@
 //! log are printed; teardown always runs (Drop, including after a panic), and a
 //! later run reaps daemons left behind by a killed run, by their PID files.
 
+pub mod cache;
 pub mod console;
 pub mod env;
 pub mod guest;
