@@ -10,6 +10,7 @@ pub mod fdstream;
 pub mod frame;
 pub mod protocol;
 pub mod size;
+pub mod text;
 
 pub use cpuset::{CpuSet, CpuSetError};
 pub use size::{BlockSize, Bytes, SizeError, GIB, KIB, MIB};
