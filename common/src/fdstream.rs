@@ -64,10 +64,31 @@ impl AsyncWrite for FdStream {
     }
 }
 
-/// Dials AF_VSOCK `cid:port` (the host side of a guest agent on real vhost-vsock).
+/// Source ports the host's vmplug binds before it connects over AF_VSOCK:
+/// privileged (below 1024), so binding one needs `CAP_NET_BIND_SERVICE`.
+pub const PRIVILEGED_SOURCE_PORTS: std::ops::Range<u32> = 512..1024;
+
+/// Dials AF_VSOCK `cid:port` (the host side of a guest agent on real vhost-vsock)
+/// from a privileged source port (see [`PRIVILEGED_SOURCE_PORTS`]).
 pub async fn connect_vsock(cid: u32, port: u32) -> io::Result<FdStream> {
-    use nix::sys::socket::{connect, getsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, VsockAddr};
+    use nix::sys::socket::{bind, connect, getsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, VsockAddr};
     let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    // A privileged source port proves to the guest that this is the host's root
+    // (or a process granted CAP_NET_BIND_SERVICE), not any local user: on a host
+    // with vhost-vsock every local process is CID 2.
+    let mut bound = Err(nix::errno::Errno::EADDRINUSE);
+    for src in PRIVILEGED_SOURCE_PORTS.rev() {
+        bound = bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, src));
+        if !matches!(bound, Err(nix::errno::Errno::EADDRINUSE)) {
+            break;
+        }
+    }
+    bound.map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("cannot bind a privileged vsock source port ({e}): the guest agent accepts only the host's root; run vmplug as root or with CAP_NET_BIND_SERVICE"),
+        )
+    })?;
     match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),

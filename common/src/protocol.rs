@@ -14,8 +14,9 @@ use crate::{BlockSize, Bytes, CpuSet};
 /// The protocol version this build speaks. A peer with another version is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Default vsock port the guest agent listens on.
-pub const DEFAULT_VSOCK_PORT: u32 = 1027;
+/// Default vsock port the guest agent listens on: privileged, so only a
+/// process with `CAP_NET_BIND_SERVICE` (the agent's unit) can bind it.
+pub const DEFAULT_VSOCK_PORT: u32 = 1023;
 
 /// Default virtio-serial port name (`/dev/virtio-ports/NAME`).
 pub const DEFAULT_SERIAL_NAME: &str = "org.vmplug.guest.0";

@@ -262,7 +262,7 @@ impl Agent {
                 let b = self.sysfs().block(index)?;
                 Ok(vmplug_common::protocol::BlockState {
                     index,
-                    start: index * bs.get(),
+                    start: crate::online::block_start(index, bs),
                     present: b.is_some(),
                     online: b.as_ref().is_some_and(|b| b.online),
                     zone: b.as_ref().filter(|b| b.online).and_then(|b| b.zones.first().cloned()),

@@ -16,8 +16,14 @@ pub struct Config {
     pub proc_root: PathBuf,
     /// Where device nodes live (`/dev/virtio-ports/NAME`, `/dev/vportNpM`).
     pub dev_root: PathBuf,
-    /// AF_VSOCK port to listen on; 0 disables vsock.
+    /// AF_VSOCK port to listen on; 0 disables vsock. Privileged (≤ 1023) by
+    /// default, so no unprivileged guest user can bind it first.
     pub vsock_port: u32,
+    /// Accept only host connections from a privileged source port (only the
+    /// host's root can bind one). Turn off only behind a hybrid vsock backend
+    /// (Firecracker, Cloud Hypervisor) that picks unprivileged ports itself and
+    /// whose Unix socket is the guard.
+    pub vsock_privileged_peer: bool,
     /// virtio-serial port name; empty disables virtio-serial.
     pub serial_port: String,
     /// Zone policy for memory onlined without an explicit request.
@@ -41,6 +47,7 @@ impl Default for Config {
             proc_root: PathBuf::from("/proc"),
             dev_root: PathBuf::from("/dev"),
             vsock_port: DEFAULT_VSOCK_PORT,
+            vsock_privileged_peer: true,
             serial_port: DEFAULT_SERIAL_NAME.to_string(),
             zone: ZonePolicy::Auto,
             movable_ratio: 3.0,

@@ -6,13 +6,14 @@
 //! polling, and `READY=1` goes out as soon as the first transport listens.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::agent::Agent;
 use crate::config::Config;
-use crate::server::serve_connection;
-use crate::transport::{find_serial_port, open_serial, VsockListener};
+use crate::server::{serve_connection, SessionLimits};
+use crate::transport::{find_serial_port, open_serial, VsockListener, LAST_PRIVILEGED_PORT};
 use crate::uevent::UeventSocket;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,75 @@ impl Readiness {
     fn listening(&self, what: &str) {
         self.0.call_once(|| {
             crate::notify::notify(&format!("READY=1\nSTATUS=serving on {what}"));
+        });
+    }
+}
+
+/// Most vsock sessions served at once; a connection beyond them is closed at once.
+pub const MAX_VSOCK_SESSIONS: usize = 4;
+/// First and longest pause after a failed `accept` (EMFILE, ENOBUFS, …); the
+/// pause doubles while failures go on and resets after a success.
+pub const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
+
+/// Binds the vsock listener, waiting for the vsock device on uevents; `None` on shutdown.
+async fn bind_vsock(
+    port: u32,
+    privileged_peer: bool,
+    mut stop: watch::Receiver<bool>,
+    mut devices: watch::Receiver<u64>,
+) -> Option<VsockListener> {
+    if port > LAST_PRIVILEGED_PORT {
+        tracing::warn!(port, "vsock port is not privileged: any guest user could bind it first and answer the host");
+    }
+    loop {
+        devices.borrow_and_update();
+        match VsockListener::bind(port, privileged_peer) {
+            Ok(l) => return Some(l),
+            Err(e) => tracing::info!(port, error = %e, "vsock not available yet; waiting for devices"),
+        }
+        tokio::select! {
+            r = devices.changed() => if r.is_err() { return None },
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
+/// Accepts host sessions until shutdown: at most [`MAX_VSOCK_SESSIONS`] at
+/// once, each under [`SessionLimits::VSOCK`], accept failures backed off.
+async fn serve_vsock(agent: Arc<Agent>, listener: VsockListener, mut stop: watch::Receiver<bool>) {
+    let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_VSOCK_SESSIONS));
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let conn = tokio::select! {
+            conn = listener.accept() => conn,
+            _ = stop.changed() => return,
+        };
+        let stream = match conn {
+            Ok(stream) => {
+                backoff = ACCEPT_BACKOFF.0;
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, pause = ?backoff, "vsock accept failed; pausing");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+            tracing::warn!(max = MAX_VSOCK_SESSIONS, "refused vsock connection: too many sessions open");
+            continue;
+        };
+        tracing::info!("host connected over vsock");
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(agent, stream, Vec::new(), stop, SessionLimits::VSOCK).await {
+                tracing::warn!(error = %e, "vsock connection ended");
+            }
+            drop(permit);
         });
     }
 }
@@ -88,38 +158,13 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
 
     if config.vsock_port != 0 {
         let (agent, ready, port) = (agent.clone(), ready.clone(), config.vsock_port);
-        let (mut stop, mut devices) = (shutdown.clone(), devices.clone());
-        let conn_shutdown = shutdown.clone();
+        let privileged_peer = config.vsock_privileged_peer;
+        let (stop, devices) = (shutdown.clone(), devices.clone());
         tasks.spawn(async move {
-            let listener = loop {
-                devices.borrow_and_update();
-                match VsockListener::bind(port) {
-                    Ok(l) => break l,
-                    Err(e) => tracing::info!(port, error = %e, "vsock not available yet; waiting for devices"),
-                }
-                tokio::select! {
-                    r = devices.changed() => if r.is_err() { return },
-                    _ = stop.changed() => return,
-                }
-            };
-            tracing::info!(port, "listening on vsock");
-            ready.listening("vsock");
-            loop {
-                tokio::select! {
-                    conn = listener.accept() => match conn {
-                        Ok(stream) => {
-                            tracing::info!("host connected over vsock");
-                            let (agent, stop) = (agent.clone(), conn_shutdown.clone());
-                            tokio::spawn(async move {
-                                if let Err(e) = serve_connection(agent, stream, Vec::new(), stop).await {
-                                    tracing::warn!(error = %e, "vsock connection ended");
-                                }
-                            });
-                        }
-                        Err(e) => tracing::warn!(error = %e, "vsock accept failed"),
-                    },
-                    _ = stop.changed() => break,
-                }
+            if let Some(listener) = bind_vsock(port, privileged_peer, stop.clone(), devices).await {
+                tracing::info!(port, privileged_peer, "listening on vsock");
+                ready.listening("vsock");
+                serve_vsock(agent, listener, stop).await;
             }
         });
     }
@@ -156,7 +201,9 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
                     },
                     _ = stop.changed() => break,
                 }
-                if let Err(e) = serve_connection(agent.clone(), stream.clone(), prefix, stop.clone()).await {
+                if let Err(e) =
+                    serve_connection(agent.clone(), stream.clone(), prefix, stop.clone(), SessionLimits::NONE).await
+                {
                     tracing::warn!(error = %e, "virtio-serial session ended");
                 }
                 if *stop.borrow() {

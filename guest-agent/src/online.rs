@@ -56,13 +56,21 @@ pub enum OnlineError {
     Misaligned { start: u64, size: Bytes, block_size: BlockSize },
     #[error("memory hot-plug is not available in this guest kernel (no /sys/devices/system/memory)")]
     NoMemoryHotplug,
+    #[error("memory range at {start:#x} of {size} ends past the 64-bit physical address space")]
+    OutOfRange { start: u64, size: Bytes },
     #[error("request names {0} memory blocks, more than the limit of {MAX_REQUEST_BLOCKS}")]
     TooManyBlocks(u64),
     #[error(transparent)]
     Sysfs(#[from] SysfsError),
 }
 
-/// Block indices covered by `ranges`, checked for alignment.
+/// The guest-physical start of block `index`; saturates where no block can be
+/// (indices from requests are checked by [`blocks_of`] never to get there).
+pub fn block_start(index: u64, block_size: BlockSize) -> u64 {
+    index.saturating_mul(block_size.get())
+}
+
+/// Block indices covered by `ranges`, checked for alignment and range.
 pub fn blocks_of(ranges: &[MemRange], block_size: BlockSize) -> Result<Vec<u64>, OnlineError> {
     let bs = block_size.get();
     let mut total = 0u64;
@@ -70,6 +78,11 @@ pub fn blocks_of(ranges: &[MemRange], block_size: BlockSize) -> Result<Vec<u64>,
     for r in ranges {
         if r.start % bs != 0 || r.size.get() % bs != 0 || r.size.get() == 0 {
             return Err(OnlineError::Misaligned { start: r.start, size: r.size, block_size });
+        }
+        // The range must end inside the address space: then every block index in
+        // it times the block size fits in a u64 (see `block_start`).
+        if r.start.checked_add(r.size.get()).is_none() {
+            return Err(OnlineError::OutOfRange { start: r.start, size: r.size });
         }
         let n = r.size.get() / bs;
         total = total.saturating_add(n);
@@ -227,7 +240,7 @@ impl Onliner {
         zone: ZonePolicy,
         counts: &mut ZoneCounts,
     ) -> Result<BlockResult, SysfsError> {
-        let start = self.block_size()?.map(|b| b.get() * index).unwrap_or(0);
+        let start = self.block_size()?.map(|b| block_start(index, b)).unwrap_or(0);
         let result = |block: Option<&Block>, outcome| BlockResult {
             index,
             start,
@@ -269,7 +282,7 @@ impl Onliner {
     }
 
     pub fn offline_block(&self, index: u64) -> Result<BlockResult, SysfsError> {
-        let start = self.block_size()?.map(|b| b.get() * index).unwrap_or(0);
+        let start = self.block_size()?.map(|b| block_start(index, b)).unwrap_or(0);
         let Some(block) = self.sysfs.block(index)?.filter(|b| b.ready) else {
             return Ok(BlockResult { index, start, node: None, zone: None, outcome: Outcome::Already });
         };
@@ -361,7 +374,7 @@ impl Onliner {
             return Ok(Bytes(0));
         };
         let n = self.sysfs.blocks()?.iter().filter(|b| b.online).count() as u64;
-        Ok(Bytes(n * bs.get()))
+        Ok(Bytes(n.saturating_mul(bs.get())))
     }
 }
 
@@ -538,6 +551,20 @@ mod tests {
             blocks_of(&[MemRange { start: 0, size: Bytes(u64::MAX / 2 + 1) }], bs),
             Err(OnlineError::TooManyBlocks(_)) | Err(OnlineError::Misaligned { .. })
         ));
+    }
+
+    /// Security finding 4: this range passed validation and `index * block_size`
+    /// overflowed (an abort in debug, a silent wrap in release).
+    #[test]
+    fn a_range_past_the_address_space_is_refused() {
+        let bs = BlockSize::new(128 * MIB).expect("pow2");
+        let r = MemRange { start: 0xffff_ffff_f800_0000, size: Bytes(256 * MIB) };
+        assert!(matches!(blocks_of(&[r], bs), Err(OnlineError::OutOfRange { .. })), "{:?}", blocks_of(&[r], bs));
+        let last = MemRange { start: 0xffff_ffff_f000_0000, size: Bytes(128 * MIB) };
+        let idx = blocks_of(&[last], bs).expect("the last whole block is a valid range");
+        assert_eq!(idx.len(), 1);
+        assert_eq!(block_start(idx[0], bs), 0xffff_ffff_f000_0000);
+        assert_eq!(block_start(u64::MAX, bs), u64::MAX, "saturates, never wraps");
     }
 
     #[test]

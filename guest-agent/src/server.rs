@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
@@ -22,13 +23,39 @@ fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Envelo
     Envelope::new(id, Response::Error(ErrorBody { code, message: message.into() }))
 }
 
-/// Serves one connection until the peer closes it or `shutdown` flips.
-/// `prefix` holds bytes already read from the stream (virtio-serial's probe).
+/// A vsock session that has not said hello within this time is closed.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// A vsock session with no frame and no running request for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Time limits of one session, so a peer that connects and says nothing cannot
+/// hold a session (and its memory) forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Close a session that has not completed `Hello` by then.
+    pub hello: Option<Duration>,
+    /// Close a session idle (no frame, nothing running) for this long.
+    pub idle: Option<Duration>,
+}
+
+impl SessionLimits {
+    /// vsock: every connection is a new peer.
+    pub const VSOCK: SessionLimits = SessionLimits { hello: Some(HELLO_DEADLINE), idle: Some(IDLE_TIMEOUT) };
+    /// virtio-serial: one byte stream that outlives host connections, and QEMU's
+    /// chardev admits one host client at a time; a session ends when the host
+    /// hangs up.
+    pub const NONE: SessionLimits = SessionLimits { hello: None, idle: None };
+}
+
+/// Serves one connection until the peer closes it, `shutdown` flips, or a limit
+/// of `limits` passes. `prefix` holds bytes already read from the stream
+/// (virtio-serial's probe).
 pub async fn serve_connection<S>(
     agent: Arc<Agent>,
     stream: S,
     prefix: Vec<u8>,
     mut shutdown: watch::Receiver<bool>,
+    limits: SessionLimits,
 ) -> Result<(), FrameError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -44,11 +71,28 @@ where
     let mut reader = FrameReader::new(tokio::io::AsyncReadExt::chain(std::io::Cursor::new(prefix), rd));
     let busy = Arc::new(AtomicBool::new(false));
     let mut events: Option<tokio::task::JoinHandle<()>> = None;
+    let started = tokio::time::Instant::now();
+    let mut last_seen = started;
     let result = loop {
+        let deadline = match events {
+            None => limits.hello.map(|d| (started + d, "no hello")),
+            Some(_) => limits.idle.map(|d| (last_seen + d, "idle")),
+        };
         let item = tokio::select! {
             item = reader.next() => item,
             _ = shutdown.changed() => break Ok(()),
+            _ = sleep_until(deadline.map(|(at, _)| at)) => {
+                if busy.load(Ordering::Acquire) {
+                    // A long request still runs: the session is not idle.
+                    last_seen = tokio::time::Instant::now();
+                    continue;
+                }
+                let why = deadline.map_or("", |(_, why)| why);
+                tracing::info!(reason = why, "closing the session");
+                break Ok(());
+            }
         };
+        last_seen = tokio::time::Instant::now();
         let frame = match item {
             Ok(Decoded::Frame(f)) => f,
             Ok(Decoded::TooLarge { len }) => {
@@ -150,6 +194,14 @@ where
     // Running operations finish and their answers drain before the writer ends.
     let _ = writer.await;
     result
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs a long request (Online/Offline) off the read loop: the connection is

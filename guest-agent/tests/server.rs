@@ -11,7 +11,7 @@ use vmplug_common::protocol::*;
 use vmplug_common::{Bytes, MIB};
 use vmplug_guest::agent::Agent;
 use vmplug_guest::online::{OnlinePolicy, Onliner};
-use vmplug_guest::server::serve_connection;
+use vmplug_guest::server::{serve_connection, SessionLimits};
 use vmplug_guest::testing::FakeKernel;
 
 struct Link {
@@ -69,7 +69,7 @@ fn start(possible: u32) -> (tempfile::TempDir, FakeKernel, Arc<Agent>, Link) {
     let agent = Agent::new(Onliner::new(kernel.sysfs(), policy, kernel.writer()), ZonePolicy::Auto, false);
     let (host, guest) = tokio::io::duplex(1 << 20);
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(serve_connection(agent.clone(), guest, Vec::new(), stop));
+    tokio::spawn(serve_connection(agent.clone(), guest, Vec::new(), stop, SessionLimits::VSOCK));
     let (r, w) = tokio::io::split(host);
     (dir, kernel, agent, Link { reader: FrameReader::new(r), writer: w, next_id: 0, _stop: stop_tx })
 }
@@ -242,4 +242,33 @@ async fn events_flow_after_hello() {
     let env: Envelope<Response> = serde_json::from_slice(&f).expect("json");
     assert_eq!(env.id, None);
     assert_eq!(env.body, Response::Event(Event::CpuAdded { cpu: 1 }));
+}
+
+/// Security finding 6: connections to the agent never timed out. A session that
+/// does not say hello is closed after `HELLO_DEADLINE`; one that says nothing
+/// more after `IDLE_TIMEOUT`; one in use stays. (Tokio's paused clock: the
+/// times are exact and the test takes no real time.)
+#[tokio::test(start_paused = true)]
+async fn silent_sessions_are_closed_and_busy_ones_kept() {
+    use vmplug_guest::server::{HELLO_DEADLINE, IDLE_TIMEOUT};
+    let (_d, _k, _a, mut link) = start(2);
+    let t0 = tokio::time::Instant::now();
+    assert!(matches!(link.reader.next().await, Err(vmplug_common::frame::FrameError::Closed)));
+    assert_eq!(t0.elapsed(), HELLO_DEADLINE, "closed exactly at the hello deadline");
+
+    let (_d, _k, _a, mut link) = start(2);
+    link.hello().await;
+    tokio::time::sleep(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+    assert!(matches!(link.call(Request::Info).await, Response::GuestInfo(_)), "still served before the timeout");
+    let t1 = tokio::time::Instant::now();
+    loop {
+        match link.reader.next().await {
+            Ok(_) => continue, // events
+            Err(e) => {
+                assert!(matches!(e, vmplug_common::frame::FrameError::Closed), "{e}");
+                break;
+            }
+        }
+    }
+    assert_eq!(t1.elapsed(), IDLE_TIMEOUT, "closed one idle timeout after the last request");
 }
