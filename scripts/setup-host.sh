@@ -79,7 +79,7 @@ artefact "$CACHE/kernel" download_kernel
 # vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
 # machines); packaging tools for `make package`. All from crates.io, built once.
 for tool in vhost-device-vsock cargo-deb cargo-generate-rpm; do
-  if [ ! -x "$CACHE/bin/$tool" ]; then log "building $tool (once; vhost-device-vsock takes about 100 s)"; fi
+  if [ ! -x "$CACHE/bin/$tool" ]; then log "building $tool from crates.io (once, 1-2 minutes)"; fi
   artefact "$CACHE/bin/$tool" cargo_tool "$tool"
 done
 

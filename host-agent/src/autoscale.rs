@@ -120,6 +120,10 @@ pub struct Policy {
     pub metrics_listen: Option<String>,
 }
 
+/// Longest interval, cooldown or back-off a policy may set, in seconds (a week):
+/// keeps every deadline computed from them far from overflowing.
+pub const MAX_TIMING_S: u64 = 7 * 24 * 3600;
+
 /// The policy with its sizes parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -174,6 +178,15 @@ impl Policy {
             return Err(PolicyError::Invalid("steps must be larger than zero".into()));
         }
         for (what, v) in [
+            ("timing.interval_s", self.timing.interval_s),
+            ("timing.cooldown_s", l.cooldown_s),
+            ("timing.backoff_s", l.backoff_s),
+        ] {
+            if v > MAX_TIMING_S {
+                return Err(PolicyError::Invalid(format!("{what} = {v} is over {MAX_TIMING_S} (a week)")));
+            }
+        }
+        for (what, v) in [
             ("cpu.psi_some_avg10", l.cpu_psi),
             ("memory.psi_some_avg10", l.mem_psi_some),
             ("memory.psi_full_avg10", l.mem_psi_full),
@@ -193,18 +206,34 @@ impl Policy {
     }
 }
 
-/// `*` and `?` globbing.
+/// `*` and `?` globbing, in O(pattern × name) time at worst: on a mismatch
+/// only the last `*` is retried (one position further), never every earlier
+/// one, so no pattern backtracks exponentially.
 pub fn glob(pattern: &str, s: &str) -> bool {
-    fn go(p: &[u8], s: &[u8]) -> bool {
-        match (p.first(), s.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], s) || (!s.is_empty() && go(p, &s[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &s[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
-            _ => false,
+    let (p, s) = (pattern.as_bytes(), s.as_bytes());
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == s[si] => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some((sp, ss)) => {
+                    pi = sp + 1;
+                    si = ss + 1;
+                    star = Some((sp, ss + 1));
+                }
+                None => return false,
+            },
         }
     }
-    go(pattern.as_bytes(), s.as_bytes())
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 /// One guest sample, sanitised: a guest controls these numbers, so NaN, negative
@@ -264,8 +293,15 @@ pub struct Capacity {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Action {
     None,
-    AddVcpus { to: u32 },
-    AddMemory { size: Bytes },
+    AddVcpus {
+        to: u32,
+    },
+    /// `size` as decided; `ceiling`: the most the guest's block size may round it
+    /// up to (the policy's and the host's room), never more.
+    AddMemory {
+        size: Bytes,
+        ceiling: Bytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -288,8 +324,8 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
         return none("backoff", format!("backing off after {} failure(s) until t={}", st.failures, st.backoff_until_s));
     }
     if let Some(t) = st.last_action_s {
-        if now_s < t + l.cooldown_s {
-            return none("cooldown", format!("cooldown until t={}", t + l.cooldown_s));
+        if now_s < t.saturating_add(l.cooldown_s) {
+            return none("cooldown", format!("cooldown until t={}", t.saturating_add(l.cooldown_s)));
         }
     }
     if st.samples.len() < l.sustain {
@@ -326,12 +362,14 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
             l.mem_max.get().saturating_sub(cap.memory.get()).min(cap.max_memory.get().saturating_sub(cap.memory.get())),
         );
         let host_room = Bytes(cap.host_free.get().saturating_sub(l.memory_reserve.get()));
-        let size = l.mem_step.min(room).min(host_room);
-        // Whole 128 MiB blocks only; the planner aligns to the guest exactly.
+        let ceiling = room.min(host_room);
+        let size = l.mem_step.min(ceiling);
+        // Whole 128 MiB blocks only; the planner aligns to the guest exactly,
+        // rounding up no further than `ceiling`.
         let size = Bytes(size.get() / (128 * MIB) * (128 * MIB));
         if size.get() > 0 && cap.free_slots > 0 {
             return Decision {
-                action: Action::AddMemory { size },
+                action: Action::AddMemory { size, ceiling },
                 rule: "memory.pressure",
                 reason: format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain),
             };
@@ -503,11 +541,12 @@ pub async fn step_domain(
         };
         let r = match d.action {
             Action::AddVcpus { to } => ops::setvcpus(host.conn.clone(), name, to, &opts).await,
-            Action::AddMemory { size } => {
+            Action::AddMemory { size, ceiling } => {
                 let mem = MemoryOpts {
                     size,
                     node: None,
                     round_up: true,
+                    ceiling: Some(ceiling),
                     max_dimm: crate::planner::DEFAULT_MAX_DIMM,
                     request_id: ops::new_request_id(),
                 };
@@ -527,7 +566,8 @@ pub async fn step_domain(
             state.samples.clear();
         } else {
             state.failures += 1;
-            state.backoff_until_s = now_s() + engine.limits.backoff_s * u64::from(state.failures.min(10));
+            state.backoff_until_s =
+                now_s().saturating_add(engine.limits.backoff_s.saturating_mul(u64::from(state.failures.min(10))));
         }
     }
     ev.duration_ms = started.elapsed().as_millis() as u64;
@@ -535,26 +575,98 @@ pub async fn step_domain(
     Ok(ev)
 }
 
-/// Serves the metrics as Prometheus text on `addr` until the process ends.
-pub async fn serve_metrics(addr: &str, engine: Arc<Engine>) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Most metrics connections served at once; more wait in the listen backlog.
+pub const MAX_METRICS_CONNECTIONS: usize = 32;
+/// How long a metrics client may take to send its request line and headers.
+pub const METRICS_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest pause after a failed `accept` (EMFILE under a connection flood):
+/// the endpoint pauses and goes on, it never ends.
+pub const METRICS_ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// `metrics_listen` as a socket address: a bare port (`9477` or `:9477`) binds
+/// loopback only; anything else is taken as written.
+pub fn metrics_addr(listen: &str) -> Result<std::net::SocketAddr, String> {
+    let port_only = listen.strip_prefix(':').unwrap_or(listen);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    listen.parse().map_err(|e| format!("'{listen}' is not PORT or ADDRESS:PORT ({e})"))
+}
+
+/// The status line and body of the answer to one HTTP request head.
+pub fn metrics_response(head: &[u8], metrics: &Metrics) -> (&'static str, String) {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.trim_end().split(' ');
+    let (method, path, version) = (parts.next(), parts.next(), parts.next());
+    match (method, path, version) {
+        (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/") => match (m, p.split('?').next()) {
+            ("GET" | "HEAD", Some("/metrics")) => ("200 OK", metrics.render()),
+            ("GET" | "HEAD", _) => ("404 Not Found", "not found: metrics are at /metrics\n".into()),
+            _ => ("405 Method Not Allowed", "only GET /metrics\n".into()),
+        },
+        _ => ("400 Bad Request", "bad request\n".into()),
+    }
+}
+
+/// Serves the metrics as Prometheus text on `addr` until the process ends: at
+/// most [`MAX_METRICS_CONNECTIONS`] at once, each bounded in time and bytes,
+/// accept failures backed off and never fatal.
+pub async fn serve_metrics(addr: &str, engine: Arc<Engine>) -> std::io::Result<std::net::SocketAddr> {
+    let addr = metrics_addr(addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "metrics endpoint reachable beyond this host (unauthenticated)");
+    }
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let (stream, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?pause, "metrics accept failed; pausing");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(METRICS_ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            pause = Duration::from_millis(10);
             let engine = engine.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
-                let body = engine.metrics.render();
-                let resp = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
+                answer_metrics(stream, &engine.metrics).await;
+                drop(permit);
             });
         }
     });
-    Ok(())
+    Ok(bound)
+}
+
+/// Reads one request head (at most 4 KiB, within [`METRICS_READ_TIMEOUT`]) and answers it.
+async fn answer_metrics(mut s: tokio::net::TcpStream, metrics: &Metrics) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(512);
+    let read = tokio::time::timeout(METRICS_READ_TIMEOUT, async {
+        let mut buf = [0u8; 512];
+        while head.len() < 4096 && !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.ends_with(b"\n\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let (status, body) = metrics_response(&head, metrics);
+    let resp = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(METRICS_READ_TIMEOUT, s.write_all(resp.as_bytes())).await;
 }
 
 /// The daemon: every interval, every selected running domain on every host,
@@ -565,7 +677,10 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
     let engine = Arc::new(Engine { policy, limits, metrics: Metrics::default(), dry_run });
     if let Some(addr) = engine.policy.metrics_listen.clone() {
         let e = engine.clone();
-        serve_metrics(&addr, e).await.map_err(|err| PolicyError::Invalid(format!("metrics_listen {addr}: {err}")))?;
+        let bound = serve_metrics(&addr, e)
+            .await
+            .map_err(|err| PolicyError::Invalid(format!("metrics_listen {addr}: {err}")))?;
+        tracing::info!(%bound, "serving metrics at /metrics");
     }
     // A domain whose step is still running (a slow action, a stalling guest) is
     // marked in flight and skipped by later rounds instead of holding them up: one
@@ -720,14 +835,14 @@ mod tests {
                 "sustained memory",
                 state(&[tight, tight, tight]),
                 cap(),
-                Action::AddMemory { size: Bytes(512 * MIB) },
+                Action::AddMemory { size: Bytes(512 * MIB), ceiling: Bytes(3 * GIB) },
                 "memory.pressure",
             ),
             (
                 "memory capped by policy max",
                 state(&[tight, tight, tight]),
                 Capacity { memory: Bytes(3840 * MIB), ..cap() },
-                Action::AddMemory { size: Bytes(256 * MIB) },
+                Action::AddMemory { size: Bytes(256 * MIB), ceiling: Bytes(256 * MIB) },
                 "memory.pressure",
             ),
             (
@@ -807,6 +922,66 @@ mod tests {
         let bad = Policy::parse("p.toml", "[cpu]\npsi_some_avg10 = 150.0\n").expect("parses").limits();
         assert!(bad.is_err());
         assert!(glob("a*c?", "abbbcd") && !glob("a*c?", "abbbc"));
+    }
+
+    #[test]
+    fn glob_cases() {
+        for (p, s, want) in [
+            ("*", "", true),
+            ("", "", true),
+            ("", "a", false),
+            ("web-*", "web-", true),
+            ("*b*c", "abxbc", true),
+            ("a*b*c", "acb", false),
+            ("??", "ab", true),
+            ("??", "abc", false),
+            ("*x", "xxxx", true),
+            ("a**b", "ab", true),
+        ] {
+            assert_eq!(glob(p, s), want, "{p} ~ {s}");
+        }
+    }
+
+    /// Security finding 9: `a*a*…*b` against `aaaa…` backtracked exponentially.
+    /// Steps of the matcher are bounded by pattern × name; this pattern took
+    /// minutes before and is answered at once now.
+    #[test]
+    fn a_pathological_glob_does_not_backtrack_exponentially() {
+        let pattern = format!("{}b", "a*".repeat(30));
+        let name = "a".repeat(60);
+        assert!(!glob(&pattern, &name));
+        assert!(glob(&"a*".repeat(30), &name));
+    }
+
+    /// Security finding 9: huge cooldown/backoff values overflowed deadlines.
+    #[test]
+    fn timing_values_are_bounded_and_deadlines_saturate() {
+        for key in ["cooldown_s", "backoff_s", "interval_s"] {
+            let p = Policy::parse("p.toml", &format!("[timing]\n{key} = 9223372036854775807\n")).expect("parses");
+            let err = p.limits().expect_err("refused");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let l = Limits { cooldown_s: MAX_TIMING_S, ..limits() };
+        let hot = s(80.0, 0.0, 900);
+        let st = DomainState { last_action_s: Some(u64::MAX - 5), ..state(&[hot, hot, hot]) };
+        assert_eq!(decide(&l, &st, &cap(), 1000).rule, "cooldown");
+    }
+
+    /// Security finding 7: the endpoint answered every path; it answers /metrics only.
+    #[test]
+    fn the_metrics_endpoint_answers_its_path_only() {
+        let m = Metrics::default();
+        assert_eq!(metrics_response(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &m).0, "200 OK");
+        assert_eq!(metrics_response(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", &m).0, "200 OK");
+        assert_eq!(metrics_response(b"GET / HTTP/1.1\r\n\r\n", &m).0, "404 Not Found");
+        assert_eq!(metrics_response(b"GET /metrics/../etc HTTP/1.1\r\n\r\n", &m).0, "404 Not Found");
+        assert_eq!(metrics_response(b"POST /metrics HTTP/1.1\r\n\r\n", &m).0, "405 Method Not Allowed");
+        assert_eq!(metrics_response(b"\x16\x03\x01garbage", &m).0, "400 Bad Request");
+        assert_eq!(metrics_response(b"", &m).0, "400 Bad Request");
+        assert_eq!(metrics_addr("9477").expect("port"), "127.0.0.1:9477".parse().expect("addr"));
+        assert_eq!(metrics_addr(":9477").expect("port"), "127.0.0.1:9477".parse().expect("addr"));
+        assert_eq!(metrics_addr("0.0.0.0:9477").expect("addr"), "0.0.0.0:9477".parse().expect("addr"));
+        assert!(metrics_addr("localhost:x").is_err());
     }
 }
 

@@ -290,6 +290,7 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
                 size: *size,
                 node: *node,
                 round_up: *round_up,
+                ceiling: None,
                 max_dimm: *max_dimm,
                 request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
             };

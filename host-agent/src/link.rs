@@ -95,6 +95,10 @@ pub enum LinkError {
     Guest { request: &'static str, code: ErrorCode, message: String },
     #[error("guest agent sent an unexpected answer to '{0}'")]
     Unexpected(&'static str),
+    #[error("agent socket {path} does not exist (is the domain running, and is this its socket?)")]
+    NoSocket { path: PathBuf },
+    #[error("agent socket {path} is {why}: another local user could stand in for the guest agent or drive it; refusing to use it")]
+    UnsafeSocket { path: PathBuf, why: String },
     #[error("guest link")]
     Frame(#[from] FrameError),
     #[error("guest link i/o")]
@@ -112,7 +116,37 @@ pub struct GuestLink {
     pub addr: AgentAddr,
     pub info: GuestInfo,
     /// Unsolicited events seen while waiting for answers.
+    pub events: EventLog,
+}
+
+/// Most bytes of guest events one link keeps; later events are counted only.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// The guest's unsolicited events, bounded in bytes (not in count: one event
+/// can carry a string of nearly a whole frame).
+#[derive(Debug, Default)]
+pub struct EventLog {
     pub events: Vec<Event>,
+    bytes: usize,
+    /// Events not kept because the log was full.
+    pub dropped: u64,
+}
+
+impl EventLog {
+    pub fn push(&mut self, ev: Event) {
+        let size = ev.held_bytes();
+        if self.bytes + size > MAX_EVENT_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += size;
+        self.events.push(ev);
+    }
+
+    /// Bytes held by the kept events.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl std::fmt::Debug for GuestLink {
@@ -121,10 +155,43 @@ impl std::fmt::Debug for GuestLink {
     }
 }
 
+/// Whether a host-side Unix socket may be trusted to lead to the guest: it must
+/// exist, be a socket, belong to root or to us, and not be writable by others
+/// (connecting needs write permission). Hybrid vsock and virtio-serial have no
+/// other guard: whoever can connect to the socket drives the agent, and whoever
+/// could create it could pose as the agent.
+pub fn check_socket(path: &std::path::Path) -> Result<(), LinkError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LinkError::NoSocket { path: path.to_path_buf() })
+        }
+        Err(e) => return Err(LinkError::Io(e)),
+    };
+    let unsafe_socket = |why: String| Err(LinkError::UnsafeSocket { path: path.to_path_buf(), why });
+    if !meta.file_type().is_socket() {
+        return unsafe_socket("not a socket".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return unsafe_socket(format!("owned by uid {}, neither root nor this user (uid {me})", meta.uid()));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return unsafe_socket(format!("writable by every user (mode {:o})", meta.mode() & 0o777));
+    }
+    Ok(())
+}
+
 async fn open(addr: &AgentAddr) -> Result<Box<dyn Stream>, LinkError> {
     match addr {
-        AgentAddr::Serial { path } => Ok(Box::new(tokio::net::UnixStream::connect(path).await?)),
+        AgentAddr::Serial { path } => {
+            check_socket(path)?;
+            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+        }
         AgentAddr::Hybrid { path, port } => {
+            check_socket(path)?;
             let mut s = tokio::net::UnixStream::connect(path).await?;
             s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
             // The reply line is short; read it byte by byte so no frame byte is consumed.
@@ -161,7 +228,10 @@ impl GuestLink {
         loop {
             match timeout(HELLO_TIMEOUT, Self::try_connect(addr)).await {
                 Ok(Ok(link)) => return Ok(link),
-                Ok(Err(e @ LinkError::Version(_))) => return Err(e),
+                // Waiting cannot fix these: say so at once, naming the path.
+                Ok(Err(e @ (LinkError::Version(_) | LinkError::NoSocket { .. } | LinkError::UnsafeSocket { .. }))) => {
+                    return Err(e)
+                }
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = format!("no answer to hello within {HELLO_TIMEOUT:?}"),
             }
@@ -182,7 +252,7 @@ impl GuestLink {
             next_id: first_id(),
             addr: addr.clone(),
             info: placeholder_info(),
-            events: Vec::new(),
+            events: EventLog::default(),
         };
         link.handshake().await?;
         Ok(link)
@@ -228,28 +298,31 @@ impl GuestLink {
         self.next_id += 1;
         let id = self.next_id;
         write_frame(&mut self.writer, &Envelope::new(Some(id), req)).await?;
+        // Reading and decoding both count against the wait.
         let deadline = Instant::now() + wait;
+        tokio::time::timeout_at(deadline, self.answer(id, kind)).await.map_err(|_| LinkError::Timeout(kind, wait))?
+    }
+
+    /// Reads frames until the answer to `id`; events are kept (bounded), stale
+    /// answers and invalid frames dropped. Every guest string is escaped here.
+    async fn answer(&mut self, id: u64, kind: &'static str) -> Result<Response, LinkError> {
         loop {
-            let item = tokio::time::timeout_at(deadline, self.reader.next())
-                .await
-                .map_err(|_| LinkError::Timeout(kind, wait))??;
-            let Decoded::Frame(frame) = item else {
+            let Decoded::Frame(frame) = self.reader.next().await? else {
                 tracing::warn!("guest sent an oversized frame; dropped");
                 continue;
             };
-            let env: Envelope<Response> = match serde_json::from_slice(&frame) {
+            let mut env: Envelope<Response> = match serde_json::from_slice(&frame) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(error = %e, "guest sent an invalid frame; dropped");
                     continue;
                 }
             };
+            env.body.escape_text();
             match (env.id, env.body) {
                 (None, Response::Event(ev)) => {
                     tracing::debug!(?ev, "guest event");
-                    if self.events.len() < 1024 {
-                        self.events.push(ev);
-                    }
+                    self.events.push(ev);
                 }
                 (Some(i), Response::Error(e)) if i == id => {
                     return Err(LinkError::Guest { request: kind, code: e.code, message: e.message });
@@ -362,9 +435,54 @@ fn placeholder_info() -> GuestInfo {
 mod tests {
     use super::*;
 
+    /// Security finding 5: 1024 events of nearly a frame each were kept (~250 MiB).
+    #[test]
+    fn the_event_log_is_bounded_in_bytes() {
+        let mut log = EventLog::default();
+        let big = "x".repeat(vmplug_common::frame::MAX_FRAME_BYTES - 100);
+        for _ in 0..1024 {
+            log.push(Event::OnlineFailed { what: big.clone(), errno: 5 });
+        }
+        assert!(log.bytes() <= MAX_EVENT_BYTES, "{} bytes held", log.bytes());
+        assert_eq!(log.dropped, 1024, "none of them fits");
+        for cpu in 0..100 {
+            log.push(Event::CpuAdded { cpu });
+        }
+        assert_eq!(log.events.len(), 100, "small events are still kept");
+    }
+
+    #[test]
+    fn agent_sockets_are_checked_before_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.sock");
+        let e = check_socket(&missing).expect_err("missing");
+        assert!(e.to_string().contains(&*missing.to_string_lossy()), "names the path: {e}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").expect("file");
+        assert!(matches!(check_socket(&file), Err(LinkError::UnsafeSocket { .. })));
+        let sock = dir.path().join("agent.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        check_socket(&sock).expect("ours, not world-writable");
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let e = check_socket(&sock).expect_err("world-writable");
+        assert!(e.to_string().contains("writable by every user (mode 777)"), "{e}");
+    }
+
+    /// A missing socket fails at once naming the path, not after the whole wait
+    /// as "guest link i/o" (the retry loop ends only in `Unreachable`).
+    #[tokio::test]
+    async fn a_missing_socket_fails_at_once() {
+        let addr = AgentAddr::Serial { path: "/nonexistent/vmplug-agent.sock".into() };
+        let e = GuestLink::connect(&addr, Duration::from_secs(30)).await.expect_err("no socket");
+        assert!(matches!(e, LinkError::NoSocket { .. }), "{e}");
+        assert!(e.to_string().contains("/nonexistent/vmplug-agent.sock"), "{e}");
+    }
+
     #[test]
     fn addresses_parse_and_print() {
-        for s in ["vsock:3:1027", "hybrid:/run/vm/v.sock:1027", "serial:/run/vm/agent.sock"] {
+        for s in ["vsock:3:1023", "hybrid:/run/vm/v.sock:1023", "serial:/run/vm/agent.sock"] {
             assert_eq!(s.parse::<AgentAddr>().expect("parses").to_string(), s);
         }
         for bad in ["tcp:1.2.3.4:5", "vsock:3", "vsock:x:1", "serial:", "hybrid:/p"] {

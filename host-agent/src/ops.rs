@@ -9,7 +9,7 @@ use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, Domain, DomainError, XmlView};
 use crate::link::{discover, AgentAddr, GuestLink, LinkError};
-use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError};
+use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
 use crate::xml::{request_alias, request_index, DomainFacts, HostFacts, NamedDimm};
@@ -400,7 +400,12 @@ pub fn affect_text(a: Affect) -> &'static str {
 pub struct MemoryOpts {
     pub size: Bytes,
     pub node: Option<u32>,
+    /// Round a size that is not a multiple of the guest's block size up to one.
     pub round_up: bool,
+    /// The most rounding up may reach, as a total (autoscale: the policy's and
+    /// the host's room); `None`: the domain's `<maxMemory>` headroom. The guest
+    /// reports the block size, so this is what keeps it from widening the plug.
+    pub ceiling: Option<Bytes>,
     pub max_dimm: Bytes,
     /// Ties the DIMMs to this request (`<alias name='ua-vmplug-ID-N'/>`): the
     /// same command with the same id, after a crash, attaches only what is missing.
@@ -446,11 +451,18 @@ pub async fn attach_memory(
         Some(b) => alignment(b, hugepage),
         None => (hugepage.unwrap_or(1 << 20), "the hugepage size"),
     };
-    let size = match align(mem.size, unit, what, mem.round_up) {
+    let ceiling = mem.ceiling.unwrap_or_else(|| {
+        if l.facts.max_memory.is_some() {
+            l.facts.memory_headroom()
+        } else {
+            Bytes(u64::MAX)
+        }
+    });
+    let round = if mem.round_up { RoundUp::UpTo(ceiling) } else { RoundUp::No };
+    let size = match align(mem.size, unit, what, round) {
         Ok(s) => s,
-        Err(e @ PlanError::Misaligned { .. }) if !opts.force => {
-            let mut findings =
-                vec![Finding { id: "mem.block-align", severity: Severity::Error, message: e.to_string() }];
+        Err(e @ (PlanError::Misaligned { .. } | PlanError::RoundUpTooFar { .. })) if !opts.force => {
+            let mut findings = vec![plan_finding(&e)];
             if let Some(le) = &link_err {
                 findings.push(Finding { id: "agent.ready", severity: Severity::Warning, message: le.to_string() });
             }
@@ -498,8 +510,15 @@ pub async fn attach_memory(
         preflight::check(&ctx, &Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count });
     if let Err(e) = &plan {
         if !findings.iter().any(|f| f.severity == Severity::Error) {
-            findings.insert(0, Finding { id: "mem.plan", severity: Severity::Error, message: e.to_string() });
+            findings.insert(0, plan_finding(e));
         }
+    }
+    if size != mem.size {
+        findings.push(Finding {
+            id: "mem.round-up",
+            severity: Severity::Warning,
+            message: format!("{} rounded up to {size} ({what} {})", mem.size, Bytes(unit)),
+        });
     }
     run.preflight_ms = ms(t);
     if preflight::has_errors(&findings) && !opts.force {
@@ -589,7 +608,7 @@ pub async fn attach_memory(
             let r = link
                 .online_until_done(OnlineRequest {
                     cpus: None,
-                    memory: ranges,
+                    memory: ranges.clone(),
                     zone: opts.zone,
                     timeout_ms: opts.timeout.as_millis() as u64,
                 })
@@ -608,15 +627,15 @@ pub async fn attach_memory(
                         .iter()
                         .filter_map(|b| {
                             let dimm = new.iter().find(|d| {
-                                d.base.is_some_and(|base| b.start >= base && b.start < base + d.size.get())
+                                d.base
+                                    .is_some_and(|base| b.start >= base && b.start < base.saturating_add(d.size.get()))
                             })?;
                             (b.node.is_some() && b.node != dimm.node).then(|| {
                                 format!("memory{} on node {:?}, DIMM on node {:?}", b.index, b.node, dimm.node)
                             })
                         })
                         .collect();
-                    let confirmed: u64 =
-                        r.blocks.iter().filter(|b| b.outcome.is_success()).count() as u64 * block.unwrap_or(0);
+                    let (confirmed, expected) = confirmed_blocks(&ranges, block, &r);
                     let missing =
                         r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound).count();
                     if r.timed_out {
@@ -629,11 +648,10 @@ pub async fn attach_memory(
                     } else if !r.complete {
                         outcome = Outcome::GuestFailed;
                         message = format!("the guest failed to online {} block(s)", r.failures());
-                    } else if confirmed != size.get() {
+                    } else if expected == 0 || confirmed != expected {
                         outcome = Outcome::GuestFailed;
                         message = format!(
-                            "libvirt attached {size} but the guest confirmed {} online for it",
-                            Bytes(confirmed)
+                            "libvirt attached {size} ({expected} block(s)) but the guest confirmed {confirmed} of them online"
                         );
                     } else if !wrong_node.is_empty() {
                         outcome = Outcome::GuestFailed;
@@ -665,6 +683,39 @@ pub async fn attach_memory(
         guest: guest_report,
         timings: run.timings(),
     })
+}
+
+/// A planner refusal as a finding, under the rule id it belongs to.
+fn plan_finding(e: &PlanError) -> Finding {
+    let id = match e {
+        PlanError::Misaligned { .. } => "mem.block-align",
+        PlanError::RoundUpTooFar { .. } => "mem.round-up",
+        PlanError::UnitOverMaxDimm { .. } => "mem.max-dimm",
+        PlanError::NoSlots { .. } => "mem.slots",
+        PlanError::NoSuchNode(..) => "mem.node",
+        PlanError::NoCells => "mem.numa",
+        PlanError::Zero => "mem.plan",
+    };
+    Finding { id, severity: Severity::Error, message: e.to_string() }
+}
+
+/// How many blocks of the plugged `ranges` the guest confirmed online, and how
+/// many there are. Counted by the host: only distinct, block-aligned starts
+/// inside the ranges count, whatever else the guest's report lists, and the
+/// expected count comes from the ranges (libvirt's live XML) and the block
+/// size. No block size (the guest reports no memory hot-plug): nothing is
+/// expected to be confirmable, and `(0, 0)` is never a success.
+pub fn confirmed_blocks(
+    ranges: &[MemRange],
+    block: Option<u64>,
+    report: &vmplug_common::protocol::Report,
+) -> (u64, u64) {
+    let Some(bs) = block.filter(|&b| b > 0) else { return (0, 0) };
+    let expected = ranges.iter().map(|r| r.size.get() / bs).fold(0u64, u64::saturating_add);
+    let inside = |start: u64| start.is_multiple_of(bs) && ranges.iter().any(|r| start >= r.start && start < r.end());
+    let confirmed: std::collections::BTreeSet<u64> =
+        report.blocks.iter().filter(|b| b.outcome.is_success() && inside(b.start)).map(|b| b.start).collect();
+    (confirmed.len() as u64, expected)
 }
 
 /// What `vmplug prepare` did.

@@ -14,6 +14,10 @@ pub enum PlanError {
     Misaligned { size: Bytes, what: &'static str, unit: Bytes, down: Bytes, up: Bytes },
     #[error("size must be larger than zero")]
     Zero,
+    #[error("rounding {size} up to {what} {unit} gives {up}, past the {ceiling} this request may reach")]
+    RoundUpTooFar { size: Bytes, what: &'static str, unit: Bytes, up: Bytes, ceiling: Bytes },
+    #[error("{what} is {unit}, larger than the largest DIMM allowed ({max_dimm}, --max-dimm): no DIMM can be both")]
+    UnitOverMaxDimm { what: &'static str, unit: Bytes, max_dimm: Bytes },
     #[error("{needed} DIMMs are needed but only {free} memory slots are free")]
     NoSlots { needed: u32, free: u32 },
     #[error("guest NUMA node {0} does not exist (cells: {1})")]
@@ -39,19 +43,40 @@ pub fn alignment(block_size: u64, hugepage: Option<u64>) -> (u64, &'static str) 
     }
 }
 
-/// Checks (or rounds) `size` to `unit`.
-pub fn align(size: Bytes, unit: u64, what: &'static str, round_up: bool) -> Result<Bytes, PlanError> {
+/// How far a misaligned size may be rounded up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundUp {
+    /// Not at all: a misaligned size is refused.
+    No,
+    /// Up to the next multiple of the unit, but never past this total. The unit
+    /// comes from the guest: the ceiling is what keeps a guest from widening the
+    /// request (a "block size" of 8 GiB must not turn 512 MiB into 8 GiB).
+    UpTo(Bytes),
+}
+
+/// Checks (or rounds, within `round_up`'s ceiling) `size` to `unit`.
+pub fn align(size: Bytes, unit: u64, what: &'static str, round_up: RoundUp) -> Result<Bytes, PlanError> {
     if size.get() == 0 {
         return Err(PlanError::Zero);
     }
     if size.is_multiple_of(unit) {
         return Ok(size);
     }
-    let up = size.round_up(unit).unwrap_or(size);
-    if round_up {
-        return Ok(up);
+    // `None`: the next multiple is past u64 (a size no ceiling admits).
+    let up = size.round_up(unit);
+    match (round_up, up) {
+        (RoundUp::UpTo(ceiling), Some(up)) if up <= ceiling => Ok(up),
+        (RoundUp::UpTo(ceiling), up) => {
+            Err(PlanError::RoundUpTooFar { size, what, unit: Bytes(unit), up: up.unwrap_or(Bytes(u64::MAX)), ceiling })
+        }
+        (RoundUp::No, up) => Err(PlanError::Misaligned {
+            size,
+            what,
+            unit: Bytes(unit),
+            down: Bytes(size.get() / unit * unit),
+            up: up.unwrap_or(size),
+        }),
     }
-    Err(PlanError::Misaligned { size, what, unit: Bytes(unit), down: Bytes(size.get() / unit * unit), up })
 }
 
 /// Splits `size` (already aligned to `unit`) into DIMMs no larger than `max_dimm`
@@ -74,8 +99,11 @@ pub fn plan_dimms(
             return Err(PlanError::NoSuchNode(n, ids.join(",")));
         }
     }
+    if unit > max_dimm.get() {
+        return Err(PlanError::UnitOverMaxDimm { what: "the alignment unit", unit: Bytes(unit), max_dimm });
+    }
     let units = size.get() / unit;
-    let max_units = (max_dimm.get() / unit).max(1);
+    let max_units = max_dimm.get() / unit;
     let mut count = units.div_ceil(max_units);
     if node.is_none() {
         // Spread over the cells when there is enough to spread.
@@ -145,19 +173,35 @@ mod tests {
 
     #[test]
     fn alignment_table() {
+        let up = RoundUp::UpTo(Bytes(GIB));
         for (size_mib, round, want) in
-            [(128, false, Ok(128)), (1024, false, Ok(1024)), (100, true, Ok(128)), (129, true, Ok(256))]
+            [(128, RoundUp::No, Ok(128)), (1024, RoundUp::No, Ok(1024)), (100, up, Ok(128)), (129, up, Ok(256))]
         {
             assert_eq!(align(Bytes(size_mib * MIB), BLOCK, "b", round).map(|b| b.mib()), want, "{size_mib}");
         }
-        let err = align(Bytes(100 * MIB), BLOCK, "the guest's memory block size", false).expect_err("misaligned");
+        let err = align(Bytes(100 * MIB), BLOCK, "the guest's memory block size", RoundUp::No).expect_err("misaligned");
         assert_eq!(
             err.to_string(),
             "size 100 MiB is not a multiple of the guest's memory block size 128 MiB; use a multiple such as 128 MiB or --round-up"
         );
-        assert_eq!(align(Bytes(0), BLOCK, "b", true), Err(PlanError::Zero));
+        assert_eq!(align(Bytes(0), BLOCK, "b", up), Err(PlanError::Zero));
         assert_eq!(alignment(BLOCK, Some(GIB)), (GIB, "the hugepage size"));
         assert_eq!(alignment(BLOCK, Some(2 * MIB)).0, BLOCK);
+    }
+
+    /// Security finding 1: a guest reporting an 8 GiB block size turned a 512 MiB
+    /// step into an 8 GiB DIMM, past the policy, past --max-dimm.
+    #[test]
+    fn a_guest_block_size_cannot_widen_the_request() {
+        let huge = 8 * GIB;
+        let e = align(Bytes(512 * MIB), huge, "the guest's memory block size", RoundUp::UpTo(Bytes(GIB)))
+            .expect_err("8 GiB is past the 1 GiB ceiling");
+        assert!(matches!(e, PlanError::RoundUpTooFar { up: Bytes(u), .. } if u == huge), "{e}");
+        assert!(e.to_string().contains("past the 1 GiB"), "{e}");
+        let e = plan_dimms(Bytes(huge), huge, Bytes(4 * GIB), Some(0), &cells(&[(0, 512)]), 8)
+            .expect_err("no DIMM of 8 GiB within --max-dimm 4 GiB");
+        assert!(matches!(e, PlanError::UnitOverMaxDimm { .. }), "{e}");
+        assert_eq!(align(Bytes(u64::MAX - 5), BLOCK, "b", RoundUp::UpTo(Bytes(u64::MAX))).ok(), None, "no wrap");
     }
 
     #[test]

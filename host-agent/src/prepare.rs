@@ -42,6 +42,10 @@ pub enum PrepareError {
     TooManyCells { cells: u32, sockets: u32 },
     #[error("machine '{machine}' ({arch}) cannot hot-plug: {why}")]
     Machine { machine: String, arch: String, why: &'static str },
+    #[error("--host-nodes is empty: name at least one host NUMA node (host nodes: {0})")]
+    NoHostNodes(String),
+    #[error("0 memory slots: memory hot-plug needs at least one (the guide allows up to {MAX_SLOTS})")]
+    NoSlots,
     #[error("host NUMA node {0} does not exist (host nodes: {1})")]
     NoSuchHostNode(u32, String),
     #[error("strict binding of cell {cell} ({need}) to host node {node} with {free} free would fail at start")]
@@ -124,6 +128,9 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
     if slots > MAX_SLOTS {
         return Err(PrepareError::TooManySlots(slots));
     }
+    if slots == 0 {
+        return Err(PrepareError::NoSlots);
+    }
     // The initial memory stays; only the ceiling and the layout change.
     let initial = Bytes(f.memory.get().saturating_sub(f.dimm_memory().get()));
     let max_memory = o.max_memory.or(f.max_memory).unwrap_or(Bytes(initial.get() * 4));
@@ -151,6 +158,9 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
     if let Some(nodes) = &o.host_nodes {
         let host_ids: CpuSet = host.nodes.iter().map(|n| n.id).collect();
         let list: Vec<u32> = nodes.iter().collect();
+        if list.is_empty() {
+            return Err(PrepareError::NoHostNodes(host_ids.to_string()));
+        }
         for n in &list {
             if !host_ids.contains(*n) {
                 return Err(PrepareError::NoSuchHostNode(*n, host_ids.to_string()));

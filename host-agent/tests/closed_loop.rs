@@ -44,7 +44,13 @@ async fn world(plays_hypervisor: bool) -> World {
     tokio::spawn(async move {
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(vmplug_guest::server::serve_connection(served.clone(), stream, Vec::new(), stop.clone()));
+            tokio::spawn(vmplug_guest::server::serve_connection(
+                served.clone(),
+                stream,
+                Vec::new(),
+                stop.clone(),
+                vmplug_guest::server::SessionLimits::VSOCK,
+            ));
         }
     });
     let k = kernel.clone();
@@ -72,6 +78,7 @@ fn mem_opts(size: u64, node: u32, max_dimm: u64, id: &str) -> MemoryOpts {
         size: Bytes(size),
         node: Some(node),
         round_up: false,
+        ceiling: None,
         max_dimm: Bytes(max_dimm),
         request_id: id.into(),
     }

@@ -118,3 +118,92 @@ async fn an_agent_that_lost_the_handshake_gets_hello_again_and_the_request_once_
     assert_eq!(info.protocol, 1);
     assert_eq!(*seen.lock().expect("log"), ["hello", "info", "hello", "info"]);
 }
+
+/// A fake agent that answers every `hello`/`info` with the golden guest facts
+/// changed by `edit`, over as many connections as the host opens.
+async fn lying_agent(edit: fn(&mut serde_json::Value)) -> (tempfile::TempDir, AgentAddr) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = tokio::io::split(s);
+                let mut r = BufReader::new(r);
+                let mut line = String::new();
+                while r.read_line(&mut line).await.map(|n| n > 0).unwrap_or(false) {
+                    let v: serde_json::Value = serde_json::from_str(&line).expect("host frames are JSON");
+                    line.clear();
+                    let mut info: serde_json::Value =
+                        serde_json::from_str(include_str!("../../common/tests/golden/guest_info.json"))
+                            .expect("golden");
+                    edit(&mut info);
+                    info["id"] = v["id"].clone();
+                    let _ = w.write_all(format!("{info}\n").as_bytes()).await;
+                }
+            });
+        }
+    });
+    (dir, AgentAddr::Serial { path })
+}
+
+/// Security finding 1: a guest that reports an 8 GiB block size turned
+/// autoscale's 512 MiB step (rounded up, as autoscale asks) into an 8 GiB DIMM.
+/// Rounding now stops at the request's ceiling: refused, nothing attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_block_size_cannot_widen_a_plug() {
+    use vmplug::domain::Affect;
+    use vmplug::fake::{FakeConnection, FakeDomain};
+    use vmplug::ops::{attach_memory, HotplugOpts, MemoryOpts};
+    use vmplug::report::Outcome;
+    use vmplug_common::protocol::ZonePolicy;
+    use vmplug_common::{Bytes, GIB, MIB};
+
+    let (_d, addr) = lying_agent(|info| info["body"]["memory"]["block_size"] = (8 * GIB).into()).await;
+    let dom = FakeDomain::new("web1", include_str!("fixtures/x86-ready.xml"), None);
+    let conn = FakeConnection::new(include_str!("fixtures/caps.xml"), vec![dom.clone()]);
+    let opts = HotplugOpts {
+        affect: Affect::Live,
+        timeout: Duration::from_secs(5),
+        agent_wait: Duration::from_secs(5),
+        no_wait: false,
+        force: false,
+        agent: Some(addr),
+        zone: ZonePolicy::Auto,
+    };
+    // As autoscale asks: 512 MiB, rounding allowed up to its room of 1 GiB.
+    let mem = MemoryOpts {
+        size: Bytes(512 * MIB),
+        node: Some(0),
+        round_up: true,
+        ceiling: Some(Bytes(GIB)),
+        max_dimm: Bytes(4 * GIB),
+        request_id: "a".into(),
+    };
+    let r = attach_memory(conn.clone(), "web1", &mem, &opts).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert_eq!(r.findings[0].id, "mem.round-up", "{}", r.render_text());
+    assert!(dom.calls().is_empty(), "nothing attached: {:?}", dom.calls());
+    // As `attach-memory --round-up` asks (no ceiling but the domain's): the
+    // 8 GiB unit is larger than --max-dimm, so no DIMM can be made.
+    let cli = MemoryOpts { ceiling: None, request_id: "b".into(), ..mem };
+    let r = attach_memory(conn.clone(), "web1", &cli, &opts).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert!(r.findings.iter().any(|f| f.id == "mem.max-dimm"), "{}", r.render_text());
+    assert!(dom.calls().is_empty(), "nothing attached: {:?}", dom.calls());
+}
+
+/// Security finding 3: guest strings reached the terminal raw; a `kernel` with
+/// a newline and ESC sequences forged a line of a report. They arrive escaped.
+#[tokio::test]
+async fn guest_strings_arrive_escaped() {
+    let (_d, addr) = lying_agent(|info| {
+        info["body"]["kernel"] = "6.1\n  vcpus 8 of 8 \u{1b}[2K".into();
+        info["body"]["memory"]["zones"] = serde_json::json!({"Normal\r\u{1b}]0;x\u{7}": 3});
+    })
+    .await;
+    let link = GuestLink::connect(&addr, Duration::from_secs(5)).await.expect("handshake");
+    assert_eq!(link.info.kernel, "6.1\\u{a}  vcpus 8 of 8 \\u{1b}[2K");
+    let zones: Vec<&String> = link.info.memory.as_ref().expect("memory").zones.keys().collect();
+    assert_eq!(zones, ["Normal\\u{d}\\u{1b}]0;x\\u{7}"]);
+}

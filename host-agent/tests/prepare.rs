@@ -128,3 +128,16 @@ fn hugepage_backed_cells_are_whole_hugepages() {
     assert_eq!(f.cells.iter().map(|c| c.memory).collect::<Vec<_>>(), vec![Bytes(2 * GIB), Bytes(GIB)]);
     assert_eq!(f.hugepage_size, Some(Bytes(GIB)), "<memoryBacking> untouched");
 }
+
+/// Security finding 9: an empty `--host-nodes` divided by zero (a panic); and
+/// `--slots 0` was accepted, leaving memory hot-plug impossible without a word.
+#[test]
+fn empty_host_nodes_and_zero_slots_are_refused() {
+    let input = include_str!("fixtures/plain.xml");
+    let empty = PrepareOpts { host_nodes: Some(vmplug_common::CpuSet::new()), ..Default::default() };
+    let e = prepare(input, &host(), &empty).expect_err("refused, not a panic");
+    assert!(matches!(e, PrepareError::NoHostNodes(_)), "{e}");
+    assert!(e.to_string().contains("host nodes: 0-1"), "{e}");
+    let zero = PrepareOpts { slots: Some(0), ..Default::default() };
+    assert_eq!(prepare(input, &host(), &zero).expect_err("refused"), PrepareError::NoSlots);
+}

@@ -20,7 +20,7 @@ pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many guests at once per test process (2 cores, TCG).
 pub const MAX_GUESTS: usize = 2;
 
-pub const AGENT_PORT: u32 = 1027;
+pub const AGENT_PORT: u32 = vmplug_common::protocol::DEFAULT_VSOCK_PORT;
 pub const SERIAL_NAME: &str = "org.vmplug.guest.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
