@@ -782,3 +782,51 @@ pub async fn prepare(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmplug_common::protocol::{BlockResult, Outcome as BlockOutcome, Report};
+    use vmplug_common::MIB;
+
+    fn report(blocks: &[(u64, BlockOutcome)]) -> Report {
+        Report {
+            cpus: vec![],
+            blocks: blocks
+                .iter()
+                .map(|(start, o)| BlockResult {
+                    index: start / (128 * MIB),
+                    start: *start,
+                    node: None,
+                    zone: None,
+                    outcome: o.clone(),
+                })
+                .collect(),
+            cpus_online: Default::default(),
+            memory_online: Default::default(),
+            complete: true,
+            timed_out: false,
+            duration_ms: 0,
+        }
+    }
+
+    /// Security finding 1: success was summed over every block the guest listed,
+    /// with the guest's block size: a block outside the new DIMM counted.
+    #[test]
+    fn only_blocks_inside_the_plugged_ranges_count_once() {
+        let bs = 128 * MIB;
+        let dimm = [MemRange { start: 4096 * MIB, size: Bytes(256 * MIB) }];
+        let done = BlockOutcome::Done;
+        let exact = report(&[(4096 * MIB, done.clone()), (4224 * MIB, done.clone())]);
+        assert_eq!(confirmed_blocks(&dimm, Some(bs), &exact), (2, 2));
+        let outside = report(&[(4096 * MIB, done.clone()), (0, done.clone())]);
+        assert_eq!(confirmed_blocks(&dimm, Some(bs), &outside), (1, 2), "a block outside the DIMM does not count");
+        let twice = report(&[(4096 * MIB, done.clone()), (4096 * MIB, BlockOutcome::Already)]);
+        assert_eq!(confirmed_blocks(&dimm, Some(bs), &twice), (1, 2), "a block listed twice counts once");
+        let unaligned = report(&[(4096 * MIB, done.clone()), (4096 * MIB + 1, done.clone())]);
+        assert_eq!(confirmed_blocks(&dimm, Some(bs), &unaligned), (1, 2));
+        let failed = report(&[(4096 * MIB, done.clone()), (4224 * MIB, BlockOutcome::NotFound)]);
+        assert_eq!(confirmed_blocks(&dimm, Some(bs), &failed), (1, 2));
+        assert_eq!(confirmed_blocks(&dimm, None, &exact), (0, 0), "no block size: nothing confirmable");
+    }
+}
