@@ -11,7 +11,7 @@ LOG_TAG=systemd-image
 . "$(dirname "$0")/lib.sh"
 kind=$1 deb=$2 out=$3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-base=$CACHE/rootfs-bookworm
+rootfs=$CACHE/rootfs-bookworm
 
 debootstrap_once() {
   local dir=$1 mirror=$2
@@ -32,7 +32,7 @@ local tmp=$1
 work=$(mktemp -d "$CACHE/image.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root=$work/root
-cp -a "$base" "$root"
+cp -a "$rootfs" "$root"
 rel=$(ls "$CACHE/kernel/lib/modules")
 mkdir -p "$root/lib/modules"
 cp -a "$CACHE/kernel/lib/modules/$rel" "$root/lib/modules/"
@@ -77,5 +77,5 @@ truncate -s 2G "$tmp"
 mkfs.ext4 -q -F -L vmplugroot -d "$root" "$tmp"
 }
 
-artefact "$base" build_rootfs
+artefact "$rootfs" build_rootfs
 artefact "$out" build_image

@@ -35,40 +35,41 @@ retry() {
 # be written as a plain script; it must create TMP, on the same file system as
 # PATH) and renames TMP to PATH. BUILDER's failure leaves nothing behind.
 artefact() {
-  local path=$1 builder=$2
+  # Builders run inside this function and bash scopes variables dynamically: its
+  # locals carry a prefix no builder uses, so they never shadow the caller's.
+  local _art_path=$1 _art_builder=$2
   shift 2
-  local rel=${path#"$CACHE"/}
-  local lock="$CACHE/.locks/${rel//\//_}.lock"
-  local dir base tmp rc fd
-  dir=$(dirname "$path") base=$(basename "$path")
-  mkdir -p "$dir"
-  exec {fd}>"$lock"
-  if ! flock -n "$fd"; then
-    log "waiting for another builder of $rel"
-    flock "$fd"
+  local _art_rel=${_art_path#"$CACHE"/}
+  local _art_lock="$CACHE/.locks/${_art_rel//\//_}.lock"
+  local _art_dir _art_name _art_tmp _art_rc _art_fd _art_errexit=0
+  _art_dir=$(dirname "$_art_path") _art_name=$(basename "$_art_path")
+  mkdir -p "$_art_dir"
+  exec {_art_fd}>"$_art_lock"
+  if ! flock -n "$_art_fd"; then
+    log "waiting for another builder of $_art_rel"
+    flock "$_art_fd"
   fi
-  if [ -e "$path" ]; then
-    exec {fd}>&-
+  if [ -e "$_art_path" ]; then
+    exec {_art_fd}>&-
     return 0
   fi
   # Only the lock holder builds, so any temporary path left here is a dead run's.
-  rm -rf "$dir/.$base.tmp."*
-  tmp="$dir/.$base.tmp.$$"
-  local errexit=0
-  case $- in *e*) errexit=1 ;; esac
+  rm -rf "$_art_dir/.$_art_name.tmp."*
+  _art_tmp="$_art_dir/.$_art_name.tmp.$$"
+  case $- in *e*) _art_errexit=1 ;; esac
   set +e
-  (set -e; "$builder" "$tmp" "$@")
-  rc=$?
-  [ "$errexit" = 0 ] || set -e
-  if [ "$rc" -eq 0 ] && [ -e "$tmp" ]; then
-    mv -T "$tmp" "$path" || rc=$?
-  elif [ "$rc" -eq 0 ]; then
-    log "building $rel produced nothing"
-    rc=1
+  (set -e; "$_art_builder" "$_art_tmp" "$@")
+  _art_rc=$?
+  [ "$_art_errexit" = 0 ] || set -e
+  if [ "$_art_rc" -eq 0 ] && [ -e "$_art_tmp" ]; then
+    mv -T "$_art_tmp" "$_art_path" || _art_rc=$?
+  elif [ "$_art_rc" -eq 0 ]; then
+    log "building $_art_rel produced nothing"
+    _art_rc=1
   fi
-  [ "$rc" -eq 0 ] || rm -rf "$tmp"
-  exec {fd}>&-
-  return "$rc"
+  [ "$_art_rc" -eq 0 ] || rm -rf "$_art_tmp" "$_art_tmp".*
+  exec {_art_fd}>&-
+  return "$_art_rc"
 }
 
 # The Debian mirror and keyring of the machine's own apt sources (deb822 or
