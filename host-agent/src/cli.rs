@@ -7,11 +7,13 @@ use clap::{Args, Parser, Subcommand};
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, CpuSet};
 
+use crate::autoscale::{Host, Policy, PolicyError};
 use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams};
 use crate::link::AgentAddr;
 use crate::ops::{self, HotplugOpts, MemoryOpts};
-use crate::report::{OpReport, EXIT_USAGE};
-use crate::tune::{self, TuneError};
+use crate::preflight::Severity;
+use crate::report::{Envelope, OpReport, Outcome as ReportOutcome};
+use crate::tune::{self, Refused, TuneError};
 use crate::unplug::{self, DimmSelector};
 
 #[derive(Parser, Debug)]
@@ -29,6 +31,27 @@ pub struct Cli {
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// A size on the command line: a number and a unit, binary multiples
+/// (`512M` = `512MiB` = 512 × 2^20 bytes; K, M, G, T, optionally with `iB` or
+/// `B`; `B` alone for bytes). A bare number is refused: virsh reads it as KiB,
+/// other tools as bytes, and a wrong guess plugs a thousand times too much or too
+/// little.
+pub fn parse_size(s: &str) -> Result<Bytes, String> {
+    if !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("'{s}' has no unit: write {s}M, {s}G, {s}K or {s}B (binary multiples: 1G = 1024M)"));
+    }
+    s.parse::<Bytes>().map_err(|e| e.to_string())
+}
+
+/// A CPU or node list on the command line (`0-3,8`, `0-7,^2`): never empty.
+pub fn parse_set(s: &str) -> Result<CpuSet, String> {
+    let set: CpuSet = s.parse().map_err(|e: vmplug_common::CpuSetError| e.to_string())?;
+    if set.is_empty() {
+        return Err(format!("'{s}' names no CPU or node (an exclusion such as ^1 alone excludes from nothing)"));
+    }
+    Ok(set)
 }
 
 #[derive(Args, Debug, Clone, Copy)]
@@ -99,6 +122,7 @@ impl HotplugArgs {
 pub enum Command {
     /// Show or set CPU scheduler parameters (cpu_shares=N vcpu_quota=… …).
     Schedinfo {
+        /// Domain name (as virsh list shows it).
         domain: String,
         #[command(flatten)]
         affect: AffectArgs,
@@ -107,29 +131,41 @@ pub enum Command {
     },
     /// Show or set the QEMU emulator threads' host CPU affinity.
     Emulatorpin {
+        /// Domain name (as virsh list shows it).
         domain: String,
+        /// Host CPUs (`0-3,^1`); without it, the current affinity.
+        #[arg(value_parser = parse_set)]
         cpuset: Option<CpuSet>,
         #[command(flatten)]
         affect: AffectArgs,
     },
     /// Show or set a vCPU's host CPU affinity.
     Vcpupin {
+        /// Domain name (as virsh list shows it).
         domain: String,
+        /// The vCPU to pin; without VCPU and CPUSET, the table.
         vcpu: Option<u32>,
+        /// Host CPUs (`0-3,^1`).
+        #[arg(value_parser = parse_set)]
         cpuset: Option<CpuSet>,
         #[command(flatten)]
         affect: AffectArgs,
     },
     /// Set the number of vCPUs; waits until the guest has them online.
     Setvcpus {
+        /// Domain name (as virsh list shows it).
         domain: String,
+        /// The total number of vCPUs wanted (not a delta).
         count: u32,
         #[command(flatten)]
         hotplug: HotplugArgs,
     },
     /// Hot-plug memory as DIMMs; waits until the guest has every block online.
     AttachMemory {
+        /// Domain name (as virsh list shows it).
         domain: String,
+        /// Memory to add, with a unit: 512M, 1G, 2GiB (binary: 1G = 1024M; a bare number is refused).
+        #[arg(value_parser = parse_size)]
         size: Bytes,
         /// Guest NUMA node (default: balanced over the cells).
         #[arg(long)]
@@ -137,8 +173,8 @@ pub enum Command {
         /// Round a misaligned size up to the guest's block size.
         #[arg(long)]
         round_up: bool,
-        /// Largest single DIMM; larger sizes are split.
-        #[arg(long, default_value = "4G")]
+        /// Largest single DIMM (a size with a unit); larger requests are split.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
         max_dimm: Bytes,
         /// Idempotency key: repeating the command with the same id (after a crash)
         /// attaches only what is missing. Default: a fresh id, printed in the report.
@@ -150,6 +186,7 @@ pub enum Command {
     /// Hot-unplug DIMMs: the guest offlines their blocks, libvirt detaches them,
     /// vmplug waits for QEMU to remove them and the guest to confirm.
     DetachMemory {
+        /// Domain name (as virsh list shows it).
         domain: String,
         /// One DIMM by alias (`ua-vmplug-ID-N`, or libvirt's `dimmN`).
         #[arg(long, conflicts_with = "request_id", required_unless_present = "request_id")]
@@ -162,24 +199,34 @@ pub enum Command {
     },
     /// Show or set host NUMA memory placement.
     Numatune {
+        /// Domain name (as virsh list shows it).
         domain: String,
+        /// strict, preferred, interleave or restrictive.
         #[arg(long)]
         mode: Option<NumaMode>,
-        #[arg(long)]
+        /// Host NUMA nodes (`0-1`, `0-3,^2`).
+        #[arg(long, value_parser = parse_set)]
         nodeset: Option<CpuSet>,
         #[command(flatten)]
         affect: AffectArgs,
     },
     /// Host NUMA topology (as numactl -H), guest cells and their placement.
-    Numa { domain: String },
+    Numa {
+        /// Domain name (as virsh list shows it).
+        domain: String,
+    },
     /// Preflight only: is the domain ready for these hot-plugs?
     Check {
+        /// Domain name (as virsh list shows it).
         domain: String,
+        /// Check `setvcpus DOMAIN N`.
         #[arg(long)]
         cpus: Option<u32>,
-        #[arg(long)]
+        /// Check `attach-memory DOMAIN SIZE` (a size with a unit: 512M, 1G).
+        #[arg(long, value_parser = parse_size)]
         memory: Option<Bytes>,
-        #[arg(long)]
+        /// Guest NUMA node of the memory (needs --memory).
+        #[arg(long, requires = "memory")]
         node: Option<u32>,
         #[command(flatten)]
         agent: AgentArgs,
@@ -187,12 +234,13 @@ pub enum Command {
     /// Make a domain hot-plug-ready (edits the persistent definition only; takes
     /// effect at the next start). Prints a unified diff of the XML.
     Prepare {
+        /// Domain name (as virsh list shows it).
         domain: String,
         /// Largest vCPU count hot-plug may reach.
         #[arg(long)]
         max_vcpus: Option<u32>,
-        /// Largest memory hot-plug may reach (<maxMemory>).
-        #[arg(long)]
+        /// Largest memory hot-plug may reach (<maxMemory>; a size with a unit).
+        #[arg(long, value_parser = parse_size)]
         max_memory: Option<Bytes>,
         /// Memory slots to reserve (at most 256).
         #[arg(long)]
@@ -202,7 +250,7 @@ pub enum Command {
         cells: Option<u32>,
         /// Host NUMA nodes to back the cells with (round-robin), pinning each
         /// cell's vCPUs to its node's CPUs.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_set)]
         host_nodes: Option<CpuSet>,
         /// numatune mode for the memnodes.
         #[arg(long)]
@@ -214,6 +262,7 @@ pub enum Command {
     /// Grow running VMs from their guests' pressure, within a policy (TOML).
     /// Prints one JSON event per decision.
     Autoscale {
+        /// The policy file (TOML; see README).
         #[arg(long)]
         policy: std::path::PathBuf,
         /// Sample until one decision per domain, act, and exit.
@@ -225,65 +274,179 @@ pub enum Command {
     },
     /// The host's and the guest's view side by side.
     Status {
+        /// Domain name (as virsh list shows it).
         domain: String,
         #[command(flatten)]
         agent: AgentArgs,
     },
 }
 
-/// What a command printed and how the process should exit.
-#[derive(Debug)]
-pub struct Outcome {
-    pub text: String,
-    pub exit: u8,
-}
+impl Command {
+    /// The verb, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Schedinfo { .. } => "schedinfo",
+            Command::Emulatorpin { .. } => "emulatorpin",
+            Command::Vcpupin { .. } => "vcpupin",
+            Command::Setvcpus { .. } => "setvcpus",
+            Command::AttachMemory { .. } => "attach-memory",
+            Command::DetachMemory { .. } => "detach-memory",
+            Command::Numatune { .. } => "numatune",
+            Command::Numa { .. } => "numa",
+            Command::Check { .. } => "check",
+            Command::Prepare { .. } => "prepare",
+            Command::Autoscale { .. } => "autoscale",
+            Command::Status { .. } => "status",
+        }
+    }
 
-fn print<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce(&T) -> String) -> String {
-    if json {
-        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")) + "\n"
-    } else {
-        text(v)
+    /// The domain the command is about, if it names one.
+    pub fn domain(&self) -> Option<&str> {
+        match self {
+            Command::Schedinfo { domain, .. }
+            | Command::Emulatorpin { domain, .. }
+            | Command::Vcpupin { domain, .. }
+            | Command::Setvcpus { domain, .. }
+            | Command::AttachMemory { domain, .. }
+            | Command::DetachMemory { domain, .. }
+            | Command::Numatune { domain, .. }
+            | Command::Numa { domain }
+            | Command::Check { domain, .. }
+            | Command::Prepare { domain, .. }
+            | Command::Status { domain, .. } => Some(domain),
+            Command::Autoscale { .. } => None,
+        }
     }
 }
 
-fn op_out(json: bool, r: OpReport) -> Outcome {
-    Outcome { exit: r.outcome.exit_code(), text: print(json, &r, OpReport::render_text) }
+/// Why a command ended without its result. Each kind has one outcome and so one
+/// exit code (README, "Exit codes").
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// An attach-memory run that ended early: the request id makes a repeat safe.
+    #[error("attach-memory request {id}: {source}; repeat with --request-id {id} to attach only what is missing")]
+    Request { id: String, source: DomainError },
+    #[error("{0}")]
+    Other(String),
 }
 
-fn tune_err(e: TuneError) -> anyhow::Error {
-    anyhow::Error::new(e)
+impl From<TuneError> for CliError {
+    fn from(e: TuneError) -> Self {
+        match e {
+            TuneError::Domain(d) => CliError::Domain(d),
+            TuneError::Refused(r) => CliError::Refused(r),
+        }
+    }
+}
+
+fn domain_outcome(e: &DomainError) -> ReportOutcome {
+    match e {
+        DomainError::Usage(_) => ReportOutcome::Usage,
+        DomainError::Connect { .. } | DomainError::Libvirt { .. } => ReportOutcome::LibvirtError,
+        DomainError::NotFound(_) | DomainError::NotRunning(_) | DomainError::Other(_) => ReportOutcome::Error,
+    }
+}
+
+impl CliError {
+    pub fn outcome(&self) -> ReportOutcome {
+        match self {
+            CliError::Usage(_) => ReportOutcome::Usage,
+            CliError::Domain(e) | CliError::Request { source: e, .. } => domain_outcome(e),
+            CliError::Refused(_) => ReportOutcome::Refused,
+            CliError::Policy(PolicyError::Read(..)) | CliError::Other(_) => ReportOutcome::Error,
+            CliError::Policy(_) => ReportOutcome::Usage,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        self.outcome().exit_code()
+    }
+
+    /// The `--json` envelope of this error for `command`.
+    pub fn envelope(&self, command: &Command) -> Envelope {
+        let mut env = Envelope::new(command.name(), command.domain(), self.outcome(), self.to_string());
+        env.error = Some(self.to_string());
+        if let CliError::Refused(r) = self {
+            env.findings = r.0.clone();
+        }
+        env
+    }
+}
+
+/// What a command produced: its envelope, its own result and its text form.
+#[derive(Debug)]
+pub struct Done {
+    pub envelope: Envelope,
+    pub result: Option<serde_json::Value>,
+    pub text: String,
+}
+
+impl Done {
+    fn new<T: serde::Serialize>(envelope: Envelope, result: &T, text: String) -> Done {
+        Done { envelope, result: serde_json::to_value(result).ok(), text }
+    }
+
+    /// A read-only command (or one whose change is shown by its output).
+    fn shown<T: serde::Serialize>(cmd: &Command, result: &T, text: String) -> Done {
+        Done::new(Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new()), result, text)
+    }
+
+    fn op(r: OpReport) -> Done {
+        let text = r.render_text();
+        Done::new(r.envelope(), &r, text)
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        self.envelope.exit_code
+    }
+
+    /// What to print: the text, or the one JSON envelope.
+    pub fn render(&self, json: bool) -> String {
+        if json {
+            json_line(&self.envelope.to_json(self.result.clone()))
+        } else {
+            self.text.clone()
+        }
+    }
+}
+
+/// A JSON document as printed: pretty, one trailing newline.
+pub fn json_line(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")) + "\n"
 }
 
 /// Runs one command against a connection.
-pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome> {
-    let json = cli.json;
-    let ok = |text| Outcome { text, exit: 0 };
-    Ok(match &cli.command {
+pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
+    let cmd = &cli.command;
+    Ok(match cmd {
         Command::Schedinfo { domain, affect, params } => {
             let set = tune::parse_sched_args(params)?;
-            let p = tune::schedinfo(conn, domain, affect.affect()?, set).await.map_err(tune_err)?;
-            ok(print(json, &p, tune::render_sched))
+            let p = tune::schedinfo(conn, domain, affect.affect()?, set).await?;
+            Done::shown(cmd, &p, tune::render_sched(&p))
         }
         Command::Emulatorpin { domain, cpuset, affect } => {
-            let t = tune::emulatorpin(conn, domain, affect.affect()?, cpuset.clone()).await.map_err(tune_err)?;
-            ok(print(json, &t, tune::render_pins))
+            let t = tune::emulatorpin(conn, domain, affect.affect()?, cpuset.clone()).await?;
+            Done::shown(cmd, &t, tune::render_pins(&t))
         }
         Command::Vcpupin { domain, vcpu, cpuset, affect } => {
             let pin = match (vcpu, cpuset) {
                 (Some(v), Some(c)) => Some((*v, c.clone())),
                 (None, None) => None,
-                _ => {
-                    return Ok(Outcome {
-                        text: "vcpupin: give both VCPU and CPUSET, or neither\n".into(),
-                        exit: EXIT_USAGE,
-                    })
-                }
+                _ => return Err(CliError::Usage("vcpupin: give both VCPU and CPUSET, or neither".into())),
             };
-            let t = tune::vcpupin(conn, domain, affect.affect()?, pin).await.map_err(tune_err)?;
-            ok(print(json, &t, tune::render_pins))
+            let t = tune::vcpupin(conn, domain, affect.affect()?, pin).await?;
+            Done::shown(cmd, &t, tune::render_pins(&t))
         }
         Command::Setvcpus { domain, count, hotplug } => {
-            op_out(json, ops::setvcpus(conn, domain, *count, &hotplug.opts()?).await?)
+            Done::op(ops::setvcpus(conn, domain, *count, &hotplug.opts()?).await?)
         }
         Command::AttachMemory { domain, size, node, round_up, max_dimm, request_id, hotplug } => {
             let mem = MemoryOpts {
@@ -296,32 +459,29 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
             };
             // The id is what makes a repeat safe: name it even when the run ends in an error.
             let r = ops::attach_memory(conn, domain, &mem, &hotplug.opts()?).await.map_err(|e| match e {
-                DomainError::Usage(_) | DomainError::NotFound(_) => anyhow::Error::new(e),
-                e => anyhow::Error::new(e).context(format!(
-                    "attach-memory request {}: repeat with --request-id {} to attach only what is missing",
-                    mem.request_id, mem.request_id
-                )),
+                DomainError::Usage(_) | DomainError::NotFound(_) => CliError::Domain(e),
+                e => CliError::Request { id: mem.request_id.clone(), source: e },
             })?;
-            op_out(json, r)
+            Done::op(r)
         }
         Command::DetachMemory { domain, alias, request_id, hotplug } => {
             let sel = match (alias, request_id) {
                 (Some(a), _) => DimmSelector::Alias(a.clone()),
                 (None, Some(id)) => DimmSelector::Request(id.clone()),
-                (None, None) => Err(DomainError::Usage("give --alias or --request-id".into()))?,
+                (None, None) => return Err(CliError::Usage("give --alias or --request-id".into())),
             };
-            op_out(json, unplug::detach_memory(conn, domain, &sel, &hotplug.opts()?).await?)
+            Done::op(unplug::detach_memory(conn, domain, &sel, &hotplug.opts()?).await?)
         }
         Command::Numatune { domain, mode, nodeset, affect } => {
-            let p =
-                tune::numatune(conn, domain, affect.affect()?, NumaParams { mode: *mode, nodeset: nodeset.clone() })
-                    .await
-                    .map_err(tune_err)?;
-            ok(print(json, &p, tune::render_numatune))
+            let set = NumaParams { mode: *mode, nodeset: nodeset.clone() };
+            let p = tune::numatune(conn, domain, affect.affect()?, set).await?;
+            Done::shown(cmd, &p, tune::render_numatune(&p))
         }
         Command::Numa { domain } => {
-            let v = tune::numa(conn, domain).await.map_err(tune_err)?;
-            ok(print(json, &v, tune::render_numa))
+            let v = tune::numa(conn, domain).await?;
+            let mut env = Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new());
+            env.findings = v.findings.clone();
+            Done::new(env, &v, tune::render_numa(&v))
         }
         Command::Check { domain, cpus, memory, node, agent } => {
             let c = tune::check(
@@ -332,10 +492,17 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
                 agent.agent.as_ref(),
                 Duration::from_secs(agent.agent_timeout),
             )
-            .await
-            .map_err(tune_err)?;
-            let exit = if c.ready { 0 } else { crate::report::Outcome::Refused.exit_code() };
-            Outcome { text: print(json, &c, tune::render_check), exit }
+            .await?;
+            let (outcome, message) =
+                if c.ready { (ReportOutcome::Ok, "ready") } else { (ReportOutcome::Refused, "not ready") };
+            let mut env = Envelope::new(cmd.name(), cmd.domain(), outcome, message.into());
+            env.findings = c.findings.clone();
+            if !c.ready {
+                let ids: Vec<&str> =
+                    c.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
+                env.error = Some(format!("not ready: {}", ids.join(", ")));
+            }
+            Done::new(env, &c, tune::render_check(&c))
         }
         Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {
             let opts = crate::prepare::PrepareOpts {
@@ -347,11 +514,22 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
                 mode: *mode,
             };
             let r = ops::prepare(conn, domain, &opts, *dry_run).await?;
-            let exit = if r.refused.is_some() { crate::report::Outcome::Refused.exit_code() } else { 0 };
-            Outcome { text: print(json, &r, ops::PrepareReport::render_text), exit }
+            let env = match &r.refused {
+                Some(why) => Envelope {
+                    error: Some(why.clone()),
+                    ..Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Refused, why.clone())
+                },
+                None => {
+                    let mut env = Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new());
+                    if r.defined {
+                        env.applied = vec!["define (persistent definition)".into()];
+                    }
+                    env
+                }
+            };
+            Done::new(env, &r, r.render_text())
         }
         Command::Autoscale { policy, once, dry_run } => {
-            use crate::autoscale::{Host, Policy, PolicyError};
             let text =
                 std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
             let p = Policy::parse(&policy.display().to_string(), &text)?;
@@ -362,18 +540,18 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> anyhow::Result<Outcome
                 for uri in &p.uris {
                     let u = uri.clone();
                     let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(Some(&u)))
-                        .await??;
+                        .await
+                        .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
                     hosts.push(Host::new(uri.clone(), Arc::new(c), p.host.concurrency));
                 }
             }
             crate::autoscale::run(hosts, p, *dry_run, *once).await?;
-            ok(String::new())
+            let env = Envelope::new(cmd.name(), None, ReportOutcome::Ok, "autoscale ended".into());
+            Done { envelope: env, result: None, text: String::new() }
         }
         Command::Status { domain, agent } => {
-            let s = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout))
-                .await
-                .map_err(tune_err)?;
-            ok(print(json, &s, tune::render_status))
+            let st = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout)).await?;
+            Done::shown(cmd, &st, tune::render_status(&st))
         }
     })
 }

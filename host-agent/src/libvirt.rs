@@ -126,7 +126,13 @@ impl Domain for LibvirtDomain {
     }
 
     fn scheduler(&self, affect: Affect) -> Result<SchedParams, DomainError> {
-        let s = self.dom.scheduler_parameters_flags(impact(affect)).map_err(self.err("schedinfo"))?;
+        // As virsh: without --live/--config the flagless call, which reads the
+        // current state (some drivers accept no flags at all here).
+        let s = match affect {
+            Affect::Current => self.dom.scheduler_parameters(),
+            a => self.dom.scheduler_parameters_flags(impact(a)),
+        }
+        .map_err(self.err("schedinfo"))?;
         Ok(SchedParams {
             scheduler: s.scheduler_type,
             cpu_shares: s.cpu_shares,
@@ -151,7 +157,11 @@ impl Domain for LibvirtDomain {
             iothread_bw: SchedBandwidth { period: p.iothread_period, quota: p.iothread_quota },
             ..Default::default()
         };
-        self.dom.set_scheduler_parameters_flags(&info, impact(affect)).map_err(self.err("schedinfo"))
+        match affect {
+            Affect::Current => self.dom.set_scheduler_parameters(&info),
+            a => self.dom.set_scheduler_parameters_flags(&info, impact(a)),
+        }
+        .map_err(self.err("schedinfo"))
     }
 
     fn pin_emulator(&self, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError> {

@@ -4,13 +4,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use vmplug::cli::{run, Cli};
-use vmplug::domain::{Connection, DomainError};
+use vmplug::cli::{json_line, run, Cli, CliError};
+use vmplug::domain::Connection;
 use vmplug::libvirt::LibvirtConnection;
-use vmplug::report::{Outcome, EXIT_USAGE};
+use vmplug::report::{Envelope, Outcome, EXIT_USAGE};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage(e),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -19,35 +22,58 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("vmplug: cannot start runtime: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    // libvirt's default handler prints every error itself; vmplug reports each
+    // one once, in its own words.
+    virt::error::clear_error_callback();
+    let result = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt.block_on(async {
+            let uri = cli.connect.clone();
+            let conn: Arc<dyn Connection> = Arc::new(
+                tokio::task::spawn_blocking(move || LibvirtConnection::open(uri.as_deref()))
+                    .await
+                    .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??,
+            );
+            run(&cli, conn).await
+        }),
+        Err(e) => Err(CliError::Other(format!("cannot start runtime: {e}"))),
     };
-    let result = rt.block_on(async {
-        let uri = cli.connect.clone();
-        let conn: Arc<dyn Connection> =
-            Arc::new(tokio::task::spawn_blocking(move || LibvirtConnection::open(uri.as_deref())).await??);
-        run(&cli, conn).await
-    });
     match result {
-        Ok(out) => {
-            print!("{}", out.text);
-            ExitCode::from(out.exit)
+        Ok(done) => {
+            print!("{}", done.render(cli.json));
+            ExitCode::from(done.exit_code())
         }
         Err(e) => {
-            eprintln!("vmplug: {e:#}");
-            ExitCode::from(error_exit(&e))
+            if cli.json {
+                print!("{}", json_line(&e.envelope(&cli.command).to_json(None)));
+            } else {
+                eprintln!("vmplug: {e}");
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-/// libvirt failures keep their own exit code even when they end a command early.
-fn error_exit(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<DomainError>() {
-        Some(DomainError::Libvirt { .. } | DomainError::Connect { .. }) => Outcome::LibvirtError.exit_code(),
-        _ => EXIT_USAGE,
+/// A command line clap could not take: help and version print and exit 0;
+/// anything else is a usage error (exit 64), as a JSON envelope under `--json`.
+fn usage(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            EXIT_USAGE
+        } else {
+            0
+        });
     }
+    if std::env::args().any(|a| a == "--json") {
+        let mut env = Envelope::new("usage", None, Outcome::Usage, e.kind().to_string());
+        env.error = Some(e.render().to_string().trim().to_string());
+        print!("{}", json_line(&env.to_json(None)));
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::from(EXIT_USAGE)
 }

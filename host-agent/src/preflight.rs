@@ -393,6 +393,12 @@ fn rule_pin(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_numatune(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Numatune { mode, nodeset } = op else { return None };
     let set = nodeset.as_ref()?;
+    if set.is_empty() {
+        return error(
+            "numatune.nodes",
+            "the nodeset is empty (an exclusion such as '^1' alone names no node): give the nodes to use",
+        );
+    }
     let nodes: CpuSet = ctx.host.nodes.iter().map(|n| n.id).collect();
     if !set.is_subset(&nodes) {
         return error(

@@ -24,24 +24,102 @@ pub enum Outcome {
     Partial,
     /// The guest agent could not be reached.
     AgentUnreachable,
+    /// Failed before acting (domain not found, a file unreadable, …); nothing changed.
+    Error,
+    /// The command line was wrong; nothing was read or changed.
+    Usage,
 }
 
 impl Outcome {
+    /// The process exit status: the only place one is chosen (README, "Exit codes").
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Ok => 0,
+            Outcome::Error => 1,
             Outcome::Refused => 2,
             Outcome::LibvirtError => 3,
             Outcome::GuestTimeout => 4,
             Outcome::GuestFailed => 5,
             Outcome::Partial => 6,
             Outcome::AgentUnreachable => 7,
+            Outcome::Usage => EXIT_USAGE,
+        }
+    }
+
+    /// The word a text report starts its verdict with.
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::Refused => "REFUSED",
+            Outcome::LibvirtError => "LIBVIRT ERROR",
+            Outcome::GuestTimeout => "GUEST TIMEOUT",
+            Outcome::GuestFailed => "GUEST FAILED",
+            Outcome::Partial => "PARTIAL",
+            Outcome::AgentUnreachable => "AGENT UNREACHABLE",
+            Outcome::Error => "ERROR",
+            Outcome::Usage => "USAGE",
         }
     }
 }
 
-/// Exit code for usage errors and failures before any operation started.
-pub const EXIT_USAGE: u8 = 1;
+/// Exit code for a wrong command line (sysexits' EX_USAGE): distinct from 2, which
+/// means "refused by preflight".
+pub const EXIT_USAGE: u8 = 64;
+
+/// Version of the `--json` envelope (`schema/vmplug-report.schema.json`).
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// The one `--json` document every command prints, on success and on every
+/// error: the envelope fields, with the command's own result fields beside them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Envelope {
+    pub vmplug: u32,
+    pub operation: String,
+    pub domain: Option<String>,
+    pub outcome: Outcome,
+    pub exit_code: u8,
+    pub message: String,
+    pub findings: Vec<Finding>,
+    /// What was changed, in order (libvirt calls and guest steps); empty when nothing was.
+    pub applied: Vec<String>,
+    pub timings: Option<Timings>,
+    pub error: Option<String>,
+}
+
+impl Envelope {
+    pub fn new(operation: &str, domain: Option<&str>, outcome: Outcome, message: String) -> Envelope {
+        Envelope {
+            vmplug: ENVELOPE_VERSION,
+            operation: operation.into(),
+            domain: domain.map(Into::into),
+            outcome,
+            exit_code: outcome.exit_code(),
+            message,
+            findings: vec![],
+            applied: vec![],
+            timings: None,
+            error: None,
+        }
+    }
+
+    /// The JSON document: `result`'s fields (if an object), then the envelope's
+    /// fields over them.
+    pub fn to_json(&self, result: Option<serde_json::Value>) -> serde_json::Value {
+        let mut out = match result {
+            Some(serde_json::Value::Object(m)) => m,
+            Some(other) => {
+                let mut m = serde_json::Map::new();
+                m.insert("result".into(), other);
+                m
+            }
+            None => serde_json::Map::new(),
+        };
+        if let Ok(serde_json::Value::Object(env)) = serde_json::to_value(self) {
+            out.extend(env);
+        }
+        serde_json::Value::Object(out)
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Timings {
@@ -75,18 +153,20 @@ pub struct OpReport {
 }
 
 impl OpReport {
+    /// The `--json` envelope of this report.
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            findings: self.findings.clone(),
+            applied: self.host.applied.clone(),
+            timings: Some(self.timings.clone()),
+            error: (self.outcome != Outcome::Ok).then(|| self.message.clone()),
+            ..Envelope::new(&self.operation, Some(&self.domain), self.outcome, self.message.clone())
+        }
+    }
+
     pub fn render_text(&self) -> String {
         let mut s = String::new();
-        let status = match self.outcome {
-            Outcome::Ok => "OK",
-            Outcome::Refused => "REFUSED",
-            Outcome::LibvirtError => "LIBVIRT ERROR",
-            Outcome::GuestTimeout => "GUEST TIMEOUT",
-            Outcome::GuestFailed => "GUEST FAILED",
-            Outcome::Partial => "PARTIAL",
-            Outcome::AgentUnreachable => "AGENT UNREACHABLE",
-        };
-        s.push_str(&format!("{} {}: {} — {}\n", self.operation, self.domain, status, self.message));
+        s.push_str(&format!("{} {}: {} — {}\n", self.operation, self.domain, self.outcome.word(), self.message));
         for f in &self.findings {
             let sev = if f.severity == Severity::Error { "error" } else { "warning" };
             s.push_str(&format!("  {sev} [{}] {}\n", f.id, f.message));

@@ -103,9 +103,11 @@ pub async fn schedinfo(
     set: SchedParams,
 ) -> Result<SchedParams, TuneError> {
     let l = load(conn, name, true).await?;
-    let affect = affect.resolve(l.running);
+    // Rules reason about where the change lands; libvirt gets the flag as given
+    // (`--current` is VIR_DOMAIN_AFFECT_CURRENT, as virsh sends it).
+    let resolved = affect.resolve(l.running);
     if let Some(shares) = set.cpu_shares {
-        let ctx = ctx_for(&l, affect);
+        let ctx = ctx_for(&l, resolved);
         gate(preflight::check(&ctx, &Operation::Shares(shares)))?;
     }
     let dom = l.dom.clone();
@@ -152,13 +154,13 @@ pub async fn emulatorpin(
     cpus: Option<CpuSet>,
 ) -> Result<PinTable, TuneError> {
     let l = load(conn.clone(), name, true).await?;
-    let affect = affect.resolve(l.running);
+    let resolved = affect.resolve(l.running);
     if let Some(cpus) = cpus {
-        gate(preflight::check(&ctx_for(&l, affect), &Operation::Pin { vcpu: None, cpus: cpus.clone() }))?;
+        gate(preflight::check(&ctx_for(&l, resolved), &Operation::Pin { vcpu: None, cpus: cpus.clone() }))?;
         let (dom, n) = (l.dom.clone(), l.host.cpus);
         blocking(move || dom.pin_emulator(&cpus, n, affect)).await?;
     }
-    let l = reread(conn, name, affect).await?;
+    let l = reread(conn, name, resolved).await?;
     let t = pin_table(&l.facts, &l.host.all_cpus());
     Ok(PinTable { emulator: t.emulator, vcpus: vec![] })
 }
@@ -171,13 +173,13 @@ pub async fn vcpupin(
     pin: Option<(u32, CpuSet)>,
 ) -> Result<PinTable, TuneError> {
     let l = load(conn.clone(), name, true).await?;
-    let affect = affect.resolve(l.running);
+    let resolved = affect.resolve(l.running);
     if let Some((vcpu, cpus)) = pin {
-        gate(preflight::check(&ctx_for(&l, affect), &Operation::Pin { vcpu: Some(vcpu), cpus: cpus.clone() }))?;
+        gate(preflight::check(&ctx_for(&l, resolved), &Operation::Pin { vcpu: Some(vcpu), cpus: cpus.clone() }))?;
         let (dom, n) = (l.dom.clone(), l.host.cpus);
         blocking(move || dom.pin_vcpu(vcpu, &cpus, n, affect)).await?;
     }
-    let l = reread(conn, name, affect).await?;
+    let l = reread(conn, name, resolved).await?;
     let t = pin_table(&l.facts, &l.host.all_cpus());
     Ok(PinTable { emulator: None, vcpus: t.vcpus })
 }
@@ -204,11 +206,11 @@ pub async fn numatune(
     set: NumaParams,
 ) -> Result<NumaParams, TuneError> {
     let l = load(conn, name, true).await?;
-    let affect = affect.resolve(l.running);
+    let resolved = affect.resolve(l.running);
     let dom = l.dom.clone();
     if set.mode.is_some() || set.nodeset.is_some() {
         gate(preflight::check(
-            &ctx_for(&l, affect),
+            &ctx_for(&l, resolved),
             &Operation::Numatune { mode: set.mode, nodeset: set.nodeset.clone() },
         ))?;
     }

@@ -53,7 +53,7 @@ fn schedinfo_pins_and_numatune_reach_the_kernel() {
     let again = fs::read_to_string(cgroup_dir("cpu", &name).join("cpu.shares")).expect("cpu.shares");
     assert_eq!(again.trim(), "2048", "--config leaves the running domain alone");
     let out = g.vmplug(&["schedinfo", &name, "--live", "cpu_shares=1"]);
-    assert_ne!(out.status.code(), Some(0), "cgroup v1 shares below 2 are refused");
+    assert_eq!(out.status.code(), Some(2), "cgroup v1 shares below 2 are refused by preflight");
     assert!(String::from_utf8_lossy(&out.stderr).contains("sched.shares-range"));
 
     let pid = g.qemu_pid();
@@ -64,7 +64,7 @@ fn schedinfo_pins_and_numatune_reach_the_kernel() {
     assert_eq!(pins["vcpus"][0][1], "1");
     assert_eq!(cpus_allowed(pid, vcpu_tid(pid, 0)), "1", "vCPU 0's thread runs on CPU 1 only");
     let out = g.vmplug(&["vcpupin", &name, "0", "0-63"]);
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(2), "refused by preflight");
     assert!(String::from_utf8_lossy(&out.stderr).contains("pin.host-cpus"));
 
     let xml = g.daemon.virsh_ok(&["dumpxml", &name]);
@@ -83,5 +83,5 @@ fn schedinfo_pins_and_numatune_reach_the_kernel() {
     assert_eq!(numa["host"].as_array().expect("host nodes").len(), caps.matches("<cell id=").count());
     assert_eq!(numa["guest_cells"].as_array().expect("cells").len(), xml.matches("<cell id=").count());
     let out = g.vmplug(&["numatune", &name, "--nodeset", "7", "--config"]);
-    assert_ne!(out.status.code(), Some(0), "a host node that does not exist is refused");
+    assert_eq!(out.status.code(), Some(2), "a host node that does not exist is refused by preflight");
 }

@@ -1,0 +1,115 @@
+//! The output contract of the real `vmplug` binary (README, "Exit codes" and
+//! `schema/vmplug-report.schema.json`), against libvirt's `test:///default`:
+//! every command prints one JSON envelope under `--json`, on success and on
+//! every error, and exits with the code its outcome names. Also virsh's
+//! conventions (`--current`) and a quiet libvirt (one error line, vmplug's).
+
+use std::process::Command;
+
+fn vmplug(args: &[&str]) -> (u8, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmplug"))
+        .args(args)
+        .env_remove("LIBVIRT_DEFAULT_URI")
+        .output()
+        .expect("run vmplug");
+    let code = out.status.code().expect("exited") as u8;
+    (code, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn schema() -> jsonschema::Validator {
+    let text = include_str!("../schema/vmplug-report.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("the schema compiles")
+}
+
+/// Runs with `--json` against the test driver; checks the document against the
+/// schema and the exit code against the document; returns both.
+fn json(args: &[&str]) -> (u8, serde_json::Value) {
+    let mut full = vec!["-c", "test:///default", "--json"];
+    full.extend_from_slice(args);
+    let (code, stdout, stderr) = vmplug(&full);
+    let doc: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is one JSON document ({e}):\n{stdout}\nstderr: {stderr}"));
+    let v = schema();
+    let errors: Vec<String> = v.iter_errors(&doc).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    assert!(errors.is_empty(), "{args:?}: output does not match the schema: {errors:?}\n{doc:#}");
+    assert_eq!(doc["exit_code"], code, "{args:?}: exit code and envelope agree\n{doc:#}");
+    assert!(!stderr.contains("libvirt:"), "{args:?}: libvirt's own error printer is silenced: {stderr}");
+    (code, doc)
+}
+
+#[test]
+fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
+    // (args, exit code, outcome)
+    let cases: &[(&[&str], u8, &str)] = &[
+        (&["schedinfo", "test"], 0, "ok"),
+        (&["schedinfo", "test", "--current"], 0, "ok"),
+        (&["vcpupin", "test"], 0, "ok"),
+        (&["vcpupin", "test", "0", "0"], 0, "ok"),
+        (&["emulatorpin", "test"], 0, "ok"),
+        (&["numa", "test"], 0, "ok"),
+        (&["status", "test"], 0, "ok"),
+        (&["status", "no-such-domain"], 1, "error"),
+        (&["setvcpus", "no-such-domain", "2"], 1, "error"),
+        // Refused by preflight: nothing changed.
+        (&["emulatorpin", "test", "1000"], 2, "refused"),
+        (&["vcpupin", "test", "0", "1000"], 2, "refused"),
+        (&["schedinfo", "test", "cpu_shares=0"], 2, "refused"),
+        (&["attach-memory", "test", "1G"], 2, "refused"),
+        // The command line is wrong: usage, 64.
+        (&["vcpupin", "test", "0"], 64, "usage"),
+        (&["schedinfo", "test", "cpu_shares=x"], 64, "usage"),
+        (&["schedinfo", "test", "--live", "--current"], 64, "usage"),
+        (&["attach-memory", "test", "1024"], 64, "usage"),
+        (&["numatune", "test", "--nodeset", "^1"], 64, "usage"),
+        (&["check", "test", "--node", "0"], 64, "usage"),
+        (&["no-such-verb"], 64, "usage"),
+    ];
+    for (args, code, outcome) in cases {
+        let (got, doc) = json(args);
+        assert_eq!((got, doc["outcome"].as_str().unwrap_or_default()), (*code, *outcome), "{args:?}:\n{doc:#}");
+        if *code == 0 {
+            assert!(doc["error"].is_null(), "{args:?}: {doc:#}");
+        } else {
+            assert!(doc["error"].as_str().is_some_and(|e| !e.is_empty()), "{args:?}: says why: {doc:#}");
+        }
+    }
+}
+
+#[test]
+fn a_connection_failure_is_a_libvirt_error_said_once() {
+    let (code, stdout, stderr) = vmplug(&["-c", "bogus:///nowhere", "status", "x"]);
+    assert_eq!(code, 3, "libvirt error: {stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, vmplug's own: {stderr}");
+    assert!(lines[0].starts_with("vmplug: cannot connect to bogus:///nowhere"), "{stderr}");
+    let (code, doc) = {
+        let (code, stdout, _) = vmplug(&["-c", "bogus:///nowhere", "--json", "status", "x"]);
+        (code, serde_json::from_str::<serde_json::Value>(&stdout).expect("an envelope on error too"))
+    };
+    assert_eq!((code, doc["outcome"].as_str()), (3, Some("libvirt_error")), "{doc:#}");
+    assert!(schema().is_valid(&doc), "{doc:#}");
+}
+
+#[test]
+fn help_and_version_exit_zero() {
+    assert_eq!(vmplug(&["--help"]).0, 0);
+    assert_eq!(vmplug(&["--version"]).0, 0);
+    assert_eq!(vmplug(&["attach-memory", "--help"]).0, 0);
+}
+
+/// Every argument of every verb says what it is (the issue found bare ones).
+#[test]
+fn every_argument_has_help() {
+    use clap::CommandFactory;
+    let cli = vmplug::cli::Cli::command();
+    let mut missing = Vec::new();
+    for sub in cli.get_subcommands() {
+        for arg in sub.get_arguments() {
+            if arg.get_help().is_none() && !["help", "version"].contains(&arg.get_id().as_str()) {
+                missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "arguments without help: {missing:?}");
+}
