@@ -228,8 +228,15 @@ pub enum Command {
         /// Guest NUMA node of the memory (needs --memory).
         #[arg(long, requires = "memory")]
         node: Option<u32>,
+        /// As attach-memory --round-up.
+        #[arg(long, requires = "memory")]
+        round_up: bool,
+        /// As attach-memory --max-dimm.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        max_dimm: Bytes,
+        /// The options the verbs take: check answers for exactly these.
         #[command(flatten)]
-        agent: AgentArgs,
+        hotplug: HotplugArgs,
     },
     /// Make a domain hot-plug-ready (edits the persistent definition only; takes
     /// effect at the next start). Prints a unified diff of the XML.
@@ -483,16 +490,17 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             env.findings = v.findings.clone();
             Done::new(env, &v, tune::render_numa(&v))
         }
-        Command::Check { domain, cpus, memory, node, agent } => {
-            let c = tune::check(
-                conn,
-                domain,
-                *cpus,
-                memory.map(|m| (m, *node)),
-                agent.agent.as_ref(),
-                Duration::from_secs(agent.agent_timeout),
-            )
-            .await?;
+        Command::Check { domain, cpus, memory, node, round_up, max_dimm, hotplug } => {
+            let memory = memory.map(|size| MemoryOpts {
+                size,
+                node: *node,
+                round_up: *round_up,
+                ceiling: None,
+                max_dimm: *max_dimm,
+                request_id: ops::new_request_id(),
+            });
+            let req = tune::CheckRequest { cpus: *cpus, memory, opts: hotplug.opts()? };
+            let c = tune::check(conn, domain, &req).await?;
             let (outcome, message) =
                 if c.ready { (ReportOutcome::Ok, "ready") } else { (ReportOutcome::Refused, "not ready") };
             let mut env = Envelope::new(cmd.name(), cmd.domain(), outcome, message.into());

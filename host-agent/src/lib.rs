@@ -9,6 +9,7 @@ pub mod fake;
 pub mod libvirt;
 pub mod link;
 pub mod ops;
+pub mod plan;
 pub mod planner;
 pub mod preflight;
 pub mod prepare;

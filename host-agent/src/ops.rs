@@ -9,10 +9,10 @@ use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, Domain, DomainError, XmlView};
 use crate::link::{discover, AgentAddr, GuestLink, LinkError};
-use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::plan::{gather, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
+use crate::preflight::{Ctx, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
-use crate::xml::{request_alias, request_index, DomainFacts, HostFacts, NamedDimm};
+use crate::xml::{request_index, DomainFacts, HostFacts};
 
 /// Runs a blocking libvirt call on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
@@ -154,16 +154,6 @@ pub async fn connect_agent(
     GuestLink::connect(&addr, wait).await
 }
 
-/// The agent link a live hot-plug on a running domain needs; nothing otherwise,
-/// nor when the caller plugs blind (`--no-wait`) into a domain without an agent.
-async fn agent_for(l: &Loaded, affect: Affect, opts: &HotplugOpts) -> (Option<GuestLink>, Option<LinkError>) {
-    let blind = opts.no_wait && opts.agent.is_none() && discover(&l.facts).is_none();
-    if !affect.live() || blind {
-        return (None, None);
-    }
-    agent_if_running(l, opts.agent.as_ref(), opts.agent_wait).await
-}
-
 /// The agent link of a running domain (none for a stopped one), or why not.
 pub async fn agent_if_running(
     l: &Loaded,
@@ -233,30 +223,32 @@ pub(crate) fn persistent_only(
     HostOnly { op, name, affect, findings, applied, persistent: true }.report(Outcome::Ok, message, run)
 }
 
-pub(crate) fn refused(
+/// The report of a request that did not become a plan: refused (nothing
+/// changed; exit 7 when the only error is an unreachable agent), or a usage error.
+pub(crate) fn not_planned(
     op: &str,
     name: &str,
     affect: Affect,
-    findings: Vec<Finding>,
-    link_err: Option<&LinkError>,
+    why: NotPlanned,
     run: &Run,
-) -> OpReport {
-    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
-    let only_agent = errors.iter().all(|f| f.id == "agent.ready");
-    let (outcome, message) = match link_err {
-        Some(e) if only_agent => (Outcome::AgentUnreachable, e.to_string()),
-        _ => (
-            Outcome::Refused,
-            format!(
-                "preflight refused ({}); nothing was changed",
-                errors.iter().map(|f| f.id).collect::<Vec<_>>().join(", ")
-            ),
-        ),
+) -> Result<OpReport, DomainError> {
+    let r = match why {
+        NotPlanned::Usage(message) => return Err(DomainError::Usage(message)),
+        NotPlanned::Refused(r) => r,
     };
-    HostOnly { op, name, affect, findings, applied: vec![], persistent: false }.report(outcome, message, run)
+    let errors: Vec<&str> = r.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
+    let (outcome, message) = if r.agent_unreachable {
+        let why = r.findings.iter().find(|f| f.id == "agent.ready").map(|f| f.message.clone()).unwrap_or_default();
+        (Outcome::AgentUnreachable, why)
+    } else {
+        (Outcome::Refused, format!("preflight refused ({}); nothing was changed", errors.join(", ")))
+    };
+    Ok(HostOnly { op, name, affect, findings: r.findings, applied: vec![], persistent: false }
+        .report(outcome, message, run))
 }
 
-/// `vmplug setvcpus`: preflight, socket-sized steps, libvirt, guest online, verify.
+/// `vmplug setvcpus`: gather, plan, execute (offline first when shrinking,
+/// socket-sized libvirt steps, the guest's confirmation), judge.
 pub async fn setvcpus(
     conn: Arc<dyn Connection>,
     name: &str,
@@ -265,113 +257,81 @@ pub async fn setvcpus(
 ) -> Result<OpReport, DomainError> {
     let mut run = Run::new();
     let t = Instant::now();
-    let l = load(conn.clone(), name, true).await?;
-    let affect = opts.affect.resolve(l.running);
-    let (mut link, link_err) = agent_for(&l, affect, opts).await;
-    let ctx = l.ctx(link.as_ref().map(|k| &k.info), affect, opts.no_wait);
-    let findings = preflight::check(&ctx, &Operation::Vcpus { target });
+    let (facts, mut link) = gather(conn, name, opts).await?;
+    let plan = plan_setvcpus(&facts, target, opts);
     run.preflight_ms = ms(t);
-    if preflight::has_errors(&findings) && !opts.force {
-        return Ok(refused("setvcpus", name, affect, findings, link_err.as_ref(), &run));
+    match plan {
+        Ok(plan) => execute_vcpus(&facts, link.as_mut(), plan, opts, run).await,
+        Err(why) => not_planned("setvcpus", name, facts.affect, why, &run),
     }
+}
 
-    // Shrinking: offline in the guest first, so the unplug never yanks a busy CPU.
+async fn execute_vcpus(
+    facts: &Facts,
+    mut link: Option<&mut GuestLink>,
+    plan: VcpuPlan,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
     let mut guest_report = None;
-    if affect.live() && target < l.facts.vcpus_current {
-        if let Some(link) = link.as_mut() {
-            let t = Instant::now();
-            let r = link
-                .offline(OfflineRequest {
-                    cpus: Some(target),
-                    memory: vec![],
-                    timeout_ms: opts.timeout.as_millis() as u64,
-                })
-                .await
-                .map_err(|e| DomainError::Other(format!("guest offline: {e}")))?;
-            run.guest_ms += ms(t);
-            guest_report = Some(r);
+    if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
+        let t = Instant::now();
+        let req =
+            OfflineRequest { cpus: Some(plan.target), memory: vec![], timeout_ms: opts.timeout.as_millis() as u64 };
+        let r = link.offline(req).await;
+        run.guest_ms += ms(t);
+        // libvirt never unplugs a CPU the guest has not released.
+        let why = match &r {
+            Ok(r) if r.complete => None,
+            Ok(r) => Some(format!("the guest could not take {} CPU(s) offline", r.failures().max(1))),
+            Err(e) => Some(format!("the guest did not take the CPUs offline: {e}")),
+        };
+        if let Some(why) = why {
+            let back = put_cpus_back(link, plan.current, opts).await;
+            let host =
+                HostOnly { op: "setvcpus", name, affect, findings: plan.findings, applied: vec![], persistent: false };
+            let mut report =
+                host.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was changed in libvirt"), &run);
+            report.guest = r.ok();
+            return Ok(report);
         }
+        guest_report = r.ok();
     }
-
-    let steps = if affect.live() {
-        plan_vcpus(l.facts.vcpus_current, target, l.facts.topology.as_ref().map(|t| t.per_socket()).unwrap_or(1))
-    } else {
-        vec![target]
-    };
     let mut applied = Vec::new();
     let t = Instant::now();
-    for step in &steps {
-        let (dom, step) = (l.dom.clone(), *step);
+    for step in plan.steps.iter().copied() {
+        let dom = facts.loaded.dom.clone();
         if let Err(e) = blocking(move || dom.set_vcpus(step, affect)).await {
             run.libvirt_ms = ms(t);
-            return Ok(libvirt_failed("setvcpus", name, affect, applied, findings, &e, &run));
+            return Ok(libvirt_failed("setvcpus", name, affect, applied, plan.findings, &e, &run));
         }
         applied.push(format!("setvcpus {step} ({})", affect_text(affect)));
     }
     run.libvirt_ms = ms(t);
-
-    // Guest side.
-    let mut outcome = Outcome::Ok;
-    let mut message = format!("{target} vCPUs");
-    if affect.live() && target >= l.facts.vcpus_current {
-        match link.as_mut() {
-            Some(link) if !opts.no_wait => {
-                let t = Instant::now();
-                let r = link
-                    .online_until_done(OnlineRequest {
-                        cpus: Some(target),
-                        memory: vec![],
-                        zone: opts.zone,
-                        timeout_ms: opts.timeout.as_millis() as u64,
-                    })
-                    .await
-                    .map(|(r, reconnects)| {
-                        if reconnects > 0 {
-                            applied
-                                .push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
-                        }
-                        r
-                    });
-                run.guest_ms += ms(t);
-                match r {
-                    Ok(r) => {
-                        if r.timed_out {
-                            outcome = Outcome::GuestTimeout;
-                            message = format!(
-                                "libvirt set {target} vCPUs but the guest has only {} online after {:?}",
-                                r.cpus_online.len(),
-                                opts.timeout
-                            );
-                        } else if !r.complete {
-                            outcome = Outcome::GuestFailed;
-                            message =
-                                format!("the guest could not bring {target} CPUs online ({} failed)", r.failures());
-                        } else {
-                            message = format!("{target} vCPUs: libvirt and the guest agree ({} online)", r.cpus_online);
-                        }
-                        guest_report = Some(r);
-                    }
-                    Err(e) => {
-                        outcome = Outcome::GuestFailed;
-                        message = format!("libvirt set {target} vCPUs; the guest did not confirm: {e}");
-                    }
-                }
+    let mut confirmation = None;
+    if let (true, Some(link)) = (plan.confirm, link) {
+        let t = Instant::now();
+        let req = OnlineRequest {
+            cpus: Some(plan.target),
+            memory: vec![],
+            zone: opts.zone,
+            timeout_ms: opts.timeout.as_millis() as u64,
+        };
+        let r = link.online_until_done(req).await;
+        run.guest_ms += ms(t);
+        confirmation = Some(r.map(|(r, reconnects)| {
+            if reconnects > 0 {
+                applied.push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
             }
-            _ => message = format!("{target} vCPUs set in libvirt; guest not verified (--no-wait or no agent)"),
-        }
-    } else if !affect.live() {
-        message = format!("{target} vCPUs in the persistent definition (effective at the next start)");
+            r
+        }));
     }
-
-    // Verify the host side from a fresh read.
-    let (dom, view) = (l.dom.clone(), if affect.live() { XmlView::Live } else { XmlView::Inactive });
+    let (dom, view) = (facts.loaded.dom.clone(), if affect.live() { XmlView::Live } else { XmlView::Inactive });
     let after = blocking(move || dom.xml(view)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
-    let verified = after.as_ref().map(|f| format!("vcpu current={} max={}", f.vcpus_current, f.vcpus_max));
-    if let Some(f) = &after {
-        if f.vcpus_current != target && outcome == Outcome::Ok {
-            outcome = Outcome::LibvirtError;
-            message = format!("libvirt reports {} vCPUs after setting {target}", f.vcpus_current);
-        }
+    let (outcome, message) = judge_vcpus(&plan, affect, confirmation.as_ref(), after.as_ref(), opts.timeout);
+    if let Some(Ok(r)) = confirmation {
+        guest_report = Some(r);
     }
     Ok(OpReport {
         operation: "setvcpus".into(),
@@ -379,11 +339,71 @@ pub async fn setvcpus(
         affect,
         outcome,
         message,
-        findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
+        findings: plan.findings,
+        host: HostSide {
+            applied,
+            verified: after.as_ref().map(|f| format!("vcpu current={} max={}", f.vcpus_current, f.vcpus_max)),
+            persistent: affect.config(),
+        },
         guest: guest_report,
         timings: run.timings(),
     })
+}
+
+/// Onlines CPUs up to `count` again after a shrink the guest could not finish.
+async fn put_cpus_back(link: &mut GuestLink, count: u32, opts: &HotplugOpts) -> String {
+    let req = OnlineRequest {
+        cpus: Some(count),
+        memory: vec![],
+        zone: opts.zone,
+        timeout_ms: opts.timeout.as_millis() as u64,
+    };
+    match link.online_until_done(req).await {
+        Ok((r, _)) if r.complete => format!("{} CPU(s) online again", r.cpus_online.len()),
+        Ok((r, _)) => format!("only {} CPU(s) online again", r.cpus_online.len()),
+        Err(e) => format!("the CPUs could not be onlined again: {e}"),
+    }
+}
+
+/// The verdict of `setvcpus` from its evidence: libvirt's view after the steps
+/// and, when the plan asked for it, the guest's confirmation.
+pub fn judge_vcpus(
+    plan: &VcpuPlan,
+    affect: Affect,
+    confirmation: Option<&Result<vmplug_common::protocol::Report, crate::link::LinkError>>,
+    after: Option<&DomainFacts>,
+    timeout: Duration,
+) -> (Outcome, String) {
+    let target = plan.target;
+    if let Some(f) = after {
+        if f.vcpus_current != target {
+            return (
+                Outcome::LibvirtError,
+                format!("libvirt reports {} vCPUs after setting {target}", f.vcpus_current),
+            );
+        }
+    }
+    if !affect.live() {
+        return (Outcome::Ok, format!("{target} vCPUs in the persistent definition (effective at the next start)"));
+    }
+    match confirmation {
+        Some(Ok(r)) if r.timed_out => (
+            Outcome::GuestTimeout,
+            format!(
+                "libvirt set {target} vCPUs but the guest has only {} online after {timeout:?}",
+                r.cpus_online.len()
+            ),
+        ),
+        Some(Ok(r)) if !r.complete => {
+            (Outcome::GuestFailed, format!("the guest could not bring {target} CPUs online ({} failed)", r.failures()))
+        }
+        Some(Ok(r)) => (Outcome::Ok, format!("{target} vCPUs: libvirt and the guest agree ({} online)", r.cpus_online)),
+        Some(Err(e)) => (Outcome::GuestFailed, format!("libvirt set {target} vCPUs; the guest did not confirm: {e}")),
+        None if plan.offline_first => {
+            (Outcome::Ok, format!("{target} vCPUs: the guest released the CPUs first, then libvirt unplugged them"))
+        }
+        None => (Outcome::Ok, format!("{target} vCPUs set in libvirt; guest not verified (--no-wait or no agent)")),
+    }
 }
 
 pub fn affect_text(a: Affect) -> &'static str {
@@ -429,9 +449,9 @@ pub fn valid_request_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 40 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// `vmplug attach-memory`: size to the guest's block size, plan DIMMs, attach,
-/// find their addresses in the live XML, have the guest online exactly those
-/// blocks, check each block's node.
+/// `vmplug attach-memory`: gather, plan (DIMMs sized to the guest's block size,
+/// reconciled with what this request already attached), attach, find the DIMMs'
+/// addresses in the live XML, have the guest online exactly those blocks, judge.
 pub async fn attach_memory(
     conn: Arc<dyn Connection>,
     name: &str,
@@ -440,136 +460,62 @@ pub async fn attach_memory(
 ) -> Result<OpReport, DomainError> {
     let mut run = Run::new();
     let t = Instant::now();
-    let l = load(conn.clone(), name, true).await?;
-    let affect = opts.affect.resolve(l.running);
-    let (mut link, link_err) = agent_for(&l, affect, opts).await;
-    let guest = link.as_ref().map(|k| k.info.clone());
-    let block = guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
-    let hugepage = l.facts.hugepage_size.map(|h| h.get());
-    // Without guest facts only the hugepage size (or 1 MiB) is known; preflight warns.
-    let (unit, what) = match block {
-        Some(b) => alignment(b, hugepage),
-        None => (hugepage.unwrap_or(1 << 20), "the hugepage size"),
-    };
-    let ceiling = mem.ceiling.unwrap_or_else(|| {
-        if l.facts.max_memory.is_some() {
-            l.facts.memory_headroom()
-        } else {
-            Bytes(u64::MAX)
-        }
-    });
-    let round = if mem.round_up { RoundUp::UpTo(ceiling) } else { RoundUp::No };
-    let size = match align(mem.size, unit, what, round) {
-        Ok(s) => s,
-        Err(e @ (PlanError::Misaligned { .. } | PlanError::RoundUpTooFar { .. })) if !opts.force => {
-            let mut findings = vec![plan_finding(&e)];
-            if let Some(le) = &link_err {
-                findings.push(Finding { id: "agent.ready", severity: Severity::Warning, message: le.to_string() });
-            }
-            run.preflight_ms = ms(t);
-            return Ok(refused("attach-memory", name, affect, findings, None, &run));
-        }
-        Err(PlanError::Zero) => return Err(DomainError::Usage("size must be larger than zero".into())),
-        // Forced past a misaligned size: plan in libvirt's MiB granularity and let
-        // the guest's answer show what happened.
-        Err(_) => mem.size,
-    };
-    let unit = if size.is_multiple_of(unit) { unit } else { vmplug_common::MIB };
-    let cells: Vec<(u32, Bytes)> = l
-        .facts
-        .cells
-        .iter()
-        .map(|c| {
-            (
-                c.id,
-                Bytes(
-                    c.memory.get()
-                        + l.facts.dimms.iter().filter(|d| d.node == Some(c.id)).map(|d| d.size.get()).sum::<u64>(),
-                ),
-            )
-        })
-        .collect();
-    // Reconcile with the live XML: DIMMs of this request that are already there
-    // (an earlier run crashed) count; only the remainder is planned.
-    if !valid_request_id(&mem.request_id) {
-        return Err(DomainError::Usage(format!("request id '{}' must be 1 to 40 of A-Z a-z 0-9 _ -", mem.request_id)));
-    }
-    let mine: Vec<&crate::xml::Dimm> =
-        l.facts.dimms.iter().filter(|d| request_index(d, &mem.request_id).is_some()).collect();
-    let already = Bytes(mine.iter().map(|d| d.size.get()).sum());
-    let next_index = mine.iter().filter_map(|d| request_index(d, &mem.request_id)).max().map_or(0, |m| m + 1);
-    let remaining = Bytes(size.get().saturating_sub(already.get()));
-    let plan = if remaining.get() == 0 {
-        Ok(Vec::new())
-    } else {
-        plan_dimms(remaining, unit, mem.max_dimm, mem.node, &cells, l.facts.free_slots().max(1))
-    };
-    let dimm_count = plan.as_ref().map(|p| p.len() as u32).unwrap_or(1);
-    let ctx = l.ctx(guest.as_ref(), affect, opts.no_wait);
-    let mut findings =
-        preflight::check(&ctx, &Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count });
-    if let Err(e) = &plan {
-        if !findings.iter().any(|f| f.severity == Severity::Error) {
-            findings.insert(0, plan_finding(e));
-        }
-    }
-    if size != mem.size {
-        findings.push(Finding {
-            id: "mem.round-up",
-            severity: Severity::Warning,
-            message: format!("{} rounded up to {size} ({what} {})", mem.size, Bytes(unit)),
-        });
-    }
+    let (facts, mut link) = gather(conn, name, opts).await?;
+    let plan = plan_attach_memory(&facts, mem, opts);
     run.preflight_ms = ms(t);
-    if preflight::has_errors(&findings) && !opts.force {
-        return Ok(refused("attach-memory", name, affect, findings, link_err.as_ref(), &run));
-    }
     let plan = match plan {
-        Ok(p) => p,
-        Err(e) => return Err(DomainError::Usage(e.to_string())),
+        Ok(plan) => plan,
+        Err(why) => return not_planned("attach-memory", name, facts.affect, why, &run),
     };
-
+    let (affect, id) = (facts.affect, mem.request_id.as_str());
     let mut applied = Vec::new();
-    if !mine.is_empty() {
+    if !plan.reconciled.is_empty() {
         applied.push(format!(
-            "reconciled: {} DIMM(s) ({already}) of this request were already attached; {remaining} to go",
-            mine.len()
+            "reconciled: {} DIMM(s) ({}) of request {id} were already attached; {} to go",
+            plan.reconciled.len(),
+            plan.already(),
+            plan.remaining
         ));
     }
     let t = Instant::now();
-    let mut libvirt_err = None;
-    for (i, d) in plan.iter().enumerate() {
-        let named = NamedDimm { spec: *d, alias: request_alias(&mem.request_id, next_index + i as u32) };
-        let (dom, xml) = (l.dom.clone(), named.to_xml());
+    for d in &plan.dimms {
+        let (dom, xml) = (facts.loaded.dom.clone(), d.to_xml());
         tracing::debug!(%xml, "attaching");
-        match blocking(move || dom.attach_device(&xml, affect)).await {
-            Ok(()) => applied.push(format!(
-                "attach dimm {} on node {} as {} ({})",
-                d.size,
-                d.node,
-                named.alias,
-                affect_text(affect)
-            )),
-            Err(e) => {
-                libvirt_err = Some(e);
-                break;
-            }
+        if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
+            run.libvirt_ms = ms(t);
+            let mut r = libvirt_failed("attach-memory", name, affect, applied, plan.findings, &e, &run);
+            r.message = format!("{}; repeat with --request-id {id} to attach only what is missing", r.message);
+            return Ok(r);
         }
+        applied.push(format!(
+            "attach dimm {} on node {} as {} ({})",
+            d.spec.size,
+            d.spec.node,
+            d.alias,
+            affect_text(affect)
+        ));
     }
     run.libvirt_ms = ms(t);
-    if let Some(e) = libvirt_err {
-        let mut r = libvirt_failed("attach-memory", name, affect, applied, findings, &e, &run);
-        r.message =
-            format!("{}; repeat with --request-id {} to attach only what is missing", r.message, mem.request_id);
-        return Ok(r);
-    }
     if !affect.live() {
-        let message = format!("{size} added to the persistent definition (effective at the next start)");
-        return Ok(persistent_only("attach-memory", name, affect, message, findings, applied, &run));
+        let message = format!("{} added to the persistent definition (effective at the next start)", plan.size);
+        return Ok(persistent_only("attach-memory", name, affect, message, plan.findings, applied, &run));
     }
+    confirm_memory(&facts, link.as_mut(), plan, mem, opts, applied, run).await
+}
 
-    // The new DIMMs, with the addresses QEMU gave them.
-    let dom = l.dom.clone();
+/// The guest side of `attach-memory`: the request's DIMMs as QEMU placed them,
+/// the guest onlining exactly their blocks, and the verdict.
+async fn confirm_memory(
+    facts: &Facts,
+    link: Option<&mut GuestLink>,
+    plan: MemoryPlan,
+    mem: &MemoryOpts,
+    opts: &HotplugOpts,
+    mut applied: Vec<String>,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let (name, affect, id) = (facts.loaded.facts.name.as_str(), facts.affect, mem.request_id.as_str());
+    let dom = facts.loaded.dom.clone();
     let after = match blocking(move || dom.xml(XmlView::Live))
         .await
         .and_then(|x| DomainFacts::parse(&x).map_err(|e| DomainError::Other(format!("live XML: {e}"))))
@@ -578,125 +524,111 @@ pub async fn attach_memory(
         // libvirtd restarted or the connection dropped after the attach: the DIMMs
         // are there, the guest side is unknown; the repeat reconciles.
         Err(e) => {
-            let mut r = libvirt_failed("attach-memory", name, affect, applied, findings, &e, &run);
+            let mut r = libvirt_failed("attach-memory", name, affect, applied, plan.findings, &e, &run);
             r.message = format!(
-                "{}; the DIMMs were attached but not verified: repeat with --request-id {} to verify and finish",
-                r.message, mem.request_id
+                "{}; the DIMMs were attached but not verified: repeat with --request-id {id} to verify and finish",
+                r.message
             );
             return Ok(r);
         }
     };
-    let new: Vec<_> = after.dimms.iter().filter(|d| request_index(d, &mem.request_id).is_some()).cloned().collect();
+    let new: Vec<_> = after.dimms.iter().filter(|d| request_index(d, id).is_some()).cloned().collect();
+    let placed: Vec<String> =
+        new.iter().map(|d| format!("{} node {} @{:#x}", d.size, d.node.unwrap_or(0), d.base.unwrap_or(0))).collect();
     let verified = Some(format!(
-        "request {}: {} DIMM(s), memory {}, {} slot(s) free; this request: {}",
-        mem.request_id,
+        "request {id}: {} DIMM(s), memory {}, {} slot(s) free; this request: {}",
         after.dimms.len(),
         after.memory,
         after.free_slots(),
-        new.iter()
-            .map(|d| format!("{} node {} @{:#x}", d.size, d.node.unwrap_or(0), d.base.unwrap_or(0)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        placed.join(", ")
     ));
     let ranges: Vec<MemRange> = new.iter().filter_map(crate::xml::Dimm::range).collect();
-    let mut outcome = Outcome::Ok;
-    let mut message = format!("{size} attached");
-    let mut guest_report = None;
-    match link.as_mut() {
-        Some(link) if !opts.no_wait => {
-            let t = Instant::now();
-            let r = link
-                .online_until_done(OnlineRequest {
-                    cpus: None,
-                    memory: ranges.clone(),
-                    zone: opts.zone,
-                    timeout_ms: opts.timeout.as_millis() as u64,
-                })
-                .await;
-            let r = r.map(|(r, reconnects)| {
-                if reconnects > 0 {
-                    applied.push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
-                }
-                r
-            });
-            run.guest_ms = ms(t);
-            match r {
-                Ok(r) => {
-                    let wrong_node: Vec<String> = r
-                        .blocks
-                        .iter()
-                        .filter_map(|b| {
-                            let dimm = new.iter().find(|d| {
-                                d.base
-                                    .is_some_and(|base| b.start >= base && b.start < base.saturating_add(d.size.get()))
-                            })?;
-                            (b.node.is_some() && b.node != dimm.node).then(|| {
-                                format!("memory{} on node {:?}, DIMM on node {:?}", b.index, b.node, dimm.node)
-                            })
-                        })
-                        .collect();
-                    let (confirmed, expected) = confirmed_blocks(&ranges, block, &r);
-                    let missing =
-                        r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound).count();
-                    if r.timed_out {
-                        outcome = Outcome::GuestTimeout;
-                        message = format!(
-                            "libvirt attached {size} but {missing} of {} block(s) never appeared in the guest within {:?} (the guest kernel rejected or did not see the DIMM)",
-                            r.blocks.len(),
-                            opts.timeout
-                        );
-                    } else if !r.complete {
-                        outcome = Outcome::GuestFailed;
-                        message = format!("the guest failed to online {} block(s)", r.failures());
-                    } else if expected == 0 || confirmed != expected {
-                        outcome = Outcome::GuestFailed;
-                        message = format!(
-                            "libvirt attached {size} ({expected} block(s)) but the guest confirmed {confirmed} of them online"
-                        );
-                    } else if !wrong_node.is_empty() {
-                        outcome = Outcome::GuestFailed;
-                        message = format!("blocks landed on the wrong guest node: {}", wrong_node.join("; "));
-                    } else {
-                        message = format!(
-                            "{size} attached; libvirt and the guest agree ({} block(s) online)",
-                            r.blocks.len()
-                        );
-                    }
-                    guest_report = Some(r);
-                }
-                Err(e) => {
-                    outcome = Outcome::GuestFailed;
-                    message = format!("libvirt attached {size}; the guest refused to online it: {e}");
-                }
+    let mut confirmation = None;
+    if let (true, Some(link)) = (plan.confirm, link) {
+        let t = Instant::now();
+        let timeout_ms = opts.timeout.as_millis() as u64;
+        let req = OnlineRequest { cpus: None, memory: ranges.clone(), zone: opts.zone, timeout_ms };
+        let r = link.online_until_done(req).await;
+        run.guest_ms = ms(t);
+        confirmation = Some(r.map(|(r, reconnects)| {
+            if reconnects > 0 {
+                applied.push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
             }
-        }
-        _ => message = format!("{size} attached in libvirt; guest not verified (--no-wait or no agent)"),
+            r
+        }));
     }
+    let (outcome, message) = judge_memory(&plan, &new, &ranges, confirmation.as_ref(), opts.timeout);
     Ok(OpReport {
         operation: "attach-memory".into(),
         domain: name.into(),
         affect,
         outcome,
         message,
-        findings,
+        findings: plan.findings,
         host: HostSide { applied, verified, persistent: affect.config() },
-        guest: guest_report,
+        guest: confirmation.and_then(Result::ok),
         timings: run.timings(),
     })
 }
 
-/// A planner refusal as a finding, under the rule id it belongs to.
-fn plan_finding(e: &PlanError) -> Finding {
-    let id = match e {
-        PlanError::Misaligned { .. } => "mem.block-align",
-        PlanError::RoundUpTooFar { .. } => "mem.round-up",
-        PlanError::UnitOverMaxDimm { .. } => "mem.max-dimm",
-        PlanError::NoSlots { .. } => "mem.slots",
-        PlanError::NoSuchNode(..) => "mem.node",
-        PlanError::NoCells => "mem.numa",
-        PlanError::Zero => "mem.plan",
+/// Which of the guest's blocks landed on another node than their DIMM.
+fn wrong_nodes(new: &[crate::xml::Dimm], r: &vmplug_common::protocol::Report) -> Vec<String> {
+    let node = |n: Option<u32>| n.map_or("?".to_string(), |n| n.to_string());
+    r.blocks
+        .iter()
+        .filter_map(|b| {
+            let dimm = new.iter().find(|d| d.range().is_some_and(|rg| b.start >= rg.start && b.start < rg.end()))?;
+            (b.node.is_some() && b.node != dimm.node)
+                .then(|| format!("memory{} on node {}, its DIMM on node {}", b.index, node(b.node), node(dimm.node)))
+        })
+        .collect()
+}
+
+/// The verdict of `attach-memory` from its evidence: the request's DIMMs in the
+/// live XML (`new`, their `ranges`) and, when the plan asked for it, the guest's
+/// per-block report. Only distinct blocks inside the ranges count, against the
+/// host's own count; each block must be on its DIMM's node.
+pub fn judge_memory(
+    plan: &MemoryPlan,
+    new: &[crate::xml::Dimm],
+    ranges: &[MemRange],
+    confirmation: Option<&Result<vmplug_common::protocol::Report, LinkError>>,
+    timeout: Duration,
+) -> (Outcome, String) {
+    let size = plan.size;
+    let r = match confirmation {
+        None if plan.dimms.is_empty() => {
+            let m = format!("{size} was already attached by an earlier run of this request; guest not verified");
+            return (Outcome::Ok, m);
+        }
+        None => {
+            return (Outcome::Ok, format!("{size} attached in libvirt; guest not verified (--no-wait or no agent)"))
+        }
+        Some(Err(e)) => {
+            return (Outcome::GuestFailed, format!("libvirt attached {size}; the guest refused to online it: {e}"))
+        }
+        Some(Ok(r)) => r,
     };
-    Finding { id, severity: Severity::Error, message: e.to_string() }
+    let (confirmed, expected) = confirmed_blocks(ranges, plan.block, r);
+    let missing = r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound).count();
+    let wrong_node = wrong_nodes(new, r);
+    if r.timed_out {
+        let m = format!(
+            "libvirt attached {size} but {missing} of {} block(s) never appeared in the guest within {timeout:?} (the guest kernel rejected or did not see the DIMM)",
+            r.blocks.len()
+        );
+        (Outcome::GuestTimeout, m)
+    } else if !r.complete {
+        (Outcome::GuestFailed, format!("the guest failed to online {} block(s)", r.failures()))
+    } else if expected == 0 || confirmed != expected {
+        let m =
+            format!("libvirt attached {size} ({expected} block(s)) but the guest confirmed {confirmed} of them online");
+        (Outcome::GuestFailed, m)
+    } else if !wrong_node.is_empty() {
+        (Outcome::GuestFailed, format!("blocks landed on the wrong guest node: {}", wrong_node.join("; ")))
+    } else {
+        (Outcome::Ok, format!("{size} attached; libvirt and the guest agree ({confirmed} block(s) online)"))
+    }
 }
 
 /// How many blocks of the plugged `ranges` the guest confirmed online, and how

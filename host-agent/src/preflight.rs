@@ -52,6 +52,12 @@ pub enum Operation {
         mode: Option<NumaMode>,
         nodeset: Option<CpuSet>,
     },
+    /// `detach-memory`: the chosen DIMMs' aliases that are only in the live
+    /// domain (not in its definition), and those the live XML gives no address.
+    Unplug {
+        live_only: Vec<String>,
+        without_address: Vec<String>,
+    },
     /// General readiness (`vmplug check` with no operation).
     Readiness,
 }
@@ -84,7 +90,7 @@ fn is_x86_hotplug_machine(m: &str) -> bool {
 }
 
 fn live_op(ctx: &Ctx, op: &Operation) -> bool {
-    matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. }) && ctx.affect.live()
+    matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. } | Operation::Unplug { .. }) && ctx.affect.live()
 }
 
 fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -104,6 +110,9 @@ fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if !live_op(ctx, op) || !ctx.running || ctx.guest.is_some() {
         return None;
     }
+    if let Operation::Unplug { .. } = op {
+        return error("agent.ready", "the guest agent did not complete its handshake: vmplug never unplugs memory the guest has not released (is vmplug-guest running? --force leaves it to the guest's ACPI handler)");
+    }
     if ctx.no_wait {
         return warning(
             "agent.ready",
@@ -111,6 +120,30 @@ fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         );
     }
     error("agent.ready", "the guest agent did not complete its handshake: vmplug never plugs into a guest that cannot confirm (is vmplug-guest running? use --no-wait to plug blind)")
+}
+
+fn rule_unplug_live_only(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Unplug { live_only, .. } = op else { return None };
+    (ctx.affect.config() && !live_only.is_empty()).then_some(())?;
+    error(
+        "unplug.live-only",
+        format!(
+            "DIMM(s) {} are attached live only, not in the persistent definition: use --live",
+            live_only.join(", ")
+        ),
+    )
+}
+
+fn rule_unplug_address(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Unplug { without_address, .. } = op else { return None };
+    (ctx.affect.live() && !without_address.is_empty()).then_some(())?;
+    error(
+        "unplug.no-address",
+        format!(
+            "the live XML gives DIMM(s) {} no address: vmplug cannot tell the guest which blocks to release",
+            without_address.join(", ")
+        ),
+    )
 }
 
 fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -131,7 +164,9 @@ fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_cpu_placement(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    let Operation::Vcpus { .. } = op else { return None };
+    if !matches!(op, Operation::Vcpus { .. } | Operation::Readiness) {
+        return None;
+    }
     (ctx.dom.vcpu_placement != "static").then_some(())?;
     error("cpu.placement", format!("<vcpu placement='{}'> must be 'static' for CPU hot-plug", ctx.dom.vcpu_placement))
 }
@@ -468,6 +503,8 @@ pub const RULES: &[(&str, Rule)] = &[
     ("mem.vhost-user", rule_mem_vhost_user),
     ("mem.linux-4g", rule_mem_linux_4g),
     ("mem.windows-node0", rule_mem_windows_node0),
+    ("unplug.live-only", rule_unplug_live_only),
+    ("unplug.no-address", rule_unplug_address),
     ("sched.shares-range", rule_shares),
     ("pin.host-cpus", rule_pin),
     ("numatune", rule_numatune),

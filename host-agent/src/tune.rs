@@ -12,7 +12,8 @@ use vmplug_common::{Bytes, CpuSet};
 
 use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, SchedParams};
 use crate::link::AgentAddr;
-use crate::ops::{agent_if_running, blocking, load};
+use crate::ops::{affect_text, agent_if_running, blocking, load, HotplugOpts, MemoryOpts};
+use crate::plan::{gather, plan_attach_memory, plan_setvcpus, NotPlanned};
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::xml::DomainFacts;
 
@@ -344,41 +345,79 @@ pub fn render_numa(v: &NumaView) -> String {
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
     pub domain: String,
+    /// The verbs asked about would act (none asked: the domain can hot-plug at all).
     pub ready: bool,
     pub guest: Option<GuestInfo>,
     pub agent_error: Option<String>,
     pub findings: Vec<Finding>,
+    /// What the verbs would do, step by step, when ready.
+    pub plan: Vec<String>,
 }
 
-/// `check DOM [--cpus N] [--memory SIZE [--node N]]`: preflight only.
-pub async fn check(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    cpus: Option<u32>,
-    memory: Option<(Bytes, Option<u32>)>,
-    agent: Option<&AgentAddr>,
-    agent_wait: Duration,
-) -> Result<CheckResult, TuneError> {
-    let l = load(conn, name, true).await?;
-    let (link, err) = agent_if_running(&l, agent, agent_wait).await;
-    let (guest, agent_error) = (link.map(|k| k.info), err.map(|e| e.to_string()));
-    let affect = if l.running { Affect::Live } else { Affect::Config };
-    let ctx = l.ctx(guest.as_ref(), affect, guest.is_none());
-    let mut findings = preflight::check(&ctx, &Operation::Readiness);
-    if let Some(target) = cpus {
-        findings.extend(preflight::check(&ctx, &Operation::Vcpus { target }));
+/// What `check` is asked: the same requests and options the verbs take.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub cpus: Option<u32>,
+    pub memory: Option<MemoryOpts>,
+    pub opts: HotplugOpts,
+}
+
+/// `check DOM [--cpus N] [--memory SIZE [--node N]]`: the verbs' own plans
+/// without their execution, so "ready" means exactly that they would act. With
+/// no request, the domain-wide rules: can it hot-plug at all.
+pub async fn check(conn: Arc<dyn Connection>, name: &str, req: &CheckRequest) -> Result<CheckResult, TuneError> {
+    let (facts, _link) = gather(conn, name, &req.opts).await?;
+    let mut findings = Vec::new();
+    let mut plan = Vec::new();
+    let mut ready = true;
+    let mut take = |res: Result<(Vec<Finding>, Vec<String>), NotPlanned>| -> Result<(), TuneError> {
+        match res {
+            Ok((f, steps)) => {
+                findings.extend(f);
+                plan.extend(steps);
+            }
+            Err(NotPlanned::Usage(m)) => return Err(DomainError::Usage(m).into()),
+            Err(NotPlanned::Refused(r)) => {
+                ready = false;
+                findings.extend(r.findings);
+            }
+        }
+        Ok(())
+    };
+    if let Some(target) = req.cpus {
+        take(plan_setvcpus(&facts, target, &req.opts).map(|p| {
+            let steps = p.steps.iter().map(|s| format!("setvcpus {s} ({})", affect_text(facts.affect))).collect();
+            (p.findings, steps)
+        }))?;
     }
-    if let Some((size, node)) = memory {
-        findings.extend(preflight::check(&ctx, &Operation::Memory { size, node, dimms: 1 }));
+    if let Some(mem) = &req.memory {
+        take(plan_attach_memory(&facts, mem, &req.opts).map(|p| {
+            let steps = p
+                .dimms
+                .iter()
+                .map(|d| format!("attach dimm {} on node {} as {}", d.spec.size, d.spec.node, d.alias))
+                .collect();
+            (p.findings, steps)
+        }))?;
+    }
+    if req.cpus.is_none() && req.memory.is_none() {
+        let ctx = facts.loaded.ctx(facts.guest.as_ref(), facts.affect, req.opts.no_wait);
+        findings = preflight::check(&ctx, &Operation::Readiness);
+        ready = !preflight::has_errors(&findings);
     }
     findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.id.cmp(b.id)));
     findings.dedup();
-    let ready = !findings.iter().any(|f| f.severity == Severity::Error);
-    Ok(CheckResult { domain: name.into(), ready, guest, agent_error, findings })
+    if !ready {
+        plan.clear();
+    }
+    Ok(CheckResult { domain: name.into(), ready, guest: facts.guest, agent_error: facts.agent_error, findings, plan })
 }
 
 pub fn render_check(c: &CheckResult) -> String {
     let mut s = format!("{}: {}\n", c.domain, if c.ready { "ready" } else { "NOT ready" });
+    for step in &c.plan {
+        let _ = writeln!(s, "  would: {step}");
+    }
     if let Some(e) = &c.agent_error {
         let _ = writeln!(s, "  agent: {e}");
     }

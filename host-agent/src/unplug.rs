@@ -9,14 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome as BlockOutcome};
-use vmplug_common::Bytes;
 
 use crate::domain::{Connection, DomainError, XmlView};
 use crate::link::GuestLink;
-use crate::ops::{
-    affect_text, agent_if_running, blocking, libvirt_failed, load, ms, persistent_only, refused, HotplugOpts, Run,
-};
-use crate::preflight::{has_errors, Finding, Severity};
+use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
+use crate::plan::{gather, plan_detach_memory, DetachPlan, Facts};
 use crate::report::{HostSide, OpReport, Outcome};
 use crate::xml::{dimm_detach_xml, request_index, Dimm, DomainFacts};
 
@@ -40,7 +37,7 @@ impl DimmSelector {
         }
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             DimmSelector::Alias(a) => format!("alias '{a}'"),
             DimmSelector::Request(id) => format!("request id '{id}'"),
@@ -54,10 +51,6 @@ fn alias(d: &Dimm) -> &str {
 
 fn ranges(dimms: &[&Dimm]) -> Vec<MemRange> {
     dimms.iter().filter_map(|d| d.range()).collect()
-}
-
-fn total(dimms: &[&Dimm]) -> Bytes {
-    Bytes(dimms.iter().map(|d| d.size.get()).sum())
 }
 
 /// Onlines `ranges` again after a failed unplug; says what happened, for the report.
@@ -84,214 +77,184 @@ fn first_failure(r: &vmplug_common::protocol::Report) -> String {
         .unwrap_or_else(|| "no detail".into())
 }
 
-/// `vmplug detach-memory`: offline in the guest, detach, wait for removal, verify.
+/// `vmplug detach-memory`: gather, plan, then the steps in the only safe order —
+/// the guest offlines the blocks, libvirt detaches, QEMU removes, the guest
+/// confirms — each undoing what the ones before it did if it fails.
 pub async fn detach_memory(
     conn: Arc<dyn Connection>,
     name: &str,
     sel: &DimmSelector,
     opts: &HotplugOpts,
 ) -> Result<OpReport, DomainError> {
-    const OP: &str = "detach-memory";
     let mut run = Run::new();
     let t = Instant::now();
-    let l = load(conn, name, true).await?;
-    let affect = opts.affect.resolve(l.running);
-    let chosen: Vec<&Dimm> = l.facts.dimms.iter().filter(|d| sel.matches(d)).collect();
-    if chosen.is_empty() {
-        let known: Vec<&str> = l.facts.dimms.iter().map(alias).collect();
-        return Err(DomainError::Usage(format!(
-            "no DIMM of '{name}' has {}; its DIMMs: {}",
-            sel.describe(),
-            if known.is_empty() { "none".into() } else { known.join(", ") }
-        )));
-    }
-    let mut findings = Vec::new();
-    if affect.config() && l.running {
-        let dom = l.dom.clone();
-        let persistent = DomainFacts::parse(&blocking(move || dom.xml(XmlView::Inactive)).await?)
-            .map_err(|e| DomainError::Other(format!("persistent XML of '{name}': {e}")))?;
-        for d in chosen.iter().filter(|d| !persistent.dimms.iter().any(|p| p.alias == d.alias)) {
-            findings.push(Finding {
-                id: "unplug.live-only",
-                severity: Severity::Error,
-                message: format!(
-                    "DIMM {} is attached live only, not in the persistent definition: use --live",
-                    alias(d)
-                ),
-            });
-        }
-    }
-    if affect.live() {
-        for d in chosen.iter().filter(|d| d.base.is_none()) {
-            findings.push(Finding {
-                id: "unplug.no-address",
-                severity: Severity::Error,
-                message: format!("the live XML gives DIMM {} no address: cannot tell the guest which blocks", alias(d)),
-            });
-        }
-    }
-    if l.job_running {
-        findings.push(Finding {
-            id: "domain.job",
-            severity: Severity::Error,
-            message: "a libvirt job (migration, save, dump) is running on the domain".into(),
-        });
-    }
-    let (mut link, link_err) = match affect.live() {
-        true => agent_if_running(&l, opts.agent.as_ref(), opts.agent_wait).await,
-        false => (None, None),
-    };
-    if let Some(e) = &link_err {
-        findings.push(Finding {
-            id: "agent.ready",
-            severity: Severity::Error,
-            message: format!(
-                "{e}: vmplug never unplugs memory the guest has not released (--force leaves it to the guest's ACPI handler)"
-            ),
-        });
-    }
+    let (facts, mut link) = gather(conn, name, opts).await?;
+    let plan = plan_detach_memory(&facts, sel, opts);
     run.preflight_ms = ms(t);
-    if has_errors(&findings) && !opts.force {
-        return Ok(refused(OP, name, affect, findings, link_err.as_ref(), &run));
-    }
-    let size = total(&chosen);
-    let all_ranges = ranges(&chosen);
-
-    // 1. The guest lets go of the blocks (or nothing is detached).
-    let mut guest_report = None;
-    if let Some(link) = link.as_mut() {
-        let t = Instant::now();
-        let req =
-            OfflineRequest { cpus: None, memory: all_ranges.clone(), timeout_ms: opts.timeout.as_millis() as u64 };
-        let res = link.offline(req).await;
-        run.guest_ms += ms(t);
-        let failed = match res {
-            Ok(r) if r.complete => {
-                guest_report = Some(r);
-                None
-            }
-            Ok(r) => {
-                let why = format!("the guest could not offline {} block(s) ({})", r.failures(), first_failure(&r));
-                guest_report = Some(r);
-                Some(why)
-            }
-            Err(e) => Some(format!("the guest did not offline the blocks: {e}")),
-        };
-        if let Some(why) = failed {
-            let back = put_back(link, all_ranges, opts).await;
-            return Ok(OpReport {
-                operation: OP.into(),
-                domain: name.into(),
-                affect,
-                outcome: Outcome::GuestFailed,
-                message: format!("{why}; {back}; nothing was detached"),
-                findings,
-                host: HostSide { applied: vec![], verified: None, persistent: false },
-                guest: guest_report,
-                timings: run.timings(),
-            });
-        }
-    }
-
-    // 2. libvirt detaches; a refusal puts the remaining DIMMs' blocks back online.
-    let mut applied = Vec::new();
-    let t = Instant::now();
-    for (i, d) in chosen.iter().enumerate() {
-        let (dom, xml) = (l.dom.clone(), dimm_detach_xml(d));
-        if let Err(e) = blocking(move || dom.detach_device(&xml, affect)).await {
-            run.libvirt_ms = ms(t);
-            let mut r = libvirt_failed(OP, name, affect, applied, findings, &e, &run);
-            if let Some(link) = link.as_mut() {
-                let back = put_back(link, ranges(&chosen[i..]), opts).await;
-                r.message = format!("{}; for the DIMM(s) still attached: {back}", r.message);
-            }
-            return Ok(r);
-        }
-        applied.push(format!(
-            "detach dimm {} ({}, node {}) ({})",
-            alias(d),
-            d.size,
-            d.node.unwrap_or(0),
-            affect_text(affect)
-        ));
-    }
-    run.libvirt_ms = ms(t);
-    if !affect.live() {
-        let message = format!("{size} removed from the persistent definition (effective at the next start)");
-        return Ok(persistent_only(OP, name, affect, message, findings, applied, &run));
-    }
-
-    // 3. QEMU removes the DIMMs once the guest has ejected them: watch the live XML.
-    let names: Vec<String> = chosen.iter().map(|d| alias(d).to_string()).collect();
-    let t = Instant::now();
-    let deadline = t + if opts.no_wait { Duration::ZERO } else { opts.timeout };
-    let (left, after) = loop {
-        let dom = l.dom.clone();
-        let after = blocking(move || dom.xml(XmlView::Live)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
-        let left: Vec<String> = match &after {
-            Some(f) => {
-                names.iter().filter(|n| f.dimms.iter().any(|d| d.alias.as_deref() == Some(n))).cloned().collect()
-            }
-            None => names.clone(),
-        };
-        if left.is_empty() || Instant::now() >= deadline {
-            break (left, after);
-        }
-        tokio::time::sleep(REMOVAL_POLL).await;
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(why) => return not_planned(OP, name, facts.affect, why, &run),
     };
-    run.guest_ms += ms(t);
+    let mut d = Detach { facts: &facts, plan: &plan, opts, run, applied: vec![], guest: None };
+    if let (true, Some(link)) = (plan.offline_first, link.as_mut()) {
+        if let Err(report) = d.offline(link).await {
+            return Ok(*report);
+        }
+    }
+    if let Err(report) = d.detach(link.as_mut()).await {
+        return Ok(*report);
+    }
+    if !facts.affect.live() {
+        let message = format!("{} removed from the persistent definition (effective at the next start)", plan.size);
+        return Ok(persistent_only(OP, name, facts.affect, message, plan.findings.clone(), d.applied, &d.run));
+    }
+    let (left, after) = d.wait_removed().await;
     let verified = after
         .as_ref()
         .map(|f| format!("{} DIMM(s) left, memory {}, {} slot(s) free", f.dimms.len(), f.memory, f.free_slots()));
-    let report = |run: &Run, outcome, message, guest_report| OpReport {
-        operation: OP.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings: findings.clone(),
-        host: HostSide { applied: applied.clone(), verified: verified.clone(), persistent: affect.config() },
-        guest: guest_report,
-        timings: run.timings(),
-    };
-    if !left.is_empty() {
-        let (outcome, message) = if opts.no_wait {
-            (Outcome::Ok, format!("detach of {size} requested; not waiting for QEMU to remove {}", left.join(", ")))
-        } else {
-            (
-                Outcome::GuestTimeout,
-                format!(
-                    "libvirt accepted the detach but {} still in the live XML after {:?} (the guest has not ejected it); its blocks are offline: repeat the command to finish",
-                    left.join(", "),
-                    opts.timeout
-                ),
-            )
-        };
-        return Ok(report(&run, outcome, message, guest_report));
+    let (outcome, message) =
+        if !left.is_empty() { d.removal_pending(&left) } else { d.confirm_gone(link.as_mut()).await };
+    Ok(d.report(outcome, message, verified))
+}
+
+const OP: &str = "detach-memory";
+
+/// One detach in progress: the plan, what was applied, the guest's report.
+struct Detach<'a> {
+    facts: &'a Facts,
+    plan: &'a DetachPlan,
+    opts: &'a HotplugOpts,
+    run: Run,
+    applied: Vec<String>,
+    guest: Option<vmplug_common::protocol::Report>,
+}
+
+impl Detach<'_> {
+    fn name(&self) -> &str {
+        &self.facts.loaded.facts.name
     }
 
-    // 4. The guest confirms the blocks are gone.
-    let Some(link) = link.as_mut() else {
-        return Ok(report(&run, Outcome::Ok, format!("{size} detached; guest not verified (--force, no agent)"), None));
-    };
-    let t = Instant::now();
-    let blocks = link.blocks(all_ranges).await;
-    run.guest_ms += ms(t);
-    let (outcome, message) = match blocks {
-        Ok(b) => {
-            let still: Vec<String> = b.iter().filter(|s| s.present).map(|s| format!("memory{}", s.index)).collect();
-            if still.is_empty() {
-                (Outcome::Ok, format!("{size} detached; libvirt and the guest agree ({} block(s) gone)", b.len()))
-            } else {
-                (
-                    Outcome::GuestFailed,
-                    format!("QEMU removed the DIMM(s) but the guest still lists {}", still.join(", ")),
-                )
-            }
+    fn report(&self, outcome: Outcome, message: String, verified: Option<String>) -> OpReport {
+        OpReport {
+            operation: OP.into(),
+            domain: self.name().into(),
+            affect: self.facts.affect,
+            outcome,
+            message,
+            findings: self.plan.findings.clone(),
+            host: HostSide { applied: self.applied.clone(), verified, persistent: self.facts.affect.config() },
+            guest: self.guest.clone(),
+            timings: self.run.timings(),
         }
-        Err(e) => (Outcome::GuestFailed, format!("{size} detached in libvirt; the guest did not confirm: {e}")),
-    };
-    Ok(report(&run, outcome, message, guest_report))
+    }
+
+    /// Step 1: the guest lets go of the blocks, or nothing is detached.
+    async fn offline(&mut self, link: &mut GuestLink) -> Result<(), Box<OpReport>> {
+        let t = Instant::now();
+        let timeout_ms = self.opts.timeout.as_millis() as u64;
+        let res = link.offline(OfflineRequest { cpus: None, memory: self.plan.ranges.clone(), timeout_ms }).await;
+        self.run.guest_ms += ms(t);
+        let why = match res {
+            Ok(r) if r.complete => {
+                self.guest = Some(r);
+                return Ok(());
+            }
+            Ok(r) => {
+                let why = format!("the guest could not offline {} block(s) ({})", r.failures(), first_failure(&r));
+                self.guest = Some(r);
+                why
+            }
+            Err(e) => format!("the guest did not offline the blocks: {e}"),
+        };
+        let back = put_back(link, self.plan.ranges.clone(), self.opts).await;
+        Err(Box::new(self.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was detached"), None)))
+    }
+
+    /// Step 2: libvirt detaches; a refusal puts the remaining DIMMs' blocks back online.
+    async fn detach(&mut self, link: Option<&mut GuestLink>) -> Result<(), Box<OpReport>> {
+        let affect = self.facts.affect;
+        let t = Instant::now();
+        for (i, d) in self.plan.chosen.iter().enumerate() {
+            let (dom, xml) = (self.facts.loaded.dom.clone(), dimm_detach_xml(d));
+            if let Err(e) = blocking(move || dom.detach_device(&xml, affect)).await {
+                self.run.libvirt_ms = ms(t);
+                let findings = self.plan.findings.clone();
+                let mut r = libvirt_failed(OP, self.name(), affect, self.applied.clone(), findings, &e, &self.run);
+                if let Some(link) = link {
+                    let still: Vec<&Dimm> = self.plan.chosen[i..].iter().collect();
+                    let back = put_back(link, ranges(&still), self.opts).await;
+                    r.message = format!("{}; for the DIMM(s) still attached: {back}", r.message);
+                }
+                return Err(Box::new(r));
+            }
+            let node = d.node.unwrap_or(0);
+            self.applied.push(format!("detach dimm {} ({}, node {node}) ({})", alias(d), d.size, affect_text(affect)));
+        }
+        self.run.libvirt_ms = ms(t);
+        Ok(())
+    }
+
+    /// Step 3: QEMU removes the DIMMs once the guest has ejected them; the live
+    /// XML is read until they are gone (or the timeout; at once with `--no-wait`).
+    async fn wait_removed(&mut self) -> (Vec<String>, Option<DomainFacts>) {
+        let names: Vec<String> = self.plan.chosen.iter().map(|d| alias(d).to_string()).collect();
+        let t = Instant::now();
+        let deadline = t + if self.opts.no_wait { Duration::ZERO } else { self.opts.timeout };
+        loop {
+            let dom = self.facts.loaded.dom.clone();
+            let after = blocking(move || dom.xml(XmlView::Live)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
+            let left: Vec<String> = match &after {
+                Some(f) => {
+                    names.iter().filter(|n| f.dimms.iter().any(|d| d.alias.as_deref() == Some(n))).cloned().collect()
+                }
+                None => names.clone(),
+            };
+            if left.is_empty() || Instant::now() >= deadline {
+                self.run.guest_ms += ms(t);
+                return (left, after);
+            }
+            tokio::time::sleep(REMOVAL_POLL).await;
+        }
+    }
+
+    fn removal_pending(&self, left: &[String]) -> (Outcome, String) {
+        let size = self.plan.size;
+        if self.opts.no_wait {
+            return (
+                Outcome::Ok,
+                format!("detach of {size} requested; not waiting for QEMU to remove {}", left.join(", ")),
+            );
+        }
+        let m = format!(
+            "libvirt accepted the detach but {} still in the live XML after {:?} (the guest has not ejected it); its blocks are offline: repeat the command to finish",
+            left.join(", "),
+            self.opts.timeout
+        );
+        (Outcome::GuestTimeout, m)
+    }
+
+    /// Step 4: the guest confirms the blocks are gone.
+    async fn confirm_gone(&mut self, link: Option<&mut GuestLink>) -> (Outcome, String) {
+        let size = self.plan.size;
+        let Some(link) = link else {
+            return (Outcome::Ok, format!("{size} detached; guest not verified (--force, no agent)"));
+        };
+        let t = Instant::now();
+        let blocks = link.blocks(self.plan.ranges.clone()).await;
+        self.run.guest_ms += ms(t);
+        match blocks {
+            Ok(b) => {
+                let still: Vec<String> = b.iter().filter(|s| s.present).map(|s| format!("memory{}", s.index)).collect();
+                if still.is_empty() {
+                    (Outcome::Ok, format!("{size} detached; libvirt and the guest agree ({} block(s) gone)", b.len()))
+                } else {
+                    let m = format!("QEMU removed the DIMM(s) but the guest still lists {}", still.join(", "));
+                    (Outcome::GuestFailed, m)
+                }
+            }
+            Err(e) => (Outcome::GuestFailed, format!("{size} detached in libvirt; the guest did not confirm: {e}")),
+        }
+    }
 }
 
 #[cfg(test)]

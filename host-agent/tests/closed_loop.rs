@@ -278,3 +278,54 @@ async fn detach_memory_names_what_exists_when_nothing_matches() {
 
 /// errno of a block whose pages cannot be migrated away.
 const EBUSY: i32 = 16;
+
+/// Issue 14: `attach-memory 1K --force --no-wait` printed "OK — 1 KiB attached"
+/// with nothing applied. A request that makes no DIMM is refused, forced or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_makes_no_dimm_is_refused_even_forced() {
+    let w = world(true).await;
+    let mut o = opts(&w, Duration::from_secs(5));
+    (o.force, o.no_wait) = (true, true);
+    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(1024, 0, 4 * GIB, "k"), &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert_eq!(r.findings[0].id, "mem.plan", "{}", r.render_text());
+    assert!(w.dom.calls().is_empty(), "nothing applied: {:?}", w.dom.calls());
+}
+
+/// Issue 14: repeating a `--request-id` with a different size printed OK without
+/// a word. Asking less than the request already attached is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_repeated_with_a_smaller_size_is_refused() {
+    let w = world(true).await;
+    let o = opts(&w, Duration::from_secs(10));
+    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(512 * MIB, 0, 4 * GIB, "same"), &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    let calls = w.dom.calls().len();
+    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(256 * MIB, 0, 4 * GIB, "same"), &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert_eq!(r.findings[0].id, "mem.request-id", "{}", r.render_text());
+    assert!(r.findings[0].message.contains("already attached 512 MiB"), "{}", r.render_text());
+    assert_eq!(w.dom.calls().len(), calls, "nothing more applied");
+    // The same size again: reconciled, nothing attached, still a success.
+    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(512 * MIB, 0, 4 * GIB, "same"), &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.dom.calls().len(), calls, "nothing more applied");
+}
+
+/// Issue 14: shrinking with `setvcpus` ignored an incomplete offline report and
+/// called libvirt anyway. Now libvirt is never asked to unplug a CPU the guest
+/// has not released; the CPUs it did release are onlined again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_the_guest_cannot_complete_changes_nothing_in_libvirt() {
+    let w = world(true).await;
+    let o = opts(&w, Duration::from_secs(5));
+    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    let calls = w.dom.calls().len();
+    w.kernel.fail_writes(w.kernel.sys().join("devices/system/cpu/cpu3/online"), &[libc::EBUSY; 64]);
+    let r = setvcpus(w.conn.clone(), "web1", 2, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
+    assert!(r.message.contains("nothing was changed in libvirt"), "{}", r.message);
+    assert_eq!(w.dom.calls().len(), calls, "libvirt was not asked to unplug: {:?}", w.dom.calls());
+    assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3", "back online");
+}

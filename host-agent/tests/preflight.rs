@@ -389,3 +389,47 @@ fn every_rule_has_a_test_here() {
         assert!(src.contains(&format!("\"{id}")), "no test asserts on rule {id}");
     }
 }
+
+fn unplug(live_only: &[&str], without_address: &[&str]) -> Operation {
+    Operation::Unplug {
+        live_only: live_only.iter().map(|s| s.to_string()).collect(),
+        without_address: without_address.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn unplug_live_only() {
+    // Both: the DIMM must also leave the definition, which does not have it.
+    let op = unplug(&["ua-vmplug-a-0"], &[]);
+    let b = Case::new().run(&op);
+    assert!(ids(&b, Severity::Error).contains(&"unplug.live-only"), "{b:#?}");
+    let mut live = Case::new();
+    live.affect = Affect::Live;
+    assert!(!live.run(&op).iter().any(|f| f.id == "unplug.live-only"), "--live alone is fine");
+    assert!(!Case::new().run(&unplug(&[], &[])).iter().any(|f| f.id == "unplug.live-only"));
+}
+
+#[test]
+fn unplug_no_address() {
+    let b = Case::new().run(&unplug(&[], &["dimm0"]));
+    assert!(ids(&b, Severity::Error).contains(&"unplug.no-address"), "{b:#?}");
+    let mut config = Case::new();
+    config.affect = Affect::Config;
+    assert!(!config.run(&unplug(&[], &["dimm0"])).iter().any(|f| f.id == "unplug.no-address"));
+}
+
+#[test]
+fn unplug_needs_the_agent_even_without_waiting() {
+    let mut bad = Case::new();
+    bad.guest = None;
+    let f = bad.run(&unplug(&[], &[]));
+    assert!(ids(&f, Severity::Error).contains(&"agent.ready"), "{f:#?}");
+}
+
+/// `check DOM` alone says what a CPU hot-plug would refuse for the domain itself.
+#[test]
+fn placement_is_part_of_readiness() {
+    let bad = Case::new().xml("<vcpu placement='static'", "<vcpu placement='auto'");
+    let f = bad.run(&Operation::Readiness);
+    assert!(ids(&f, Severity::Error).contains(&"cpu.placement"), "{f:#?}");
+}
