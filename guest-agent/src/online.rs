@@ -240,7 +240,9 @@ impl Onliner {
         zone: ZonePolicy,
         counts: &mut ZoneCounts,
     ) -> Result<BlockResult, SysfsError> {
-        let start = self.block_size()?.map(|b| block_start(index, b)).unwrap_or(0);
+        // The start is for the report; a block size that cannot be read does not
+        // stop the onlining (the state write does not need it).
+        let start = self.block_size().ok().flatten().map(|b| block_start(index, b)).unwrap_or(0);
         let result = |block: Option<&Block>, outcome| BlockResult {
             index,
             start,
@@ -358,14 +360,44 @@ impl Onliner {
         Ok(out)
     }
 
-    /// Onlines everything offline right now: the guide's shell loop, done properly.
+    /// Onlines everything offline right now: the guide's shell loop, done
+    /// properly. Each CPU and block stands alone: one that cannot be read is a
+    /// failure in the report (with its errno), one the kernel has not finished
+    /// creating is "not found" (so the report is not complete), and neither stops
+    /// the others from being onlined.
     pub fn online_everything(&self, zone: ZonePolicy) -> Result<(Vec<CpuResult>, Vec<BlockResult>), SysfsError> {
+        let failed = |e: SysfsError| Outcome::Failed { errno: e.errno(), message: e.to_string() };
         let mut cpus = Vec::new();
-        for c in self.sysfs.cpus()?.into_iter().filter(|c| !c.online) {
-            cpus.push(CpuResult { cpu: c.id, outcome: self.online_cpu(c.id)? });
+        for (id, entry) in self.sysfs.cpu_entries()? {
+            let outcome = match entry {
+                Ok(Some(c)) if c.online => continue,
+                Ok(Some(_)) => self.online_cpu(id).unwrap_or_else(failed),
+                Ok(None) => Outcome::NotFound,
+                Err(e) => failed(e),
+            };
+            cpus.push(CpuResult { cpu: id, outcome });
         }
-        let offline: Vec<u64> = self.sysfs.blocks()?.into_iter().filter(|b| !b.online).map(|b| b.index).collect();
-        Ok((cpus, self.block_pass(&offline, zone)?))
+        let entries = self.sysfs.block_entries()?;
+        let present: Vec<Block> = entries.iter().filter_map(|(_, e)| e.as_ref().ok().cloned().flatten()).collect();
+        let mut counts = ZoneCounts::of(&present);
+        let start = |index| self.block_size().ok().flatten().map(|b| block_start(index, b)).unwrap_or(0);
+        let mut blocks = Vec::new();
+        for (index, entry) in entries {
+            let outcome = match entry {
+                Ok(Some(b)) if b.online => continue,
+                Ok(Some(_)) => match self.online_block(index, zone, &mut counts) {
+                    Ok(r) => {
+                        blocks.push(r);
+                        continue;
+                    }
+                    Err(e) => failed(e),
+                },
+                Ok(None) => Outcome::NotFound,
+                Err(e) => failed(e),
+            };
+            blocks.push(BlockResult { index, start: start(index), node: None, zone: None, outcome });
+        }
+        Ok((cpus, blocks))
     }
 
     /// Bytes in online blocks.
@@ -373,7 +405,10 @@ impl Onliner {
         let Some(bs) = self.block_size()? else {
             return Ok(Bytes(0));
         };
-        let n = self.sysfs.blocks()?.iter().filter(|b| b.online).count() as u64;
+        // Blocks that cannot be read are not counted as online (they are reported
+        // as failures where they matter).
+        let entries = self.sysfs.block_entries()?;
+        let n = entries.iter().filter(|(_, e)| matches!(e, Ok(Some(b)) if b.online)).count() as u64;
         Ok(Bytes(n.saturating_mul(bs.get())))
     }
 }
@@ -551,6 +586,37 @@ mod tests {
             blocks_of(&[MemRange { start: 0, size: Bytes(u64::MAX / 2 + 1) }], bs),
             Err(OnlineError::TooManyBlocks(_)) | Err(OnlineError::Misaligned { .. })
         ));
+    }
+
+    /// Issue 14: one unreadable file stopped `vmplug-guest online` with no report
+    /// and nothing onlined; a half-made entry was left out of a "complete" report.
+    #[test]
+    fn online_everything_reports_each_bad_entry_and_onlines_the_rest() {
+        use std::os::unix::fs::symlink;
+        let (d, k, o) = setup(4);
+        let sys = d.path().join("sys/devices/system");
+        k.add_cpu(1, false);
+        k.add_cpu(2, false);
+        std::fs::write(sys.join("cpu/cpu2/online"), "garbage\n").expect("garbage");
+        std::fs::create_dir_all(sys.join("cpu/cpu3")).expect("a cpu without its online file");
+        k.add_block(8, false, "Normal Movable", 0);
+        k.add_block(9, false, "Normal Movable", 0);
+        std::fs::remove_file(sys.join("memory/memory9/state")).expect("rm state");
+        std::fs::create_dir(sys.join("memory/memory9/state")).expect("a state that is a directory");
+        k.add_block(10, false, "Normal Movable", 0);
+        std::fs::remove_file(sys.join("memory/memory10/state")).expect("rm state");
+        symlink("/nonexistent", sys.join("memory/memory10/state")).expect("a dangling state link");
+        std::fs::write(sys.join("memory/block_size_bytes"), "zzz\n").expect("a bad block size");
+
+        let (cpus, blocks) = o.online_everything(ZonePolicy::Auto).expect("a report, not an error");
+        let cpu = |id| cpus.iter().find(|c| c.cpu == id).map(|c| c.outcome.clone());
+        assert_eq!(cpu(1), Some(Outcome::Done), "the good CPU is onlined: {cpus:?}");
+        assert!(matches!(cpu(2), Some(Outcome::Failed { errno: libc::EINVAL, .. })), "{cpus:?}");
+        assert_eq!(cpu(3), Some(Outcome::NotFound), "{cpus:?}");
+        let block = |i| blocks.iter().find(|b| b.index == i).map(|b| b.outcome.clone());
+        assert_eq!(block(8), Some(Outcome::Done), "the good block is onlined: {blocks:?}");
+        assert!(matches!(block(9), Some(Outcome::Failed { errno: libc::EISDIR, .. })), "{blocks:?}");
+        assert_eq!(block(10), Some(Outcome::NotFound), "{blocks:?}");
     }
 
     /// Security finding 4: this range passed validation and `index * block_size`

@@ -23,6 +23,21 @@ pub enum SysfsError {
     BlockSize { path: PathBuf, source: SizeError },
 }
 
+impl SysfsError {
+    /// The errno a report carries for this failure (EINVAL for content the
+    /// agent cannot read as what it should be).
+    pub fn errno(&self) -> i32 {
+        match self {
+            SysfsError::Read { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            SysfsError::Parse { .. } | SysfsError::BlockSize { .. } => libc::EINVAL,
+        }
+    }
+}
+
+/// One numbered sysfs entry as a scan found it: complete, still being created or
+/// removed (`Ok(None)`), or unreadable.
+pub type Entry<T> = Result<Option<T>, SysfsError>;
+
 /// The roots every path is built from.
 #[derive(Debug, Clone)]
 pub struct Sysfs {
@@ -128,6 +143,22 @@ impl Sysfs {
             }
         }
         Ok(out)
+    }
+
+    /// Every `cpuN` directory, each with its own result: one unreadable CPU does
+    /// not hide the others.
+    pub fn cpu_entries(&self) -> Result<Vec<(u32, Entry<Cpu>)>, SysfsError> {
+        let ids = numbered_entries(&self.cpu_dir(), "cpu")?;
+        Ok(ids.into_iter().filter_map(|id| u32::try_from(id).ok()).map(|id| (id, self.cpu(id))).collect())
+    }
+
+    /// Every `memoryN` directory, each with its own result.
+    pub fn block_entries(&self) -> Result<Vec<(u64, Entry<Block>)>, SysfsError> {
+        let dir = self.memory_dir();
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        Ok(numbered_entries(&dir, "memory")?.into_iter().map(|i| (i, self.block(i))).collect())
     }
 
     /// One CPU, `None` if its directory does not exist or is not complete yet.

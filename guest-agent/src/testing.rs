@@ -111,7 +111,13 @@ impl FakeKernel {
     fn sync_cpu_lists(&self) {
         let dir = self.sys().join("devices/system/cpu");
         let sysfs = self.sysfs();
-        let cpus = sysfs.cpus().expect("fake cpus readable");
+        // Entries a test made unreadable on purpose are left out of the lists.
+        let cpus: Vec<_> = sysfs
+            .cpu_entries()
+            .expect("fake cpu dir readable")
+            .into_iter()
+            .filter_map(|(_, e)| e.ok().flatten())
+            .collect();
         let present: CpuSet = cpus.iter().map(|c| c.id).collect();
         let online: CpuSet = cpus.iter().filter(|c| c.online).map(|c| c.id).collect();
         put(&dir.join("present"), &format!("{present}\n"));

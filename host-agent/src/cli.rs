@@ -525,10 +525,12 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             let env = match &r.refused {
                 Some(why) => Envelope {
                     error: Some(why.clone()),
+                    findings: r.findings.clone(),
                     ..Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Refused, why.clone())
                 },
                 None => {
                     let mut env = Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new());
+                    env.findings = r.findings.clone();
                     if r.defined {
                         env.applied = vec!["define (persistent definition)".into()];
                     }

@@ -91,7 +91,7 @@ pub enum LinkError {
     Version(u32),
     #[error("guest agent did not answer '{0}' within {1:?}")]
     Timeout(&'static str, Duration),
-    #[error("guest agent answered '{request}' with {code:?}: {message}")]
+    #[error("guest agent answered '{request}' with {code}: {message}")]
     Guest { request: &'static str, code: ErrorCode, message: String },
     #[error("guest agent sent an unexpected answer to '{0}'")]
     Unexpected(&'static str),

@@ -658,31 +658,87 @@ pub struct PrepareReport {
     pub defined: bool,
     pub diff: String,
     pub notes: Vec<String>,
+    /// The readiness rules over the prepared definition.
+    pub findings: Vec<Finding>,
     pub refused: Option<String>,
 }
 
 impl PrepareReport {
     pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let findings: String = self
+            .findings
+            .iter()
+            .map(|f| {
+                let sev = if f.severity == Severity::Error { "error" } else { "warning" };
+                format!("  {sev} [{}] {}\n", f.id, f.message)
+            })
+            .collect();
         if let Some(why) = &self.refused {
-            return format!("prepare {}: REFUSED — {why}\n", self.domain);
+            return format!("prepare {}: REFUSED — {why}\n{findings}", self.domain);
         }
-        let mut s = self.diff.clone();
+        s.push_str(&self.diff);
         for n in &self.notes {
             s.push_str(&format!("# {n}\n"));
         }
+        let warned =
+            if self.findings.is_empty() { String::new() } else { format!(", with {} warning(s)", self.findings.len()) };
         s.push_str(&match (self.defined, self.diff.is_empty()) {
-            (_, true) => format!("prepare {}: already hot-plug-ready; nothing to change\n", self.domain),
+            (_, true) => format!("prepare {}: already hot-plug-ready{warned}; nothing to change\n", self.domain),
             (false, false) => format!("prepare {}: dry run; nothing defined\n", self.domain),
-            (true, false) if self.running => {
-                format!("prepare {}: definition updated; takes effect at the next start (the running domain is unchanged)\n", self.domain)
-            }
-            (true, false) => format!("prepare {}: definition updated; takes effect at the next start\n", self.domain),
+            (true, false) if self.running => format!(
+                "prepare {}: definition updated{warned}; takes effect at the next start (the running domain is unchanged)\n",
+                self.domain
+            ),
+            (true, false) => format!("prepare {}: definition updated{warned}; takes effect at the next start\n", self.domain),
         });
+        s.push_str(&findings);
         s
     }
 }
 
-/// `vmplug prepare`: edits the persistent definition (never the live one).
+/// The rules a prepared definition must pass to be called hot-plug-ready: the
+/// domain-wide preflight rules, the guide's 4 GiB for Linux guests, usable slots,
+/// and room for at least one more vCPU (warned: memory-only domains exist).
+pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainError> {
+    let facts = DomainFacts::parse(xml).map_err(|e| DomainError::Other(format!("prepared XML: {e}")))?;
+    let ctx = Ctx {
+        dom: &facts,
+        host,
+        guest: None,
+        running: false,
+        job_running: false,
+        affect: Affect::Config,
+        no_wait: true,
+    };
+    let mut findings = crate::preflight::check(&ctx, &crate::preflight::Operation::Readiness);
+    let probe = crate::preflight::Operation::Memory { size: Bytes(vmplug_common::MIB), node: None, dimms: 1 };
+    findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == "mem.linux-4g"));
+    let usable = 64u32.saturating_sub(facts.virtio_nets);
+    if let Some(slots) = facts.slots.filter(|&s| s > usable) {
+        findings.push(Finding {
+            id: "mem.slots",
+            severity: Severity::Error,
+            message: format!("{slots} memory slots, but only {usable} are usable (64 − {} virtio-net device(s)): pass --slots {usable} or fewer", facts.virtio_nets),
+        });
+    }
+    if facts.vcpus_max <= facts.vcpus_current {
+        findings.push(Finding {
+            id: "cpu.max",
+            severity: Severity::Warning,
+            message: format!(
+                "max vCPUs equals the current {}: no vCPU can be hot-plugged; pass --max-vcpus",
+                facts.vcpus_current
+            ),
+        });
+    }
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    findings.dedup();
+    Ok(findings)
+}
+
+/// `vmplug prepare`: edits the persistent definition (never the live one), and
+/// only into one the readiness rules accept.
 pub async fn prepare(
     conn: Arc<dyn Connection>,
     name: &str,
@@ -698,19 +754,31 @@ pub async fn prepare(
         defined: false,
         diff: String::new(),
         notes: vec![],
+        findings: vec![],
         refused: None,
     };
-    match crate::prepare::prepare(&old, &l.host, opts) {
-        Err(e) => report.refused = Some(e.to_string()),
-        Ok(p) => {
-            report.diff = if p.xml == old { String::new() } else { crate::prepare::diff(&old, &p.xml) };
-            report.notes = p.notes;
-            if !dry_run && p.xml != old {
-                let c = conn.clone();
-                blocking(move || c.define(&p.xml)).await?;
-                report.defined = true;
-            }
+    let p = match crate::prepare::prepare(&old, &l.host, opts) {
+        Err(e) => {
+            report.refused = Some(e.to_string());
+            return Ok(report);
         }
+        Ok(p) => p,
+    };
+    report.diff = if p.xml == old { String::new() } else { crate::prepare::diff(&old, &p.xml) };
+    report.notes = p.notes;
+    report.findings = readiness_of(&p.xml, &l.host)?;
+    let errors: Vec<&str> = report.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
+    if !errors.is_empty() {
+        report.refused = Some(format!(
+            "the prepared definition would still not be hot-plug-ready ({}); nothing was defined",
+            errors.join(", ")
+        ));
+        return Ok(report);
+    }
+    if !dry_run && p.xml != old {
+        let c = conn.clone();
+        blocking(move || c.define(&p.xml)).await?;
+        report.defined = true;
     }
     Ok(report)
 }

@@ -230,9 +230,10 @@ fn rule_cpu_socket_cell(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         let cells: std::collections::BTreeSet<Option<u32>> =
             vcpus.iter().map(|v| ctx.dom.cell_of_vcpu(*v).map(|c| c.id)).collect();
         if cells.len() > 1 {
+            let names: Vec<String> = cells.iter().map(|c| c.map_or("none".to_string(), |c| c.to_string())).collect();
             return error(
                 "cpu.socket-cell",
-                format!("socket {socket} (vCPUs {}) spans guest NUMA cells {cells:?}: the guide warns this can soft-lockup the guest after a CPU hot-plug; put each socket's vCPUs in one <cell>", vcpus.iter().copied().collect::<CpuSet>()),
+                format!("socket {socket} (vCPUs {}) spans guest NUMA cells {}: the guide warns this can soft-lockup the guest after a CPU hot-plug; put each socket's vCPUs in one <cell>", vcpus.iter().copied().collect::<CpuSet>(), names.join(", ")),
             );
         }
     }

@@ -552,7 +552,16 @@ pub fn render_status(st: &Status) -> String {
             if d.blocks.is_empty() {
                 "-".to_string()
             } else {
-                format!("{online}/{} blocks online, zone {:?}, node {:?}", d.blocks.len(), zones, nodes)
+                {
+                    let zones: Vec<&str> = zones.into_iter().collect();
+                    let nodes: Vec<String> = nodes.iter().map(u32::to_string).collect();
+                    format!(
+                        "{online}/{} blocks online, zone {}, node {}",
+                        d.blocks.len(),
+                        zones.join(","),
+                        nodes.join(",")
+                    )
+                }
             }
         );
     }

@@ -141,3 +141,43 @@ fn empty_host_nodes_and_zero_slots_are_refused() {
     let zero = PrepareOpts { slots: Some(0), ..Default::default() };
     assert_eq!(prepare(input, &host(), &zero).expect_err("refused"), PrepareError::NoSlots);
 }
+
+/// Issue 14: `prepare` said "already hot-plug-ready" for domains the guide
+/// forbids. The prepared definition must pass the readiness rules.
+#[test]
+fn the_prepared_definition_is_held_to_the_readiness_rules() {
+    use vmplug::ops::readiness_of;
+    let input = include_str!("fixtures/plain.xml");
+    let ids = |xml: &str| -> Vec<(&'static str, vmplug::preflight::Severity)> {
+        readiness_of(xml, &host()).expect("parses").iter().map(|f| (f.id, f.severity)).collect()
+    };
+    let ready =
+        PrepareOpts { max_vcpus: Some(8), max_memory: Some(Bytes(16 * GIB)), slots: Some(16), ..Default::default() };
+    let ok = prepare(input, &host(), &ready).expect("prepares").xml;
+    assert!(ids(&ok).iter().all(|(_, s)| *s != vmplug::preflight::Severity::Error), "{:?}", ids(&ok));
+
+    // A vhost-user interface excludes memory hot-plug.
+    let vhost = input.replace(
+        "</devices>",
+        "<interface type='vhostuser'><source type='unix' path='/run/vu.sock' mode='client'/><model type='virtio'/></interface>\n</devices>",
+    );
+    let out = prepare(&vhost, &host(), &ready).expect("prepares").xml;
+    assert!(ids(&out).contains(&("mem.vhost-user", vmplug::preflight::Severity::Error)), "{:?}", ids(&out));
+
+    // 200 slots: only 64 minus the virtio-net devices are usable.
+    let many = PrepareOpts { slots: Some(200), ..ready.clone() };
+    let out = prepare(input, &host(), &many).expect("prepares").xml;
+    assert!(ids(&out).contains(&("mem.slots", vmplug::preflight::Severity::Error)), "{:?}", ids(&out));
+
+    // 2 GiB of initial memory: the guide's 4 GiB for Linux guests, warned.
+    let small = input.replace("<memory unit='KiB'>4194304</memory>", "<memory unit='KiB'>2097152</memory>").replace(
+        "<currentMemory unit='KiB'>4194304</currentMemory>",
+        "<currentMemory unit='KiB'>2097152</currentMemory>",
+    );
+    let out = prepare(&small, &host(), &ready).expect("prepares").xml;
+    assert!(ids(&out).contains(&("mem.linux-4g", vmplug::preflight::Severity::Warning)), "{:?}", ids(&out));
+
+    // By default max vCPUs stays at the current count: said, not silent.
+    let out = prepare(input, &host(), &PrepareOpts::default()).expect("prepares").xml;
+    assert!(ids(&out).contains(&("cpu.max", vmplug::preflight::Severity::Warning)), "{:?}", ids(&out));
+}
