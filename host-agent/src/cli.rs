@@ -464,19 +464,11 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 max_dimm: *max_dimm,
                 request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
             };
-            // The id is what makes a repeat safe: name it even when the run ends in an error.
-            let r = ops::attach_memory(conn, domain, &mem, &hotplug.opts()?).await.map_err(|e| match e {
-                DomainError::Usage(_) | DomainError::NotFound(_) => CliError::Domain(e),
-                e => CliError::Request { id: mem.request_id.clone(), source: e },
-            })?;
-            Done::op(r)
+            attach(conn, domain, &mem, &hotplug.opts()?).await?
         }
         Command::DetachMemory { domain, alias, request_id, hotplug } => {
-            let sel = match (alias, request_id) {
-                (Some(a), _) => DimmSelector::Alias(a.clone()),
-                (None, Some(id)) => DimmSelector::Request(id.clone()),
-                (None, None) => return Err(CliError::Usage("give --alias or --request-id".into())),
-            };
+            let sel = alias.clone().map(DimmSelector::Alias).or_else(|| request_id.clone().map(DimmSelector::Request));
+            let sel = sel.ok_or_else(|| CliError::Usage("give --alias or --request-id".into()))?;
             Done::op(unplug::detach_memory(conn, domain, &sel, &hotplug.opts()?).await?)
         }
         Command::Numatune { domain, mode, nodeset, affect } => {
@@ -500,17 +492,7 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 request_id: ops::new_request_id(),
             });
             let req = tune::CheckRequest { cpus: *cpus, memory, opts: hotplug.opts()? };
-            let c = tune::check(conn, domain, &req).await?;
-            let (outcome, message) =
-                if c.ready { (ReportOutcome::Ok, "ready") } else { (ReportOutcome::Refused, "not ready") };
-            let mut env = Envelope::new(cmd.name(), cmd.domain(), outcome, message.into());
-            env.findings = c.findings.clone();
-            if !c.ready {
-                let ids: Vec<&str> =
-                    c.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
-                env.error = Some(format!("not ready: {}", ids.join(", ")));
-            }
-            Done::new(env, &c, tune::render_check(&c))
+            check(cmd, conn, domain, &req).await?
         }
         Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {
             let opts = crate::prepare::PrepareOpts {
@@ -521,47 +503,91 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 host_nodes: host_nodes.clone(),
                 mode: *mode,
             };
-            let r = ops::prepare(conn, domain, &opts, *dry_run).await?;
-            let env = match &r.refused {
-                Some(why) => Envelope {
-                    error: Some(why.clone()),
-                    findings: r.findings.clone(),
-                    ..Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Refused, why.clone())
-                },
-                None => {
-                    let mut env = Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new());
-                    env.findings = r.findings.clone();
-                    if r.defined {
-                        env.applied = vec!["define (persistent definition)".into()];
-                    }
-                    env
-                }
-            };
-            Done::new(env, &r, r.render_text())
+            prepare(cmd, conn, domain, &opts, *dry_run).await?
         }
-        Command::Autoscale { policy, once, dry_run } => {
-            let text =
-                std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
-            let p = Policy::parse(&policy.display().to_string(), &text)?;
-            let mut hosts = Vec::new();
-            if p.uris.is_empty() {
-                hosts.push(Host::new(conn.uri(), conn, p.host.concurrency));
-            } else {
-                for uri in &p.uris {
-                    let u = uri.clone();
-                    let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(Some(&u)))
-                        .await
-                        .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
-                    hosts.push(Host::new(uri.clone(), Arc::new(c), p.host.concurrency));
-                }
-            }
-            crate::autoscale::run(hosts, p, *dry_run, *once).await?;
-            let env = Envelope::new(cmd.name(), None, ReportOutcome::Ok, "autoscale ended".into());
-            Done { envelope: env, result: None, text: String::new() }
-        }
+        Command::Autoscale { policy, once, dry_run } => autoscale(conn, policy, *once, *dry_run).await?,
         Command::Status { domain, agent } => {
             let st = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout)).await?;
             Done::shown(cmd, &st, tune::render_status(&st))
         }
     })
+}
+
+/// `attach-memory`: the request id is what makes a repeat safe, so an error
+/// after the start names it.
+async fn attach(
+    conn: Arc<dyn Connection>,
+    domain: &str,
+    mem: &MemoryOpts,
+    opts: &HotplugOpts,
+) -> Result<Done, CliError> {
+    let r = ops::attach_memory(conn, domain, mem, opts).await.map_err(|e| match e {
+        DomainError::Usage(_) | DomainError::NotFound(_) => CliError::Domain(e),
+        e => CliError::Request { id: mem.request_id.clone(), source: e },
+    })?;
+    Ok(Done::op(r))
+}
+
+async fn check(
+    cmd: &Command,
+    conn: Arc<dyn Connection>,
+    domain: &str,
+    req: &tune::CheckRequest,
+) -> Result<Done, CliError> {
+    let c = tune::check(conn, domain, req).await?;
+    let (outcome, message) = if c.ready { (ReportOutcome::Ok, "ready") } else { (ReportOutcome::Refused, "not ready") };
+    let mut env = Envelope::new(cmd.name(), cmd.domain(), outcome, message.into());
+    env.findings = c.findings.clone();
+    if !c.ready {
+        let ids: Vec<&str> = c.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
+        env.error = Some(format!("not ready: {}", ids.join(", ")));
+    }
+    Ok(Done::new(env, &c, tune::render_check(&c)))
+}
+
+async fn prepare(
+    cmd: &Command,
+    conn: Arc<dyn Connection>,
+    domain: &str,
+    opts: &crate::prepare::PrepareOpts,
+    dry_run: bool,
+) -> Result<Done, CliError> {
+    let r = ops::prepare(conn, domain, opts, dry_run).await?;
+    let mut env = match &r.refused {
+        Some(why) => Envelope {
+            error: Some(why.clone()),
+            ..Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Refused, why.clone())
+        },
+        None => Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new()),
+    };
+    env.findings = r.findings.clone();
+    if r.defined {
+        env.applied = vec!["define (persistent definition)".into()];
+    }
+    Ok(Done::new(env, &r, r.render_text()))
+}
+
+async fn autoscale(
+    conn: Arc<dyn Connection>,
+    policy: &std::path::Path,
+    once: bool,
+    dry_run: bool,
+) -> Result<Done, CliError> {
+    let text = std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
+    let p = Policy::parse(&policy.display().to_string(), &text)?;
+    let mut hosts = Vec::new();
+    if p.uris.is_empty() {
+        hosts.push(Host::new(conn.uri(), conn, p.host.concurrency));
+    } else {
+        for uri in &p.uris {
+            let u = uri.clone();
+            let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(Some(&u)))
+                .await
+                .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
+            hosts.push(Host::new(uri.clone(), Arc::new(c), p.host.concurrency));
+        }
+    }
+    crate::autoscale::run(hosts, p, dry_run, once).await?;
+    let env = Envelope::new("autoscale", None, ReportOutcome::Ok, "autoscale ended".into());
+    Ok(Done { envelope: env, result: None, text: String::new() })
 }

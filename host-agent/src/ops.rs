@@ -276,27 +276,10 @@ async fn execute_vcpus(
     let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
     let mut guest_report = None;
     if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
-        let t = Instant::now();
-        let req =
-            OfflineRequest { cpus: Some(plan.target), memory: vec![], timeout_ms: opts.timeout.as_millis() as u64 };
-        let r = link.offline(req).await;
-        run.guest_ms += ms(t);
-        // libvirt never unplugs a CPU the guest has not released.
-        let why = match &r {
-            Ok(r) if r.complete => None,
-            Ok(r) => Some(format!("the guest could not take {} CPU(s) offline", r.failures().max(1))),
-            Err(e) => Some(format!("the guest did not take the CPUs offline: {e}")),
-        };
-        if let Some(why) = why {
-            let back = put_cpus_back(link, plan.current, opts).await;
-            let host =
-                HostOnly { op: "setvcpus", name, affect, findings: plan.findings, applied: vec![], persistent: false };
-            let mut report =
-                host.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was changed in libvirt"), &run);
-            report.guest = r.ok();
-            return Ok(report);
+        match release_cpus(facts, link, &plan, opts, &mut run).await {
+            Ok(r) => guest_report = Some(r),
+            Err(report) => return Ok(*report),
         }
-        guest_report = r.ok();
     }
     let mut applied = Vec::new();
     let t = Instant::now();
@@ -348,6 +331,34 @@ async fn execute_vcpus(
         guest: guest_report,
         timings: run.timings(),
     })
+}
+
+/// A live shrink's first step: the guest takes the CPUs offline. libvirt never
+/// unplugs a CPU the guest has not released: on failure the CPUs are onlined
+/// again and the report says nothing changed in libvirt.
+async fn release_cpus(
+    facts: &Facts,
+    link: &mut GuestLink,
+    plan: &VcpuPlan,
+    opts: &HotplugOpts,
+    run: &mut Run,
+) -> Result<vmplug_common::protocol::Report, Box<OpReport>> {
+    let t = Instant::now();
+    let req = OfflineRequest { cpus: Some(plan.target), memory: vec![], timeout_ms: opts.timeout.as_millis() as u64 };
+    let r = link.offline(req).await;
+    run.guest_ms += ms(t);
+    let why = match r {
+        Ok(r) if r.complete => return Ok(r),
+        Ok(ref r) => format!("the guest could not take {} CPU(s) offline", r.failures().max(1)),
+        Err(ref e) => format!("the guest did not take the CPUs offline: {e}"),
+    };
+    let back = put_cpus_back(link, plan.current, opts).await;
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let findings = plan.findings.clone();
+    let host = HostOnly { op: "setvcpus", name, affect, findings, applied: vec![], persistent: false };
+    let mut report = host.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was changed in libvirt"), run);
+    report.guest = r.ok();
+    Err(Box::new(report))
 }
 
 /// Onlines CPUs up to `count` again after a shrink the guest could not finish.

@@ -101,6 +101,24 @@ fn check_machine(f: &DomainFacts) -> Result<(), PrepareError> {
     }
 }
 
+/// What the prepared definition holds, computed before any text is edited.
+struct Layout {
+    current: u32,
+    max: u32,
+    cores: u32,
+    threads: u32,
+    per_socket: u32,
+    sockets: u32,
+    ncells: u32,
+    slots: u32,
+    max_memory: Bytes,
+    /// (cell id, its vCPUs, its initial memory)
+    cells: Vec<(u32, CpuSet, Bytes)>,
+}
+
+/// An edit of the original text: a byte range and its replacement.
+type Edit = (std::ops::Range<usize>, String);
+
 /// Computes the prepared definition of `xml` (the persistent one) on `host`.
 pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared, PrepareError> {
     let f = DomainFacts::parse(xml)?;
@@ -108,7 +126,27 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
     let doc = Document::parse(xml).map_err(|e| PrepareError::Xml(e.to_string()))?;
     let dom = doc.root_element();
     let mut notes = Vec::new();
+    let l = layout(&f, o)?;
+    let (pins, memnodes) = placement(&l, host, o, &mut notes)?;
+    let mut edits = size_edits(xml, dom, &f, &l, &mut notes)?;
+    edits.extend(cpu_edits(xml, dom, &l)?);
+    notes.push(format!("guest NUMA: {} cell(s) of whole sockets ({} vCPU(s) each)", l.ncells, l.per_socket));
+    if !pins.is_empty() {
+        edits.extend(pin_edits(xml, dom, &pins, &memnodes, o.mode.unwrap_or(NumaMode::Strict))?);
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse((r.start, r.end)));
+    let mut out = xml.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    // What we wrote must read back as what we meant.
+    let back = DomainFacts::parse(&out)?;
+    debug_assert_eq!(back.vcpus_max, l.max);
+    Ok(Prepared { xml: out, notes })
+}
 
+/// vCPUs, sockets, cells, slots and memory of the prepared definition.
+fn layout(f: &DomainFacts, o: &PrepareOpts) -> Result<Layout, PrepareError> {
     let current = f.vcpus_current;
     let max = o.max_vcpus.unwrap_or(f.vcpus_max.max(current));
     if max < current {
@@ -152,7 +190,19 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
         cells.push((i, cpus, Bytes(cell_units * unit)));
     }
 
-    // Host placement.
+    Ok(Layout { current, max, cores, threads, per_socket, sockets, ncells, slots, max_memory, cells })
+}
+
+/// Host placement: each cell's memory on a host node (round-robin over
+/// `--host-nodes`) and its vCPUs pinned to that node's CPUs.
+#[allow(clippy::type_complexity)]
+fn placement(
+    l: &Layout,
+    host: &HostFacts,
+    o: &PrepareOpts,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<(u32, CpuSet)>, Vec<(u32, u32)>), PrepareError> {
+    let cells = &l.cells;
     let mut pins: Vec<(u32, CpuSet)> = Vec::new();
     let mut memnodes: Vec<(u32, u32)> = Vec::new();
     if let Some(nodes) = &o.host_nodes {
@@ -168,7 +218,7 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
         }
         let mode = o.mode.unwrap_or(NumaMode::Strict);
         let mut need = std::collections::BTreeMap::<u32, u64>::new();
-        for (i, cpus, mem) in &cells {
+        for (i, cpus, mem) in cells {
             let node = list[*i as usize % list.len()];
             *need.entry(node).or_default() += mem.get();
             memnodes.push((*i, node));
@@ -178,7 +228,7 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
             }
         }
         if mode == NumaMode::Strict {
-            for (i, _, mem) in &cells {
+            for (i, _, mem) in cells {
                 let node = list[*i as usize % list.len()];
                 if let Some(free) = host.free_on(node) {
                     if free.get() < need[&node] {
@@ -193,8 +243,19 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
         ));
     }
 
-    // The edits, as (byte range, replacement), applied back to front.
-    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    Ok((pins, memnodes))
+}
+
+/// `<vcpu>` and `<maxMemory>`.
+fn size_edits(
+    xml: &str,
+    dom: Node,
+    f: &DomainFacts,
+    l: &Layout,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Edit>, PrepareError> {
+    let (current, max, slots, max_memory) = (l.current, l.max, l.slots, l.max_memory);
+    let mut edits: Vec<Edit> = Vec::new();
     let vcpu = child(dom, "vcpu").ok_or(PrepareError::Xml("no <vcpu>".into()))?;
     edits.push((vcpu.range(), format!("<vcpu placement='static' current='{current}'>{max}</vcpu>")));
     if max != f.vcpus_max || f.vcpu_placement != "static" {
@@ -210,11 +271,18 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
         }
     }
     notes.push(format!("memory: up to {max_memory} in {slots} slots"));
+    Ok(edits)
+}
 
+/// `<cpu>`: topology and NUMA cells, in the existing element or a new one.
+fn cpu_edits(xml: &str, dom: Node, l: &Layout) -> Result<Vec<Edit>, PrepareError> {
+    let (sockets, cores, threads, cells) = (l.sockets, l.cores, l.threads, &l.cells);
+    let vcpu = child(dom, "vcpu").ok_or(PrepareError::Xml("no <vcpu>".into()))?;
     let pad = indent_of(xml, vcpu);
+    let mut edits: Vec<Edit> = Vec::new();
     let topo = format!("<topology sockets='{sockets}' dies='1' clusters='1' cores='{cores}' threads='{threads}'/>");
     let mut numa = String::from("<numa>");
-    for (i, cpus, mem) in &cells {
+    for (i, cpus, mem) in cells {
         let _ = write!(numa, "\n{pad}{pad}{pad}<cell id='{i}' cpus='{cpus}' memory='{}' unit='KiB'/>", mem.kib());
     }
     let _ = write!(numa, "\n{pad}{pad}</numa>");
@@ -246,12 +314,24 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
             edits.push((at..at, format!("<cpu>\n{pad}{pad}{topo}\n{pad}{pad}{numa}\n{pad}</cpu>\n{pad}")));
         }
     }
-    notes.push(format!("guest NUMA: {ncells} cell(s) of whole sockets ({per_socket} vCPU(s) each)"));
+    Ok(edits)
+}
 
-    if !pins.is_empty() {
-        let mode = o.mode.unwrap_or(NumaMode::Strict).as_str();
+/// `<cputune>` vCPU pins and `<numatune>` memnodes.
+fn pin_edits(
+    xml: &str,
+    dom: Node,
+    pins: &[(u32, CpuSet)],
+    memnodes: &[(u32, u32)],
+    mode: NumaMode,
+) -> Result<Vec<Edit>, PrepareError> {
+    let vcpu = child(dom, "vcpu").ok_or(PrepareError::Xml("no <vcpu>".into()))?;
+    let pad = indent_of(xml, vcpu);
+    let mode = mode.as_str();
+    let mut edits: Vec<Edit> = Vec::new();
+    {
         let mut pin_xml = String::new();
-        for (v, set) in &pins {
+        for (v, set) in pins {
             let _ = write!(pin_xml, "\n{pad}{pad}<vcpupin vcpu='{v}' cpuset='{set}'/>");
         }
         match child(dom, "cputune") {
@@ -271,7 +351,7 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
             }
         }
         let mut mn = String::new();
-        for (c, n) in &memnodes {
+        for (c, n) in memnodes {
             let _ = write!(mn, "\n{pad}{pad}<memnode cellid='{c}' mode='{mode}' nodeset='{n}'/>");
         }
         let nodes: CpuSet = memnodes.iter().map(|(_, n)| *n).collect();
@@ -285,15 +365,7 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
         }
     }
 
-    edits.sort_by_key(|(r, _)| std::cmp::Reverse((r.start, r.end)));
-    let mut out = xml.to_string();
-    for (r, text) in edits {
-        out.replace_range(r, &text);
-    }
-    // What we wrote must read back as what we meant.
-    let back = DomainFacts::parse(&out)?;
-    debug_assert_eq!(back.vcpus_max, max);
-    Ok(Prepared { xml: out, notes })
+    Ok(edits)
 }
 
 /// A unified diff of two definitions.

@@ -149,6 +149,19 @@ impl DomainFacts {
             virt_type: dom.attribute("type").unwrap_or_default().to_string(),
             ..Default::default()
         };
+        f.read_os(dom);
+        f.read_vcpu(dom)?;
+        f.read_cpu(dom)?;
+        f.read_memory(dom);
+        f.read_devices(dom);
+        f.read_tuning(dom);
+        f.read_metadata(dom);
+        Ok(f)
+    }
+
+    /// `<os><type arch machine>`, and whether the guest is Windows.
+    fn read_os(&mut self, dom: Node) {
+        let f = self;
         if let Some(t) = path(dom, &["os", "type"]) {
             f.arch = t.attribute("arch").unwrap_or_default().to_string();
             f.machine = t.attribute("machine").unwrap_or_default().to_string();
@@ -156,6 +169,11 @@ impl DomainFacts {
         f.os_is_windows = dom.descendants().any(|n| {
             n.tag_name().name() == "os" && n.attribute("id").is_some_and(|id| id.contains("microsoft.com/win"))
         }) || path(dom, &["features", "hyperv"]).is_some();
+    }
+
+    /// `<vcpu placement current>N</vcpu>`.
+    fn read_vcpu(&mut self, dom: Node) -> Result<(), XmlError> {
+        let f = self;
         let vcpu = child(dom, "vcpu").ok_or(XmlError::Missing("vcpu"))?;
         f.vcpu_placement = vcpu.attribute("placement").unwrap_or("static").to_string();
         f.vcpus_max = vcpu.text().and_then(|t| t.trim().parse().ok()).ok_or(XmlError::Attr {
@@ -169,6 +187,12 @@ impl DomainFacts {
             }
             None => f.vcpus_max,
         };
+        Ok(())
+    }
+
+    /// `<cpu>`: topology and guest NUMA cells.
+    fn read_cpu(&mut self, dom: Node) -> Result<(), XmlError> {
+        let f = self;
         if let Some(cpu) = child(dom, "cpu") {
             if let Some(t) = child(cpu, "topology") {
                 let get = |a| t.attribute(a).and_then(|v| v.parse().ok()).unwrap_or(1);
@@ -192,6 +216,12 @@ impl DomainFacts {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `<memory>`, `<maxMemory slots>`, hugepage backing.
+    fn read_memory(&mut self, dom: Node) {
+        let f = self;
         f.memory = child(dom, "memory").and_then(size_of).unwrap_or_default();
         if let Some(mm) = child(dom, "maxMemory") {
             f.max_memory = size_of(mm);
@@ -205,6 +235,12 @@ impl DomainFacts {
                     .or(Some(Bytes(2 * KIB * KIB)));
             }
         }
+    }
+
+    /// `<devices>`: DIMMs, NICs, channels, vsock, vhost-user devices (also
+    /// those passed on the QEMU command line).
+    fn read_devices(&mut self, dom: Node) {
+        let f = self;
         if let Some(devices) = child(dom, "devices") {
             for d in devices.children().filter(|n| n.is_element()) {
                 match d.tag_name().name() {
@@ -255,6 +291,11 @@ impl DomainFacts {
                 }
             }
         }
+    }
+
+    /// `<cputune>` and `<numatune>`.
+    fn read_tuning(&mut self, dom: Node) {
+        let f = self;
         if let Some(ct) = child(dom, "cputune") {
             f.cpu_shares = child(ct, "shares").and_then(|s| s.text()?.trim().parse().ok());
             f.emulatorpin = child(ct, "emulatorpin").and_then(|e| e.attribute("cpuset")?.parse().ok());
@@ -281,6 +322,11 @@ impl DomainFacts {
                 }
             }
         }
+    }
+
+    /// vmplug's `<metadata>`: tags and the agent's address.
+    fn read_metadata(&mut self, dom: Node) {
+        let f = self;
         if let Some(md) = child(dom, "metadata") {
             f.tags = md
                 .children()
@@ -304,7 +350,6 @@ impl DomainFacts {
                 };
             }
         }
-        Ok(f)
     }
 
     /// Memory in DIMMs.

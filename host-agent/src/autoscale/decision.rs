@@ -1,0 +1,312 @@
+//! The pure decision: (limits, a domain's recent samples and state, its and the
+//! host's capacity, now) → at most one action. Guest numbers are clamped on the
+//! way in and can never push a domain past the policy.
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+use vmplug_common::protocol::Pressure;
+use vmplug_common::{Bytes, MIB};
+
+use super::policy::Limits;
+use crate::report::Outcome;
+
+/// One guest sample, sanitised: a guest controls these numbers, so NaN, negative
+/// or over-100 % values are clamped and can never exceed what the policy allows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Sample {
+    pub cpu_some: f64,
+    pub mem_some: f64,
+    pub mem_full: f64,
+    pub available: Bytes,
+}
+
+fn pct(v: Option<f64>) -> f64 {
+    match v {
+        Some(x) if x.is_finite() => x.clamp(0.0, 100.0),
+        _ => 0.0,
+    }
+}
+
+impl From<&Pressure> for Sample {
+    fn from(p: &Pressure) -> Self {
+        Sample {
+            cpu_some: pct(p.cpu_some.map(|x| x.avg10)),
+            mem_some: pct(p.memory_some.map(|x| x.avg10)),
+            mem_full: pct(p.memory_full.map(|x| x.avg10)),
+            available: p.mem_available,
+        }
+    }
+}
+
+/// What autoscale knows of one domain between samples.
+#[derive(Debug, Clone, Default)]
+pub struct DomainState {
+    pub samples: VecDeque<Sample>,
+    pub last_action_s: Option<u64>,
+    pub backoff_until_s: u64,
+    pub failures: u32,
+    /// A step on this domain is running (the daemon skips it; `decide` holds).
+    pub in_flight: bool,
+}
+
+/// The host's view of a domain and of the host, from libvirt (trusted).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub vcpus_max: u32,
+    pub memory: Bytes,
+    pub max_memory: Bytes,
+    pub free_slots: u32,
+    pub host_free: Bytes,
+    pub host_cpus: u32,
+    /// vCPUs of all running selected domains on this host.
+    pub host_vcpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    None,
+    AddVcpus {
+        to: u32,
+    },
+    /// `size` as decided; `ceiling`: the most the guest's block size may round it
+    /// up to (the policy's and the host's room), never more.
+    AddMemory {
+        size: Bytes,
+        ceiling: Bytes,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub action: Action,
+    pub rule: &'static str,
+    pub reason: String,
+}
+
+fn none(rule: &'static str, reason: impl Into<String>) -> Decision {
+    Decision { action: Action::None, rule, reason: reason.into() }
+}
+
+/// The pure decision: inputs → at most one action.
+pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decision {
+    if st.in_flight {
+        return none("in-flight", "an action on this domain is still running");
+    }
+    if now_s < st.backoff_until_s {
+        return none("backoff", format!("backing off after {} failure(s) until t={}", st.failures, st.backoff_until_s));
+    }
+    if let Some(t) = st.last_action_s {
+        if now_s < t.saturating_add(l.cooldown_s) {
+            return none("cooldown", format!("cooldown until t={}", t.saturating_add(l.cooldown_s)));
+        }
+    }
+    if st.samples.len() < l.sustain {
+        return none("warming-up", format!("{} of {} samples", st.samples.len(), l.sustain));
+    }
+    let recent: Vec<&Sample> = st.samples.iter().rev().take(l.sustain).collect();
+    let cpu_hot = recent.iter().all(|s| s.cpu_some >= l.cpu_psi);
+    let mem_hot = recent
+        .iter()
+        .all(|s| s.mem_some >= l.mem_psi_some || s.mem_full >= l.mem_psi_full || s.available < l.available_below);
+    if cpu_hot {
+        let cap_max = l.cpu_max.min(cap.vcpus_max);
+        let host_room = ((cap.host_cpus as f64 * l.vcpu_overcommit) as u32).saturating_sub(cap.host_vcpus);
+        let to = (cap.vcpus + l.cpu_step).min(cap_max).min(cap.vcpus + host_room);
+        if to > cap.vcpus {
+            return Decision {
+                action: Action::AddVcpus { to },
+                rule: "cpu.psi",
+                reason: format!("cpu some avg10 ≥ {} for {} samples", l.cpu_psi, l.sustain),
+            };
+        }
+        if !mem_hot {
+            return none(
+                "cpu.at-max",
+                format!(
+                    "cpu pressure, but at {} vCPUs (policy max {}, domain max {}, host room {host_room})",
+                    cap.vcpus, l.cpu_max, cap.vcpus_max
+                ),
+            );
+        }
+    }
+    if mem_hot {
+        let room = Bytes(
+            l.mem_max.get().saturating_sub(cap.memory.get()).min(cap.max_memory.get().saturating_sub(cap.memory.get())),
+        );
+        let host_room = Bytes(cap.host_free.get().saturating_sub(l.memory_reserve.get()));
+        let ceiling = room.min(host_room);
+        let size = l.mem_step.min(ceiling);
+        // Whole 128 MiB blocks only; the planner aligns to the guest exactly,
+        // rounding up no further than `ceiling`.
+        let size = Bytes(size.get() / (128 * MIB) * (128 * MIB));
+        if size.get() > 0 && cap.free_slots > 0 {
+            return Decision {
+                action: Action::AddMemory { size, ceiling },
+                rule: "memory.pressure",
+                reason: format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain),
+            };
+        }
+        return none(
+            "memory.at-max",
+            format!(
+                "memory pressure, but at {} (policy max {}, host room {host_room}, {} free slots)",
+                cap.memory, l.mem_max, cap.free_slots
+            ),
+        );
+    }
+    none("calm", "no sustained pressure")
+}
+
+/// One recorded decision (a JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionEvent {
+    pub ts: u64,
+    pub uri: String,
+    pub domain: String,
+    pub inputs: Option<Sample>,
+    pub vcpus: u32,
+    pub memory: Bytes,
+    pub rule: &'static str,
+    pub reason: String,
+    pub action: Action,
+    pub dry_run: bool,
+    pub outcome: Option<Outcome>,
+    pub message: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::autoscale::policy::Policy;
+    use vmplug_common::GIB;
+
+    pub(crate) fn limits() -> Limits {
+        Policy::default().limits().expect("defaults are valid")
+    }
+
+    pub(crate) fn cap() -> Capacity {
+        Capacity {
+            vcpus: 2,
+            vcpus_max: 8,
+            memory: Bytes(GIB),
+            max_memory: Bytes(8 * GIB),
+            free_slots: 4,
+            host_free: Bytes(16 * GIB),
+            host_cpus: 2,
+            host_vcpus: 2,
+        }
+    }
+
+    pub(crate) fn s(cpu: f64, mem: f64, avail_mib: u64) -> Sample {
+        Sample { cpu_some: cpu, mem_some: mem, mem_full: 0.0, available: Bytes(avail_mib * MIB) }
+    }
+
+    pub(crate) fn state(samples: &[Sample]) -> DomainState {
+        DomainState { samples: samples.iter().copied().collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn decision_table() {
+        let l = limits();
+        let hot = s(80.0, 0.0, 900);
+        let calm = s(1.0, 0.0, 900);
+        let tight = s(0.0, 50.0, 64);
+        let rows: Vec<(&str, DomainState, Capacity, Action, &str)> = vec![
+            ("warming up", state(&[hot, hot]), cap(), Action::None, "warming-up"),
+            ("sustained cpu", state(&[hot, hot, hot]), cap(), Action::AddVcpus { to: 3 }, "cpu.psi"),
+            ("one calm sample breaks the run", state(&[hot, calm, hot]), cap(), Action::None, "calm"),
+            ("at policy max", state(&[hot, hot, hot]), Capacity { vcpus: 4, ..cap() }, Action::None, "cpu.at-max"),
+            (
+                "domain max below policy",
+                state(&[hot, hot, hot]),
+                Capacity { vcpus: 3, vcpus_max: 3, ..cap() },
+                Action::None,
+                "cpu.at-max",
+            ),
+            (
+                "host overcommit",
+                state(&[hot, hot, hot]),
+                Capacity { host_vcpus: 8, ..cap() },
+                Action::None,
+                "cpu.at-max",
+            ),
+            (
+                "sustained memory",
+                state(&[tight, tight, tight]),
+                cap(),
+                Action::AddMemory { size: Bytes(512 * MIB), ceiling: Bytes(3 * GIB) },
+                "memory.pressure",
+            ),
+            (
+                "memory capped by policy max",
+                state(&[tight, tight, tight]),
+                Capacity { memory: Bytes(3840 * MIB), ..cap() },
+                Action::AddMemory { size: Bytes(256 * MIB), ceiling: Bytes(256 * MIB) },
+                "memory.pressure",
+            ),
+            (
+                "memory at max",
+                state(&[tight, tight, tight]),
+                Capacity { memory: Bytes(4 * GIB), ..cap() },
+                Action::None,
+                "memory.at-max",
+            ),
+            (
+                "host reserve",
+                state(&[tight, tight, tight]),
+                Capacity { host_free: Bytes(GIB), ..cap() },
+                Action::None,
+                "memory.at-max",
+            ),
+            (
+                "no slot",
+                state(&[tight, tight, tight]),
+                Capacity { free_slots: 0, ..cap() },
+                Action::None,
+                "memory.at-max",
+            ),
+        ];
+        for (what, st, c, want, rule) in rows {
+            let d = decide(&l, &st, &c, 1000);
+            assert_eq!((d.action, d.rule), (want, rule), "{what}: {}", d.reason);
+        }
+    }
+
+    #[test]
+    fn cooldown_backoff_and_in_flight_hold_actions() {
+        let l = limits();
+        let hot = s(80.0, 0.0, 900);
+        let mut st = state(&[hot, hot, hot]);
+        st.last_action_s = Some(990);
+        assert_eq!(decide(&l, &st, &cap(), 1000).rule, "cooldown");
+        assert_eq!(decide(&l, &st, &cap(), 1050).rule, "cpu.psi", "cooldown over");
+        st.backoff_until_s = 2000;
+        assert_eq!(decide(&l, &st, &cap(), 1500).rule, "backoff");
+        st.in_flight = true;
+        assert_eq!(decide(&l, &st, &cap(), 5000).rule, "in-flight");
+    }
+
+    #[test]
+    fn absurd_guest_numbers_cannot_exceed_the_policy() {
+        let p = Pressure {
+            cpu_some: Some(vmplug_common::protocol::Psi { avg10: f64::INFINITY, avg60: 0.0, avg300: 0.0, total_us: 0 }),
+            memory_some: Some(vmplug_common::protocol::Psi { avg10: 1e12, avg60: 0.0, avg300: 0.0, total_us: 0 }),
+            memory_full: Some(vmplug_common::protocol::Psi { avg10: f64::NAN, avg60: 0.0, avg300: 0.0, total_us: 0 }),
+            mem_total: Bytes(u64::MAX),
+            mem_available: Bytes(0),
+            load1: 1e9,
+            load5: 0.0,
+            load15: 0.0,
+            cpus_online: u32::MAX,
+        };
+        let sample = Sample::from(&p);
+        assert_eq!((sample.cpu_some, sample.mem_some, sample.mem_full), (0.0, 100.0, 0.0));
+        let st = state(&[sample, sample, sample]);
+        let c = Capacity { vcpus: 4, memory: Bytes(4 * GIB), ..cap() };
+        assert_eq!(decide(&limits(), &st, &c, 1000).action, Action::None, "at the policy's max nothing is added");
+    }
+}

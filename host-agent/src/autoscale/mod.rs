@@ -1,0 +1,271 @@
+//! `vmplug autoscale`: grow running VMs from their guests' pressure, within a
+//! policy's limits, through exactly the `setvcpus` / `attach-memory` closed loop.
+//!
+//! By concern: [`policy`] (the file and its limits), [`decision`] (the pure
+//! decision, table-tested), [`metrics`] (the Prometheus endpoint), and here the
+//! daemon, which only samples, decides, applies, and records every decision as
+//! one JSON event.
+
+pub mod decision;
+pub mod metrics;
+pub mod policy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmplug_common::protocol::ZonePolicy;
+use vmplug_common::Bytes;
+
+pub use decision::{decide, Action, Capacity, Decision, DecisionEvent, DomainState, Sample};
+pub use metrics::{metrics_addr, metrics_response, serve_metrics, Metrics};
+pub use policy::{glob, Limits, Policy, PolicyError, MAX_TIMING_S};
+
+use crate::domain::{Affect, Connection, DomainError};
+use crate::ops::{self, HotplugOpts, MemoryOpts};
+use crate::report::Outcome;
+use crate::xml::DomainFacts;
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Everything the daemon needs to act on one host.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub uri: String,
+    pub conn: Arc<dyn Connection>,
+    /// Hot-plugs allowed at once on this host (`[host] concurrency`). Only actions
+    /// take a permit; sampling never waits for another domain.
+    pub actions: Arc<tokio::sync::Semaphore>,
+}
+
+impl Host {
+    pub fn new(uri: String, conn: Arc<dyn Connection>, concurrency: usize) -> Host {
+        Host { uri, conn, actions: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))) }
+    }
+}
+
+/// The policy, its parsed limits, the metrics, and whether to act.
+#[derive(Debug)]
+pub struct Engine {
+    pub policy: Policy,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    pub dry_run: bool,
+}
+
+/// Samples, decides and (unless `dry_run`) acts on one domain; returns the event.
+pub async fn step_domain(
+    engine: &Engine,
+    host: &Host,
+    facts: &DomainFacts,
+    room: &HostRoom,
+    state: &mut DomainState,
+) -> Result<DecisionEvent, DomainError> {
+    let name = facts.name.as_str();
+    let cap = Capacity {
+        vcpus: facts.vcpus_current,
+        vcpus_max: facts.vcpus_max,
+        memory: facts.memory,
+        max_memory: facts.max_memory.unwrap_or(facts.memory),
+        free_slots: facts.free_slots(),
+        host_free: room.free,
+        host_cpus: room.cpus,
+        host_vcpus: room.vcpus,
+    };
+    let started = std::time::Instant::now();
+    let mut ev = DecisionEvent {
+        ts: now_s(),
+        uri: host.uri.clone(),
+        domain: name.into(),
+        inputs: None,
+        vcpus: cap.vcpus,
+        memory: cap.memory,
+        rule: "agent.silent",
+        reason: String::new(),
+        action: Action::None,
+        dry_run: engine.dry_run,
+        outcome: None,
+        message: None,
+        duration_ms: 0,
+    };
+    let pressure = match ops::connect_agent(facts, None, Duration::from_secs(3)).await {
+        Ok(mut link) => link.pressure().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let sample = match pressure {
+        Ok(p) => Sample::from(&p),
+        Err(e) => {
+            // A silent agent: the domain is left alone, and that is reported.
+            ev.reason = format!("no pressure from the guest agent: {e}");
+            engine.metrics.record(&ev, &cap);
+            return Ok(ev);
+        }
+    };
+    ev.inputs = Some(sample);
+    state.samples.push_back(sample);
+    while state.samples.len() > 32 {
+        state.samples.pop_front();
+    }
+    let d = decide(&engine.limits, state, &cap, ev.ts);
+    ev.rule = d.rule;
+    ev.reason = d.reason;
+    ev.action = d.action.clone();
+    if d.action != Action::None && !engine.dry_run {
+        let _permit = host.actions.acquire().await;
+        let (outcome, message) = act(engine, host, name, &d.action).await;
+        ev.outcome = Some(outcome);
+        ev.message = Some(message);
+        state.last_action_s = Some(now_s());
+        if outcome == Outcome::Ok {
+            state.failures = 0;
+            state.samples.clear();
+        } else {
+            state.failures += 1;
+            state.backoff_until_s =
+                now_s().saturating_add(engine.limits.backoff_s.saturating_mul(u64::from(state.failures.min(10))));
+        }
+    }
+    ev.duration_ms = started.elapsed().as_millis() as u64;
+    engine.metrics.record(&ev, &cap);
+    Ok(ev)
+}
+
+/// Applies one decided action through exactly the verbs' closed loop.
+async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outcome, String) {
+    let opts = HotplugOpts {
+        affect: if engine.policy.persist { Affect::Both } else { Affect::Live },
+        timeout: Duration::from_secs(60),
+        agent_wait: Duration::from_secs(10),
+        no_wait: false,
+        force: false,
+        agent: None,
+        zone: ZonePolicy::Auto,
+    };
+    let r = match *action {
+        Action::AddVcpus { to } => ops::setvcpus(host.conn.clone(), name, to, &opts).await,
+        Action::AddMemory { size, ceiling } => {
+            let mem = MemoryOpts {
+                size,
+                node: None,
+                round_up: true,
+                ceiling: Some(ceiling),
+                max_dimm: crate::planner::DEFAULT_MAX_DIMM,
+                request_id: ops::new_request_id(),
+            };
+            ops::attach_memory(host.conn.clone(), name, &mem, &opts).await
+        }
+        Action::None => return (Outcome::Ok, "nothing to do".into()),
+    };
+    match r {
+        Ok(r) => (r.outcome, r.message),
+        Err(e) => (Outcome::LibvirtError, e.to_string()),
+    }
+}
+
+/// The daemon: every interval, every selected running domain on every host,
+/// a task per domain with bounded concurrency per host. `once` runs until each
+/// domain has had `sustain` samples and one decision.
+pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) -> Result<(), PolicyError> {
+    let limits = policy.limits()?;
+    let engine = Arc::new(Engine { policy, limits, metrics: Metrics::default(), dry_run });
+    if let Some(addr) = engine.policy.metrics_listen.clone() {
+        let e = engine.clone();
+        let bound = serve_metrics(&addr, e)
+            .await
+            .map_err(|err| PolicyError::Invalid(format!("metrics_listen {addr}: {err}")))?;
+        tracing::info!(%bound, "serving metrics at /metrics");
+    }
+    // A domain whose step is still running (a slow action, a stalling guest) is
+    // marked in flight and skipped by later rounds instead of holding them up: one
+    // guest never delays the sampling of another. `--once` waits for each round.
+    let states: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), DomainState>>> = Arc::default();
+    let rounds = if once { engine.limits.sustain } else { usize::MAX };
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..rounds {
+        for host in &hosts {
+            let (selected, room) = select_running(&engine.policy, host).await;
+            let room = Arc::new(room);
+            for facts in selected {
+                let key = (host.uri.clone(), facts.name.clone());
+                let mut st = {
+                    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
+                    let st = map.entry(key.clone()).or_default();
+                    if st.in_flight {
+                        tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
+                        continue;
+                    }
+                    st.in_flight = true;
+                    DomainState { in_flight: false, ..st.clone() }
+                };
+                let (host, engine, states, room) = (host.clone(), engine.clone(), states.clone(), room.clone());
+                tasks.spawn(async move {
+                    let name = facts.name.clone();
+                    let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
+                    states.lock().unwrap_or_else(|e| e.into_inner()).insert(key, st);
+                    match res {
+                        Ok(ev) => println!("{}", serde_json::to_string(&ev).unwrap_or_default()),
+                        Err(e) => eprintln!("autoscale: {name}: {e}"),
+                    }
+                });
+            }
+        }
+        if once {
+            while tasks.join_next().await.is_some() {}
+        } else {
+            while tasks.try_join_next().is_some() {}
+        }
+        if round + 1 < rounds {
+            tokio::time::sleep(Duration::from_secs(engine.policy.timing.interval_s.max(1))).await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// A host's room for growth, read once per round for all its domains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostRoom {
+    pub free: Bytes,
+    pub cpus: u32,
+    /// vCPUs of the running selected domains.
+    pub vcpus: u32,
+}
+
+/// The running domains of `host` the policy selects (their live XML, read once
+/// per round) and the host's room.
+async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainFacts>, HostRoom) {
+    let conn = host.conn.clone();
+    let (names, host_facts) = ops::blocking(move || {
+        let names = conn.list_domains()?;
+        // Free memory and CPUs only: no domain capabilities needed here.
+        Ok((names, ops::host_facts(conn.as_ref(), &DomainFacts::default())?))
+    })
+    .await
+    .unwrap_or_default();
+    let mut selected = Vec::new();
+    for name in names {
+        let conn = host.conn.clone();
+        let facts = ops::blocking(move || {
+            let d = conn.lookup(&name)?;
+            if !d.is_active()? {
+                return Ok(None);
+            }
+            DomainFacts::parse(&d.xml(crate::domain::XmlView::Live)?)
+                .map(Some)
+                .map_err(|e| DomainError::Other(e.to_string()))
+        })
+        .await;
+        if let Ok(Some(f)) = facts {
+            if policy.selects(&f.name, &f.tags) {
+                selected.push(f);
+            }
+        }
+    }
+    let room = HostRoom {
+        free: Bytes(host_facts.free.iter().map(|b| b.get()).sum()),
+        cpus: host_facts.cpus.max(1),
+        vcpus: selected.iter().map(|f| f.vcpus_current).sum(),
+    };
+    (selected, room)
+}

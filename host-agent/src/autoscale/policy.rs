@@ -1,0 +1,327 @@
+//! The autoscale policy file (TOML; unknown keys are errors), its limits as
+//! numbers, and domain selection. Sizes are written as on the command line
+//! (`512M`, `4G`) and parsed into `Bytes` by serde.
+
+use serde::{Deserialize, Serialize};
+use vmplug_common::{Bytes, GIB, MIB};
+
+/// Sizes in the policy, as the CLI writes them (`512M`, `4G`; a bare number is
+/// refused: see `cli::parse_size`).
+mod size_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vmplug_common::Bytes;
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::cli::parse_size(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Select {
+    /// Exact domain names.
+    pub names: Vec<String>,
+    /// Shell-style globs (`*`, `?`).
+    pub globs: Vec<String>,
+    /// A `<vmplug:tag>` in the domain's metadata.
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpuPolicy {
+    pub max: u32,
+    pub step: u32,
+    /// PSI `cpu some avg10` (percent) at or above which vCPUs are added.
+    pub psi_some_avg10: f64,
+}
+
+impl Default for CpuPolicy {
+    fn default() -> Self {
+        CpuPolicy { max: 4, step: 1, psi_some_avg10: 25.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryPolicy {
+    #[serde(with = "size_str")]
+    pub max: Bytes,
+    #[serde(with = "size_str")]
+    pub step: Bytes,
+    pub psi_some_avg10: f64,
+    pub psi_full_avg10: f64,
+    /// Add memory when the guest's MemAvailable falls below this.
+    #[serde(with = "size_str")]
+    pub available_below: Bytes,
+}
+
+impl Default for MemoryPolicy {
+    fn default() -> Self {
+        MemoryPolicy {
+            max: Bytes(4 * GIB),
+            step: Bytes(512 * MIB),
+            psi_some_avg10: 20.0,
+            psi_full_avg10: 5.0,
+            available_below: Bytes(128 * MIB),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timing {
+    /// Seconds between samples.
+    pub interval_s: u64,
+    /// Consecutive samples over a threshold before acting.
+    pub sustain: usize,
+    /// Seconds after an action before the next one on the same domain.
+    pub cooldown_s: u64,
+    /// Seconds to back off after a failed action (doubles, capped at 10×).
+    pub backoff_s: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { interval_s: 5, sustain: 3, cooldown_s: 60, backoff_s: 60 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostPolicy {
+    /// Never plug memory that would leave the host less free memory than this.
+    #[serde(with = "size_str")]
+    pub memory_reserve: Bytes,
+    /// Most vCPUs of running selected domains per host CPU.
+    pub vcpu_overcommit: f64,
+    /// Domains acted on at once per host.
+    pub concurrency: usize,
+}
+
+impl Default for HostPolicy {
+    fn default() -> Self {
+        HostPolicy { memory_reserve: Bytes(GIB), vcpu_overcommit: 4.0, concurrency: 2 }
+    }
+}
+
+/// The policy file (TOML; unknown keys are errors).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// libvirt URIs, one per host (default: the `-c` connection).
+    pub uris: Vec<String>,
+    pub select: Select,
+    pub cpu: CpuPolicy,
+    pub memory: MemoryPolicy,
+    pub timing: Timing,
+    pub host: HostPolicy,
+    /// Also write changes into the persistent definition.
+    pub persist: bool,
+    /// Prometheus text endpoint, e.g. `127.0.0.1:9477`.
+    pub metrics_listen: Option<String>,
+}
+
+/// Longest interval, cooldown or back-off a policy may set, in seconds (a week):
+/// keeps every deadline computed from them far from overflowing.
+pub const MAX_TIMING_S: u64 = 7 * 24 * 3600;
+
+/// The policy with its sizes parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub cpu_max: u32,
+    pub cpu_step: u32,
+    pub cpu_psi: f64,
+    pub mem_max: Bytes,
+    pub mem_step: Bytes,
+    pub mem_psi_some: f64,
+    pub mem_psi_full: f64,
+    pub available_below: Bytes,
+    pub sustain: usize,
+    pub cooldown_s: u64,
+    pub backoff_s: u64,
+    pub memory_reserve: Bytes,
+    pub vcpu_overcommit: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy {0}")]
+    Read(String, #[source] std::io::Error),
+    #[error("policy {0}: {1}")]
+    Parse(String, String),
+    #[error("policy: {0}")]
+    Invalid(String),
+}
+
+impl Policy {
+    pub fn parse(name: &str, text: &str) -> Result<Policy, PolicyError> {
+        toml::from_str(text).map_err(|e| PolicyError::Parse(name.into(), e.message().to_string()))
+    }
+
+    pub fn limits(&self) -> Result<Limits, PolicyError> {
+        let l = Limits {
+            cpu_max: self.cpu.max,
+            cpu_step: self.cpu.step,
+            cpu_psi: self.cpu.psi_some_avg10,
+            mem_max: self.memory.max,
+            mem_step: self.memory.step,
+            mem_psi_some: self.memory.psi_some_avg10,
+            mem_psi_full: self.memory.psi_full_avg10,
+            available_below: self.memory.available_below,
+            sustain: self.timing.sustain.max(1),
+            cooldown_s: self.timing.cooldown_s,
+            backoff_s: self.timing.backoff_s,
+            memory_reserve: self.host.memory_reserve,
+            vcpu_overcommit: self.host.vcpu_overcommit,
+        };
+        if l.cpu_step == 0 || l.mem_step.get() == 0 {
+            return Err(PolicyError::Invalid("steps must be larger than zero".into()));
+        }
+        for (what, v) in [
+            ("timing.interval_s", self.timing.interval_s),
+            ("timing.cooldown_s", l.cooldown_s),
+            ("timing.backoff_s", l.backoff_s),
+        ] {
+            if v > MAX_TIMING_S {
+                return Err(PolicyError::Invalid(format!("{what} = {v} is over {MAX_TIMING_S} (a week)")));
+            }
+        }
+        for (what, v) in [
+            ("cpu.psi_some_avg10", l.cpu_psi),
+            ("memory.psi_some_avg10", l.mem_psi_some),
+            ("memory.psi_full_avg10", l.mem_psi_full),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                return Err(PolicyError::Invalid(format!("{what} = {v} is not a percentage")));
+            }
+        }
+        Ok(l)
+    }
+
+    /// Whether a domain is selected.
+    pub fn selects(&self, name: &str, tags: &[String]) -> bool {
+        self.select.names.iter().any(|n| n == name)
+            || self.select.globs.iter().any(|g| glob(g, name))
+            || self.select.tag.as_ref().is_some_and(|t| tags.contains(t))
+    }
+}
+
+/// `*` and `?` globbing, in O(pattern × name) time at worst: on a mismatch
+/// only the last `*` is retried (one position further), never every earlier
+/// one, so no pattern backtracks exponentially.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), s.as_bytes());
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == s[si] => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some((sp, ss)) => {
+                    pi = sp + 1;
+                    si = ss + 1;
+                    star = Some((sp, ss + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_parsing_and_selection() {
+        let p = Policy::parse(
+            "p.toml",
+            "uris = ['qemu:///system']\n[select]\nnames = ['db1']\nglobs = ['web-*']\ntag = 'autoscale'\n[cpu]\nmax = 8\n[memory]\nmax = '16G'\n",
+        )
+        .expect("parses");
+        assert!(p.selects("db1", &[]) && p.selects("web-7", &[]) && p.selects("x", &["autoscale".into()]));
+        assert!(!p.selects("webx", &[]));
+        assert_eq!(p.limits().expect("valid").mem_max, Bytes(16 * GIB));
+        let err = Policy::parse("p.toml", "[cpu]\nmaximum = 3\n").expect_err("unknown key");
+        assert!(err.to_string().contains("maximum"), "{err}");
+        let bad = Policy::parse("p.toml", "[cpu]\npsi_some_avg10 = 150.0\n").expect("parses").limits();
+        assert!(bad.is_err());
+        assert!(glob("a*c?", "abbbcd") && !glob("a*c?", "abbbc"));
+    }
+
+    #[test]
+    fn glob_cases() {
+        for (p, s, want) in [
+            ("*", "", true),
+            ("", "", true),
+            ("", "a", false),
+            ("web-*", "web-", true),
+            ("*b*c", "abxbc", true),
+            ("a*b*c", "acb", false),
+            ("??", "ab", true),
+            ("??", "abc", false),
+            ("*x", "xxxx", true),
+            ("a**b", "ab", true),
+        ] {
+            assert_eq!(glob(p, s), want, "{p} ~ {s}");
+        }
+    }
+
+    /// Security finding 9: `a*a*…*b` against `aaaa…` backtracked exponentially.
+    /// Steps of the matcher are bounded by pattern × name; this pattern took
+    /// minutes before and is answered at once now.
+    #[test]
+    fn a_pathological_glob_does_not_backtrack_exponentially() {
+        let pattern = format!("{}b", "a*".repeat(30));
+        let name = "a".repeat(60);
+        assert!(!glob(&pattern, &name));
+        assert!(glob(&"a*".repeat(30), &name));
+    }
+
+    /// Security finding 9: huge cooldown/backoff values overflowed deadlines.
+    #[test]
+    fn timing_values_are_bounded_and_deadlines_saturate() {
+        use crate::autoscale::decision::tests::{cap, limits, s, state};
+        use crate::autoscale::decision::{decide, DomainState};
+        for key in ["cooldown_s", "backoff_s", "interval_s"] {
+            let p = Policy::parse("p.toml", &format!("[timing]\n{key} = 9223372036854775807\n")).expect("parses");
+            let err = p.limits().expect_err("refused");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        let l = Limits { cooldown_s: MAX_TIMING_S, ..limits() };
+        let hot = s(80.0, 0.0, 900);
+        let st = DomainState { last_action_s: Some(u64::MAX - 5), ..state(&[hot, hot, hot]) };
+        assert_eq!(decide(&l, &st, &cap(), 1000).rule, "cooldown");
+    }
+
+    #[test]
+    fn sizes_are_parsed_by_serde_with_a_unit() {
+        let p = Policy::parse("p.toml", "[memory]\nstep = '256M'\n[host]\nmemory_reserve = '2GiB'\n").expect("parses");
+        assert_eq!((p.memory.step, p.host.memory_reserve), (Bytes(256 * MIB), Bytes(2 * GIB)));
+        let e = Policy::parse("p.toml", "[memory]\nmax = '4096'\n").expect_err("no unit");
+        assert!(e.to_string().contains("has no unit"), "{e}");
+        let e = Policy::parse("p.toml", "[memory]\nmax = 'lots'\n").expect_err("not a size");
+        assert!(e.to_string().contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn the_packaged_policy_parses_and_selects_nothing() {
+        let p = Policy::parse("autoscale.toml", include_str!("../../autoscale.toml")).expect("parses");
+        p.limits().expect("valid");
+        assert!(!p.selects("anything", &[]), "nothing is selected until the operator names domains");
+    }
+}
