@@ -195,10 +195,12 @@ impl Domain for FakeDomain {
             st.dimms += 1;
             st.next_base += size;
             let alias = user_alias.unwrap_or_else(|| format!("dimm{slot}"));
-            let dev = format!(
-                "<memory model='dimm'><target><size unit='KiB'>{}</size><node>{node}</node></target><alias name='{alias}'/><address type='dimm' slot='{slot}' base='{base:#x}'/></memory>",
-                size / 1024
-            );
+            let dev = crate::xml::MemoryDevice {
+                alias: Some(&alias),
+                address: Some((slot, base)),
+                ..crate::xml::MemoryDevice::dimm(vmplug_common::Bytes(size), node)
+            }
+            .to_xml();
             if affect.live() {
                 st.live = insert_device(&st.live, &dev);
             }

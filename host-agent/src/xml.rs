@@ -488,9 +488,8 @@ pub struct NamedDimm {
 
 impl NamedDimm {
     pub fn to_xml(&self) -> String {
-        let plain = self.spec.to_xml();
-        let body = plain.trim_end().trim_end_matches("</memory>");
-        format!("{body}  <alias name='{}'/>\n</memory>\n", esc(&self.alias))
+        let d = MemoryDevice { alias: Some(&self.alias), ..MemoryDevice::dimm(self.spec.size, self.spec.node) };
+        d.to_xml()
     }
 }
 
@@ -498,31 +497,64 @@ impl DimmSpec {
     /// The device XML, sized in KiB (libvirt's native unit; always exact here
     /// because sizes are block-aligned).
     pub fn to_xml(&self) -> String {
+        MemoryDevice::dimm(self.size, self.node).to_xml()
+    }
+}
+
+/// A `<memory>` device as vmplug writes it: the one writer for what is attached,
+/// what is detached (matched by alias, as libvirt does), and the fake libvirt's
+/// live XML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryDevice<'a> {
+    pub model: &'a str,
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub alias: Option<&'a str>,
+    /// `(slot, base)`: where QEMU placed it (live XML only).
+    pub address: Option<(u32, u64)>,
+}
+
+impl<'a> MemoryDevice<'a> {
+    /// A new DIMM of `size` on guest node `node`.
+    pub fn dimm(size: Bytes, node: u32) -> MemoryDevice<'static> {
+        MemoryDevice { model: "dimm", size, node: Some(node), alias: None, address: None }
+    }
+
+    /// An existing device, as the live XML describes it.
+    pub fn of(d: &'a Dimm) -> MemoryDevice<'a> {
+        MemoryDevice {
+            model: &d.model,
+            size: d.size,
+            node: d.node,
+            alias: d.alias.as_deref(),
+            address: d.slot.zip(d.base),
+        }
+    }
+
+    pub fn to_xml(&self) -> String {
         let mut s = String::new();
         let _ = write!(
             s,
-            "<memory model='dimm'>\n  <target>\n    <size unit='KiB'>{}</size>\n    <node>{}</node>\n  </target>\n</memory>\n",
-            self.size.kib(),
-            self.node
+            "<memory model='{}'>\n  <target>\n    <size unit='KiB'>{}</size>\n",
+            esc(self.model),
+            self.size.kib()
         );
+        if let Some(n) = self.node {
+            let _ = writeln!(s, "    <node>{n}</node>");
+        }
+        s.push_str("  </target>\n");
+        if let Some(a) = self.alias {
+            let _ = writeln!(s, "  <alias name='{}'/>", esc(a));
+        }
+        if let Some((slot, base)) = self.address {
+            let _ = writeln!(s, "  <address type='dimm' slot='{slot}' base='{base:#x}'/>");
+        }
+        s.push_str("</memory>\n");
         s
     }
 }
 
 /// The XML that detaches an existing DIMM (matched by alias, as libvirt does).
 pub fn dimm_detach_xml(d: &Dimm) -> String {
-    let mut s = String::new();
-    let _ = write!(s, "<memory model='{}'>\n  <target>\n    <size unit='KiB'>{}</size>\n", esc(&d.model), d.size.kib());
-    if let Some(n) = d.node {
-        let _ = writeln!(s, "    <node>{n}</node>");
-    }
-    s.push_str("  </target>\n");
-    if let Some(a) = &d.alias {
-        let _ = writeln!(s, "  <alias name='{}'/>", esc(a));
-    }
-    if let (Some(slot), Some(base)) = (d.slot, d.base) {
-        let _ = writeln!(s, "  <address type='dimm' slot='{slot}' base='{base:#x}'/>");
-    }
-    s.push_str("</memory>\n");
-    s
+    MemoryDevice::of(d).to_xml()
 }
