@@ -321,3 +321,74 @@ impl Connection for FakeConnection {
         Ok(self.domains.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect())
     }
 }
+
+/// A guest agent answering from a script (tests only): the facts of its
+/// handshake and, per request kind, a queue of answers; every request is
+/// recorded. An empty queue answers as a silent agent would (a timeout).
+#[derive(Debug)]
+pub struct ScriptedAgent {
+    pub info: vmplug_common::protocol::GuestInfo,
+    pub online: std::collections::VecDeque<Result<(vmplug_common::protocol::Report, u32), crate::link::LinkError>>,
+    pub offline: std::collections::VecDeque<Result<vmplug_common::protocol::Report, crate::link::LinkError>>,
+    pub blocks: std::collections::VecDeque<Result<Vec<vmplug_common::protocol::BlockState>, crate::link::LinkError>>,
+    pub pressure: std::collections::VecDeque<Result<vmplug_common::protocol::Pressure, crate::link::LinkError>>,
+    /// `online cpus=… ranges=…`, `offline …`, `blocks N`, `pressure`, in order.
+    pub requests: Vec<String>,
+}
+
+impl ScriptedAgent {
+    pub fn new(info: vmplug_common::protocol::GuestInfo) -> ScriptedAgent {
+        ScriptedAgent {
+            info,
+            online: Default::default(),
+            offline: Default::default(),
+            blocks: Default::default(),
+            pressure: Default::default(),
+            requests: vec![],
+        }
+    }
+}
+
+fn silent<T>(kind: &'static str) -> Result<T, crate::link::LinkError> {
+    Err(crate::link::LinkError::Timeout(kind, std::time::Duration::ZERO))
+}
+
+impl crate::link::GuestAgent for ScriptedAgent {
+    fn facts(&self) -> &vmplug_common::protocol::GuestInfo {
+        &self.info
+    }
+    fn online(
+        &mut self,
+        req: vmplug_common::protocol::OnlineRequest,
+    ) -> impl std::future::Future<Output = Result<(vmplug_common::protocol::Report, u32), crate::link::LinkError>> + Send
+    {
+        self.requests.push(format!("online cpus={:?} ranges={}", req.cpus, req.memory.len()));
+        let answer = self.online.pop_front().unwrap_or_else(|| silent("online"));
+        async move { answer }
+    }
+    fn offline(
+        &mut self,
+        req: vmplug_common::protocol::OfflineRequest,
+    ) -> impl std::future::Future<Output = Result<vmplug_common::protocol::Report, crate::link::LinkError>> + Send {
+        self.requests.push(format!("offline cpus={:?} ranges={}", req.cpus, req.memory.len()));
+        let answer = self.offline.pop_front().unwrap_or_else(|| silent("offline"));
+        async move { answer }
+    }
+    fn blocks(
+        &mut self,
+        memory: Vec<vmplug_common::protocol::MemRange>,
+    ) -> impl std::future::Future<Output = Result<Vec<vmplug_common::protocol::BlockState>, crate::link::LinkError>> + Send
+    {
+        self.requests.push(format!("blocks {}", memory.len()));
+        let answer = self.blocks.pop_front().unwrap_or_else(|| silent("blocks"));
+        async move { answer }
+    }
+    fn pressure(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<vmplug_common::protocol::Pressure, crate::link::LinkError>> + Send
+    {
+        self.requests.push("pressure".into());
+        let answer = self.pressure.pop_front().unwrap_or_else(|| silent("pressure"));
+        async move { answer }
+    }
+}

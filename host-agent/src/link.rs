@@ -108,15 +108,67 @@ pub enum LinkError {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// A connected, handshaken link.
-pub struct GuestLink {
+/// What the host asks of a guest agent once a session exists: the real
+/// [`GuestLink`], or a scripted fake in tests (`fake::ScriptedAgent`). The
+/// executors are written against this, never against a socket.
+pub trait GuestAgent: Send {
+    /// The facts the guest gave at the handshake.
+    fn facts(&self) -> &GuestInfo;
+    /// Brings the guest to the request's totals, surviving agent restarts;
+    /// also returns how often the session had to be re-established.
+    fn online(
+        &mut self,
+        req: OnlineRequest,
+    ) -> impl std::future::Future<Output = Result<(Report, u32), LinkError>> + Send;
+    fn offline(&mut self, req: OfflineRequest) -> impl std::future::Future<Output = Result<Report, LinkError>> + Send;
+    /// The state of every block in these ranges (read-only).
+    fn blocks(
+        &mut self,
+        memory: Vec<MemRange>,
+    ) -> impl std::future::Future<Output = Result<Vec<BlockState>, LinkError>> + Send;
+    fn pressure(&mut self) -> impl std::future::Future<Output = Result<Pressure, LinkError>> + Send;
+}
+
+impl GuestAgent for GuestLink {
+    fn facts(&self) -> &GuestInfo {
+        &self.info
+    }
+    fn online(
+        &mut self,
+        req: OnlineRequest,
+    ) -> impl std::future::Future<Output = Result<(Report, u32), LinkError>> + Send {
+        self.online_until_done(req)
+    }
+    fn offline(&mut self, req: OfflineRequest) -> impl std::future::Future<Output = Result<Report, LinkError>> + Send {
+        GuestLink::offline(self, req)
+    }
+    fn blocks(
+        &mut self,
+        memory: Vec<MemRange>,
+    ) -> impl std::future::Future<Output = Result<Vec<BlockState>, LinkError>> + Send {
+        GuestLink::blocks(self, memory)
+    }
+    fn pressure(&mut self) -> impl std::future::Future<Output = Result<Pressure, LinkError>> + Send {
+        GuestLink::pressure(self)
+    }
+}
+
+/// One connection's framing: requests out, answers matched by id, events kept.
+struct Wire {
     reader: FrameReader<tokio::io::ReadHalf<Box<dyn Stream>>>,
     writer: tokio::io::WriteHalf<Box<dyn Stream>>,
     next_id: u64,
+    /// Unsolicited events seen while waiting for answers.
+    events: EventLog,
+}
+
+/// A handshaken session with a guest agent: it exists only once the agent has
+/// answered `Hello` with facts of this protocol version (there is no session,
+/// and so no guest facts, before that).
+pub struct GuestLink {
+    wire: Wire,
     pub addr: AgentAddr,
     pub info: GuestInfo,
-    /// Unsolicited events seen while waiting for answers.
-    pub events: EventLog,
 }
 
 /// Most bytes of guest events one link keeps; later events are counted only.
@@ -151,7 +203,7 @@ impl EventLog {
 
 impl std::fmt::Debug for GuestLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestLink").field("addr", &self.addr).field("next_id", &self.next_id).finish()
+        f.debug_struct("GuestLink").field("addr", &self.addr).field("next_id", &self.wire.next_id).finish()
     }
 }
 
@@ -243,35 +295,21 @@ impl GuestLink {
         }
     }
 
+    /// Opens the transport and says hello; the session exists only once the
+    /// guest has answered with facts of this protocol version.
     async fn try_connect(addr: &AgentAddr) -> Result<GuestLink, LinkError> {
         let stream = open(addr).await?;
         let (r, w) = tokio::io::split(stream);
-        let mut link = GuestLink {
-            reader: FrameReader::new(r),
-            writer: w,
-            next_id: first_id(),
-            addr: addr.clone(),
-            info: placeholder_info(),
-            events: EventLog::default(),
-        };
-        link.handshake().await?;
-        Ok(link)
+        let mut wire =
+            Wire { reader: FrameReader::new(r), writer: w, next_id: first_id(), events: EventLog::default() };
+        let info = wire.hello().await?;
+        Ok(GuestLink { wire, addr: addr.clone(), info })
     }
 
-    /// Hello, and the guest's facts in return.
+    /// Hello again on this session's connection (the agent forgot it).
     async fn handshake(&mut self) -> Result<(), LinkError> {
-        let hello =
-            Request::Hello { protocol: PROTOCOL_VERSION, host_agent: format!("vmplug {}", env!("CARGO_PKG_VERSION")) };
-        match self.call_once(hello, HELLO_TIMEOUT).await? {
-            Response::GuestInfo(info) => {
-                if info.protocol != PROTOCOL_VERSION {
-                    return Err(LinkError::Version(info.protocol));
-                }
-                self.info = info;
-                Ok(())
-            }
-            _ => Err(LinkError::Unexpected("hello")),
-        }
+        self.info = self.wire.hello().await?;
+        Ok(())
     }
 
     /// Sends a request and waits (bounded) for the answer with its id. An agent
@@ -281,15 +319,99 @@ impl GuestLink {
     /// session and opened a fresh one under us. Requests are totals, so the repeat
     /// is harmless.
     pub async fn call(&mut self, req: Request, wait: Duration) -> Result<Response, LinkError> {
-        match self.call_once(req.clone(), wait).await {
+        match self.wire.call_once(req.clone(), wait).await {
             Err(LinkError::Guest { code: ErrorCode::HandshakeRequired, .. })
                 if !matches!(req, Request::Hello { .. }) =>
             {
                 tracing::warn!(request = req.type_name(), "the agent lost this session's handshake; handshaking again");
                 self.handshake().await?;
-                self.call_once(req, wait).await
+                self.wire.call_once(req, wait).await
             }
             other => other,
+        }
+    }
+
+    pub async fn info(&mut self) -> Result<GuestInfo, LinkError> {
+        match self.call(Request::Info, HELLO_TIMEOUT).await? {
+            Response::GuestInfo(i) => Ok(i),
+            _ => Err(LinkError::Unexpected("info")),
+        }
+    }
+
+    async fn report(&mut self, req: Request, guest_wait: Duration) -> Result<Report, LinkError> {
+        let kind = req.type_name();
+        match self.call(req, guest_wait + REPLY_SLACK).await? {
+            Response::Report(r) => Ok(r),
+            _ => Err(LinkError::Unexpected(kind)),
+        }
+    }
+
+    /// Brings the guest to `req`'s targets, surviving an agent restart: the wait
+    /// is cut into rounds of at most [`ONLINE_ROUND`]; a round that ends without
+    /// an answer (agent killed, link dropped) reconnects and asks again. Totals,
+    /// not deltas, make the repeat harmless. Ends by `req.timeout_ms` overall.
+    pub async fn online_until_done(&mut self, req: OnlineRequest) -> Result<(Report, u32), LinkError> {
+        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
+        let mut reconnects = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let round = left.min(ONLINE_ROUND).max(Duration::from_millis(1));
+            let r = OnlineRequest { timeout_ms: round.as_millis() as u64, ..req.clone() };
+            let res = self.report(Request::Online(r), round.saturating_sub(REPLY_SLACK) + ROUND_SLACK).await;
+            match res {
+                Ok(report) if report.complete || !report.timed_out || Instant::now() >= deadline => {
+                    return Ok((report, reconnects))
+                }
+                Ok(_) => continue,
+                Err(e @ (LinkError::Timeout(..) | LinkError::Frame(_) | LinkError::Io(_))) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "no answer from the guest agent; reconnecting");
+                    // Close this connection first: a virtio-serial chardev serves one
+                    // client at a time and would never answer a second one.
+                    self.wire.close();
+                    let fresh = GuestLink::connect(&self.addr, left).await?;
+                    let events = std::mem::take(&mut self.wire.events);
+                    *self = fresh;
+                    self.wire.events = events;
+                    reconnects += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn offline(&mut self, req: OfflineRequest) -> Result<Report, LinkError> {
+        let wait = Duration::from_millis(req.timeout_ms);
+        self.report(Request::Offline(req), wait).await
+    }
+
+    pub async fn blocks(&mut self, memory: Vec<MemRange>) -> Result<Vec<BlockState>, LinkError> {
+        match self.call(Request::Blocks { memory }, HELLO_TIMEOUT).await? {
+            Response::Blocks { blocks } => Ok(blocks),
+            _ => Err(LinkError::Unexpected("blocks")),
+        }
+    }
+
+    pub async fn pressure(&mut self) -> Result<Pressure, LinkError> {
+        match self.call(Request::Pressure, HELLO_TIMEOUT).await? {
+            Response::Pressure(p) => Ok(p),
+            _ => Err(LinkError::Unexpected("pressure")),
+        }
+    }
+}
+
+impl Wire {
+    /// `Hello`, and the guest's facts in return (of this protocol version).
+    async fn hello(&mut self) -> Result<GuestInfo, LinkError> {
+        let hello =
+            Request::Hello { protocol: PROTOCOL_VERSION, host_agent: format!("vmplug {}", env!("CARGO_PKG_VERSION")) };
+        match self.call_once(hello, HELLO_TIMEOUT).await? {
+            Response::GuestInfo(info) if info.protocol == PROTOCOL_VERSION => Ok(info),
+            Response::GuestInfo(info) => Err(LinkError::Version(info.protocol)),
+            _ => Err(LinkError::Unexpected("hello")),
         }
     }
 
@@ -339,95 +461,6 @@ impl GuestLink {
         let (r, w) = tokio::io::split(Box::new(closed) as Box<dyn Stream>);
         self.reader = FrameReader::new(r);
         self.writer = w;
-    }
-
-    pub async fn info(&mut self) -> Result<GuestInfo, LinkError> {
-        match self.call(Request::Info, HELLO_TIMEOUT).await? {
-            Response::GuestInfo(i) => Ok(i),
-            _ => Err(LinkError::Unexpected("info")),
-        }
-    }
-
-    async fn report(&mut self, req: Request, guest_wait: Duration) -> Result<Report, LinkError> {
-        let kind = req.type_name();
-        match self.call(req, guest_wait + REPLY_SLACK).await? {
-            Response::Report(r) => Ok(r),
-            _ => Err(LinkError::Unexpected(kind)),
-        }
-    }
-
-    /// Brings the guest to `req`'s targets, surviving an agent restart: the wait
-    /// is cut into rounds of at most [`ONLINE_ROUND`]; a round that ends without
-    /// an answer (agent killed, link dropped) reconnects and asks again. Totals,
-    /// not deltas, make the repeat harmless. Ends by `req.timeout_ms` overall.
-    pub async fn online_until_done(&mut self, req: OnlineRequest) -> Result<(Report, u32), LinkError> {
-        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
-        let mut reconnects = 0;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let round = left.min(ONLINE_ROUND).max(Duration::from_millis(1));
-            let r = OnlineRequest { timeout_ms: round.as_millis() as u64, ..req.clone() };
-            let res = self.report(Request::Online(r), round.saturating_sub(REPLY_SLACK) + ROUND_SLACK).await;
-            match res {
-                Ok(report) if report.complete || !report.timed_out || Instant::now() >= deadline => {
-                    return Ok((report, reconnects))
-                }
-                Ok(_) => continue,
-                Err(e @ (LinkError::Timeout(..) | LinkError::Frame(_) | LinkError::Io(_))) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(e);
-                    }
-                    tracing::warn!(error = %e, "no answer from the guest agent; reconnecting");
-                    // Close this connection first: a virtio-serial chardev serves one
-                    // client at a time and would never answer a second one.
-                    self.close();
-                    let fresh = GuestLink::connect(&self.addr, left).await?;
-                    let events = std::mem::take(&mut self.events);
-                    *self = fresh;
-                    self.events = events;
-                    reconnects += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    pub async fn offline(&mut self, req: OfflineRequest) -> Result<Report, LinkError> {
-        let wait = Duration::from_millis(req.timeout_ms);
-        self.report(Request::Offline(req), wait).await
-    }
-
-    pub async fn blocks(&mut self, memory: Vec<MemRange>) -> Result<Vec<BlockState>, LinkError> {
-        match self.call(Request::Blocks { memory }, HELLO_TIMEOUT).await? {
-            Response::Blocks { blocks } => Ok(blocks),
-            _ => Err(LinkError::Unexpected("blocks")),
-        }
-    }
-
-    pub async fn pressure(&mut self) -> Result<Pressure, LinkError> {
-        match self.call(Request::Pressure, HELLO_TIMEOUT).await? {
-            Response::Pressure(p) => Ok(p),
-            _ => Err(LinkError::Unexpected("pressure")),
-        }
-    }
-}
-
-fn placeholder_info() -> GuestInfo {
-    GuestInfo {
-        protocol: 0,
-        agent_version: String::new(),
-        capabilities: Vec::new(),
-        kernel: String::new(),
-        cpus: CpuFacts { possible: Default::default(), present: Default::default(), online: Default::default() },
-        memory: None,
-        hugepage_size: None,
-        mem_total: Default::default(),
-        mem_available: Default::default(),
-        acpi_memory_hotplug: None,
-        acpi_cpu_hotplug: None,
-        numa_nodes: Default::default(),
-        udev_online_rule: false,
     }
 }
 

@@ -8,7 +8,7 @@ use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, ZonePolic
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, Domain, DomainError, XmlView};
-use crate::link::{discover, AgentAddr, GuestLink, LinkError};
+use crate::link::{discover, AgentAddr, GuestAgent, GuestLink, LinkError};
 use crate::plan::{gather, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
 use crate::preflight::{Ctx, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
@@ -119,15 +119,23 @@ pub struct HotplugOpts {
     pub zone: ZonePolicy,
 }
 
-pub(crate) struct Run {
+/// Phase timings of one verb, as it runs.
+#[derive(Debug)]
+pub struct Run {
     pub(crate) started: Instant,
     pub(crate) preflight_ms: u64,
     pub(crate) libvirt_ms: u64,
     pub(crate) guest_ms: u64,
 }
 
+impl Default for Run {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Run {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Run { started: Instant::now(), preflight_ms: 0, libvirt_ms: 0, guest_ms: 0 }
     }
     pub(crate) fn timings(&self) -> Timings {
@@ -258,17 +266,31 @@ pub async fn setvcpus(
     let mut run = Run::new();
     let t = Instant::now();
     let (facts, mut link) = gather(conn, name, opts).await?;
-    let plan = plan_setvcpus(&facts, target, opts);
     run.preflight_ms = ms(t);
+    setvcpus_with(&facts, link.as_mut(), target, opts, run).await
+}
+
+/// `setvcpus` on facts already gathered, with whatever guest agent the caller
+/// has (the real session, or a scripted one in tests).
+pub async fn setvcpus_with<A: GuestAgent>(
+    facts: &Facts,
+    agent: Option<&mut A>,
+    target: u32,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let t = Instant::now();
+    let plan = plan_setvcpus(facts, target, opts);
+    run.preflight_ms += ms(t);
     match plan {
-        Ok(plan) => execute_vcpus(&facts, link.as_mut(), plan, opts, run).await,
-        Err(why) => not_planned("setvcpus", name, facts.affect, why, &run),
+        Ok(plan) => execute_vcpus(facts, agent, plan, opts, run).await,
+        Err(why) => not_planned("setvcpus", &facts.loaded.facts.name, facts.affect, why, &run),
     }
 }
 
-async fn execute_vcpus(
+async fn execute_vcpus<A: GuestAgent>(
     facts: &Facts,
-    mut link: Option<&mut GuestLink>,
+    mut link: Option<&mut A>,
     plan: VcpuPlan,
     opts: &HotplugOpts,
     mut run: Run,
@@ -301,7 +323,7 @@ async fn execute_vcpus(
             zone: opts.zone,
             timeout_ms: opts.timeout.as_millis() as u64,
         };
-        let r = link.online_until_done(req).await;
+        let r = link.online(req).await;
         run.guest_ms += ms(t);
         confirmation = Some(r.map(|(r, reconnects)| {
             if reconnects > 0 {
@@ -336,9 +358,9 @@ async fn execute_vcpus(
 /// A live shrink's first step: the guest takes the CPUs offline. libvirt never
 /// unplugs a CPU the guest has not released: on failure the CPUs are onlined
 /// again and the report says nothing changed in libvirt.
-async fn release_cpus(
+async fn release_cpus<A: GuestAgent>(
     facts: &Facts,
-    link: &mut GuestLink,
+    link: &mut A,
     plan: &VcpuPlan,
     opts: &HotplugOpts,
     run: &mut Run,
@@ -362,14 +384,14 @@ async fn release_cpus(
 }
 
 /// Onlines CPUs up to `count` again after a shrink the guest could not finish.
-async fn put_cpus_back(link: &mut GuestLink, count: u32, opts: &HotplugOpts) -> String {
+async fn put_cpus_back<A: GuestAgent>(link: &mut A, count: u32, opts: &HotplugOpts) -> String {
     let req = OnlineRequest {
         cpus: Some(count),
         memory: vec![],
         zone: opts.zone,
         timeout_ms: opts.timeout.as_millis() as u64,
     };
-    match link.online_until_done(req).await {
+    match link.online(req).await {
         Ok((r, _)) if r.complete => format!("{} CPU(s) online again", r.cpus_online.len()),
         Ok((r, _)) => format!("only {} CPU(s) online again", r.cpus_online.len()),
         Err(e) => format!("the CPUs could not be onlined again: {e}"),
@@ -472,8 +494,23 @@ pub async fn attach_memory(
     let mut run = Run::new();
     let t = Instant::now();
     let (facts, mut link) = gather(conn, name, opts).await?;
-    let plan = plan_attach_memory(&facts, mem, opts);
     run.preflight_ms = ms(t);
+    attach_memory_with(&facts, link.as_mut(), mem, opts, run).await
+}
+
+/// `attach-memory` on facts already gathered, with whatever guest agent the
+/// caller has (the real session, or a scripted one in tests).
+pub async fn attach_memory_with<A: GuestAgent>(
+    facts: &Facts,
+    link: Option<&mut A>,
+    mem: &MemoryOpts,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let name = facts.loaded.facts.name.as_str();
+    let t = Instant::now();
+    let plan = plan_attach_memory(facts, mem, opts);
+    run.preflight_ms += ms(t);
     let plan = match plan {
         Ok(plan) => plan,
         Err(why) => return not_planned("attach-memory", name, facts.affect, why, &run),
@@ -511,14 +548,14 @@ pub async fn attach_memory(
         let message = format!("{} added to the persistent definition (effective at the next start)", plan.size);
         return Ok(persistent_only("attach-memory", name, affect, message, plan.findings, applied, &run));
     }
-    confirm_memory(&facts, link.as_mut(), plan, mem, opts, applied, run).await
+    confirm_memory(facts, link, plan, mem, opts, applied, run).await
 }
 
 /// The guest side of `attach-memory`: the request's DIMMs as QEMU placed them,
 /// the guest onlining exactly their blocks, and the verdict.
-async fn confirm_memory(
+async fn confirm_memory<A: GuestAgent>(
     facts: &Facts,
-    link: Option<&mut GuestLink>,
+    link: Option<&mut A>,
     plan: MemoryPlan,
     mem: &MemoryOpts,
     opts: &HotplugOpts,
@@ -559,7 +596,7 @@ async fn confirm_memory(
         let t = Instant::now();
         let timeout_ms = opts.timeout.as_millis() as u64;
         let req = OnlineRequest { cpus: None, memory: ranges.clone(), zone: opts.zone, timeout_ms };
-        let r = link.online_until_done(req).await;
+        let r = link.online(req).await;
         run.guest_ms = ms(t);
         confirmation = Some(r.map(|(r, reconnects)| {
             if reconnects > 0 {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome as BlockOutcome};
 
 use crate::domain::{Connection, DomainError, XmlView};
-use crate::link::GuestLink;
+use crate::link::GuestAgent;
 use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
 use crate::plan::{gather, plan_detach_memory, DetachPlan, Facts};
 use crate::report::{HostSide, OpReport, Outcome};
@@ -54,13 +54,13 @@ fn ranges(dimms: &[&Dimm]) -> Vec<MemRange> {
 }
 
 /// Onlines `ranges` again after a failed unplug; says what happened, for the report.
-async fn put_back(link: &mut GuestLink, ranges: Vec<MemRange>, opts: &HotplugOpts) -> String {
+async fn put_back<A: GuestAgent>(link: &mut A, ranges: Vec<MemRange>, opts: &HotplugOpts) -> String {
     if ranges.is_empty() {
         return "no block needed onlining again".into();
     }
     let req =
         OnlineRequest { cpus: None, memory: ranges, zone: opts.zone, timeout_ms: opts.timeout.as_millis() as u64 };
-    match link.online_until_done(req).await {
+    match link.online(req).await {
         Ok((r, _)) if r.complete => format!("{} block(s) online again", r.blocks.len()),
         Ok((r, _)) => format!("{} block(s) could not be onlined again", r.failures()),
         Err(e) => format!("the blocks could not be onlined again: {e}"),
@@ -89,19 +89,34 @@ pub async fn detach_memory(
     let mut run = Run::new();
     let t = Instant::now();
     let (facts, mut link) = gather(conn, name, opts).await?;
-    let plan = plan_detach_memory(&facts, sel, opts);
     run.preflight_ms = ms(t);
+    detach_memory_with(&facts, link.as_mut(), sel, opts, run).await
+}
+
+/// `detach-memory` on facts already gathered, with whatever guest agent the
+/// caller has (the real session, or a scripted one in tests).
+pub async fn detach_memory_with<A: GuestAgent>(
+    facts: &Facts,
+    mut link: Option<&mut A>,
+    sel: &DimmSelector,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let name = facts.loaded.facts.name.as_str();
+    let t = Instant::now();
+    let plan = plan_detach_memory(facts, sel, opts);
+    run.preflight_ms += ms(t);
     let plan = match plan {
         Ok(plan) => plan,
         Err(why) => return not_planned(OP, name, facts.affect, why, &run),
     };
-    let mut d = Detach { facts: &facts, plan: &plan, opts, run, applied: vec![], guest: None };
-    if let (true, Some(link)) = (plan.offline_first, link.as_mut()) {
+    let mut d = Detach { facts, plan: &plan, opts, run, applied: vec![], guest: None };
+    if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
         if let Err(report) = d.offline(link).await {
             return Ok(*report);
         }
     }
-    if let Err(report) = d.detach(link.as_mut()).await {
+    if let Err(report) = d.detach(link.as_deref_mut()).await {
         return Ok(*report);
     }
     if !facts.affect.live() {
@@ -112,8 +127,7 @@ pub async fn detach_memory(
     let verified = after
         .as_ref()
         .map(|f| format!("{} DIMM(s) left, memory {}, {} slot(s) free", f.dimms.len(), f.memory, f.free_slots()));
-    let (outcome, message) =
-        if !left.is_empty() { d.removal_pending(&left) } else { d.confirm_gone(link.as_mut()).await };
+    let (outcome, message) = if !left.is_empty() { d.removal_pending(&left) } else { d.confirm_gone(link).await };
     Ok(d.report(outcome, message, verified))
 }
 
@@ -149,7 +163,7 @@ impl Detach<'_> {
     }
 
     /// Step 1: the guest lets go of the blocks, or nothing is detached.
-    async fn offline(&mut self, link: &mut GuestLink) -> Result<(), Box<OpReport>> {
+    async fn offline<A: GuestAgent>(&mut self, link: &mut A) -> Result<(), Box<OpReport>> {
         let t = Instant::now();
         let timeout_ms = self.opts.timeout.as_millis() as u64;
         let res = link.offline(OfflineRequest { cpus: None, memory: self.plan.ranges.clone(), timeout_ms }).await;
@@ -171,7 +185,7 @@ impl Detach<'_> {
     }
 
     /// Step 2: libvirt detaches; a refusal puts the remaining DIMMs' blocks back online.
-    async fn detach(&mut self, link: Option<&mut GuestLink>) -> Result<(), Box<OpReport>> {
+    async fn detach<A: GuestAgent>(&mut self, link: Option<&mut A>) -> Result<(), Box<OpReport>> {
         let affect = self.facts.affect;
         let t = Instant::now();
         for (i, d) in self.plan.chosen.iter().enumerate() {
@@ -234,7 +248,7 @@ impl Detach<'_> {
     }
 
     /// Step 4: the guest confirms the blocks are gone.
-    async fn confirm_gone(&mut self, link: Option<&mut GuestLink>) -> (Outcome, String) {
+    async fn confirm_gone<A: GuestAgent>(&mut self, link: Option<&mut A>) -> (Outcome, String) {
         let size = self.plan.size;
         let Some(link) = link else {
             return (Outcome::Ok, format!("{size} detached; guest not verified (--force, no agent)"));
