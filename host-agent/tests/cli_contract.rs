@@ -64,6 +64,8 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
         (&["numatune", "test", "--nodeset", "^1"], 64, "usage"),
         (&["check", "test", "--node", "0"], 64, "usage"),
         (&["no-such-verb"], 64, "usage"),
+        (&["detach-memory", "test", "--alias", "dimm9"], 64, "usage"),
+        (&["prepare", "test", "--slots", "300", "--dry-run"], 2, "refused"),
     ];
     for (args, code, outcome) in cases {
         let (got, doc) = json(args);
@@ -73,6 +75,25 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
         } else {
             assert!(doc["error"].as_str().is_some_and(|e| !e.is_empty()), "{args:?}: says why: {doc:#}");
         }
+    }
+}
+
+/// Verbs whose verdict depends on the test driver's domain: whatever they say,
+/// they say it in the envelope, and the exit code is the outcome's.
+#[test]
+fn the_other_verbs_keep_the_contract_too() {
+    for args in [
+        &["check", "test"][..],
+        &["check", "test", "--cpus", "1", "--config"],
+        &["check", "test", "--memory", "1G", "--node", "0"],
+        &["prepare", "test", "--dry-run"],
+        &["setvcpus", "test", "1", "--config"],
+        &["numatune", "test"],
+    ] {
+        let (code, doc) = json(args);
+        let outcome = doc["outcome"].as_str().unwrap_or_default().to_string();
+        assert!(code == 0 || !doc["error"].is_null(), "{args:?}: a non-zero exit says why: {doc:#}");
+        eprintln!("{args:?}: exit {code} ({outcome})");
     }
 }
 

@@ -385,13 +385,16 @@ impl Guest {
             .expect("start vmplug")
     }
 
-    /// `vmplug … --json` parsed; panics unless it exits 0.
+    /// `vmplug … --json` parsed and checked against the envelope's schema;
+    /// panics unless it exits 0.
     pub fn vmplug_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.vmplug(&a);
         assert!(out.status.success(), "vmplug {} failed", args.join(" "));
-        serde_json::from_slice(&out.stdout).expect("vmplug --json prints JSON")
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("vmplug --json prints JSON");
+        crate::schema::assert_valid(&doc, &a);
+        doc
     }
 
     /// The QEMU process of the running domain.

@@ -27,6 +27,7 @@ fn agent_killed_while_onlining_converges() {
     let out = child.wait_with_output().expect("vmplug finished");
     eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
     let offline = g.sh("grep -l offline /sys/devices/system/memory/memory*/state | wc -l");
     assert_eq!(r["outcome"], "ok", "the wait survives the agent's restart: {r}");
     assert_eq!(offline.trim(), "0", "success means no block is left offline");

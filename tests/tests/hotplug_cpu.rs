@@ -34,6 +34,7 @@ fn impossible_cpu_counts_are_refused_with_specific_rules() {
     let out = g.vmplug(&["setvcpus", &name, "3", "--live", "--json"]);
     assert_eq!(out.status.code(), Some(2), "refused by preflight");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
     assert_eq!(r["outcome"], "refused");
     assert!(r["findings"].as_array().expect("findings").iter().any(|f| f["id"] == "cpu.max"), "{r}");
     assert_eq!(g.online_cpus(), "0", "nothing was applied");

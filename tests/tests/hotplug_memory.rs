@@ -55,6 +55,7 @@ fn misaligned_size_is_refused_and_forcing_it_is_caught() {
     let out = g.vmplug(&["attach-memory", &name, "100M", "--live", "--json"]);
     assert_eq!(out.status.code(), Some(2), "refused by preflight");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
     let msg = r["findings"][0]["message"].as_str().expect("message").to_string();
     assert!(msg.contains("128 MiB") && msg.contains("100 MiB"), "names both sizes: {msg}");
     assert_eq!(g.daemon.virsh_ok(&["dumpxml", &name]).matches("model='dimm'").count(), 0, "nothing attached");
@@ -65,6 +66,7 @@ fn misaligned_size_is_refused_and_forcing_it_is_caught() {
     let code = out.status.code();
     assert!(matches!(code, Some(4) | Some(5)), "guest timeout or guest failure, got {code:?}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
     assert_ne!(r["outcome"], "ok");
     let dmesg = g.sh("dmesg | grep -i -E 'unaligned|add_memory' | tail -3");
     assert!(!dmesg.is_empty(), "the guest kernel rejected the DIMM");
