@@ -807,7 +807,8 @@ pub async fn prepare(
     };
     let p = match crate::prepare::prepare(&old, &l.host, opts) {
         Err(e) => {
-            report.refused = Some(e.to_string());
+            report.findings = vec![Finding { id: e.id(), severity: Severity::Error, message: e.to_string() }];
+            report.refused = Some(format!("{e}; nothing was defined"));
             return Ok(report);
         }
         Ok(p) => p,

@@ -52,6 +52,23 @@ pub enum PrepareError {
     NodeTooSmall { cell: u32, node: u32, need: Bytes, free: Bytes },
 }
 
+impl PrepareError {
+    /// The rule this refusal belongs to (listed in README with the others).
+    pub fn id(&self) -> &'static str {
+        match self {
+            PrepareError::Xml(_) => "prepare.xml",
+            PrepareError::TooManySlots(_) | PrepareError::NoSlots => "mem.slots",
+            PrepareError::MaxMemoryBelowCurrent { .. } => "mem.max-memory",
+            PrepareError::MaxVcpusBelowCurrent { .. } => "cpu.max",
+            PrepareError::NotWholeSockets { .. } => "cpu.cores-multiple",
+            PrepareError::TooManyCells { .. } => "cpu.socket-cell",
+            PrepareError::Machine { .. } => "cpu.machine",
+            PrepareError::NoHostNodes(_) | PrepareError::NoSuchHostNode(..) => "numatune.nodes",
+            PrepareError::NodeTooSmall { .. } => "numatune.strict-free",
+        }
+    }
+}
+
 impl From<XmlError> for PrepareError {
     fn from(e: XmlError) -> Self {
         PrepareError::Xml(e.to_string())

@@ -67,6 +67,8 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
         (&["detach-memory", "test", "--alias", "dimm9"], 64, "usage"),
         (&["prepare", "test", "--slots", "300", "--dry-run"], 2, "refused"),
     ];
+    let (_, doc) = json(&["prepare", "test", "--slots", "0"]);
+    assert!(doc["findings"][0]["id"].as_str().is_some_and(|id| !id.is_empty()), "a refusal names its rule: {doc:#}");
     for (args, code, outcome) in cases {
         let (got, doc) = json(args);
         assert_eq!((got, doc["outcome"].as_str().unwrap_or_default()), (*code, *outcome), "{args:?}:\n{doc:#}");

@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmplug::domain::Affect;
-use vmplug::fake::{FakeConnection, FakeDomain, FakeEvent, Hook};
+use vmplug::fake::{FakeConnection, FakeDomain, Hook};
 use vmplug::link::AgentAddr;
 use vmplug::ops::{attach_memory, setvcpus, HotplugOpts, MemoryOpts};
 use vmplug::report::Outcome;
 use vmplug::unplug::{detach_memory, DimmSelector};
+mod common;
+
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, GIB, MIB};
-use vmplug_guest::agent::Agent;
-use vmplug_guest::online::{OnlinePolicy, Onliner};
 use vmplug_guest::testing::FakeKernel;
 
 const XML: &str = include_str!("fixtures/x86-ready.xml");
@@ -31,42 +31,9 @@ struct World {
 /// `plays_hypervisor`: whether plugged devices show up in the guest kernel.
 async fn world(plays_hypervisor: bool) -> World {
     let dir = tempfile::tempdir().expect("tempdir");
-    let kernel = FakeKernel::new(&dir.path().join("guest"), 8);
-    kernel.add_cpu(1, true);
-    for i in 0..64 {
-        kernel.add_block(i, true, "Normal", if i < 32 { 0 } else { 1 });
-    }
-    let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
-    let agent = Agent::new(Onliner::new(kernel.sysfs(), policy, kernel.writer()), ZonePolicy::Auto, false);
-    let sock = dir.path().join("agent.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
-    let served = agent.clone();
-    tokio::spawn(async move {
-        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(vmplug_guest::server::serve_connection(
-                served.clone(),
-                stream,
-                Vec::new(),
-                stop.clone(),
-                vmplug_guest::server::SessionLimits::VSOCK,
-            ));
-        }
-    });
-    let k = kernel.clone();
-    let hook: Option<Hook> = plays_hypervisor.then(|| {
-        Arc::new(move |ev: &FakeEvent| {
-            match *ev {
-                FakeEvent::Vcpus(n) => (2..n).for_each(|c| k.add_cpu(c, false)),
-                FakeEvent::Dimm { base, size, node } => (base / (128 * MIB)..(base + size) / (128 * MIB))
-                    .for_each(|b| k.add_block(b, false, "Normal Movable", node)),
-                FakeEvent::DimmRemoved { base, size } => {
-                    (base / (128 * MIB)..(base + size) / (128 * MIB)).for_each(|b| k.remove_block(b))
-                }
-            }
-            agent.notify_changed();
-        }) as Hook
-    });
+    let kernel = common::kernel(dir.path(), 8, 64);
+    let (agent, sock) = common::serve_agent(dir.path(), &kernel);
+    let hook: Option<Hook> = plays_hypervisor.then(|| common::plays_hypervisor(&kernel, agent));
     let dom = FakeDomain::new("web1", XML, hook);
     let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
     World { _dir: dir, kernel, dom, conn, addr: AgentAddr::Serial { path: sock } }

@@ -4,11 +4,13 @@
 //! (run right after it on the same domain) agree; and a verb that refuses has
 //! changed nothing.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use vmplug::domain::{Affect, DomainError};
-use vmplug::fake::{FakeConnection, FakeDomain, FakeEvent, Hook};
+use vmplug::fake::{FakeConnection, FakeDomain, Hook};
 use vmplug::link::AgentAddr;
 use vmplug::ops::{attach_memory, new_request_id, setvcpus, HotplugOpts, MemoryOpts};
 use vmplug::report::Outcome;
@@ -16,9 +18,6 @@ use vmplug::tune::{check, CheckRequest};
 use vmplug::xml::DomainFacts;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, GIB, KIB, MIB};
-use vmplug_guest::agent::Agent;
-use vmplug_guest::online::{OnlinePolicy, Onliner};
-use vmplug_guest::testing::FakeKernel;
 
 const CAPS: &str = include_str!("fixtures/caps.xml");
 const FIXTURES: &[(&str, &str)] = &[
@@ -43,40 +42,10 @@ async fn world(xml: &str, running: bool, agent: bool) -> World {
     let mut hook: Option<Hook> = None;
     let mut addr = None;
     if agent {
-        let kernel = FakeKernel::new(&dir.path().join("guest"), 16);
-        kernel.add_cpu(1, true);
         // 1 GiB of boot memory over the two nodes: enough for every rule.
-        for i in 0..8 {
-            kernel.add_block(i, true, "Normal", if i < 4 { 0 } else { 1 });
-        }
-        let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
-        let agent = Agent::new(Onliner::new(kernel.sysfs(), policy, kernel.writer()), ZonePolicy::Auto, false);
-        let sock = dir.path().join("agent.sock");
-        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
-        let served = agent.clone();
-        tokio::spawn(async move {
-            let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-            while let Ok((stream, _)) = listener.accept().await {
-                let limits = vmplug_guest::server::SessionLimits::VSOCK;
-                tokio::spawn(vmplug_guest::server::serve_connection(
-                    served.clone(),
-                    stream,
-                    vec![],
-                    stop.clone(),
-                    limits,
-                ));
-            }
-        });
-        let k = kernel.clone();
-        hook = Some(Arc::new(move |ev: &FakeEvent| {
-            match *ev {
-                FakeEvent::Vcpus(n) => (2..n).for_each(|c| k.add_cpu(c, false)),
-                FakeEvent::Dimm { base, size, node } => (base / (128 * MIB)..(base + size) / (128 * MIB))
-                    .for_each(|b| k.add_block(b, false, "Normal Movable", node)),
-                FakeEvent::DimmRemoved { .. } => {}
-            }
-            agent.notify_changed();
-        }) as Hook);
+        let kernel = common::kernel(dir.path(), 16, 8);
+        let (agent, sock) = common::serve_agent(dir.path(), &kernel);
+        hook = Some(common::plays_hypervisor(&kernel, agent));
         addr = Some(AgentAddr::Serial { path: sock });
     }
     let dom = FakeDomain::new(&name, xml, hook);
@@ -92,9 +61,9 @@ enum Req {
     Mem(u64, Option<u32>, bool),
 }
 
-fn opts(agent: Option<AgentAddr>, no_wait: bool, force: bool) -> HotplugOpts {
+fn opts(affect: Affect, agent: Option<AgentAddr>, no_wait: bool, force: bool) -> HotplugOpts {
     HotplugOpts {
-        affect: Affect::Current,
+        affect,
         // Plugs the simulated guest cannot complete (a forced misaligned DIMM)
         // end in a guest timeout: keep it short.
         timeout: Duration::from_secs(1),
@@ -165,12 +134,21 @@ async fn agree_on(fixture: &'static str, xml: &'static str) -> (u32, u32) {
     let (mut cases, mut acted) = (0, 0);
     for running in [true, false] {
         for agent in [true, false] {
-            for (no_wait, force) in [(false, false), (true, false), (false, true), (true, true)] {
+            for (affect, no_wait, force) in [
+                (Affect::Current, false, false),
+                (Affect::Current, true, false),
+                (Affect::Current, false, true),
+                (Affect::Current, true, true),
+                // --live on a stopped domain, and --live --config.
+                (Affect::Live, false, false),
+                (Affect::Both, true, false),
+            ] {
                 for req in REQUESTS {
                     let w = world(xml, running, agent).await;
-                    let o = opts(w.agent.clone(), no_wait, force);
-                    let what =
-                        format!("{fixture} running={running} agent={agent} no_wait={no_wait} force={force} {req:?}");
+                    let o = opts(affect, w.agent.clone(), no_wait, force);
+                    let what = format!(
+                        "{fixture} running={running} agent={agent} {affect:?} no_wait={no_wait} force={force} {req:?}"
+                    );
                     cases += 1;
                     match both(&w, &name, req, &o).await {
                         Ok((ready, outcome, calls)) => {
