@@ -99,9 +99,11 @@ pub enum LinkError {
     NoSocket { path: PathBuf },
     #[error("agent socket {path} is {why}: another local user could stand in for the guest agent or drive it; refusing to use it")]
     UnsafeSocket { path: PathBuf, why: String },
-    #[error("guest link")]
+    // Flattened into report strings (there is no error chain there), so the
+    // cause is part of the message.
+    #[error("guest link: {0}")]
     Frame(#[from] FrameError),
-    #[error("guest link i/o")]
+    #[error("guest link i/o: {0}")]
     Io(#[from] std::io::Error),
 }
 
