@@ -435,6 +435,9 @@ pub fn judge_vcpus(
         None if plan.offline_first => {
             (Outcome::Ok, format!("{target} vCPUs: the guest released the CPUs first, then libvirt unplugged them"))
         }
+        None if plan.steps.is_empty() => {
+            (Outcome::Ok, format!("the domain already has {target} vCPUs; nothing was changed (guest not verified)"))
+        }
         None => (Outcome::Ok, format!("{target} vCPUs set in libvirt; guest not verified (--no-wait or no agent)")),
     }
 }

@@ -296,3 +296,16 @@ async fn a_shrink_the_guest_cannot_complete_changes_nothing_in_libvirt() {
     assert_eq!(w.dom.calls().len(), calls, "libvirt was not asked to unplug: {:?}", w.dom.calls());
     assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3", "back online");
 }
+
+/// "Set in libvirt" only when libvirt was asked: a target equal to the current
+/// count changes nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setvcpus_to_the_current_count_says_nothing_changed() {
+    let w = world(true).await;
+    let mut o = opts(&w, Duration::from_secs(5));
+    o.no_wait = true;
+    let r = setvcpus(w.conn.clone(), "web1", 2, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert!(r.message.contains("nothing was changed"), "{}", r.message);
+    assert!(w.dom.calls().is_empty() && r.host.applied.is_empty(), "{:?}", w.dom.calls());
+}
