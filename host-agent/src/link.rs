@@ -209,8 +209,13 @@ impl std::fmt::Debug for GuestLink {
     }
 }
 
+/// The first uid of a regular (login) user: below it are root and the system
+/// accounts services run as (Debian's and Fedora's `SYS_UID_MAX` is 999).
+pub const FIRST_REGULAR_UID: u32 = 1000;
+
 /// Whether a host-side Unix socket may be trusted to lead to the guest: it must
-/// exist, be a socket, belong to root or to us, and not be writable by others
+/// exist, be a socket, belong to root, to us or to a system account (QEMU's),
+/// and not be writable by others
 /// (connecting needs write permission). Hybrid vsock and virtio-serial have no
 /// other guard: whoever can connect to the socket drives the agent, and whoever
 /// could create it could pose as the agent.
@@ -229,8 +234,13 @@ pub fn check_socket(path: &std::path::Path) -> Result<(), LinkError> {
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    if meta.uid() != 0 && meta.uid() != me {
-        return unsafe_socket(format!("owned by uid {}, neither root nor this user (uid {me})", meta.uid()));
+    // QEMU runs as a system account (Debian's libvirt-qemu) and may own the
+    // channel's socket; what must not own it is another regular user.
+    if meta.uid() >= FIRST_REGULAR_UID && meta.uid() != me {
+        return unsafe_socket(format!(
+            "owned by uid {}, a regular user other than this one (uid {me}); expected root, this user or a system account such as QEMU's",
+            meta.uid()
+        ));
     }
     if meta.mode() & 0o002 != 0 {
         return unsafe_socket(format!("writable by every user (mode {:o})", meta.mode() & 0o777));
@@ -503,6 +513,16 @@ mod tests {
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         let e = check_socket(&sock).expect_err("world-writable");
         assert!(e.to_string().contains("writable by every user (mode 777)"), "{e}");
+        // Ownership (needs root to chown; CI and the e2e machines are root).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+            std::os::unix::fs::chown(&sock, Some(105), Some(105)).expect("chown to a system account");
+            check_socket(&sock).expect("a system account (as QEMU's libvirt-qemu) may own it");
+            std::os::unix::fs::chown(&sock, Some(1500), Some(1500)).expect("chown to a regular user");
+            let e = check_socket(&sock).expect_err("another regular user's socket");
+            assert!(e.to_string().contains("owned by uid 1500"), "{e}");
+        }
     }
 
     /// A missing socket fails at once naming the path, not after the whole wait
