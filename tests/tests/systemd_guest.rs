@@ -75,8 +75,10 @@ fn check_the_agents_sandbox(g: &mut Guest) {
         .find_map(|l| l.split("Overall exposure level for vmplug-guest.service:").nth(1))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok());
-    assert!(level.is_some(), "systemd-analyze gave an exposure level:\n{analysis}");
     eprintln!("vmplug-guest.service exposure level: {level:?}");
+    // Measured 2.4 ("OK") with bookworm's systemd 252 (SECURITY.md): a unit that
+    // loses its hardening goes above 3.
+    assert!(level.is_some_and(|l| l <= 3.0), "exposure level {level:?} (was 2.4):\n{analysis}");
 }
 
 #[test]
