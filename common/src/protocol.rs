@@ -138,6 +138,11 @@ pub struct OnlineRequest {
     #[serde(default)]
     pub zone: ZonePolicy,
     pub timeout_ms: u64,
+    /// virtio-mem device regions: online whichever of their blocks are present
+    /// (the device plugs them in its own time; absent ones are not waited for).
+    /// The agent also onlines blocks that appear in them later with `zone`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio_mem: Vec<MemRange>,
 }
 
 /// Bring the guest down to `cpus` online CPUs (highest ids first) and every block of
@@ -188,6 +193,10 @@ pub struct GuestInfo {
     pub numa_nodes: CpuSet,
     /// A udev rule that onlines hot-plugged CPUs or memory is installed.
     pub udev_online_rule: bool,
+    /// Devices bound to the kernel's virtio_mem driver; `None` when the driver is
+    /// not loaded (or the agent predates the `virtio-mem` capability).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtio_mem_devices: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,6 +41,7 @@ fn online_request() {
                 memory: vec![MemRange { start: 0x1_0000_0000, size: Bytes(1024 * MIB) }],
                 zone: ZonePolicy::Auto,
                 timeout_ms: 30_000,
+                virtio_mem: vec![],
             }),
         ),
     );
@@ -72,6 +73,7 @@ fn guest_info() {
                 acpi_cpu_hotplug: Some(true),
                 numa_nodes: cpus("0-1"),
                 udev_online_rule: false,
+                virtio_mem_devices: None,
             }),
         ),
     );

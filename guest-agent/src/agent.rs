@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch, Mutex};
 use vmplug_common::protocol::{
-    ErrorBody, ErrorCode, Event, GuestInfo, OfflineRequest, OnlineRequest, Pressure, Report, MAX_RANGES,
-    MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+    ErrorBody, ErrorCode, Event, GuestInfo, MemRange, OfflineRequest, OnlineRequest, Outcome, Pressure, Report,
+    ZonePolicy, MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
 };
 use vmplug_common::Bytes;
 
@@ -25,7 +25,7 @@ pub const WAIT_RESCAN: Duration = Duration::from_millis(250);
 const ADD_SETTLE_TRIES: u32 = 400;
 const ADD_SETTLE_PAUSE: Duration = Duration::from_millis(5);
 
-pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events"];
+pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events", "virtio-mem"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -76,6 +76,9 @@ pub struct Agent {
     /// Resources this agent onlined on its own (on `add`), not yet reported:
     /// a request that finds them online reports them as done by the agent.
     self_onlined: std::sync::Mutex<std::collections::HashSet<Resource>>,
+    /// virtio-mem regions the host named, with the zone it asked for: blocks the
+    /// device plugs there later are onlined in that zone, not the default one.
+    virtio_mem: std::sync::Mutex<Vec<(MemRange, ZonePolicy)>>,
 }
 
 impl Agent {
@@ -90,6 +93,7 @@ impl Agent {
             lock: Mutex::new(()),
             online_on_add,
             self_onlined: Default::default(),
+            virtio_mem: Default::default(),
         })
     }
 
@@ -135,6 +139,7 @@ impl Agent {
             acpi_cpu_hotplug: s.acpi_hotplug("processor"),
             numa_nodes: s.numa_nodes(),
             udev_online_rule: crate::udev::online_rule_installed(&s.sys),
+            virtio_mem_devices: s.virtio_mem_devices(),
         })
     }
 
@@ -171,9 +176,19 @@ impl Agent {
     /// have not appeared yet. Always answers with the full report.
     pub async fn online(&self, req: OnlineRequest) -> Result<Report, AgentError> {
         let started = Instant::now();
-        let timeout = Self::check_bounds(req.timeout_ms, req.memory.len())?;
+        let timeout = Self::check_bounds(req.timeout_ms, req.memory.len() + req.virtio_mem.len())?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let blocks = self.onliner.blocks_for(&req.memory)?;
+        let mut blocks = self.onliner.blocks_for(&req.memory)?;
+        // virtio-mem regions: every block the device may plug, but only those
+        // present count (the rest is not waited for).
+        let required: std::collections::BTreeSet<u64> = blocks.iter().copied().collect();
+        let optional: std::collections::BTreeSet<u64> =
+            self.onliner.blocks_for(&req.virtio_mem)?.into_iter().filter(|b| !required.contains(b)).collect();
+        blocks.extend(optional.iter().copied());
+        if !req.virtio_mem.is_empty() {
+            *self.virtio_mem.lock().unwrap_or_else(|e| e.into_inner()) =
+                req.virtio_mem.iter().map(|r| (*r, req.zone)).collect();
+        }
         let mut changes = self.changes.subscribe();
         let mut cpu_results = BTreeMap::new();
         let mut block_results = BTreeMap::new();
@@ -196,9 +211,11 @@ impl Agent {
                 .await?;
             drop(guard);
             merge(&mut cpu_results, cpus, |c| c.cpu, |c| &c.outcome);
+            let blks: Vec<vmplug_common::protocol::BlockResult> =
+                blks.into_iter().filter(|b| !(b.outcome == Outcome::NotFound && optional.contains(&b.index))).collect();
             merge(&mut block_results, blks, |b| b.index, |b| &b.outcome);
-            let missing = cpu_results.values().any(|c| c.outcome == vmplug_common::protocol::Outcome::NotFound)
-                || block_results.values().any(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound);
+            let missing = cpu_results.values().any(|c| c.outcome == Outcome::NotFound)
+                || block_results.values().any(|b| b.outcome == Outcome::NotFound);
             if !missing {
                 break false;
             }
@@ -344,6 +361,16 @@ impl Agent {
         self.emit(event);
     }
 
+    /// The zone a newly added resource is onlined in: the host's for a block of
+    /// a virtio-mem region it named, else the configured one.
+    fn zone_for(&self, resource: Resource) -> ZonePolicy {
+        let Resource::MemoryBlock(b) = resource else { return self.zone };
+        let Ok(Some(bs)) = self.onliner.block_size() else { return self.zone };
+        let start = crate::online::block_start(b, bs);
+        let regions = self.virtio_mem.lock().unwrap_or_else(|e| e.into_inner());
+        regions.iter().find(|(r, _)| start >= r.start && start < r.end()).map_or(self.zone, |(_, z)| *z)
+    }
+
     /// Reacts to one kernel uevent: wakes waiting requests and, if configured,
     /// onlines a newly added CPU or memory block right away.
     pub async fn on_uevent(&self, ev: &Uevent) {
@@ -356,7 +383,7 @@ impl Agent {
                 Resource::MemoryBlock(block) => Event::MemoryAdded { block },
             });
             if self.online_on_add {
-                let zone = self.zone;
+                let zone = self.zone_for(resource);
                 let guard = self.lock.lock().await;
                 let res = self
                     .blocking(move |o| {

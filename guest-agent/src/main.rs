@@ -130,6 +130,10 @@ fn print_status(i: &vmplug_common::protocol::GuestInfo) {
     println!("numa nodes:        {}", i.numa_nodes);
     println!("mem total/avail:   {} / {}", i.mem_total, i.mem_available);
     println!("udev online rule:  {}", if i.udev_online_rule { "installed" } else { "none" });
+    match i.virtio_mem_devices {
+        Some(n) => println!("virtio-mem:        driver loaded, {n} device(s)"),
+        None => println!("virtio-mem:        driver not loaded"),
+    }
 }
 
 fn init_tracing(filter: &str) {

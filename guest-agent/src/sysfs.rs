@@ -279,6 +279,13 @@ impl Sysfs {
             .map(|s| s.trim() == "1")
     }
 
+    /// Devices bound to the virtio_mem driver (`virtioN` links in its sysfs
+    /// directory); `None` when the driver is not loaded.
+    pub fn virtio_mem_devices(&self) -> Option<u32> {
+        let rd = fs::read_dir(self.sys.join("bus/virtio/drivers/virtio_mem")).ok()?;
+        Some(rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("virtio")).count() as u32)
+    }
+
     pub fn numa_nodes(&self) -> CpuSet {
         read_cpuset(&self.sys.join("devices/system/node/online")).unwrap_or_else(|_| CpuSet::first_n(1))
     }

@@ -107,6 +107,7 @@ async fn online_waits_for_devices_that_appear_after_the_request() {
             memory: vec![MemRange { start: 32 * 128 * MIB, size: Bytes(256 * MIB) }],
             zone: ZonePolicy::Auto,
             timeout_ms: 10_000,
+            virtio_mem: vec![],
         }))
         .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -130,7 +131,13 @@ async fn online_times_out_with_an_explicit_report() {
     let (_d, _k, _a, mut link) = start(4);
     link.hello().await;
     let r = link
-        .call(Request::Online(OnlineRequest { cpus: Some(2), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 300 }))
+        .call(Request::Online(OnlineRequest {
+            cpus: Some(2),
+            memory: vec![],
+            zone: ZonePolicy::Auto,
+            timeout_ms: 300,
+            virtio_mem: vec![],
+        }))
         .await;
     let Response::Report(r) = r else { panic!("expected report, got {r:?}") };
     assert!(r.timed_out && !r.complete);
@@ -147,6 +154,7 @@ async fn misaligned_memory_is_refused_naming_both_sizes() {
             memory: vec![MemRange { start: 4 << 30, size: Bytes(100 * MIB) }],
             zone: ZonePolicy::Auto,
             timeout_ms: 1000,
+            virtio_mem: vec![],
         }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::Misaligned);
@@ -158,7 +166,13 @@ async fn misaligned_memory_is_refused_naming_both_sizes() {
 async fn hot_plug_before_hello_is_refused() {
     let (_d, _k, _a, mut link) = start(2);
     let r = link
-        .call(Request::Online(OnlineRequest { cpus: Some(1), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 100 }))
+        .call(Request::Online(OnlineRequest {
+            cpus: Some(1),
+            memory: vec![],
+            zone: ZonePolicy::Auto,
+            timeout_ms: 100,
+            virtio_mem: vec![],
+        }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::HandshakeRequired);
     let r = link.call(Request::Hello { protocol: 99, host_agent: "future".into() }).await;
@@ -180,7 +194,13 @@ async fn bad_frames_get_specific_errors_and_the_connection_survives() {
     link.send_raw(&big).await;
     assert_eq!(error_code(&link.recv().await.body), ErrorCode::FrameTooLarge);
     let r = link
-        .call(Request::Online(OnlineRequest { cpus: Some(1), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 0 }))
+        .call(Request::Online(OnlineRequest {
+            cpus: Some(1),
+            memory: vec![],
+            zone: ZonePolicy::Auto,
+            timeout_ms: 0,
+            virtio_mem: vec![],
+        }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::HandshakeRequired);
     // Still serving.
@@ -192,7 +212,13 @@ async fn a_second_request_while_one_runs_is_busy() {
     let (_d, _k, _a, mut link) = start(4);
     link.hello().await;
     let first = link
-        .send(Request::Online(OnlineRequest { cpus: Some(3), memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 500 }))
+        .send(Request::Online(OnlineRequest {
+            cpus: Some(3),
+            memory: vec![],
+            zone: ZonePolicy::Auto,
+            timeout_ms: 500,
+            virtio_mem: vec![],
+        }))
         .await;
     let second = link.send(Request::Pressure).await;
     let a = link.recv().await;
@@ -212,6 +238,7 @@ async fn bounds_on_timeouts_and_ranges() {
             memory: vec![],
             zone: ZonePolicy::Auto,
             timeout_ms: MAX_TIMEOUT_MS + 1,
+            virtio_mem: vec![],
         }))
         .await;
     assert_eq!(error_code(&r), ErrorCode::Invalid);
@@ -271,4 +298,49 @@ async fn silent_sessions_are_closed_and_busy_ones_kept() {
         }
     }
     assert_eq!(t1.elapsed(), IDLE_TIMEOUT, "closed one idle timeout after the last request");
+}
+
+/// A virtio-mem region: the blocks the device plugged are onlined in the asked
+/// zone, the rest of the region is neither waited for nor reported, and blocks
+/// it plugs later are onlined in that zone by the uevent path.
+#[tokio::test]
+async fn virtio_mem_regions_online_what_is_present_and_remember_the_zone() {
+    use vmplug_guest::uevent::{parse, Action};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let k = FakeKernel::new(dir.path(), 2);
+    let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
+    let agent = Agent::new(Onliner::new(k.sysfs(), policy, k.writer()), ZonePolicy::Kernel, true);
+    let region = MemRange { start: 48 * 128 * MIB, size: Bytes(16 * 128 * MIB) };
+    k.add_block(48, false, "Normal Movable", 1);
+    k.add_block(49, false, "Normal Movable", 1);
+    let req = OnlineRequest {
+        cpus: None,
+        memory: vec![],
+        zone: ZonePolicy::Movable,
+        timeout_ms: 5_000,
+        virtio_mem: vec![region],
+    };
+    let started = std::time::Instant::now();
+    let r = agent.online(req).await.expect("report");
+    assert!(started.elapsed() < Duration::from_secs(4), "absent blocks of the region are not waited for");
+    assert!(r.complete && !r.timed_out, "{r:?}");
+    assert_eq!(r.blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![48, 49]);
+    assert!(r.blocks.iter().all(|b| b.outcome == Outcome::Done), "{r:?}");
+    assert!(k.writes().iter().all(|(_, v)| v == "online_movable"), "{:?}", k.writes());
+    // The device plugs another block: the uevent path uses the host's zone, not
+    // the configured `kernel`.
+    k.add_block(50, false, "Normal Movable", 1);
+    let ev = parse(b"add@/devices/system/memory/memory50\0ACTION=add\0DEVPATH=/devices/system/memory/memory50\0SUBSYSTEM=memory\0SEQNUM=1\0")
+        .expect("uevent");
+    assert_eq!(ev.action, Action::Add);
+    agent.on_uevent(&ev).await;
+    let last = k.writes().last().cloned().expect("a write");
+    assert!(last.0.ends_with("memory50/state") && last.1 == "online_movable", "{last:?}");
+    // A block outside every region still follows the configuration.
+    k.add_block(8, false, "Normal Movable", 0);
+    let ev = parse(b"add@/devices/system/memory/memory8\0ACTION=add\0DEVPATH=/devices/system/memory/memory8\0SUBSYSTEM=memory\0SEQNUM=2\0")
+        .expect("uevent");
+    agent.on_uevent(&ev).await;
+    let last = k.writes().last().cloned().expect("a write");
+    assert!(last.0.ends_with("memory8/state") && last.1 == "online_kernel", "{last:?}");
 }

@@ -322,6 +322,7 @@ async fn execute_vcpus<A: GuestAgent>(
             memory: vec![],
             zone: opts.zone,
             timeout_ms: opts.timeout.as_millis() as u64,
+            virtio_mem: vec![],
         };
         let r = link.online(req).await;
         run.guest_ms += ms(t);
@@ -390,6 +391,7 @@ async fn put_cpus_back<A: GuestAgent>(link: &mut A, count: u32, opts: &HotplugOp
         memory: vec![],
         zone: opts.zone,
         timeout_ms: opts.timeout.as_millis() as u64,
+        virtio_mem: vec![],
     };
     match link.online(req).await {
         Ok((r, _)) if r.complete => format!("{} CPU(s) online again", r.cpus_online.len()),
@@ -598,7 +600,7 @@ async fn confirm_memory<A: GuestAgent>(
     if let (true, Some(link)) = (plan.confirm, link) {
         let t = Instant::now();
         let timeout_ms = opts.timeout.as_millis() as u64;
-        let req = OnlineRequest { cpus: None, memory: ranges.clone(), zone: opts.zone, timeout_ms };
+        let req = OnlineRequest { cpus: None, memory: ranges.clone(), zone: opts.zone, timeout_ms, virtio_mem: vec![] };
         let r = link.online(req).await;
         run.guest_ms = ms(t);
         confirmation = Some(r.map(|(r, reconnects)| {

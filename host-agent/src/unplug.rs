@@ -58,8 +58,13 @@ async fn put_back<A: GuestAgent>(link: &mut A, ranges: Vec<MemRange>, opts: &Hot
     if ranges.is_empty() {
         return "no block needed onlining again".into();
     }
-    let req =
-        OnlineRequest { cpus: None, memory: ranges, zone: opts.zone, timeout_ms: opts.timeout.as_millis() as u64 };
+    let req = OnlineRequest {
+        cpus: None,
+        memory: ranges,
+        zone: opts.zone,
+        timeout_ms: opts.timeout.as_millis() as u64,
+        virtio_mem: vec![],
+    };
     match link.online(req).await {
         Ok((r, _)) if r.complete => format!("{} block(s) online again", r.blocks.len()),
         Ok((r, _)) => format!("{} block(s) could not be onlined again", r.failures()),

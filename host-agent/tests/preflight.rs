@@ -48,6 +48,7 @@ fn guest() -> GuestInfo {
         acpi_cpu_hotplug: Some(true),
         numa_nodes: "0-1".parse().expect("set"),
         udev_online_rule: false,
+        virtio_mem_devices: Some(0),
     }
 }
 

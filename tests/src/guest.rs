@@ -47,6 +47,9 @@ pub struct GuestSpec {
     /// Boot this ext4 image (copied per test) with systemd instead of the
     /// busybox initramfs userland.
     pub disk: Option<PathBuf>,
+    /// virtio-mem devices defined at boot: (guest node, size MiB), each with
+    /// 2 MiB blocks and nothing requested.
+    pub virtio_mem: Vec<(u32, u64)>,
 }
 
 impl Default for GuestSpec {
@@ -61,6 +64,7 @@ impl Default for GuestSpec {
             cmdline_extra: String::new(),
             plain: false,
             disk: None,
+            virtio_mem: Vec::new(),
         }
     }
 }
@@ -110,6 +114,16 @@ impl GuestSpec {
             ),
             None => (String::new(), ""),
         };
+        let virtio_mem: String = self
+            .virtio_mem
+            .iter()
+            .map(|(node, mib)| {
+                format!(
+                    "<memory model='virtio-mem'><target><size unit='MiB'>{mib}</size><node>{node}</node>\
+                     <block unit='MiB'>2</block><requested unit='MiB'>0</requested></target></memory>"
+                )
+            })
+            .collect();
         let metadata = match self.transport {
             Transport::Serial => String::new(),
             Transport::Vsock => format!(
@@ -151,6 +165,7 @@ impl GuestSpec {
       <target type='virtio' name='{SERIAL_NAME}'/>
     </channel>
     {disk}
+    {virtio_mem}
     <memballoon model='none'/>
   </devices>
   {vsock}

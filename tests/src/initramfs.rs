@@ -16,6 +16,7 @@ const MODULES: &[&str] = &[
     "drivers/virtio/virtio_pci_modern_dev",
     "drivers/virtio/virtio_pci",
     "drivers/char/virtio_console",
+    "drivers/virtio/virtio_mem",
     "net/vmw_vsock/vsock",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common",
     "net/vmw_vsock/vmw_vsock_virtio_transport",
