@@ -99,13 +99,18 @@ pub struct HotplugArgs {
     /// Apply even when preflight finds errors (the guest's answer is still checked).
     #[arg(long)]
     pub force: bool,
-    /// Zone for onlined memory: auto, movable, kernel, online.
-    #[arg(long, default_value = "auto")]
-    pub zone: ZonePolicy,
+    /// Zone for onlined memory: auto, movable, kernel, online (default: auto for
+    /// DIMMs, movable for virtio-mem, so that it can shrink again).
+    #[arg(long)]
+    pub zone: Option<ZonePolicy>,
 }
 
 impl HotplugArgs {
     fn opts(&self) -> Result<HotplugOpts, DomainError> {
+        self.opts_with_zone(ZonePolicy::Auto)
+    }
+
+    fn opts_with_zone(&self, default_zone: ZonePolicy) -> Result<HotplugOpts, DomainError> {
         Ok(HotplugOpts {
             affect: self.affect.affect()?,
             timeout: Duration::from_secs(self.timeout.clamp(1, 3600)),
@@ -113,7 +118,7 @@ impl HotplugArgs {
             no_wait: self.no_wait,
             force: self.force,
             agent: self.agent.agent.clone(),
-            zone: self.zone,
+            zone: self.zone.unwrap_or(default_zone),
         })
     }
 }
@@ -194,6 +199,44 @@ pub enum Command {
         /// Every DIMM that `attach-memory --request-id ID` attached.
         #[arg(long)]
         request_id: Option<String>,
+        #[command(flatten)]
+        hotplug: HotplugArgs,
+    },
+    /// Add a virtio-mem device (one per guest node): a region the guest's memory
+    /// can later grow into and shrink out of with resize-memory.
+    AddVirtioMem {
+        /// Domain name (as virsh list shows it).
+        domain: String,
+        /// The region's size, with a unit (the most this device can ever plug).
+        #[arg(value_parser = parse_size)]
+        size: Bytes,
+        /// Guest NUMA node (required when the guest has NUMA cells).
+        #[arg(long)]
+        node: Option<u32>,
+        /// The device's block size: the step it plugs and unplugs in.
+        #[arg(long, default_value = "2M", value_parser = parse_size)]
+        block: Bytes,
+        #[command(flatten)]
+        affect: AffectArgs,
+    },
+    /// Grow or shrink guest memory through virtio-mem (virsh update-memory-device
+    /// --requested-size); waits until the devices hold it and the guest has every
+    /// plugged block online, or has released it.
+    ResizeMemory {
+        /// Domain name (as virsh list shows it).
+        domain: String,
+        /// The guest's memory as a total (4G; on the node with --node), or a
+        /// change (+1G, -512M). Boot memory and DIMMs stay; virtio-mem moves.
+        #[arg(allow_hyphen_values = true)]
+        size: crate::vmem::SizeChange,
+        /// Only the virtio-mem device(s) on this guest node (default: every
+        /// device, balanced).
+        #[arg(long)]
+        node: Option<u32>,
+        /// Seconds a shrink may make no progress before it is over (the guest
+        /// cannot release more; requested is then set back to what it holds).
+        #[arg(long, default_value_t = 10)]
+        settle: u64,
         #[command(flatten)]
         hotplug: HotplugArgs,
     },
@@ -298,6 +341,8 @@ impl Command {
             Command::Setvcpus { .. } => "setvcpus",
             Command::AttachMemory { .. } => "attach-memory",
             Command::DetachMemory { .. } => "detach-memory",
+            Command::AddVirtioMem { .. } => "add-virtio-mem",
+            Command::ResizeMemory { .. } => "resize-memory",
             Command::Numatune { .. } => "numatune",
             Command::Numa { .. } => "numa",
             Command::Check { .. } => "check",
@@ -316,6 +361,8 @@ impl Command {
             | Command::Setvcpus { domain, .. }
             | Command::AttachMemory { domain, .. }
             | Command::DetachMemory { domain, .. }
+            | Command::AddVirtioMem { domain, .. }
+            | Command::ResizeMemory { domain, .. }
             | Command::Numatune { domain, .. }
             | Command::Numa { domain }
             | Command::Check { domain, .. }
@@ -470,6 +517,19 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             let sel = alias.clone().map(DimmSelector::Alias).or_else(|| request_id.clone().map(DimmSelector::Request));
             let sel = sel.ok_or_else(|| CliError::Usage("give --alias or --request-id".into()))?;
             Done::op(unplug::detach_memory(conn, domain, &sel, &hotplug.opts()?).await?)
+        }
+        Command::AddVirtioMem { domain, size, node, block, affect } => {
+            let a = crate::vmem::AddOpts { size: *size, node: *node, block: *block };
+            Done::op(crate::vmem::add_virtio_mem(conn, domain, &a, affect.affect()?).await?)
+        }
+        Command::ResizeMemory { domain, size, node, settle, hotplug } => {
+            let r = crate::vmem::ResizeOpts {
+                change: *size,
+                node: *node,
+                settle: Duration::from_secs((*settle).clamp(1, 3600)),
+            };
+            let opts = hotplug.opts_with_zone(ZonePolicy::Movable)?;
+            Done::op(crate::vmem::resize_memory(conn, domain, &r, &opts).await?)
         }
         Command::Numatune { domain, mode, nodeset, affect } => {
             let set = NumaParams { mode: *mode, nodeset: nodeset.clone() };

@@ -151,6 +151,9 @@ pub trait Domain: Send + Sync + std::fmt::Debug {
     fn set_vcpus(&self, count: u32, affect: Affect) -> Result<(), DomainError>;
     fn attach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError>;
     fn detach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError>;
+    /// Changes a device in place (`virsh update-device`; a virtio-mem device's
+    /// `<requested>` size).
+    fn update_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError>;
     fn scheduler(&self, affect: Affect) -> Result<SchedParams, DomainError>;
     fn set_scheduler(&self, params: &SchedParams, affect: Affect) -> Result<(), DomainError>;
     fn pin_emulator(&self, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError>;

@@ -41,6 +41,9 @@ struct State {
     numa: NumaParams,
     dimms: u32,
     next_base: u64,
+    /// A virtio-mem device's `current` never drops below this (a guest that
+    /// cannot release its memory).
+    virtio_mem_floor: u64,
 }
 
 pub struct FakeDomain {
@@ -91,7 +94,59 @@ fn remove_device(xml: &str, alias: &str) -> Option<String> {
     Some(format!("{}{}", &xml[..start], &xml[end..]))
 }
 
+/// The virtio-mem device a device XML describes.
+fn virtio_mem_device(xml: &str) -> Result<crate::xml::VirtioMem, DomainError> {
+    let facts = crate::xml::DomainFacts::parse(&format!("<domain><vcpu>1</vcpu><devices>{xml}</devices></domain>"))
+        .map_err(|e| DomainError::Other(e.to_string()))?;
+    facts.virtio_mems.into_iter().next().ok_or_else(|| DomainError::Other("not a virtio-mem device".into()))
+}
+
+/// `xml` with the virtio-mem device `alias` asked for `requested` (and, in the
+/// live XML, holding `current`), as libvirt and QEMU's size-change event leave it.
+fn set_virtio_mem(xml: &str, alias: &str, requested: u64, current: Option<u64>) -> String {
+    let Some(at) = xml.find(&format!("<alias name='{alias}'/>")) else { return xml.to_string() };
+    let Some(start) = xml[..at].rfind("<memory ") else { return xml.to_string() };
+    let end = at + xml[at..].find("</memory>").unwrap_or(0);
+    let mut dev = xml[start..end].to_string();
+    for (tag, value) in [("requested", Some(requested)), ("current", current)] {
+        let Some(v) = value else { continue };
+        if let (Some(a), Some(b)) = (dev.find(&format!("<{tag} ")), dev.find(&format!("</{tag}>"))) {
+            dev = format!("{}<{tag} unit='KiB'>{}{}", &dev[..a], v / 1024, &dev[b..]);
+        }
+    }
+    format!("{}{dev}{}", &xml[..start], &xml[end..])
+}
+
 impl FakeDomain {
+    /// A new virtio-mem device: an alias and (live) a region base and `current`.
+    fn attach_virtio_mem(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        let d = virtio_mem_device(xml)?;
+        let mut st = self.st();
+        let (n, base) = (st.dimms, st.next_base);
+        st.dimms += 1;
+        st.next_base += d.size.get();
+        let dev = |live: bool| {
+            let extra = if live {
+                format!("<current unit='KiB'>0</current><address base='{base:#x}'/>")
+            } else {
+                String::new()
+            };
+            format!(
+                "<memory model='virtio-mem'><target><size unit='KiB'>{}</size>{}<block unit='KiB'>{}</block><requested unit='KiB'>0</requested>{extra}</target><alias name='virtiomem{n}'/></memory>",
+                d.size.kib(),
+                d.node.map(|n| format!("<node>{n}</node>")).unwrap_or_default(),
+                d.block.kib()
+            )
+        };
+        if affect.live() {
+            st.live = insert_device(&st.live, &dev(true));
+        }
+        if affect.config() {
+            st.config = insert_device(&st.config, &dev(false));
+        }
+        Ok(())
+    }
+
     /// A running domain with `xml` as both live and persistent definition.
     pub fn new(name: &str, xml: &str, hook: Option<Hook>) -> Arc<FakeDomain> {
         Arc::new(FakeDomain {
@@ -122,6 +177,11 @@ impl FakeDomain {
     /// `verb` succeeds `ok` more times, then fails once with `message`.
     pub fn fail_after(&self, verb: &'static str, ok: u32, message: &str) {
         self.st().fail_after.insert(verb, (ok, message.into()));
+    }
+
+    /// The simulated guest cannot shrink a virtio-mem device below `bytes`.
+    pub fn hold_virtio_mem(&self, bytes: u64) {
+        self.st().virtio_mem_floor = bytes;
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -187,6 +247,9 @@ impl Domain for FakeDomain {
     }
     fn attach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
         self.enter("attach-device", format!("{affect:?}"))?;
+        if xml.contains("model='virtio-mem'") {
+            return self.attach_virtio_mem(xml, affect);
+        }
         let d = memory_device(xml)?;
         let (size, node, user_alias) = (d.size.get(), d.node.unwrap_or(0), d.alias.clone());
         let base = {
@@ -246,6 +309,38 @@ impl Domain for FakeDomain {
         }
         Ok(())
     }
+    fn update_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        self.enter("update-device", format!("{affect:?}"))?;
+        let dev = virtio_mem_device(xml)?;
+        let alias =
+            dev.alias.ok_or_else(|| DomainError::Other("the fake matches virtio-mem devices by alias".into()))?;
+        let mut st = self.st();
+        let floor = st.virtio_mem_floor;
+        let found = |x: &str| x.contains(&format!("<alias name='{alias}'/>"));
+        if affect.live() && !found(&st.live) {
+            return Err(DomainError::Libvirt {
+                domain: self.name.clone(),
+                op: "update-device",
+                message: format!("device not found: virtio-mem {alias}"),
+            });
+        }
+        let req = dev.requested.get();
+        if affect.live() {
+            let cur_before = crate::xml::DomainFacts::parse(&st.live)
+                .ok()
+                .and_then(|f| f.virtio_mems.into_iter().find(|v| v.alias.as_deref() == Some(alias.as_str())))
+                .and_then(|v| v.current)
+                .map_or(0, |b| b.get());
+            // Growth always completes; a shrink stops at the floor.
+            let current = if req >= cur_before { req } else { req.max(floor.min(cur_before)) };
+            st.live = set_virtio_mem(&st.live, &alias, req, Some(current));
+        }
+        if affect.config() {
+            st.config = set_virtio_mem(&st.config, &alias, req, None);
+        }
+        Ok(())
+    }
+
     fn scheduler(&self, _affect: Affect) -> Result<SchedParams, DomainError> {
         Ok(self.st().sched.clone())
     }

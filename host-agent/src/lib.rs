@@ -16,4 +16,5 @@ pub mod prepare;
 pub mod report;
 pub mod tune;
 pub mod unplug;
+pub mod vmem;
 pub mod xml;

@@ -125,6 +125,10 @@ impl Domain for LibvirtDomain {
         self.dom.detach_device_flags(xml, impact(affect)).map_err(self.err("detach-device"))
     }
 
+    fn update_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
+        self.dom.update_device_flags(xml, impact(affect)).map_err(self.err("update-device"))
+    }
+
     fn scheduler(&self, affect: Affect) -> Result<SchedParams, DomainError> {
         // As virsh: without --live/--config the flagless call, which reads the
         // current state (some drivers accept no flags at all here).

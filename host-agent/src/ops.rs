@@ -199,6 +199,7 @@ impl HostOnly<'_> {
             findings: self.findings,
             host: HostSide { applied: self.applied, verified: None, persistent: self.persistent },
             guest: None,
+            virtio_mem: vec![],
             timings: run.timings(),
         }
     }
@@ -352,6 +353,7 @@ async fn execute_vcpus<A: GuestAgent>(
             persistent: affect.config(),
         },
         guest: guest_report,
+        virtio_mem: vec![],
         timings: run.timings(),
     })
 }
@@ -620,6 +622,7 @@ async fn confirm_memory<A: GuestAgent>(
         findings: plan.findings,
         host: HostSide { applied, verified, persistent: affect.config() },
         guest: confirmation.and_then(Result::ok),
+        virtio_mem: vec![],
         timings: run.timings(),
     })
 }

@@ -39,6 +39,11 @@ pub struct Facts {
 
 impl Facts {
     fn ctx(&self, no_wait: bool) -> preflight::Ctx<'_> {
+        self.ctx_for(no_wait)
+    }
+
+    /// The preflight context of these facts.
+    pub fn ctx_for(&self, no_wait: bool) -> preflight::Ctx<'_> {
         self.loaded.ctx(self.guest.as_ref(), self.affect, no_wait)
     }
 }
@@ -116,6 +121,11 @@ fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<F
         return Ok(findings);
     }
     Err(refuse(findings, hard))
+}
+
+/// [`gate`] for the other verbs' planners (virtio-mem).
+pub fn gate_findings(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
+    gate(findings, force, hard)
 }
 
 fn refuse(mut findings: Vec<Finding>, hard: Vec<Finding>) -> NotPlanned {

@@ -43,6 +43,12 @@ pub enum Operation {
         node: Option<u32>,
         dimms: u32,
     },
+    /// `resize-memory`: the virtio-mem devices in scope grow by `grow` (zero
+    /// for a shrink), on guest node `node` (None: every device).
+    Resize {
+        grow: Bytes,
+        node: Option<u32>,
+    },
     Shares(u64),
     Pin {
         vcpu: Option<u32>,
@@ -90,7 +96,10 @@ fn is_x86_hotplug_machine(m: &str) -> bool {
 }
 
 fn live_op(ctx: &Ctx, op: &Operation) -> bool {
-    matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. } | Operation::Unplug { .. }) && ctx.affect.live()
+    matches!(
+        op,
+        Operation::Vcpus { .. } | Operation::Memory { .. } | Operation::Unplug { .. } | Operation::Resize { .. }
+    ) && ctx.affect.live()
 }
 
 fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -241,7 +250,7 @@ fn rule_cpu_socket_cell(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_persist(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    if !matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. }) {
+    if !matches!(op, Operation::Vcpus { .. } | Operation::Memory { .. } | Operation::Resize { .. }) {
         return None;
     }
     (ctx.affect == Affect::Live).then_some(())?;
@@ -264,7 +273,11 @@ fn rule_mem_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    let Operation::Memory { size, .. } = *op else { return None };
+    let (size, virtio) = match *op {
+        Operation::Memory { size, .. } => (size, false),
+        Operation::Resize { grow, .. } => (grow, true),
+        _ => return None,
+    };
     if !ctx.affect.live() {
         return None;
     }
@@ -275,7 +288,8 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
             "the guest kernel has no memory hot-plug (/sys/devices/system/memory is absent)",
         );
     }
-    if g.acpi_memory_hotplug == Some(false) {
+    // virtio-mem needs no ACPI: the device itself tells the guest.
+    if !virtio && g.acpi_memory_hotplug == Some(false) {
         return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (/sys/firmware/acpi/hotplug/memory): the DIMM would attach but the guest would never see it");
     }
     (g.mem_available.get() < size.get() / 32).then_some(())?;
@@ -328,7 +342,7 @@ fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    let Operation::Memory { node: Some(n), .. } = *op else { return None };
+    let (Operation::Memory { node: Some(n), .. } | Operation::Resize { node: Some(n), .. }) = *op else { return None };
     if ctx.dom.cells.is_empty() || ctx.dom.cells.iter().any(|c| c.id == n) {
         return None;
     }
@@ -368,14 +382,14 @@ fn rule_mem_vhost_user(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 
 fn rule_mem_linux_4g(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { .. } = op else { return None };
-    if ctx.dom.os_is_windows || ctx.dom.memory.get() >= 4 * GIB {
+    if ctx.dom.os_is_windows || ctx.dom.boot_memory().get() >= 4 * GIB {
         return None;
     }
     warning(
         "mem.linux-4g",
         format!(
             "initial memory is {}: the guide asks Linux guests to start with at least 4 GiB before memory hot-plug",
-            Bytes(ctx.dom.memory.get() - ctx.dom.dimm_memory().get().min(ctx.dom.memory.get()))
+            ctx.dom.boot_memory()
         ),
     )
 }

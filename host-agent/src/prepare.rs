@@ -187,7 +187,7 @@ fn layout(f: &DomainFacts, o: &PrepareOpts) -> Result<Layout, PrepareError> {
         return Err(PrepareError::NoSlots);
     }
     // The initial memory stays; only the ceiling and the layout change.
-    let initial = Bytes(f.memory.get().saturating_sub(f.dimm_memory().get()));
+    let initial = f.boot_memory();
     let max_memory = o.max_memory.or(f.max_memory).unwrap_or(Bytes(initial.get() * 4));
     if max_memory < f.memory {
         return Err(PrepareError::MaxMemoryBelowCurrent { max: max_memory, current: f.memory });

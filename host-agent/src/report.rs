@@ -149,6 +149,9 @@ pub struct OpReport {
     pub findings: Vec<Finding>,
     pub host: HostSide,
     pub guest: Option<GuestReport>,
+    /// `resize-memory`: each virtio-mem device it changed, at the end.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtio_mem: Vec<crate::vmem::DeviceOutcome>,
     pub timings: Timings,
 }
 
@@ -185,6 +188,21 @@ impl OpReport {
                 } else {
                     "live only: lost at the next domain start"
                 }
+            ));
+        }
+        for d in &self.virtio_mem {
+            let zones: Vec<String> = d.zones.iter().map(|(z, n)| format!("{n} {z}")).collect();
+            s.push_str(&format!(
+                "  device: {} node {}: {} → requested {}, holds {}{}; guest: {} block(s), {} online{}\n",
+                d.device,
+                d.node.map_or("-".into(), |n| n.to_string()),
+                d.before,
+                d.requested,
+                d.current,
+                if d.requested_reset { " (requested set back)" } else { "" },
+                d.blocks,
+                d.blocks_online,
+                if zones.is_empty() { String::new() } else { format!(" ({})", zones.join(", ")) }
             ));
         }
         if let Some(g) = &self.guest {

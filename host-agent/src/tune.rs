@@ -444,6 +444,7 @@ pub struct Status {
     pub slots: Option<u32>,
     pub slots_free: u32,
     pub dimms: Vec<DimmStatus>,
+    pub virtio_mem: Vec<VirtioMemStatus>,
     pub guest: Option<GuestInfo>,
     pub agent_error: Option<String>,
 }
@@ -454,6 +455,19 @@ pub struct DimmStatus {
     pub size: Bytes,
     pub node: Option<u32>,
     pub base: Option<u64>,
+    pub blocks: Vec<BlockState>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VirtioMemStatus {
+    pub alias: Option<String>,
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub block: Bytes,
+    pub requested: Bytes,
+    pub current: Option<Bytes>,
+    pub base: Option<u64>,
+    /// The guest's blocks of the region that are present (plugged).
     pub blocks: Vec<BlockState>,
 }
 
@@ -471,10 +485,33 @@ pub async fn status(
         .iter()
         .map(|d| DimmStatus { alias: d.alias.clone(), size: d.size, node: d.node, base: d.base, blocks: vec![] })
         .collect();
+    let mut virtio_mem: Vec<VirtioMemStatus> = l
+        .facts
+        .virtio_mems
+        .iter()
+        .map(|v| VirtioMemStatus {
+            alias: v.alias.clone(),
+            size: v.size,
+            node: v.node,
+            block: v.block,
+            requested: v.requested,
+            current: v.current,
+            base: v.base,
+            blocks: vec![],
+        })
+        .collect();
     let (link, err) = agent_if_running(&l, agent, agent_wait).await;
     let mut agent_error = err.map(|e| e.to_string());
     let mut guest = None;
     if let Some(mut link) = link {
+        for v in virtio_mem.iter_mut() {
+            if let Some(base) = v.base {
+                match link.blocks(vec![MemRange { start: base, size: v.size }]).await {
+                    Ok(b) => v.blocks = b.into_iter().filter(|b| b.present).collect(),
+                    Err(e) => agent_error = Some(e.to_string()),
+                }
+            }
+        }
         for d in dimms.iter_mut() {
             if let Some(base) = d.base {
                 match link.blocks(vec![MemRange { start: base, size: d.size }]).await {
@@ -495,6 +532,7 @@ pub async fn status(
         slots: l.facts.slots,
         slots_free: l.facts.free_slots(),
         dimms,
+        virtio_mem,
         guest,
         agent_error,
     })
@@ -562,6 +600,32 @@ pub fn render_status(st: &Status) -> String {
                         nodes.join(",")
                     )
                 }
+            }
+        );
+    }
+    for v in &st.virtio_mem {
+        let online = v.blocks.iter().filter(|b| b.online).count();
+        let zones: std::collections::BTreeSet<&str> = v.blocks.iter().filter_map(|b| b.zone.as_deref()).collect();
+        let _ = writeln!(
+            s,
+            "{:<14} {:<34} {}",
+            format!("virtio-mem {}", v.alias.as_deref().unwrap_or("?")),
+            format!(
+                "{} node {}: requested {}, holds {}",
+                v.size,
+                v.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                v.requested,
+                v.current.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+            ),
+            if g.is_none() {
+                "-".to_string()
+            } else {
+                let zones: Vec<&str> = zones.into_iter().collect();
+                format!(
+                    "{online}/{} plugged blocks online, zone {}",
+                    v.blocks.len(),
+                    if zones.is_empty() { "-".into() } else { zones.join(",") }
+                )
             }
         );
     }

@@ -163,6 +163,7 @@ impl Detach<'_> {
             findings: self.plan.findings.clone(),
             host: HostSide { applied: self.applied.clone(), verified, persistent: self.facts.affect.config() },
             guest: self.guest.clone(),
+            virtio_mem: vec![],
             timings: self.run.timings(),
         }
     }

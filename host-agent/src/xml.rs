@@ -80,6 +80,46 @@ impl Dimm {
     }
 }
 
+/// A `<memory model='virtio-mem'>` device: a region of `size` on one guest node
+/// that the guest's driver plugs in `block` steps up to `requested`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VirtioMem {
+    /// Position among the domain's virtio-mem devices, in document order (the
+    /// live and persistent XML list them alike).
+    pub index: usize,
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub block: Bytes,
+    pub requested: Bytes,
+    /// What the device reports plugged (live XML only; QEMU's
+    /// `MEMORY_DEVICE_SIZE_CHANGE` event updates it, at most once a second).
+    pub current: Option<Bytes>,
+    /// Guest-physical base of the region (live XML).
+    pub base: Option<u64>,
+    pub alias: Option<String>,
+}
+
+impl VirtioMem {
+    /// The guest-physical region (known from the live XML only).
+    pub fn range(&self) -> Option<vmplug_common::protocol::MemRange> {
+        Some(vmplug_common::protocol::MemRange { start: self.base?, size: self.size })
+    }
+
+    /// What the guest holds: `current` where libvirt reports it, else `requested`.
+    pub fn plugged(&self) -> Bytes {
+        self.current.unwrap_or(self.requested)
+    }
+
+    /// How an operator finds it: its alias, else its position and node.
+    pub fn label(&self) -> String {
+        match (&self.alias, self.node) {
+            (Some(a), _) => a.clone(),
+            (None, Some(n)) => format!("virtio-mem #{} (node {n})", self.index),
+            (None, None) => format!("virtio-mem #{}", self.index),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Topology {
     pub sockets: u32,
@@ -121,7 +161,9 @@ pub struct DomainFacts {
     pub memory: Bytes,
     pub max_memory: Option<Bytes>,
     pub slots: Option<u32>,
+    /// Memory devices in DIMM slots (`dimm`, `nvdimm`); virtio-mem is apart.
     pub dimms: Vec<Dimm>,
+    pub virtio_mems: Vec<VirtioMem>,
     pub virtio_nets: u32,
     pub vhost_user_devices: Vec<String>,
     /// virtio-serial channels: target name → host socket path.
@@ -244,6 +286,19 @@ impl DomainFacts {
         if let Some(devices) = child(dom, "devices") {
             for d in devices.children().filter(|n| n.is_element()) {
                 match d.tag_name().name() {
+                    "memory" if d.attribute("model") == Some("virtio-mem") => {
+                        let size = |p: &[&str]| path(d, p).and_then(size_of);
+                        f.virtio_mems.push(VirtioMem {
+                            index: f.virtio_mems.len(),
+                            size: size(&["target", "size"]).unwrap_or_default(),
+                            node: path(d, &["target", "node"]).and_then(|n| n.text()?.trim().parse().ok()),
+                            block: size(&["target", "block"]).unwrap_or_default(),
+                            requested: size(&["target", "requested"]).unwrap_or_default(),
+                            current: size(&["target", "current"]),
+                            base: path(d, &["target", "address"]).and_then(|a| parse_num(a.attribute("base")?)),
+                            alias: child(d, "alias").and_then(|a| a.attribute("name")).map(str::to_string),
+                        })
+                    }
                     "memory" => f.dimms.push(Dimm {
                         model: d.attribute("model").unwrap_or_default().to_string(),
                         size: path(d, &["target", "size"]).and_then(size_of).unwrap_or_default(),
@@ -355,6 +410,19 @@ impl DomainFacts {
     /// Memory in DIMMs.
     pub fn dimm_memory(&self) -> Bytes {
         Bytes(self.dimms.iter().map(|d| d.size.get()).sum())
+    }
+
+    /// Memory the domain booted with: `<memory>` counts every memory device's
+    /// whole size (a virtio-mem region too, plugged or not).
+    pub fn boot_memory(&self) -> Bytes {
+        let devices = self.dimm_memory().get() + self.virtio_mems.iter().map(|v| v.size.get()).sum::<u64>();
+        Bytes(self.memory.get().saturating_sub(devices))
+    }
+
+    /// Memory the guest has: boot memory, DIMMs, and what virtio-mem plugged.
+    pub fn guest_memory(&self) -> Bytes {
+        let plugged: u64 = self.virtio_mems.iter().map(|v| v.plugged().get()).sum();
+        Bytes(self.boot_memory().get() + self.dimm_memory().get() + plugged)
     }
 
     /// The cell holding `vcpu`.
@@ -552,6 +620,34 @@ impl<'a> MemoryDevice<'a> {
         s.push_str("</memory>\n");
         s
     }
+}
+
+/// The `index`-th virtio-mem device of `domain_xml`, verbatim (unknown elements,
+/// its alias and PCI address kept, so libvirt matches it), with `<requested>`
+/// set to `requested`: the device XML `virsh update-memory-device` sends.
+pub fn virtio_mem_update_xml(domain_xml: &str, index: usize, requested: Bytes) -> Result<String, XmlError> {
+    let doc = Document::parse(domain_xml)?;
+    let dev = child(doc.root_element(), "devices")
+        .into_iter()
+        .flat_map(|d| d.children())
+        .filter(|n| n.has_tag_name("memory") && n.attribute("model") == Some("virtio-mem"))
+        .nth(index)
+        .ok_or(XmlError::Missing("memory model='virtio-mem'"))?;
+    let req = path(dev, &["target", "requested"]).ok_or(XmlError::Missing("requested"))?;
+    let (d, r) = (dev.range(), req.range());
+    let new = format!("<requested unit='KiB'>{}</requested>", requested.kib());
+    Ok(format!("{}{new}{}", &domain_xml[d.start..r.start], &domain_xml[r.end..d.end]))
+}
+
+/// A new virtio-mem device: `size` on guest node `node`, plugged in `block` steps,
+/// nothing requested yet.
+pub fn virtio_mem_xml(size: Bytes, node: Option<u32>, block: Bytes) -> String {
+    let node = node.map(|n| format!("<node>{n}</node>")).unwrap_or_default();
+    format!(
+        "<memory model='virtio-mem'>\n  <target>\n    <size unit='KiB'>{}</size>\n    {node}\n    <block unit='KiB'>{}</block>\n    <requested unit='KiB'>0</requested>\n  </target>\n</memory>\n",
+        size.kib(),
+        block.kib()
+    )
 }
 
 /// The XML that detaches an existing DIMM (matched by alias, as libvirt does).

@@ -1,0 +1,913 @@
+//! virtio-mem: the second memory model beside DIMMs. One device per guest node
+//! holds a region; `<requested>` says how much of it the guest should have, the
+//! guest's driver plugs or unplugs blocks until `<current>` matches.
+//!
+//! ```text
+//! plan_resize():  Facts + request → per-device requested sizes | NotPlanned  (pure)
+//! resize:         register the regions with the agent, update <requested>,
+//!                 poll <current> (QEMU throttles its size event to 1/s), keep
+//!                 the guest onlining while it grows               → evidence
+//! judge_resize(): plan + final devices + the guest's blocks → outcome (pure)
+//! ```
+//!
+//! A shrink the guest cannot complete is not left retrying: `<requested>` is set
+//! back to what the device still holds, and the report says how much that is.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmplug_common::protocol::{BlockState, MemRange, OnlineRequest, ZonePolicy};
+use vmplug_common::Bytes;
+
+use crate::domain::{Affect, Connection, DomainError, XmlView};
+use crate::link::GuestAgent;
+use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
+use crate::plan::{gather, Facts, NotPlanned, Refusal};
+use crate::preflight::{self, Finding, Operation, Severity};
+use crate::report::{HostSide, OpReport, Outcome};
+use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
+
+/// How often the live XML is read while the guest's driver plugs or unplugs.
+const POLL: Duration = Duration::from_millis(200);
+/// While growing, the agent is asked to online what is present at most this often
+/// (the driver adds at most about 1 GiB offline before it waits for onlining).
+const ONLINE_EVERY: Duration = Duration::from_secs(1);
+/// One online round's bound: it only onlines what is present, it waits for nothing.
+const ONLINE_ROUND: Duration = Duration::from_secs(5);
+
+/// `resize-memory`'s size: a total, or a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeChange {
+    /// The guest's memory (on the node, with `--node`) becomes this.
+    To(Bytes),
+    Grow(Bytes),
+    Shrink(Bytes),
+}
+
+impl std::str::FromStr for SizeChange {
+    type Err = String;
+    /// `4G` (a total), `+1G`, `-512M`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s.as_bytes().first() {
+            Some(b'+') => crate::cli::parse_size(&s[1..]).map(SizeChange::Grow),
+            Some(b'-') => crate::cli::parse_size(&s[1..]).map(SizeChange::Shrink),
+            _ => crate::cli::parse_size(s).map(SizeChange::To),
+        }
+    }
+}
+
+impl std::fmt::Display for SizeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SizeChange::To(b) => write!(f, "{b}"),
+            SizeChange::Grow(b) => write!(f, "+{b}"),
+            SizeChange::Shrink(b) => write!(f, "-{b}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizeOpts {
+    pub change: SizeChange,
+    pub node: Option<u32>,
+    /// A shrink that makes no progress for this long is over: the guest cannot
+    /// release more (its driver retries with growing pauses, never giving up).
+    pub settle: Duration,
+}
+
+/// One device's change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStep {
+    pub device: VirtioMem,
+    /// What it holds now.
+    pub from: Bytes,
+    /// Its new `<requested>`.
+    pub to: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResizePlan {
+    pub findings: Vec<Finding>,
+    /// Devices whose requested size changes, in device order.
+    pub steps: Vec<DeviceStep>,
+    /// The guest's memory in scope (the node, or the domain) before and after.
+    pub before: Bytes,
+    pub after: Bytes,
+    /// A live change with an agent and no `--no-wait`: the guest must confirm.
+    pub confirm: bool,
+    pub zone: ZonePolicy,
+    /// "the guest" or "guest node N": what `before` and `after` measure.
+    pub scope: String,
+}
+
+impl ResizePlan {
+    pub fn grows(&self) -> bool {
+        self.after > self.before
+    }
+
+    /// The regions of every device that changes (the live XML gives them).
+    pub fn ranges(&self) -> Vec<MemRange> {
+        self.steps.iter().filter_map(|s| s.device.range()).collect()
+    }
+}
+
+fn error(id: &'static str, message: String) -> Finding {
+    Finding { id, severity: Severity::Error, message }
+}
+
+fn warning(id: &'static str, message: String) -> Finding {
+    Finding { id, severity: Severity::Warning, message }
+}
+
+/// Spreads `total` over `devices` in `unit` steps, moving each device only in the
+/// direction of the change: a grow fills the emptiest device first, a shrink
+/// drains the fullest. `None` when the devices cannot hold `total`.
+pub fn distribute(devices: &[VirtioMem], total: Bytes, unit: u64) -> Option<Vec<Bytes>> {
+    let mut to: Vec<u64> = devices.iter().map(|d| d.plugged().get()).collect();
+    let now: u64 = to.iter().sum();
+    if unit == 0 || total.get() > devices.iter().map(|d| d.size.get()).sum() {
+        return None;
+    }
+    if total.get() >= now {
+        let mut left = (total.get() - now) / unit;
+        while left > 0 {
+            let i = (0..to.len()).filter(|&i| to[i] + unit <= devices[i].size.get()).min_by_key(|&i| (to[i], i))?;
+            to[i] += unit;
+            left -= 1;
+        }
+    } else {
+        let mut left = (now - total.get()).div_ceil(unit);
+        while left > 0 {
+            let i = (0..to.len()).filter(|&i| to[i] >= unit).max_by_key(|&i| (to[i], std::cmp::Reverse(i)))?;
+            to[i] -= unit;
+            left -= 1;
+        }
+    }
+    Some(to.into_iter().map(Bytes).collect())
+}
+
+/// The findings only virtio-mem has: the guest's driver, devices still settling,
+/// regions the live XML does not place.
+fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if f.affect.live() {
+        if let Some(g) = &f.guest {
+            match g.virtio_mem_devices {
+                None if g.capabilities.iter().any(|c| c == "virtio-mem") => out.push(error(
+                    "vmem.guest-driver",
+                    "the guest kernel's virtio_mem driver is not loaded (no /sys/bus/virtio/drivers/virtio_mem): nothing would plug or unplug; load the module (Linux 5.8+, CONFIG_VIRTIO_MEM) or use DIMMs".into(),
+                )),
+                None if confirm => out.push(error(
+                    "vmem.guest-driver",
+                    "the guest agent predates virtio-mem support: it cannot confirm the plug; upgrade vmplug-guest (or --no-wait to resize unverified)".into(),
+                )),
+                None => out.push(warning(
+                    "vmem.guest-driver",
+                    "the guest agent predates virtio-mem support: cannot check the guest's virtio_mem driver".into(),
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    for d in scope {
+        if d.current.is_some_and(|c| c != d.requested) {
+            out.push(warning(
+                "vmem.settling",
+                format!(
+                    "{} still moves from {} to its requested {}: planned from what it holds now",
+                    d.label(),
+                    d.plugged(),
+                    d.requested
+                ),
+            ));
+        }
+        if confirm && d.base.is_none() {
+            out.push(error(
+                "vmem.no-address",
+                format!(
+                    "the live XML gives {} no region base: vmplug cannot tell the guest which blocks are its",
+                    d.label()
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// The guest memory in scope now, and the part of it no virtio-mem device in
+/// scope can change (boot memory, DIMMs, other nodes' devices).
+fn scope_memory(dom: &DomainFacts, node: Option<u32>, scope: &[VirtioMem]) -> (Bytes, Bytes) {
+    let plugged: u64 = scope.iter().map(|d| d.plugged().get()).sum();
+    let now = match node {
+        None => dom.guest_memory().get(),
+        Some(n) => {
+            let cell = dom.cells.iter().find(|c| c.id == n).map_or(0, |c| c.memory.get());
+            let dimms: u64 = dom.dimms.iter().filter(|d| d.node == Some(n)).map(|d| d.size.get()).sum();
+            cell + dimms + plugged
+        }
+    };
+    (Bytes(now), Bytes(now.saturating_sub(plugged)))
+}
+
+pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<ResizePlan, NotPlanned> {
+    let dom = &f.loaded.facts;
+    let scope: Vec<VirtioMem> =
+        dom.virtio_mems.iter().filter(|d| r.node.is_none() || d.node == r.node).cloned().collect();
+    let generic = |grow| preflight::check(&f.ctx_for(opts.no_wait), &Operation::Resize { grow, node: r.node });
+    if scope.is_empty() {
+        let where_ = r.node.map_or(String::new(), |n| format!(" on guest node {n}"));
+        let hard = error(
+            "vmem.device",
+            format!("'{}' has no virtio-mem device{where_}: add one with `vmplug add-virtio-mem` (or use attach-memory for DIMMs)", dom.name),
+        );
+        let mut rest = generic(Bytes(0));
+        rest.retain(|x| x.id != "mem.node");
+        return Err(NotPlanned::Refused(refusal(rest, vec![hard])));
+    }
+    let (before, fixed) = scope_memory(dom, r.node, &scope);
+    let plugged = Bytes(before.get() - fixed.get());
+    let capacity = Bytes(scope.iter().map(|d| d.size.get()).sum());
+    let unit = scope.iter().map(|d| d.block.get()).max().unwrap_or(0).max(1);
+    let what = r.node.map_or("the guest".to_string(), |n| format!("guest node {n}"));
+    let mut hard = Vec::new();
+    let target = match r.change {
+        SizeChange::To(t) if t < fixed => {
+            hard.push(error(
+                "vmem.floor",
+                format!(
+                    "{what} cannot go below {fixed}: that is its boot memory and DIMMs, which virtio-mem does not hold"
+                ),
+            ));
+            plugged
+        }
+        SizeChange::To(t) => Bytes(t.get() - fixed.get()),
+        SizeChange::Grow(d) => Bytes(plugged.get().saturating_add(d.get())),
+        SizeChange::Shrink(d) if d > plugged => {
+            hard.push(error(
+                "vmem.floor",
+                format!("{what}'s virtio-mem devices hold {plugged}: they cannot give back {d}"),
+            ));
+            plugged
+        }
+        SizeChange::Shrink(d) => Bytes(plugged.get() - d.get()),
+    };
+    if !target.is_multiple_of(unit) {
+        hard.push(error(
+            "vmem.block-align",
+            format!(
+                "{} is not a multiple of the devices' block size {}: use a multiple",
+                Bytes(target.get().abs_diff(plugged.get())),
+                Bytes(unit)
+            ),
+        ));
+    } else if target > capacity {
+        hard.push(error(
+            "vmem.size",
+            format!("{what}'s virtio-mem devices hold at most {capacity} ({} plugged): {target} does not fit; add a device (`vmplug add-virtio-mem`) or use DIMMs", plugged),
+        ));
+    }
+    let grow = Bytes(target.get().saturating_sub(plugged.get()));
+    let confirm = f.affect.live() && f.guest.is_some() && !opts.no_wait;
+    let mut findings = generic(grow);
+    findings.extend(device_findings(f, &scope, confirm));
+    if target == plugged && hard.is_empty() {
+        hard.push(error("vmem.plan", format!("{what} already has {before}: nothing to change")));
+    }
+    let findings = crate::plan::gate_findings(findings, opts.force, hard)?;
+    let sizes = distribute(&scope, target, unit).unwrap_or_else(|| scope.iter().map(|d| d.plugged()).collect());
+    let steps = scope
+        .into_iter()
+        .zip(sizes)
+        .filter(|(d, to)| *to != d.plugged() || *to != d.requested)
+        .map(|(d, to)| DeviceStep { from: d.plugged(), to, device: d })
+        .collect();
+    Ok(ResizePlan {
+        findings,
+        steps,
+        before,
+        after: Bytes(fixed.get() + target.get()),
+        confirm,
+        zone: opts.zone,
+        scope: what,
+    })
+}
+
+fn refusal(findings: Vec<Finding>, hard: Vec<Finding>) -> Refusal {
+    match crate::plan::gate_findings(findings, false, hard) {
+        Err(NotPlanned::Refused(r)) => r,
+        _ => Refusal { findings: vec![], agent_unreachable: false },
+    }
+}
+
+/// How the wait for the devices ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Every device's `<current>` reached its `<requested>`.
+    Reached,
+    /// The deadline passed first.
+    TimedOut,
+    /// A shrink stopped making progress: the guest cannot release more.
+    Stalled,
+}
+
+/// One device after the change, as the report shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeviceOutcome {
+    pub device: String,
+    pub node: Option<u32>,
+    pub size: Bytes,
+    pub before: Bytes,
+    pub requested: Bytes,
+    /// What the device reports plugged at the end.
+    pub current: Bytes,
+    /// `<requested>` was set back to `current` (a shrink the guest could not finish).
+    pub requested_reset: bool,
+    /// The guest's blocks in the region (present ones), by zone.
+    pub blocks: u32,
+    pub blocks_online: u32,
+    pub zones: BTreeMap<String, u32>,
+}
+
+/// The evidence the wait leaves: each changed device as the live XML shows it at
+/// the end, and (when the plan confirms) the guest's present blocks.
+#[derive(Debug, Clone, Default)]
+pub struct Evidence {
+    pub devices: Vec<VirtioMem>,
+    pub blocks: Option<Result<Vec<BlockState>, String>>,
+    pub reset: Vec<usize>,
+}
+
+fn zone_ok(policy: ZonePolicy, zone: Option<&str>) -> bool {
+    match policy {
+        ZonePolicy::Movable => zone == Some("Movable"),
+        ZonePolicy::Kernel => zone.is_some_and(|z| z != "Movable"),
+        ZonePolicy::Auto | ZonePolicy::Online => zone.is_some(),
+    }
+}
+
+/// The verdict of a resize from its evidence (pure). Each device must hold what
+/// it was asked; with the guest's confirmation, each present block of its region
+/// must be online, on the device's node and in the asked zone, and the blocks
+/// must cover what the device holds.
+pub fn judge_resize(
+    plan: &ResizePlan,
+    ev: &Evidence,
+    settled: Settled,
+    block_size: Option<u64>,
+    timeout: Duration,
+) -> (Outcome, String, Vec<DeviceOutcome>) {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for step in &plan.steps {
+        let d = ev.devices.iter().find(|d| d.index == step.device.index).unwrap_or(&step.device);
+        let current = d.plugged();
+        let range = d.range();
+        let mine: Vec<&BlockState> = match (&ev.blocks, range) {
+            (Some(Ok(b)), Some(r)) => {
+                b.iter().filter(|b| b.present && b.start >= r.start && b.start < r.end()).collect()
+            }
+            _ => vec![],
+        };
+        let mut zones = BTreeMap::new();
+        for b in mine.iter().filter(|b| b.online) {
+            *zones.entry(b.zone.clone().unwrap_or_else(|| "?".into())).or_insert(0u32) += 1;
+        }
+        let online = mine.iter().filter(|b| b.online).count() as u32;
+        if current != step.to {
+            problems.push(format!("{} holds {current} of the {} asked", d.label(), step.to));
+        }
+        if let (Some(Ok(_)), Some(bs)) = (&ev.blocks, block_size) {
+            let offline: Vec<String> =
+                mine.iter().filter(|b| !b.online).map(|b| format!("memory{}", b.index)).collect();
+            if !offline.is_empty() {
+                problems.push(format!("{}: {} offline in the guest", d.label(), offline.join(", ")));
+            }
+            if (mine.len() as u64).saturating_mul(bs) < current.get() {
+                problems.push(format!(
+                    "{}: the guest shows {} block(s) of {} for the {current} the device holds",
+                    d.label(),
+                    mine.len(),
+                    Bytes(bs)
+                ));
+            }
+            let wrong_node: Vec<String> = mine
+                .iter()
+                .filter(|b| d.node.is_some() && b.node.is_some() && b.node != d.node)
+                .map(|b| format!("memory{} on node {}", b.index, b.node.unwrap_or(0)))
+                .collect();
+            if !wrong_node.is_empty() {
+                problems.push(format!(
+                    "{} is on node {}, but {}",
+                    d.label(),
+                    d.node.unwrap_or(0),
+                    wrong_node.join(", ")
+                ));
+            }
+            let wrong_zone: Vec<String> = mine
+                .iter()
+                .filter(|b| b.online && !zone_ok(plan.zone, b.zone.as_deref()))
+                .map(|b| format!("memory{} ({})", b.index, b.zone.as_deref().unwrap_or("?")))
+                .collect();
+            if !wrong_zone.is_empty() {
+                problems.push(format!(
+                    "{}: {} not in the {:?} zone the request asked (onlined by the kernel or a udev rule first? boot the guest with memhp_default_state=online_movable, or pass --zone online to accept the kernel's choice)",
+                    d.label(),
+                    wrong_zone.join(", "),
+                    plan.zone
+                ));
+            }
+        }
+        out.push(DeviceOutcome {
+            device: d.label(),
+            node: d.node,
+            size: d.size,
+            before: step.from,
+            requested: if ev.reset.contains(&d.index) { current } else { step.to },
+            current,
+            requested_reset: ev.reset.contains(&d.index),
+            blocks: mine.len() as u32,
+            blocks_online: online,
+            zones,
+        });
+    }
+    let held: u64 = out.iter().map(|d| d.current.get()).sum();
+    let asked: u64 = plan.steps.iter().map(|s| s.to.get()).sum();
+    let from: u64 = plan.steps.iter().map(|s| s.from.get()).sum();
+    let moved = Bytes(held.abs_diff(from));
+    let wanted = Bytes(asked.abs_diff(from));
+    let verb = if plan.grows() { "grew" } else { "shrank" };
+    let (outcome, message) = match (&ev.blocks, settled) {
+        (Some(Err(e)), _) => (Outcome::GuestFailed, format!("the devices {verb} by {moved} of {wanted}; the guest agent did not report its blocks: {e}")),
+        (_, Settled::TimedOut) if plan.grows() => (
+            Outcome::GuestTimeout,
+            format!("the guest plugged {moved} of {wanted} within {timeout:?}: {} (requested stays: the guest's driver may still plug the rest)", problems.join("; ")),
+        ),
+        (_, Settled::TimedOut | Settled::Stalled) => {
+            let reset = if ev.reset.is_empty() { String::new() } else { "; requested set back to what the devices hold, so they stop retrying".into() };
+            (
+                Outcome::GuestFailed,
+                format!("the guest released {moved} of {wanted}: {}{reset} (the guest could not move the data out: memory in use with nowhere to go, in a kernel zone, or pinned)", problems.join("; ")),
+            )
+        }
+        _ if !problems.is_empty() => (Outcome::GuestFailed, problems.join("; ")),
+        (None, _) => (
+            Outcome::Ok,
+            format!("{} {verb} by {moved} to {}; guest not verified (--no-wait or no agent)", plan.scope, plan.after),
+        ),
+        (Some(Ok(_)), _) => {
+            let blocks: u32 = out.iter().map(|d| d.blocks_online).sum();
+            (
+                Outcome::Ok,
+                format!(
+                    "{} {verb} by {moved} to {}; libvirt and the guest agree ({blocks} block(s) of the devices present, all online)",
+                    plan.scope, plan.after
+                ),
+            )
+        }
+    };
+    (outcome, message, out)
+}
+
+/// `vmplug resize-memory`: gather, plan, change `<requested>`, wait for
+/// `<current>` with the guest onlining, judge.
+pub async fn resize_memory(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    r: &ResizeOpts,
+    opts: &HotplugOpts,
+) -> Result<OpReport, DomainError> {
+    let mut run = Run::new();
+    let t = Instant::now();
+    let (facts, mut link) = gather(conn, name, opts).await?;
+    run.preflight_ms = ms(t);
+    resize_memory_with(&facts, link.as_mut(), r, opts, run).await
+}
+
+/// `resize-memory` on facts already gathered, with whatever guest agent the
+/// caller has (the real session, or a scripted one in tests).
+pub async fn resize_memory_with<A: GuestAgent>(
+    facts: &Facts,
+    mut link: Option<&mut A>,
+    r: &ResizeOpts,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let t = Instant::now();
+    let plan = plan_resize(facts, r, opts);
+    run.preflight_ms += ms(t);
+    let plan = match plan {
+        Ok(p) => p,
+        Err(why) => return not_planned("resize-memory", name, affect, why, &run),
+    };
+    let ranges = plan.ranges();
+    if let (true, Some(agent)) = (plan.confirm && plan.grows(), link.as_deref_mut()) {
+        // First the regions and their zone: blocks the device plugs from now on
+        // are onlined there by the agent's own uevent path.
+        let _ = agent.online(online_round(&ranges, plan.zone)).await;
+    }
+    let mut applied = Vec::new();
+    let t = Instant::now();
+    for step in &plan.steps {
+        if let Err(e) = update_requested(facts, step.device.index, step.to, affect).await {
+            run.libvirt_ms = ms(t);
+            return Ok(libvirt_failed("resize-memory", name, affect, applied, plan.findings, &e, &run));
+        }
+        applied.push(format!(
+            "update {} requested {} → {} ({})",
+            step.device.label(),
+            step.device.requested,
+            step.to,
+            affect_text(affect)
+        ));
+    }
+    run.libvirt_ms = ms(t);
+    if !affect.live() {
+        let message = format!("requested sizes set in the persistent definition ({} at the next start)", plan.after);
+        return Ok(persistent_only("resize-memory", name, affect, message, plan.findings, applied, &run));
+    }
+    let t = Instant::now();
+    let (settled, mut ev) = wait_settled(facts, link.as_deref_mut(), &plan, r, opts).await?;
+    if settled != Settled::Reached && !plan.grows() {
+        reset_requested(facts, &plan, &mut ev, &mut applied).await;
+    }
+    if let (true, Some(agent)) = (plan.confirm, link) {
+        ev.blocks = Some(final_blocks(agent, &plan, &ranges).await);
+    }
+    run.guest_ms = ms(t);
+    let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
+    let (outcome, message, devices) = judge_resize(&plan, &ev, settled, bs, opts.timeout);
+    let verified = Some(
+        devices
+            .iter()
+            .map(|d| format!("{}: requested {}, current {}", d.device, d.requested, d.current))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    Ok(OpReport {
+        operation: "resize-memory".into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings: plan.findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest: None,
+        virtio_mem: devices,
+        timings: run.timings(),
+    })
+}
+
+fn online_round(ranges: &[MemRange], zone: ZonePolicy) -> OnlineRequest {
+    OnlineRequest {
+        cpus: None,
+        memory: vec![],
+        zone,
+        timeout_ms: ONLINE_ROUND.as_millis() as u64,
+        virtio_mem: ranges.to_vec(),
+    }
+}
+
+/// The guest's blocks of the changed regions at the end: onlined (growth), or
+/// read (shrink: the driver offlines and removes what it unplugs).
+async fn final_blocks<A: GuestAgent>(
+    agent: &mut A,
+    plan: &ResizePlan,
+    ranges: &[MemRange],
+) -> Result<Vec<BlockState>, String> {
+    if plan.grows() {
+        agent.online(online_round(ranges, plan.zone)).await.map_err(|e| e.to_string())?;
+    }
+    agent.blocks(ranges.to_vec()).await.map_err(|e| e.to_string())
+}
+
+/// Sets device `index`'s `<requested>` where `affect` says, from the XML of
+/// each view (so libvirt matches the device by its alias and address).
+async fn update_requested(facts: &Facts, index: usize, to: Bytes, affect: Affect) -> Result<(), DomainError> {
+    let views: Vec<(XmlView, Affect)> = match affect {
+        Affect::Both if facts.loaded.running => {
+            vec![(XmlView::Live, Affect::Live), (XmlView::Inactive, Affect::Config)]
+        }
+        Affect::Config | Affect::Both => vec![(XmlView::Inactive, Affect::Config)],
+        _ => vec![(XmlView::Live, Affect::Live)],
+    };
+    for (view, a) in views {
+        let dom = facts.loaded.dom.clone();
+        blocking(move || {
+            let xml = virtio_mem_update_xml(&dom.xml(view)?, index, to)
+                .map_err(|e| DomainError::Other(format!("virtio-mem device {index}: {e}")))?;
+            tracing::debug!(%xml, ?a, "update-device");
+            dom.update_device(&xml, a)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn live_devices(facts: &Facts) -> Result<Vec<VirtioMem>, DomainError> {
+    let dom = facts.loaded.dom.clone();
+    let xml = blocking(move || dom.xml(XmlView::Live)).await?;
+    Ok(DomainFacts::parse(&xml).map_err(|e| DomainError::Other(format!("live XML: {e}")))?.virtio_mems)
+}
+
+/// Polls the live XML until every changed device holds what it was asked, the
+/// timeout passes, or a shrink stops moving; a growing guest is asked to online
+/// what its driver plugged (once a second) on the way.
+async fn wait_settled<A: GuestAgent>(
+    facts: &Facts,
+    mut link: Option<&mut A>,
+    plan: &ResizePlan,
+    r: &ResizeOpts,
+    opts: &HotplugOpts,
+) -> Result<(Settled, Evidence), DomainError> {
+    let started = Instant::now();
+    let (mut last_move, mut last_online) = (Instant::now(), Instant::now());
+    let mut seen: Vec<Bytes> = plan.steps.iter().map(|s| s.from).collect();
+    let ranges = plan.ranges();
+    loop {
+        let devices = live_devices(facts).await?;
+        let now: Vec<Bytes> = plan
+            .steps
+            .iter()
+            .map(|s| devices.iter().find(|d| d.index == s.device.index).map_or(s.from, |d| d.plugged()))
+            .collect();
+        let ev = Evidence { devices, ..Default::default() };
+        if plan.steps.iter().zip(&now).all(|(s, c)| *c == s.to) {
+            return Ok((Settled::Reached, ev));
+        }
+        if now != seen {
+            seen = now;
+            last_move = Instant::now();
+        }
+        if started.elapsed() >= opts.timeout {
+            return Ok((Settled::TimedOut, ev));
+        }
+        if !plan.grows() && last_move.elapsed() >= r.settle {
+            return Ok((Settled::Stalled, ev));
+        }
+        if let (true, Some(agent)) = (plan.confirm && plan.grows(), link.as_deref_mut()) {
+            if last_online.elapsed() >= ONLINE_EVERY {
+                let _ = agent.online(online_round(&ranges, plan.zone)).await;
+                last_online = Instant::now();
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A shrink the guest could not finish: each device that still holds more
+/// than asked gets `<requested>` = what it holds, so QEMU stops asking the
+/// guest's driver (which would retry forever).
+async fn reset_requested(facts: &Facts, plan: &ResizePlan, ev: &mut Evidence, applied: &mut Vec<String>) {
+    for step in &plan.steps {
+        let Some(d) = ev.devices.iter().find(|d| d.index == step.device.index).cloned() else { continue };
+        let held = d.plugged();
+        if held == step.to {
+            continue;
+        }
+        match update_requested(facts, d.index, held, Affect::Live).await {
+            Ok(()) => {
+                applied.push(format!(
+                    "update {} requested {} → {held} (live: what the guest still holds)",
+                    d.label(),
+                    step.to
+                ));
+                ev.reset.push(d.index);
+            }
+            Err(e) => applied.push(format!("could not set {} requested back to {held}: {e}", d.label())),
+        }
+    }
+}
+
+/// `add-virtio-mem`: a new device of `size` on a guest node, nothing requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddOpts {
+    pub size: Bytes,
+    pub node: Option<u32>,
+    pub block: Bytes,
+}
+
+/// The rules of a new device: where it goes, its block size, its room under
+/// `<maxMemory>`.
+pub fn plan_add(dom: &DomainFacts, a: &AddOpts, running: bool, affect: Affect) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let b = a.block.get();
+    if !b.is_power_of_two() || b < 2 * vmplug_common::MIB {
+        out.push(error("vmem.block", format!("block size {} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)", a.block)));
+    } else if a.size.get() == 0 || !a.size.is_multiple_of(b) {
+        out.push(error(
+            "vmem.block-align",
+            format!("size {} is not a positive multiple of the block size {}", a.size, a.block),
+        ));
+    }
+    match (a.node, dom.cells.is_empty()) {
+        (None, false) => out.push(error(
+            "vmem.node",
+            format!(
+                "the guest has NUMA cells ({}): pass --node",
+                dom.cells.iter().map(|c| c.id.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+        (Some(n), false) if !dom.cells.iter().any(|c| c.id == n) => {
+            out.push(error("mem.node", format!("guest NUMA node {n} does not exist")))
+        }
+        (Some(n), true) => out.push(error(
+            "mem.node",
+            format!("the guest has no NUMA cells: node {n} does not exist (leave out --node)"),
+        )),
+        _ => {}
+    }
+    match dom.max_memory {
+        None => out.push(error(
+            "mem.max-memory",
+            "no <maxMemory>: a memory device needs room reserved at creation (`vmplug prepare`)".into(),
+        )),
+        Some(max) if a.size > dom.memory_headroom() => out.push(error(
+            "mem.max-size",
+            format!(
+                "{} + {} exceeds <maxMemory> {max} (<memory> counts every device's whole region)",
+                dom.memory, a.size
+            ),
+        )),
+        Some(_) => {}
+    }
+    if affect.live() && !running {
+        out.push(error("domain.running", format!("domain '{}' is not running: use --config", dom.name)));
+    }
+    out
+}
+
+/// `vmplug add-virtio-mem`.
+pub async fn add_virtio_mem(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    a: &AddOpts,
+    affect: Affect,
+) -> Result<OpReport, DomainError> {
+    let run = Run::new();
+    let loaded = crate::ops::load(conn, name, true).await?;
+    let affect = affect.resolve(loaded.running);
+    let findings = plan_add(&loaded.facts, a, loaded.running, affect);
+    if preflight::has_errors(&findings) {
+        let refusal = refusal(findings, vec![]);
+        return not_planned("add-virtio-mem", name, affect, NotPlanned::Refused(refusal), &run);
+    }
+    let before = loaded.facts.virtio_mems.len();
+    let xml = virtio_mem_xml(a.size, a.node, a.block);
+    let dom = loaded.dom.clone();
+    let t = Instant::now();
+    if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
+        return Ok(libvirt_failed("add-virtio-mem", name, affect, vec![], findings, &e, &run));
+    }
+    let applied = vec![format!(
+        "attach virtio-mem {} on node {} (block {}) ({})",
+        a.size,
+        a.node.map_or("-".into(), |n| n.to_string()),
+        a.block,
+        affect_text(affect)
+    )];
+    let mut run = run;
+    run.libvirt_ms = ms(t);
+    if !affect.live() {
+        let message =
+            format!("virtio-mem device of {} added to the persistent definition (present at the next start)", a.size);
+        return Ok(persistent_only("add-virtio-mem", name, affect, message, findings, applied, &run));
+    }
+    let f = crate::plan::Facts { loaded, affect, guest: None, agent_error: None, persistent: None };
+    let devices = live_devices(&f).await?;
+    let (outcome, message, verified) = match devices.get(before) {
+        Some(d) if devices.len() > before => (
+            Outcome::Ok,
+            format!("{} added, nothing plugged yet: grow it with `vmplug resize-memory {name} +SIZE`", d.label()),
+            Some(format!(
+                "{}: {} on node {} at {:#x}, block {}",
+                d.label(),
+                d.size,
+                d.node.map_or("-".into(), |n| n.to_string()),
+                d.base.unwrap_or(0),
+                d.block
+            )),
+        ),
+        _ => (Outcome::LibvirtError, "libvirt accepted the device but the live XML does not show it".into(), None),
+    };
+    Ok(OpReport {
+        operation: "add-virtio-mem".into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest: None,
+        virtio_mem: vec![],
+        timings: run.timings(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmplug_common::MIB;
+
+    fn dev(index: usize, size: u64, plugged: u64) -> VirtioMem {
+        VirtioMem {
+            index,
+            size: Bytes(size * MIB),
+            node: Some(index as u32),
+            block: Bytes(2 * MIB),
+            requested: Bytes(plugged * MIB),
+            current: Some(Bytes(plugged * MIB)),
+            base: Some((4 + 2 * index as u64) << 30),
+            alias: Some(format!("virtiomem{index}")),
+        }
+    }
+
+    fn mib(v: &[Bytes]) -> Vec<u64> {
+        v.iter().map(|b| b.get() / MIB).collect()
+    }
+
+    #[test]
+    fn growth_fills_the_emptiest_device_and_never_shrinks_another() {
+        let d = [dev(0, 2048, 512), dev(1, 2048, 0)];
+        assert_eq!(mib(&distribute(&d, Bytes(1024 * MIB), 2 * MIB).expect("fits")), vec![512, 512]);
+        assert_eq!(mib(&distribute(&d, Bytes(1536 * MIB), 2 * MIB).expect("fits")), vec![768, 768]);
+        // One device full: the other takes the rest.
+        let d = [dev(0, 512, 512), dev(1, 2048, 0)];
+        assert_eq!(mib(&distribute(&d, Bytes(2048 * MIB), 2 * MIB).expect("fits")), vec![512, 1536]);
+        assert_eq!(distribute(&d, Bytes(4096 * MIB), 2 * MIB), None, "more than the devices hold");
+    }
+
+    #[test]
+    fn a_shrink_drains_the_fullest_device_first() {
+        let d = [dev(0, 2048, 1024), dev(1, 2048, 256)];
+        assert_eq!(mib(&distribute(&d, Bytes(768 * MIB), 2 * MIB).expect("fits")), vec![512, 256]);
+        assert_eq!(mib(&distribute(&d, Bytes(0), 2 * MIB).expect("fits")), vec![0, 0]);
+    }
+
+    #[test]
+    fn size_changes_parse_as_totals_and_deltas() {
+        assert_eq!("4G".parse::<SizeChange>(), Ok(SizeChange::To(Bytes(4096 * MIB))));
+        assert_eq!("+1G".parse::<SizeChange>(), Ok(SizeChange::Grow(Bytes(1024 * MIB))));
+        assert_eq!("-512M".parse::<SizeChange>(), Ok(SizeChange::Shrink(Bytes(512 * MIB))));
+        assert!("+1024".parse::<SizeChange>().is_err(), "a bare number has no unit");
+    }
+
+    fn plan(steps: Vec<DeviceStep>, before: u64, after: u64) -> ResizePlan {
+        ResizePlan {
+            findings: vec![],
+            steps,
+            before: Bytes(before * MIB),
+            after: Bytes(after * MIB),
+            confirm: true,
+            zone: ZonePolicy::Movable,
+            scope: "the guest".into(),
+        }
+    }
+
+    fn block(index: u64, online: bool, zone: &str, node: u32) -> BlockState {
+        BlockState { index, start: index * 128 * MIB, present: true, online, zone: Some(zone.into()), node: Some(node) }
+    }
+
+    #[test]
+    fn growth_is_ok_only_with_every_block_online_movable_on_its_node() {
+        let d = dev(1, 2048, 0);
+        let base_block = d.base.expect("base") / (128 * MIB);
+        let p = plan(vec![DeviceStep { device: d.clone(), from: Bytes(0), to: Bytes(256 * MIB) }], 768, 1024);
+        let after = VirtioMem { requested: Bytes(256 * MIB), current: Some(Bytes(256 * MIB)), ..d.clone() };
+        let good = vec![block(base_block, true, "Movable", 1), block(base_block + 1, true, "Movable", 1)];
+        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(good.clone())), reset: vec![] };
+        let (o, m, devs) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::Ok, "{m}");
+        assert_eq!((devs[0].blocks, devs[0].blocks_online), (2, 2));
+        // A block in Normal: the memory works but could never be unplugged.
+        let mut normal = good.clone();
+        normal[1].zone = Some("Normal".into());
+        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(normal)), reset: vec![] };
+        let (o, m, _) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::GuestFailed, "{m}");
+        assert!(m.contains("Normal") && m.contains("memhp_default_state=online_movable"), "{m}");
+        // One block missing for the 256 MiB plugged.
+        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(good[..1].to_vec())), reset: vec![] };
+        let (o, m, _) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::GuestFailed, "{m}");
+        // Blocks reported outside the region do not count.
+        let outside = vec![block(3, true, "Movable", 1), block(4, true, "Movable", 1)];
+        let ev = Evidence { devices: vec![after], blocks: Some(Ok(outside)), reset: vec![] };
+        let (o, _, devs) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!((o, devs[0].blocks), (Outcome::GuestFailed, 0));
+    }
+
+    #[test]
+    fn a_stalled_shrink_reports_what_stays_and_the_reset() {
+        let d = dev(0, 2048, 1024);
+        let p = plan(vec![DeviceStep { device: d.clone(), from: Bytes(1024 * MIB), to: Bytes(0) }], 1792, 768);
+        let held = VirtioMem { requested: Bytes(128 * MIB), current: Some(Bytes(128 * MIB)), ..d };
+        let ev = Evidence { devices: vec![held], blocks: Some(Ok(vec![])), reset: vec![0] };
+        let (o, m, devs) = judge_resize(&p, &ev, Settled::Stalled, None, Duration::from_secs(60));
+        assert_eq!(o, Outcome::GuestFailed, "{m}");
+        assert!(m.contains("released 896 MiB of 1 GiB") && m.contains("set back"), "{m}");
+        assert!(devs[0].requested_reset && devs[0].requested == Bytes(128 * MIB));
+    }
+}

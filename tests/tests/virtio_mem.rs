@@ -1,0 +1,160 @@
+//! virtio-mem on a real guest (Debian 6.1, `virtio_mem` module, two NUMA cells,
+//! one device per cell): grow a node by 1 GiB and shrink it back, a balanced
+//! total, a shrink the guest cannot complete reported truthfully with the
+//! device's requested size set back, and a new device added.
+
+use vmplug_e2e::{Guest, GuestSpec};
+
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+
+fn spec() -> GuestSpec {
+    GuestSpec {
+        cells_mib: vec![384, 384],
+        max_vcpus: 2,
+        virtio_mem: vec![(0, 2048), (1, 2048)],
+        ..GuestSpec::default()
+    }
+}
+
+/// The report's entry for the device on `node`.
+fn device(r: &serde_json::Value, node: u64) -> serde_json::Value {
+    r["virtio_mem"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no virtio_mem in {r}"))
+        .iter()
+        .find(|d| d["node"] == node)
+        .cloned()
+        .unwrap_or_else(|| panic!("no device on node {node} in {r}"))
+}
+
+/// `<current>` of the live XML's virtio-mem device on `node`, bytes.
+fn live_current(g: &Guest, node: u32) -> (u64, u64) {
+    let xml = g.daemon.virsh_ok(&["dumpxml", &g.name]);
+    let dev = xml
+        .split("<memory model='virtio-mem'>")
+        .skip(1)
+        .find(|d| d.contains(&format!("<node>{node}</node>")))
+        .expect("device in the live XML");
+    let kib = |tag: &str| -> u64 {
+        let open = format!("<{tag} unit='KiB'>");
+        let at = dev.find(&open).expect(tag) + open.len();
+        dev[at..dev[at..].find('<').map(|e| at + e).expect("end")].parse().expect("number")
+    };
+    (kib("requested") * 1024, kib("current") * 1024)
+}
+
+#[test]
+fn grow_a_node_by_1g_and_shrink_back() {
+    let mut g = Guest::boot("vmem", spec());
+    let name = g.name.clone();
+    let before = g.mem_total_kib();
+    let r = g.vmplug_json(&["resize-memory", &name, "+1G", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let d = device(&r, 1);
+    assert_eq!(d["current"].as_u64(), Some(GIB), "{d}");
+    assert_eq!(d["blocks_online"].as_u64(), Some(8), "eight 128 MiB blocks online: {d}");
+    assert_eq!(d["zones"]["Movable"].as_u64(), Some(8), "movable by default: {d}");
+    assert_eq!(g.mem_total_kib() - before, GIB / 1024, "MemTotal grew by exactly 1 GiB");
+    assert_eq!(live_current(&g, 1), (GIB, GIB));
+    assert_eq!(live_current(&g, 0), (0, 0), "the other node's device is untouched");
+    // The guest's own view: the region's first block online on node 1.
+    let first = 0x1_8000_0000u64 / (128 * MIB);
+    assert_eq!(g.block(first), ("online".to_string(), Some(1)));
+
+    let st = g.vmplug_json(&["status", &name]);
+    let v = st["virtio_mem"].as_array().expect("virtio_mem in status");
+    assert_eq!(v.len(), 2, "{st}");
+    assert_eq!(st["dimms"].as_array().map(Vec::len), Some(0), "virtio-mem is not counted as DIMMs: {st}");
+
+    let r = g.vmplug_json(&["resize-memory", &name, "-1G", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(device(&r, 1)["current"].as_u64(), Some(0));
+    assert_eq!(device(&r, 1)["blocks"].as_u64(), Some(0), "every block of the region gone");
+    assert_eq!(g.mem_total_kib(), before, "MemTotal back where it started");
+    let gone = g.sh(&format!("test -e /sys/devices/system/memory/memory{first} && echo present || echo absent"));
+    assert_eq!(gone.trim(), "absent", "memory{first} removed from the guest");
+
+    // A total, balanced over both nodes: 768 MiB boot + 512 MiB.
+    let r = g.vmplug_json(&["resize-memory", &name, "1280M"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(
+        (device(&r, 0)["current"].as_u64(), device(&r, 1)["current"].as_u64()),
+        (Some(256 * MIB), Some(256 * MIB))
+    );
+    assert_eq!(g.mem_total_kib() - before, 512 * 1024);
+    let r = g.vmplug_json(&["resize-memory", &name, "768M"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.mem_total_kib(), before);
+
+    // Refused before anything changes: misaligned, past the device, below boot.
+    for (args, id) in [
+        (vec!["resize-memory", &name, "+3M", "--node", "1"], "vmem.block-align"),
+        (vec!["resize-memory", &name, "+3G", "--node", "1"], "vmem.size"),
+        (vec!["resize-memory", &name, "512M"], "vmem.floor"),
+    ] {
+        let mut a = args.clone();
+        a.push("--json");
+        let out = g.vmplug(&a);
+        assert_eq!(out.status.code(), Some(2), "{args:?} refused");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
+        assert_eq!(r["findings"][0]["id"], id, "{r}");
+        assert!(r["applied"].as_array().is_some_and(Vec::is_empty), "nothing applied: {r}");
+    }
+    assert_eq!(live_current(&g, 1), (0, 0));
+}
+
+#[test]
+fn a_shrink_the_guest_cannot_finish_is_reported_and_stops_retrying() {
+    let mut g = Guest::boot("vmemfull", spec());
+    let name = g.name.clone();
+    let r = g.vmplug_json(&["resize-memory", &name, "+512M", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    // Fill the guest's memory with tmpfs data (no swap): the plugged memory is in
+    // use and there is nowhere to move it.
+    let avail_kib: u64 = g
+        .sh("grep MemAvailable /proc/meminfo")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("MemAvailable");
+    let fill_mib = avail_kib / 1024 - 64;
+    g.sh(&format!(
+        "mkdir -p /fill && mount -t tmpfs -o size={fill_mib}M tmpfs /fill && dd if=/dev/zero of=/fill/x bs=1M count={fill_mib} 2>/dev/null; echo filled"
+    ));
+    let out = g.vmplug(&["resize-memory", &name, "-512M", "--node", "1", "--settle", "5", "--json"]);
+    assert_eq!(out.status.code(), Some(5), "the guest could not release it all");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
+    let d = device(&r, 1);
+    let held = d["current"].as_u64().expect("current");
+    assert!(held > 0, "something stayed plugged: {d}");
+    assert_eq!(d["requested_reset"], true, "{d}");
+    assert_eq!(live_current(&g, 1), (held, held), "requested set back to what the guest holds");
+    let msg = r["message"].as_str().expect("message");
+    assert!(msg.contains("released") && msg.contains("set back"), "{msg}");
+
+    // Freed again, the rest comes out.
+    g.sh("rm /fill/x && umount /fill; echo freed");
+    let rest = format!("-{}M", held / MIB);
+    let r = g.vmplug_json(&["resize-memory", &name, &rest, "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(live_current(&g, 1), (0, 0));
+}
+
+#[test]
+fn a_device_is_added_to_the_definition_and_checked_before() {
+    let g = Guest::boot("vmemadd", spec());
+    let name = g.name.clone();
+    let out = g.vmplug(&["add-virtio-mem", &name, "1G", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "a guest with NUMA cells needs --node");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["findings"][0]["id"], "vmem.node", "{r}");
+    let r = g.vmplug_json(&["add-virtio-mem", &name, "1G", "--node", "0", "--config"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let inactive = g.daemon.virsh_ok(&["dumpxml", "--inactive", &name]);
+    assert_eq!(inactive.matches("model='virtio-mem'").count(), 3, "added to the definition");
+    let live = g.daemon.virsh_ok(&["dumpxml", &name]);
+    assert_eq!(live.matches("model='virtio-mem'").count(), 2, "the running domain is unchanged");
+}
