@@ -103,6 +103,15 @@ impl FakeKernel {
         fs::create_dir_all(dir.join(format!("node{node}"))).expect("node link");
     }
 
+    /// Loads the virtio_mem driver with `devices` bound to it.
+    pub fn load_virtio_mem(&self, devices: u32) {
+        let drv = self.sys().join("bus/virtio/drivers/virtio_mem");
+        fs::create_dir_all(&drv).expect("virtio_mem driver");
+        for n in 0..devices {
+            fs::create_dir_all(drv.join(format!("virtio{}", n + 1))).expect("virtio_mem device");
+        }
+    }
+
     /// Hot-unplugs `memoryN` (the DIMM was ejected).
     pub fn remove_block(&self, index: u64) {
         let _ = fs::remove_dir_all(self.sys().join(format!("devices/system/memory/memory{index}")));

@@ -268,8 +268,11 @@ pub enum Command {
         /// Check `attach-memory DOMAIN SIZE` (a size with a unit: 512M, 1G).
         #[arg(long, value_parser = parse_size)]
         memory: Option<Bytes>,
-        /// Guest NUMA node of the memory (needs --memory).
-        #[arg(long, requires = "memory")]
+        /// Check `resize-memory DOMAIN SIZE` (virtio-mem: 4G, +1G, -512M).
+        #[arg(long, allow_hyphen_values = true)]
+        resize: Option<crate::vmem::SizeChange>,
+        /// Guest NUMA node of the memory (needs --memory or --resize).
+        #[arg(long)]
         node: Option<u32>,
         /// As attach-memory --round-up.
         #[arg(long, requires = "memory")]
@@ -542,7 +545,10 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             env.findings = v.findings.clone();
             Done::new(env, &v, tune::render_numa(&v))
         }
-        Command::Check { domain, cpus, memory, node, round_up, max_dimm, hotplug } => {
+        Command::Check { domain, cpus, memory, resize, node, round_up, max_dimm, hotplug } => {
+            if node.is_some() && memory.is_none() && resize.is_none() {
+                return Err(CliError::Usage("--node needs --memory or --resize".into()));
+            }
             let memory = memory.map(|size| MemoryOpts {
                 size,
                 node: *node,
@@ -551,7 +557,11 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 max_dimm: *max_dimm,
                 request_id: ops::new_request_id(),
             });
-            let req = tune::CheckRequest { cpus: *cpus, memory, opts: hotplug.opts()? };
+            let resize =
+                resize.map(|change| crate::vmem::ResizeOpts { change, node: *node, settle: Duration::from_secs(10) });
+            // The zone each verb defaults to: auto for DIMMs, movable for virtio-mem.
+            let zone = if resize.is_some() && memory.is_none() { ZonePolicy::Movable } else { ZonePolicy::Auto };
+            let req = tune::CheckRequest { cpus: *cpus, memory, resize, opts: hotplug.opts_with_zone(zone)? };
             check(cmd, conn, domain, &req).await?
         }
         Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {

@@ -24,6 +24,14 @@ pub enum FakeEvent {
         base: u64,
         size: u64,
     },
+    /// A virtio-mem device's region now holds `current` bytes from its start
+    /// (the guest's driver plugged or unplugged to it).
+    VirtioMem {
+        base: u64,
+        size: u64,
+        current: u64,
+        node: u32,
+    },
 }
 
 pub type Hook = Arc<dyn Fn(&FakeEvent) + Send + Sync>;
@@ -115,6 +123,11 @@ fn set_virtio_mem(xml: &str, alias: &str, requested: u64, current: Option<u64>) 
         }
     }
     format!("{}{dev}{}", &xml[..start], &xml[end..])
+}
+
+/// The region base of the live virtio-mem device `alias`.
+fn live_base(xml: &str, alias: &str) -> Option<u64> {
+    crate::xml::DomainFacts::parse(xml).ok()?.virtio_mems.into_iter().find(|v| v.alias.as_deref() == Some(alias))?.base
 }
 
 impl FakeDomain {
@@ -334,6 +347,12 @@ impl Domain for FakeDomain {
             // Growth always completes; a shrink stops at the floor.
             let current = if req >= cur_before { req } else { req.max(floor.min(cur_before)) };
             st.live = set_virtio_mem(&st.live, &alias, req, Some(current));
+            if let Some(base) = live_base(&st.live, &alias) {
+                let ev = FakeEvent::VirtioMem { base, size: dev.size.get(), current, node: dev.node.unwrap_or(0) };
+                drop(st);
+                self.fire(ev);
+                st = self.st();
+            }
         }
         if affect.config() {
             st.config = set_virtio_mem(&st.config, &alias, req, None);

@@ -359,6 +359,8 @@ pub struct CheckResult {
 pub struct CheckRequest {
     pub cpus: Option<u32>,
     pub memory: Option<MemoryOpts>,
+    /// `resize-memory`'s request (virtio-mem).
+    pub resize: Option<crate::vmem::ResizeOpts>,
     pub opts: HotplugOpts,
 }
 
@@ -400,7 +402,18 @@ pub async fn check(conn: Arc<dyn Connection>, name: &str, req: &CheckRequest) ->
             (p.findings, steps)
         }))?;
     }
-    if req.cpus.is_none() && req.memory.is_none() {
+    if let Some(r) = &req.resize {
+        let opts = HotplugOpts { zone: req.opts.zone, ..req.opts.clone() };
+        take(crate::vmem::plan_resize(&facts, r, &opts).map(|p| {
+            let steps = p
+                .steps
+                .iter()
+                .map(|s| format!("update {} requested {} → {}", s.device.label(), s.device.requested, s.to))
+                .collect();
+            (p.findings, steps)
+        }))?;
+    }
+    if req.cpus.is_none() && req.memory.is_none() && req.resize.is_none() {
         let ctx = facts.loaded.ctx(facts.guest.as_ref(), facts.affect, req.opts.no_wait);
         findings = preflight::check(&ctx, &Operation::Readiness);
         ready = !preflight::has_errors(&findings);

@@ -15,6 +15,7 @@ use vmplug::link::AgentAddr;
 use vmplug::ops::{attach_memory, new_request_id, setvcpus, HotplugOpts, MemoryOpts};
 use vmplug::report::Outcome;
 use vmplug::tune::{check, CheckRequest};
+use vmplug::vmem::{resize_memory, ResizeOpts, SizeChange};
 use vmplug::xml::DomainFacts;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, GIB, KIB, MIB};
@@ -25,6 +26,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ("plain", include_str!("fixtures/plain.xml")),
     ("hugepages", include_str!("fixtures/hugepages.xml")),
     ("arm-virt41", include_str!("fixtures/arm-virt41.xml")),
+    ("x86-virtio-mem", include_str!("fixtures/x86-virtio-mem.xml")),
 ];
 
 /// A domain, and (with `agent`) a simulated guest kernel with the real agent on a
@@ -59,6 +61,12 @@ enum Req {
     Cpus(u32),
     /// size, node, round up
     Mem(u64, Option<u32>, bool),
+    /// virtio-mem: the change, node
+    Resize(SizeChange, Option<u32>),
+}
+
+fn resize_opts(change: SizeChange, node: Option<u32>) -> ResizeOpts {
+    ResizeOpts { change, node, settle: Duration::from_millis(300) }
 }
 
 fn opts(affect: Affect, agent: Option<AgentAddr>, no_wait: bool, force: bool) -> HotplugOpts {
@@ -95,15 +103,19 @@ async fn both(
     o: &HotplugOpts,
 ) -> Result<(bool, Outcome, Vec<String>), (String, String)> {
     let creq = match req {
-        Req::Cpus(n) => CheckRequest { cpus: Some(n), memory: None, opts: o.clone() },
+        Req::Cpus(n) => CheckRequest { cpus: Some(n), memory: None, resize: None, opts: o.clone() },
         Req::Mem(size, node, up) => {
-            CheckRequest { cpus: None, memory: Some(mem_opts(size, node, up)), opts: o.clone() }
+            CheckRequest { cpus: None, memory: Some(mem_opts(size, node, up)), resize: None, opts: o.clone() }
+        }
+        Req::Resize(change, node) => {
+            CheckRequest { cpus: None, memory: None, resize: Some(resize_opts(change, node)), opts: o.clone() }
         }
     };
     let c = check(w.conn.clone(), name, &creq).await;
     let v = match req {
         Req::Cpus(n) => setvcpus(w.conn.clone(), name, n, o).await,
         Req::Mem(size, node, up) => attach_memory(w.conn.clone(), name, &mem_opts(size, node, up), o).await,
+        Req::Resize(change, node) => resize_memory(w.conn.clone(), name, &resize_opts(change, node), o).await,
     };
     match (c, v) {
         (Ok(c), Ok(v)) => Ok((c.ready, v.outcome, w.dom.calls())),
@@ -112,7 +124,7 @@ async fn both(
     }
 }
 
-const REQUESTS: [Req; 13] = [
+const REQUESTS: [Req; 21] = [
     Req::Cpus(1),
     Req::Cpus(2),
     Req::Cpus(4),
@@ -126,6 +138,14 @@ const REQUESTS: [Req; 13] = [
     Req::Mem(KIB, Some(0), false),
     Req::Mem(250 * GIB, Some(0), false),
     Req::Mem(7 * GIB, None, false),
+    Req::Resize(SizeChange::Grow(Bytes(512 * MIB)), Some(0)),
+    Req::Resize(SizeChange::Grow(Bytes(GIB)), None),
+    Req::Resize(SizeChange::Grow(Bytes(3 * MIB)), Some(0)),
+    Req::Resize(SizeChange::Grow(Bytes(3 * GIB)), Some(0)),
+    Req::Resize(SizeChange::Shrink(Bytes(512 * MIB)), Some(1)),
+    Req::Resize(SizeChange::Shrink(Bytes(GIB)), Some(1)),
+    Req::Resize(SizeChange::To(Bytes(10 * GIB)), None),
+    Req::Resize(SizeChange::Grow(Bytes(512 * MIB)), Some(9)),
 ];
 
 /// Every case of one fixture: returns (cases, cases where the verb acted).

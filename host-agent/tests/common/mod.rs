@@ -19,6 +19,7 @@ use vmplug_guest::testing::FakeKernel;
 pub fn kernel(dir: &Path, possible: u32, blocks: u64) -> FakeKernel {
     let kernel = FakeKernel::new(&dir.join("guest"), possible);
     kernel.add_cpu(1, true);
+    kernel.load_virtio_mem(2);
     for i in 0..blocks {
         kernel.add_block(i, true, "Normal", if i < blocks / 2 { 0 } else { 1 });
     }
@@ -53,6 +54,19 @@ pub fn plays_hypervisor(kernel: &FakeKernel, agent: Arc<Agent>) -> Hook {
                 .for_each(|b| k.add_block(b, false, "Normal Movable", node)),
             FakeEvent::DimmRemoved { base, size } => {
                 (base / (128 * MIB)..(base + size) / (128 * MIB)).for_each(|b| k.remove_block(b))
+            }
+            // The driver adds the blocks its plugged memory needs, removes the rest.
+            FakeEvent::VirtioMem { base, size, current, node } => {
+                let (first, held) = (base / (128 * MIB), current.div_ceil(128 * MIB));
+                for b in first..first + size / (128 * MIB) {
+                    if b < first + held {
+                        if !k.sys().join(format!("devices/system/memory/memory{b}")).exists() {
+                            k.add_block(b, false, "Normal Movable", node);
+                        }
+                    } else {
+                        k.remove_block(b);
+                    }
+                }
             }
         }
         agent.notify_changed();

@@ -1,0 +1,68 @@
+//! resize-memory's closed loop without a VM: the in-memory libvirt plays the
+//! virtio-mem driver into a simulated guest kernel, the real agent onlines.
+
+mod common;
+
+use std::time::Duration;
+
+use vmplug::domain::Affect;
+use vmplug::fake::{FakeConnection, FakeDomain};
+use vmplug::link::AgentAddr;
+use vmplug::ops::HotplugOpts;
+use vmplug::report::Outcome;
+use vmplug::vmem::{resize_memory, ResizeOpts, SizeChange};
+use vmplug::xml::DomainFacts;
+use vmplug_common::protocol::ZonePolicy;
+use vmplug_common::{Bytes, MIB};
+
+const XML: &str = include_str!("fixtures/x86-virtio-mem.xml");
+const CAPS: &str = include_str!("fixtures/caps.xml");
+
+fn opts(addr: AgentAddr) -> HotplugOpts {
+    HotplugOpts {
+        affect: Affect::Live,
+        timeout: Duration::from_secs(5),
+        agent_wait: Duration::from_secs(5),
+        no_wait: false,
+        force: false,
+        agent: Some(addr),
+        zone: ZonePolicy::Movable,
+    }
+}
+
+fn live_device(dom: &FakeDomain, node: u32) -> (Bytes, Option<Bytes>) {
+    use vmplug::domain::{Domain, XmlView};
+    let f = DomainFacts::parse(&dom.xml(XmlView::Live).expect("xml")).expect("parses");
+    let d = f.virtio_mems.into_iter().find(|d| d.node == Some(node)).expect("device");
+    (d.requested, d.current)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = common::kernel(dir.path(), 8, 8);
+    let (agent, sock) = common::serve_agent(dir.path(), &kernel);
+    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent)));
+    let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
+    let o = opts(AgentAddr::Serial { path: sock });
+
+    let grow =
+        ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
+    let r = resize_memory(conn.clone(), "mem1", &grow, &o).await.expect("report");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    let d = &r.virtio_mem[0];
+    assert_eq!((d.current, d.blocks, d.blocks_online), (Bytes(512 * MIB), 4, 4), "{d:?}");
+    assert_eq!(d.zones.get("Movable"), Some(&4), "{d:?}");
+    assert_eq!(live_device(&dom, 0), (Bytes(512 * MIB), Some(Bytes(512 * MIB))));
+
+    // The guest cannot give back the last 256 MiB: reported, requested reset.
+    dom.hold_virtio_mem(256 * MIB);
+    let shrink =
+        ResizeOpts { change: SizeChange::Shrink(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
+    let r = resize_memory(conn.clone(), "mem1", &shrink, &o).await.expect("report");
+    assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
+    assert!(r.message.contains("released 256 MiB of 512 MiB"), "{}", r.message);
+    assert!(r.virtio_mem[0].requested_reset);
+    assert_eq!(live_device(&dom, 0), (Bytes(256 * MIB), Some(Bytes(256 * MIB))), "requested is what the guest holds");
+    assert!(r.host.applied.iter().any(|a| a.contains("what the guest still holds")), "{:?}", r.host.applied);
+}
