@@ -533,11 +533,12 @@ pub async fn resize_memory_with<A: GuestAgent>(
     if settled != Settled::Reached && !plan.grows() {
         reset_requested(facts, &plan, &mut ev, &mut applied).await;
     }
+    let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
     if let (true, Some(agent)) = (plan.confirm, link) {
-        ev.blocks = Some(final_blocks(agent, &plan, &ranges).await);
+        let deadline = t + opts.timeout;
+        ev.blocks = Some(final_blocks(agent, &plan, &ev.devices, bs, deadline).await);
     }
     run.guest_ms = ms(t);
-    let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
     let (outcome, message, devices) = judge_resize(&plan, &ev, settled, bs, opts.timeout);
     let verified = Some(
         devices
@@ -571,16 +572,33 @@ fn online_round(ranges: &[MemRange], zone: ZonePolicy) -> OnlineRequest {
 }
 
 /// The guest's blocks of the changed regions at the end: onlined (growth), or
-/// read (shrink: the driver offlines and removes what it unplugs).
+/// read (shrink: the driver offlines and removes what it unplugs). The device
+/// reports memory plugged before the guest has added its blocks, so a growth
+/// waits (until `deadline`) for blocks that cover what each device holds.
 async fn final_blocks<A: GuestAgent>(
     agent: &mut A,
     plan: &ResizePlan,
-    ranges: &[MemRange],
+    devices: &[VirtioMem],
+    block_size: Option<u64>,
+    deadline: Instant,
 ) -> Result<Vec<BlockState>, String> {
-    if plan.grows() {
-        agent.online(online_round(ranges, plan.zone)).await.map_err(|e| e.to_string())?;
+    let ranges = plan.ranges();
+    loop {
+        if plan.grows() {
+            agent.online(online_round(&ranges, plan.zone)).await.map_err(|e| e.to_string())?;
+        }
+        let blocks = agent.blocks(ranges.clone()).await.map_err(|e| e.to_string())?;
+        let covered = |d: &VirtioMem| {
+            let (Some(r), Some(bs)) = (d.range(), block_size) else { return true };
+            let n = blocks.iter().filter(|b| b.present && b.online && b.start >= r.start && b.start < r.end()).count();
+            (n as u64).saturating_mul(bs) >= d.plugged().get()
+        };
+        let done = plan.steps.iter().all(|s| devices.iter().find(|d| d.index == s.device.index).is_none_or(covered));
+        if !plan.grows() || done || Instant::now() >= deadline {
+            return Ok(blocks);
+        }
+        tokio::time::sleep(POLL).await;
     }
-    agent.blocks(ranges.to_vec()).await.map_err(|e| e.to_string())
 }
 
 /// Sets device `index`'s `<requested>` where `affect` says, from the XML of

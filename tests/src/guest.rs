@@ -412,6 +412,15 @@ impl Guest {
         doc
     }
 
+    /// `vmplug autoscale --once` with `policy` (TOML): its JSON events.
+    pub fn autoscale_once(&self, policy: &str) -> Vec<serde_json::Value> {
+        let path = self.dir.join("policy.toml");
+        fs::write(&path, policy).expect("policy");
+        let out = self.vmplug(&["autoscale", "--policy", &path.to_string_lossy(), "--once"]);
+        assert!(out.status.success(), "autoscale --once failed");
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON event")).collect()
+    }
+
     /// The QEMU process of the running domain.
     pub fn qemu_pid(&self) -> i32 {
         let pidfile = self.dir.join(format!("lib/qemu/{}.pid", self.name));

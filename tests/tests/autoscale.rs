@@ -8,11 +8,7 @@ use std::time::Duration;
 use vmplug_e2e::{Guest, GuestSpec};
 
 fn autoscale(g: &Guest, policy: &str) -> Vec<serde_json::Value> {
-    let path = g.dir.join("policy.toml");
-    std::fs::write(&path, policy).expect("policy");
-    let out = g.vmplug(&["autoscale", "--policy", &path.to_string_lossy(), "--once"]);
-    assert!(out.status.success(), "autoscale --once failed");
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON event")).collect()
+    g.autoscale_once(policy)
 }
 
 #[test]

@@ -158,3 +158,43 @@ fn a_device_is_added_to_the_definition_and_checked_before() {
     let live = g.daemon.virsh_ok(&["dumpxml", &name]);
     assert_eq!(live.matches("model='virtio-mem'").count(), 2, "the running domain is unchanged");
 }
+
+/// Autoscale grows a virtio-mem guest under pressure and, with a shrink
+/// threshold, gives the memory back when it is idle, down to the floor.
+#[test]
+fn autoscale_grows_and_shrinks_through_virtio_mem() {
+    let mut g = Guest::boot("vmemauto", spec());
+    let name = g.name.clone();
+    let before = g.mem_total_kib();
+    let common = "[timing]\ninterval_s = 1\nsustain = 2\ncooldown_s = 0\n[host]\nmemory_reserve = '64M'\n";
+    // Always "tight" (MemAvailable is far under 4 GiB): one step up.
+    let grow = format!(
+        "[select]\nnames = ['{name}']\n[memory]\nmax = '2G'\nstep = '256M'\navailable_below = '4G'\npsi_some_avg10 = 100.0\npsi_full_avg10 = 100.0\n{common}"
+    );
+    let ev = g.autoscale_once(&grow);
+    let last = ev.last().expect("events");
+    assert_eq!(
+        (last["action"]["kind"].as_str(), last["outcome"].as_str()),
+        (Some("grow_virtio_mem"), Some("ok")),
+        "{ev:?}"
+    );
+    assert_eq!(g.mem_total_kib() - before, 256 * 1024, "MemTotal grew by the step");
+    let plugged = live_current(&g, 0).1 + live_current(&g, 1).1;
+    assert_eq!(plugged, 256 * MIB);
+    // Idle (MemAvailable far over 384 MiB): the step comes back, then the floor holds.
+    let shrink = format!(
+        "[select]\nnames = ['{name}']\n[memory]\nmax = '2G'\nstep = '256M'\navailable_below = '16M'\nshrink_available_above = '384M'\nmin = '768M'\n{common}"
+    );
+    let ev = g.autoscale_once(&shrink);
+    let last = ev.last().expect("events");
+    assert_eq!(
+        (last["action"]["kind"].as_str(), last["outcome"].as_str()),
+        (Some("shrink_virtio_mem"), Some("ok")),
+        "{ev:?}"
+    );
+    assert_eq!(g.mem_total_kib(), before, "MemTotal back where it started");
+    assert_eq!(live_current(&g, 0).1 + live_current(&g, 1).1, 0);
+    let ev = g.autoscale_once(&shrink);
+    assert!(ev.iter().all(|e| e["action"]["kind"] == "none"), "{ev:?}");
+    assert_eq!(ev.last().expect("events")["rule"], "memory.at-min", "{ev:?}");
+}

@@ -62,6 +62,12 @@ pub struct Capacity {
     pub host_cpus: u32,
     /// vCPUs of all running selected domains on this host.
     pub host_vcpus: u32,
+    /// The domain has virtio-mem devices: memory moves through them (both ways).
+    pub virtio_mem: bool,
+    /// What its virtio-mem devices could still plug (their regions minus what
+    /// they hold), and what they hold.
+    pub virtio_room: Bytes,
+    pub virtio_plugged: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -76,6 +82,14 @@ pub enum Action {
     AddMemory {
         size: Bytes,
         ceiling: Bytes,
+    },
+    /// virtio-mem: grow the devices by `size` (balanced).
+    GrowVirtioMem {
+        size: Bytes,
+    },
+    /// virtio-mem: give `size` back (the fullest device first).
+    ShrinkVirtioMem {
+        size: Bytes,
     },
 }
 
@@ -132,6 +146,9 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
             );
         }
     }
+    if mem_hot && cap.virtio_mem {
+        return grow_virtio_mem(l, cap);
+    }
     if mem_hot {
         let room = Bytes(
             l.mem_max.get().saturating_sub(cap.memory.get()).min(cap.max_memory.get().saturating_sub(cap.memory.get())),
@@ -157,7 +174,68 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
             ),
         );
     }
+    if let (true, Some(above)) = (cap.virtio_mem, l.shrink_above) {
+        let idle =
+            recent.iter().all(|s| s.available >= above && s.mem_some < l.mem_psi_some && s.mem_full < l.mem_psi_full);
+        if idle {
+            return shrink_virtio_mem(l, cap, &recent);
+        }
+    }
     none("calm", "no sustained pressure")
+}
+
+/// Whole 128 MiB blocks: a virtio-mem step never leaves a guest block partly
+/// plugged by autoscale.
+fn whole_blocks(b: u64) -> Bytes {
+    Bytes(b / (128 * MIB) * (128 * MIB))
+}
+
+fn grow_virtio_mem(l: &Limits, cap: &Capacity) -> Decision {
+    let policy_room = l.mem_max.get().saturating_sub(cap.memory.get());
+    let host_room = cap.host_free.get().saturating_sub(l.memory_reserve.get());
+    let size = whole_blocks(l.mem_step.get().min(policy_room).min(cap.virtio_room.get()).min(host_room));
+    if size.get() == 0 {
+        return none(
+            "memory.at-max",
+            format!(
+                "memory pressure, but at {} (policy max {}, virtio-mem room {}, host room {})",
+                cap.memory,
+                l.mem_max,
+                cap.virtio_room,
+                Bytes(host_room)
+            ),
+        );
+    }
+    Decision {
+        action: Action::GrowVirtioMem { size },
+        rule: "memory.pressure",
+        reason: format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain),
+    }
+}
+
+/// Gives memory back, never below the floor, never more than the devices hold,
+/// and never so much that the least MemAvailable seen would fall under the grow
+/// threshold.
+fn shrink_virtio_mem(l: &Limits, cap: &Capacity, recent: &[&Sample]) -> Decision {
+    let least = recent.iter().map(|s| s.available.get()).min().unwrap_or(0);
+    let spare = least.saturating_sub(l.available_below.get());
+    let above_floor = cap.memory.get().saturating_sub(l.mem_min.get());
+    let size = whole_blocks(l.mem_step.get().min(cap.virtio_plugged.get()).min(above_floor).min(spare));
+    if size.get() == 0 {
+        return none(
+            "memory.at-min",
+            format!("idle, but at {} (floor {}, virtio-mem holds {})", cap.memory, l.mem_min, cap.virtio_plugged),
+        );
+    }
+    Decision {
+        action: Action::ShrinkVirtioMem { size },
+        rule: "memory.idle",
+        reason: format!(
+            "MemAvailable ≥ {} and no memory pressure for {} samples",
+            l.shrink_above.unwrap_or_default(),
+            l.sustain
+        ),
+    }
 }
 
 /// One recorded decision (a JSON line).
@@ -198,6 +276,9 @@ pub(crate) mod tests {
             host_free: Bytes(16 * GIB),
             host_cpus: 2,
             host_vcpus: 2,
+            virtio_mem: false,
+            virtio_room: Bytes(0),
+            virtio_plugged: Bytes(0),
         }
     }
 
@@ -274,6 +355,38 @@ pub(crate) mod tests {
             let d = decide(&l, &st, &c, 1000);
             assert_eq!((d.action, d.rule), (want, rule), "{what}: {}", d.reason);
         }
+    }
+
+    #[test]
+    fn virtio_mem_grows_within_its_room_and_shrinks_to_the_floor_only_when_idle() {
+        let l = Limits { shrink_above: Some(Bytes(GIB)), mem_min: Bytes(GIB), ..limits() };
+        let vm = Capacity {
+            memory: Bytes(2 * GIB),
+            virtio_mem: true,
+            virtio_room: Bytes(256 * MIB),
+            virtio_plugged: Bytes(GIB),
+            ..cap()
+        };
+        let tight = s(0.0, 50.0, 64);
+        let idle = s(0.0, 0.0, 1400);
+        let d = decide(&l, &state(&[tight, tight, tight]), &vm, 1000);
+        assert_eq!((d.action, d.rule), (Action::GrowVirtioMem { size: Bytes(256 * MIB) }, "memory.pressure"));
+        let full = Capacity { virtio_room: Bytes(0), ..vm };
+        assert_eq!(decide(&l, &state(&[tight, tight, tight]), &full, 1000).rule, "memory.at-max");
+        // Idle: a step back, no more than keeps MemAvailable over the grow threshold.
+        let d = decide(&l, &state(&[idle, idle, idle]), &vm, 1000);
+        assert_eq!((d.action, d.rule), (Action::ShrinkVirtioMem { size: Bytes(512 * MIB) }, "memory.idle"));
+        let low = s(0.0, 0.0, 900);
+        let d = decide(&l, &state(&[idle, low, idle]), &vm, 1000);
+        assert_eq!(d.action, Action::None, "one sample under 1 GiB holds it: {}", d.reason);
+        let near_floor = Capacity { memory: Bytes(GIB + 128 * MIB), ..vm };
+        let d = decide(&l, &state(&[idle, idle, idle]), &near_floor, 1000);
+        assert_eq!(d.action, Action::ShrinkVirtioMem { size: Bytes(128 * MIB) }, "never below the floor");
+        let at_floor = Capacity { memory: Bytes(GIB), ..vm };
+        assert_eq!(decide(&l, &state(&[idle, idle, idle]), &at_floor, 1000).rule, "memory.at-min");
+        // Without a shrink threshold, or without virtio-mem, nothing is taken away.
+        assert_eq!(decide(&limits(), &state(&[idle, idle, idle]), &vm, 1000).rule, "calm");
+        assert_eq!(decide(&l, &state(&[idle, idle, idle]), &cap(), 1000).rule, "calm");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub use policy::{glob, Limits, Policy, PolicyError, MAX_TIMING_S};
 use crate::domain::{Affect, Connection, DomainError};
 use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::report::Outcome;
+use crate::vmem::{ResizeOpts, SizeChange};
 use crate::xml::DomainFacts;
 
 fn now_s() -> u64 {
@@ -63,15 +64,20 @@ pub async fn step_domain(
     state: &mut DomainState,
 ) -> Result<DecisionEvent, DomainError> {
     let name = facts.name.as_str();
+    let plugged: u64 = facts.virtio_mems.iter().map(|v| v.plugged().get()).sum();
+    let regions: u64 = facts.virtio_mems.iter().map(|v| v.size.get()).sum();
     let cap = Capacity {
         vcpus: facts.vcpus_current,
         vcpus_max: facts.vcpus_max,
-        memory: facts.memory,
+        memory: facts.guest_memory(),
         max_memory: facts.max_memory.unwrap_or(facts.memory),
         free_slots: facts.free_slots(),
         host_free: room.free,
         host_cpus: room.cpus,
         host_vcpus: room.vcpus,
+        virtio_mem: !facts.virtio_mems.is_empty(),
+        virtio_room: Bytes(regions.saturating_sub(plugged)),
+        virtio_plugged: Bytes(plugged),
     };
     let started = std::time::Instant::now();
     let mut ev = DecisionEvent {
@@ -154,6 +160,15 @@ async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outc
                 request_id: ops::new_request_id(),
             };
             ops::attach_memory(host.conn.clone(), name, &mem, &opts).await
+        }
+        Action::GrowVirtioMem { size } | Action::ShrinkVirtioMem { size } => {
+            let change = match *action {
+                Action::GrowVirtioMem { .. } => SizeChange::Grow(size),
+                _ => SizeChange::Shrink(size),
+            };
+            let r = ResizeOpts { change, node: None, settle: Duration::from_secs(10) };
+            let opts = HotplugOpts { zone: ZonePolicy::Movable, ..opts };
+            crate::vmem::resize_memory(host.conn.clone(), name, &r, &opts).await
         }
         Action::None => return (Outcome::Ok, "nothing to do".into()),
     };

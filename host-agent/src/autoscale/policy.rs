@@ -59,6 +59,33 @@ pub struct MemoryPolicy {
     /// Add memory when the guest's MemAvailable falls below this.
     #[serde(with = "size_str")]
     pub available_below: Bytes,
+    /// virtio-mem domains only: give memory back when MemAvailable stays above
+    /// this (and memory pressure below its thresholds). Unset: never shrink. Must
+    /// be at least `available_below` + `step`, so that a shrink cannot land the
+    /// guest under the grow threshold (no flapping).
+    #[serde(default, with = "opt_size_str", skip_serializing_if = "Option::is_none")]
+    pub shrink_available_above: Option<Bytes>,
+    /// The floor: a shrink never takes the guest below this much memory.
+    #[serde(with = "size_str")]
+    pub min: Bytes,
+}
+
+/// An optional size in the policy.
+mod opt_size_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vmplug_common::Bytes;
+
+    pub fn serialize<S: Serializer>(b: &Option<Bytes>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.collect_str(b),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::cli::parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for MemoryPolicy {
@@ -69,6 +96,8 @@ impl Default for MemoryPolicy {
             psi_some_avg10: 20.0,
             psi_full_avg10: 5.0,
             available_below: Bytes(128 * MIB),
+            shrink_available_above: None,
+            min: Bytes(GIB),
         }
     }
 }
@@ -142,6 +171,8 @@ pub struct Limits {
     pub mem_psi_some: f64,
     pub mem_psi_full: f64,
     pub available_below: Bytes,
+    pub shrink_above: Option<Bytes>,
+    pub mem_min: Bytes,
     pub sustain: usize,
     pub cooldown_s: u64,
     pub backoff_s: u64,
@@ -174,6 +205,8 @@ impl Policy {
             mem_psi_some: self.memory.psi_some_avg10,
             mem_psi_full: self.memory.psi_full_avg10,
             available_below: self.memory.available_below,
+            shrink_above: self.memory.shrink_available_above,
+            mem_min: self.memory.min,
             sustain: self.timing.sustain.max(1),
             cooldown_s: self.timing.cooldown_s,
             backoff_s: self.timing.backoff_s,
@@ -182,6 +215,14 @@ impl Policy {
         };
         if l.cpu_step == 0 || l.mem_step.get() == 0 {
             return Err(PolicyError::Invalid("steps must be larger than zero".into()));
+        }
+        if let Some(above) = l.shrink_above {
+            let least = Bytes(l.available_below.get().saturating_add(l.mem_step.get()));
+            if above < least {
+                return Err(PolicyError::Invalid(format!(
+                    "memory.shrink_available_above = {above} must be at least available_below + step = {least}: a shrink would land the guest under the grow threshold, and the two would take turns"
+                )));
+            }
         }
         for (what, v) in [
             ("timing.interval_s", self.timing.interval_s),
@@ -316,6 +357,24 @@ mod tests {
         assert!(e.to_string().contains("has no unit"), "{e}");
         let e = Policy::parse("p.toml", "[memory]\nmax = 'lots'\n").expect_err("not a size");
         assert!(e.to_string().contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn a_shrink_threshold_must_clear_the_grow_threshold_by_a_step() {
+        let p = Policy::parse(
+            "p.toml",
+            "[memory]\nstep = '256M'\navailable_below = '128M'\nshrink_available_above = '256M'\n",
+        )
+        .expect("parses");
+        let e = p.limits().expect_err("would flap");
+        assert!(e.to_string().contains("384 MiB"), "{e}");
+        let p = Policy::parse(
+            "p.toml",
+            "[memory]\nstep = '256M'\navailable_below = '128M'\nshrink_available_above = '1G'\nmin = '2G'\n",
+        )
+        .expect("parses");
+        let l = p.limits().expect("valid");
+        assert_eq!((l.shrink_above, l.mem_min), (Some(Bytes(GIB)), Bytes(2 * GIB)));
     }
 
     #[test]
