@@ -2,7 +2,7 @@
 //! measures how fast hot-plugged CPUs and memory are really online —
 //! vmplug's closed loop, the guide's udev rule (corrected), the guide's shell
 //! loop, and the floor (kernel auto-online for memory, the bare sysfs write for
-//! CPUs) — plus the agent's footprint and vmplug's own time per operation.
+//! CPUs), for DIMMs and for virtio-mem growth — plus the agent's footprint and vmplug's own time per operation.
 //! Prints a markdown table and writes it, a JSON file and an SVG chart to
 //! `results/`.
 
@@ -172,6 +172,79 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut A
     }
 }
 
+/// `virsh update-memory-device` of the one virtio-mem device to `size`.
+fn virtio_mem_request(g: &Guest, size: u64) {
+    g.daemon.virsh_ok(&[
+        "update-memory-device",
+        &g.name,
+        "--node",
+        "0",
+        "--requested-size",
+        &format!("{}KiB", size / 1024),
+        "--live",
+    ]);
+}
+
+/// Shrinks the virtio-mem device back to nothing, so the next run starts equal.
+fn virtio_mem_reset(g: &mut Guest, blocks_before: u64) {
+    virtio_mem_request(g, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total_blocks(g) > blocks_before {
+        assert!(Instant::now() < deadline, "virtio-mem did not unplug");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// virtio-mem growth of `size`: vmplug's `resize-memory` against `virsh
+/// update-memory-device` with the guide's methods onlining, and the floor
+/// (the kernel onlining by itself), same rotation as the DIMM rows.
+fn bench_virtio_mem(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, size: u64) {
+    let op = format!("virtio-mem {} GiB", size / 1024 / MIB);
+    let methods = ["vmplug", "udev rule", "shell loop (guide)", "kernel auto-online"];
+    for run in 0..runs() {
+        for (i, _) in methods.iter().enumerate() {
+            let method = methods[(i + run) % methods.len()];
+            let before = total_blocks(g);
+            let want = before + size / BLOCK;
+            match method {
+                "vmplug" => {
+                    g.sh("onliner agent");
+                    settle();
+                    let t = Instant::now();
+                    let grow = format!("+{}M", size / MIB);
+                    let out = g.vmplug_quiet(&["resize-memory", &g.name.clone(), &grow, "--live", "--json"]);
+                    let el = t.elapsed();
+                    let r = json(&out);
+                    assert_eq!(r["outcome"], "ok", "{r}");
+                    s.add(&op, method, ms(el));
+                    own.push(own_ms(&r));
+                }
+                "udev rule" | "kernel auto-online" => {
+                    g.sh(if method == "udev rule" { "onliner udev" } else { "onliner kernel" });
+                    settle();
+                    let t = Instant::now();
+                    virtio_mem_request(g, size);
+                    wait_memory_online(g, want);
+                    s.add(&op, method, ms(t.elapsed()));
+                }
+                _ => {
+                    g.sh("onliner none");
+                    let t = Instant::now();
+                    virtio_mem_request(g, size);
+                    // The guide's loop, run until the driver has added every block
+                    // (it adds at most about 1 GiB offline, then waits for onlining).
+                    g.sh(&format!(
+                        "while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ] || grep -q offline /sys/devices/system/memory/memory*/state; do for i in `grep -l offline /sys/devices/system/memory/memory*/state`; do echo online > $i; done; usleep 2000; done"
+                    ));
+                    s.add(&op, method, ms(t.elapsed()));
+                }
+            }
+            g.sh("onliner none");
+            virtio_mem_reset(g, before);
+        }
+    }
+}
+
 fn bench_cpus(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, max: u32) {
     let op = "vCPU";
     let methods = ["vmplug", "udev rule", "sysfs write (floor)"];
@@ -272,9 +345,11 @@ fn main() {
         vcpus: 1,
         max_vcpus: 10,
         cells_mib: vec![1024],
-        max_memory_mib: 8192,
+        // 1 GiB boot + a 4 GiB DIMM + the 4 GiB virtio-mem region.
+        max_memory_mib: 10240,
         slots: 4,
         cmdline_extra: "movable_node".into(),
+        virtio_mem: vec![(0, 4096)],
         ..GuestSpec::default()
     };
     let mut g = Guest::boot("bench", spec);
@@ -292,6 +367,9 @@ fn main() {
     let mut cost = AgentCost::default();
     for size in [1024 * MIB, 4096 * MIB] {
         bench_memory(&mut g, &mut samples, &mut own, &mut cost, size);
+    }
+    for size in [1024 * MIB, 4096 * MIB] {
+        bench_virtio_mem(&mut g, &mut samples, &mut own, size);
     }
     let hwm = cost.peak_kib;
     let cpu_ms_per_block = cost.ticks as f64 * 10.0 / cost.blocks.max(1) as f64;
