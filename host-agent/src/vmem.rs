@@ -347,6 +347,48 @@ fn zone_ok(policy: ZonePolicy, zone: Option<&str>) -> bool {
     }
 }
 
+/// What is wrong with a device's blocks in the guest: offline ones, too few for
+/// what the device holds, blocks on another node, and (for a growth, `zone`)
+/// blocks outside the asked zone.
+fn block_problems(d: &VirtioMem, mine: &[&BlockState], bs: u64, zone: Option<ZonePolicy>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let current = d.plugged();
+    let offline: Vec<String> = mine.iter().filter(|b| !b.online).map(|b| format!("memory{}", b.index)).collect();
+    if !offline.is_empty() {
+        problems.push(format!("{}: {} offline in the guest", d.label(), offline.join(", ")));
+    }
+    if (mine.len() as u64).saturating_mul(bs) < current.get() {
+        problems.push(format!(
+            "{}: the guest shows {} block(s) of {} for the {current} the device holds",
+            d.label(),
+            mine.len(),
+            Bytes(bs)
+        ));
+    }
+    let wrong_node: Vec<String> = mine
+        .iter()
+        .filter(|b| d.node.is_some() && b.node.is_some() && b.node != d.node)
+        .map(|b| format!("memory{} on node {}", b.index, b.node.unwrap_or(0)))
+        .collect();
+    if !wrong_node.is_empty() {
+        problems.push(format!("{} is on node {}, but {}", d.label(), d.node.unwrap_or(0), wrong_node.join(", ")));
+    }
+    let Some(zone) = zone else { return problems };
+    let wrong_zone: Vec<String> = mine
+        .iter()
+        .filter(|b| b.online && !zone_ok(zone, b.zone.as_deref()))
+        .map(|b| format!("memory{} ({})", b.index, b.zone.as_deref().unwrap_or("?")))
+        .collect();
+    if !wrong_zone.is_empty() {
+        problems.push(format!(
+            "{}: {} not in the {zone:?} zone the request asked (onlined by the kernel or a udev rule first? boot the guest with memhp_default_state=online_movable, or pass --zone online to accept the kernel's choice)",
+            d.label(),
+            wrong_zone.join(", ")
+        ));
+    }
+    problems
+}
+
 /// The verdict of a resize from its evidence (pure). Each device must hold what
 /// it was asked; with the guest's confirmation, each present block of its region
 /// must be online, on the device's node and in the asked zone, and the blocks
@@ -379,45 +421,7 @@ pub fn judge_resize(
             problems.push(format!("{} holds {current} of the {} asked", d.label(), step.to));
         }
         if let (Some(Ok(_)), Some(bs)) = (&ev.blocks, block_size) {
-            let offline: Vec<String> =
-                mine.iter().filter(|b| !b.online).map(|b| format!("memory{}", b.index)).collect();
-            if !offline.is_empty() {
-                problems.push(format!("{}: {} offline in the guest", d.label(), offline.join(", ")));
-            }
-            if (mine.len() as u64).saturating_mul(bs) < current.get() {
-                problems.push(format!(
-                    "{}: the guest shows {} block(s) of {} for the {current} the device holds",
-                    d.label(),
-                    mine.len(),
-                    Bytes(bs)
-                ));
-            }
-            let wrong_node: Vec<String> = mine
-                .iter()
-                .filter(|b| d.node.is_some() && b.node.is_some() && b.node != d.node)
-                .map(|b| format!("memory{} on node {}", b.index, b.node.unwrap_or(0)))
-                .collect();
-            if !wrong_node.is_empty() {
-                problems.push(format!(
-                    "{} is on node {}, but {}",
-                    d.label(),
-                    d.node.unwrap_or(0),
-                    wrong_node.join(", ")
-                ));
-            }
-            let wrong_zone: Vec<String> = mine
-                .iter()
-                .filter(|b| b.online && !zone_ok(plan.zone, b.zone.as_deref()))
-                .map(|b| format!("memory{} ({})", b.index, b.zone.as_deref().unwrap_or("?")))
-                .collect();
-            if !wrong_zone.is_empty() {
-                problems.push(format!(
-                    "{}: {} not in the {:?} zone the request asked (onlined by the kernel or a udev rule first? boot the guest with memhp_default_state=online_movable, or pass --zone online to accept the kernel's choice)",
-                    d.label(),
-                    wrong_zone.join(", "),
-                    plan.zone
-                ));
-            }
+            problems.extend(block_problems(d, &mine, bs, plan.grows().then_some(plan.zone)));
         }
         out.push(DeviceOutcome {
             device: d.label(),
@@ -798,7 +802,10 @@ pub async fn add_virtio_mem(
     let (outcome, message, verified) = match devices.get(before) {
         Some(d) if devices.len() > before => (
             Outcome::Ok,
-            format!("{} added, nothing plugged yet: grow it with `vmplug resize-memory {name} +SIZE`", d.label()),
+            format!(
+                "libvirt added {}, nothing plugged yet (the guest's driver is checked when it grows): `vmplug resize-memory {name} +SIZE`",
+                d.label()
+            ),
             Some(format!(
                 "{}: {} on node {} at {:#x}, block {}",
                 d.label(),

@@ -144,7 +144,7 @@ fn a_shrink_the_guest_cannot_finish_is_reported_and_stops_retrying() {
 }
 
 #[test]
-fn a_device_is_added_to_the_definition_and_checked_before() {
+fn a_device_is_added_to_the_definition_and_live_and_checked_before() {
     let g = Guest::boot("vmemadd", spec());
     let name = g.name.clone();
     let out = g.vmplug(&["add-virtio-mem", &name, "1G", "--json"]);
@@ -157,6 +157,17 @@ fn a_device_is_added_to_the_definition_and_checked_before() {
     assert_eq!(inactive.matches("model='virtio-mem'").count(), 3, "added to the definition");
     let live = g.daemon.virsh_ok(&["dumpxml", &name]);
     assert_eq!(live.matches("model='virtio-mem'").count(), 2, "the running domain is unchanged");
+    // Live: libvirt's q35 domain has a free PCIe root port for it; the guest's
+    // driver takes it, and it grows with the node's other device.
+    let r = g.vmplug_json(&["add-virtio-mem", &name, "512M", "--node", "1", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let live = g.daemon.virsh_ok(&["dumpxml", &name]);
+    assert_eq!(live.matches("model='virtio-mem'").count(), 3, "attached live");
+    let r = g.vmplug_json(&["resize-memory", &name, "+1G", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let held: Vec<u64> =
+        r["virtio_mem"].as_array().expect("devices").iter().filter_map(|d| d["current"].as_u64()).collect();
+    assert_eq!(held, vec![512 * MIB, 512 * MIB], "balanced over node 1's two devices: {r}");
 }
 
 /// Autoscale grows a virtio-mem guest under pressure and, with a shrink
