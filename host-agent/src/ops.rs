@@ -9,7 +9,7 @@ use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, Domain, DomainError, XmlView};
 use crate::link::{discover, AgentAddr, GuestAgent, GuestLink, LinkError};
-use crate::plan::{gather, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
+use crate::plan::{gather_timed, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
 use crate::preflight::{Ctx, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
 use crate::xml::{request_index, DomainFacts, HostFacts};
@@ -264,10 +264,7 @@ pub async fn setvcpus(
     target: u32,
     opts: &HotplugOpts,
 ) -> Result<OpReport, DomainError> {
-    let mut run = Run::new();
-    let t = Instant::now();
-    let (facts, mut link) = gather(conn, name, opts).await?;
-    run.preflight_ms = ms(t);
+    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
     setvcpus_with(&facts, link.as_mut(), target, opts, run).await
 }
 
@@ -498,10 +495,7 @@ pub async fn attach_memory(
     mem: &MemoryOpts,
     opts: &HotplugOpts,
 ) -> Result<OpReport, DomainError> {
-    let mut run = Run::new();
-    let t = Instant::now();
-    let (facts, mut link) = gather(conn, name, opts).await?;
-    run.preflight_ms = ms(t);
+    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
     attach_memory_with(&facts, link.as_mut(), mem, opts, run).await
 }
 

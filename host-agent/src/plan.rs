@@ -81,6 +81,20 @@ pub async fn gather(
     Ok((facts, link))
 }
 
+/// [`gather`], timed: the facts, the agent session, and the run whose
+/// preflight phase the reading was (every verb's entry point starts so).
+pub async fn gather_timed(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    opts: &HotplugOpts,
+) -> Result<(Facts, Option<GuestLink>, crate::ops::Run), DomainError> {
+    let mut run = crate::ops::Run::new();
+    let t = std::time::Instant::now();
+    let (facts, link) = gather(conn, name, opts).await?;
+    run.preflight_ms = crate::ops::ms(t);
+    Ok((facts, link, run))
+}
+
 /// Why a verb will not act: every finding, errors first, each with its rule id and
 /// what to change.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,7 +13,7 @@ use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome a
 use crate::domain::{Connection, DomainError, XmlView};
 use crate::link::GuestAgent;
 use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
-use crate::plan::{gather, plan_detach_memory, DetachPlan, Facts};
+use crate::plan::{gather_timed, plan_detach_memory, DetachPlan, Facts};
 use crate::report::{HostSide, OpReport, Outcome};
 use crate::xml::{dimm_detach_xml, request_index, Dimm, DomainFacts};
 
@@ -91,10 +91,7 @@ pub async fn detach_memory(
     sel: &DimmSelector,
     opts: &HotplugOpts,
 ) -> Result<OpReport, DomainError> {
-    let mut run = Run::new();
-    let t = Instant::now();
-    let (facts, mut link) = gather(conn, name, opts).await?;
-    run.preflight_ms = ms(t);
+    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
     detach_memory_with(&facts, link.as_mut(), sel, opts, run).await
 }
 

@@ -23,13 +23,13 @@ use vmplug_common::Bytes;
 use crate::domain::{Affect, Connection, DomainError, XmlView};
 use crate::link::GuestAgent;
 use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
-use crate::plan::{gather, Facts, NotPlanned, Refusal};
+use crate::plan::{gather_timed, Facts, NotPlanned, Refusal};
 use crate::preflight::{self, Finding, Operation, Severity};
 use crate::report::{HostSide, OpReport, Outcome};
 use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
 
 /// How often the live XML is read while the guest's driver plugs or unplugs.
-const POLL: Duration = Duration::from_millis(200);
+const POLL: Duration = Duration::from_millis(50);
 /// While growing, the agent is asked to online what is present at most this often
 /// (the driver adds at most about 1 GiB offline before it waits for onlining).
 const ONLINE_EVERY: Duration = Duration::from_secs(1);
@@ -482,10 +482,7 @@ pub async fn resize_memory(
     r: &ResizeOpts,
     opts: &HotplugOpts,
 ) -> Result<OpReport, DomainError> {
-    let mut run = Run::new();
-    let t = Instant::now();
-    let (facts, mut link) = gather(conn, name, opts).await?;
-    run.preflight_ms = ms(t);
+    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
     resize_memory_with(&facts, link.as_mut(), r, opts, run).await
 }
 

@@ -109,8 +109,54 @@ struct AgentCost {
     peak_kib: u64,
 }
 
-fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut AgentCost, size: u64) {
-    let op = format!("memory {} GiB", size / 1024 / MIB);
+/// The memory model a row measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Model {
+    Dimm,
+    VirtioMem,
+}
+
+impl Model {
+    fn op(self, size: u64) -> String {
+        let gib = size / 1024 / MIB;
+        match self {
+            Model::Dimm => format!("memory {gib} GiB"),
+            Model::VirtioMem => format!("virtio-mem {gib} GiB"),
+        }
+    }
+
+    /// vmplug's command for the plug.
+    fn vmplug_args(self, name: &str, size: u64) -> Vec<String> {
+        let mib = size / MIB;
+        let v: Vec<&str> = match self {
+            // Movable, as every other method gets under movable_node, so the DIMM
+            // can be unplugged for the next run.
+            Model::Dimm => vec!["attach-memory", name, "", "--node", "0", "--zone", "movable", "--live", "--json"],
+            Model::VirtioMem => vec!["resize-memory", name, "", "--live", "--json"],
+        };
+        let size = if self == Model::Dimm { format!("{mib}M") } else { format!("+{mib}M") };
+        v.into_iter().map(|a| if a.is_empty() { size.clone() } else { a.to_string() }).collect()
+    }
+
+    /// The plug as virsh does it, with nothing onlining in between.
+    fn plug_raw(self, g: &Guest, size: u64) {
+        match self {
+            Model::Dimm => attach_dimm_virsh(g, size),
+            Model::VirtioMem => virtio_mem_request(g, size),
+        }
+    }
+
+    /// Takes the plug out again, so the next run starts equal.
+    fn unplug(self, g: &mut Guest, blocks_before: u64, size: u64) {
+        match self {
+            Model::Dimm => remove_last_dimm(g, blocks_before, size),
+            Model::VirtioMem => virtio_mem_reset(g, blocks_before),
+        }
+    }
+}
+
+fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut AgentCost, model: Model, size: u64) {
+    let op = model.op(size);
     let methods = ["vmplug", "udev rule", "shell loop (guide)", "kernel auto-online"];
     for run in 0..runs() {
         for (i, _) in methods.iter().enumerate() {
@@ -123,27 +169,19 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut A
                     g.sh("onliner agent");
                     settle();
                     let (_, _, ticks_before, _) = agent_proc(g);
+                    let args = model.vmplug_args(&g.name, size);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
                     let t = Instant::now();
-                    let out = g.vmplug_quiet(&[
-                        "attach-memory",
-                        &g.name.clone(),
-                        &format!("{}M", size / MIB),
-                        "--node",
-                        "0",
-                        // Movable, as every other method gets under movable_node,
-                        // so the DIMM can be unplugged for the next run.
-                        "--zone",
-                        "movable",
-                        "--live",
-                        "--json",
-                    ]);
+                    let out = g.vmplug_quiet(&args);
                     let el = t.elapsed();
                     let r = json(&out);
                     assert_eq!(r["outcome"], "ok", "{r}");
                     s.add(&op, method, ms(el));
                     let (_, hwm, ticks_after, _) = agent_proc(g);
-                    cost.ticks += ticks_after.saturating_sub(ticks_before);
-                    cost.blocks += size / BLOCK;
+                    if model == Model::Dimm {
+                        cost.ticks += ticks_after.saturating_sub(ticks_before);
+                        cost.blocks += size / BLOCK;
+                    }
                     cost.peak_kib = cost.peak_kib.max(hwm);
                     own.push(own_ms(&r));
                 }
@@ -151,23 +189,25 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut A
                     g.sh(if method == "udev rule" { "onliner udev" } else { "onliner kernel" });
                     settle();
                     let t = Instant::now();
-                    attach_dimm_virsh(g, size);
+                    model.plug_raw(g, size);
                     wait_memory_online(g, want);
                     s.add(&op, method, ms(t.elapsed()));
                 }
                 _ => {
                     g.sh("onliner none");
                     let t = Instant::now();
-                    attach_dimm_virsh(g, size);
-                    // The guide's loop, run when the blocks are there, as a person would.
-                    g.sh(&format!("while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ]; do usleep 2000; done"));
-                    g.sh("for i in `grep -l offline /sys/devices/system/memory/memory*/state`; do echo online > $i; done");
-                    wait_memory_online(g, want);
+                    model.plug_raw(g, size);
+                    // The guide's loop, as a person would run it: again until every
+                    // block is there and online (virtio-mem adds at most about 1 GiB
+                    // offline, then waits for it to be onlined).
+                    g.sh(&format!(
+                        "while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ] || grep -q offline /sys/devices/system/memory/memory*/state; do for i in `grep -l offline /sys/devices/system/memory/memory*/state`; do echo online > $i; done; usleep 2000; done"
+                    ));
                     s.add(&op, method, ms(t.elapsed()));
                 }
             }
             g.sh("onliner none");
-            remove_last_dimm(g, before, size);
+            model.unplug(g, before, size);
         }
     }
 }
@@ -192,56 +232,6 @@ fn virtio_mem_reset(g: &mut Guest, blocks_before: u64) {
     while total_blocks(g) > blocks_before {
         assert!(Instant::now() < deadline, "virtio-mem did not unplug");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// virtio-mem growth of `size`: vmplug's `resize-memory` against `virsh
-/// update-memory-device` with the guide's methods onlining, and the floor
-/// (the kernel onlining by itself), same rotation as the DIMM rows.
-fn bench_virtio_mem(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, size: u64) {
-    let op = format!("virtio-mem {} GiB", size / 1024 / MIB);
-    let methods = ["vmplug", "udev rule", "shell loop (guide)", "kernel auto-online"];
-    for run in 0..runs() {
-        for (i, _) in methods.iter().enumerate() {
-            let method = methods[(i + run) % methods.len()];
-            let before = total_blocks(g);
-            let want = before + size / BLOCK;
-            match method {
-                "vmplug" => {
-                    g.sh("onliner agent");
-                    settle();
-                    let t = Instant::now();
-                    let grow = format!("+{}M", size / MIB);
-                    let out = g.vmplug_quiet(&["resize-memory", &g.name.clone(), &grow, "--live", "--json"]);
-                    let el = t.elapsed();
-                    let r = json(&out);
-                    assert_eq!(r["outcome"], "ok", "{r}");
-                    s.add(&op, method, ms(el));
-                    own.push(own_ms(&r));
-                }
-                "udev rule" | "kernel auto-online" => {
-                    g.sh(if method == "udev rule" { "onliner udev" } else { "onliner kernel" });
-                    settle();
-                    let t = Instant::now();
-                    virtio_mem_request(g, size);
-                    wait_memory_online(g, want);
-                    s.add(&op, method, ms(t.elapsed()));
-                }
-                _ => {
-                    g.sh("onliner none");
-                    let t = Instant::now();
-                    virtio_mem_request(g, size);
-                    // The guide's loop, run until the driver has added every block
-                    // (it adds at most about 1 GiB offline, then waits for onlining).
-                    g.sh(&format!(
-                        "while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ] || grep -q offline /sys/devices/system/memory/memory*/state; do for i in `grep -l offline /sys/devices/system/memory/memory*/state`; do echo online > $i; done; usleep 2000; done"
-                    ));
-                    s.add(&op, method, ms(t.elapsed()));
-                }
-            }
-            g.sh("onliner none");
-            virtio_mem_reset(g, before);
-        }
     }
 }
 
@@ -365,11 +355,10 @@ fn main() {
     let idle_wakeups_per_min = (cs1.saturating_sub(cs0)) as f64 * 2.0;
 
     let mut cost = AgentCost::default();
-    for size in [1024 * MIB, 4096 * MIB] {
-        bench_memory(&mut g, &mut samples, &mut own, &mut cost, size);
-    }
-    for size in [1024 * MIB, 4096 * MIB] {
-        bench_virtio_mem(&mut g, &mut samples, &mut own, size);
+    for model in [Model::Dimm, Model::VirtioMem] {
+        for size in [1024 * MIB, 4096 * MIB] {
+            bench_memory(&mut g, &mut samples, &mut own, &mut cost, model, size);
+        }
     }
     let hwm = cost.peak_kib;
     let cpu_ms_per_block = cost.ticks as f64 * 10.0 / cost.blocks.max(1) as f64;
