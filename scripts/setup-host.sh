@@ -10,7 +10,7 @@ LOG_TAG=setup
 
 backports_sources=/etc/apt/sources.list.d/vmplug-bookworm-backports.sources
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file)
+          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file xz-utils)
 
 apt_needed() {
   local p
@@ -76,6 +76,33 @@ apt_download() {
 if [ ! -e "$CACHE/kernel" ]; then log "downloading the guest kernel"; fi
 artefact "$CACHE/kernel" download_kernel
 
+# A second guest kernel: Debian trixie's 6.12, which onlines hot-added memory by
+# itself (CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO), as newer distributions do.
+# Fetched through a private apt configuration (the machine's mirror and keyring,
+# its own lists and cache), so the machine's apt state is never touched. Its
+# modules are xz-compressed: unpacked here, since busybox's insmod cannot.
+download_trixie_kernel() {
+  local tmp=$1 apt="$1.apt" mirror keyring pkg
+  mkdir -p "$tmp" "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/sources"
+  read -r mirror keyring < <(debian_mirror)
+  printf 'Types: deb\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: %s\n' "$mirror" "$keyring" >"$apt/sources/trixie.sources"
+  printf 'Dir::Etc::SourceList "/dev/null";\nDir::Etc::SourceParts "%s";\nDir::State::Lists "%s";\nDir::Cache "%s";\n' \
+    "$apt/sources" "$apt/lists" "$apt/cache" >"$apt/apt.conf"
+  export APT_CONFIG="$apt/apt.conf"
+  retry "apt-get update (trixie)" apt-get -o Acquire::Retries=3 update -qq
+  pkg=$(apt-cache show linux-image-amd64 | sed -n 's/^Depends: \(linux-image-[0-9][^ ,]*\).*/\1/p' | head -1)
+  [ -n "$pkg" ] || { log "no linux-image-amd64 in trixie"; return 1; }
+  (cd "$apt" && retry "apt-get download $pkg (trixie)" apt-get -o Acquire::Retries=3 download -qq "$pkg" 2>/dev/null)
+  unset APT_CONFIG
+  dpkg -x "$(ls "$apt/$pkg"_*.deb)" "$tmp"
+  rm -rf "$apt"
+  find "$tmp/usr/lib/modules" -name '*.ko.xz' -exec xz -d {} +
+  ls "$tmp"/boot/vmlinuz-* >/dev/null
+}
+
+if [ ! -e "$CACHE/kernel-trixie" ]; then log "downloading the trixie guest kernel"; fi
+artefact "$CACHE/kernel-trixie" download_trixie_kernel
+
 # vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
 # machines); packaging tools for `make package`. All from crates.io, built once.
 for tool in vhost-device-vsock cargo-deb cargo-generate-rpm; do
@@ -83,4 +110,4 @@ for tool in vhost-device-vsock cargo-deb cargo-generate-rpm; do
   artefact "$CACHE/bin/$tool" cargo_tool "$tool"
 done
 
-log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernel $(ls "$CACHE"/kernel/boot/vmlinuz-* | xargs -n1 basename)"
+log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernels $(ls "$CACHE"/kernel/boot/vmlinuz-* "$CACHE"/kernel-trixie/boot/vmlinuz-* | xargs -n1 basename | tr '\n' ' ')"

@@ -118,6 +118,18 @@ impl ZoneCounts {
 }
 
 /// The `state` value to write for an offline block under `policy`.
+/// The state to write when an online block is outside the explicit zone asked
+/// (`movable`, `kernel`); `None` when it is where it should be, or when the
+/// policy leaves the zone to the agent or the kernel.
+fn misplaced(zone: ZonePolicy, block: &Block) -> Option<&'static str> {
+    let movable = block.zones.first().map(String::as_str) == Some("Movable");
+    match zone {
+        ZonePolicy::Movable if !movable => Some("online_movable"),
+        ZonePolicy::Kernel if movable => Some("online_kernel"),
+        _ => None,
+    }
+}
+
 pub fn choose_state(policy: ZonePolicy, valid_zones: &[String], counts: ZoneCounts, ratio: f64) -> &'static str {
     let may_move = valid_zones.iter().any(|z| z == "Movable");
     let may_kernel = valid_zones.is_empty() || valid_zones.iter().any(|z| z != "Movable");
@@ -254,6 +266,11 @@ impl Onliner {
             return Ok(result(None, Outcome::NotFound));
         };
         if block.online {
+            // Onlined by the kernel or a udev rule first: an explicit zone is
+            // enforced by taking the block offline and online again there.
+            if let Some(state) = misplaced(zone, &block) {
+                return Ok(self.rezone(index, &block, state, result));
+            }
             return Ok(result(Some(&block), Outcome::Already));
         }
         if !block.ready {
@@ -281,6 +298,41 @@ impl Onliner {
             None => Outcome::NotFound,
         };
         Ok(result(after.as_ref(), outcome))
+    }
+
+    /// Moves an online block to `state`'s zone. A block that cannot be emptied
+    /// stays where it is and is reported there (`Already`, its zone): the host
+    /// judges the zone. One that went offline but not back online is put back
+    /// with a plain `online` and reported as failed.
+    fn rezone(
+        &self,
+        index: u64,
+        block: &Block,
+        state: &str,
+        result: impl Fn(Option<&Block>, Outcome) -> BlockResult,
+    ) -> BlockResult {
+        if self.write(&self.sysfs.block_state_path(index), "offline").is_err() {
+            return result(Some(block), Outcome::Already);
+        }
+        let outcome = match self.write(&self.sysfs.block_state_path(index), state) {
+            Ok(()) => Outcome::Done,
+            Err(e) => {
+                let _ = self.write(&self.sysfs.block_state_path(index), "online");
+                Outcome::Failed {
+                    errno: e.raw_os_error().unwrap_or(0),
+                    message: format!("memory{index}: offline to move it, then {state} failed: {e}"),
+                }
+            }
+        };
+        let after = self.sysfs.block(index).ok().flatten();
+        match (&outcome, &after) {
+            (Outcome::Done, Some(b)) if b.online => result(after.as_ref(), Outcome::Done),
+            (Outcome::Done, _) => result(
+                after.as_ref(),
+                Outcome::Failed { errno: 0, message: format!("memory{index} is not online after {state}") },
+            ),
+            _ => result(after.as_ref(), outcome),
+        }
     }
 
     pub fn offline_block(&self, index: u64) -> Result<BlockResult, SysfsError> {
@@ -523,6 +575,30 @@ mod tests {
         assert_eq!(r[0].outcome, Outcome::Already);
         assert_eq!(r[0].zone.as_deref(), Some("Normal"));
         assert!(k.writes().is_empty());
+    }
+
+    /// A kernel that onlines by itself (trixie, openEuler) put the block in
+    /// Normal: an explicit `movable` moves it; a block in use stays and says where.
+    #[test]
+    fn an_explicit_zone_is_enforced_on_a_block_the_kernel_onlined() {
+        let (_d, k, o) = setup(2);
+        k.add_block(8, true, "Normal", 0);
+        let r = o.block_pass(&[8], ZonePolicy::Movable).expect("pass");
+        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (Outcome::Done, Some("Movable")));
+        let writes: Vec<String> = k.writes().into_iter().map(|(_, v)| v).collect();
+        assert_eq!(writes, ["offline", "online_movable"]);
+        // In use: offlining fails with EBUSY every time; nothing else is written.
+        k.add_block(9, true, "Normal", 0);
+        k.fail_writes(k.sysfs().block_state_path(9), &[libc::EBUSY; 8]);
+        let r = o.block_pass(&[9], ZonePolicy::Movable).expect("pass");
+        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (Outcome::Already, Some("Normal")));
+        assert!(k.writes().iter().skip(2).all(|(_, v)| v == "offline"), "{:?}", k.writes());
+        // `auto` leaves the kernel's choice alone.
+        k.add_block(10, true, "Normal", 0);
+        let before = k.writes().len();
+        let r = o.block_pass(&[10], ZonePolicy::Auto).expect("pass");
+        assert_eq!(r[0].outcome, Outcome::Already);
+        assert_eq!(k.writes().len(), before);
     }
 
     #[test]

@@ -621,6 +621,41 @@ async fn confirm_memory<A: GuestAgent>(
     })
 }
 
+/// The blocks of `ranges` outside an explicit zone (`movable`, `kernel`): the
+/// kernel or a rule onlined them there first and the agent could not move them.
+fn wrong_zone(zone: ZonePolicy, ranges: &[MemRange], r: &vmplug_common::protocol::Report) -> Option<String> {
+    let want = match zone {
+        ZonePolicy::Movable => "Movable",
+        ZonePolicy::Kernel => "a kernel zone",
+        ZonePolicy::Auto | ZonePolicy::Online => return None,
+    };
+    let inside = |start: u64| ranges.iter().any(|rg| start >= rg.start && start < rg.end());
+    let off: Vec<String> = r
+        .blocks
+        .iter()
+        .filter(|b| inside(b.start) && b.outcome.is_success())
+        .filter(|b| (zone == ZonePolicy::Movable) != (b.zone.as_deref() == Some("Movable")))
+        .map(|b| format!("memory{} ({})", b.index, b.zone.as_deref().unwrap_or("?")))
+        .collect();
+    (!off.is_empty()).then(|| format!(
+        "{} online but not in {want}, as asked: the kernel or a udev rule onlined them first and they could not be emptied to move (boot the guest with memhp_default_state=online_movable or memory_hotplug.online_policy=auto-movable, or remove the onlining rule)",
+        off.join(", ")
+    ))
+}
+
+/// ", N by the kernel or a rule before the agent" when some blocks of `ranges`
+/// were already online when the agent came to them.
+fn onlined_by_others(ranges: &[MemRange], r: &vmplug_common::protocol::Report) -> String {
+    let inside = |start: u64| ranges.iter().any(|rg| start >= rg.start && start < rg.end());
+    let n =
+        r.blocks.iter().filter(|b| inside(b.start) && b.outcome == vmplug_common::protocol::Outcome::Already).count();
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", {n} of them onlined by the kernel or a udev rule before the agent")
+    }
+}
+
 /// Which of the guest's blocks landed on another node than their DIMM.
 fn wrong_nodes(new: &[crate::xml::Dimm], r: &vmplug_common::protocol::Report) -> Vec<String> {
     let node = |n: Option<u32>| n.map_or("?".to_string(), |n| n.to_string());
@@ -676,8 +711,16 @@ pub fn judge_memory(
         (Outcome::GuestFailed, m)
     } else if !wrong_node.is_empty() {
         (Outcome::GuestFailed, format!("blocks landed on the wrong guest node: {}", wrong_node.join("; ")))
+    } else if let Some(m) = wrong_zone(plan.zone, ranges, r) {
+        (Outcome::GuestFailed, m)
     } else {
-        (Outcome::Ok, format!("{size} attached; libvirt and the guest agree ({confirmed} block(s) online)"))
+        (
+            Outcome::Ok,
+            format!(
+                "{size} attached; libvirt and the guest agree ({confirmed} block(s) online{})",
+                onlined_by_others(ranges, r)
+            ),
+        )
     }
 }
 

@@ -200,6 +200,9 @@ pub struct MemoryPlan {
     pub dimms: Vec<NamedDimm>,
     /// A live plug with an agent and no `--no-wait`: the guest must confirm.
     pub confirm: bool,
+    /// The zone the blocks must end in (`movable`, `kernel`), or the agent's or
+    /// the kernel's choice (`auto`, `online`).
+    pub zone: vmplug_common::protocol::ZonePolicy,
 }
 
 impl MemoryPlan {
@@ -330,6 +333,7 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
         remaining,
         dimms,
         confirm: f.affect.live() && f.guest.is_some() && !opts.no_wait,
+        zone: opts.zone,
     })
 }
 

@@ -3,6 +3,41 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// A guest kernel unpacked in the cache: its image and its modules tree.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub image: PathBuf,
+    /// `.../lib/modules/RELEASE/kernel`.
+    pub modules: PathBuf,
+}
+
+impl Kernel {
+    /// The kernel unpacked under `dir` (modules under `lib/` or `usr/lib/`).
+    fn find(dir: &Path, setup: &str) -> Kernel {
+        let image = std::fs::read_dir(dir.join("boot"))
+            .ok()
+            .and_then(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            })
+            .unwrap_or_else(|| panic!("no guest kernel under {}: {setup}", dir.display()));
+        let release = image.file_name().expect("name").to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+        let modules = ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .map(|m| dir.join(m).join(&release).join("kernel"))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no modules for {release} under {}: {setup}", dir.display()));
+        Kernel { image, modules }
+    }
+
+    /// Whether `module` (`drivers/virtio/virtio`) is built into this kernel.
+    pub fn builtin(&self, module: &str) -> bool {
+        let list = self.modules.parent().map(|p| p.join("modules.builtin")).unwrap_or_default();
+        std::fs::read_to_string(list).unwrap_or_default().lines().any(|l| l == format!("kernel/{module}.ko"))
+    }
+}
+
 #[derive(Debug)]
 pub struct Env {
     pub repo: PathBuf,
@@ -11,6 +46,8 @@ pub struct Env {
     pub work: PathBuf,
     pub kernel: PathBuf,
     pub modules: PathBuf,
+    /// Debian trixie's 6.12: onlines hot-added memory by itself.
+    pub trixie: Kernel,
     pub vmplug: PathBuf,
     pub guest_agent: PathBuf,
     pub vhost_vsock: PathBuf,
@@ -31,24 +68,16 @@ impl Env {
             let cache =
                 std::env::var_os("VMPLUG_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-cache".into());
             let setup = "run `make test` (or scripts/setup-host.sh) first";
-            let kdir = cache.join("kernel");
-            let kernel = std::fs::read_dir(kdir.join("boot"))
-                .ok()
-                .and_then(|rd| {
-                    rd.flatten()
-                        .map(|e| e.path())
-                        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-                })
-                .unwrap_or_else(|| panic!("no guest kernel under {}: {setup}", kdir.display()));
-            let release =
-                kernel.file_name().expect("name").to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+            let bookworm = Kernel::find(&cache.join("kernel"), setup);
+            let trixie = Kernel::find(&cache.join("kernel-trixie"), setup);
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
             let work =
                 std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
             std::fs::create_dir_all(&work).expect("create e2e work dir");
             Env {
-                modules: must_exist(kdir.join("lib/modules").join(&release).join("kernel"), setup),
-                kernel,
+                modules: bookworm.modules,
+                kernel: bookworm.image,
+                trixie,
                 vmplug: must_exist(
                     std::env::var_os("VMPLUG_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("debug/vmplug")),
                     "build it: cargo build -p vmplug",

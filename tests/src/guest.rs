@@ -31,6 +31,16 @@ pub enum Transport {
     Vsock,
 }
 
+/// Which of the cached guest kernels boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestKernel {
+    /// Debian 12's 6.1: hot-added memory stays offline until someone onlines it.
+    #[default]
+    Bookworm,
+    /// Debian 13's 6.12: the kernel onlines hot-added memory itself.
+    Trixie,
+}
+
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub vcpus: u32,
@@ -50,6 +60,7 @@ pub struct GuestSpec {
     /// virtio-mem devices defined at boot: (guest node, size MiB), each with
     /// 2 MiB blocks and nothing requested.
     pub virtio_mem: Vec<(u32, u64)>,
+    pub kernel: GuestKernel,
 }
 
 impl Default for GuestSpec {
@@ -65,6 +76,7 @@ impl Default for GuestSpec {
             plain: false,
             disk: None,
             virtio_mem: Vec::new(),
+            kernel: GuestKernel::Bookworm,
         }
     }
 }
@@ -231,13 +243,17 @@ impl Guest {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("guest dir");
         let daemon = Libvirtd::start(env, &dir);
-        let initrd = initramfs(env);
+        let kernel = match spec.kernel {
+            GuestKernel::Bookworm => crate::env::Kernel { image: env.kernel.clone(), modules: env.modules.clone() },
+            GuestKernel::Trixie => env.trixie.clone(),
+        };
+        let initrd = initramfs(env, &kernel);
         if let Some(img) = &spec.disk {
             // A private, sparse copy: the test may write to it and reboot.
             let st = Command::new("cp").arg("--sparse=always").arg(img).arg(dir.join("root.img")).status().expect("cp");
             assert!(st.success(), "copying {}", img.display());
         }
-        let xml = spec.domain_xml(&name, &dir, &env.kernel, &initrd);
+        let xml = spec.domain_xml(&name, &dir, &kernel.image, &initrd);
         let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml };
         if guest.spec.transport == Transport::Vsock {
             guest.start_vsock_backend(3 + n);

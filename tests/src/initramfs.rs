@@ -6,9 +6,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::env::Kernel;
 use crate::Env;
 
-/// Modules in load order (the package has no modules.dep).
+/// Modules in load order (the package has no modules.dep); those a kernel has
+/// built in (trixie's virtio core and console) are left out for it.
 const MODULES: &[&str] = &[
     "drivers/virtio/virtio_ring",
     "drivers/virtio/virtio",
@@ -127,14 +129,20 @@ fn hash_file(p: &Path) -> String {
     format!("{:x}-{:x}", meta.len(), mtime)
 }
 
-/// The initramfs for the current agent binary (rebuilt when it changes).
-pub fn initramfs(env: &Env) -> PathBuf {
-    let key = format!("{}-{:x}", hash_file(&env.guest_agent), INIT.len() + ONLINER.len() + MODULES.len());
+/// The initramfs for the current agent binary and `kernel`'s modules (rebuilt
+/// when either changes).
+pub fn initramfs(env: &Env, kernel: &Kernel) -> PathBuf {
+    let key = format!(
+        "{}-{}-{:x}",
+        hash_file(&env.guest_agent),
+        hash_file(&kernel.image),
+        INIT.len() + ONLINER.len() + MODULES.len()
+    );
     let out = env.cache.join(format!("initramfs-{key}.cpio.gz"));
     crate::cache::artefact(&env.cache, &out, |archive| {
         let root = archive.with_extension("root");
         let _ = fs::remove_dir_all(&root);
-        fill_root(&root, env);
+        fill_root(&root, env, kernel);
         let status = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -152,7 +160,7 @@ pub fn initramfs(env: &Env) -> PathBuf {
 }
 
 /// The initramfs's tree: busybox, the agent, the modules, init and udev.
-fn fill_root(tmp: &Path, env: &Env) {
+fn fill_root(tmp: &Path, env: &Env, kernel: &Kernel) {
     for d in ["bin", "lib/modules", "sbin", "usr/bin", "usr/sbin"] {
         fs::create_dir_all(tmp.join(d)).expect("mkdir");
     }
@@ -161,7 +169,10 @@ fn fill_root(tmp: &Path, env: &Env) {
     let mut order = String::new();
     for m in MODULES {
         let name = Path::new(m).file_name().expect("module name").to_string_lossy().to_string();
-        fs::copy(env.modules.join(format!("{m}.ko")), tmp.join(format!("lib/modules/{name}.ko")))
+        if kernel.builtin(m) {
+            continue;
+        }
+        fs::copy(kernel.modules.join(format!("{m}.ko")), tmp.join(format!("lib/modules/{name}.ko")))
             .unwrap_or_else(|e| panic!("module {m}: {e}"));
         order.push_str(&name);
         order.push('\n');

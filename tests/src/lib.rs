@@ -16,4 +16,4 @@ pub mod libvirtd;
 pub mod schema;
 
 pub use env::Env;
-pub use guest::{Guest, GuestSpec, Transport};
+pub use guest::{Guest, GuestKernel, GuestSpec, Transport};
