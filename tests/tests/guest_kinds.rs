@@ -1,0 +1,124 @@
+//! The guests users run, beyond Debian 12's kernel with nothing onlining:
+//! Debian trixie's 6.12, which onlines hot-added memory itself (into the Normal
+//! zone unless told otherwise), and an openEuler-style udev rule that onlines
+//! every new CPU and block as plain `online` while the agent does the same.
+//! vmplug's report must stay exact: which blocks, which zone, who onlined them;
+//! an asked zone enforced or the deviation named with what to change.
+
+use vmplug_e2e::{Guest, GuestKernel, GuestSpec};
+
+fn blocks(r: &serde_json::Value) -> Vec<(String, String)> {
+    r["guest"]["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| (b["zone"].as_str().unwrap_or("?").to_string(), b["status"].as_str().unwrap_or("?").to_string()))
+        .collect()
+}
+
+fn trixie(cmdline: &str) -> GuestSpec {
+    GuestSpec {
+        kernel: GuestKernel::Trixie,
+        cells_mib: vec![384, 384],
+        max_vcpus: 2,
+        virtio_mem: vec![(1, 2048)],
+        cmdline_extra: cmdline.into(),
+        ..GuestSpec::default()
+    }
+}
+
+/// `vmplug ARGS --json`, expecting exit `code`; the document, schema-checked.
+fn expect(g: &Guest, args: &[&str], code: i32) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = g.vmplug(&a);
+    assert_eq!(out.status.code(), Some(code), "{args:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &a);
+    r
+}
+
+#[test]
+fn trixie_onlines_memory_itself_and_vmplug_says_so() {
+    let mut g = Guest::boot("trixie", trixie(""));
+    let name = g.name.clone();
+    assert_eq!(g.sh("cat /sys/devices/system/memory/auto_online_blocks").trim(), "online");
+    // The default zone policy accepts the kernel's choice and says who onlined.
+    let r = g.vmplug_json(&["attach-memory", &name, "256M", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(blocks(&r), vec![("Normal".into(), "already".into()); 2], "{r}");
+    let msg = r["message"].as_str().expect("message");
+    assert!(msg.contains("2 of them onlined by the kernel or a udev rule before the agent"), "{msg}");
+    // An explicit zone the kernel did not use: the deviation and its fix.
+    let r = expect(&g, &["attach-memory", &name, "256M", "--node", "1", "--zone", "movable"], 5);
+    let msg = r["message"].as_str().expect("message");
+    assert!(msg.contains("not in Movable") && msg.contains("memhp_default_state=online_movable"), "{msg}");
+    // virtio-mem: movable by default, so the same deviation; --zone online takes
+    // the kernel's choice.
+    let r = expect(&g, &["resize-memory", &name, "+512M", "--node", "1"], 5);
+    let msg = r["message"].as_str().expect("message");
+    assert!(msg.contains("not in the Movable zone") && msg.contains("memhp_default_state"), "{msg}");
+    let r = g.vmplug_json(&["resize-memory", &name, "+512M", "--node", "1", "--zone", "online"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    // Unplugging kernel-onlined memory: done, or refused with nothing detached.
+    let st = g.vmplug_json(&["status", &name]);
+    let first = st["dimms"][0]["alias"].as_str().expect("alias").to_string();
+    let out = g.vmplug(&["detach-memory", &name, "--alias", &first, "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let still = g.daemon.virsh_ok(&["dumpxml", &name]).contains(&format!("<alias name='{first}'/>"));
+    match out.status.code() {
+        Some(0) => assert!(!still, "reported detached, and gone from the live XML: {r}"),
+        Some(5) => {
+            assert!(still, "refused, and still attached: {r}");
+            assert!(r["message"].as_str().is_some_and(|m| m.contains("nothing was detached")), "{r}");
+        }
+        other => panic!("detach-memory ended {other:?}: {r}"),
+    }
+    assert_eq!(g.sh("dmesg | grep -c -i -E 'oops|kernel bug'").trim(), "0", "no oops");
+}
+
+#[test]
+fn trixie_told_to_online_movable_passes_with_the_default_zone() {
+    let mut g = Guest::boot("trixiemov", trixie("memhp_default_state=online_movable"));
+    let name = g.name.clone();
+    assert_eq!(g.sh("cat /sys/devices/system/memory/auto_online_blocks").trim(), "online_movable");
+    let r = g.vmplug_json(&["resize-memory", &name, "+512M", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["virtio_mem"][0]["zones"]["Movable"].as_u64(), Some(4), "{r}");
+    let r = g.vmplug_json(&["resize-memory", &name, "-512M", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let r = g.vmplug_json(&["attach-memory", &name, "256M", "--node", "0", "--zone", "movable"]);
+    assert_eq!(blocks(&r), vec![("Movable".into(), "already".into()); 2], "{r}");
+}
+
+/// openEuler ships a rule that onlines every new CPU and memory block as plain
+/// `online`; here it runs beside the agent, both racing for each new device.
+#[test]
+fn an_openeuler_style_rule_racing_the_agent_leaves_the_report_exact() {
+    let spec = GuestSpec { cells_mib: vec![384, 384], max_vcpus: 2, ..GuestSpec::default() };
+    let mut g = Guest::boot("openeuler", spec);
+    let name = g.name.clone();
+    g.sh("rm -f /etc/udev/rules.d/80-vmplug-*; \
+          printf '%s\\n' 'SUBSYSTEM==\"cpu\", ACTION==\"add\", TEST==\"online\", ATTR{online}==\"0\", ATTR{online}=\"1\"' \
+                        'SUBSYSTEM==\"memory\", ACTION==\"add\", TEST==\"state\", ATTR{state}==\"offline\", ATTR{state}=\"online\"' \
+                        >/etc/udev/rules.d/40-openEuler.rules; \
+          setsid /lib/systemd/systemd-udevd --daemon </dev/null >/dev/null 2>&1; sleep 1; pidof systemd-udevd");
+    let r = g.vmplug_json(&["attach-memory", &name, "512M", "--node", "0"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let b = blocks(&r);
+    assert_eq!(b.len(), 4, "one result per block: {r}");
+    assert!(b.iter().all(|(_, s)| s == "done" || s == "already"), "no double-online error surfaced: {r}");
+    let others = b.iter().filter(|(_, s)| s == "already").count();
+    let msg = r["message"].as_str().expect("message");
+    if others > 0 {
+        assert!(msg.contains(&format!("{others} of them onlined by the kernel or a udev rule")), "{msg}");
+    } else {
+        assert!(!msg.contains("onlined by the kernel"), "{msg}");
+    }
+    let info = g.vmplug_json(&["status", &name]);
+    assert_eq!(info["guest"]["udev_online_rule"], true, "the agent sees the rule: {info}");
+    let r = g.vmplug_json(&["setvcpus", &name, "2"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.online_cpus(), "0-1");
+    assert_eq!(g.sh("dmesg | grep -c -i -E 'oops|kernel bug'").trim(), "0", "no oops");
+}
