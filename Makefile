@@ -42,6 +42,7 @@ e2e: setup build
 # Guest .deb/.rpm (static agent, unit, config, rules) and host .deb/.rpm.
 package: setup guest-agent
 	$(CARGO) build --release --locked -p vmplug
+	rm -rf target/assets && target/release/vmplug-assets target/assets
 	rm -rf $(PKG_DIR) && mkdir -p $(PKG_DIR)
 	$(TOOLS)/cargo-deb -p vmplug-guest --no-build --target $(GUEST_TARGET) -o $(PKG_DIR)/
 	$(TOOLS)/cargo-deb -p vmplug --no-build -o $(PKG_DIR)/

@@ -32,12 +32,19 @@ check "packaged agent is statically linked" sh -c "file -L '$tmp/usr/bin/vmplug-
 check "packaged unit is Type=notify with a watchdog" sh -c "grep -q '^Type=notify' '$tmp/usr/lib/systemd/system/vmplug-guest.service' && grep -q '^WatchdogSec=' '$tmp/usr/lib/systemd/system/vmplug-guest.service'"
 for r in "$tmp"/usr/share/vmplug/udev-rules/*.rules; do check "udevadm verify $(basename "$r")" udevadm verify "$r"; done
 for f in usr/bin/vmplug usr/share/doc/vmplug/README.md usr/share/doc/vmplug/SECURITY.md etc/vmplug/autoscale.toml \
-         usr/lib/systemd/system/vmplug-autoscale.service; do
+         usr/lib/systemd/system/vmplug-autoscale.service usr/share/man/man1/vmplug.1.gz \
+         usr/share/man/man1/vmplug-resize-memory.1.gz usr/share/bash-completion/completions/vmplug \
+         usr/share/zsh/vendor-completions/_vmplug usr/share/fish/vendor_completions.d/vmplug.fish; do
   check "host .deb has /$f" has "$dh" "\./$f\$"
 done
-for f in usr/bin/vmplug etc/vmplug/autoscale.toml usr/lib/systemd/system/vmplug-autoscale.service; do
+for f in usr/bin/vmplug etc/vmplug/autoscale.toml usr/lib/systemd/system/vmplug-autoscale.service \
+         usr/share/man/man1/vmplug.1 usr/share/man/man1/vmplug-setvcpus.1 usr/share/bash-completion/completions/vmplug \
+         usr/share/zsh/site-functions/_vmplug usr/share/fish/vendor_completions.d/vmplug.fish; do
   check "host .rpm has /$f" has "$rh" "^/$f\$"
 done
+dpkg-deb -x "$deb_host" "$tmp/host"
+check "the man page names the verbs" sh -c "gzip -dc '$tmp/host/usr/share/man/man1/vmplug.1.gz' | grep -q 'resize\\\\-memory'"
+check "bash completion completes the verbs" bash -c ". '$tmp/host/usr/share/bash-completion/completions/vmplug' && COMP_WORDS=(vmplug resize-) COMP_CWORD=1 && _vmplug vmplug resize- vmplug && [[ \" \${COMPREPLY[*]} \" == *' resize-memory '* ]]"
 check "host .deb depends on libvirt" has "$(dpkg-deb -f "$deb_host" Depends)" 'libvirt0'
 echo "packages: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
