@@ -24,6 +24,7 @@ fn main() {
         max_vcpus: 4,
         cells_mib: vec![512, 512],
         transport: Transport::Vsock,
+        virtio_mem: vec![(0, 2048)],
         ..GuestSpec::default()
     };
     let mut g = Guest::boot("demo", spec);
@@ -55,6 +56,8 @@ fn main() {
             "Memory unplug: the 512 MiB again, offlined in the guest before libvirt detaches it",
             vec!["detach-memory", &name, "--request-id", "demo512", "--live"],
         ),
+        ("virtio-mem: node 0 grows by 512 MiB, onlined movable", vec!["resize-memory", &name, "+512M", "--node", "0"]),
+        ("virtio-mem: and gives it back, released by the guest", vec!["resize-memory", &name, "-512M", "--node", "0"]),
     ] {
         let out = step(&g, title, &args);
         results.push((title, out.status.code().unwrap_or(-1)));
