@@ -38,6 +38,26 @@ fn expect(g: &Guest, args: &[&str], code: i32) -> serde_json::Value {
     r
 }
 
+/// A request with an explicit zone on a kernel that onlines by itself: done
+/// (exit 0) with the blocks moved, or refused by the guest (exit 5) naming the
+/// blocks left in Normal and the boot options that fix it. Nothing else.
+fn enforced_or_named(g: &Guest, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = g.vmplug(&a);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &a);
+    match out.status.code() {
+        Some(0) => {}
+        Some(5) => {
+            let msg = r["message"].as_str().expect("message");
+            assert!(msg.contains("Normal") && msg.contains("memhp_default_state=online_movable"), "{msg}");
+        }
+        other => panic!("{args:?} ended {other:?}: {r}"),
+    }
+    r
+}
+
 #[test]
 fn trixie_onlines_memory_itself_and_vmplug_says_so() {
     let mut g = Guest::boot("trixie", trixie(""));
@@ -49,15 +69,15 @@ fn trixie_onlines_memory_itself_and_vmplug_says_so() {
     assert_eq!(blocks(&r), vec![("Normal".into(), "already".into()); 2], "{r}");
     let msg = r["message"].as_str().expect("message");
     assert!(msg.contains("2 of them onlined by the kernel or a udev rule before the agent"), "{msg}");
-    // An explicit zone the kernel did not use: the deviation and its fix.
-    let r = expect(&g, &["attach-memory", &name, "256M", "--node", "1", "--zone", "movable"], 5);
-    let msg = r["message"].as_str().expect("message");
-    assert!(msg.contains("not in Movable") && msg.contains("memhp_default_state=online_movable"), "{msg}");
-    // virtio-mem: movable by default, so the same deviation; --zone online takes
-    // the kernel's choice.
-    let r = expect(&g, &["resize-memory", &name, "+512M", "--node", "1"], 5);
-    let msg = r["message"].as_str().expect("message");
-    assert!(msg.contains("not in the Movable zone") && msg.contains("memhp_default_state"), "{msg}");
+    // An explicit zone the kernel did not use: the agent moves the blocks when it
+    // can empty them (measured both ways on this kernel: it depends on whether
+    // the kernel has allocated from them yet), else the deviation and its fix.
+    let r = enforced_or_named(&g, &["attach-memory", &name, "256M", "--node", "1", "--zone", "movable"]);
+    if r["outcome"] == "ok" {
+        assert_eq!(blocks(&r), vec![("Movable".into(), "done".into()); 2], "moved by the agent: {r}");
+    }
+    // virtio-mem: movable by default, the same; --zone online takes the kernel's choice.
+    enforced_or_named(&g, &["resize-memory", &name, "+512M", "--node", "1"]);
     let r = g.vmplug_json(&["resize-memory", &name, "+512M", "--node", "1", "--zone", "online"]);
     assert_eq!(r["outcome"], "ok", "{r}");
     // Unplugging kernel-onlined memory: done, or refused with nothing detached.
