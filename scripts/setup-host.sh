@@ -89,10 +89,10 @@ download_trixie_kernel() {
   printf 'Dir::Etc::SourceList "/dev/null";\nDir::Etc::SourceParts "%s";\nDir::State::Lists "%s";\nDir::Cache "%s";\n' \
     "$apt/sources" "$apt/lists" "$apt/cache" >"$apt/apt.conf"
   export APT_CONFIG="$apt/apt.conf"
-  retry "apt-get update (trixie)" apt-get -o Acquire::Retries=3 update -qq
+  retry "apt-get update (trixie)" apt-get -o APT::Sandbox::User=root -o Acquire::Retries=3 update -qq
   pkg=$(apt-cache show linux-image-amd64 | sed -n 's/^Depends: \(linux-image-[0-9][^ ,]*\).*/\1/p' | head -1)
   [ -n "$pkg" ] || { log "no linux-image-amd64 in trixie"; return 1; }
-  (cd "$apt" && retry "apt-get download $pkg (trixie)" apt-get -o Acquire::Retries=3 download -qq "$pkg" 2>/dev/null)
+  (cd "$apt" && retry "apt-get download $pkg (trixie)" apt-get -o APT::Sandbox::User=root -o Acquire::Retries=3 download -qq "$pkg")
   unset APT_CONFIG
   dpkg -x "$(ls "$apt/$pkg"_*.deb)" "$tmp"
   rm -rf "$apt"

@@ -5,46 +5,282 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+use vmplug_common::protocol::GuestInfo;
+
 use super::decision::{Action, Capacity, DecisionEvent};
 use super::Engine;
-use crate::report::Outcome;
 
-/// Counters for the Prometheus endpoint.
-#[derive(Debug, Default)]
+/// One domain's series: which host, which domain.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabels {
+    pub domain: String,
+    pub uri: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZoneLabels {
+    domain: String,
+    uri: String,
+    zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PressureLabels {
+    domain: String,
+    uri: String,
+    /// `cpu`, `memory`.
+    resource: String,
+    /// `some`, `full`.
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    domain: String,
+    uri: String,
+    /// The action's kind (`add_vcpus`, `grow_virtio_mem`, …).
+    action: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    action: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+/// The autoscale metrics as Prometheus families (HELP and TYPE for each,
+/// labels escaped by the encoder); a domain's series go when the domain does.
+#[derive(Debug)]
 pub struct Metrics {
-    pub lines: std::sync::Mutex<std::collections::BTreeMap<String, f64>>,
+    registry: Registry,
+    vcpus: Family<DomainLabels, Gauge>,
+    vcpus_max: Family<DomainLabels, Gauge>,
+    memory: Family<DomainLabels, Gauge>,
+    max_memory: Family<DomainLabels, Gauge>,
+    agent_up: Family<DomainLabels, Gauge>,
+    guest_cpus: Family<DomainLabels, Gauge>,
+    guest_mem_total: Family<DomainLabels, Gauge>,
+    guest_mem_available: Family<DomainLabels, Gauge>,
+    guest_blocks_online: Family<ZoneLabels, Gauge>,
+    guest_blocks_offline: Family<DomainLabels, Gauge>,
+    pressure: Family<PressureLabels, FGauge>,
+    last_exit: Family<DomainLabels, Gauge>,
+    actions: Family<ActionLabels, Counter>,
+    duration: Family<KindLabels, Histogram>,
+    /// Label sets in use per domain, for removal.
+    seen: std::sync::Mutex<std::collections::HashMap<DomainLabels, DomainSeries>>,
+}
+
+/// The labelled series one domain has, beyond its plain [`DomainLabels`] ones.
+#[derive(Debug, Default)]
+struct DomainSeries {
+    zones: std::collections::BTreeSet<String>,
+    actions: std::collections::BTreeSet<(String, String)>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 50 ms to about 100 s.
+    Histogram::new(exponential_buckets(0.05, 2.0, 12))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let mut gauge = |name: &str, help: &str, unit: Option<Unit>| {
+            let f = Family::<DomainLabels, Gauge>::default();
+            match unit {
+                Some(u) => registry.register_with_unit(name, help, u, f.clone()),
+                None => registry.register(name, help, f.clone()),
+            }
+            f
+        };
+        let vcpus = gauge("vmplug_domain_vcpus", "vCPUs of the domain, as libvirt's live XML says", None);
+        let vcpus_max = gauge("vmplug_domain_vcpus_max", "The domain's vCPU maximum", None);
+        let memory = gauge(
+            "vmplug_domain_memory",
+            "The guest's memory per libvirt: boot, DIMMs, virtio-mem plugged",
+            Some(Unit::Bytes),
+        );
+        let max_memory = gauge("vmplug_domain_max_memory", "The domain's <maxMemory>", Some(Unit::Bytes));
+        let agent_up = gauge("vmplug_guest_agent_up", "1 when the guest agent answered this round, else 0", None);
+        let guest_cpus =
+            gauge("vmplug_guest_cpus_online", "CPUs online inside the guest, as its agent read them", None);
+        let guest_mem_total = gauge("vmplug_guest_memory_total", "MemTotal inside the guest", Some(Unit::Bytes));
+        let guest_mem_available =
+            gauge("vmplug_guest_memory_available", "MemAvailable inside the guest", Some(Unit::Bytes));
+        let guest_blocks_offline =
+            gauge("vmplug_guest_memory_blocks_offline", "Memory blocks present but offline inside the guest", None);
+        let last_exit = gauge(
+            "vmplug_domain_last_action_exit_code",
+            "Exit code of the domain's last action (0: done and verified)",
+            None,
+        );
+        let guest_blocks_online = Family::<ZoneLabels, Gauge>::default();
+        registry.register(
+            "vmplug_guest_memory_blocks_online",
+            "Memory blocks online inside the guest, by zone",
+            guest_blocks_online.clone(),
+        );
+        let pressure = Family::<PressureLabels, FGauge>::default();
+        registry.register(
+            "vmplug_guest_pressure_avg10_ratio",
+            "The guest's PSI avg10 as a ratio (0-1), by resource and kind",
+            pressure.clone(),
+        );
+        let actions = Family::<ActionLabels, Counter>::default();
+        registry.register("vmplug_actions", "Actions taken, by kind and outcome", actions.clone());
+        let duration = Family::<KindLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "vmplug_action_duration",
+            "Wall time of an action through its closed loop, by kind",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        Metrics {
+            registry,
+            vcpus,
+            vcpus_max,
+            memory,
+            max_memory,
+            agent_up,
+            guest_cpus,
+            guest_mem_total,
+            guest_mem_available,
+            guest_blocks_online,
+            guest_blocks_offline,
+            pressure,
+            last_exit,
+            actions,
+            duration,
+            seen: Default::default(),
+        }
+    }
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
-    fn set(&self, key: String, v: f64) {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).insert(key, v);
-    }
-    fn add(&self, key: String, v: f64) {
-        *self.lines.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += v;
-    }
+    /// The text exposition (OpenMetrics' text format, which Prometheus reads).
     pub fn render(&self) -> String {
-        let mut s = String::from("# vmplug autoscale metrics\n");
-        for (k, v) in self.lines.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            s.push_str(&format!("{k} {v}\n"));
+        let mut s = String::new();
+        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
+            s = "# encoding failed\n".into();
         }
         s
     }
-    pub(crate) fn record(&self, ev: &DecisionEvent, cap: &Capacity) {
-        let l = format!("domain=\"{}\",uri=\"{}\"", ev.domain, ev.uri);
-        self.set(format!("vmplug_domain_vcpus{{{l}}}"), cap.vcpus as f64);
-        self.set(format!("vmplug_domain_vcpus_max{{{l}}}"), cap.vcpus_max as f64);
-        self.set(format!("vmplug_domain_memory_bytes{{{l}}}"), cap.memory.get() as f64);
-        self.set(format!("vmplug_domain_max_memory_bytes{{{l}}}"), cap.max_memory.get() as f64);
-        if ev.action != Action::None {
-            self.add(format!("vmplug_decisions_total{{{l},rule=\"{}\"}}", ev.rule), 1.0);
+
+    /// One round's decision and what it saw: the host's view from libvirt, the
+    /// guest's from its agent (`guest`: `None` when it did not answer).
+    pub(crate) fn record(&self, ev: &DecisionEvent, cap: &Capacity, guest: Option<&GuestInfo>) {
+        let l = DomainLabels { uri: ev.uri.clone(), domain: ev.domain.clone() };
+        self.vcpus.get_or_create(&l).set(i64::from(cap.vcpus));
+        self.vcpus_max.get_or_create(&l).set(i64::from(cap.vcpus_max));
+        self.memory.get_or_create(&l).set(as_i64(cap.memory.get()));
+        self.max_memory.get_or_create(&l).set(as_i64(cap.max_memory.get()));
+        self.agent_up.get_or_create(&l).set(i64::from(ev.inputs.is_some()));
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let series = seen.entry(l.clone()).or_default();
+        if let Some(s) = &ev.inputs {
+            for (resource, kind, v) in
+                [("cpu", "some", s.cpu_some), ("memory", "some", s.mem_some), ("memory", "full", s.mem_full)]
+            {
+                let p = PressureLabels {
+                    uri: l.uri.clone(),
+                    domain: l.domain.clone(),
+                    resource: resource.into(),
+                    kind: kind.into(),
+                };
+                self.pressure.get_or_create(&p).set(v / 100.0);
+            }
+            self.guest_mem_available.get_or_create(&l).set(as_i64(s.available.get()));
+        }
+        if let Some(g) = guest {
+            self.guest_cpus.get_or_create(&l).set(as_i64(g.cpus.online.len() as u64));
+            self.guest_mem_total.get_or_create(&l).set(as_i64(g.mem_total.get()));
+            if let Some(m) = &g.memory {
+                self.guest_blocks_offline.get_or_create(&l).set(i64::from(m.blocks_offline));
+                for (zone, n) in &m.zones {
+                    let z = ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone: zone.clone() };
+                    self.guest_blocks_online.get_or_create(&z).set(i64::from(*n));
+                    series.zones.insert(zone.clone());
+                }
+            }
         }
         if let Some(o) = ev.outcome {
-            if o != Outcome::Ok {
-                self.add(format!("vmplug_failures_total{{{l}}}"), 1.0);
-            }
-            self.add(format!("vmplug_action_seconds_sum{{{l}}}"), ev.duration_ms as f64 / 1000.0);
-            self.add(format!("vmplug_action_seconds_count{{{l}}}"), 1.0);
+            let kind = action_kind(&ev.action).to_string();
+            let outcome = serde_json::to_value(o).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let a = ActionLabels {
+                uri: l.uri.clone(),
+                domain: l.domain.clone(),
+                action: kind.clone(),
+                outcome: outcome.clone(),
+            };
+            self.actions.get_or_create(&a).inc();
+            series.actions.insert((kind.clone(), outcome));
+            self.duration.get_or_create(&KindLabels { action: kind }).observe(ev.duration_ms as f64 / 1000.0);
+            self.last_exit.get_or_create(&l).set(i64::from(o.exit_code()));
         }
+    }
+
+    /// Drops every series of the domains not in `live` (stopped, undefined, or
+    /// no longer selected on any host), so a scrape shows only what exists.
+    pub fn retain(&self, live: &std::collections::HashSet<DomainLabels>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<DomainLabels> = seen.keys().filter(|l| !live.contains(*l)).cloned().collect();
+        for l in gone {
+            let Some(series) = seen.remove(&l) else { continue };
+            for f in [
+                &self.vcpus,
+                &self.vcpus_max,
+                &self.memory,
+                &self.max_memory,
+                &self.agent_up,
+                &self.guest_cpus,
+                &self.guest_mem_total,
+                &self.guest_mem_available,
+                &self.guest_blocks_offline,
+                &self.last_exit,
+            ] {
+                f.remove(&l);
+            }
+            for zone in series.zones {
+                self.guest_blocks_online.remove(&ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone });
+            }
+            for (resource, kind) in [("cpu", "some"), ("memory", "some"), ("memory", "full")] {
+                let p = PressureLabels {
+                    uri: l.uri.clone(),
+                    domain: l.domain.clone(),
+                    resource: resource.into(),
+                    kind: kind.into(),
+                };
+                self.pressure.remove(&p);
+            }
+            for (action, outcome) in series.actions {
+                self.actions.remove(&ActionLabels { uri: l.uri.clone(), domain: l.domain.clone(), action, outcome });
+            }
+        }
+    }
+}
+
+/// The `kind` an action serialises with (`none`, `add_vcpus`, …).
+fn action_kind(a: &Action) -> &'static str {
+    match a {
+        Action::None => "none",
+        Action::AddVcpus { .. } => "add_vcpus",
+        Action::AddMemory { .. } => "add_memory",
+        Action::GrowVirtioMem { .. } => "grow_virtio_mem",
+        Action::ShrinkVirtioMem { .. } => "shrink_virtio_mem",
     }
 }
 
@@ -135,8 +371,13 @@ async fn answer_metrics(mut s: tokio::net::TcpStream, metrics: &Metrics) {
         return;
     }
     let (status, body) = metrics_response(&head, metrics);
+    let kind = if status.starts_with("200") {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let resp = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(METRICS_READ_TIMEOUT, s.write_all(resp.as_bytes())).await;
@@ -145,6 +386,7 @@ async fn answer_metrics(mut s: tokio::net::TcpStream, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Outcome;
 
     /// Security finding 7: the endpoint answered every path; it answers /metrics only.
     #[test]
@@ -161,5 +403,71 @@ mod tests {
         assert_eq!(metrics_addr(":9477").expect("port"), "127.0.0.1:9477".parse().expect("addr"));
         assert_eq!(metrics_addr("0.0.0.0:9477").expect("addr"), "0.0.0.0:9477".parse().expect("addr"));
         assert!(metrics_addr("localhost:x").is_err());
+    }
+
+    fn event(domain: &str, outcome: Option<Outcome>) -> DecisionEvent {
+        DecisionEvent {
+            ts: 0,
+            uri: "qemu:///system".into(),
+            domain: domain.into(),
+            inputs: Some(crate::autoscale::Sample {
+                cpu_some: 50.0,
+                mem_some: 0.0,
+                mem_full: 0.0,
+                available: vmplug_common::Bytes(1 << 30),
+            }),
+            vcpus: 2,
+            memory: vmplug_common::Bytes(1 << 30),
+            rule: "cpu.psi",
+            reason: String::new(),
+            action: Action::AddVcpus { to: 3 },
+            dry_run: false,
+            outcome,
+            message: None,
+            duration_ms: 300,
+        }
+    }
+
+    /// Families by the book: HELP and TYPE each, units in the names, label values
+    /// escaped, a histogram per action kind, and a domain's series gone with it.
+    #[test]
+    fn families_are_typed_escaped_and_dropped_with_their_domain() {
+        let m = Metrics::default();
+        let cap = crate::autoscale::decision::tests::cap();
+        m.record(&event("db1", Some(Outcome::Ok)), &cap, None);
+        m.record(&event("we\"ird\\\n", None), &cap, None);
+        let text = m.render();
+        for family in [
+            "vmplug_domain_vcpus",
+            "vmplug_guest_pressure_avg10_ratio",
+            "vmplug_actions",
+            "vmplug_action_duration_seconds",
+        ] {
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}: {text}");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}: {text}");
+        }
+        assert!(
+            text.contains("vmplug_domain_memory_bytes{domain=\"db1\",uri=\"qemu:///system\"} 1073741824"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "vmplug_actions_total{domain=\"db1\",uri=\"qemu:///system\",action=\"add_vcpus\",outcome=\"ok\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmplug_action_duration_seconds_bucket{le=\"0.4\",action=\"add_vcpus\"} 1")
+                || text.contains("vmplug_action_duration_seconds_bucket{action=\"add_vcpus\",le=\"0.4\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("vmplug_guest_pressure_avg10_ratio{domain=\"db1\",uri=\"qemu:///system\",resource=\"cpu\",kind=\"some\"} 0.5"), "{text}");
+        assert!(text.contains(r#"domain="we\"ird\\\n""#), "label values escaped: {text}");
+        let keep: std::collections::HashSet<DomainLabels> =
+            [DomainLabels { domain: "db1".into(), uri: "qemu:///system".into() }].into();
+        m.retain(&keep);
+        let text = m.render();
+        assert!(!text.contains("ird"), "the gone domain's series are dropped: {text}");
+        assert!(text.contains("domain=\"db1\""), "{text}");
     }
 }

@@ -17,7 +17,7 @@ use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::Bytes;
 
 pub use decision::{decide, Action, Capacity, Decision, DecisionEvent, DomainState, Sample};
-pub use metrics::{metrics_addr, metrics_response, serve_metrics, Metrics};
+pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, Metrics};
 pub use policy::{glob, Limits, Policy, PolicyError, MAX_TIMING_S};
 
 use crate::domain::{Affect, Connection, DomainError};
@@ -95,8 +95,13 @@ pub async fn step_domain(
         message: None,
         duration_ms: 0,
     };
+    let mut guest = None;
     let pressure = match ops::connect_agent(facts, None, Duration::from_secs(3)).await {
-        Ok(mut link) => link.pressure().await.map_err(|e| e.to_string()),
+        Ok(mut link) => {
+            let p = link.pressure().await.map_err(|e| e.to_string());
+            guest = Some(link.info);
+            p
+        }
         Err(e) => Err(e.to_string()),
     };
     let sample = match pressure {
@@ -104,7 +109,7 @@ pub async fn step_domain(
         Err(e) => {
             // A silent agent: the domain is left alone, and that is reported.
             ev.reason = format!("no pressure from the guest agent: {e}");
-            engine.metrics.record(&ev, &cap);
+            engine.metrics.record(&ev, &cap, None);
             return Ok(ev);
         }
     };
@@ -133,7 +138,7 @@ pub async fn step_domain(
         }
     }
     ev.duration_ms = started.elapsed().as_millis() as u64;
-    engine.metrics.record(&ev, &cap);
+    engine.metrics.record(&ev, &cap, guest.as_ref());
     Ok(ev)
 }
 
@@ -198,8 +203,10 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
     let rounds = if once { engine.limits.sustain } else { usize::MAX };
     let mut tasks = tokio::task::JoinSet::new();
     for round in 0..rounds {
+        let mut live = std::collections::HashSet::new();
         for host in &hosts {
             let (selected, room) = select_running(&engine.policy, host).await;
+            live.extend(selected.iter().map(|f| DomainLabels { uri: host.uri.clone(), domain: f.name.clone() }));
             let room = Arc::new(room);
             for facts in selected {
                 let key = (host.uri.clone(), facts.name.clone());
@@ -225,6 +232,8 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
                 });
             }
         }
+        // Series of domains that stopped or left the selection go.
+        engine.metrics.retain(&live);
         if once {
             while tasks.join_next().await.is_some() {}
         } else {
