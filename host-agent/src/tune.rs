@@ -473,13 +473,8 @@ pub struct DimmStatus {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VirtioMemStatus {
-    pub alias: Option<String>,
-    pub size: Bytes,
-    pub node: Option<u32>,
-    pub block: Bytes,
-    pub requested: Bytes,
-    pub current: Option<Bytes>,
-    pub base: Option<u64>,
+    #[serde(flatten)]
+    pub device: crate::xml::VirtioMem,
     /// The guest's blocks of the region that are present (plugged).
     pub blocks: Vec<BlockState>,
 }
@@ -498,28 +493,15 @@ pub async fn status(
         .iter()
         .map(|d| DimmStatus { alias: d.alias.clone(), size: d.size, node: d.node, base: d.base, blocks: vec![] })
         .collect();
-    let mut virtio_mem: Vec<VirtioMemStatus> = l
-        .facts
-        .virtio_mems
-        .iter()
-        .map(|v| VirtioMemStatus {
-            alias: v.alias.clone(),
-            size: v.size,
-            node: v.node,
-            block: v.block,
-            requested: v.requested,
-            current: v.current,
-            base: v.base,
-            blocks: vec![],
-        })
-        .collect();
+    let mut virtio_mem: Vec<VirtioMemStatus> =
+        l.facts.virtio_mems.iter().map(|v| VirtioMemStatus { device: v.clone(), blocks: vec![] }).collect();
     let (link, err) = agent_if_running(&l, agent, agent_wait).await;
     let mut agent_error = err.map(|e| e.to_string());
     let mut guest = None;
     if let Some(mut link) = link {
         for v in virtio_mem.iter_mut() {
-            if let Some(base) = v.base {
-                match link.blocks(vec![MemRange { start: base, size: v.size }]).await {
+            if let Some(range) = v.device.range() {
+                match link.blocks(vec![range]).await {
                     Ok(b) => v.blocks = b.into_iter().filter(|b| b.present).collect(),
                     Err(e) => agent_error = Some(e.to_string()),
                 }
@@ -622,13 +604,13 @@ pub fn render_status(st: &Status) -> String {
         let _ = writeln!(
             s,
             "{:<14} {:<34} {}",
-            format!("virtio-mem {}", v.alias.as_deref().unwrap_or("?")),
+            format!("virtio-mem {}", v.device.alias.as_deref().unwrap_or("?")),
             format!(
                 "{} node {}: requested {}, holds {}",
-                v.size,
-                v.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-                v.requested,
-                v.current.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+                v.device.size,
+                v.device.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                v.device.requested,
+                v.device.current.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
             ),
             if g.is_none() {
                 "-".to_string()

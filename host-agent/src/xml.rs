@@ -82,7 +82,7 @@ impl Dimm {
 
 /// A `<memory model='virtio-mem'>` device: a region of `size` on one guest node
 /// that the guest's driver plugs in `block` steps up to `requested`.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct VirtioMem {
     /// Position among the domain's virtio-mem devices, in document order (the
     /// live and persistent XML list them alike).
