@@ -574,8 +574,10 @@ fn online_round(ranges: &[MemRange], zone: ZonePolicy) -> OnlineRequest {
 
 /// The guest's blocks of the changed regions at the end: onlined (growth), or
 /// read (shrink: the driver offlines and removes what it unplugs). The device
-/// reports memory plugged before the guest has added its blocks, so a growth
-/// waits (until `deadline`) for blocks that cover what each device holds.
+/// reports memory plugged before the guest has added its blocks, and unplugged
+/// before the guest has removed them, so this waits (until `deadline`) for a
+/// settled view: no block half-way, and for a growth blocks that cover what
+/// each device holds.
 async fn final_blocks<A: GuestAgent>(
     agent: &mut A,
     plan: &ResizePlan,
@@ -594,8 +596,11 @@ async fn final_blocks<A: GuestAgent>(
             let n = blocks.iter().filter(|b| b.present && b.online && b.start >= r.start && b.start < r.end()).count();
             (n as u64).saturating_mul(bs) >= d.plugged().get()
         };
-        let done = plan.steps.iter().all(|s| devices.iter().find(|d| d.index == s.device.index).is_none_or(covered));
-        if !plan.grows() || done || Instant::now() >= deadline {
+        // A block present but offline is in passage: the driver offlines what it
+        // unplugs, then removes it (a shrink), or the agent has yet to online it.
+        let in_passage = blocks.iter().any(|b| b.present && !b.online);
+        let covered = plan.steps.iter().all(|s| devices.iter().find(|d| d.index == s.device.index).is_none_or(covered));
+        if (!in_passage && (covered || !plan.grows())) || Instant::now() >= deadline {
             return Ok(blocks);
         }
         tokio::time::sleep(POLL).await;
