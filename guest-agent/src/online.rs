@@ -216,7 +216,11 @@ impl Onliner {
             return Ok(Outcome::Already);
         }
         if let Err(e) = self.write(&self.sysfs.cpu_online_path(id), "1") {
-            return Ok(errno_outcome(&e));
+            // Onlined by someone else meanwhile: already online, not a failure.
+            return Ok(match self.sysfs.cpu(id)? {
+                Some(c) if c.online => Outcome::Already,
+                _ => errno_outcome(&e),
+            });
         }
         Ok(match self.sysfs.cpu(id)? {
             Some(c) if c.online => Outcome::Done,
@@ -279,7 +283,12 @@ impl Onliner {
         }
         let state = choose_state(zone, &block.zones, *counts, self.policy.movable_ratio);
         if let Err(e) = self.write(&self.sysfs.block_state_path(index), state) {
-            return Ok(result(Some(&block), errno_outcome(&e)));
+            // A udev rule or the kernel onlined it between our read and our write
+            // (the kernel then answers EINVAL): already online, not a failure.
+            return Ok(match self.sysfs.block(index)? {
+                Some(b) if b.online => result(Some(&b), Outcome::Already),
+                _ => result(Some(&block), errno_outcome(&e)),
+            });
         }
         let after = self.sysfs.block(index)?;
         let outcome = match &after {
@@ -599,6 +608,27 @@ mod tests {
         let r = o.block_pass(&[10], ZonePolicy::Auto).expect("pass");
         assert_eq!(r[0].outcome, Outcome::Already);
         assert_eq!(k.writes().len(), before);
+    }
+
+    /// The openEuler rule racing the agent: the rule onlines the block between
+    /// the agent's read and its write, and the kernel answers the agent EINVAL.
+    /// Found by the end-to-end race; it is `already`, not a failure.
+    #[test]
+    fn a_block_onlined_by_someone_else_mid_write_is_already_online() {
+        let (_d, k, o) = setup(2);
+        k.add_block(8, false, "Normal Movable", 0);
+        k.race_write(k.sysfs().block_state_path(8), "online\n", libc::EINVAL);
+        let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
+        assert_eq!(r[0].outcome, Outcome::Already, "{r:?}");
+        // The same for a CPU the rule onlined first.
+        k.add_cpu(1, false);
+        k.race_write(k.sysfs().cpu_online_path(1), "1\n", libc::EINVAL);
+        assert_eq!(o.online_cpu(1).expect("result"), Outcome::Already);
+        // A write that fails with the block still offline is still a failure.
+        k.add_block(9, false, "Normal Movable", 0);
+        k.fail_writes(k.sysfs().block_state_path(9), &[libc::EINVAL]);
+        let r = o.block_pass(&[9], ZonePolicy::Auto).expect("pass");
+        assert!(matches!(r[0].outcome, Outcome::Failed { errno: 22, .. }), "{r:?}");
     }
 
     #[test]

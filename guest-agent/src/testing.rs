@@ -19,6 +19,8 @@ use crate::sysfs::Sysfs;
 pub struct FakeKernel {
     pub root: PathBuf,
     faults: Arc<Mutex<HashMap<PathBuf, VecDeque<i32>>>>,
+    /// path → (what another writer puts there first, the errno the agent then gets)
+    races: Arc<Mutex<HashMap<PathBuf, (String, i32)>>>,
     writes: Arc<Mutex<Vec<(PathBuf, String)>>>,
 }
 
@@ -33,7 +35,12 @@ impl FakeKernel {
     /// A guest with `possible` CPUs possible, cpu0 present (no `online` file),
     /// 128 MiB blocks, no memory blocks yet.
     pub fn new(root: &Path, possible: u32) -> Self {
-        let k = FakeKernel { root: root.to_path_buf(), faults: Arc::default(), writes: Arc::default() };
+        let k = FakeKernel {
+            root: root.to_path_buf(),
+            faults: Arc::default(),
+            races: Arc::default(),
+            writes: Arc::default(),
+        };
         let cpu = k.sys().join("devices/system/cpu");
         put(&cpu.join("possible"), &format!("0-{}\n", possible - 1));
         // cpu0 has no `online` file: the kernel's online list is what says it is up.
@@ -87,6 +94,12 @@ impl FakeKernel {
         self.faults.lock().expect("lock").entry(path).or_default().extend(errnos);
     }
 
+    /// The next write to `path` loses a race: another writer (a udev rule) puts
+    /// `content` there first, and the kernel answers the agent with `errno`.
+    pub fn race_write(&self, path: PathBuf, content: &str, errno: i32) {
+        self.races.lock().expect("lock").insert(path, (content.to_string(), errno));
+    }
+
     /// Hot-plugs `cpuN` (`online` file present, offline unless `online`).
     pub fn add_cpu(&self, id: u32, online: bool) {
         put(&self.sys().join(format!("devices/system/cpu/cpu{id}/online")), if online { "1\n" } else { "0\n" });
@@ -138,6 +151,11 @@ impl AttrWriter for FakeKernel {
     fn write(&self, path: &Path, value: &str) -> io::Result<()> {
         self.writes.lock().expect("lock").push((path.to_path_buf(), value.to_string()));
         if let Some(errno) = self.faults.lock().expect("lock").get_mut(path).and_then(|q| q.pop_front()) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        if let Some((content, errno)) = self.races.lock().expect("lock").remove(path) {
+            fs::write(path, content)?;
+            self.sync_cpu_lists();
             return Err(io::Error::from_raw_os_error(errno));
         }
         if !path.exists() {
