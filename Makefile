@@ -4,6 +4,9 @@
 
 CARGO ?= cargo
 GUEST_TARGET := x86_64-unknown-linux-gnu
+# The aarch64 agent (the guide's platform): static musl, linked by rust-lld
+# (.cargo/config.toml); `make setup` adds the Rust target.
+GUEST_TARGET_ARM := aarch64-unknown-linux-musl
 STATIC := RUSTFLAGS="-C target-feature=+crt-static"
 # At most two guests at once on these 2-core machines.
 E2E_THREADS ?= 2
@@ -20,8 +23,10 @@ setup:
 
 # The static guest agent goes into guest images and the test initramfs.
 guest-agent:
-	$(STATIC) $(CARGO) build --release --locked -p vmplug-guest --target $(GUEST_TARGET)
-	@ls -l target/$(GUEST_TARGET)/release/vmplug-guest | awk '{printf "vmplug-guest static binary: %.2f MiB\n", $$5/1048576}'
+	@rustup target list --installed | grep -qx $(GUEST_TARGET_ARM) || rustup target add $(GUEST_TARGET_ARM)
+	$(STATIC) $(CARGO) build --release --locked -p vmplug-guest --target $(GUEST_TARGET) --target $(GUEST_TARGET_ARM)
+	@for t in $(GUEST_TARGET) $(GUEST_TARGET_ARM); do \
+	  ls -l target/$$t/release/vmplug-guest | awk -v t=$$t '{printf "vmplug-guest static binary (%s): %.2f MiB\n", t, $$5/1048576}'; done
 
 build: guest-agent
 	$(CARGO) build --locked -p vmplug -p vmplug-e2e --bins

@@ -10,7 +10,8 @@ LOG_TAG=setup
 
 backports_sources=/etc/apt/sources.list.d/vmplug-bookworm-backports.sources
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file xz-utils)
+          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file xz-utils
+          qemu-system-arm qemu-efi-aarch64)
 
 apt_needed() {
   local p
@@ -18,7 +19,8 @@ apt_needed() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || return 0
   done
   # QEMU must come from backports (10.x): stock 7.2 slows guests down 30-50x after a CPU hot-plug.
-  ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'
+  ! { qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.' &&
+      qemu-system-aarch64 --version 2>/dev/null | grep -q 'version 10\.'; }
 }
 
 install_packages() {
@@ -76,32 +78,57 @@ apt_download() {
 if [ ! -e "$CACHE/kernel" ]; then log "downloading the guest kernel"; fi
 artefact "$CACHE/kernel" download_kernel
 
-# A second guest kernel: Debian trixie's 6.12, which onlines hot-added memory by
-# itself (CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO), as newer distributions do.
-# Fetched through a private apt configuration (the machine's mirror and keyring,
-# its own lists and cache), so the machine's apt state is never touched. Its
-# modules are xz-compressed: unpacked here, since busybox's insmod cannot.
-download_trixie_kernel() {
-  local tmp=$1 apt="$1.apt" mirror keyring pkg
-  mkdir -p "$tmp" "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/sources"
+# private_apt DIR SUITE ARCH: an apt configuration of its own under DIR (the
+# machine's mirror and keyring, its own lists and cache, packages of ARCH), so
+# the machine's apt state is never touched; exports APT_CONFIG and refreshes it.
+private_apt() {
+  local dir=$1 suite=$2 arch=$3 mirror keyring
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/sources"
   read -r mirror keyring < <(debian_mirror)
-  printf 'Types: deb\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: %s\n' "$mirror" "$keyring" >"$apt/sources/trixie.sources"
-  printf 'Dir::Etc::SourceList "/dev/null";\nDir::Etc::SourceParts "%s";\nDir::State::Lists "%s";\nDir::Cache "%s";\n' \
-    "$apt/sources" "$apt/lists" "$apt/cache" >"$apt/apt.conf"
-  export APT_CONFIG="$apt/apt.conf"
-  retry "apt-get update (trixie)" apt-get -o APT::Sandbox::User=root -o Acquire::Retries=3 update -qq
-  pkg=$(apt-cache show linux-image-amd64 | sed -n 's/^Depends: \(linux-image-[0-9][^ ,]*\).*/\1/p' | head -1)
-  [ -n "$pkg" ] || { log "no linux-image-amd64 in trixie"; return 1; }
-  (cd "$apt" && retry "apt-get download $pkg (trixie)" apt-get -o APT::Sandbox::User=root -o Acquire::Retries=3 download -qq "$pkg")
+  printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' "$mirror" "$suite" "$keyring" >"$dir/sources/$suite.sources"
+  printf 'Dir::Etc::SourceList "/dev/null";\nDir::Etc::SourceParts "%s";\nDir::State::Lists "%s";\nDir::Cache "%s";\nAPT::Architecture "%s";\nAPT::Architectures "%s";\nAPT::Sandbox::User "root";\n' \
+    "$dir/sources" "$dir/lists" "$dir/cache" "$arch" "$arch" >"$dir/apt.conf"
+  export APT_CONFIG="$dir/apt.conf"
+  retry "apt-get update ($suite, $arch)" apt-get -o Acquire::Retries=3 update -qq
+}
+
+# private_kernel TMP SUITE ARCH [PKG...]: the suite's linux-image-ARCH (the image
+# package its metapackage depends on) and PKGs, unpacked (not installed) into
+# TMP; xz-compressed modules are unpacked too, since busybox's insmod cannot.
+private_kernel() {
+  local tmp=$1 suite=$2 arch=$3 apt="$1.apt" pkg deb
+  shift 3
+  mkdir -p "$tmp"
+  private_apt "$apt" "$suite" "$arch"
+  pkg=$(apt-cache show "linux-image-$arch" | sed -n 's/^Depends: \(linux-image-[0-9][^ ,]*\).*/\1/p' | head -1)
+  [ -n "$pkg" ] || { log "no linux-image-$arch in $suite"; return 1; }
+  (cd "$apt" && retry "apt-get download $pkg $* ($suite)" apt-get -o Acquire::Retries=3 download -qq "$pkg" "$@")
   unset APT_CONFIG
-  dpkg -x "$(ls "$apt/$pkg"_*.deb)" "$tmp"
+  for deb in "$apt"/*.deb; do dpkg -x "$deb" "$tmp"; done
   rm -rf "$apt"
-  find "$tmp/usr/lib/modules" -name '*.ko.xz' -exec xz -d {} +
+  find "$tmp" -path '*/lib/modules/*' -name '*.ko.xz' -exec xz -d {} +
   ls "$tmp"/boot/vmlinuz-* >/dev/null
 }
 
+# A second guest kernel: Debian trixie's 6.12, which onlines hot-added memory by
+# itself (CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO), as newer distributions do.
 if [ ! -e "$CACHE/kernel-trixie" ]; then log "downloading the trixie guest kernel"; fi
-artefact "$CACHE/kernel-trixie" download_trixie_kernel
+artefact "$CACHE/kernel-trixie" private_kernel trixie amd64
+
+# The aarch64 guest (the guide's platform, under TCG): Debian 12's arm64 kernel
+# with its static busybox (bin/busybox in the same tree). Its kernel has no ACPI
+# memory hot-plug, as every Debian and Ubuntu arm64 kernel.
+if [ ! -e "$CACHE/kernel-arm64" ]; then log "downloading the arm64 guest kernel and busybox"; fi
+artefact "$CACHE/kernel-arm64" private_kernel bookworm arm64 busybox-static
+
+# The static aarch64 guest agent is built for musl and linked by rust-lld.
+if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-musl; then
+  exec {rust_lock}>"$CACHE/.locks/rustup-target.lock"
+  flock "$rust_lock"
+  rustup target list --installed | grep -qx aarch64-unknown-linux-musl ||
+    retry "rustup target add aarch64-unknown-linux-musl" rustup target add aarch64-unknown-linux-musl
+  exec {rust_lock}>&-
+fi
 
 # vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
 # machines); packaging tools for `make package`. All from crates.io, built once.
@@ -110,4 +137,4 @@ for tool in vhost-device-vsock cargo-deb cargo-generate-rpm; do
   artefact "$CACHE/bin/$tool" cargo_tool "$tool"
 done
 
-log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernels $(ls "$CACHE"/kernel/boot/vmlinuz-* "$CACHE"/kernel-trixie/boot/vmlinuz-* | xargs -n1 basename | tr '\n' ' ')"
+log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernels $(ls "$CACHE"/kernel/boot/vmlinuz-* "$CACHE"/kernel-trixie/boot/vmlinuz-* "$CACHE"/kernel-arm64/boot/vmlinuz-* | xargs -n1 basename | tr '\n' ' ')"

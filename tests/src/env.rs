@@ -48,8 +48,14 @@ pub struct Env {
     pub modules: PathBuf,
     /// Debian trixie's 6.12: onlines hot-added memory by itself.
     pub trixie: Kernel,
+    /// Debian 12's arm64 kernel (no ACPI memory hot-plug), for aarch64 guests.
+    pub arm64: Kernel,
+    /// The static aarch64 busybox that came with it.
+    pub busybox_arm64: PathBuf,
     pub vmplug: PathBuf,
     pub guest_agent: PathBuf,
+    /// The static aarch64 agent (musl).
+    pub guest_agent_arm64: PathBuf,
     pub vhost_vsock: PathBuf,
     pub busybox: PathBuf,
 }
@@ -70,6 +76,7 @@ impl Env {
             let setup = "run `make test` (or scripts/setup-host.sh) first";
             let bookworm = Kernel::find(&cache.join("kernel"), setup);
             let trixie = Kernel::find(&cache.join("kernel-trixie"), setup);
+            let arm64 = Kernel::find(&cache.join("kernel-arm64"), setup);
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
             let work =
                 std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
@@ -78,6 +85,8 @@ impl Env {
                 modules: bookworm.modules,
                 kernel: bookworm.image,
                 trixie,
+                arm64,
+                busybox_arm64: must_exist(cache.join("kernel-arm64/bin/busybox"), setup),
                 vmplug: must_exist(
                     std::env::var_os("VMPLUG_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("debug/vmplug")),
                     "build it: cargo build -p vmplug",
@@ -85,6 +94,10 @@ impl Env {
                 guest_agent: must_exist(
                     target.join("x86_64-unknown-linux-gnu/release/vmplug-guest"),
                     "build the static agent: make guest-agent",
+                ),
+                guest_agent_arm64: must_exist(
+                    target.join("aarch64-unknown-linux-musl/release/vmplug-guest"),
+                    "build the static agents: make guest-agent",
                 ),
                 vhost_vsock: must_exist(cache.join("bin/vhost-device-vsock"), setup),
                 busybox: must_exist(PathBuf::from("/bin/busybox"), setup),

@@ -39,6 +39,50 @@ pub enum GuestKernel {
     Bookworm,
     /// Debian 13's 6.12: the kernel onlines hot-added memory itself.
     Trixie,
+    /// Debian 12's arm64 6.1 (aarch64 `virt` under TCG, UEFI + ACPI): no ACPI
+    /// memory hot-plug, so only virtio-mem reaches it.
+    Arm64,
+}
+
+/// The guest's architecture, from its kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl GuestKernel {
+    pub fn arch(self) -> Arch {
+        match self {
+            GuestKernel::Bookworm | GuestKernel::Trixie => Arch::X86_64,
+            GuestKernel::Arm64 => Arch::Aarch64,
+        }
+    }
+
+    fn kernel(self, env: &Env) -> crate::env::Kernel {
+        match self {
+            GuestKernel::Bookworm => crate::env::Kernel { image: env.kernel.clone(), modules: env.modules.clone() },
+            GuestKernel::Trixie => env.trixie.clone(),
+            GuestKernel::Arm64 => env.arm64.clone(),
+        }
+    }
+}
+
+/// The newest versioned `virt-X.Y` machine type that `capabilities` (libvirt's
+/// host capabilities XML) offers for aarch64; never a hard-coded version.
+pub fn newest_virt_machine(capabilities: &str) -> Option<String> {
+    let guest = capabilities.split("<guest>").find(|g| g.contains("<arch name='aarch64'>"))?;
+    guest
+        .split("<machine")
+        .skip(1)
+        .filter_map(|m| m.split_once('>').and_then(|(_, rest)| rest.split_once('<')).map(|(name, _)| name.trim()))
+        .filter_map(|name| {
+            let v = name.strip_prefix("virt-")?;
+            let (major, minor) = v.split_once('.')?;
+            Some(((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?), name.to_string()))
+        })
+        .max()
+        .map(|(_, name)| name)
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +105,8 @@ pub struct GuestSpec {
     /// 2 MiB blocks and nothing requested.
     pub virtio_mem: Vec<(u32, u64)>,
     pub kernel: GuestKernel,
+    /// The machine type; None: q35 on x86, the newest versioned `virt` on aarch64.
+    pub machine: Option<String>,
 }
 
 impl Default for GuestSpec {
@@ -77,18 +123,20 @@ impl Default for GuestSpec {
             disk: None,
             virtio_mem: Vec::new(),
             kernel: GuestKernel::Bookworm,
+            machine: None,
         }
     }
 }
 
 impl GuestSpec {
-    /// The domain XML of a hot-plug-ready test guest.
+    /// The domain XML of a hot-plug-ready test guest on `machine`.
     pub fn domain_xml(
         &self,
         name: &str,
         dir: &std::path::Path,
         kernel: &std::path::Path,
         initrd: &std::path::Path,
+        machine: &str,
     ) -> String {
         let total: u64 = self.cells_mib.iter().sum();
         let ncells = self.cells_mib.len() as u32;
@@ -142,6 +190,21 @@ impl GuestSpec {
                 "<metadata><vmplug:agent xmlns:vmplug='https://vmplug.dev/xmlns/agent/1' transport='hybrid' path='{d}/vsock.sock' port='{AGENT_PORT}'/></metadata>"
             ),
         };
+        // aarch64: UEFI (AAVMF, which libvirt requires for ACPI there) hands
+        // QEMU's ACPI tables to the kernel; the kernel still comes from <kernel>.
+        let (arch, firmware, console, features, model, emulator) = match self.kernel.arch() {
+            Arch::X86_64 => ("x86_64", String::new(), "ttyS0", "<acpi/><apic/>", "qemu64", "qemu-system-x86_64"),
+            Arch::Aarch64 => (
+                "aarch64",
+                "<loader readonly='yes' type='pflash'>/usr/share/AAVMF/AAVMF_CODE.fd</loader>\
+                 <nvram template='/usr/share/AAVMF/AAVMF_VARS.fd'/>"
+                    .to_string(),
+                "ttyAMA0 acpi=force",
+                "<acpi/><gic version='3'/>",
+                "cortex-a57",
+                "qemu-system-aarch64",
+            ),
+        };
         format!(
             "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
@@ -151,14 +214,15 @@ impl GuestSpec {
   {vcpu}
   {backing}
   <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
+    <type arch='{arch}' machine='{machine}'>hvm</type>
+    {firmware}
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 {root_arg} {extra}</cmdline>
+    <cmdline>console={console} quiet loglevel=1 panic=-1 {root_arg} {extra}</cmdline>
   </os>
-  <features><acpi/><apic/></features>
+  <features>{features}</features>
   <cpu mode='custom' match='exact' check='none'>
-    <model fallback='allow'>qemu64</model>
+    <model fallback='allow'>{model}</model>
     {numa}
   </cpu>
   <clock offset='utc'/>
@@ -166,7 +230,7 @@ impl GuestSpec {
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>/usr/bin/{emulator}</emulator>
     <serial type='unix'>
       <source mode='bind' path='{d}/console.sock'/>
       <log file='{d}/console.log' append='on'/>
@@ -243,17 +307,20 @@ impl Guest {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("guest dir");
         let daemon = Libvirtd::start(env, &dir);
-        let kernel = match spec.kernel {
-            GuestKernel::Bookworm => crate::env::Kernel { image: env.kernel.clone(), modules: env.modules.clone() },
-            GuestKernel::Trixie => env.trixie.clone(),
+        let kernel = spec.kernel.kernel(env);
+        let initrd = initramfs(env, &kernel, spec.kernel.arch());
+        let machine = match (&spec.machine, spec.kernel.arch()) {
+            (Some(m), _) => m.clone(),
+            (None, Arch::X86_64) => "q35".to_string(),
+            (None, Arch::Aarch64) => newest_virt_machine(&daemon.virsh_ok(&["capabilities"]))
+                .expect("libvirt's capabilities offer no versioned aarch64 'virt' machine"),
         };
-        let initrd = initramfs(env, &kernel);
         if let Some(img) = &spec.disk {
             // A private, sparse copy: the test may write to it and reboot.
             let st = Command::new("cp").arg("--sparse=always").arg(img).arg(dir.join("root.img")).status().expect("cp");
             assert!(st.success(), "copying {}", img.display());
         }
-        let xml = spec.domain_xml(&name, &dir, &kernel.image, &initrd);
+        let xml = spec.domain_xml(&name, &dir, &kernel.image, &initrd, &machine);
         let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml };
         if guest.spec.transport == Transport::Vsock {
             guest.start_vsock_backend(3 + n);

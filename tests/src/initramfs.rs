@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::env::Kernel;
+use crate::guest::Arch;
 use crate::Env;
 
 /// Modules in load order (the package has no modules.dep); those a kernel has
@@ -66,6 +67,8 @@ if [ -n "$root" ]; then
   fi
   echo "vmplug-e2e: cannot mount $root"
 fi
+# The serial console: ttyS0 on x86, ttyAMA0 on aarch64's virt machine.
+tty=$(sed -n 's/.*console=\([a-zA-Z0-9]*\).*/\1/p' /proc/cmdline)
 mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
   [ -e "$p/name" ] && ln -sf "/dev/$(basename "$p")" "/dev/virtio-ports/$(cat "$p/name")"
@@ -87,8 +90,8 @@ done
 echo "vmplug-e2e: ready"
 # PID 1 stays this script: a console shell that exits is simply started again.
 while :; do
-  setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
-  echo "vmplug-e2e: console shell exited with $?" >/dev/ttyS0
+  setsid sh -c "exec sh </dev/$tty >/dev/$tty 2>&1"
+  echo "vmplug-e2e: console shell exited with $?" >/dev/$tty
 done
 "#;
 
@@ -129,20 +132,20 @@ fn hash_file(p: &Path) -> String {
     format!("{:x}-{:x}", meta.len(), mtime)
 }
 
-/// The initramfs for the current agent binary and `kernel`'s modules (rebuilt
-/// when either changes).
-pub fn initramfs(env: &Env, kernel: &Kernel) -> PathBuf {
-    let key = format!(
-        "{}-{}-{:x}",
-        hash_file(&env.guest_agent),
-        hash_file(&kernel.image),
-        INIT.len() + ONLINER.len() + MODULES.len()
-    );
+/// The initramfs for the current agent binary of `arch` and `kernel`'s modules
+/// (rebuilt when either changes).
+pub fn initramfs(env: &Env, kernel: &Kernel, arch: Arch) -> PathBuf {
+    let agent = match arch {
+        Arch::X86_64 => &env.guest_agent,
+        Arch::Aarch64 => &env.guest_agent_arm64,
+    };
+    let key =
+        format!("{}-{}-{:x}", hash_file(agent), hash_file(&kernel.image), INIT.len() + ONLINER.len() + MODULES.len());
     let out = env.cache.join(format!("initramfs-{key}.cpio.gz"));
     crate::cache::artefact(&env.cache, &out, |archive| {
         let root = archive.with_extension("root");
         let _ = fs::remove_dir_all(&root);
-        fill_root(&root, env, kernel);
+        fill_root(&root, env, kernel, arch);
         let status = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -159,13 +162,18 @@ pub fn initramfs(env: &Env, kernel: &Kernel) -> PathBuf {
     out
 }
 
-/// The initramfs's tree: busybox, the agent, the modules, init and udev.
-fn fill_root(tmp: &Path, env: &Env, kernel: &Kernel) {
+/// The initramfs's tree: busybox, the agent, the modules, init and (on x86,
+/// whose udevd is the host's own binary) udev.
+fn fill_root(tmp: &Path, env: &Env, kernel: &Kernel, arch: Arch) {
     for d in ["bin", "lib/modules", "sbin", "usr/bin", "usr/sbin"] {
         fs::create_dir_all(tmp.join(d)).expect("mkdir");
     }
-    fs::copy(&env.busybox, tmp.join("bin/busybox")).expect("copy busybox");
-    fs::copy(&env.guest_agent, tmp.join("bin/vmplug-guest")).expect("copy agent");
+    let (busybox, agent) = match arch {
+        Arch::X86_64 => (&env.busybox, &env.guest_agent),
+        Arch::Aarch64 => (&env.busybox_arm64, &env.guest_agent_arm64),
+    };
+    fs::copy(busybox, tmp.join("bin/busybox")).expect("copy busybox");
+    fs::copy(agent, tmp.join("bin/vmplug-guest")).expect("copy agent");
     let mut order = String::new();
     for m in MODULES {
         let name = Path::new(m).file_name().expect("module name").to_string_lossy().to_string();
@@ -182,7 +190,9 @@ fn fill_root(tmp: &Path, env: &Env, kernel: &Kernel) {
     fs::set_permissions(tmp.join("init"), fs::Permissions::from_mode(0o755)).expect("chmod");
     fs::write(tmp.join("bin/onliner"), ONLINER).expect("onliner");
     fs::set_permissions(tmp.join("bin/onliner"), fs::Permissions::from_mode(0o755)).expect("chmod");
-    add_udev(tmp, env);
+    if arch == Arch::X86_64 {
+        add_udev(tmp, env);
+    }
 }
 
 /// Removes archives of earlier agent builds (older than an hour, so a test
