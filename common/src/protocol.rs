@@ -191,6 +191,10 @@ pub struct GuestInfo {
     pub acpi_cpu_hotplug: Option<bool>,
     /// Guest NUMA nodes online.
     pub numa_nodes: CpuSet,
+    /// Guest NUMA nodes the kernel knows (`/sys/devices/system/node/possible`);
+    /// `None` from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_possible: Option<CpuSet>,
     /// A udev rule that onlines hot-plugged CPUs or memory is installed.
     pub udev_online_rule: bool,
     /// Devices bound to the kernel's virtio_mem driver; `None` when the driver is

@@ -72,6 +72,7 @@ fn guest_info() {
                 acpi_memory_hotplug: Some(true),
                 acpi_cpu_hotplug: Some(true),
                 numa_nodes: cpus("0-1"),
+                numa_possible: None,
                 udev_online_rule: false,
                 virtio_mem_devices: None,
             }),

@@ -138,6 +138,7 @@ impl Agent {
             acpi_memory_hotplug: s.acpi_hotplug("memory"),
             acpi_cpu_hotplug: s.acpi_hotplug("processor"),
             numa_nodes: s.numa_nodes(),
+            numa_possible: s.numa_possible(),
             udev_online_rule: crate::udev::online_rule_installed(&s.sys),
             virtio_mem_devices: s.virtio_mem_devices(),
         })

@@ -426,13 +426,25 @@ impl Onliner {
     /// failure in the report (with its errno), one the kernel has not finished
     /// creating is "not found" (so the report is not complete), and neither stops
     /// the others from being onlined.
+    ///
+    /// A kernel booted with `maxcpus=N` keeps its other CPUs offline on purpose
+    /// (guest-level vCPU scaling, `vmplug setvcpus --guest`): CPUs are onlined
+    /// only while fewer than N are online.
     pub fn online_everything(&self, zone: ZonePolicy) -> Result<(Vec<CpuResult>, Vec<BlockResult>), SysfsError> {
         let failed = |e: SysfsError| Outcome::Failed { errno: e.errno(), message: e.to_string() };
         let mut cpus = Vec::new();
-        for (id, entry) in self.sysfs.cpu_entries()? {
+        let entries = self.sysfs.cpu_entries()?;
+        let limit = self.sysfs.boot_cpu_limit();
+        let mut online = entries.iter().filter(|(_, e)| matches!(e, Ok(Some(c)) if c.online)).count() as u32;
+        for (id, entry) in entries {
             let outcome = match entry {
                 Ok(Some(c)) if c.online => continue,
-                Ok(Some(_)) => self.online_cpu(id).unwrap_or_else(failed),
+                Ok(Some(_)) if limit.is_some_and(|l| online >= l) => continue,
+                Ok(Some(_)) => {
+                    let o = self.online_cpu(id).unwrap_or_else(failed);
+                    online += u32::from(matches!(o, Outcome::Done | Outcome::Already));
+                    o
+                }
                 Ok(None) => Outcome::NotFound,
                 Err(e) => failed(e),
             };
@@ -723,6 +735,23 @@ mod tests {
         assert_eq!(block(8), Some(Outcome::Done), "the good block is onlined: {blocks:?}");
         assert!(matches!(block(9), Some(Outcome::Failed { errno: libc::EISDIR, .. })), "{blocks:?}");
         assert_eq!(block(10), Some(Outcome::NotFound), "{blocks:?}");
+    }
+
+    /// Guest-level vCPU scaling: a guest booted with `maxcpus=2` keeps its
+    /// surplus vCPUs offline; the start-up onlining tops up to 2, no further.
+    #[test]
+    fn online_everything_respects_maxcpus() {
+        let (d, k, o) = setup(4);
+        for cpu in 1..4 {
+            k.add_cpu(cpu, false);
+        }
+        std::fs::write(d.path().join("proc/cmdline"), "console=ttyAMA0 maxcpus=2 quiet\n").expect("cmdline");
+        let (cpus, _) = o.online_everything(ZonePolicy::Auto).expect("report");
+        assert_eq!(cpus.iter().map(|c| (c.cpu, c.outcome.clone())).collect::<Vec<_>>(), vec![(1, Outcome::Done)]);
+        assert_eq!(k.sysfs().cpu_facts().expect("facts").online.to_string(), "0-1");
+        std::fs::write(d.path().join("proc/cmdline"), "console=ttyAMA0 quiet\n").expect("cmdline");
+        o.online_everything(ZonePolicy::Auto).expect("report");
+        assert_eq!(k.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3", "no limit: all");
     }
 
     /// Security finding 4: this range passed validation and `index * block_size`

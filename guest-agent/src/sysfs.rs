@@ -272,11 +272,16 @@ impl Sysfs {
         Ok(Some(facts))
     }
 
-    /// `/sys/firmware/acpi/hotplug/KIND/enabled`, `None` where absent.
+    /// `/sys/firmware/acpi/hotplug/KIND/enabled`. A kernel without the KIND
+    /// handler (CONFIG_ACPI_HOTPLUG_MEMORY unset, as on Debian's arm64) or booted
+    /// without ACPI has no such file: `Some(false)`, since nothing would see an
+    /// ACPI hot-plug. `None` only where sysfs itself is unreadable.
     pub fn acpi_hotplug(&self, kind: &str) -> Option<bool> {
-        fs::read_to_string(self.sys.join("firmware/acpi/hotplug").join(kind).join("enabled"))
-            .ok()
-            .map(|s| s.trim() == "1")
+        match fs::read_to_string(self.sys.join("firmware/acpi/hotplug").join(kind).join("enabled")) {
+            Ok(s) => Some(s.trim() == "1"),
+            Err(_) if self.sys.join("devices/system").is_dir() => Some(false),
+            Err(_) => None,
+        }
     }
 
     /// Devices bound to the virtio_mem driver (`virtioN` links in its sysfs
@@ -284,6 +289,11 @@ impl Sysfs {
     pub fn virtio_mem_devices(&self) -> Option<u32> {
         let rd = fs::read_dir(self.sys.join("bus/virtio/drivers/virtio_mem")).ok()?;
         Some(rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("virtio")).count() as u32)
+    }
+
+    /// `/sys/devices/system/node/possible`: the nodes the kernel set up.
+    pub fn numa_possible(&self) -> Option<CpuSet> {
+        read_cpuset(&self.sys.join("devices/system/node/possible")).ok()
     }
 
     pub fn numa_nodes(&self) -> CpuSet {
@@ -297,6 +307,17 @@ impl Sysfs {
         rd.filter_map(|e| e.ok()).find_map(|e| {
             let n = fs::read_to_string(e.path().join("name")).ok()?;
             (n.trim() == name).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+    }
+
+    /// `maxcpus=N` (or `nosmp`: 1) on the kernel's command line: how many CPUs
+    /// the guest means to run with at boot.
+    pub fn boot_cpu_limit(&self) -> Option<u32> {
+        let cmdline = fs::read_to_string(self.proc.join("cmdline")).ok()?;
+        cmdline.split_whitespace().find_map(|w| match w.split_once('=') {
+            Some(("maxcpus", n)) => n.parse().ok(),
+            None if w == "nosmp" => Some(1),
+            _ => None,
         })
     }
 
@@ -406,5 +427,19 @@ mod tests {
         fs::create_dir_all(cpu.join("cpu3")).expect("mkdir");
         let cpus = sys.cpus().expect("no error");
         assert_eq!(cpus, vec![Cpu { id: 0, online: true, hotpluggable: false }], "cpu3 has no online file yet");
+    }
+
+    /// Debian's arm64 kernel: ACPI processor hot-plug, no memory handler. The
+    /// missing profile is a "no" (a DIMM would never be seen), not "unknown".
+    #[test]
+    fn a_missing_acpi_profile_is_no_not_unknown() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let sys = Sysfs::new(d.path().join("sys"), d.path().join("proc"));
+        assert_eq!(sys.acpi_hotplug("memory"), None, "no sysfs at all: unknown");
+        put(&d.path().join("sys/devices/system/node/possible"), "0\n");
+        put(&d.path().join("sys/firmware/acpi/hotplug/processor/enabled"), "1\n");
+        assert_eq!(sys.acpi_hotplug("processor"), Some(true));
+        assert_eq!(sys.acpi_hotplug("memory"), Some(false));
+        assert_eq!(sys.numa_possible().map(|s| s.to_string()), Some("0".to_string()));
     }
 }

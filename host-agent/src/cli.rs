@@ -162,6 +162,11 @@ pub enum Command {
         domain: String,
         /// The total number of vCPUs wanted (not a delta).
         count: u32,
+        /// Guest-level scaling (virsh setvcpus --guest): online or offline CPUs
+        /// inside the guest, among the vCPUs it has; nothing is plugged. The way
+        /// to scale where QEMU cannot hot-plug vCPUs (upstream aarch64).
+        #[arg(long, conflicts_with_all = ["no_wait", "force", "config"])]
+        guest: bool,
         #[command(flatten)]
         hotplug: HotplugArgs,
     },
@@ -265,6 +270,9 @@ pub enum Command {
         /// Check `setvcpus DOMAIN N`.
         #[arg(long)]
         cpus: Option<u32>,
+        /// With --cpus: check `setvcpus --guest DOMAIN N` (guest-level).
+        #[arg(long, requires = "cpus")]
+        guest: bool,
         /// Check `attach-memory DOMAIN SIZE` (a size with a unit: 512M, 1G).
         #[arg(long, value_parser = parse_size)]
         memory: Option<Bytes>,
@@ -502,7 +510,10 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             let t = tune::vcpupin(conn, domain, affect.affect()?, pin).await?;
             Done::shown(cmd, &t, tune::render_pins(&t))
         }
-        Command::Setvcpus { domain, count, hotplug } => {
+        Command::Setvcpus { domain, count, guest: true, hotplug } => {
+            Done::op(ops::setvcpus_guest(conn, domain, *count, &hotplug.opts()?).await?)
+        }
+        Command::Setvcpus { domain, count, guest: false, hotplug } => {
             Done::op(ops::setvcpus(conn, domain, *count, &hotplug.opts()?).await?)
         }
         Command::AttachMemory { domain, size, node, round_up, max_dimm, request_id, hotplug } => {
@@ -545,7 +556,7 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             env.findings = v.findings.clone();
             Done::new(env, &v, tune::render_numa(&v))
         }
-        Command::Check { domain, cpus, memory, resize, node, round_up, max_dimm, hotplug } => {
+        Command::Check { domain, cpus, guest, memory, resize, node, round_up, max_dimm, hotplug } => {
             if node.is_some() && memory.is_none() && resize.is_none() {
                 return Err(CliError::Usage("--node needs --memory or --resize".into()));
             }
@@ -561,7 +572,8 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 resize.map(|change| crate::vmem::ResizeOpts { change, node: *node, settle: Duration::from_secs(10) });
             // The zone each verb defaults to: auto for DIMMs, movable for virtio-mem.
             let zone = if resize.is_some() && memory.is_none() { ZonePolicy::Movable } else { ZonePolicy::Auto };
-            let req = tune::CheckRequest { cpus: *cpus, memory, resize, opts: hotplug.opts_with_zone(zone)? };
+            let req =
+                tune::CheckRequest { cpus: *cpus, guest: *guest, memory, resize, opts: hotplug.opts_with_zone(zone)? };
             check(cmd, conn, domain, &req).await?
         }
         Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {

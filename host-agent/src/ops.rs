@@ -70,8 +70,10 @@ fn local_cgroup_v2() -> Option<bool> {
 
 /// Host facts for a domain: topology, free memory per node, hypervisor limits.
 pub fn host_facts(conn: &dyn Connection, facts: &DomainFacts) -> Result<HostFacts, DomainError> {
-    let mut host = HostFacts::parse_capabilities(&conn.capabilities()?)
-        .map_err(|e| DomainError::Other(format!("host capabilities: {e}")))?;
+    let caps = conn.capabilities()?;
+    let mut host =
+        HostFacts::parse_capabilities(&caps).map_err(|e| DomainError::Other(format!("host capabilities: {e}")))?;
+    host.machines = HostFacts::parse_machines(&caps, &facts.arch);
     if !host.nodes.is_empty() {
         host.free =
             conn.cells_free_memory(host.nodes.len() as u32).unwrap_or_default().into_iter().map(Bytes).collect();
@@ -84,8 +86,58 @@ pub fn host_facts(conn: &dyn Connection, facts: &DomainFacts) -> Result<HostFact
     }
     if is_local(&conn.uri()) {
         host.cgroup_v2 = local_cgroup_v2();
+        // x86's pc and q35 hot-plug vCPUs in every QEMU libvirt supports; other
+        // architectures differ by QEMU build (aarch64: openEuler's can, upstream
+        // cannot), so the domain's own emulator is asked.
+        if !matches!(facts.arch.as_str(), "x86_64" | "i686" | "") && !facts.emulator.is_empty() {
+            host.cpu_hotplug = probe_cpu_hotplug(&facts.emulator, &facts.machine);
+        }
     }
     Ok(host)
+}
+
+/// How long QEMU may take to answer `query-machines` (35–120 ms measured).
+const QEMU_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks `emulator` (no guest, no accelerator besides TCG, no devices) whether
+/// `machine` can hot-plug CPUs. None when QEMU cannot be run or does not list it.
+pub fn probe_cpu_hotplug(emulator: &str, machine: &str) -> Option<bool> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(emulator)
+        .args(["-machine", "none", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::debug!(emulator, error = %e, "cannot run the emulator to ask about its machines"))
+        .ok()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    // A QEMU that hangs is killed after the timeout (only this child, by PID).
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(QEMU_PROBE_TIMEOUT).is_err() {
+            // SAFETY: kill(2) on the PID of the child spawned above, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let mut stdin = child.stdin.take()?;
+    let _ = stdin
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-machines\"}\n{\"execute\":\"quit\"}\n");
+    drop(stdin);
+    let answer = child.stdout.take().and_then(|out| {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .find(|v| v["return"].is_array())
+    });
+    let _ = child.wait();
+    let _ = tx.send(());
+    let _ = watchdog.join();
+    let found = crate::xml::machine_hotplugs_cpus(&answer?["return"], machine);
+    tracing::debug!(emulator, machine, ?found, "QEMU query-machines: hotpluggable-cpus");
+    found
 }
 
 /// Reads a domain: state, XML (live when running and `live` wanted), host facts.
@@ -353,6 +405,82 @@ async fn execute_vcpus<A: GuestAgent>(
         virtio_mem: vec![],
         timings: run.timings(),
     })
+}
+
+/// `setvcpus --guest`: virsh's `setvcpus --guest` done by vmplug's agent and
+/// verified — `target` CPUs online inside the guest, among the vCPUs it has.
+/// Where QEMU cannot hot-plug vCPUs (upstream aarch64) this is how a guest
+/// scales: all vCPUs defined at boot, the surplus kept offline.
+pub async fn setvcpus_guest(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    target: u32,
+    opts: &HotplugOpts,
+) -> Result<OpReport, DomainError> {
+    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
+    setvcpus_guest_with(&facts, link.as_mut(), target, opts, run).await
+}
+
+pub async fn setvcpus_guest_with<A: GuestAgent>(
+    facts: &Facts,
+    link: Option<&mut A>,
+    target: u32,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let t = Instant::now();
+    let plan = crate::plan::plan_guest_vcpus(facts, target, opts);
+    run.preflight_ms += ms(t);
+    let name = facts.loaded.facts.name.as_str();
+    let (plan, link) = match (plan, link) {
+        (Ok(p), Some(l)) => (p, l),
+        (Err(why), _) => return not_planned("setvcpus", name, facts.affect, why, &run),
+        (Ok(_), None) => {
+            return not_planned(
+                "setvcpus",
+                name,
+                facts.affect,
+                NotPlanned::Usage("--guest needs the guest agent".into()),
+                &run,
+            )
+        }
+    };
+    let libvirt = facts.loaded.facts.vcpus_current;
+    let host = |applied| HostOnly {
+        op: "setvcpus",
+        name,
+        affect: Affect::Live,
+        findings: plan.findings.clone(),
+        applied,
+        persistent: false,
+    };
+    if plan.target == plan.online {
+        let msg =
+            format!("{target} CPUs are already online in the guest; nothing was changed (libvirt: {libvirt} vCPUs)");
+        return Ok(host(vec![]).report(Outcome::Ok, msg, &run));
+    }
+    let timeout_ms = opts.timeout.as_millis() as u64;
+    let t = Instant::now();
+    let (verb, answer) = if plan.target > plan.online {
+        let req = OnlineRequest { cpus: Some(target), memory: vec![], zone: opts.zone, timeout_ms, virtio_mem: vec![] };
+        ("online", link.online(req).await.map(|(r, _)| r))
+    } else {
+        ("offline", link.offline(OfflineRequest { cpus: Some(target), memory: vec![], timeout_ms }).await)
+    };
+    run.guest_ms += ms(t);
+    let applied =
+        vec![format!("guest: {verb} CPUs to {target} online (guest-level; libvirt's {libvirt} vCPUs unchanged)")];
+    let (outcome, message) = match &answer {
+        Ok(r) if r.complete && r.cpus_online.len() as u32 == target => {
+            (Outcome::Ok, format!("{target} CPUs online in the guest ({}), confirmed by its agent; libvirt's {libvirt} vCPUs unchanged (guest-level scaling)", r.cpus_online))
+        }
+        Ok(r) if r.timed_out => (Outcome::GuestTimeout, format!("the guest has {} CPUs online ({}) after {:?}, not {target}", r.cpus_online.len(), r.cpus_online, opts.timeout)),
+        Ok(r) => (Outcome::GuestFailed, format!("the guest has {} CPUs online ({}), not {target}: {} CPU(s) could not be {verb}d", r.cpus_online.len(), r.cpus_online, r.failures())),
+        Err(e) => (Outcome::GuestFailed, format!("the guest agent did not answer the {verb} request: {e}")),
+    };
+    let mut report = host(applied).report(outcome, message, &run);
+    report.guest = answer.ok();
+    Ok(report)
 }
 
 /// A live shrink's first step: the guest takes the CPUs offline. libvirt never

@@ -21,7 +21,7 @@ use crate::domain::{Affect, Connection, DomainError, XmlView};
 use crate::link::{discover, GuestLink, LinkError};
 use crate::ops::{agent_if_running, blocking, load, HotplugOpts, Loaded, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, Finding, Operation, Severity};
+use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::unplug::DimmSelector;
 use crate::xml::{request_alias, request_index, Dimm, DomainFacts, NamedDimm};
 
@@ -182,6 +182,32 @@ pub fn plan_setvcpus(f: &Facts, target: u32, opts: &HotplugOpts) -> Result<VcpuP
         offline_first: live && agent && target < dom.vcpus_current,
         confirm: live && agent && !opts.no_wait && target >= dom.vcpus_current,
     })
+}
+
+/// `setvcpus --guest`: CPUs onlined or offlined inside the guest by the agent,
+/// among the vCPUs it has; libvirt is not asked to change anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestVcpuPlan {
+    pub findings: Vec<Finding>,
+    /// CPUs online in the guest now.
+    pub online: u32,
+    pub target: u32,
+}
+
+pub fn plan_guest_vcpus(f: &Facts, target: u32, opts: &HotplugOpts) -> Result<GuestVcpuPlan, NotPlanned> {
+    if opts.affect.config() || opts.no_wait {
+        return Err(NotPlanned::Usage(
+            "--guest changes the running guest and waits for it: it takes neither --config nor --no-wait".into(),
+        ));
+    }
+    // Always the running guest (a stopped domain is refused by domain.running).
+    // --force cannot help: every refusal is one the agent itself would meet.
+    let ctx = Ctx { affect: Affect::Live, ..f.ctx(false) };
+    let findings = gate(preflight::check(&ctx, &Operation::GuestVcpus { target }), false, vec![])?;
+    let Some(g) = f.guest.as_ref() else {
+        return Err(NotPlanned::Usage("--guest needs the guest agent".into()));
+    };
+    Ok(GuestVcpuPlan { findings, online: g.cpus.online.len() as u32, target })
 }
 
 /// `attach-memory`: DIMMs sized to the guest's block size (and hugepage size),

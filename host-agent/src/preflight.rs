@@ -6,7 +6,7 @@ use vmplug_common::protocol::GuestInfo;
 use vmplug_common::{Bytes, CpuSet, GIB};
 
 use crate::domain::{Affect, NumaMode};
-use crate::xml::{DomainFacts, HostFacts};
+use crate::xml::{machine_version, DomainFacts, HostFacts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +64,11 @@ pub enum Operation {
         live_only: Vec<String>,
         without_address: Vec<String>,
     },
+    /// `setvcpus --guest`: `target` CPUs online inside the guest, among the
+    /// vCPUs it already has (nothing is plugged; libvirt is not changed).
+    GuestVcpus {
+        target: u32,
+    },
     /// General readiness (`vmplug check` with no operation).
     Readiness,
 }
@@ -84,13 +89,6 @@ pub struct Ctx<'a> {
 
 type Rule = fn(&Ctx, &Operation) -> Option<Finding>;
 
-/// `virt-4.1` → Some((4, 1)); bare `virt` (the newest) → None.
-fn machine_version(machine: &str, family: &str) -> Option<(u32, u32)> {
-    let rest = machine.strip_prefix(family)?.strip_prefix('-')?;
-    let mut it = rest.split('.');
-    Some((it.next()?.parse().ok()?, it.next().and_then(|m| m.parse().ok()).unwrap_or(0)))
-}
-
 fn is_x86_hotplug_machine(m: &str) -> bool {
     m == "pc" || m == "q35" || m.starts_with("pc-")
 }
@@ -98,7 +96,11 @@ fn is_x86_hotplug_machine(m: &str) -> bool {
 fn live_op(ctx: &Ctx, op: &Operation) -> bool {
     matches!(
         op,
-        Operation::Vcpus { .. } | Operation::Memory { .. } | Operation::Unplug { .. } | Operation::Resize { .. }
+        Operation::Vcpus { .. }
+            | Operation::Memory { .. }
+            | Operation::Unplug { .. }
+            | Operation::Resize { .. }
+            | Operation::GuestVcpus { .. }
     ) && ctx.affect.live()
 }
 
@@ -121,6 +123,9 @@ fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     }
     if let Operation::Unplug { .. } = op {
         return error("agent.ready", "the guest agent did not complete its handshake: vmplug never unplugs memory the guest has not released (is vmplug-guest running? --force leaves it to the guest's ACPI handler)");
+    }
+    if let Operation::GuestVcpus { .. } = op {
+        return error("agent.ready", "the guest agent did not complete its handshake: guest-level vCPU scaling is done by the agent (is vmplug-guest running?)");
     }
     if ctx.no_wait {
         return warning(
@@ -160,13 +165,24 @@ fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let (arch, m) = (ctx.dom.arch.as_str(), ctx.dom.machine.as_str());
     match arch {
         "x86_64" | "i686" if is_x86_hotplug_machine(m) => None,
-        "aarch64" => match machine_version(m, "virt") {
-            Some(v) if v < (4, 1) => error("cpu.machine", format!("machine '{m}' cannot hot-plug vCPUs: the guide requires virt-4.1 or newer")),
-            _ if m == "virt" || m.starts_with("virt-") => warning(
+        "aarch64" if m != "virt" && !m.starts_with("virt-") => {
+            error("cpu.machine", format!("machine '{m}' is not an aarch64 'virt' machine; vCPU hot-plug needs virt-4.1 or newer"))
+        }
+        // What this QEMU says about the machine decides; the version only speaks
+        // when QEMU could not be asked (a remote host).
+        "aarch64" => match ctx.host.cpu_hotplug {
+            Some(true) => None,
+            Some(false) => error(
                 "cpu.machine",
-                "aarch64 vCPU hot-plug needs a QEMU that implements it (openEuler's does; upstream QEMU 10 does not, and libvirt then says 'cpu hotplug is not supported')",
+                format!("this host's QEMU cannot hot-plug vCPUs on machine '{m}' (query-machines: hotpluggable-cpus=false; upstream QEMU has no aarch64 vCPU hot-plug, openEuler's has); scale inside the guest instead: `vmplug setvcpus --guest` onlines and offlines vCPUs defined at boot"),
             ),
-            _ => error("cpu.machine", format!("machine '{m}' is not an aarch64 'virt' machine; vCPU hot-plug needs virt-4.1 or newer")),
+            None => match machine_version(m, "virt") {
+                Some(v) if v < (4, 1) => error("cpu.machine", format!("machine '{m}' cannot hot-plug vCPUs: the guide requires virt-4.1 or newer")),
+                _ => warning(
+                    "cpu.machine",
+                    "QEMU could not be asked whether it hot-plugs aarch64 vCPUs (a remote host): openEuler's does, upstream QEMU does not (libvirt then refuses with 'cpu hotplug is not supported'); `vmplug setvcpus --guest` works on both",
+                ),
+            },
         },
         _ => error("cpu.machine", format!("machine '{m}' ({arch}) is not known to hot-plug vCPUs (x86: pc or q35; aarch64: virt-4.1+)")),
     }
@@ -218,6 +234,22 @@ fn rule_cpu_guest_possible(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     }
 }
 
+/// `setvcpus --guest` moves CPUs between online and offline inside the guest:
+/// only among the vCPUs the guest has (present), never past them.
+fn rule_cpu_guest_present(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::GuestVcpus { target } = *op else { return None };
+    if target == 0 {
+        return error("cpu.guest-present", "a guest needs at least one CPU online");
+    }
+    let g = ctx.guest?;
+    let present = g.cpus.present.len() as u32;
+    (target > present).then_some(())?;
+    error(
+        "cpu.guest-present",
+        format!("the guest has {present} vCPU(s) present ({}): --guest scales only among them; define more at boot (<vcpu>N</vcpu>, the surplus kept offline with the kernel's maxcpus=) or hot-plug them where the machine can (setvcpus without --guest)", g.cpus.present),
+    )
+}
+
 fn rule_cpu_cores(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Vcpus { target } = *op else { return None };
     let per = ctx.dom.topology.as_ref()?.per_socket();
@@ -257,17 +289,34 @@ fn rule_persist(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     warning("persist.live-only", "a --live change is lost when the domain restarts; add --config to keep it")
 }
 
+fn rule_persist_guest(_ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::GuestVcpus { .. } = op else { return None };
+    warning("persist.guest-level", "a guest-level change lasts until the guest reboots: the kernel then brings up its boot CPUs (all, or maxcpus= of them) and the agent onlines no more than that")
+}
+
 fn rule_mem_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { .. } = op else { return None };
     let (arch, m) = (ctx.dom.arch.as_str(), ctx.dom.machine.as_str());
     match arch {
         "x86_64" | "i686" if is_x86_hotplug_machine(m) => None,
-        "aarch64" => match machine_version(m, "virt") {
-            Some(v) if v < (4, 1) => error("mem.machine", format!("machine '{m}' cannot hot-plug memory: the guide requires virt-4.1 or newer")),
-            Some(v) if v < (4, 2) => warning("mem.machine", format!("machine '{m}': upstream QEMU needs virt-4.2 or newer for memory hot-plug (the ACPI GED device); only openEuler's QEMU accepts virt-4.1")),
-            _ if m == "virt" || m.starts_with("virt-") => None,
-            _ => error("mem.machine", format!("machine '{m}' is not an aarch64 'virt' machine")),
-        },
+        "aarch64" => {
+            let newest = ctx
+                .host
+                .newest_versioned("virt")
+                .map_or(String::new(), |n| format!("; use {n}, the newest this host's QEMU offers"));
+            match machine_version(m, "virt") {
+                Some(v) if v < (4, 1) => error("mem.machine", format!("machine '{m}' cannot hot-plug memory: the guide requires virt-4.1 or newer{newest}")),
+                // Upstream QEMU adds the ACPI GED device (which DIMMs need) from
+                // virt-4.2; openEuler's also to its virt-4.1, with its vCPU
+                // hot-plug, which is how its QEMU is told from upstream here.
+                Some(v) if v < (4, 2) => match ctx.host.cpu_hotplug {
+                    Some(false) => error("mem.machine", format!("machine '{m}' has no ACPI GED device in this host's QEMU (upstream QEMU adds it from virt-4.2; only openEuler's QEMU hot-plugs on virt-4.1): QEMU would refuse the DIMM with 'missing acpi-ged device'{newest}")),
+                    _ => warning("mem.machine", format!("machine '{m}': upstream QEMU needs virt-4.2 or newer for memory hot-plug (the ACPI GED device); only openEuler's QEMU accepts virt-4.1{newest}")),
+                },
+                _ if m == "virt" || m.starts_with("virt-") => None,
+                _ => error("mem.machine", format!("machine '{m}' is not an aarch64 'virt' machine")),
+            }
+        }
         _ => error("mem.machine", format!("machine '{m}' ({arch}) is not known to hot-plug memory")),
     }
 }
@@ -290,7 +339,7 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     }
     // virtio-mem needs no ACPI: the device itself tells the guest.
     if !virtio && g.acpi_memory_hotplug == Some(false) {
-        return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (/sys/firmware/acpi/hotplug/memory): the DIMM would attach but the guest would never see it");
+        return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (no /sys/firmware/acpi/hotplug/memory; Debian's and Ubuntu's arm64 kernels are built without CONFIG_ACPI_HOTPLUG_MEMORY): the DIMM would attach but the guest would never see it; use virtio-mem instead (`vmplug add-virtio-mem`, then `vmplug resize-memory`), which needs no ACPI");
     }
     (g.mem_available.get() < size.get() / 32).then_some(())?;
     error(
@@ -348,6 +397,28 @@ fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     }
     let ids: Vec<String> = ctx.dom.cells.iter().map(|c| c.id.to_string()).collect();
     error("mem.node", format!("guest NUMA node {n} does not exist (cells: {})", ids.join(", ")))
+}
+
+/// The guest kernel must know the node the memory is meant for: where its NUMA
+/// set-up failed (Debian 6.1 arm64 under UEFI falls back to one node), memory
+/// plugged for node 1 lands on node 0.
+fn rule_mem_guest_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let targets: Vec<u32> = match *op {
+        Operation::Memory { node: Some(n), .. } | Operation::Resize { node: Some(n), .. } => vec![n],
+        Operation::Memory { node: None, .. } => ctx.dom.cells.iter().map(|c| c.id).collect(),
+        Operation::Resize { node: None, .. } => ctx.dom.virtio_mems.iter().filter_map(|d| d.node).collect(),
+        _ => return None,
+    };
+    let possible = ctx.guest?.numa_possible.as_ref()?;
+    if !ctx.affect.live() {
+        return None;
+    }
+    let missing: CpuSet = targets.iter().copied().filter(|n| !possible.contains(*n)).collect();
+    (!missing.is_empty()).then_some(())?;
+    error(
+        "mem.guest-node",
+        format!("guest NUMA node(s) {missing} do not exist in the guest kernel (/sys/devices/system/node/possible = {possible}; its NUMA set-up failed or was turned off): the memory would land on another node; fix the guest's NUMA (dmesg | grep NUMA) or plug with --node {}", possible.iter().next().unwrap_or(0)),
+    )
 }
 
 fn rule_mem_block_align(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -499,6 +570,8 @@ pub const RULES: &[(&str, Rule)] = &[
     ("domain.job", rule_job),
     ("agent.ready", rule_agent),
     ("cpu.machine", rule_cpu_machine),
+    ("cpu.guest-present", rule_cpu_guest_present),
+    ("persist.guest-level", rule_persist_guest),
     ("cpu.placement", rule_cpu_placement),
     ("cpu.max", rule_cpu_max),
     ("cpu.hypervisor-max", rule_cpu_hypervisor_max),
@@ -513,6 +586,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("mem.max-size", rule_mem_headroom),
     ("mem.numa", rule_mem_numa),
     ("mem.node", rule_mem_node),
+    ("mem.guest-node", rule_mem_guest_node),
     ("mem.block-align", rule_mem_block_align),
     ("mem.hugepage-align", rule_mem_hugepages),
     ("mem.vhost-user", rule_mem_vhost_user),

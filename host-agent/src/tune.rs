@@ -358,6 +358,8 @@ pub struct CheckResult {
 #[derive(Debug, Clone)]
 pub struct CheckRequest {
     pub cpus: Option<u32>,
+    /// `cpus` is a guest-level target (`setvcpus --guest`).
+    pub guest: bool,
     pub memory: Option<MemoryOpts>,
     /// `resize-memory`'s request (virtio-mem).
     pub resize: Option<crate::vmem::ResizeOpts>,
@@ -386,7 +388,16 @@ pub async fn check(conn: Arc<dyn Connection>, name: &str, req: &CheckRequest) ->
         }
         Ok(())
     };
-    if let Some(target) = req.cpus {
+    if let (Some(target), true) = (req.cpus, req.guest) {
+        take(crate::plan::plan_guest_vcpus(&facts, target, &req.opts).map(|p| {
+            let steps = match p.target.cmp(&p.online) {
+                std::cmp::Ordering::Equal => vec![],
+                std::cmp::Ordering::Greater => vec![format!("guest: online CPUs {} → {}", p.online, p.target)],
+                std::cmp::Ordering::Less => vec![format!("guest: offline CPUs {} → {}", p.online, p.target)],
+            };
+            (p.findings, steps)
+        }))?;
+    } else if let Some(target) = req.cpus {
         take(plan_setvcpus(&facts, target, &req.opts).map(|p| {
             let steps = p.steps.iter().map(|s| format!("setvcpus {s} ({})", affect_text(facts.affect))).collect();
             (p.findings, steps)

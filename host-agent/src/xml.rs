@@ -152,6 +152,8 @@ pub struct DomainFacts {
     pub virt_type: String,
     pub arch: String,
     pub machine: String,
+    /// `<devices><emulator>`: the QEMU binary (probed for what the machine can do).
+    pub emulator: String,
     pub os_is_windows: bool,
     pub vcpu_placement: String,
     pub vcpus_max: u32,
@@ -286,6 +288,7 @@ impl DomainFacts {
         if let Some(devices) = child(dom, "devices") {
             for d in devices.children().filter(|n| n.is_element()) {
                 match d.tag_name().name() {
+                    "emulator" => f.emulator = d.text().unwrap_or_default().trim().to_string(),
                     "memory" if d.attribute("model") == Some("virtio-mem") => {
                         let size = |p: &[&str]| path(d, p).and_then(size_of);
                         f.virtio_mems.push(VirtioMem {
@@ -465,6 +468,12 @@ pub struct HostFacts {
     pub max_vcpus: Option<u32>,
     /// cgroup version of the host, when the host is this machine.
     pub cgroup_v2: Option<bool>,
+    /// Machine types libvirt offers for the domain's architecture (capabilities).
+    pub machines: Vec<String>,
+    /// Whether the domain's machine type can hot-plug vCPUs, as its QEMU says
+    /// (`query-machines` → `hotpluggable-cpus`); `None` when not asked (x86, or
+    /// a remote host whose emulator vmplug cannot run).
+    pub cpu_hotplug: Option<bool>,
 }
 
 impl HostFacts {
@@ -504,6 +513,29 @@ impl HostFacts {
         Ok(f)
     }
 
+    /// The machine types (names and aliases) libvirt's capabilities offer for
+    /// guests of `arch`.
+    pub fn parse_machines(xml: &str, arch: &str) -> Vec<String> {
+        let Ok(doc) = Document::parse(xml) else { return Vec::new() };
+        let mut out: Vec<String> = doc
+            .root_element()
+            .children()
+            .filter(|g| g.has_tag_name("guest"))
+            .filter_map(|g| child(g, "arch").filter(|a| a.attribute("name") == Some(arch)))
+            .flat_map(|a| a.descendants().filter(|n| n.has_tag_name("machine")))
+            .filter_map(|m| m.text().map(|t| t.trim().to_string()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The newest versioned machine type of `family` (`virt`, `pc-q35`) that
+    /// libvirt offers: `virt-10.0` rather than the unversioned alias.
+    pub fn newest_versioned(&self, family: &str) -> Option<&str> {
+        self.machines.iter().filter_map(|m| Some((machine_version(m, family)?, m.as_str()))).max().map(|(_, m)| m)
+    }
+
     /// `<vcpu max='N'/>` of the domain capabilities XML.
     pub fn parse_domcaps_max_vcpus(xml: &str) -> Option<u32> {
         let doc = Document::parse(xml).ok()?;
@@ -522,6 +554,24 @@ impl HostFacts {
         let idx = self.nodes.iter().position(|n| n.id == id)?;
         self.free.get(idx).copied()
     }
+}
+
+/// `virt-4.1` → Some((4, 1)); the bare alias `virt` → None.
+pub fn machine_version(machine: &str, family: &str) -> Option<(u32, u32)> {
+    let rest = machine.strip_prefix(family)?.strip_prefix('-')?;
+    let (major, minor) = rest.split_once('.').unwrap_or((rest, "0"));
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// From QEMU's `query-machines` answer (the QMP `return` array): whether
+/// `machine` (a name or an alias) can hot-plug CPUs. None if it is not listed.
+pub fn machine_hotplugs_cpus(query_machines: &serde_json::Value, machine: &str) -> Option<bool> {
+    query_machines
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == machine || m["alias"] == machine)?
+        .get("hotpluggable-cpus")?
+        .as_bool()
 }
 
 /// Minimal XML escaping for attribute and text values we write.

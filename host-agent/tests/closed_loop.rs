@@ -8,7 +8,7 @@ use std::time::Duration;
 use vmplug::domain::Affect;
 use vmplug::fake::{FakeConnection, FakeDomain, Hook};
 use vmplug::link::AgentAddr;
-use vmplug::ops::{attach_memory, setvcpus, HotplugOpts, MemoryOpts};
+use vmplug::ops::{attach_memory, setvcpus, setvcpus_guest, HotplugOpts, MemoryOpts};
 use vmplug::report::Outcome;
 use vmplug::unplug::{detach_memory, DimmSelector};
 mod common;
@@ -308,4 +308,32 @@ async fn setvcpus_to_the_current_count_says_nothing_changed() {
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert!(r.message.contains("nothing was changed"), "{}", r.message);
     assert!(w.dom.calls().is_empty() && r.host.applied.is_empty(), "{:?}", w.dom.calls());
+}
+
+/// `setvcpus --guest`: all vCPUs present at boot, the surplus offline (as with
+/// `maxcpus=`); the agent onlines and offlines them, libvirt is never called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_level_vcpus_move_only_inside_the_guest() {
+    let w = world(false).await;
+    for cpu in 2..4 {
+        w.kernel.add_cpu(cpu, false);
+    }
+    let o = HotplugOpts { affect: Affect::Current, ..opts(&w, Duration::from_secs(10)) };
+    let r = setvcpus_guest(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3");
+    assert!(r.message.contains("guest-level"), "{}", r.message);
+    let r = setvcpus_guest(w.conn.clone(), "web1", 1, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0");
+    assert!(w.dom.calls().is_empty(), "libvirt untouched: {:?}", w.dom.calls());
+    assert!(!r.host.persistent);
+    // Past the vCPUs the guest has: refused before anything moves.
+    let r = setvcpus_guest(w.conn.clone(), "web1", 5, &o).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert!(r.findings.iter().any(|f| f.id == "cpu.guest-present"), "{:?}", r.findings);
+    assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0");
+    // The persistent definition is not a guest-level thing.
+    let config = HotplugOpts { affect: Affect::Config, ..o.clone() };
+    assert!(setvcpus_guest(w.conn.clone(), "web1", 2, &config).await.is_err(), "--config: a usage error");
 }

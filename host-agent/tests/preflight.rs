@@ -47,6 +47,7 @@ fn guest() -> GuestInfo {
         acpi_memory_hotplug: Some(true),
         acpi_cpu_hotplug: Some(true),
         numa_nodes: "0-1".parse().expect("set"),
+        numa_possible: None,
         udev_online_rule: false,
         virtio_mem_devices: Some(0),
     }
@@ -143,8 +144,39 @@ fn cpu_machine() {
     let arm = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-4.1'");
     assert!(
         ids(&arm.run(&cpus(4)), Severity::Warning).contains(&"cpu.machine"),
-        "upstream QEMU cannot hot-plug arm vCPUs"
+        "QEMU not asked (remote): a warning, not a verdict"
     );
+    // What QEMU says decides, whatever the version: upstream says no…
+    let mut upstream = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-10.0'");
+    upstream.host.cpu_hotplug = Some(false);
+    let f = upstream.run(&cpus(4));
+    let e = f.iter().find(|f| f.id == "cpu.machine" && f.severity == Severity::Error).expect("refused");
+    assert!(e.message.contains("hotpluggable-cpus=false") && e.message.contains("setvcpus --guest"), "{e:?}");
+    // …openEuler's QEMU says yes, even for the guide's virt-4.1.
+    let mut openeuler = arm;
+    openeuler.host.cpu_hotplug = Some(true);
+    assert!(!openeuler.run(&cpus(4)).iter().any(|f| f.id == "cpu.machine"));
+}
+
+const ARM_CAPS: &str = "<capabilities><host><cpu><arch>aarch64</arch></cpu></host>
+  <guest><os_type>hvm</os_type><arch name='aarch64'><machine maxCpus='512'>virt-9.2</machine>
+    <machine canonical='virt-10.0' maxCpus='512'>virt</machine><machine maxCpus='512'>virt-10.0</machine>
+    <machine maxCpus='512'>virt-4.1</machine><machine maxCpus='512'>virt-10.0</machine></arch></guest>
+  <guest><os_type>hvm</os_type><arch name='x86_64'><machine>pc-q35-11.0</machine></arch></guest>
+</capabilities>";
+
+#[test]
+fn machines_come_from_the_capabilities_and_qemu() {
+    let h = HostFacts { machines: HostFacts::parse_machines(ARM_CAPS, "aarch64"), ..HostFacts::default() };
+    assert_eq!(h.machines, ["virt", "virt-10.0", "virt-4.1", "virt-9.2"]);
+    assert_eq!(h.newest_versioned("virt"), Some("virt-10.0"), "10.0 > 9.2 > 4.1, numerically");
+    let answer = serde_json::json!([
+        {"name": "virt-10.0", "alias": "virt", "hotpluggable-cpus": false},
+        {"name": "pc-q35-10.0", "alias": "q35", "hotpluggable-cpus": true},
+    ]);
+    assert_eq!(vmplug::xml::machine_hotplugs_cpus(&answer, "virt"), Some(false), "an alias counts");
+    assert_eq!(vmplug::xml::machine_hotplugs_cpus(&answer, "q35"), Some(true));
+    assert_eq!(vmplug::xml::machine_hotplugs_cpus(&answer, "virt-4.1"), None, "not listed: unknown");
 }
 
 #[test]
@@ -218,6 +250,31 @@ fn mem_machine() {
     assert!(ids(&f, Severity::Warning).contains(&"mem.machine"), "virt-4.1 needs openEuler's QEMU: {f:#?}");
     let worse = Case::new().xml("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-3.1'");
     assert_rule("mem.machine", Severity::Error, &worse, &Case::new(), &mem(GIB, Some(0)));
+    // Upstream QEMU (its virt-4.1 cannot hot-plug vCPUs either): refused, with
+    // the newest versioned machine the host offers.
+    let mut upstream = bad;
+    upstream.host.machines = HostFacts::parse_machines(ARM_CAPS, "aarch64");
+    upstream.host.cpu_hotplug = Some(false);
+    let f = upstream.run(&mem(GIB, Some(0)));
+    let e = f.iter().find(|f| f.id == "mem.machine" && f.severity == Severity::Error).expect("refused");
+    assert!(e.message.contains("use virt-10.0") && e.message.contains("acpi-ged"), "{e:?}");
+}
+
+#[test]
+fn mem_guest_node() {
+    // The guest kernel fell back to one node (its NUMA set-up failed).
+    let mut one_node = Case::new();
+    if let Some(g) = one_node.guest.as_mut() {
+        g.numa_possible = Some("0".parse().expect("set"));
+    }
+    let mut both = Case::new();
+    if let Some(g) = both.guest.as_mut() {
+        g.numa_possible = Some("0-1".parse().expect("set"));
+    }
+    assert_rule("mem.guest-node", Severity::Error, &one_node, &both, &mem(GIB, Some(1)));
+    assert_rule("mem.guest-node", Severity::Error, &one_node, &both, &mem(GIB, None));
+    assert!(!one_node.run(&mem(GIB, Some(0))).iter().any(|f| f.id == "mem.guest-node"), "node 0 exists");
+    assert!(!Case::new().run(&mem(GIB, Some(1))).iter().any(|f| f.id == "mem.guest-node"), "older agent: unknown");
 }
 
 #[test]
@@ -232,6 +289,8 @@ fn mem_guest_kernel_acpi_and_free() {
         g.acpi_memory_hotplug = Some(false);
     }
     assert_rule("mem.guest-acpi", Severity::Error, &no_acpi, &Case::new(), &mem(GIB, Some(0)));
+    let f = no_acpi.run(&mem(GIB, Some(0)));
+    assert!(f.iter().any(|f| f.id == "mem.guest-acpi" && f.message.contains("virtio-mem")), "names the way: {f:#?}");
     let mut tight = Case::new();
     if let Some(g) = tight.guest.as_mut() {
         g.mem_available = Bytes(16 * MIB);
@@ -433,4 +492,22 @@ fn placement_is_part_of_readiness() {
     let bad = Case::new().xml("<vcpu placement='static'", "<vcpu placement='auto'");
     let f = bad.run(&Operation::Readiness);
     assert!(ids(&f, Severity::Error).contains(&"cpu.placement"), "{f:#?}");
+}
+
+#[test]
+fn cpu_guest_present_and_persist_guest_level() {
+    // The guest has vCPUs 0-1 present: --guest moves CPUs among those only.
+    let op = |target| Operation::GuestVcpus { target };
+    let c = Case::new();
+    let mut four = Case::new();
+    if let Some(g) = four.guest.as_mut() {
+        g.cpus.present = "0-3".parse().expect("set");
+    }
+    assert_rule("cpu.guest-present", Severity::Error, &c, &four, &op(3));
+    assert!(!c.run(&op(2)).iter().any(|f| f.id == "cpu.guest-present"));
+    assert!(ids(&c.run(&op(0)), Severity::Error).contains(&"cpu.guest-present"), "at least one CPU");
+    assert!(ids(&c.run(&op(2)), Severity::Warning).contains(&"persist.guest-level"));
+    let mut no_agent = Case::new();
+    no_agent.guest = None;
+    assert!(ids(&no_agent.run(&op(2)), Severity::Error).contains(&"agent.ready"), "the agent does the work");
 }

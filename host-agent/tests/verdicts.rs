@@ -12,7 +12,7 @@ use std::time::Duration;
 use vmplug::domain::{Affect, DomainError};
 use vmplug::fake::{FakeConnection, FakeDomain, Hook};
 use vmplug::link::AgentAddr;
-use vmplug::ops::{attach_memory, new_request_id, setvcpus, HotplugOpts, MemoryOpts};
+use vmplug::ops::{attach_memory, new_request_id, setvcpus, setvcpus_guest, HotplugOpts, MemoryOpts};
 use vmplug::report::Outcome;
 use vmplug::tune::{check, CheckRequest};
 use vmplug::vmem::{resize_memory, ResizeOpts, SizeChange};
@@ -59,6 +59,8 @@ async fn world(xml: &str, running: bool, agent: bool) -> World {
 #[derive(Debug, Clone, Copy)]
 enum Req {
     Cpus(u32),
+    /// `setvcpus --guest`
+    GuestCpus(u32),
     /// size, node, round up
     Mem(u64, Option<u32>, bool),
     /// virtio-mem: the change, node
@@ -103,17 +105,27 @@ async fn both(
     o: &HotplugOpts,
 ) -> Result<(bool, Outcome, Vec<String>), (String, String)> {
     let creq = match req {
-        Req::Cpus(n) => CheckRequest { cpus: Some(n), memory: None, resize: None, opts: o.clone() },
-        Req::Mem(size, node, up) => {
-            CheckRequest { cpus: None, memory: Some(mem_opts(size, node, up)), resize: None, opts: o.clone() }
-        }
-        Req::Resize(change, node) => {
-            CheckRequest { cpus: None, memory: None, resize: Some(resize_opts(change, node)), opts: o.clone() }
-        }
+        Req::Cpus(n) => CheckRequest { cpus: Some(n), guest: false, memory: None, resize: None, opts: o.clone() },
+        Req::GuestCpus(n) => CheckRequest { cpus: Some(n), guest: true, memory: None, resize: None, opts: o.clone() },
+        Req::Mem(size, node, up) => CheckRequest {
+            cpus: None,
+            guest: false,
+            memory: Some(mem_opts(size, node, up)),
+            resize: None,
+            opts: o.clone(),
+        },
+        Req::Resize(change, node) => CheckRequest {
+            cpus: None,
+            guest: false,
+            memory: None,
+            resize: Some(resize_opts(change, node)),
+            opts: o.clone(),
+        },
     };
     let c = check(w.conn.clone(), name, &creq).await;
     let v = match req {
         Req::Cpus(n) => setvcpus(w.conn.clone(), name, n, o).await,
+        Req::GuestCpus(n) => setvcpus_guest(w.conn.clone(), name, n, o).await,
         Req::Mem(size, node, up) => attach_memory(w.conn.clone(), name, &mem_opts(size, node, up), o).await,
         Req::Resize(change, node) => resize_memory(w.conn.clone(), name, &resize_opts(change, node), o).await,
     };
@@ -124,7 +136,11 @@ async fn both(
     }
 }
 
-const REQUESTS: [Req; 21] = [
+const REQUESTS: [Req; 25] = [
+    Req::GuestCpus(0),
+    Req::GuestCpus(1),
+    Req::GuestCpus(2),
+    Req::GuestCpus(40),
     Req::Cpus(1),
     Req::Cpus(2),
     Req::Cpus(4),
