@@ -170,6 +170,8 @@ fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         }
         // What this QEMU says about the machine decides; the version only speaks
         // when QEMU could not be asked (a remote host).
+        // The persistent definition needs no hot-plug.
+        "aarch64" if !ctx.affect.live() => None,
         "aarch64" => match ctx.host.cpu_hotplug {
             Some(true) => None,
             Some(false) => error(
