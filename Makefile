@@ -50,8 +50,10 @@ package: setup guest-agent
 	rm -rf target/assets && target/release/vmplug-assets target/assets
 	rm -rf $(PKG_DIR) && mkdir -p $(PKG_DIR)
 	$(TOOLS)/cargo-deb -p vmplug-guest --no-build --target $(GUEST_TARGET) -o $(PKG_DIR)/
+	$(TOOLS)/cargo-deb -p vmplug-guest --no-build --target $(GUEST_TARGET_ARM) -o $(PKG_DIR)/
 	$(TOOLS)/cargo-deb -p vmplug --no-build -o $(PKG_DIR)/
 	$(TOOLS)/cargo-generate-rpm -p guest-agent --target $(GUEST_TARGET) -o $(PKG_DIR)/
+	$(TOOLS)/cargo-generate-rpm -p guest-agent --target $(GUEST_TARGET_ARM) -o $(PKG_DIR)/
 	$(TOOLS)/cargo-generate-rpm -p host-agent -o $(PKG_DIR)/
 	@ls -l $(PKG_DIR)
 

@@ -41,7 +41,7 @@ pub enum PrepareError {
     #[error("{cells} guest NUMA cells for {sockets} sockets: every cell needs at least one whole socket")]
     TooManyCells { cells: u32, sockets: u32 },
     #[error("machine '{machine}' ({arch}) cannot hot-plug: {why}")]
-    Machine { machine: String, arch: String, why: &'static str },
+    Machine { machine: String, arch: String, why: String },
     #[error("--host-nodes is empty: name at least one host NUMA node (host nodes: {0})")]
     NoHostNodes(String),
     #[error("0 memory slots: memory hot-plug needs at least one (the guide allows up to {MAX_SLOTS})")]
@@ -99,22 +99,31 @@ fn indent_of(xml: &str, n: Node) -> String {
     xml[line..start].chars().take_while(|c| c.is_whitespace()).collect()
 }
 
-fn check_machine(f: &DomainFacts) -> Result<(), PrepareError> {
-    let err = |why| Err(PrepareError::Machine { machine: f.machine.clone(), arch: f.arch.clone(), why });
+/// The machine must be able to hot-plug on this host: judged from libvirt's
+/// capabilities and, on aarch64, what the domain's QEMU says it can do.
+fn check_machine(f: &DomainFacts, host: &HostFacts, notes: &mut Vec<String>) -> Result<(), PrepareError> {
+    let err = |why: String| Err(PrepareError::Machine { machine: f.machine.clone(), arch: f.arch.clone(), why });
     match f.arch.as_str() {
         "x86_64" | "i686" if f.machine == "pc" || f.machine == "q35" || f.machine.starts_with("pc-") => Ok(()),
-        "aarch64" => {
-            let v = f.machine.strip_prefix("virt-").and_then(|v| {
-                let mut it = v.split('.');
-                Some((it.next()?.parse::<u32>().ok()?, it.next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0)))
-            });
-            match v {
-                Some(v) if v < (4, 1) => err("the guide requires virt-4.1 or newer"),
-                _ if f.machine == "virt" || f.machine.starts_with("virt-") => Ok(()),
-                _ => err("only the 'virt' machine can hot-plug on aarch64"),
+        "aarch64" if f.machine == "virt" || f.machine.starts_with("virt-") => {
+            let newest = host
+                .newest_versioned("virt")
+                .map_or(String::new(), |n| format!("; use {n}, the newest this host's QEMU offers"));
+            let upstream = host.cpu_hotplug == Some(false);
+            match crate::xml::machine_version(&f.machine, "virt") {
+                Some(v) if v < (4, 1) => return err(format!("the guide requires virt-4.1 or newer{newest}")),
+                Some(v) if v < (4, 2) && upstream => {
+                    return err(format!("this host's QEMU has no ACPI GED device on virt-4.1 (upstream adds it from virt-4.2), so neither DIMMs nor vCPUs can be hot-plugged there{newest}"))
+                }
+                _ => {}
             }
+            if upstream {
+                notes.push(format!("vCPUs: this host's QEMU cannot hot-plug vCPUs on '{}' (query-machines); scale with `vmplug setvcpus --guest` among vCPUs defined at boot (boot with maxcpus= to keep the surplus offline)", f.machine));
+            }
+            Ok(())
         }
-        _ => err("vmplug knows hot-plug on x86 pc/q35 and aarch64 virt"),
+        "aarch64" => err("only the 'virt' machine can hot-plug on aarch64".into()),
+        _ => err("vmplug knows hot-plug on x86 pc/q35 and aarch64 virt".into()),
     }
 }
 
@@ -139,10 +148,10 @@ type Edit = (std::ops::Range<usize>, String);
 /// Computes the prepared definition of `xml` (the persistent one) on `host`.
 pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared, PrepareError> {
     let f = DomainFacts::parse(xml)?;
-    check_machine(&f)?;
+    let mut notes = Vec::new();
+    check_machine(&f, host, &mut notes)?;
     let doc = Document::parse(xml).map_err(|e| PrepareError::Xml(e.to_string()))?;
     let dom = doc.root_element();
-    let mut notes = Vec::new();
     let l = layout(&f, o)?;
     let (pins, memnodes) = placement(&l, host, o, &mut notes)?;
     let mut edits = size_edits(xml, dom, &f, &l, &mut notes)?;

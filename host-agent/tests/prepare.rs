@@ -113,6 +113,19 @@ fn impossible_requests_are_refused_each_with_its_reason() {
         refuse(arm, PrepareOpts { max_vcpus: Some(7), ..Default::default() }),
         PrepareError::NotWholeSockets { .. }
     ));
+    // On a QEMU whose virt-4.1 cannot hot-plug vCPUs (upstream's), it has no GED
+    // either: refused, naming the newest versioned machine libvirt offers.
+    let upstream = HostFacts {
+        cpu_hotplug: Some(false),
+        machines: vec!["virt".into(), "virt-10.0".into(), "virt-4.1".into(), "virt-9.2".into()],
+        ..host()
+    };
+    let e = prepare(arm, &upstream, &PrepareOpts::default()).expect_err("refused");
+    assert!(matches!(e, PrepareError::Machine { .. }) && e.to_string().contains("use virt-10.0"), "{e}");
+    // On virt-10.0 the same QEMU can take DIMMs; prepare says how vCPUs scale there.
+    let newer = arm.replace("virt-4.1", "virt-10.0");
+    let p = prepare(&newer, &upstream, &PrepareOpts::default()).expect("prepares");
+    assert!(p.notes.iter().any(|n| n.contains("setvcpus --guest")), "{:?}", p.notes);
     assert!(matches!(
         refuse(plain, PrepareOpts { cells: Some(3), ..Default::default() }),
         PrepareError::TooManyCells { .. }

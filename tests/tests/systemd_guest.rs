@@ -14,7 +14,11 @@ fn image(kind: &str) -> PathBuf {
     let env = Env::get();
     let deb = std::fs::read_dir(env.repo.join("target/packages"))
         .ok()
-        .and_then(|rd| rd.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("vmplug-guest_")))
+        .and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with("_amd64.deb") && p.to_string_lossy().contains("vmplug-guest_"))
+        })
         .expect("target/packages/vmplug-guest_*.deb: run `make package` (make test does)");
     let meta = std::fs::metadata(&deb).expect("deb");
     let stamp = meta
