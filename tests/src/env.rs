@@ -12,7 +12,8 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// The kernel unpacked under `dir` (modules under `lib/` or `usr/lib/`).
+    /// The kernel unpacked under `dir` (modules under `lib/` or `usr/lib/`; a
+    /// kernel with everything built in has none).
     fn find(dir: &Path, setup: &str) -> Kernel {
         let image = std::fs::read_dir(dir.join("boot"))
             .ok()
@@ -27,12 +28,16 @@ impl Kernel {
             .iter()
             .map(|m| dir.join(m).join(&release).join("kernel"))
             .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("no modules for {release} under {}: {setup}", dir.display()));
+            .unwrap_or_else(|| dir.join("lib/modules").join(&release).join("kernel"));
         Kernel { image, modules }
     }
 
-    /// Whether `module` (`drivers/virtio/virtio`) is built into this kernel.
+    /// Whether `module` (`drivers/virtio/virtio`) is built into this kernel
+    /// (always, for a kernel without modules).
     pub fn builtin(&self, module: &str) -> bool {
+        if !self.modules.exists() {
+            return true;
+        }
         let list = self.modules.parent().map(|p| p.join("modules.builtin")).unwrap_or_default();
         std::fs::read_to_string(list).unwrap_or_default().lines().any(|l| l == format!("kernel/{module}.ko"))
     }
@@ -50,6 +55,8 @@ pub struct Env {
     pub trixie: Kernel,
     /// Debian 12's arm64 kernel (no ACPI memory hot-plug), for aarch64 guests.
     pub arm64: Kernel,
+    /// Debian 12's arm64 source cross-built with ACPI memory hot-plug.
+    pub arm64_acpi: Kernel,
     /// The static aarch64 busybox that came with it.
     pub busybox_arm64: PathBuf,
     pub vmplug: PathBuf,
@@ -77,6 +84,7 @@ impl Env {
             let bookworm = Kernel::find(&cache.join("kernel"), setup);
             let trixie = Kernel::find(&cache.join("kernel-trixie"), setup);
             let arm64 = Kernel::find(&cache.join("kernel-arm64"), setup);
+            let arm64_acpi = Kernel::find(&cache.join("kernel-arm64-acpi"), setup);
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
             let work =
                 std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
@@ -86,6 +94,7 @@ impl Env {
                 kernel: bookworm.image,
                 trixie,
                 arm64,
+                arm64_acpi,
                 busybox_arm64: must_exist(cache.join("kernel-arm64/bin/busybox"), setup),
                 vmplug: must_exist(
                     std::env::var_os("VMPLUG_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("debug/vmplug")),

@@ -42,6 +42,9 @@ pub enum GuestKernel {
     /// Debian 12's arm64 6.1 (aarch64 `virt` under TCG, UEFI + ACPI): no ACPI
     /// memory hot-plug, so only virtio-mem reaches it.
     Arm64,
+    /// Debian 12's arm64 6.1 source cross-built with ACPI memory hot-plug and
+    /// everything built in (setup-host.sh): DIMMs reach it.
+    Arm64Acpi,
 }
 
 /// The guest's architecture, from its kernel.
@@ -55,7 +58,7 @@ impl GuestKernel {
     pub fn arch(self) -> Arch {
         match self {
             GuestKernel::Bookworm | GuestKernel::Trixie => Arch::X86_64,
-            GuestKernel::Arm64 => Arch::Aarch64,
+            GuestKernel::Arm64 | GuestKernel::Arm64Acpi => Arch::Aarch64,
         }
     }
 
@@ -64,6 +67,7 @@ impl GuestKernel {
             GuestKernel::Bookworm => crate::env::Kernel { image: env.kernel.clone(), modules: env.modules.clone() },
             GuestKernel::Trixie => env.trixie.clone(),
             GuestKernel::Arm64 => env.arm64.clone(),
+            GuestKernel::Arm64Acpi => env.arm64_acpi.clone(),
         }
     }
 }
