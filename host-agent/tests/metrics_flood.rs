@@ -9,13 +9,13 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmplug::autoscale::{serve_metrics, Engine, Metrics, Policy};
+use vmplug::autoscale::{serve_metrics, Engine, Policy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_failures_do_not_end_the_endpoint() {
     let policy = Policy::default();
     let limits = policy.limits().expect("defaults are valid");
-    let engine = Arc::new(Engine { policy, limits, metrics: Metrics::default(), dry_run: true });
+    let engine = Arc::new(Engine::new(policy, limits, true));
     let addr = serve_metrics("127.0.0.1:0", engine).await.expect("bind");
 
     // Use up every descriptor but one: the client's socket takes it, so the

@@ -104,18 +104,83 @@ fn none(rule: &'static str, reason: impl Into<String>) -> Decision {
     Decision { action: Action::None, rule, reason: reason.into() }
 }
 
-/// The pure decision: inputs → at most one action.
-pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decision {
+/// Cooldown, back-off and an action still running hold every decision, however
+/// it was asked for (pressure or an alert).
+fn held(l: &Limits, st: &DomainState, now_s: u64) -> Option<Decision> {
     if st.in_flight {
-        return none("in-flight", "an action on this domain is still running");
+        return Some(none("in-flight", "an action on this domain is still running"));
     }
     if now_s < st.backoff_until_s {
-        return none("backoff", format!("backing off after {} failure(s) until t={}", st.failures, st.backoff_until_s));
+        return Some(none(
+            "backoff",
+            format!("backing off after {} failure(s) until t={}", st.failures, st.backoff_until_s),
+        ));
     }
     if let Some(t) = st.last_action_s {
         if now_s < t.saturating_add(l.cooldown_s) {
-            return none("cooldown", format!("cooldown until t={}", t.saturating_add(l.cooldown_s)));
+            return Some(none("cooldown", format!("cooldown until t={}", t.saturating_add(l.cooldown_s))));
         }
+    }
+    None
+}
+
+/// Why a grow was asked for: the rule id and reason its action carries.
+#[derive(Debug, Clone, Copy)]
+struct Why<'a> {
+    rule: &'static str,
+    reason: &'a str,
+}
+
+/// One `cpu_step` more vCPUs within the policy's, the domain's and the host's
+/// room; `Err` with why not when there is none.
+fn grow_vcpus(l: &Limits, cap: &Capacity, why: Why) -> Result<Decision, String> {
+    let cap_max = l.cpu_max.min(cap.vcpus_max);
+    let host_room = ((cap.host_cpus as f64 * l.vcpu_overcommit) as u32).saturating_sub(cap.host_vcpus);
+    let to = (cap.vcpus + l.cpu_step).min(cap_max).min(cap.vcpus + host_room);
+    if to > cap.vcpus {
+        return Ok(Decision { action: Action::AddVcpus { to }, rule: why.rule, reason: why.reason.to_string() });
+    }
+    Err(format!(
+        "at {} vCPUs (policy max {}, domain max {}, host room {host_room})",
+        cap.vcpus, l.cpu_max, cap.vcpus_max
+    ))
+}
+
+/// One `mem_step` more memory (virtio-mem where the domain has it, else DIMMs)
+/// within the policy's, the domain's and the host's room.
+fn grow_memory(l: &Limits, cap: &Capacity, why: Why) -> Decision {
+    if cap.virtio_mem {
+        return grow_virtio_mem(l, cap, why);
+    }
+    let room = Bytes(
+        l.mem_max.get().saturating_sub(cap.memory.get()).min(cap.max_memory.get().saturating_sub(cap.memory.get())),
+    );
+    let host_room = Bytes(cap.host_free.get().saturating_sub(l.memory_reserve.get()));
+    let ceiling = room.min(host_room);
+    let size = l.mem_step.min(ceiling);
+    // Whole 128 MiB blocks only; the planner aligns to the guest exactly,
+    // rounding up no further than `ceiling`.
+    let size = Bytes(size.get() / (128 * MIB) * (128 * MIB));
+    if size.get() > 0 && cap.free_slots > 0 {
+        return Decision {
+            action: Action::AddMemory { size, ceiling },
+            rule: why.rule,
+            reason: why.reason.to_string(),
+        };
+    }
+    none(
+        "memory.at-max",
+        format!(
+            "memory pressure, but at {} (policy max {}, host room {host_room}, {} free slots)",
+            cap.memory, l.mem_max, cap.free_slots
+        ),
+    )
+}
+
+/// The pure decision: inputs → at most one action.
+pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decision {
+    if let Some(d) = held(l, st, now_s) {
+        return d;
     }
     if st.samples.len() < l.sustain {
         return none("warming-up", format!("{} of {} samples", st.samples.len(), l.sustain));
@@ -126,53 +191,16 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
         .iter()
         .all(|s| s.mem_some >= l.mem_psi_some || s.mem_full >= l.mem_psi_full || s.available < l.available_below);
     if cpu_hot {
-        let cap_max = l.cpu_max.min(cap.vcpus_max);
-        let host_room = ((cap.host_cpus as f64 * l.vcpu_overcommit) as u32).saturating_sub(cap.host_vcpus);
-        let to = (cap.vcpus + l.cpu_step).min(cap_max).min(cap.vcpus + host_room);
-        if to > cap.vcpus {
-            return Decision {
-                action: Action::AddVcpus { to },
-                rule: "cpu.psi",
-                reason: format!("cpu some avg10 ≥ {} for {} samples", l.cpu_psi, l.sustain),
-            };
+        let reason = format!("cpu some avg10 ≥ {} for {} samples", l.cpu_psi, l.sustain);
+        match grow_vcpus(l, cap, Why { rule: "cpu.psi", reason: &reason }) {
+            Ok(d) => return d,
+            Err(why) if !mem_hot => return none("cpu.at-max", format!("cpu pressure, but {why}")),
+            Err(_) => {}
         }
-        if !mem_hot {
-            return none(
-                "cpu.at-max",
-                format!(
-                    "cpu pressure, but at {} vCPUs (policy max {}, domain max {}, host room {host_room})",
-                    cap.vcpus, l.cpu_max, cap.vcpus_max
-                ),
-            );
-        }
-    }
-    if mem_hot && cap.virtio_mem {
-        return grow_virtio_mem(l, cap);
     }
     if mem_hot {
-        let room = Bytes(
-            l.mem_max.get().saturating_sub(cap.memory.get()).min(cap.max_memory.get().saturating_sub(cap.memory.get())),
-        );
-        let host_room = Bytes(cap.host_free.get().saturating_sub(l.memory_reserve.get()));
-        let ceiling = room.min(host_room);
-        let size = l.mem_step.min(ceiling);
-        // Whole 128 MiB blocks only; the planner aligns to the guest exactly,
-        // rounding up no further than `ceiling`.
-        let size = Bytes(size.get() / (128 * MIB) * (128 * MIB));
-        if size.get() > 0 && cap.free_slots > 0 {
-            return Decision {
-                action: Action::AddMemory { size, ceiling },
-                rule: "memory.pressure",
-                reason: format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain),
-            };
-        }
-        return none(
-            "memory.at-max",
-            format!(
-                "memory pressure, but at {} (policy max {}, host room {host_room}, {} free slots)",
-                cap.memory, l.mem_max, cap.free_slots
-            ),
-        );
+        let reason = format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain);
+        return grow_memory(l, cap, Why { rule: "memory.pressure", reason: &reason });
     }
     if let (true, Some(above)) = (cap.virtio_mem, l.shrink_above) {
         let idle =
@@ -184,13 +212,43 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
     none("calm", "no sustained pressure")
 }
 
+/// What an alert asks to grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resource {
+    Cpu,
+    Memory,
+}
+
+/// An alert (Alertmanager's webhook) asks a domain to grow: the same limits,
+/// cooldown and back-off as pressure; only the trigger differs. `alert` is its
+/// name, for the event's reason.
+pub fn decide_alert(
+    l: &Limits,
+    st: &DomainState,
+    cap: &Capacity,
+    resource: Resource,
+    alert: &str,
+    now_s: u64,
+) -> Decision {
+    if let Some(d) = held(l, st, now_s) {
+        return d;
+    }
+    let reason = format!("alert {alert} firing");
+    match resource {
+        Resource::Cpu => grow_vcpus(l, cap, Why { rule: "alert.cpu", reason: &reason })
+            .unwrap_or_else(|why| none("cpu.at-max", format!("alert {alert}, but {why}"))),
+        Resource::Memory => grow_memory(l, cap, Why { rule: "alert.memory", reason: &reason }),
+    }
+}
+
 /// Whole 128 MiB blocks: a virtio-mem step never leaves a guest block partly
 /// plugged by autoscale.
 fn whole_blocks(b: u64) -> Bytes {
     Bytes(b / (128 * MIB) * (128 * MIB))
 }
 
-fn grow_virtio_mem(l: &Limits, cap: &Capacity) -> Decision {
+fn grow_virtio_mem(l: &Limits, cap: &Capacity, why: Why) -> Decision {
     let policy_room = l.mem_max.get().saturating_sub(cap.memory.get());
     let host_room = cap.host_free.get().saturating_sub(l.memory_reserve.get());
     let size = whole_blocks(l.mem_step.get().min(policy_room).min(cap.virtio_room.get()).min(host_room));
@@ -206,11 +264,7 @@ fn grow_virtio_mem(l: &Limits, cap: &Capacity) -> Decision {
             ),
         );
     }
-    Decision {
-        action: Action::GrowVirtioMem { size },
-        rule: "memory.pressure",
-        reason: format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain),
-    }
+    Decision { action: Action::GrowVirtioMem { size }, rule: why.rule, reason: why.reason.to_string() }
 }
 
 /// Gives memory back, never below the floor, never more than the devices hold,
@@ -256,6 +310,27 @@ pub struct DecisionEvent {
     pub duration_ms: u64,
 }
 
+impl DecisionEvent {
+    /// An event about to be decided: no inputs, no action yet.
+    pub fn new(uri: &str, domain: &str, cap: &Capacity, ts: u64, dry_run: bool) -> DecisionEvent {
+        DecisionEvent {
+            ts,
+            uri: uri.into(),
+            domain: domain.into(),
+            inputs: None,
+            vcpus: cap.vcpus,
+            memory: cap.memory,
+            rule: "agent.silent",
+            reason: String::new(),
+            action: Action::None,
+            dry_run,
+            outcome: None,
+            message: None,
+            duration_ms: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -288,6 +363,28 @@ pub(crate) mod tests {
 
     pub(crate) fn state(samples: &[Sample]) -> DomainState {
         DomainState { samples: samples.iter().copied().collect(), ..Default::default() }
+    }
+
+    /// An alert grows by the policy's step with no samples needed, and is held by
+    /// exactly what holds pressure: cooldown, back-off, an action in flight, limits.
+    #[test]
+    fn an_alert_goes_through_the_same_limits() {
+        let l = limits();
+        let calm = state(&[]);
+        let d = decide_alert(&l, &calm, &cap(), Resource::Memory, "GuestLowMemory", 1000);
+        assert_eq!(d.rule, "alert.memory");
+        assert!(matches!(d.action, Action::AddMemory { size, .. } if size == l.mem_step), "{d:?}");
+        assert!(d.reason.contains("GuestLowMemory"));
+        let d = decide_alert(&l, &calm, &cap(), Resource::Cpu, "GuestCpu", 1000);
+        assert_eq!(d.action, Action::AddVcpus { to: 2 + l.cpu_step.min(8 - 2) }, "{d:?}");
+        let cooling = DomainState { last_action_s: Some(990), ..state(&[]) };
+        assert_eq!(decide_alert(&l, &cooling, &cap(), Resource::Memory, "a", 1000).rule, "cooldown");
+        let busy = DomainState { in_flight: true, ..state(&[]) };
+        assert_eq!(decide_alert(&l, &busy, &cap(), Resource::Cpu, "a", 1000).rule, "in-flight");
+        let full = Capacity { memory: l.mem_max, ..cap() };
+        assert_eq!(decide_alert(&l, &calm, &full, Resource::Memory, "a", 1000).action, Action::None);
+        let at_max = Capacity { vcpus: 8, ..cap() };
+        assert_eq!(decide_alert(&l, &calm, &at_max, Resource::Cpu, "a", 1000).rule, "cpu.at-max");
     }
 
     #[test]

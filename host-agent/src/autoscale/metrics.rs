@@ -55,6 +55,12 @@ struct KindLabels {
     action: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    /// `accepted`, `rejected` (unknown domain or host), `malformed`, `resolved`.
+    result: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// The autoscale metrics as Prometheus families (HELP and TYPE for each,
@@ -76,6 +82,7 @@ pub struct Metrics {
     last_exit: Family<DomainLabels, Gauge>,
     actions: Family<ActionLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
+    alerts: Family<AlertLabels, Counter>,
     /// Label sets in use per domain, for removal.
     seen: std::sync::Mutex<std::collections::HashMap<DomainLabels, DomainSeries>>,
 }
@@ -145,8 +152,11 @@ impl Default for Metrics {
             Unit::Seconds,
             duration.clone(),
         );
+        let alerts = Family::<AlertLabels, Counter>::default();
+        registry.register("vmplug_alerts", "Alerts received from Alertmanager's webhook, by result", alerts.clone());
         Metrics {
             registry,
+            alerts,
             vcpus,
             vcpus_max,
             memory,
@@ -183,6 +193,17 @@ impl Metrics {
     /// One round's decision and what it saw: the host's view from libvirt, the
     /// guest's from its agent (`guest`: `None` when it did not answer).
     pub(crate) fn record(&self, ev: &DecisionEvent, cap: &Capacity, guest: Option<&GuestInfo>) {
+        self.record_sample(ev, cap, guest);
+        self.record_action(ev);
+    }
+
+    /// Alerts received, by result (`accepted`, `rejected`, `malformed`, `resolved`).
+    pub(crate) fn count_alerts(&self, result: &str, n: u64) {
+        self.alerts.get_or_create(&AlertLabels { result: result.into() }).inc_by(n);
+    }
+
+    /// What one sample saw (libvirt's view and the guest's).
+    fn record_sample(&self, ev: &DecisionEvent, cap: &Capacity, guest: Option<&GuestInfo>) {
         let l = DomainLabels { uri: ev.uri.clone(), domain: ev.domain.clone() };
         self.vcpus.get_or_create(&l).set(i64::from(cap.vcpus));
         self.vcpus_max.get_or_create(&l).set(i64::from(cap.vcpus_max));
@@ -217,7 +238,14 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// The action an event took, if any: counted, timed, its exit code kept.
+    pub(crate) fn record_action(&self, ev: &DecisionEvent) {
+        let l = DomainLabels { uri: ev.uri.clone(), domain: ev.domain.clone() };
         if let Some(o) = ev.outcome {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let series = seen.entry(l.clone()).or_default();
             let kind = action_kind(&ev.action).to_string();
             let outcome = serde_json::to_value(o).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
             let a = ActionLabels {

@@ -9,6 +9,7 @@
 pub mod decision;
 pub mod metrics;
 pub mod policy;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::Bytes;
 
-pub use decision::{decide, Action, Capacity, Decision, DecisionEvent, DomainState, Sample};
+pub use decision::{decide, decide_alert, Action, Capacity, Decision, DecisionEvent, DomainState, Resource, Sample};
 pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, Metrics};
 pub use policy::{glob, Limits, Policy, PolicyError, MAX_TIMING_S};
 
@@ -46,6 +47,11 @@ impl Host {
     }
 }
 
+/// What autoscale knows of each domain between rounds, by (host URI, name);
+/// shared by the sampling rounds and the alert receiver, so both see one
+/// cooldown, one back-off and one action in flight per domain.
+pub type States = std::sync::Mutex<std::collections::HashMap<(String, String), DomainState>>;
+
 /// The policy, its parsed limits, the metrics, and whether to act.
 #[derive(Debug)]
 pub struct Engine {
@@ -53,20 +59,37 @@ pub struct Engine {
     pub limits: Limits,
     pub metrics: Metrics,
     pub dry_run: bool,
+    pub states: States,
 }
 
-/// Samples, decides and (unless `dry_run`) acts on one domain; returns the event.
-pub async fn step_domain(
-    engine: &Engine,
-    host: &Host,
-    facts: &DomainFacts,
-    room: &HostRoom,
-    state: &mut DomainState,
-) -> Result<DecisionEvent, DomainError> {
-    let name = facts.name.as_str();
+impl Engine {
+    pub fn new(policy: Policy, limits: Limits, dry_run: bool) -> Engine {
+        Engine { policy, limits, metrics: Metrics::default(), dry_run, states: States::default() }
+    }
+
+    /// Marks the domain's step as running and returns its state, or `None` when
+    /// a step on it is already running.
+    pub fn begin(&self, key: &(String, String)) -> Option<DomainState> {
+        let mut map = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        let st = map.entry(key.clone()).or_default();
+        if st.in_flight {
+            return None;
+        }
+        st.in_flight = true;
+        Some(DomainState { in_flight: false, ..st.clone() })
+    }
+
+    /// Stores the state a finished step leaves (no longer in flight).
+    pub fn end(&self, key: (String, String), st: DomainState) {
+        self.states.lock().unwrap_or_else(|e| e.into_inner()).insert(key, st);
+    }
+}
+
+/// The domain's and the host's room, from libvirt (trusted).
+fn capacity(facts: &DomainFacts, room: &HostRoom) -> Capacity {
     let plugged: u64 = facts.virtio_mems.iter().map(|v| v.plugged().get()).sum();
     let regions: u64 = facts.virtio_mems.iter().map(|v| v.size.get()).sum();
-    let cap = Capacity {
+    Capacity {
         vcpus: facts.vcpus_current,
         vcpus_max: facts.vcpus_max,
         memory: facts.guest_memory(),
@@ -78,23 +101,44 @@ pub async fn step_domain(
         virtio_mem: !facts.virtio_mems.is_empty(),
         virtio_room: Bytes(regions.saturating_sub(plugged)),
         virtio_plugged: Bytes(plugged),
-    };
+    }
+}
+
+/// Runs a decided action (unless dry-run) and records its outcome in `ev` and
+/// in the domain's state: cooldown from now, back-off after a failure.
+async fn apply(engine: &Engine, host: &Host, d: Decision, ev: &mut DecisionEvent, state: &mut DomainState) {
+    ev.rule = d.rule;
+    ev.reason = d.reason;
+    ev.action = d.action.clone();
+    if d.action == Action::None || engine.dry_run {
+        return;
+    }
+    let _permit = host.actions.acquire().await;
+    let (outcome, message) = act(engine, host, &ev.domain, &d.action).await;
+    ev.outcome = Some(outcome);
+    ev.message = Some(message);
+    state.last_action_s = Some(now_s());
+    if outcome == Outcome::Ok {
+        state.failures = 0;
+        state.samples.clear();
+    } else {
+        state.failures += 1;
+        state.backoff_until_s =
+            now_s().saturating_add(engine.limits.backoff_s.saturating_mul(u64::from(state.failures.min(10))));
+    }
+}
+
+/// Samples, decides and (unless `dry_run`) acts on one domain; returns the event.
+pub async fn step_domain(
+    engine: &Engine,
+    host: &Host,
+    facts: &DomainFacts,
+    room: &HostRoom,
+    state: &mut DomainState,
+) -> Result<DecisionEvent, DomainError> {
+    let cap = capacity(facts, room);
     let started = std::time::Instant::now();
-    let mut ev = DecisionEvent {
-        ts: now_s(),
-        uri: host.uri.clone(),
-        domain: name.into(),
-        inputs: None,
-        vcpus: cap.vcpus,
-        memory: cap.memory,
-        rule: "agent.silent",
-        reason: String::new(),
-        action: Action::None,
-        dry_run: engine.dry_run,
-        outcome: None,
-        message: None,
-        duration_ms: 0,
-    };
+    let mut ev = DecisionEvent::new(&host.uri, &facts.name, &cap, now_s(), engine.dry_run);
     let mut guest = None;
     let pressure = match ops::connect_agent(facts, None, Duration::from_secs(3)).await {
         Ok(mut link) => {
@@ -119,24 +163,7 @@ pub async fn step_domain(
         state.samples.pop_front();
     }
     let d = decide(&engine.limits, state, &cap, ev.ts);
-    ev.rule = d.rule;
-    ev.reason = d.reason;
-    ev.action = d.action.clone();
-    if d.action != Action::None && !engine.dry_run {
-        let _permit = host.actions.acquire().await;
-        let (outcome, message) = act(engine, host, name, &d.action).await;
-        ev.outcome = Some(outcome);
-        ev.message = Some(message);
-        state.last_action_s = Some(now_s());
-        if outcome == Outcome::Ok {
-            state.failures = 0;
-            state.samples.clear();
-        } else {
-            state.failures += 1;
-            state.backoff_until_s =
-                now_s().saturating_add(engine.limits.backoff_s.saturating_mul(u64::from(state.failures.min(10))));
-        }
-    }
+    apply(engine, host, d, &mut ev, state).await;
     ev.duration_ms = started.elapsed().as_millis() as u64;
     engine.metrics.record(&ev, &cap, guest.as_ref());
     Ok(ev)
@@ -188,7 +215,7 @@ async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outc
 /// domain has had `sustain` samples and one decision.
 pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) -> Result<(), PolicyError> {
     let limits = policy.limits()?;
-    let engine = Arc::new(Engine { policy, limits, metrics: Metrics::default(), dry_run });
+    let engine = Arc::new(Engine::new(policy, limits, dry_run));
     if let Some(addr) = engine.policy.metrics_listen.clone() {
         let e = engine.clone();
         let bound = serve_metrics(&addr, e)
@@ -196,10 +223,15 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
             .map_err(|err| PolicyError::Invalid(format!("metrics_listen {addr}: {err}")))?;
         tracing::info!(%bound, "serving metrics at /metrics");
     }
+    if let Some(addr) = engine.policy.webhook_listen.clone() {
+        let bound = webhook::serve(&addr, engine.clone(), hosts.clone())
+            .await
+            .map_err(|err| PolicyError::Invalid(format!("webhook_listen {addr}: {err}")))?;
+        tracing::info!(%bound, "receiving Alertmanager webhooks at /alerts");
+    }
     // A domain whose step is still running (a slow action, a stalling guest) is
     // marked in flight and skipped by later rounds instead of holding them up: one
     // guest never delays the sampling of another. `--once` waits for each round.
-    let states: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), DomainState>>> = Arc::default();
     let rounds = if once { engine.limits.sustain } else { usize::MAX };
     let mut tasks = tokio::task::JoinSet::new();
     for round in 0..rounds {
@@ -210,21 +242,15 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
             let room = Arc::new(room);
             for facts in selected {
                 let key = (host.uri.clone(), facts.name.clone());
-                let mut st = {
-                    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
-                    let st = map.entry(key.clone()).or_default();
-                    if st.in_flight {
-                        tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
-                        continue;
-                    }
-                    st.in_flight = true;
-                    DomainState { in_flight: false, ..st.clone() }
+                let Some(mut st) = engine.begin(&key) else {
+                    tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
+                    continue;
                 };
-                let (host, engine, states, room) = (host.clone(), engine.clone(), states.clone(), room.clone());
+                let (host, engine, room) = (host.clone(), engine.clone(), room.clone());
                 tasks.spawn(async move {
                     let name = facts.name.clone();
                     let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
-                    states.lock().unwrap_or_else(|e| e.into_inner()).insert(key, st);
+                    engine.end(key, st);
                     match res {
                         Ok(ev) => println!("{}", serde_json::to_string(&ev).unwrap_or_default()),
                         Err(e) => eprintln!("autoscale: {name}: {e}"),
@@ -258,7 +284,7 @@ pub struct HostRoom {
 
 /// The running domains of `host` the policy selects (their live XML, read once
 /// per round) and the host's room.
-async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainFacts>, HostRoom) {
+pub(crate) async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainFacts>, HostRoom) {
     let conn = host.conn.clone();
     let (names, host_facts) = ops::blocking(move || {
         let names = conn.list_domains()?;

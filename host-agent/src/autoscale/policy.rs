@@ -154,6 +154,8 @@ pub struct Policy {
     pub persist: bool,
     /// Prometheus text endpoint, e.g. `127.0.0.1:9477`.
     pub metrics_listen: Option<String>,
+    /// Alertmanager webhook receiver (`POST /alerts`), e.g. `127.0.0.1:9478`.
+    pub webhook_listen: Option<String>,
 }
 
 /// Longest interval, cooldown or back-off a policy may set, in seconds (a week):
