@@ -42,3 +42,21 @@ fn impossible_cpu_counts_are_refused_with_specific_rules() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+/// Guest-level scaling on x86 too: two cells' worth of vCPUs at boot,
+/// `maxcpus=1`, the agent onlines and offlines among them; libvirt unchanged.
+#[test]
+fn setvcpus_guest_scales_inside_an_x86_guest() {
+    let spec = GuestSpec { vcpus: 2, max_vcpus: 2, cmdline_extra: "maxcpus=1".into(), ..GuestSpec::default() };
+    let mut g = Guest::boot("cpuguest", spec);
+    let name = g.name.clone();
+    assert_eq!(g.online_cpus().trim(), "0", "maxcpus=1 holds: the agent's start-up onlining respects it");
+    let r = g.vmplug_json(&["setvcpus", &name, "2", "--guest"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.online_cpus().trim(), "0-1");
+    let r = g.vmplug_json(&["setvcpus", &name, "1", "--guest"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.online_cpus().trim(), "0");
+    let vcpus = g.daemon.virsh_ok(&["vcpucount", &name, "--live", "--active"]);
+    assert_eq!(vcpus.trim(), "2", "libvirt's count never moved");
+}
