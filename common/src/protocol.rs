@@ -195,6 +195,10 @@ pub struct GuestInfo {
     /// `None` from agents that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa_possible: Option<CpuSet>,
+    /// `memory_hotplug.memmap_on_memory`: a new block's page structures come out
+    /// of the block itself, so plugging needs no free memory in proportion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memmap_on_memory: Option<bool>,
     /// A udev rule that onlines hot-plugged CPUs or memory is installed.
     pub udev_online_rule: bool,
     /// Devices bound to the kernel's virtio_mem driver; `None` when the driver is

@@ -73,6 +73,7 @@ fn guest_info() {
                 acpi_cpu_hotplug: Some(true),
                 numa_nodes: cpus("0-1"),
                 numa_possible: None,
+                memmap_on_memory: None,
                 udev_online_rule: false,
                 virtio_mem_devices: None,
             }),

@@ -139,6 +139,7 @@ impl Agent {
             acpi_cpu_hotplug: s.acpi_hotplug("processor"),
             numa_nodes: s.numa_nodes(),
             numa_possible: s.numa_possible(),
+            memmap_on_memory: s.memmap_on_memory(),
             udev_online_rule: crate::udev::online_rule_installed(&s.sys),
             virtio_mem_devices: s.virtio_mem_devices(),
         })

@@ -291,6 +291,13 @@ impl Sysfs {
         Some(rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("virtio")).count() as u32)
     }
 
+    /// `/sys/module/memory_hotplug/parameters/memmap_on_memory` (`Y`/`N`; newer
+    /// kernels may say `force`); `None` where the kernel has no such parameter.
+    pub fn memmap_on_memory(&self) -> Option<bool> {
+        let v = fs::read_to_string(self.sys.join("module/memory_hotplug/parameters/memmap_on_memory")).ok()?;
+        Some(matches!(v.trim(), "Y" | "y" | "1" | "force"))
+    }
+
     /// `/sys/devices/system/node/possible`: the nodes the kernel set up.
     pub fn numa_possible(&self) -> Option<CpuSet> {
         read_cpuset(&self.sys.join("devices/system/node/possible")).ok()

@@ -654,30 +654,161 @@ pub async fn attach_memory_with<A: GuestAgent>(
             plan.remaining
         ));
     }
-    let t = Instant::now();
-    for d in &plan.dimms {
-        let (dom, xml) = (facts.loaded.dom.clone(), d.to_xml());
-        tracing::debug!(%xml, "attaching");
-        if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
-            run.libvirt_ms = ms(t);
-            let mut r = libvirt_failed("attach-memory", name, affect, applied, plan.findings, &e, &run);
-            r.message = format!("{}; repeat with --request-id {id} to attach only what is missing", r.message);
-            return Ok(r);
+    let (mut link, mut plan) = (link, plan);
+    let waves = plan.waves.clone();
+    let mut at = 0;
+    for (k, n) in waves.iter().copied().enumerate() {
+        let last = k + 1 == waves.len();
+        let wave = &plan.dimms[at..(at + n).min(plan.dimms.len())];
+        if waves.len() > 1 {
+            let size = Bytes(wave.iter().map(|d| d.spec.size.get()).sum());
+            applied.push(format!("wave {} of {}: {size} in {n} DIMM(s)", k + 1, waves.len()));
+            progress(&format!("attach-memory {name}: wave {} of {}: {size} in {n} DIMM(s)", k + 1, waves.len()));
         }
-        applied.push(format!(
-            "attach dimm {} on node {} as {} ({})",
-            d.spec.size,
-            d.spec.node,
-            d.alias,
-            affect_text(affect)
-        ));
+        let t = Instant::now();
+        for d in wave {
+            let (dom, xml) = (facts.loaded.dom.clone(), d.to_xml());
+            tracing::debug!(%xml, "attaching");
+            if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
+                run.libvirt_ms += ms(t);
+                let mut r = libvirt_failed("attach-memory", name, affect, applied, plan.findings, &e, &run);
+                r.message = format!("{}; repeat with --request-id {id} to attach only what is missing", r.message);
+                return Ok(r);
+            }
+            applied.push(format!(
+                "attach dimm {} on node {} as {} ({})",
+                d.spec.size,
+                d.spec.node,
+                d.alias,
+                affect_text(affect)
+            ));
+        }
+        run.libvirt_ms += ms(t);
+        at += n;
+        if last {
+            break;
+        }
+        // Between waves: the guest onlines what is plugged, then says how much
+        // it has available; the next wave must fit 1:32 in that.
+        if let Some(l) = link.as_deref_mut() {
+            let aliases: Vec<String> = plan.dimms[at - n..at].iter().map(|d| d.alias.clone()).collect();
+            match online_wave(facts, l, id, &aliases, opts, &mut run).await {
+                Ok((ranges, by_others)) => {
+                    plan.settled.extend(ranges);
+                    plan.settled_by_others += by_others;
+                }
+                Err(why) => {
+                    let (f, total) = (plan.findings, waves.len());
+                    let (done, out) = ((k + 1, total), Outcome::GuestFailed);
+                    return Ok(wave_stopped(out, name, affect, f, applied, done, why, id, &run));
+                }
+            }
+            let next: u64 =
+                plan.dimms[at..(at + waves[k + 1]).min(plan.dimms.len())].iter().map(|d| d.spec.size.get()).sum();
+            match l.pressure().await {
+                Ok(p) if next <= p.mem_available.get().saturating_mul(32) => {}
+                Ok(p) => {
+                    let why = format!(
+                        "the guest has {} available after it, and the next wave, {}, needs {} (1/32)",
+                        p.mem_available,
+                        Bytes(next),
+                        Bytes(next.div_ceil(32))
+                    );
+                    let (f, total) = (plan.findings, waves.len());
+                    return Ok(wave_stopped(Outcome::Partial, name, affect, f, applied, (k + 1, total), why, id, &run));
+                }
+                Err(e) => {
+                    let why = format!("the guest did not say how much memory it has available: {e}");
+                    let (f, total) = (plan.findings, waves.len());
+                    return Ok(wave_stopped(Outcome::Partial, name, affect, f, applied, (k + 1, total), why, id, &run));
+                }
+            }
+        }
     }
-    run.libvirt_ms = ms(t);
     if !affect.live() {
         let message = format!("{} added to the persistent definition (effective at the next start)", plan.size);
         return Ok(persistent_only("attach-memory", name, affect, message, plan.findings, applied, &run));
     }
-    confirm_memory(facts, link, plan, mem, opts, applied, run).await
+    let staged = waves.len();
+    let mut r = confirm_memory(facts, link, plan, mem, opts, applied, run).await?;
+    if staged > 1 && r.outcome == Outcome::Ok {
+        r.message = format!("{} (in {staged} waves, each at most 32× what the guest had available)", r.message);
+    }
+    Ok(r)
+}
+
+/// A line of progress on stderr when it is a terminal (waves of a large plug).
+fn progress(line: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("{line}");
+    }
+}
+
+/// Onlines every block of the request's DIMMs attached so far (a wave's end);
+/// returns the ranges of this wave's DIMMs (`aliases`) and how many of their
+/// blocks the kernel or a rule had onlined before the agent.
+async fn online_wave<A: GuestAgent>(
+    facts: &Facts,
+    link: &mut A,
+    id: &str,
+    aliases: &[String],
+    opts: &HotplugOpts,
+    run: &mut Run,
+) -> Result<(Vec<MemRange>, usize), String> {
+    let dom = facts.loaded.dom.clone();
+    let live = blocking(move || dom.xml(XmlView::Live))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|x| DomainFacts::parse(&x).map_err(|e| format!("live XML: {e}")))?;
+    let ranges: Vec<MemRange> =
+        live.dimms.iter().filter(|d| request_index(d, id).is_some()).filter_map(crate::xml::Dimm::range).collect();
+    let wave: Vec<MemRange> = live
+        .dimms
+        .iter()
+        .filter(|d| d.alias.as_ref().is_some_and(|a| aliases.contains(a)))
+        .filter_map(crate::xml::Dimm::range)
+        .collect();
+    let t = Instant::now();
+    let timeout_ms = opts.timeout.as_millis() as u64;
+    let req = OnlineRequest { cpus: None, memory: ranges, zone: opts.zone, timeout_ms, virtio_mem: vec![] };
+    let r = link.online(req).await;
+    run.guest_ms += ms(t);
+    match r {
+        Ok((r, _)) if r.complete && !r.timed_out => {
+            let inside = |start: u64| wave.iter().any(|rg| start >= rg.start && start < rg.end());
+            let already = vmplug_common::protocol::Outcome::Already;
+            Ok((wave.clone(), r.blocks.iter().filter(|b| inside(b.start) && b.outcome == already).count()))
+        }
+        Ok((r, _)) => Err(format!(
+            "the guest onlined only {} of {} block(s)",
+            r.blocks.iter().filter(|b| b.outcome.is_success()).count(),
+            r.blocks.len()
+        )),
+        Err(e) => Err(format!("the guest did not online it: {e}")),
+    }
+}
+
+/// The report of a staged plug that stopped after `done` of `total` waves:
+/// what is attached stays (and is online), the repeat finishes it.
+#[allow(clippy::too_many_arguments)]
+fn wave_stopped(
+    outcome: Outcome,
+    name: &str,
+    affect: Affect,
+    findings: Vec<Finding>,
+    applied: Vec<String>,
+    (done, total): (usize, usize),
+    why: String,
+    id: &str,
+    run: &Run,
+) -> OpReport {
+    let host = HostOnly { op: "attach-memory", name, affect, findings, applied, persistent: affect.config() };
+    host.report(
+        outcome,
+        format!("stopped after wave {done} of {total}: {why}; what was attached stays; repeat with --request-id {id} to attach the rest"),
+        run,
+    )
 }
 
 /// The guest side of `attach-memory`: the request's DIMMs as QEMU placed them,
@@ -772,11 +903,19 @@ fn wrong_zone(zone: ZonePolicy, ranges: &[MemRange], r: &vmplug_common::protocol
 }
 
 /// ", N by the kernel or a rule before the agent" when some blocks of `ranges`
-/// were already online when the agent came to them.
-fn onlined_by_others(ranges: &[MemRange], r: &vmplug_common::protocol::Report) -> String {
-    let inside = |start: u64| ranges.iter().any(|rg| start >= rg.start && start < rg.end());
-    let n =
-        r.blocks.iter().filter(|b| inside(b.start) && b.outcome == vmplug_common::protocol::Outcome::Already).count();
+/// were already online when the agent came to them. Blocks of `plan.settled`
+/// (an earlier run's DIMMs, earlier waves) were online before this request's
+/// last step for a known reason: not counted here; what earlier waves found
+/// onlined by others (`plan.settled_by_others`) is.
+fn onlined_by_others(plan: &MemoryPlan, ranges: &[MemRange], r: &vmplug_common::protocol::Report) -> String {
+    let inside = |rs: &[MemRange], start: u64| rs.iter().any(|rg| start >= rg.start && start < rg.end());
+    let n = r
+        .blocks
+        .iter()
+        .filter(|b| inside(ranges, b.start) && !inside(&plan.settled, b.start))
+        .filter(|b| b.outcome == vmplug_common::protocol::Outcome::Already)
+        .count()
+        + plan.settled_by_others;
     if n == 0 {
         String::new()
     } else {
@@ -846,7 +985,7 @@ pub fn judge_memory(
             Outcome::Ok,
             format!(
                 "{size} attached; libvirt and the guest agree ({confirmed} block(s) online{})",
-                onlined_by_others(ranges, r)
+                onlined_by_others(plan, ranges, r)
             ),
         )
     }
@@ -933,7 +1072,12 @@ pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainE
         no_wait: true,
     };
     let mut findings = crate::preflight::check(&ctx, &crate::preflight::Operation::Readiness);
-    let probe = crate::preflight::Operation::Memory { size: Bytes(vmplug_common::MIB), node: None, dimms: 1 };
+    let probe = crate::preflight::Operation::Memory {
+        size: Bytes(vmplug_common::MIB),
+        node: None,
+        dimms: 1,
+        first_wave: Bytes(vmplug_common::MIB),
+    };
     findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == "mem.linux-4g"));
     let usable = 64u32.saturating_sub(facts.virtio_nets);
     if let Some(slots) = facts.slots.filter(|&s| s > usable) {

@@ -229,6 +229,14 @@ pub struct MemoryPlan {
     /// The zone the blocks must end in (`movable`, `kernel`), or the agent's or
     /// the kernel's choice (`auto`, `online`).
     pub zone: vmplug_common::protocol::ZonePolicy,
+    /// How many of `dimms` each wave attaches (the guest onlines a wave before
+    /// the next is plugged); one wave when nothing needs staging.
+    pub waves: Vec<usize>,
+    /// Ranges whose blocks were onlined before the last step for a known
+    /// reason (an earlier run of the request, earlier waves), and how many of
+    /// those blocks the kernel or a rule had onlined before the agent.
+    pub settled: Vec<MemRange>,
+    pub settled_by_others: usize,
 }
 
 impl MemoryPlan {
@@ -298,8 +306,10 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     let (size, unit) = match aligned_size(f, mem, opts.force) {
         Ok(s) => s,
         Err(finding) => {
-            let mut rest =
-                preflight::check(&f.ctx(opts.no_wait), &Operation::Memory { size: mem.size, node: mem.node, dimms: 1 });
+            let mut rest = preflight::check(
+                &f.ctx(opts.no_wait),
+                &Operation::Memory { size: mem.size, node: mem.node, dimms: 1, first_wave: mem.size.min(mem.max_dimm) },
+            );
             rest.retain(|r| r.id != finding.id);
             return Err(refuse(rest, vec![finding]));
         }
@@ -333,7 +343,21 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
         Ok(_) => {}
     }
     let dimm_count = plan.as_ref().map(|p| p.len() as u32).unwrap_or(1);
-    let op = Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count };
+    // Waves need the agent between them (to online one before the next).
+    let sizes: Vec<u64> = plan.as_ref().map(|p| p.iter().map(|d| d.size.get()).collect()).unwrap_or_default();
+    let waves = match &f.guest {
+        Some(g) if f.affect.live() && !opts.no_wait => {
+            crate::planner::waves(&sizes, g.mem_available.get(), g.memmap_on_memory == Some(true))
+        }
+        _ => Some(vec![sizes.len()]),
+    };
+    // The first wave, or (when not even one DIMM fits) the first DIMM: what the
+    // guest must absorb before anything it gains from the plug.
+    let first_wave = match &waves {
+        Some(w) => Bytes(sizes.iter().take(w.first().copied().unwrap_or(0)).sum()),
+        None => Bytes(sizes.first().copied().unwrap_or(0)),
+    };
+    let op = Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count, first_wave };
     let mut findings = preflight::check(&f.ctx(opts.no_wait), &op);
     // A planner finding says more than the rule that saw the same problem.
     findings.retain(|r| !hard.iter().any(|h| h.id == r.id));
@@ -345,18 +369,21 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
         });
     }
     let findings = gate(findings, opts.force, hard)?;
-    let dimms = plan
+    let dimms: Vec<NamedDimm> = plan
         .unwrap_or_default()
         .into_iter()
         .enumerate()
         .map(|(i, spec)| NamedDimm { spec, alias: request_alias(&mem.request_id, next + i as u32) })
         .collect();
     Ok(MemoryPlan {
+        settled: reconciled.iter().filter_map(Dimm::range).collect(),
         findings,
         size,
         block,
         reconciled,
         remaining,
+        waves: waves.unwrap_or_else(|| vec![dimms.len()]),
+        settled_by_others: 0,
         dimms,
         confirm: f.affect.live() && f.guest.is_some() && !opts.no_wait,
         zone: opts.zone,

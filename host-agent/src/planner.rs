@@ -156,6 +156,37 @@ pub fn plan_vcpus(current: u32, target: u32, per_socket: u32) -> Vec<u32> {
     out
 }
 
+/// How many of `dimms` (sizes, in attach order) go into each wave so that no
+/// wave is larger than 32 times what the guest has available when it starts
+/// (the guide's scale rule: the kernel builds a new block's page structures in
+/// memory it already has, about 1/64 of the block). After a wave the guest is
+/// expected to have the wave's memory more, less its page structures; the
+/// caller measures it again before the next wave and replans. With
+/// `memmap_on_memory` the structures come out of the new memory itself: one
+/// wave. `None` when even the first DIMM is too large.
+pub fn waves(dimms: &[u64], available: u64, memmap_on_memory: bool) -> Option<Vec<usize>> {
+    if memmap_on_memory || dimms.is_empty() {
+        return Some(vec![dimms.len()]);
+    }
+    let mut out = Vec::new();
+    let (mut avail, mut i) = (available, 0);
+    while i < dimms.len() {
+        let budget = avail.saturating_mul(32);
+        let (mut n, mut sum) = (0, 0u64);
+        while i + n < dimms.len() && sum.saturating_add(dimms[i + n]) <= budget {
+            sum += dimms[i + n];
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        out.push(n);
+        i += n;
+        avail = avail.saturating_add(sum - sum / 64);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +290,29 @@ mod tests {
         assert_eq!(plan_vcpus(2, 7, 2), vec![4, 6, 7]);
         assert_eq!(plan_vcpus(4, 4, 2), Vec::<u32>::new());
         assert_eq!(plan_vcpus(4, 2, 1), vec![2]);
+    }
+
+    /// A 4 GiB guest with 1 GiB available takes 64 GiB in two waves (32 GiB,
+    /// then the rest, which what the first made available allows), each within
+    /// 1:32 of what it had.
+    #[test]
+    fn waves_grow_with_what_each_wave_made_available() {
+        let g = 1u64 << 30;
+        let dimms = vec![4 * g; 16];
+        let w = waves(&dimms, g, false).expect("fits");
+        assert_eq!(w.iter().sum::<usize>(), 16);
+        assert_eq!(w[0], 8, "32 GiB first: 1 GiB × 32");
+        let mut avail = g;
+        let mut at = 0;
+        for n in &w {
+            let sum: u64 = dimms[at..at + n].iter().sum();
+            assert!(sum <= avail * 32, "a wave of {sum} with {avail} available");
+            avail += sum - sum / 64;
+            at += n;
+        }
+        assert_eq!(w.len(), 2, "after 32 GiB the rest fits at once: {w:?}");
+        assert_eq!(waves(&dimms, g, true), Some(vec![16]), "memmap_on_memory: one wave");
+        assert_eq!(waves(&[4 * g], 64 << 20, false), None, "64 MiB available cannot take a 4 GiB DIMM (needs 128 MiB)");
+        assert_eq!(waves(&[], 0, false), Some(vec![0]));
     }
 }

@@ -37,11 +37,13 @@ pub enum Operation {
     Vcpus {
         target: u32,
     },
-    /// `attach-memory`: total size, target node (None: balanced), DIMM count planned.
+    /// `attach-memory`: total size, target node (None: balanced), DIMM count
+    /// planned, and the first wave (the most plugged before the guest onlines).
     Memory {
         size: Bytes,
         node: Option<u32>,
         dimms: u32,
+        first_wave: Bytes,
     },
     /// `resize-memory`: the virtio-mem devices in scope grow by `grow` (zero
     /// for a shrink), on guest node `node` (None: every device).
@@ -325,7 +327,7 @@ fn rule_mem_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 
 fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let (size, virtio) = match *op {
-        Operation::Memory { size, .. } => (size, false),
+        Operation::Memory { first_wave, .. } => (first_wave, false),
         Operation::Resize { grow, .. } => (grow, true),
         _ => return None,
     };
@@ -343,10 +345,19 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     if !virtio && g.acpi_memory_hotplug == Some(false) {
         return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (no /sys/firmware/acpi/hotplug/memory; Debian's and Ubuntu's arm64 kernels are built without CONFIG_ACPI_HOTPLUG_MEMORY): the DIMM would attach but the guest would never see it; use virtio-mem instead (`vmplug add-virtio-mem`, then `vmplug resize-memory`), which needs no ACPI");
     }
-    (g.mem_available.get() < size.get() / 32).then_some(())?;
+    // With memmap_on_memory the new memory carries its own page structures.
+    if !virtio && g.memmap_on_memory == Some(true) {
+        return None;
+    }
+    (size.get() > g.mem_available.get().saturating_mul(32)).then_some(())?;
+    let what = if virtio {
+        format!("hot-plugging {size}")
+    } else {
+        format!("its first wave, {size} (vmplug plugs DIMMs in waves of at most 32× what the guest has available, onlining each before the next)")
+    };
     error(
         "mem.guest-free",
-        format!("the guest has {} available but hot-plugging {size} needs at least {} (1/32 of it) for its memory map; free memory in the guest first or plug less", g.mem_available, Bytes(size.get() / 32)),
+        format!("the guest has {} available but {what} needs at least {} (1/32 of it) for its memory map; free memory in the guest first, or plug smaller DIMMs (--max-dimm)", g.mem_available, Bytes(size.get().div_ceil(32))),
     )
 }
 

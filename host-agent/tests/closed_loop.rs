@@ -337,3 +337,51 @@ async fn guest_level_vcpus_move_only_inside_the_guest() {
     let config = HotplugOpts { affect: Affect::Config, ..o.clone() };
     assert!(setvcpus_guest(w.conn.clone(), "web1", 2, &config).await.is_err(), "--config: a usage error");
 }
+
+/// Sets the simulated guest's MemAvailable.
+fn set_available(w: &World, mib: u64) {
+    let kib = mib * 1024;
+    std::fs::write(
+        w.kernel.proc().join("meminfo"),
+        format!("MemTotal:        8388608 kB\nMemFree:         {kib} kB\nMemAvailable:    {kib} kB\nHugepagesize:       2048 kB\n"),
+    )
+    .expect("meminfo");
+}
+
+/// Staged growth: with 64 MiB available a guest may take 2 GiB at a time
+/// (1:32); 4 GiB goes in two waves, each onlined before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plug_larger_than_the_guest_can_absorb_goes_in_waves() {
+    let w = world(true).await;
+    set_available(&w, 64);
+    let mem = mem_opts(4 * GIB, 1, GIB, "big");
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert!(r.host.applied.iter().any(|a| a == "wave 1 of 2: 2 GiB in 2 DIMM(s)"), "{:?}", r.host.applied);
+    assert!(r.host.applied.iter().any(|a| a == "wave 2 of 2: 2 GiB in 2 DIMM(s)"), "{:?}", r.host.applied);
+    assert!(r.message.contains("in 2 waves"), "{}", r.message);
+    // The first wave's blocks were onlined by the agent in that wave, not by
+    // "the kernel or a udev rule" (the final check finds them online already).
+    assert!(!r.message.contains("udev rule"), "{}", r.message);
+    assert_eq!(r.guest.expect("report").blocks.len(), 32, "every block of all four DIMMs, verified at the end");
+}
+
+/// The guest has less available after a wave than the next one needs: the
+/// plug stops there (exit 6, what is attached stays online), and the repeat
+/// with the same request id attaches the rest once the guest has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_stop_when_the_guest_cannot_absorb_the_next() {
+    let w = world(true).await;
+    set_available(&w, 64);
+    let mem = mem_opts(6 * GIB, 1, GIB, "big");
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
+    assert!(r.message.contains("stopped after wave 1 of 2") && r.message.contains("--request-id big"), "{}", r.message);
+    assert_eq!(w.dom.calls().len(), 2, "two DIMMs attached: {:?}", w.dom.calls());
+    assert_eq!(w.kernel.sysfs().memory_facts().expect("facts").expect("memory").blocks_offline, 0, "and online");
+    set_available(&w, 1024);
+    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(w.dom.calls().len(), 6, "only the missing four: {:?}", w.dom.calls());
+    assert!(!r.message.contains("udev rule"), "the first run's blocks are not the kernel's: {}", r.message);
+}

@@ -48,6 +48,7 @@ fn guest() -> GuestInfo {
         acpi_cpu_hotplug: Some(true),
         numa_nodes: "0-1".parse().expect("set"),
         numa_possible: None,
+        memmap_on_memory: None,
         udev_online_rule: false,
         virtio_mem_devices: Some(0),
     }
@@ -102,7 +103,7 @@ fn cpus(target: u32) -> Operation {
 }
 
 fn mem(size: u64, node: Option<u32>) -> Operation {
-    Operation::Memory { size: Bytes(size), node, dimms: 1 }
+    Operation::Memory { size: Bytes(size), node, dimms: 1, first_wave: Bytes(size) }
 }
 
 #[test]
@@ -297,6 +298,17 @@ fn mem_guest_kernel_acpi_and_free() {
     }
     // 1 GiB needs 32 MiB free (1/32).
     assert_rule("mem.guest-free", Severity::Error, &tight, &Case::new(), &mem(GIB, Some(0)));
+    // The rule is about the first wave, not the whole request: 64 GiB in waves
+    // whose first is 256 MiB needs 8 MiB.
+    let staged = Operation::Memory { size: Bytes(64 * GIB), node: Some(0), dimms: 16, first_wave: Bytes(256 * MIB) };
+    assert!(!tight.run(&staged).iter().any(|f| f.id == "mem.guest-free"));
+    // With memmap_on_memory the new memory carries its own page structures.
+    let mut self_hosted = Case::new();
+    if let Some(g) = self_hosted.guest.as_mut() {
+        g.mem_available = Bytes(16 * MIB);
+        g.memmap_on_memory = Some(true);
+    }
+    assert!(!self_hosted.run(&mem(GIB, Some(0))).iter().any(|f| f.id == "mem.guest-free"));
 }
 
 #[test]
@@ -308,16 +320,16 @@ fn mem_max_memory() {
 #[test]
 fn mem_slots() {
     // One DIMM present of 8 slots: 7 free; 8 DIMMs do not fit.
-    let op = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 8 };
+    let op = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 8, first_wave: Bytes(GIB) };
     assert!(ids(&Case::new().run(&op), Severity::Error).contains(&"mem.slots"));
-    let fits = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 7 };
+    let fits = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 7, first_wave: Bytes(GIB) };
     assert!(!Case::new().run(&fits).iter().any(|f| f.id == "mem.slots"));
     // min(max_slot, 64 - virtio NICs): 62 NICs leave 2 slots, one used.
     let nic =
         "<interface type='network'>\n      <source network='default'/>\n      <model type='virtio'/>\n    </interface>";
     let many_nics = READY.replace("<maxMemory slots='8'", "<maxMemory slots='200'").replace(nic, &nic.repeat(62));
     let many = Case { dom: dom(&many_nics), ..Case::new() };
-    let two = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 2 };
+    let two = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 2, first_wave: Bytes(GIB) };
     assert!(ids(&many.run(&two), Severity::Error).contains(&"mem.slots"));
 }
 

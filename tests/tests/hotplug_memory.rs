@@ -71,3 +71,26 @@ fn misaligned_size_is_refused_and_forcing_it_is_caught() {
     let dmesg = g.sh("dmesg | grep -i -E 'unaligned|add_memory' | tail -3");
     assert!(!dmesg.is_empty(), "the guest kernel rejected the DIMM");
 }
+
+/// Staged growth: 16 GiB into a 512 MiB guest is more than 1:32 of what it has
+/// available, so vmplug plugs it in waves, each onlined before the next; every
+/// block online, MemTotal exact, no OOM.
+#[test]
+fn sixteen_gib_into_a_small_guest_goes_in_waves() {
+    let spec = GuestSpec { max_memory_mib: 24 * 1024, max_vcpus: 2, ..GuestSpec::default() };
+    let mut g = Guest::boot("memwaves", spec);
+    let name = g.name.clone();
+    let before = g.mem_total_kib();
+    let r = g.vmplug_json(&["attach-memory", &name, "16G", "--max-dimm", "2G"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let applied: Vec<&str> = r["applied"].as_array().expect("applied").iter().filter_map(|a| a.as_str()).collect();
+    let waves = applied.iter().filter(|a| a.starts_with("wave ")).count();
+    assert!(waves >= 2, "more than 1:32 of what a 512 MiB guest has cannot go at once: {applied:?}");
+    let m = r["message"].as_str().unwrap_or_default();
+    assert!(m.contains(&format!("in {waves} waves")), "{r}");
+    assert!(!m.contains("udev rule"), "earlier waves were onlined by the agent, nobody else: {m}");
+    assert_eq!(blocks_of(&r).len(), 128, "every block of the 16 GiB");
+    assert_eq!(g.mem_total_kib() - before, 16 * 1024 * 1024, "MemTotal grew by exactly 16 GiB");
+    let oom = g.sh("dmesg | grep -c -i -E 'out of memory|oom-kill' || true");
+    assert_eq!(oom.trim(), "0", "no OOM in the guest");
+}
