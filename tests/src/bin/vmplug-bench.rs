@@ -364,6 +364,14 @@ fn main() {
     let cpu_ms_per_block = cost.ticks as f64 * 10.0 / cost.blocks.max(1) as f64;
     bench_cpus(&mut g, &mut samples, &mut own, 10);
     drop(g);
+    let staged: Vec<Staged> = [16, 32, 64]
+        .into_iter()
+        .filter(|gib| std::env::var("VMPLUG_BENCH_STAGED").map_or(true, |only| only == gib.to_string()))
+        .map(|gib| {
+            eprintln!("  staged growth: {gib} GiB into a 4 GiB guest with about 1 GiB available");
+            bench_staged(gib)
+        })
+        .collect();
 
     let bin_size = std::fs::metadata(&env.guest_agent).map(|m| m.len()).unwrap_or(0);
     let floor_of = |op: &str| -> Option<f64> {
@@ -382,6 +390,25 @@ fn main() {
         let (med, lo, hi) = stats(v);
         let ratio = floor_of(op).map(|f| format!("{:.2}", med / f)).unwrap_or_default();
         let _ = writeln!(md, "| {op} | {m} | {med:.1} | {lo:.1} | {hi:.1} | {ratio} |");
+    }
+    let _ = writeln!(
+        md,
+        "\n| staged growth into a 4 GiB guest | available before | waves | blocks onlined | MemTotal grew | total ms | guest ms | QEMU RSS grew | OOM |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for s in &staged {
+        let _ = writeln!(
+            md,
+            "| attach-memory {} GiB | {} MiB | {} | {} | {:.2} GiB | {:.0} | {:.0} | {:.0} MiB | {} |",
+            s.gib,
+            s.available_mib,
+            s.waves,
+            s.blocks,
+            s.mem_total_delta_gib,
+            s.total_ms,
+            s.guest_ms,
+            s.qemu_rss_delta_mib,
+            if s.oom { "yes" } else { "none" }
+        );
     }
     let (own_med, own_lo, own_hi) = if own.is_empty() { (0.0, 0.0, 0.0) } else { stats(&own) };
     let _ = writeln!(md, "\n| agent / host figure | value |\n| --- | ---: |");
@@ -406,6 +433,72 @@ fn main() {
     let raw: BTreeMap<String, &Vec<f64>> = samples.0.iter().map(|((o, m), v)| (format!("{o} / {m}"), v)).collect();
     std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&raw).expect("json")).expect("write json");
     eprintln!("results written to {}", dir.display());
+}
+
+/// VmRSS of a process, KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One row of staged growth: `gib` GiB into a fresh 4 GiB guest whose memory
+/// is mostly in use (1 GiB left available, as the performance issue has it).
+struct Staged {
+    gib: u64,
+    available_mib: u64,
+    waves: usize,
+    total_ms: f64,
+    guest_ms: f64,
+    blocks: usize,
+    mem_total_delta_gib: f64,
+    qemu_rss_delta_mib: f64,
+    oom: bool,
+}
+
+fn bench_staged(gib: u64) -> Staged {
+    let spec = GuestSpec {
+        vcpus: 1,
+        max_vcpus: 2,
+        cells_mib: vec![4096],
+        max_memory_mib: (4 + gib) * 1024,
+        slots: 32,
+        ..GuestSpec::default()
+    };
+    let mut g = Guest::boot("benchstaged", spec);
+    let name = g.name.clone();
+    // Fill the guest's memory (tmpfs cannot be reclaimed) until about 1 GiB is left.
+    g.sh("mkdir -p /fill && mount -t tmpfs -o size=4g tmpfs /fill");
+    let avail = |g: &mut Guest| -> u64 {
+        g.sh("grep MemAvailable /proc/meminfo").split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let fill = (avail(&mut g) / 1024).saturating_sub(1024);
+    g.sh(&format!("dd if=/dev/zero of=/fill/hog bs=1M count={fill} 2>/dev/null; sync"));
+    let available_mib = avail(&mut g) / 1024;
+    let before = g.mem_total_kib();
+    let rss0 = rss_kib(g.qemu_pid());
+    let t = Instant::now();
+    let out = g.vmplug_quiet(&["attach-memory", &name, &format!("{gib}G"), "--max-dimm", "4G", "--json"]);
+    let total_ms = ms(t.elapsed());
+    let r = json(&out);
+    assert_eq!(r["outcome"], "ok", "staged {gib} GiB: {r}");
+    let rss1 = rss_kib(g.qemu_pid());
+    let applied = r["applied"].as_array().cloned().unwrap_or_default();
+    let oom = g.sh("dmesg | grep -c -i -E 'out of memory|oom-kill' || true").trim() != "0";
+    Staged {
+        gib,
+        available_mib,
+        waves: applied.iter().filter(|a| a.as_str().is_some_and(|s| s.starts_with("wave "))).count().max(1),
+        total_ms,
+        guest_ms: r["timings"]["guest_ms"].as_f64().unwrap_or(0.0),
+        blocks: r["guest"]["blocks"].as_array().map_or(0, Vec::len),
+        mem_total_delta_gib: (g.mem_total_kib() - before) as f64 / (1024.0 * 1024.0),
+        qemu_rss_delta_mib: (rss1 as f64 - rss0 as f64) / 1024.0,
+        oom,
+    }
 }
 
 fn chrono_like_now() -> String {
