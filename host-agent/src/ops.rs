@@ -176,6 +176,10 @@ pub struct HotplugOpts {
 pub struct Run {
     pub(crate) started: Instant,
     pub(crate) preflight_ms: u64,
+    /// Parts of `preflight_ms`: reading the domain and host from libvirt, and
+    /// the agent's handshake.
+    pub(crate) facts_ms: u64,
+    pub(crate) handshake_ms: u64,
     pub(crate) libvirt_ms: u64,
     pub(crate) guest_ms: u64,
 }
@@ -188,11 +192,13 @@ impl Default for Run {
 
 impl Run {
     pub fn new() -> Self {
-        Run { started: Instant::now(), preflight_ms: 0, libvirt_ms: 0, guest_ms: 0 }
+        Run { started: Instant::now(), preflight_ms: 0, facts_ms: 0, handshake_ms: 0, libvirt_ms: 0, guest_ms: 0 }
     }
     pub(crate) fn timings(&self) -> Timings {
         Timings {
             preflight_ms: self.preflight_ms,
+            facts_ms: self.facts_ms,
+            handshake_ms: self.handshake_ms,
             libvirt_ms: self.libvirt_ms,
             guest_ms: self.guest_ms,
             total_ms: self.started.elapsed().as_millis() as u64,

@@ -56,14 +56,27 @@ pub async fn gather(
     name: &str,
     opts: &HotplugOpts,
 ) -> Result<(Facts, Option<GuestLink>), DomainError> {
+    gather_phases(conn, name, opts).await.map(|(f, l, _)| (f, l))
+}
+
+/// [`gather`], and how long the libvirt facts and the agent's handshake took (ms).
+async fn gather_phases(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    opts: &HotplugOpts,
+) -> Result<(Facts, Option<GuestLink>, (u64, u64)), DomainError> {
+    let t = std::time::Instant::now();
     let loaded = load(conn, name, true).await?;
     let affect = opts.affect.resolve(loaded.running);
     let blind = opts.no_wait && opts.agent.is_none() && discover(&loaded.facts).is_none();
+    let facts_ms = crate::ops::ms(t);
+    let t = std::time::Instant::now();
     let (link, err) = if affect.live() && !blind {
         agent_if_running(&loaded, opts.agent.as_ref(), opts.agent_wait).await
     } else {
         (None, None)
     };
+    let handshake_ms = crate::ops::ms(t);
     let persistent = if affect.config() && loaded.running {
         let dom = loaded.dom.clone();
         let xml = blocking(move || dom.xml(XmlView::Inactive)).await?;
@@ -78,7 +91,7 @@ pub async fn gather(
         affect,
         persistent,
     };
-    Ok((facts, link))
+    Ok((facts, link, (facts_ms, handshake_ms)))
 }
 
 /// [`gather`], timed: the facts, the agent session, and the run whose
@@ -90,8 +103,9 @@ pub async fn gather_timed(
 ) -> Result<(Facts, Option<GuestLink>, crate::ops::Run), DomainError> {
     let mut run = crate::ops::Run::new();
     let t = std::time::Instant::now();
-    let (facts, link) = gather(conn, name, opts).await?;
+    let (facts, link, (facts_ms, handshake_ms)) = gather_phases(conn, name, opts).await?;
     run.preflight_ms = crate::ops::ms(t);
+    (run.facts_ms, run.handshake_ms) = (facts_ms, handshake_ms);
     Ok((facts, link, run))
 }
 

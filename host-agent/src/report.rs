@@ -123,7 +123,13 @@ impl Envelope {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Timings {
+    /// Everything before the first change: reading facts, the handshake, the
+    /// rules and the plan.
     pub preflight_ms: u64,
+    /// Of `preflight_ms`: the domain's and the host's facts from libvirt.
+    pub facts_ms: u64,
+    /// Of `preflight_ms`: the guest agent's handshake.
+    pub handshake_ms: u64,
     pub libvirt_ms: u64,
     pub guest_ms: u64,
     pub total_ms: u64,
@@ -240,9 +246,10 @@ impl OpReport {
                 g.duration_ms
             ));
         }
+        let t = &self.timings;
         s.push_str(&format!(
-            "  time: preflight {} ms, libvirt {} ms, guest {} ms, total {} ms\n",
-            self.timings.preflight_ms, self.timings.libvirt_ms, self.timings.guest_ms, self.timings.total_ms
+            "  time: preflight {} ms (facts {}, handshake {}), libvirt {} ms, guest {} ms, total {} ms\n",
+            t.preflight_ms, t.facts_ms, t.handshake_ms, t.libvirt_ms, t.guest_ms, t.total_ms
         ));
         s
     }

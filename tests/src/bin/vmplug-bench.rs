@@ -89,6 +89,34 @@ fn settle() {
     std::thread::sleep(Duration::from_secs(1));
 }
 
+/// Where one vmplug run's wall time went, from its report: outside the verb
+/// (process start, libvirt connection, exit), facts, handshake, rules and
+/// plan, libvirt's calls, the guest's onlining.
+const PHASES: [&str; 6] =
+    ["outside the verb", "libvirt facts", "agent handshake", "rules + plan", "libvirt calls", "guest"];
+
+fn phases(wall_ms: f64, r: &serde_json::Value) -> [f64; 6] {
+    let t = &r["timings"];
+    let get = |k: &str| t[k].as_f64().unwrap_or(0.0);
+    let (facts, hand) = (get("facts_ms"), get("handshake_ms"));
+    [
+        (wall_ms - get("total_ms")).max(0.0),
+        facts,
+        hand,
+        (get("preflight_ms") - facts - hand).max(0.0),
+        get("libvirt_ms"),
+        get("guest_ms"),
+    ]
+}
+
+thread_local! {
+    static PHASE_SAMPLES: std::cell::RefCell<BTreeMap<String, Vec<[f64; 6]>>> = Default::default();
+}
+
+fn add_phases(op: &str, wall_ms: f64, r: &serde_json::Value) {
+    PHASE_SAMPLES.with(|p| p.borrow_mut().entry(op.to_string()).or_default().push(phases(wall_ms, r)));
+}
+
 /// vmplug's own time in a report: total minus libvirt and guest.
 fn own_ms(r: &serde_json::Value) -> f64 {
     let t = &r["timings"];
@@ -177,6 +205,7 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut A
                     let r = json(&out);
                     assert_eq!(r["outcome"], "ok", "{r}");
                     s.add(&op, method, ms(el));
+                    add_phases(&op, ms(el), &r);
                     let (_, hwm, ticks_after, _) = agent_proc(g);
                     if model == Model::Dimm {
                         cost.ticks += ticks_after.saturating_sub(ticks_before);
@@ -252,6 +281,7 @@ fn bench_cpus(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, max: u32) {
                 let r = json(&out);
                 assert_eq!(r["outcome"], "ok", "{r}");
                 s.add(op, method, ms(el));
+                add_phases(op, ms(el), &r);
                 own.push(own_ms(&r));
             }
             "udev rule" => {
@@ -391,6 +421,21 @@ fn main() {
         let ratio = floor_of(op).map(|f| format!("{:.2}", med / f)).unwrap_or_default();
         let _ = writeln!(md, "| {op} | {m} | {med:.1} | {lo:.1} | {hi:.1} | {ratio} |");
     }
+    let _ = writeln!(
+        md,
+        "\n| vmplug's wall time by phase, median ms | {} | wall |\n| --- |{}",
+        PHASES.join(" | "),
+        " ---: |".repeat(PHASES.len() + 1)
+    );
+    PHASE_SAMPLES.with(|p| {
+        for (op, runs) in p.borrow().iter() {
+            let cols: Vec<String> = (0..PHASES.len())
+                .map(|i| format!("{:.0}", stats(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()).0))
+                .collect();
+            let wall = stats(&runs.iter().map(|r| r.iter().sum::<f64>()).collect::<Vec<_>>()).0;
+            let _ = writeln!(md, "| {op} | {} | {wall:.0} |", cols.join(" | "));
+        }
+    });
     let _ = writeln!(
         md,
         "\n| staged growth into a 4 GiB guest | available before | waves | blocks onlined | MemTotal grew | total ms | guest ms | QEMU RSS grew | OOM |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
