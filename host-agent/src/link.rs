@@ -343,6 +343,15 @@ impl GuestLink {
         }
     }
 
+    /// Asks an established session for the guest's facts again (they change with
+    /// every plug) and forgets the events of earlier requests: what a session kept
+    /// between operations (autoscale's) does before each use.
+    pub async fn refresh(&mut self) -> Result<(), LinkError> {
+        self.info = self.info().await?;
+        self.wire.events = EventLog::default();
+        Ok(())
+    }
+
     pub async fn info(&mut self) -> Result<GuestInfo, LinkError> {
         match self.call(Request::Info, HELLO_TIMEOUT).await? {
             Response::GuestInfo(i) => Ok(i),

@@ -56,7 +56,7 @@ pub async fn gather(
     name: &str,
     opts: &HotplugOpts,
 ) -> Result<(Facts, Option<GuestLink>), DomainError> {
-    gather_phases(conn, name, opts).await.map(|(f, l, _)| (f, l))
+    gather_phases(conn, name, opts, None).await.map(|(f, l, _)| (f, l))
 }
 
 /// [`gather`], and how long the libvirt facts and the agent's handshake took (ms).
@@ -64,6 +64,7 @@ async fn gather_phases(
     conn: Arc<dyn Connection>,
     name: &str,
     opts: &HotplugOpts,
+    held: Option<GuestLink>,
 ) -> Result<(Facts, Option<GuestLink>, (u64, u64)), DomainError> {
     let t = std::time::Instant::now();
     let loaded = load(conn, name, true).await?;
@@ -71,11 +72,7 @@ async fn gather_phases(
     let blind = opts.no_wait && opts.agent.is_none() && discover(&loaded.facts).is_none();
     let facts_ms = crate::ops::ms(t);
     let t = std::time::Instant::now();
-    let (link, err) = if affect.live() && !blind {
-        agent_if_running(&loaded, opts.agent.as_ref(), opts.agent_wait).await
-    } else {
-        (None, None)
-    };
+    let (link, err) = if affect.live() && !blind { session(&loaded, opts, held).await } else { (None, None) };
     let handshake_ms = crate::ops::ms(t);
     let persistent = if affect.config() && loaded.running {
         let dom = loaded.dom.clone();
@@ -101,12 +98,44 @@ pub async fn gather_timed(
     name: &str,
     opts: &HotplugOpts,
 ) -> Result<(Facts, Option<GuestLink>, crate::ops::Run), DomainError> {
+    gather_timed_with(conn, name, opts, None).await
+}
+
+/// [`gather_timed`] with an agent session the caller already holds (autoscale
+/// keeps one per domain): used when it leads to this domain's agent and still
+/// answers (its facts are asked again), else closed and a new one opened.
+pub async fn gather_timed_with(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    opts: &HotplugOpts,
+    held: Option<GuestLink>,
+) -> Result<(Facts, Option<GuestLink>, crate::ops::Run), DomainError> {
     let mut run = crate::ops::Run::new();
     let t = std::time::Instant::now();
-    let (facts, link, (facts_ms, handshake_ms)) = gather_phases(conn, name, opts).await?;
+    let (facts, link, (facts_ms, handshake_ms)) = gather_phases(conn, name, opts, held).await?;
     run.preflight_ms = crate::ops::ms(t);
     (run.facts_ms, run.handshake_ms) = (facts_ms, handshake_ms);
     Ok((facts, link, run))
+}
+
+/// The agent session of a live change: `held` when it leads where this domain's
+/// agent is and answers a fresh `Info`, else a new one. A held session that is not
+/// used is closed before connecting (a virtio-serial channel admits one client).
+async fn session(
+    loaded: &Loaded,
+    opts: &HotplugOpts,
+    held: Option<GuestLink>,
+) -> (Option<GuestLink>, Option<LinkError>) {
+    if let Some(mut link) = held {
+        let want = opts.agent.clone().or_else(|| discover(&loaded.facts));
+        if loaded.running && want.as_ref() == Some(&link.addr) {
+            match link.refresh().await {
+                Ok(()) => return (Some(link), None),
+                Err(e) => tracing::debug!(error = %e, "the held agent session no longer answers; connecting again"),
+            }
+        }
+    }
+    agent_if_running(loaded, opts.agent.as_ref(), opts.agent_wait).await
 }
 
 /// Why a verb will not act: every finding, errors first, each with its rule id and

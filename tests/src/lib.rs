@@ -13,6 +13,7 @@ pub mod env;
 pub mod guest;
 pub mod initramfs;
 pub mod libvirtd;
+pub mod procs;
 pub mod schema;
 
 pub use env::Env;

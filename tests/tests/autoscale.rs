@@ -117,3 +117,66 @@ fn two_hosts_by_uri_at_once() {
         assert!(ev["inputs"].is_object(), "pressure read from each host's guest: {ev}");
     }
 }
+
+/// The `vmplug_agent_sessions_total` of `domain` in a metrics exposition.
+fn sessions_of(metrics: &str, domain: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("vmplug_agent_sessions_total{") && l.contains(&format!("domain=\"{domain}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A running autoscale keeps one session per vsock guest, and takes a
+/// virtio-serial guest's single-client channel only for each step, so an
+/// operator's `vmplug` works on both guests while autoscale watches them.
+#[test]
+fn an_operator_and_a_running_autoscale_share_each_guest() {
+    use vmplug_e2e::procs::{free_port, http, start, wait_for, Procs};
+    use vmplug_e2e::Transport;
+    let mut serial = Guest::boot("as-share-serial", GuestSpec::default());
+    let mut vsock = Guest::boot("as-share-vsock", GuestSpec { transport: Transport::Vsock, ..GuestSpec::default() });
+    let port = free_port();
+    let policy = format!(
+        "uris = ['{}', '{}']\nmetrics_listen = '127.0.0.1:{port}'\n[select]\nnames = ['{}', '{}']\n\
+         [timing]\ninterval_s = 1\nsustain = 1\n[cpu]\npsi_some_avg10 = 100.0\n\
+         [memory]\navailable_below = '1M'\npsi_some_avg10 = 100.0\npsi_full_avg10 = 100.0\n",
+        serial.daemon.uri, vsock.daemon.uri, serial.name, vsock.name
+    );
+    let path = serial.dir.join("share.toml");
+    std::fs::write(&path, policy).expect("policy");
+    let env = vmplug_e2e::Env::get();
+    let _procs = Procs(vec![start(
+        &serial.dir,
+        "autoscale",
+        std::process::Command::new(&env.vmplug).args(["autoscale", "--policy", &path.to_string_lossy()]),
+    )]);
+    let scrape = || http(port, "GET", "/metrics", "").map(|(_, body)| body);
+    wait_for("autoscale sampling both guests", Duration::from_secs(30), || {
+        let m = scrape()?;
+        (sessions_of(&m, &serial.name)? >= 2 && sessions_of(&m, &vsock.name)? >= 1).then_some(())
+    });
+
+    // The operator, while autoscale samples every second.
+    for g in [&serial, &vsock] {
+        let r = g.vmplug_json(&["setvcpus", &g.name, "2"]);
+        assert_eq!(r["outcome"], "ok", "{r}");
+        let r = g.vmplug_json(&["attach-memory", &g.name, "256M"]);
+        assert_eq!(r["outcome"], "ok", "{r}");
+    }
+    assert_eq!(serial.online_cpus(), "0-1");
+    assert_eq!(vsock.online_cpus(), "0-1");
+
+    // Autoscale went on: a new session per step on virtio-serial, still its
+    // first one on vsock.
+    let before = sessions_of(&scrape().expect("metrics"), &serial.name).expect("serial sessions");
+    let m = wait_for("more autoscale rounds", Duration::from_secs(30), || {
+        let m = scrape()?;
+        (sessions_of(&m, &serial.name)? >= before + 2).then_some(m)
+    });
+    assert_eq!(sessions_of(&m, &vsock.name), Some(1), "one vsock session all along:\n{m}");
+    assert!(
+        m.lines().any(|l| l.starts_with("vmplug_guest_cpus_online{") && l.contains(&vsock.name) && l.ends_with(" 2")),
+        "the kept session still reads fresh guest facts (2 CPUs online):\n{m}"
+    );
+}

@@ -83,6 +83,7 @@ pub struct Metrics {
     actions: Family<ActionLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
     alerts: Family<AlertLabels, Counter>,
+    sessions: Family<DomainLabels, Counter>,
     /// Label sets in use per domain, for removal.
     seen: std::sync::Mutex<std::collections::HashMap<DomainLabels, DomainSeries>>,
 }
@@ -154,9 +155,16 @@ impl Default for Metrics {
         );
         let alerts = Family::<AlertLabels, Counter>::default();
         registry.register("vmplug_alerts", "Alerts received from Alertmanager's webhook, by result", alerts.clone());
+        let sessions = Family::<DomainLabels, Counter>::default();
+        registry.register(
+            "vmplug_agent_sessions",
+            "Guest agent sessions autoscale opened (connect and handshake); one per domain while vsock sessions last",
+            sessions.clone(),
+        );
         Metrics {
             registry,
             alerts,
+            sessions,
             vcpus,
             vcpus_max,
             memory,
@@ -200,6 +208,12 @@ impl Metrics {
     /// Alerts received, by result (`accepted`, `rejected`, `malformed`, `resolved`).
     pub(crate) fn count_alerts(&self, result: &str, n: u64) {
         self.alerts.get_or_create(&AlertLabels { result: result.into() }).inc_by(n);
+    }
+
+    /// Autoscale opened a new session to the domain's agent.
+    pub(crate) fn session_opened(&self, l: &DomainLabels) {
+        self.sessions.get_or_create(l).inc();
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).entry(l.clone()).or_default();
     }
 
     /// What one sample saw (libvirt's view and the guest's).
@@ -282,6 +296,7 @@ impl Metrics {
             ] {
                 f.remove(&l);
             }
+            self.sessions.remove(&l);
             for zone in series.zones {
                 self.guest_blocks_online.remove(&ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone });
             }

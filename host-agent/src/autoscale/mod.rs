@@ -22,7 +22,9 @@ pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, M
 pub use policy::{glob, Limits, Policy, PolicyError, MAX_TIMING_S};
 
 use crate::domain::{Affect, Connection, DomainError};
+use crate::link::{discover, AgentAddr, GuestLink, LinkError};
 use crate::ops::{self, HotplugOpts, MemoryOpts};
+use crate::plan::gather_timed_with;
 use crate::report::Outcome;
 use crate::vmem::{ResizeOpts, SizeChange};
 use crate::xml::DomainFacts;
@@ -60,11 +62,47 @@ pub struct Engine {
     pub metrics: Metrics,
     pub dry_run: bool,
     pub states: States,
+    /// The agent session kept per domain between rounds (vsock and hybrid vsock;
+    /// see [`Engine::keep_session`]).
+    pub sessions: std::sync::Mutex<std::collections::HashMap<(String, String), GuestLink>>,
 }
 
 impl Engine {
     pub fn new(policy: Policy, limits: Limits, dry_run: bool) -> Engine {
-        Engine { policy, limits, metrics: Metrics::default(), dry_run, states: States::default() }
+        Engine {
+            policy,
+            limits,
+            metrics: Metrics::default(),
+            dry_run,
+            states: States::default(),
+            sessions: Default::default(),
+        }
+    }
+
+    /// The session kept for this domain, if any (taken while its step runs: a
+    /// domain has one step in flight at most, see [`Engine::begin`]).
+    pub fn take_session(&self, key: &(String, String)) -> Option<GuestLink> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(key)
+    }
+
+    /// Keeps a session for the domain's next round — unless it is virtio-serial:
+    /// QEMU's chardev admits one host client at a time, so autoscale holds that
+    /// channel only for a step (sample, decide, act) and then gives it back, and an
+    /// operator's `vmplug`, which retries its connection for `--agent-wait`, gets
+    /// it in between. vsock admits several sessions (the agent serves
+    /// `MAX_VSOCK_SESSIONS`), so there autoscale keeps its one.
+    pub fn keep_session(&self, key: (String, String), link: Option<GuestLink>) {
+        if let Some(link) = link.filter(|l| !matches!(l.addr, AgentAddr::Serial { .. })) {
+            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, link);
+        }
+    }
+
+    /// Closes the sessions of domains no longer selected or running.
+    fn retain_sessions(&self, live: &std::collections::HashSet<DomainLabels>) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(uri, domain), _| live.contains(&DomainLabels { uri: uri.clone(), domain: domain.clone() }));
     }
 
     /// Marks the domain's step as running and returns its state, or `None` when
@@ -106,7 +144,15 @@ fn capacity(facts: &DomainFacts, room: &HostRoom) -> Capacity {
 
 /// Runs a decided action (unless dry-run) and records its outcome in `ev` and
 /// in the domain's state: cooldown from now, back-off after a failure.
-async fn apply(engine: &Engine, host: &Host, d: Decision, ev: &mut DecisionEvent, state: &mut DomainState) {
+/// `link` is the domain's agent session, which the action uses and leaves there.
+async fn apply(
+    engine: &Engine,
+    host: &Host,
+    d: Decision,
+    ev: &mut DecisionEvent,
+    state: &mut DomainState,
+    link: &mut Option<GuestLink>,
+) {
     ev.rule = d.rule;
     ev.reason = d.reason;
     ev.action = d.action.clone();
@@ -114,7 +160,7 @@ async fn apply(engine: &Engine, host: &Host, d: Decision, ev: &mut DecisionEvent
         return;
     }
     let _permit = host.actions.acquire().await;
-    let (outcome, message) = act(engine, host, &ev.domain, &d.action).await;
+    let (outcome, message) = act(engine, host, &ev.domain, &d.action, link).await;
     ev.outcome = Some(outcome);
     ev.message = Some(message);
     state.last_action_s = Some(now_s());
@@ -139,16 +185,9 @@ pub async fn step_domain(
     let cap = capacity(facts, room);
     let started = std::time::Instant::now();
     let mut ev = DecisionEvent::new(&host.uri, &facts.name, &cap, now_s(), engine.dry_run);
-    let mut guest = None;
-    let pressure = match ops::connect_agent(facts, None, Duration::from_secs(3)).await {
-        Ok(mut link) => {
-            let p = link.pressure().await.map_err(|e| e.to_string());
-            guest = Some(link.info);
-            p
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    let sample = match pressure {
+    let key = (host.uri.clone(), facts.name.clone());
+    let mut link = engine.take_session(&key);
+    let sample = match sample(engine, &host.uri, facts, &mut link).await {
         Ok(p) => Sample::from(&p),
         Err(e) => {
             // A silent agent: the domain is left alone, and that is reported.
@@ -157,20 +196,60 @@ pub async fn step_domain(
             return Ok(ev);
         }
     };
+    let guest = link.as_ref().map(|l| l.info.clone());
     ev.inputs = Some(sample);
     state.samples.push_back(sample);
     while state.samples.len() > 32 {
         state.samples.pop_front();
     }
     let d = decide(&engine.limits, state, &cap, ev.ts);
-    apply(engine, host, d, &mut ev, state).await;
+    apply(engine, host, d, &mut ev, state, &mut link).await;
+    engine.keep_session(key, link);
     ev.duration_ms = started.elapsed().as_millis() as u64;
     engine.metrics.record(&ev, &cap, guest.as_ref());
     Ok(ev)
 }
 
-/// Applies one decided action through exactly the verbs' closed loop.
-async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outcome, String) {
+/// How long a round waits for a domain's agent to answer a new connection.
+pub const SAMPLE_CONNECT_WAIT: Duration = Duration::from_secs(3);
+
+/// The guest's pressure and fresh facts, through the held session when it still
+/// answers (an agent restart or the vsock idle limit ends it), else a new one
+/// (counted in `vmplug_agent_sessions_total`). `link` holds the session after.
+async fn sample(
+    engine: &Engine,
+    uri: &str,
+    facts: &DomainFacts,
+    link: &mut Option<GuestLink>,
+) -> Result<vmplug_common::protocol::Pressure, LinkError> {
+    let want = discover(facts);
+    if let Some(l) = link.as_mut().filter(|l| want.as_ref() == Some(&l.addr)) {
+        match l.refresh().await {
+            Ok(()) => return l.pressure().await,
+            Err(e) => {
+                tracing::debug!(domain = %facts.name, error = %e, "the kept agent session ended; connecting again")
+            }
+        }
+    }
+    // Closed before connecting again: a virtio-serial channel admits one client.
+    *link = None;
+    let mut l = ops::connect_agent(facts, None, SAMPLE_CONNECT_WAIT).await?;
+    engine.metrics.session_opened(&DomainLabels { uri: uri.into(), domain: facts.name.clone() });
+    let p = l.pressure().await;
+    *link = Some(l);
+    p
+}
+
+/// Applies one decided action through exactly the verbs' closed loop, on the
+/// domain's agent session when there is one (no second connection, no second
+/// handshake); `link` holds the session the verb ended with.
+async fn act(
+    engine: &Engine,
+    host: &Host,
+    name: &str,
+    action: &Action,
+    link: &mut Option<GuestLink>,
+) -> (Outcome, String) {
     let opts = HotplugOpts {
         affect: if engine.policy.persist { Affect::Both } else { Affect::Live },
         timeout: Duration::from_secs(60),
@@ -180,8 +259,21 @@ async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outc
         agent: None,
         zone: ZonePolicy::Auto,
     };
+    let opts = match *action {
+        Action::GrowVirtioMem { .. } | Action::ShrinkVirtioMem { .. } => {
+            HotplugOpts { zone: ZonePolicy::Movable, ..opts }
+        }
+        _ => opts,
+    };
+    if *action == Action::None {
+        return (Outcome::Ok, "nothing to do".into());
+    }
+    let (facts, mut held, run) = match gather_timed_with(host.conn.clone(), name, &opts, link.take()).await {
+        Ok(g) => g,
+        Err(e) => return (Outcome::LibvirtError, e.to_string()),
+    };
     let r = match *action {
-        Action::AddVcpus { to } => ops::setvcpus(host.conn.clone(), name, to, &opts).await,
+        Action::AddVcpus { to } => ops::setvcpus_with(&facts, held.as_mut(), to, &opts, run).await,
         Action::AddMemory { size, ceiling } => {
             let mem = MemoryOpts {
                 size,
@@ -191,7 +283,7 @@ async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outc
                 max_dimm: crate::planner::DEFAULT_MAX_DIMM,
                 request_id: ops::new_request_id(),
             };
-            ops::attach_memory(host.conn.clone(), name, &mem, &opts).await
+            ops::attach_memory_with(&facts, held.as_mut(), &mem, &opts, run).await
         }
         Action::GrowVirtioMem { size } | Action::ShrinkVirtioMem { size } => {
             let change = match *action {
@@ -199,11 +291,11 @@ async fn act(engine: &Engine, host: &Host, name: &str, action: &Action) -> (Outc
                 _ => SizeChange::Shrink(size),
             };
             let r = ResizeOpts { change, node: None, settle: Duration::from_secs(10) };
-            let opts = HotplugOpts { zone: ZonePolicy::Movable, ..opts };
-            crate::vmem::resize_memory(host.conn.clone(), name, &r, &opts).await
+            crate::vmem::resize_memory_with(&facts, held.as_mut(), &r, &opts, run).await
         }
         Action::None => return (Outcome::Ok, "nothing to do".into()),
     };
+    *link = held;
     match r {
         Ok(r) => (r.outcome, r.message),
         Err(e) => (Outcome::LibvirtError, e.to_string()),
@@ -258,8 +350,9 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
                 });
             }
         }
-        // Series of domains that stopped or left the selection go.
+        // Series and sessions of domains that stopped or left the selection go.
         engine.metrics.retain(&live);
+        engine.retain_sessions(&live);
         if once {
             while tasks.join_next().await.is_some() {}
         } else {

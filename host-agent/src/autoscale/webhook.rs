@@ -145,7 +145,9 @@ async fn act_on_alert(
         return ev;
     };
     let d = decide_alert(&engine.limits, &st, &cap, req.resource, &req.alert, ev.ts);
-    apply(engine, host, d, &mut ev, &mut st).await;
+    let mut link = engine.take_session(&key);
+    apply(engine, host, d, &mut ev, &mut st, &mut link).await;
+    engine.keep_session(key.clone(), link);
     engine.end(key, st);
     ev.duration_ms = started.elapsed().as_millis() as u64;
     engine.metrics.record_action(&ev);
