@@ -309,6 +309,22 @@ fn mem_guest_kernel_acpi_and_free() {
         g.memmap_on_memory = Some(true);
     }
     assert!(!self_hosted.run(&mem(GIB, Some(0))).iter().any(|f| f.id == "mem.guest-free"));
+    // virtio-mem: the driver adds at most 1 GiB offline before waiting for it to
+    // be onlined, so 64 GiB needs what 1 GiB needs (32 MiB), not 2 GiB.
+    let mut roomy = Case::new();
+    if let Some(g) = roomy.guest.as_mut() {
+        g.mem_available = Bytes(40 * MIB);
+    }
+    let resize = |grow| Operation::Resize { grow: Bytes(grow), node: None };
+    assert!(
+        !roomy.run(&resize(64 * GIB)).iter().any(|f| f.id == "mem.guest-free"),
+        "64 GiB of virtio-mem, 40 MiB free"
+    );
+    let f = tight.run(&resize(64 * GIB));
+    assert!(
+        f.iter().any(|f| f.id == "mem.guest-free" && f.message.contains("driver's step, 1 GiB")),
+        "16 MiB free cannot map the driver's 1 GiB step: {f:#?}"
+    );
 }
 
 #[test]

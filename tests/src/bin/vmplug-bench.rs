@@ -361,6 +361,10 @@ fn main() {
     let env = Env::get();
     let started = Instant::now();
     eprintln!("vmplug bench: {} runs per method, methods interleaved", runs());
+    if std::env::var("VMPLUG_BENCH_ONLY").is_ok_and(|v| v == "concurrent") {
+        println!("{}", concurrent_table(&bench_concurrent()));
+        return;
+    }
     let spec = GuestSpec {
         vcpus: 1,
         max_vcpus: 10,
@@ -402,6 +406,7 @@ fn main() {
             bench_staged(gib)
         })
         .collect();
+    let concurrent = if std::env::var("VMPLUG_BENCH_STAGED").is_ok() { None } else { Some(bench_concurrent()) };
 
     let bin_size = std::fs::metadata(&env.guest_agent).map(|m| m.len()).unwrap_or(0);
     let floor_of = |op: &str| -> Option<f64> {
@@ -454,6 +459,9 @@ fn main() {
             s.qemu_rss_delta_mib,
             if s.oom { "yes" } else { "none" }
         );
+    }
+    if let Some(c) = &concurrent {
+        md.push_str(&concurrent_table(c));
     }
     let (own_med, own_lo, own_hi) = if own.is_empty() { (0.0, 0.0, 0.0) } else { stats(&own) };
     let _ = writeln!(md, "\n| agent / host figure | value |\n| --- | ---: |");
@@ -549,4 +557,103 @@ fn bench_staged(gib: u64) -> Staged {
 fn chrono_like_now() -> String {
     let out = std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+/// One autoscale process, four guests (the most this machine runs), each under
+/// its own libvirtd: per-guest latency of an alert-driven grow alone and with all
+/// four at once, so serialisation shows as a ratio.
+struct Concurrent {
+    /// The action's duration per the event (`duration_ms`), one guest alone.
+    single: Vec<f64>,
+    /// From the POST to the last event, one guest alone.
+    single_wall: Vec<f64>,
+    /// Each guest's action duration when four alerts arrive in one delivery.
+    four: Vec<f64>,
+    /// From the POST to the fourth event.
+    four_wall: Vec<f64>,
+}
+
+fn concurrent_table(c: &Concurrent) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n| one autoscale, Alertmanager alerts → +256 MiB verified | per-guest action ms, median | min | max | alert → last event ms, median | × one guest |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let (one, _, _) = stats(&c.single);
+    for (label, v, wall) in [("1 guest", &c.single, &c.single_wall), ("4 guests at once", &c.four, &c.four_wall)] {
+        let (med, lo, hi) = stats(v);
+        let _ = writeln!(md, "| {label} | {med:.0} | {lo:.0} | {hi:.0} | {:.0} | {:.2} |", stats(wall).0, med / one);
+    }
+    md
+}
+
+fn bench_concurrent() -> Concurrent {
+    use std::io::BufRead;
+    use vmplug_e2e::procs::{free_port, http, Procs};
+    let guests: Vec<Guest> =
+        (0..4).map(|_| Guest::boot("benchconc", GuestSpec { slots: 16, ..GuestSpec::default() })).collect();
+    let hook = free_port();
+    let quote = |v: Vec<String>| v.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    let policy = format!(
+        "uris = [{}]\nwebhook_listen = '127.0.0.1:{hook}'\n[select]\nnames = [{}]\n\
+         [timing]\ninterval_s = 3600\nsustain = 1\ncooldown_s = 0\n[cpu]\npsi_some_avg10 = 100.0\n\
+         [memory]\nstep = '256M'\nmax = '8G'\navailable_below = '1M'\npsi_some_avg10 = 100.0\npsi_full_avg10 = 100.0\n\
+         [host]\nconcurrency = 4\n",
+        quote(guests.iter().map(|g| g.daemon.uri.clone()).collect()),
+        quote(guests.iter().map(|g| g.name.clone()).collect()),
+    );
+    let path = guests[0].dir.join("concurrent.toml");
+    std::fs::write(&path, policy).expect("policy");
+    let mut child = std::process::Command::new(&Env::get().vmplug)
+        .args(["autoscale", "--policy", &path.to_string_lossy()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("autoscale");
+    let stdout = child.stdout.take().expect("stdout");
+    let _procs = Procs(vec![child]);
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    // The first sampling round (one event per guest), then only alerts act.
+    for _ in 0..guests.len() {
+        rx.recv_timeout(Duration::from_secs(60)).expect("autoscale's first round");
+    }
+    let alert = |names: &[&Guest]| -> (Vec<f64>, f64) {
+        let alerts: Vec<String> = names
+            .iter()
+            .map(|g| format!(r#"{{"status":"firing","labels":{{"alertname":"Bench","domain":"{}"}}}}"#, g.name))
+            .collect();
+        let t = Instant::now();
+        let (code, body) =
+            http(hook, "POST", "/alerts", &format!(r#"{{"alerts":[{}]}}"#, alerts.join(","))).expect("webhook answers");
+        assert_eq!(code, 202, "{body}");
+        let mut took = Vec::new();
+        while took.len() < names.len() {
+            let ev = rx.recv_timeout(Duration::from_secs(120)).expect("an alert's event");
+            if ev["rule"] != "alert.memory" {
+                continue;
+            }
+            assert_eq!(ev["outcome"], "ok", "{ev}");
+            took.push(ev["duration_ms"].as_f64().unwrap_or(0.0));
+        }
+        (took, ms(t.elapsed()))
+    };
+    let mut c = Concurrent { single: vec![], single_wall: vec![], four: vec![], four_wall: vec![] };
+    let all: Vec<&Guest> = guests.iter().collect();
+    for run in 0..runs() {
+        eprintln!("  concurrency run {run}: one guest, then four at once");
+        let (one, wall) = alert(&all[run % all.len()..][..1]);
+        c.single.extend(one);
+        c.single_wall.push(wall);
+        let (four, wall) = alert(&all);
+        c.four.extend(four);
+        c.four_wall.push(wall);
+    }
+    c
 }
