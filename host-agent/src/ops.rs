@@ -140,8 +140,23 @@ pub fn probe_cpu_hotplug(emulator: &str, machine: &str) -> Option<bool> {
     found
 }
 
-/// Reads a domain: state, XML (live when running and `live` wanted), host facts.
-pub async fn load(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Result<Loaded, DomainError> {
+/// A domain's state and XML, without the host's facts.
+#[derive(Debug)]
+pub struct DomainRead {
+    pub dom: Arc<dyn Domain>,
+    pub running: bool,
+    pub job_running: bool,
+    pub facts: DomainFacts,
+}
+
+impl DomainRead {
+    pub fn with_host(self, host: HostFacts) -> Loaded {
+        Loaded { dom: self.dom, running: self.running, job_running: self.job_running, facts: self.facts, host }
+    }
+}
+
+/// Reads a domain: state and XML (live when running and `live` wanted).
+pub async fn read_domain(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Result<DomainRead, DomainError> {
     let name = name.to_string();
     blocking(move || {
         let dom = conn.lookup(&name)?;
@@ -150,10 +165,21 @@ pub async fn load(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Res
         let facts = DomainFacts::parse(&dom.xml(view)?)
             .map_err(|e| DomainError::Other(format!("domain XML of '{name}': {e}")))?;
         let job_running = dom.job_running().unwrap_or(false);
-        let host = host_facts(conn.as_ref(), &facts)?;
-        Ok(Loaded { dom, running, job_running, facts, host })
+        Ok(DomainRead { dom, running, job_running, facts })
     })
     .await
+}
+
+/// [`host_facts`] off the async threads.
+pub async fn read_host(conn: Arc<dyn Connection>, facts: DomainFacts) -> Result<HostFacts, DomainError> {
+    blocking(move || host_facts(conn.as_ref(), &facts)).await
+}
+
+/// Reads a domain: state, XML (live when running and `live` wanted), host facts.
+pub async fn load(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Result<Loaded, DomainError> {
+    let d = read_domain(conn.clone(), name, want_live).await?;
+    let host = read_host(conn, d.facts.clone()).await?;
+    Ok(d.with_host(host))
 }
 
 /// Options shared by the hot-plug commands.
@@ -177,7 +203,7 @@ pub struct Run {
     pub(crate) started: Instant,
     pub(crate) preflight_ms: u64,
     /// Parts of `preflight_ms`: reading the domain and host from libvirt, and
-    /// the agent's handshake.
+    /// the agent's handshake (which runs alongside the host's facts).
     pub(crate) facts_ms: u64,
     pub(crate) handshake_ms: u64,
     pub(crate) libvirt_ms: u64,

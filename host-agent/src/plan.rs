@@ -19,7 +19,7 @@ use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, DomainError, XmlView};
 use crate::link::{discover, GuestLink, LinkError};
-use crate::ops::{agent_if_running, blocking, load, HotplugOpts, Loaded, MemoryOpts};
+use crate::ops::{blocking, connect_agent, read_domain, read_host, HotplugOpts, Loaded, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
 use crate::unplug::DimmSelector;
@@ -66,14 +66,23 @@ async fn gather_phases(
     opts: &HotplugOpts,
     held: Option<GuestLink>,
 ) -> Result<(Facts, Option<GuestLink>, (u64, u64)), DomainError> {
+    // The domain first (it says where the agent is), then the host's facts and
+    // the agent's handshake at the same time: neither waits for the other.
     let t = std::time::Instant::now();
-    let loaded = load(conn, name, true).await?;
-    let affect = opts.affect.resolve(loaded.running);
-    let blind = opts.no_wait && opts.agent.is_none() && discover(&loaded.facts).is_none();
-    let facts_ms = crate::ops::ms(t);
-    let t = std::time::Instant::now();
-    let (link, err) = if affect.live() && !blind { session(&loaded, opts, held).await } else { (None, None) };
-    let handshake_ms = crate::ops::ms(t);
+    let d = read_domain(conn.clone(), name, true).await?;
+    let affect = opts.affect.resolve(d.running);
+    let blind = opts.no_wait && opts.agent.is_none() && discover(&d.facts).is_none();
+    let host = async {
+        let h = read_host(conn.clone(), d.facts.clone()).await;
+        (h, crate::ops::ms(t))
+    };
+    let agent = async {
+        let t = std::time::Instant::now();
+        let s = if affect.live() && !blind && d.running { session(&d.facts, opts, held).await } else { (None, None) };
+        (s, crate::ops::ms(t))
+    };
+    let ((host, facts_ms), ((link, err), handshake_ms)) = tokio::join!(host, agent);
+    let loaded = d.with_host(host?);
     let persistent = if affect.config() && loaded.running {
         let dom = loaded.dom.clone();
         let xml = blocking(move || dom.xml(XmlView::Inactive)).await?;
@@ -122,20 +131,23 @@ pub async fn gather_timed_with(
 /// agent is and answers a fresh `Info`, else a new one. A held session that is not
 /// used is closed before connecting (a virtio-serial channel admits one client).
 async fn session(
-    loaded: &Loaded,
+    dom: &DomainFacts,
     opts: &HotplugOpts,
     held: Option<GuestLink>,
 ) -> (Option<GuestLink>, Option<LinkError>) {
+    let want = opts.agent.clone().or_else(|| discover(dom));
     if let Some(mut link) = held {
-        let want = opts.agent.clone().or_else(|| discover(&loaded.facts));
-        if loaded.running && want.as_ref() == Some(&link.addr) {
+        if want.as_ref() == Some(&link.addr) {
             match link.refresh().await {
                 Ok(()) => return (Some(link), None),
                 Err(e) => tracing::debug!(error = %e, "the held agent session no longer answers; connecting again"),
             }
         }
     }
-    agent_if_running(loaded, opts.agent.as_ref(), opts.agent_wait).await
+    match connect_agent(dom, opts.agent.as_ref(), opts.agent_wait).await {
+        Ok(link) => (Some(link), None),
+        Err(e) => (None, Some(e)),
+    }
 }
 
 /// Why a verb will not act: every finding, errors first, each with its rule id and

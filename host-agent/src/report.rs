@@ -128,7 +128,9 @@ pub struct Timings {
     pub preflight_ms: u64,
     /// Of `preflight_ms`: the domain's and the host's facts from libvirt.
     pub facts_ms: u64,
-    /// Of `preflight_ms`: the guest agent's handshake.
+    /// Of `preflight_ms`: the guest agent's handshake. It starts once the
+    /// domain's XML is read and runs alongside the host's facts, so the two
+    /// can add up to more than `preflight_ms`.
     pub handshake_ms: u64,
     pub libvirt_ms: u64,
     pub guest_ms: u64,
@@ -248,7 +250,7 @@ impl OpReport {
         }
         let t = &self.timings;
         s.push_str(&format!(
-            "  time: preflight {} ms (facts {}, handshake {}), libvirt {} ms, guest {} ms, total {} ms\n",
+            "  time: preflight {} ms (facts {} and handshake {}, overlapped), libvirt {} ms, guest {} ms, total {} ms\n",
             t.preflight_ms, t.facts_ms, t.handshake_ms, t.libvirt_ms, t.guest_ms, t.total_ms
         ));
         s

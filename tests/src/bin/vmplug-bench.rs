@@ -1,8 +1,11 @@
 //! `make bench`: in one nested guest, interleaving the methods run by run,
 //! measures how fast hot-plugged CPUs and memory are really online —
 //! vmplug's closed loop, the guide's udev rule (corrected), the guide's shell
-//! loop, and the floor (kernel auto-online for memory, the bare sysfs write for
-//! CPUs), for DIMMs and for virtio-mem growth — plus the agent's footprint and vmplug's own time per operation.
+//! loop, and kernel auto-online for memory, for DIMMs and for virtio-mem growth;
+//! the floor of each operation is its fastest method in the same run, and each
+//! method's time is split into the plug call, the guest until online, and the
+//! rest. Then the agent's footprint, vmplug's own time per operation, staged
+//! growth (16–64 GiB into a 4 GiB guest), and one autoscale growing four guests.
 //! Prints a markdown table and writes it, a JSON file and an SVG chart to
 //! `results/`.
 
@@ -90,31 +93,54 @@ fn settle() {
 }
 
 /// Where one vmplug run's wall time went, from its report: outside the verb
-/// (process start, libvirt connection, exit), facts, handshake, rules and
-/// plan, libvirt's calls, the guest's onlining.
-const PHASES: [&str; 6] =
-    ["outside the verb", "libvirt facts", "agent handshake", "rules + plan", "libvirt calls", "guest"];
+/// (process start, libvirt connection, exit), preflight (the libvirt facts and
+/// the agent's handshake, which overlap, then the rules and plan), libvirt's
+/// calls, the guest's onlining; and, inside preflight, the facts and the
+/// handshake each.
+const PHASES: [&str; 6] = [
+    "outside the verb",
+    "preflight",
+    "libvirt calls",
+    "guest",
+    "of preflight: libvirt facts",
+    "of preflight: agent handshake (alongside the host facts)",
+];
 
+/// The phases in order; the last two are parts of the second, not added to the wall.
 fn phases(wall_ms: f64, r: &serde_json::Value) -> [f64; 6] {
     let t = &r["timings"];
     let get = |k: &str| t[k].as_f64().unwrap_or(0.0);
-    let (facts, hand) = (get("facts_ms"), get("handshake_ms"));
     [
         (wall_ms - get("total_ms")).max(0.0),
-        facts,
-        hand,
-        (get("preflight_ms") - facts - hand).max(0.0),
+        get("preflight_ms"),
         get("libvirt_ms"),
         get("guest_ms"),
+        get("facts_ms"),
+        get("handshake_ms"),
     ]
 }
 
+/// Per (operation, method): each run's [plug call, guest, rest] ms.
+type Splits = BTreeMap<(String, String), Vec<[f64; 3]>>;
+
 thread_local! {
+    /// Per (operation, method): [plug call, guest until online, the rest] ms.
+    static SPLITS: std::cell::RefCell<Splits> = Default::default();
     static PHASE_SAMPLES: std::cell::RefCell<BTreeMap<String, Vec<[f64; 6]>>> = Default::default();
 }
 
 fn add_phases(op: &str, wall_ms: f64, r: &serde_json::Value) {
     PHASE_SAMPLES.with(|p| p.borrow_mut().entry(op.to_string()).or_default().push(phases(wall_ms, r)));
+    let t = &r["timings"];
+    let (plug, guest) = (t["libvirt_ms"].as_f64().unwrap_or(0.0), t["guest_ms"].as_f64().unwrap_or(0.0));
+    add_split(op, "vmplug", plug, guest, wall_ms);
+}
+
+/// Where one run of a method went: the plug call (libvirt), the guest until
+/// online after it, and the rest of the wall time.
+fn add_split(op: &str, method: &str, plug_ms: f64, guest_ms: f64, wall_ms: f64) {
+    let rest = (wall_ms - plug_ms - guest_ms).max(0.0);
+    SPLITS.with(|p| p.borrow_mut().entry((op.into(), method.into())).or_default().push([plug_ms, guest_ms, rest]));
 }
 
 /// vmplug's own time in a report: total minus libvirt and guest.
@@ -219,20 +245,26 @@ fn bench_memory(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, cost: &mut A
                     settle();
                     let t = Instant::now();
                     model.plug_raw(g, size);
+                    let plugged = ms(t.elapsed());
                     wait_memory_online(g, want);
-                    s.add(&op, method, ms(t.elapsed()));
+                    let wall = ms(t.elapsed());
+                    s.add(&op, method, wall);
+                    add_split(&op, method, plugged, wall - plugged, wall);
                 }
                 _ => {
                     g.sh("onliner none");
                     let t = Instant::now();
                     model.plug_raw(g, size);
+                    let plugged = ms(t.elapsed());
                     // The guide's loop, as a person would run it: again until every
                     // block is there and online (virtio-mem adds at most about 1 GiB
                     // offline, then waits for it to be onlined).
                     g.sh(&format!(
                         "while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -lt {want} ] || grep -q offline /sys/devices/system/memory/memory*/state; do for i in `grep -l offline /sys/devices/system/memory/memory*/state`; do echo online > $i; done; usleep 2000; done"
                     ));
-                    s.add(&op, method, ms(t.elapsed()));
+                    let wall = ms(t.elapsed());
+                    s.add(&op, method, wall);
+                    add_split(&op, method, plugged, wall - plugged, wall);
                 }
             }
             g.sh("onliner none");
@@ -264,9 +296,13 @@ fn virtio_mem_reset(g: &mut Guest, blocks_before: u64) {
     }
 }
 
+/// The kernel's own online write for a CPU, alone: a component of every
+/// method (not a method: nothing plugs), shown for reference.
+const CPU_WRITE_ALONE: &str = "online write alone, in the guest (component)";
+
 fn bench_cpus(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, max: u32) {
     let op = "vCPU";
-    let methods = ["vmplug", "udev rule", "sysfs write (floor)"];
+    let methods = ["vmplug", "udev rule", "shell loop (guide)", CPU_WRITE_ALONE];
     let name = g.name.clone();
     for k in 2..=max {
         let method = methods[(k as usize - 2) % methods.len()];
@@ -284,13 +320,22 @@ fn bench_cpus(g: &mut Guest, s: &mut Samples, own: &mut Vec<f64>, max: u32) {
                 add_phases(op, ms(el), &r);
                 own.push(own_ms(&r));
             }
-            "udev rule" => {
-                g.sh("onliner udev");
+            "udev rule" | "shell loop (guide)" => {
+                let udev = method == "udev rule";
+                g.sh(if udev { "onliner udev" } else { "onliner none" });
                 settle();
                 let t = Instant::now();
                 g.daemon.virsh_ok(&["setvcpus", &name, &k.to_string(), "--live"]);
-                g.sh(&format!("until [ \"$(cat /sys/devices/system/cpu/cpu{cpu}/online 2>/dev/null)\" = 1 ]; do usleep 2000; done"));
-                s.add(op, method, ms(t.elapsed()));
+                let plugged = ms(t.elapsed());
+                if udev {
+                    g.sh(&format!("until [ \"$(cat /sys/devices/system/cpu/cpu{cpu}/online 2>/dev/null)\" = 1 ]; do usleep 2000; done"));
+                } else {
+                    // The guide's loop: every offline CPU onlined, until the new one is.
+                    g.sh(&format!("until [ \"$(cat /sys/devices/system/cpu/cpu{cpu}/online 2>/dev/null)\" = 1 ]; do for f in $(grep -l 0 /sys/devices/system/cpu/cpu*/online); do echo 1 > $f; done; usleep 2000; done"));
+                }
+                let wall = ms(t.elapsed());
+                s.add(op, method, wall);
+                add_split(op, method, plugged, wall - plugged, wall);
             }
             _ => {
                 g.sh("onliner none");
@@ -409,21 +454,28 @@ fn main() {
     let concurrent = if std::env::var("VMPLUG_BENCH_STAGED").is_ok() { None } else { Some(bench_concurrent()) };
 
     let bin_size = std::fs::metadata(&env.guest_agent).map(|m| m.len()).unwrap_or(0);
-    let floor_of = |op: &str| -> Option<f64> {
+    // The floor is the fastest method measured for the operation in this run
+    // (the CPU write alone is a component, not a method).
+    let floor_of = |op: &str| -> Option<(f64, String)> {
         samples
             .0
             .iter()
-            .find(|((o, m), _)| o == op && (m.contains("floor") || m.contains("kernel")))
-            .map(|(_, v)| stats(v).0)
+            .filter(|((o, m), _)| o == op && m != CPU_WRITE_ALONE)
+            .map(|((_, m), v)| (stats(v).0, m.clone()))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
     };
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| operation | method | median ms | min ms | max ms | × floor |\n| --- | --- | ---: | ---: | ---: | ---: |"
+        "| operation | method | median ms | min ms | max ms | × fastest |\n| --- | --- | ---: | ---: | ---: | ---: |"
     );
     for ((op, m), v) in &samples.0 {
         let (med, lo, hi) = stats(v);
-        let ratio = floor_of(op).map(|f| format!("{:.2}", med / f)).unwrap_or_default();
+        let ratio = match floor_of(op) {
+            Some((_, fastest)) if *m == fastest => "**1.00** (fastest)".to_string(),
+            Some((f, _)) => format!("{:.2}", med / f),
+            None => String::new(),
+        };
         let _ = writeln!(md, "| {op} | {m} | {med:.1} | {lo:.1} | {hi:.1} | {ratio} |");
     }
     let _ = writeln!(
@@ -437,8 +489,19 @@ fn main() {
             let cols: Vec<String> = (0..PHASES.len())
                 .map(|i| format!("{:.0}", stats(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()).0))
                 .collect();
-            let wall = stats(&runs.iter().map(|r| r.iter().sum::<f64>()).collect::<Vec<_>>()).0;
+            let wall = stats(&runs.iter().map(|r| r[..4].iter().sum::<f64>()).collect::<Vec<_>>()).0;
             let _ = writeln!(md, "| {op} | {} | {wall:.0} |", cols.join(" | "));
+        }
+    });
+    let _ = writeln!(
+        md,
+        "\n| where each method's time went, median ms | plug call (libvirt) | guest, until online | the rest (process, facts, handshake, plan; console round trip for the others) | wall |\n| --- | --- | ---: | ---: | ---: | ---: |"
+    );
+    SPLITS.with(|p| {
+        for ((op, m), runs) in p.borrow().iter() {
+            let col = |i: usize| stats(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()).0;
+            let wall = stats(&runs.iter().map(|r| r.iter().sum::<f64>()).collect::<Vec<_>>()).0;
+            let _ = writeln!(md, "| {op} | {m} | {:.0} | {:.0} | {:.0} | {wall:.0} |", col(0), col(1), col(2));
         }
     });
     let _ = writeln!(
