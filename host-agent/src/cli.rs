@@ -655,18 +655,43 @@ async fn autoscale(
     once: bool,
     dry_run: bool,
 ) -> Result<Done, CliError> {
+    autoscale_on(Some(conn), None, policy, once, dry_run).await
+}
+
+/// `vmplug autoscale` as the binary runs it: the policy's `uris` when it has
+/// them (then `-c` is neither opened nor needed: the daemon may run where no
+/// libvirtd is), else `-c`'s connection, opened here.
+pub async fn run_autoscale(cli: &Cli) -> Option<Result<Done, CliError>> {
+    let Command::Autoscale { policy, once, dry_run } = &cli.command else { return None };
+    Some(autoscale_on(None, cli.connect.clone(), policy, *once, *dry_run).await)
+}
+
+async fn open(uri: Option<String>) -> Result<Arc<dyn Connection>, CliError> {
+    let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(uri.as_deref()))
+        .await
+        .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
+    Ok(Arc::new(c))
+}
+
+async fn autoscale_on(
+    conn: Option<Arc<dyn Connection>>,
+    connect: Option<String>,
+    policy: &std::path::Path,
+    once: bool,
+    dry_run: bool,
+) -> Result<Done, CliError> {
     let text = std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
     let p = Policy::parse(&policy.display().to_string(), &text)?;
     let mut hosts = Vec::new();
     if p.uris.is_empty() {
+        let conn = match conn {
+            Some(c) => c,
+            None => open(connect).await?,
+        };
         hosts.push(Host::new(conn.uri(), conn, p.host.concurrency));
     } else {
         for uri in &p.uris {
-            let u = uri.clone();
-            let c = tokio::task::spawn_blocking(move || crate::libvirt::LibvirtConnection::open(Some(&u)))
-                .await
-                .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
-            hosts.push(Host::new(uri.clone(), Arc::new(c), p.host.concurrency));
+            hosts.push(Host::new(uri.clone(), open(Some(uri.clone())).await?, p.host.concurrency));
         }
     }
     crate::autoscale::run(hosts, p, dry_run, once).await?;

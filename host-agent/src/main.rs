@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     virt::error::clear_error_callback();
     let result = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt.block_on(async {
+            if let Some(done) = vmplug::cli::run_autoscale(&cli).await {
+                return done;
+            }
             let uri = cli.connect.clone();
             let conn: Arc<dyn Connection> = Arc::new(
                 tokio::task::spawn_blocking(move || LibvirtConnection::open(uri.as_deref()))
