@@ -267,9 +267,19 @@ struct Slots {
 static SLOTS: Slots = Slots { used: Mutex::new(0), freed: Condvar::new() };
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Guests one process may run at once: [`MAX_GUESTS`] unless raised.
+static GUEST_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MAX_GUESTS);
+
+/// Lets this process run up to `n` guests at once (the bench's four-guest
+/// concurrency row; tests keep [`MAX_GUESTS`]).
+pub fn allow_guests(n: usize) {
+    GUEST_LIMIT.store(n.max(1), Ordering::SeqCst);
+    SLOTS.freed.notify_all();
+}
+
 fn take_slot() {
     let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
-    while *used >= MAX_GUESTS {
+    while *used >= GUEST_LIMIT.load(Ordering::SeqCst) {
         used = SLOTS.freed.wait(used).unwrap_or_else(|e| e.into_inner());
     }
     *used += 1;

@@ -89,12 +89,30 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
     };
     engine.metrics.count_alerts("resolved", resolved as u64);
     let (mut accepted, mut rejected) = (Vec::new(), Vec::new());
+    // Each host's running domains, read once per delivery and on every host at
+    // the same time: a delivery of many alerts waits for the slowest host once.
+    let mut reads = tokio::task::JoinSet::new();
+    for (i, host) in hosts.iter().enumerate() {
+        if requests.iter().any(|r| r.host.as_deref().is_none_or(|n| names_host(&host.uri, n))) {
+            let (engine, host) = (engine.clone(), host.clone());
+            reads.spawn(async move { (i, select_running(&engine.policy, &host).await) });
+        }
+    }
+    let mut running = std::collections::BTreeMap::new();
+    while let Some(r) = reads.join_next().await {
+        if let Ok((i, selection)) = r {
+            running.insert(i, selection);
+        }
+    }
     for req in requests {
         let mut found = None;
-        for host in hosts.iter().filter(|h| req.host.as_deref().is_none_or(|n| names_host(&h.uri, n))) {
-            let (selected, room) = select_running(&engine.policy, host).await;
-            if let Some(facts) = selected.into_iter().find(|f| f.name == req.domain) {
-                found = Some((host.clone(), facts, room));
+        for (i, host) in hosts.iter().enumerate() {
+            if !req.host.as_deref().is_none_or(|n| names_host(&host.uri, n)) {
+                continue;
+            }
+            let Some((selected, room)) = running.get(&i) else { continue };
+            if let Some(facts) = selected.iter().find(|f| f.name == req.domain) {
+                found = Some((host.clone(), facts.clone(), *room));
                 break;
             }
         }
