@@ -201,7 +201,18 @@ impl Agent {
             // this point wakes the wait below, so nothing falls between scan and wait.
             changes.borrow_and_update();
             let guard = self.lock.lock().await;
-            let wanted = blocks.clone();
+            // Only what is not settled yet is read again: a block this request
+            // onlined (or found online) stays so, and re-reading every block on
+            // every uevent made a growth of n blocks cost n² sysfs reads.
+            let wanted: Vec<u64> = blocks
+                .iter()
+                .copied()
+                .filter(|b| {
+                    !block_results.get(b).is_some_and(|r: &vmplug_common::protocol::BlockResult| {
+                        matches!(r.outcome, Outcome::Done | Outcome::Already)
+                    })
+                })
+                .collect();
             let (cpus, blks) = self
                 .blocking(move |o| {
                     let cpus = match target {

@@ -399,7 +399,11 @@ impl Onliner {
 
     /// One pass over `blocks`, onlining every offline one.
     pub fn block_pass(&self, blocks: &[u64], zone: ZonePolicy) -> Result<Vec<BlockResult>, SysfsError> {
-        let mut counts = ZoneCounts::of(&self.sysfs.blocks()?);
+        // Only `auto` weighs the zones already in use (a read of every block).
+        let mut counts = match zone {
+            ZonePolicy::Auto if !blocks.is_empty() => ZoneCounts::of(&self.sysfs.blocks()?),
+            _ => ZoneCounts::default(),
+        };
         blocks.iter().map(|&i| self.online_block(i, zone, &mut counts)).collect()
     }
 
