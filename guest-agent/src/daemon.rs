@@ -37,7 +37,7 @@ impl Default for Readiness {
 impl Readiness {
     fn listening(&self, what: &str) {
         self.0.call_once(|| {
-            crate::notify::notify(&format!("READY=1\nSTATUS=serving on {what}"));
+            crate::notify::ready(&format!("serving on {what}"));
         });
     }
 }
@@ -220,7 +220,7 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => crate::notify::notify("WATCHDOG=1"),
+                    _ = tick.tick() => crate::notify::watchdog(),
                     _ = stop.changed() => break,
                 }
             }
@@ -234,7 +234,7 @@ pub async fn run(agent: Arc<Agent>, config: &Config) -> Result<(), DaemonError> 
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down");
-    crate::notify::notify("STOPPING=1");
+    crate::notify::stopping();
     let _ = shutdown_tx.send(true);
     while tasks.join_next().await.is_some() {}
     Ok(())
