@@ -202,7 +202,7 @@ CONFIG
   rm -rf "$src"
 }
 
-if [ ! -e "$CACHE/kernel-arm64-acpi" ]; then log "cross-building the arm64 guest kernel with ACPI memory hot-plug (once, about 5 minutes)"; fi
+if [ ! -e "$CACHE/kernel-arm64-acpi" ]; then log "cross-building the arm64 guest kernel with ACPI memory hot-plug (once, 5 to 8 minutes on 2 cores)"; fi
 artefact "$CACHE/kernel-arm64-acpi" build_arm64_acpi_kernel
 
 # The static aarch64 guest agent is built for musl and linked by rust-lld.

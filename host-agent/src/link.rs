@@ -129,6 +129,22 @@ pub trait GuestAgent: Send {
         memory: Vec<MemRange>,
     ) -> impl std::future::Future<Output = Result<Vec<BlockState>, LinkError>> + Send;
     fn pressure(&mut self) -> impl std::future::Future<Output = Result<Pressure, LinkError>> + Send;
+    /// When, during the last `online`, the guest's last add and online events
+    /// reached the host (none from an agent that sends no events).
+    fn milestones(&self) -> Milestones {
+        Milestones::default()
+    }
+}
+
+/// The guest phase of an `online` call, from the agent's unsolicited events as
+/// the host received them: when the last new CPU or block was seen added in
+/// the guest, and when the last one was onlined, in ms from the call's start.
+/// Events that came while the host was not reading (during the plug call) are
+/// stamped when read: "seen by then", never earlier than true.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Milestones {
+    pub added_ms: Option<u64>,
+    pub onlined_ms: Option<u64>,
 }
 
 impl GuestAgent for GuestLink {
@@ -152,6 +168,11 @@ impl GuestAgent for GuestLink {
     }
     fn pressure(&mut self) -> impl std::future::Future<Output = Result<Pressure, LinkError>> + Send {
         GuestLink::pressure(self)
+    }
+    fn milestones(&self) -> Milestones {
+        let log = &self.wire.events;
+        let since = |at: Option<Instant>| Some(at?.saturating_duration_since(log.since?).as_millis() as u64);
+        Milestones { added_ms: since(log.last_added), onlined_ms: since(log.last_onlined) }
     }
 }
 
@@ -184,10 +205,26 @@ pub struct EventLog {
     bytes: usize,
     /// Events not kept because the log was full.
     pub dropped: u64,
+    /// Since when add and online events are timed (the current `online` call).
+    since: Option<Instant>,
+    last_added: Option<Instant>,
+    last_onlined: Option<Instant>,
 }
 
 impl EventLog {
+    /// Times add and online events from now on (a new `online` call).
+    fn start_timing(&mut self) {
+        (self.since, self.last_added, self.last_onlined) = (Some(Instant::now()), None, None);
+    }
+
     pub fn push(&mut self, ev: Event) {
+        if self.since.is_some() {
+            match ev {
+                Event::CpuAdded { .. } | Event::MemoryAdded { .. } => self.last_added = Some(Instant::now()),
+                Event::CpuOnlined { .. } | Event::MemoryOnlined { .. } => self.last_onlined = Some(Instant::now()),
+                _ => {}
+            }
+        }
         let size = ev.held_bytes();
         if self.bytes + size > MAX_EVENT_BYTES {
             self.dropped += 1;
@@ -373,6 +410,7 @@ impl GuestLink {
     /// not deltas, make the repeat harmless. Ends by `req.timeout_ms` overall.
     pub async fn online_until_done(&mut self, req: OnlineRequest) -> Result<(Report, u32), LinkError> {
         let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
+        self.wire.events.start_timing();
         let mut reconnects = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -542,6 +580,64 @@ mod tests {
         let e = GuestLink::connect(&addr, Duration::from_secs(30)).await.expect_err("no socket");
         assert!(matches!(e, LinkError::NoSocket { .. }), "{e}");
         assert!(e.to_string().contains("/nonexistent/vmplug-agent.sock"), "{e}");
+    }
+
+    /// The guest phase's milestones come from the agent's events as they
+    /// arrive: the last add, then the last online, both before the report.
+    #[tokio::test]
+    async fn an_online_call_times_the_guests_add_and_online_events() {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            let (r, mut w) = tokio::io::split(s);
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+                let id = v["id"].as_u64();
+                let send = |body: Response, id: Option<u64>| {
+                    format!("{}\n", serde_json::to_string(&Envelope::new(id, body)).expect("json"))
+                };
+                match v["body"]["type"].as_str() {
+                    Some("hello") => {
+                        let mut info: serde_json::Value =
+                            serde_json::from_str(include_str!("../../common/tests/golden/guest_info.json"))
+                                .expect("golden");
+                        info["id"] = v["id"].clone();
+                        w.write_all(format!("{info}\n").as_bytes()).await.expect("write");
+                    }
+                    Some("online") => {
+                        for (ev, pause) in
+                            [(Event::MemoryAdded { block: 8 }, 40), (Event::MemoryOnlined { block: 8, zone: None }, 40)]
+                        {
+                            w.write_all(send(Response::Event(ev), None).as_bytes()).await.expect("write");
+                            tokio::time::sleep(Duration::from_millis(pause)).await;
+                        }
+                        let report = Report {
+                            cpus: vec![],
+                            blocks: vec![],
+                            cpus_online: "0".parse().expect("cpulist"),
+                            memory_online: vmplug_common::Bytes(0),
+                            complete: true,
+                            timed_out: false,
+                            duration_ms: 80,
+                        };
+                        w.write_all(send(Response::Report(report), id).as_bytes()).await.expect("write");
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let mut link = GuestLink::connect(&AgentAddr::Serial { path }, Duration::from_secs(5)).await.expect("connect");
+        assert_eq!(link.milestones(), Milestones::default(), "nothing timed before an online call");
+        let req =
+            OnlineRequest { cpus: None, memory: vec![], zone: ZonePolicy::Auto, timeout_ms: 5000, virtio_mem: vec![] };
+        link.online_until_done(req).await.expect("report");
+        let m = link.milestones();
+        let (added, onlined) = (m.added_ms.expect("add seen"), m.onlined_ms.expect("online seen"));
+        assert!(onlined >= added + 30, "the online event came 40 ms after the add: {m:?}");
     }
 
     #[test]

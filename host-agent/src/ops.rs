@@ -208,6 +208,8 @@ pub struct Run {
     pub(crate) handshake_ms: u64,
     pub(crate) libvirt_ms: u64,
     pub(crate) guest_ms: u64,
+    /// Of `guest_ms`: the guest's last add and online events, as received.
+    pub(crate) milestones: crate::link::Milestones,
 }
 
 impl Default for Run {
@@ -218,7 +220,15 @@ impl Default for Run {
 
 impl Run {
     pub fn new() -> Self {
-        Run { started: Instant::now(), preflight_ms: 0, facts_ms: 0, handshake_ms: 0, libvirt_ms: 0, guest_ms: 0 }
+        Run {
+            started: Instant::now(),
+            preflight_ms: 0,
+            facts_ms: 0,
+            handshake_ms: 0,
+            libvirt_ms: 0,
+            guest_ms: 0,
+            milestones: Default::default(),
+        }
     }
     pub(crate) fn timings(&self) -> Timings {
         Timings {
@@ -227,6 +237,8 @@ impl Run {
             handshake_ms: self.handshake_ms,
             libvirt_ms: self.libvirt_ms,
             guest_ms: self.guest_ms,
+            guest_added_ms: self.milestones.added_ms,
+            guest_onlined_ms: self.milestones.onlined_ms,
             total_ms: self.started.elapsed().as_millis() as u64,
         }
     }
@@ -408,6 +420,7 @@ async fn execute_vcpus<A: GuestAgent>(
         };
         let r = link.online(req).await;
         run.guest_ms += ms(t);
+        run.milestones = link.milestones();
         confirmation = Some(r.map(|(r, reconnects)| {
             if reconnects > 0 {
                 applied.push(format!("guest agent link re-established {reconnects} time(s) during the wait"));
@@ -890,6 +903,7 @@ async fn confirm_memory<A: GuestAgent>(
         let req = OnlineRequest { cpus: None, memory: ranges.clone(), zone: opts.zone, timeout_ms, virtio_mem: vec![] };
         let r = link.online(req).await;
         run.guest_ms = ms(t);
+        run.milestones = link.milestones();
         confirmation = Some(r.map(|(r, reconnects)| {
             if reconnects > 0 {
                 applied.push(format!("guest agent link re-established {reconnects} time(s) during the wait"));

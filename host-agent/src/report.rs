@@ -134,6 +134,14 @@ pub struct Timings {
     pub handshake_ms: u64,
     pub libvirt_ms: u64,
     pub guest_ms: u64,
+    /// Of `guest_ms`: when the last new CPU or block was seen added in the
+    /// guest, from the agent's events as the host received them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_added_ms: Option<u64>,
+    /// Of `guest_ms`: when the last one was onlined (an event of the agent's
+    /// uevent path; absent when the request itself onlined everything).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_onlined_ms: Option<u64>,
     pub total_ms: u64,
 }
 
@@ -249,8 +257,14 @@ impl OpReport {
             ));
         }
         let t = &self.timings;
+        let inside = match (t.guest_added_ms, t.guest_onlined_ms) {
+            (Some(a), Some(o)) => format!(" (last added at {a}, onlined at {o})"),
+            (Some(a), None) => format!(" (last added at {a})"),
+            (None, Some(o)) => format!(" (last onlined at {o})"),
+            (None, None) => String::new(),
+        };
         s.push_str(&format!(
-            "  time: preflight {} ms (facts {} and handshake {}, overlapped), libvirt {} ms, guest {} ms, total {} ms\n",
+            "  time: preflight {} ms (facts {} and handshake {}, overlapped), libvirt {} ms, guest {} ms{inside}, total {} ms\n",
             t.preflight_ms, t.facts_ms, t.handshake_ms, t.libvirt_ms, t.guest_ms, t.total_ms
         ));
         s

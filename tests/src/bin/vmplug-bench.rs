@@ -106,19 +106,23 @@ fn settle() {
 /// the agent's handshake, which overlap, then the rules and plan), libvirt's
 /// calls, the guest's onlining; and, inside preflight, the facts and the
 /// handshake each.
-const PHASES: [&str; 6] = [
+const PHASES: [&str; 8] = [
     "outside the verb",
     "preflight",
     "libvirt calls",
     "guest",
     "of preflight: libvirt facts",
     "of preflight: agent handshake (alongside the host facts)",
+    "of guest: last add seen",
+    "of guest: last onlined seen",
 ];
 
-/// The phases in order; the last two are parts of the second, not added to the wall.
-fn phases(wall_ms: f64, r: &serde_json::Value) -> [f64; 6] {
+/// The phases in order; the last four are parts of the second and fourth, not
+/// added to the wall (the guest's milestones only when the agent sent events).
+fn phases(wall_ms: f64, r: &serde_json::Value) -> [f64; 8] {
     let t = &r["timings"];
     let get = |k: &str| t[k].as_f64().unwrap_or(0.0);
+    let opt = |k: &str| t[k].as_f64().unwrap_or(f64::NAN);
     [
         (wall_ms - get("total_ms")).max(0.0),
         get("preflight_ms"),
@@ -126,6 +130,8 @@ fn phases(wall_ms: f64, r: &serde_json::Value) -> [f64; 6] {
         get("guest_ms"),
         get("facts_ms"),
         get("handshake_ms"),
+        opt("guest_added_ms"),
+        opt("guest_onlined_ms"),
     ]
 }
 
@@ -135,7 +141,7 @@ type Splits = BTreeMap<(String, String), Vec<[f64; 3]>>;
 thread_local! {
     /// Per (operation, method): [plug call, guest until online, the rest] ms.
     static SPLITS: std::cell::RefCell<Splits> = Default::default();
-    static PHASE_SAMPLES: std::cell::RefCell<BTreeMap<String, Vec<[f64; 6]>>> = Default::default();
+    static PHASE_SAMPLES: std::cell::RefCell<BTreeMap<String, Vec<[f64; 8]>>> = Default::default();
 }
 
 fn add_phases(op: &str, wall_ms: f64, r: &serde_json::Value) {
@@ -496,7 +502,14 @@ fn main() {
     PHASE_SAMPLES.with(|p| {
         for (op, runs) in p.borrow().iter() {
             let cols: Vec<String> = (0..PHASES.len())
-                .map(|i| format!("{:.0}", stats(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()).0))
+                .map(|i| {
+                    let v: Vec<f64> = runs.iter().map(|r| r[i]).filter(|x| !x.is_nan()).collect();
+                    if v.is_empty() {
+                        "–".to_string()
+                    } else {
+                        format!("{:.0}", stats(&v).0)
+                    }
+                })
                 .collect();
             let wall = stats(&runs.iter().map(|r| r[..4].iter().sum::<f64>()).collect::<Vec<_>>()).0;
             let _ = writeln!(md, "| {op} | {} | {wall:.0} |", cols.join(" | "));
