@@ -2,7 +2,8 @@
 # Lists the contents of the built packages (dpkg -c, rpm -qlp) and checks every
 # expected file, plus the maintainer scripts that enable the guest unit.
 set -uo pipefail
-dir=${1:-target/packages}
+# Absolute: some checks unpack in a directory of their own.
+dir=$(cd "${1:-target/packages}" && pwd) || exit 1
 pass=0 fail=0
 check() { # description, command...
   local what=$1; shift
