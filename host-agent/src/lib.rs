@@ -6,6 +6,7 @@ pub mod cli;
 pub mod domain;
 #[doc(hidden)]
 pub mod fake;
+pub mod harness;
 pub mod libvirt;
 pub mod link;
 pub mod ops;

@@ -404,7 +404,13 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.console = Some(Console::connect(&self.dir.join("console.sock"), EXEC_TIMEOUT));
+        match Console::connect(&self.dir.join("console.sock"), EXEC_TIMEOUT) {
+            Ok(c) => self.console = Some(c),
+            Err(e) => {
+                self.dump_logs();
+                panic!("guest {}: {e}", self.name);
+            }
+        }
     }
 
     /// Starts the defined domain and waits until its shell answers.
@@ -543,11 +549,7 @@ impl Guest {
         let qemu_log = self.dir.join(format!("log/qemu/{}.log", self.name));
         eprintln!("===== qemu log =====\n{}", fs::read_to_string(qemu_log).unwrap_or_default());
         eprintln!("===== libvirtd log (tail) =====");
-        let log = self.daemon.log();
-        let lines: Vec<_> = log.lines().collect();
-        for l in &lines[lines.len().saturating_sub(40)..] {
-            eprintln!("{l}");
-        }
+        eprintln!("{}", self.daemon.log_tail(40));
         if self.vsock_backend.is_some() {
             eprintln!(
                 "===== vhost-device-vsock =====\n{}",
