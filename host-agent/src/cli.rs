@@ -333,6 +333,56 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Prove a guest image before it ships: boot it (through an overlay; the
+    /// image is never written) under a private libvirtd with a hot-plug-ready
+    /// definition, run the hot-plug matrix with vmplug's own verbs, and report
+    /// pass, fail or skip for each case with the guest's evidence. Needs root;
+    /// never touches the machine's own libvirtd. Exit 0: no case failed; 5: a
+    /// case failed; 1: the guest could not be set up.
+    VerifyImage {
+        /// The disk image (qcow2 or raw).
+        image: std::path::PathBuf,
+        /// The guest's architecture.
+        #[arg(long, value_enum, default_value = "x86_64")]
+        arch: crate::verify::domain::Arch,
+        /// Boot this kernel directly (else the image's own boot loader).
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// The initrd for --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<std::path::PathBuf>,
+        /// The kernel command line for --kernel (default: root=/dev/vda; the
+        /// serial console is added when it names none).
+        #[arg(long, requires = "kernel")]
+        append: Option<String>,
+        /// The machine type (default: q35; aarch64: the newest versioned virt).
+        #[arg(long)]
+        machine: Option<String>,
+        /// Boot memory, split over the cells (a size with a unit).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        memory: Bytes,
+        /// Guest NUMA cells: one DIMM case per cell.
+        #[arg(long, default_value_t = 2)]
+        cells: u32,
+        /// vCPUs the definition allows (one is present at boot).
+        #[arg(long, default_value_t = 4)]
+        max_vcpus: u32,
+        /// kvm, tcg, or auto: KVM when it is usable here (said in the report).
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: crate::verify::domain::AccelChoice,
+        /// Seconds the guest may take to answer after it is started.
+        #[arg(long, default_value_t = 300)]
+        boot_timeout: u64,
+        /// What to print: text, json (the envelope) or junit (XML for CI).
+        #[arg(long, value_enum, default_value = "text")]
+        report: ReportFormat,
+        /// Where the private libvirtd, the overlay and the logs live.
+        #[arg(long, default_value = "/var/tmp/vmplug-verify")]
+        work_dir: std::path::PathBuf,
+        /// Keep the run's work directory (logs, overlay, definition).
+        #[arg(long)]
+        keep: bool,
+    },
     /// The host's and the guest's view side by side.
     Status {
         /// Domain name (as virsh list shows it).
@@ -340,6 +390,13 @@ pub enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
+}
+
+impl Cli {
+    /// The output is the JSON envelope (`--json`, or `verify-image --report json`).
+    pub fn wants_json(&self) -> bool {
+        self.json || matches!(self.command, Command::VerifyImage { report: ReportFormat::Json, .. })
+    }
 }
 
 impl Command {
@@ -360,6 +417,7 @@ impl Command {
             Command::Prepare { .. } => "prepare",
             Command::Autoscale { .. } => "autoscale",
             Command::Status { .. } => "status",
+            Command::VerifyImage { .. } => "verify-image",
         }
     }
 
@@ -379,9 +437,17 @@ impl Command {
             | Command::Check { domain, .. }
             | Command::Prepare { domain, .. }
             | Command::Status { domain, .. } => Some(domain),
-            Command::Autoscale { .. } => None,
+            Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
         }
     }
+}
+
+/// How `verify-image` prints its report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+    Junit,
 }
 
 /// Why a command ended without its result. Each kind has one outcome and so one
@@ -588,6 +654,9 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
             prepare(cmd, conn, domain, &opts, *dry_run).await?
         }
         Command::Autoscale { policy, once, dry_run } => autoscale(conn, policy, *once, *dry_run).await?,
+        Command::VerifyImage { .. } => {
+            return run_verify(cli).await.unwrap_or_else(|| Err(CliError::Usage("not verify-image".into())))
+        }
         Command::Status { domain, agent } => {
             let st = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout)).await?;
             Done::shown(cmd, &st, tune::render_status(&st))
@@ -664,6 +733,64 @@ async fn autoscale(
 pub async fn run_autoscale(cli: &Cli) -> Option<Result<Done, CliError>> {
     let Command::Autoscale { policy, once, dry_run } = &cli.command else { return None };
     Some(autoscale_on(None, cli.connect.clone(), policy, *once, *dry_run).await)
+}
+
+/// `vmplug verify-image`: it starts its own libvirtd, so `-c` is not opened.
+/// Ctrl-C ends the run and still destroys the guest and stops the daemon.
+pub async fn run_verify(cli: &Cli) -> Option<Result<Done, CliError>> {
+    let Command::VerifyImage {
+        image,
+        arch,
+        kernel,
+        initrd,
+        append,
+        machine,
+        memory,
+        cells,
+        max_vcpus,
+        accel,
+        boot_timeout,
+        report,
+        work_dir,
+        keep,
+    } = &cli.command
+    else {
+        return None;
+    };
+    let o = crate::verify::VerifyOpts {
+        image: image.clone(),
+        arch: *arch,
+        boot: crate::verify::domain::DirectBoot {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            append: append.clone(),
+        },
+        machine: machine.clone(),
+        memory: *memory,
+        cells: *cells,
+        max_vcpus: *max_vcpus,
+        accel: *accel,
+        boot_timeout: Duration::from_secs((*boot_timeout).clamp(10, 3600)),
+        work_dir: work_dir.clone(),
+        keep: *keep,
+    };
+    let r = tokio::select! {
+        r = crate::verify::verify_image(&o) => r,
+        _ = tokio::signal::ctrl_c() => Err(crate::harness::HarnessError::new("interrupted; the guest and its libvirtd were stopped")),
+    };
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => return Some(Err(CliError::Other(format!("verify-image: {e}")))),
+    };
+    let env = Envelope::new("verify-image", None, crate::verify::outcome_of(&r), r.message());
+    let env = Envelope { error: (r.summary.fail > 0).then(|| r.message()), ..env };
+    let result = serde_json::to_value(&r).ok();
+    let text = match (report, cli.json) {
+        (ReportFormat::Json, _) | (_, true) => json_line(&env.to_json(result.clone())),
+        (ReportFormat::Junit, false) => r.render_junit(),
+        (ReportFormat::Text, false) => r.render_text(),
+    };
+    Some(Ok(Done { envelope: env, result, text }))
 }
 
 async fn open(uri: Option<String>) -> Result<Arc<dyn Connection>, CliError> {

@@ -17,5 +17,6 @@ pub mod prepare;
 pub mod report;
 pub mod tune;
 pub mod unplug;
+pub mod verify;
 pub mod vmem;
 pub mod xml;

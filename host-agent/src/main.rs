@@ -30,6 +30,9 @@ fn main() -> ExitCode {
             if let Some(done) = vmplug::cli::run_autoscale(&cli).await {
                 return done;
             }
+            if let Some(done) = vmplug::cli::run_verify(&cli).await {
+                return done;
+            }
             let uri = cli.connect.clone();
             let conn: Arc<dyn Connection> = Arc::new(
                 tokio::task::spawn_blocking(move || LibvirtConnection::open(uri.as_deref()))
@@ -42,11 +45,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(done) => {
-            print!("{}", done.render(cli.json));
+            // verify-image's text is already in the format it was asked for.
+            let json = cli.json && !matches!(cli.command, vmplug::cli::Command::VerifyImage { .. });
+            print!("{}", done.render(json));
             ExitCode::from(done.exit_code())
         }
         Err(e) => {
-            if cli.json {
+            if cli.wants_json() {
                 print!("{}", json_line(&e.envelope(&cli.command).to_json(None)));
             } else {
                 eprintln!("vmplug: {e}");

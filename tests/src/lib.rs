@@ -11,6 +11,7 @@ pub mod cache;
 pub mod console;
 pub mod env;
 pub mod guest;
+pub mod images;
 pub mod initramfs;
 pub mod libvirtd;
 pub mod procs;

@@ -3,42 +3,10 @@
 //! no manual step, reports to the host, and does so again after a restart; an
 //! image with only the corrected udev rules (no agent) onlines too.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmplug_e2e::{Env, Guest, GuestSpec};
-
-/// The image of `kind`, built once per package (cached next to the kernel).
-fn image(kind: &str) -> PathBuf {
-    let env = Env::get();
-    let deb = std::fs::read_dir(env.repo.join("target/packages"))
-        .ok()
-        .and_then(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .find(|p| p.to_string_lossy().ends_with("_amd64.deb") && p.to_string_lossy().contains("vmplug-guest_"))
-        })
-        .expect("target/packages/vmplug-guest_*.deb: run `make package` (make test does)");
-    let meta = std::fs::metadata(&deb).expect("deb");
-    let stamp = meta
-        .modified()
-        .ok()
-        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let out = env.cache.join(format!("systemd-{kind}-{:x}-{stamp:x}.img", meta.len()));
-    if !out.exists() {
-        let st = Command::new(env.repo.join("scripts/build-systemd-image.sh"))
-            .arg(kind)
-            .arg(&deb)
-            .arg(&out)
-            .status()
-            .expect("image script");
-        assert!(st.success(), "building the {kind} image failed");
-    }
-    out
-}
+use vmplug_e2e::images::systemd_image;
+use vmplug_e2e::{Guest, GuestSpec};
 
 fn wait_in_guest(g: &mut Guest, what: &str, cond: &str) {
     let end = Instant::now() + Duration::from_secs(60);
@@ -87,7 +55,7 @@ fn check_the_agents_sandbox(g: &mut Guest) {
 
 #[test]
 fn the_packaged_service_onlines_and_reports_across_a_restart() {
-    let spec = GuestSpec { vcpus: 1, max_vcpus: 4, disk: Some(image("agent")), ..GuestSpec::default() };
+    let spec = GuestSpec { vcpus: 1, max_vcpus: 4, disk: Some(systemd_image("agent")), ..GuestSpec::default() };
     let mut g = Guest::boot("systemd", spec);
     let name = g.name.clone();
     assert_eq!(g.sh("systemctl is-active vmplug-guest.service").trim(), "active");
@@ -121,7 +89,7 @@ fn the_packaged_service_onlines_and_reports_across_a_restart() {
 
 #[test]
 fn an_image_with_only_the_udev_rules_onlines_too() {
-    let spec = GuestSpec { vcpus: 1, max_vcpus: 2, disk: Some(image("udev")), ..GuestSpec::default() };
+    let spec = GuestSpec { vcpus: 1, max_vcpus: 2, disk: Some(systemd_image("udev")), ..GuestSpec::default() };
     let mut g = Guest::boot("udevonly", spec);
     let name = g.name.clone();
     assert_ne!(g.sh("systemctl is-active vmplug-guest.service || true").trim(), "active", "no agent in this image");

@@ -1,0 +1,38 @@
+//! Guest disk images built from the package under test (systemd guests, and
+//! the images `verify-image` is proven on).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::Env;
+
+/// The image of `kind`, built once per package (cached next to the kernel).
+pub fn systemd_image(kind: &str) -> PathBuf {
+    let env = Env::get();
+    let deb = std::fs::read_dir(env.repo.join("target/packages"))
+        .ok()
+        .and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with("_amd64.deb") && p.to_string_lossy().contains("vmplug-guest_"))
+        })
+        .expect("target/packages/vmplug-guest_*.deb: run `make package` (make test does)");
+    let meta = std::fs::metadata(&deb).expect("deb");
+    let stamp = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let out = env.cache.join(format!("systemd-{kind}-{:x}-{stamp:x}.img", meta.len()));
+    if !out.exists() {
+        let st = Command::new(env.repo.join("scripts/build-systemd-image.sh"))
+            .arg(kind)
+            .arg(&deb)
+            .arg(&out)
+            .status()
+            .expect("image script");
+        assert!(st.success(), "building the {kind} image failed");
+    }
+    out
+}
