@@ -116,12 +116,14 @@ impl VerifyReport {
             s.push_str(&format!("  config: {line}\n"));
         }
         for c in &self.cases {
-            s.push_str(&format!("  {} {:<18} {} ({} ms)\n", c.verdict.word(), c.id, c.reason, c.duration_ms));
+            let head = format!("  {} {:<18} {:>5.1} s  ", c.verdict.word(), c.id, c.duration_ms as f64 / 1000.0);
+            let indent = " ".repeat(head.chars().count());
+            s.push_str(&wrap(&head, &indent, &c.reason));
             if let Some(o) = c.kernel_option {
-                s.push_str(&format!("       {:<18} kernel option: {o}\n", ""));
+                s.push_str(&wrap(&indent, &indent, &format!("kernel option: {o}")));
             }
             for e in &c.evidence {
-                s.push_str(&format!("       {:<18} {e}\n", ""));
+                s.push_str(&wrap(&indent, &format!("{indent}  "), e));
             }
         }
         s.push_str(&format!("result: {} (in {:.1} s)\n", self.message(), self.duration_ms as f64 / 1000.0));
@@ -191,6 +193,33 @@ impl VerifyReport {
     }
 }
 
+/// Width of the text report's lines.
+const WIDTH: usize = 110;
+
+/// `text` after `first`, wrapped at word boundaries to [`WIDTH`], continued
+/// after `rest`; one word longer than a line stays whole.
+fn wrap(first: &str, rest: &str, text: &str) -> String {
+    let mut out = String::new();
+    let mut line = first.to_string();
+    let mut empty = true;
+    for word in text.split(' ') {
+        if !empty && line.chars().count() + 1 + word.chars().count() > WIDTH {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line = rest.to_string();
+            empty = true;
+        }
+        if !empty {
+            line.push(' ');
+        }
+        line.push_str(word);
+        empty = false;
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+    out
+}
+
 /// Text as XML character data or an attribute value; characters XML 1.0 cannot
 /// carry (most control characters, from a guest's console) become U+FFFD.
 pub fn xml_escape(s: &str) -> String {
@@ -240,6 +269,16 @@ mod tests {
         };
         r.summarise();
         r
+    }
+
+    #[test]
+    fn long_lines_wrap_at_words_under_the_width() {
+        let text = "word ".repeat(60);
+        let w = wrap("  PASS x ", "    ", text.trim());
+        assert!(w.lines().all(|l| l.chars().count() <= WIDTH), "{w}");
+        assert_eq!(w.split_whitespace().filter(|x| *x == "word").count(), 60, "no word lost");
+        assert!(w.lines().skip(1).all(|l| l.starts_with("    word")));
+        assert_eq!(wrap("a ", "  ", "short"), "a short\n");
     }
 
     #[test]
