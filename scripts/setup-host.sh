@@ -12,7 +12,7 @@ backports_sources=/etc/apt/sources.list.d/vmplug-bookworm-backports.sources
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
           pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file xz-utils
           qemu-system-arm qemu-efi-aarch64 gcc-aarch64-linux-gnu flex bison bc
-          prometheus prometheus-alertmanager)
+          prometheus prometheus-alertmanager syslinux syslinux-common mtools dosfstools fdisk)
 
 apt_needed() {
   local p

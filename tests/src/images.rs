@@ -36,3 +36,30 @@ pub fn systemd_image(kind: &str) -> PathBuf {
     }
     out
 }
+
+/// The systemd image of `kind` as a disk that boots by itself (MBR, syslinux, a
+/// FAT boot partition with Debian's kernel and the fixture's initramfs, the
+/// ext4 root as the second partition), in qcow2: what an image builder ships.
+/// Built once per root image and initramfs (scripts/build-bootable-image.sh).
+pub fn bootable_image(kind: &str) -> PathBuf {
+    let env = Env::get();
+    let root = systemd_image(kind);
+    let kernel = crate::env::Kernel { image: env.kernel.clone(), modules: env.modules.clone() };
+    let initrd = crate::initramfs::initramfs(env, &kernel, crate::guest::Arch::X86_64);
+    let stem = |p: &std::path::Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!("bootable-{kind}-");
+    let out = env.cache.join(format!("{prefix}{}-{}.qcow2", stem(&root), stem(&initrd)));
+    if !out.exists() {
+        let st = Command::new(env.repo.join("scripts/build-bootable-image.sh"))
+            .arg(&root)
+            .arg(&env.kernel)
+            .arg(&initrd)
+            .arg(&out)
+            .env("VMPLUG_CACHE", &env.cache)
+            .status()
+            .expect("bootable image script");
+        assert!(st.success(), "building the bootable {kind} image failed");
+    }
+    crate::initramfs::prune_old(env, &out, &prefix, ".qcow2");
+    out
+}

@@ -158,7 +158,7 @@ pub fn initramfs(env: &Env, kernel: &Kernel, arch: Arch) -> PathBuf {
         let _ = fs::remove_dir_all(&root);
         assert!(status.success(), "building the initramfs failed");
     });
-    prune_old(env, &out);
+    prune_old(env, &out, "initramfs-", ".cpio.gz");
     out
 }
 
@@ -195,9 +195,10 @@ fn fill_root(tmp: &Path, env: &Env, kernel: &Kernel, arch: Arch) {
     }
 }
 
-/// Removes archives of earlier agent builds (older than an hour, so a test
-/// process still booting from one is not disturbed).
-fn prune_old(env: &Env, keep: &Path) {
+/// Removes cache files named `prefix…suffix` other than `keep` (earlier agent
+/// builds' archives and images) once they are older than an hour, so a test
+/// process still booting from one is not disturbed.
+pub(crate) fn prune_old(env: &Env, keep: &Path, prefix: &str, suffix: &str) {
     let Ok(rd) = fs::read_dir(&env.cache) else { return };
     for p in rd.flatten().map(|e| e.path()) {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -206,7 +207,7 @@ fn prune_old(env: &Env, keep: &Path) {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > std::time::Duration::from_secs(3600));
-        if p != keep && name.starts_with("initramfs-") && name.ends_with(".cpio.gz") && old {
+        if p != keep && name.starts_with(prefix) && name.ends_with(suffix) && old {
             let _ = fs::remove_file(&p);
         }
     }

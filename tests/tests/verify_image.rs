@@ -1,6 +1,6 @@
 //! `vmplug verify-image` on three images, each giving the verdicts its kernel and
-//! userland deserve: the Debian systemd image with the vmplug-guest package
-//! passes every case; the image with only the udev rules passes what a console
+//! userland deserve: the Debian systemd image with the vmplug-guest package, as
+//! a qcow2 that boots through its own loader, passes every case; the image with only the udev rules passes what a console
 //! can prove and skips the rest with the reason; Debian's stock arm64 kernel
 //! (no ACPI memory hot-plug) fails the DIMM cases, naming the kernel option.
 //! The command is the real binary; its harness is the one this suite uses.
@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::SystemTime;
 
 use vmplug_e2e::guest::Arch;
-use vmplug_e2e::images::systemd_image;
+use vmplug_e2e::images::{bootable_image, systemd_image};
 use vmplug_e2e::initramfs::initramfs;
 use vmplug_e2e::Env;
 
@@ -69,21 +69,11 @@ fn cases(doc: &serde_json::Value) -> Vec<(String, String, String)> {
 }
 
 #[test]
-fn the_packaged_systemd_image_passes_the_matrix() {
-    let image = systemd_image("agent");
+fn the_packaged_systemd_image_boots_by_itself_and_passes_the_matrix() {
+    // A qcow2 with its own boot loader: no --kernel, libvirt's default firmware.
+    let image = bootable_image("agent");
     let before = stamp(&image);
-    let (kernel, initrd) = bookworm_boot();
-    let (code, out) = verify(&[
-        &image.to_string_lossy(),
-        "--kernel",
-        &kernel.to_string_lossy(),
-        "--initrd",
-        &initrd.to_string_lossy(),
-        "--append",
-        "vmplug.root=/dev/vda quiet",
-        "--report",
-        "json",
-    ]);
+    let (code, out) = verify(&[&image.to_string_lossy(), "--report", "json"]);
     let doc: serde_json::Value = serde_json::from_str(&out).expect("--report json prints the envelope");
     vmplug_e2e::schema::assert_valid(&doc, &["verify-image", "--report", "json"]);
     let all = cases(&doc);
@@ -119,6 +109,7 @@ fn the_packaged_systemd_image_passes_the_matrix() {
             .any(|e| e.as_str().is_some_and(|e| e.starts_with("agent pid"))),
         "{restart}"
     );
+    assert_eq!(doc["image"]["format"], "qcow2");
     assert_eq!(stamp(&image), before, "the image is never written");
 }
 
