@@ -36,6 +36,8 @@ cp -a "$rootfs" "$root"
 rel=$(ls "$CACHE/kernel/lib/modules")
 mkdir -p "$root/lib/modules"
 cp -a "$CACHE/kernel/lib/modules/$rel" "$root/lib/modules/"
+# The kernel's configuration, where Debian puts it: `verify-image` reports its hot-plug options.
+mkdir -p "$root/boot" && cp "$CACHE/kernel/boot/config-$rel" "$root/boot/"
 chroot "$root" depmod "$rel"
 echo vmplug-guest >"$root/etc/hostname"
 chroot "$root" passwd -d root >/dev/null

@@ -58,5 +58,6 @@ dpkg-deb -x "$deb_host" "$tmp/host"
 check "the man page names the verbs" sh -c "gzip -dc '$tmp/host/usr/share/man/man1/vmplug.1.gz' | grep -q 'resize\\\\-memory'"
 check "bash completion completes the verbs" bash -c ". '$tmp/host/usr/share/bash-completion/completions/vmplug' && COMP_WORDS=(vmplug resize-) COMP_CWORD=1 && _vmplug vmplug resize- vmplug && [[ \" \${COMPREPLY[*]} \" == *' resize-memory '* ]]"
 check "host .deb depends on libvirt" has "$(dpkg-deb -f "$deb_host" Depends)" 'libvirt0'
+check "host .deb recommends what verify-image boots guests with" has "$(dpkg-deb -f "$deb_host" Recommends)" 'libvirt-daemon-system'
 echo "packages: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -24,7 +24,15 @@ pub fn systemd_image(kind: &str) -> PathBuf {
         .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let out = env.cache.join(format!("systemd-{kind}-{:x}-{stamp:x}.img", meta.len()));
+    // The build script's content is part of the name: a changed recipe rebuilds.
+    let script = std::fs::read(env.repo.join("scripts/build-systemd-image.sh")).expect("image script");
+    let recipe = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        script.hash(&mut h);
+        h.finish() as u32
+    };
+    let out = env.cache.join(format!("systemd-{kind}-{:x}-{stamp:x}-{recipe:x}.img", meta.len()));
     if !out.exists() {
         let st = Command::new(env.repo.join("scripts/build-systemd-image.sh"))
             .arg(kind)

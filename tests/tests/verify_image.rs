@@ -110,6 +110,9 @@ fn the_packaged_systemd_image_boots_by_itself_and_passes_the_matrix() {
         "{restart}"
     );
     assert_eq!(doc["image"]["format"], "qcow2");
+    let config: Vec<&str> =
+        doc["guest"]["kernel_config"].as_array().expect("kernel_config").iter().filter_map(|l| l.as_str()).collect();
+    assert!(config.contains(&"CONFIG_ACPI_HOTPLUG_MEMORY=y"), "the image's /boot/config is read: {config:?}");
     assert_eq!(stamp(&image), before, "the image is never written");
 }
 
