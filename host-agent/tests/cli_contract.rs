@@ -142,3 +142,33 @@ fn every_argument_has_help() {
     }
     assert!(missing.is_empty(), "arguments without help: {missing:?}");
 }
+
+/// verify-image's errors before any guest exists (no root, no libvirtd needed):
+/// the envelope under --json and --report json, a JUnit <error> under
+/// --report junit, exit 1 each time; a wrong combination is a usage error.
+#[test]
+fn verify_image_keeps_the_contract_before_any_guest_exists() {
+    for flag in [&["--json"][..], &["--report", "json"][..]] {
+        let mut args = vec!["verify-image", "/no/such/image.qcow2"];
+        args.extend_from_slice(flag);
+        let (code, stdout, _) = vmplug(&args);
+        let doc: serde_json::Value =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}\n{stdout}"));
+        let errors: Vec<String> = schema().iter_errors(&doc).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{args:?}: {errors:?}");
+        assert_eq!(
+            (code, doc["outcome"].as_str(), doc["operation"].as_str()),
+            (1, Some("error"), Some("verify-image"))
+        );
+        assert!(doc["error"].as_str().is_some_and(|e| e.contains("/no/such/image.qcow2")), "{doc}");
+    }
+    let (code, stdout, stderr) = vmplug(&["verify-image", "/no/such/image.qcow2", "--report", "junit"]);
+    assert_eq!(code, 1);
+    assert!(
+        stdout.starts_with("<?xml") && stdout.contains("<error message=\"verify-image: /no/such/image.qcow2"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("/no/such/image.qcow2"), "and said once on stderr: {stderr}");
+    let (code, _, stderr) = vmplug(&["verify-image", "/no/such/image.qcow2", "--initrd", "/boot/initrd"]);
+    assert_eq!(code, 64, "--initrd without --kernel is a usage error: {stderr}");
+}

@@ -193,6 +193,20 @@ impl VerifyReport {
     }
 }
 
+/// JUnit XML for a run that could not set the guest up: one `setup` testcase
+/// with an `<error>` (not a failure: the image was never tested).
+pub fn junit_error(image: &std::path::Path, message: &str) -> String {
+    let image = xml_escape(&image.display().to_string());
+    let message = xml_escape(message);
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <testsuites name=\"vmplug verify-image\" tests=\"1\" failures=\"0\" errors=\"1\" skipped=\"0\">\n  \
+         <testsuite name=\"{image}\" tests=\"1\" failures=\"0\" errors=\"1\" skipped=\"0\">\n    \
+         <testcase classname=\"vmplug.verify-image\" name=\"setup\">\n      \
+         <error message=\"{message}\" type=\"setup\"/>\n    </testcase>\n  </testsuite>\n</testsuites>\n"
+    )
+}
+
 /// Width of the text report's lines.
 const WIDTH: usize = 110;
 
@@ -269,6 +283,16 @@ mod tests {
         };
         r.summarise();
         r
+    }
+
+    #[test]
+    fn a_setup_error_is_a_junit_error() {
+        let x = junit_error(std::path::Path::new("/i/a&b.img"), "no <libvirtd>");
+        let doc = roxmltree::Document::parse(&x).unwrap_or_else(|e| panic!("{e}\n{x}"));
+        let err = doc.descendants().find(|n| n.has_tag_name("error")).expect("error");
+        assert_eq!(err.attribute("message"), Some("no <libvirtd>"));
+        let suite = doc.descendants().find(|n| n.has_tag_name("testsuite")).expect("suite");
+        assert_eq!((suite.attribute("name"), suite.attribute("errors")), (Some("/i/a&b.img"), Some("1")));
     }
 
     #[test]
