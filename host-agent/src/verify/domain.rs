@@ -48,7 +48,9 @@ impl Arch {
 pub enum AccelChoice {
     /// KVM when it is usable here, TCG otherwise.
     Auto,
+    /// KVM; refused, with the reason, when it is not usable here.
     Kvm,
+    /// TCG (QEMU's emulation): slower, works everywhere.
     Tcg,
 }
 
