@@ -61,6 +61,11 @@ impl Console {
             None => {
                 self.transcript
                     .push_str("\n[vmplug: the console shell restarted before the command; sending it again]\n");
+                // The old shell may have read part of the line before it died,
+                // leaving the new one inside an open quote (measured: `> `
+                // prompts until the timeout). Ctrl-C drops whatever it holds.
+                self.stream.write_all(b"\x03").map_err(|e| HarnessError(format!("console write: {e}")))?;
+                std::thread::sleep(Duration::from_millis(300));
                 let again = || HarnessError::new("console shell restarted twice");
                 self.exec_once("stty -echo; dmesg -n 1", timeout)?.ok_or_else(again)?;
                 self.exec_once(cmd, timeout)?.ok_or_else(again)
