@@ -8,9 +8,47 @@
 # shellcheck shell=bash
 
 CACHE=${VMPLUG_CACHE:-/var/tmp/vmplug-cache}
-mkdir -p "$CACHE/.locks"
 
 log() { printf '%s: %s\n' "${LOG_TAG:-vmplug}" "$*" >&2; }
+
+# private_dir DIR: makes sure DIR is a directory that only this user controls,
+# because what is in it is run as root (tools in $CACHE/bin) or booted: created
+# mode 0755 when missing; refused when it is a symbolic link, is owned by
+# another user, or may be written by its group or others (under /var/tmp any
+# local user could otherwise create it first and plant a tool in it). The
+# parents must be owned by root or this user and, if others may write them,
+# sticky (as /var/tmp is).
+private_dir() {
+  local dir=$1 me p owner mode
+  me=$(id -u)
+  case $dir in /*) ;; *) dir="$PWD/$dir" ;; esac
+  if [ ! -e "$dir" ] && [ ! -L "$dir" ]; then
+    p=$(dirname "$dir")
+    [ -d "$p" ] || private_dir "$p" || return 1
+    (umask 022 && mkdir "$dir") || { log "cannot create $dir"; return 1; }
+  fi
+  if [ -L "$dir" ] || [ ! -d "$dir" ]; then
+    log "refusing $dir: it is a symbolic link or not a directory; remove it or set VMPLUG_CACHE to another path"
+    return 1
+  fi
+  read -r owner mode < <(stat -c '%u %a' "$dir")
+  if [ "$owner" != "$me" ] || [ $((8#$mode & 8#022)) -ne 0 ]; then
+    log "refusing $dir: owned by uid $owner (this is uid $me), mode $mode; only a directory of this user that nobody else may write is trusted; remove it or set VMPLUG_CACHE to another path"
+    return 1
+  fi
+  p=$dir
+  while [ "$p" != / ]; do
+    p=$(dirname "$p")
+    read -r owner mode < <(stat -L -c '%u %a' "$p")
+    if { [ "$owner" != 0 ] && [ "$owner" != "$me" ]; } || { [ $((8#$mode & 8#022)) -ne 0 ] && [ $((8#$mode & 8#1000)) -eq 0 ]; }; then
+      log "refusing $dir: its parent $p (uid $owner, mode $mode) lets another user replace it"
+      return 1
+    fi
+  done
+}
+
+private_dir "$CACHE" || exit 1
+mkdir -p "$CACHE/.locks"
 
 # retry STEP CMD...: runs CMD up to $VMPLUG_RETRIES times (default 4), waiting
 # 2, 4, 8 s between attempts; then fails with a message that names STEP.

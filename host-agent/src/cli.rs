@@ -376,10 +376,17 @@ pub enum Command {
         /// What to print: text, json (the envelope) or junit (XML for CI).
         #[arg(long, value_enum, default_value = "text")]
         report: ReportFormat,
-        /// Where the private libvirtd, the overlay and the logs live.
-        #[arg(long, default_value = "/var/tmp/vmplug-verify")]
+        /// The image's format (default: judged from its header; anything but
+        /// a self-contained raw or qcow2 image is refused).
+        #[arg(long, value_enum)]
+        format: Option<crate::verify::image::DiskFormat>,
+        /// The base of each run's fresh private directory (the private
+        /// libvirtd, the image's copy, the logs). It must be this user's alone:
+        /// created mode 0711 when missing, refused when another user owns it or
+        /// may write to it.
+        #[arg(long, default_value = "/var/lib/vmplug/verify")]
         work_dir: std::path::PathBuf,
-        /// Keep the run's work directory (logs, overlay, definition).
+        /// Keep the run's work directory (logs, the image's copy, definition).
         #[arg(long)]
         keep: bool,
     },
@@ -735,8 +742,27 @@ pub async fn run_autoscale(cli: &Cli) -> Option<Result<Done, CliError>> {
     Some(autoscale_on(None, cli.connect.clone(), policy, *once, *dry_run).await)
 }
 
+/// The first of SIGINT (Ctrl-C), SIGTERM (what `timeout`, systemd and a
+/// cancelled CI job send) and SIGHUP (a closed terminal), by name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+        (Ok(mut int), Ok(mut term), Ok(mut hup)) => tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+            _ = hup.recv() => "hung up",
+        },
+        _ => {
+            tracing::warn!("cannot watch for SIGTERM or SIGHUP; only Ctrl-C cleans up");
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
+}
+
 /// `vmplug verify-image`: it starts its own libvirtd, so `-c` is not opened.
-/// Ctrl-C ends the run and still destroys the guest and stops the daemon.
+/// SIGINT, SIGTERM and SIGHUP end the run and still destroy the guest, stop the
+/// daemons and remove the work directory.
 pub async fn run_verify(cli: &Cli) -> Option<Result<Done, CliError>> {
     let Command::VerifyImage {
         image,
@@ -751,6 +777,7 @@ pub async fn run_verify(cli: &Cli) -> Option<Result<Done, CliError>> {
         accel,
         boot_timeout,
         report,
+        format,
         work_dir,
         keep,
     } = &cli.command
@@ -772,11 +799,12 @@ pub async fn run_verify(cli: &Cli) -> Option<Result<Done, CliError>> {
         accel: *accel,
         boot_timeout: Duration::from_secs((*boot_timeout).clamp(10, 3600)),
         work_dir: work_dir.clone(),
+        format: *format,
         keep: *keep,
     };
     let r = tokio::select! {
         r = crate::verify::verify_image(&o) => r,
-        _ = tokio::signal::ctrl_c() => Err(crate::harness::HarnessError::new("interrupted; the guest and its libvirtd were stopped")),
+        sig = stop_signal() => Err(crate::harness::HarnessError(format!("{sig}: the guest and its libvirtd were stopped"))),
     };
     let r = match r {
         Ok(r) => r,

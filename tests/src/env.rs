@@ -88,7 +88,9 @@ impl Env {
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
             let work =
                 std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
-            std::fs::create_dir_all(&work).expect("create e2e work dir");
+            // Root runs what is in it: it must be this user's alone.
+            let work = vmplug::harness::workdir::private_base(&work).unwrap_or_else(|e| panic!("{e}"));
+            vmplug::harness::workdir::private_base(&cache).unwrap_or_else(|e| panic!("{e}"));
             Env {
                 modules: bookworm.modules,
                 kernel: bookworm.image,

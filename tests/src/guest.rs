@@ -317,9 +317,8 @@ impl Guest {
         take_slot();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("vmplug-{test}-{}-{n}", std::process::id());
-        let dir = env.work.join(format!("{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("guest dir");
+        let dir = vmplug::harness::workdir::fresh_dir(&env.work, &format!("{}-{n}", std::process::id()))
+            .unwrap_or_else(|e| panic!("{e}"));
         let daemon = Libvirtd::start(env, &dir);
         let kernel = spec.kernel.kernel(env);
         let initrd = initramfs(env, &kernel, spec.kernel.arch());

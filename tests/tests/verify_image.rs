@@ -15,7 +15,8 @@ use vmplug_e2e::initramfs::initramfs;
 use vmplug_e2e::Env;
 
 /// Runs `vmplug verify-image` with `args`; (exit code, stdout). Its run
-/// directory (named after its PID) must be gone when it has exited.
+/// directory (the one whose owner record names its PID) must be gone when it
+/// has exited.
 fn verify(args: &[&str]) -> (i32, String) {
     let env = Env::get();
     let work = env.work.join("verify");
@@ -37,7 +38,11 @@ fn verify(args: &[&str]) -> (i32, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!work.join(format!("run-{pid}")).exists(), "the run's work directory is removed");
+    assert_eq!(
+        vmplug_e2e::verify::run_dirs_of(&work, pid),
+        Vec::<PathBuf>::new(),
+        "the run's work directory is removed"
+    );
     (out.status.code().unwrap_or(-1), stdout)
 }
 

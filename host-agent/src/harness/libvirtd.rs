@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use super::workdir::{self, ProcessId};
 use super::HarnessError;
 
 /// How long a daemon may take to answer its first call (includes the QEMU probe).
@@ -45,38 +46,111 @@ pub fn stop_pid(pid: i32, grace: Duration) {
     }
 }
 
+/// The pid files a work directory may hold, each with the argument its
+/// process was started with that proves, before a signal, that a PID read from
+/// the file still names that process (a daemon names its own pid file; the
+/// vsock backend its vhost-user socket).
+const PID_FILES: [(&str, &str); 3] =
+    [("vhost-vsock.pid", "vhu.sock"), ("libvirtd.pid", "libvirtd.pid"), ("virtlogd.pid", "virtlogd.pid")];
+
+/// The file naming the process that owns a work directory (`PID START`).
+pub const OWNER_FILE: &str = "owner.pid";
+
 /// Stops the daemons (and vsock backends) of work directories under `work`
-/// whose owning process is gone (a run killed by Ctrl-C or CI), by the PID
-/// files they recorded, and removes those directories.
+/// whose owning process is gone (a run killed by SIGKILL, or a crash), by the
+/// PID files they recorded, and removes those directories.
+///
+/// Only what this user's runs made is touched: `work` must pass
+/// [`workdir::private_base`], each directory must be a real directory owned by
+/// this user holding an owner record (`PID START`), and a PID from a file is
+/// signalled only while `/proc/PID/cmdline` shows the argument that ties it to
+/// that directory, so a recycled PID, or one written by someone else, is left alone.
 pub fn reap_stale(work: &Path) {
+    if workdir::private_base(work).is_err() {
+        return;
+    }
     let Ok(rd) = fs::read_dir(work) else {
         return;
     };
+    let me = workdir::euid();
     for dir in rd.flatten().map(|e| e.path()) {
-        let Some(owner) = read_pid(&dir.join("owner.pid")) else {
+        let Ok(meta) = fs::symlink_metadata(&dir) else {
             continue;
         };
-        if alive(owner) {
+        if workdir::untrusted_dir(&dir, &meta, me).is_some() {
             continue;
         }
-        eprintln!("vmplug: reaping leftovers of dead process {owner} in {}", dir.display());
-        let _ = Command::new("virsh").args(["-c", &uri_for(&dir), "list", "--name"]).output().map(|o| {
-            for name in String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.is_empty()) {
-                let _ = Command::new("virsh").args(["-c", &uri_for(&dir), "destroy", name]).output();
-            }
-        });
-        for pidfile in ["vhost-vsock.pid", "libvirtd.pid", "virtlogd.pid"] {
-            if let Some(pid) = read_pid(&dir.join(pidfile)).filter(|&p| alive(p)) {
-                stop_pid(pid, Duration::from_secs(5));
-            }
+        let Some(owner) = fs::read_to_string(dir.join(OWNER_FILE)).ok().and_then(|s| ProcessId::parse(&s)) else {
+            continue;
+        };
+        if owner.alive() {
+            continue;
         }
+        eprintln!("vmplug: reaping leftovers of dead process {} in {}", owner.pid, dir.display());
+        stop_dir(&dir);
         let _ = fs::remove_dir_all(&dir);
     }
 }
 
-/// The URI a client uses for the daemon of work directory `dir`.
+/// Destroys the domains of the daemon in work directory `dir` and stops the
+/// processes its pid files name — each only after `/proc` shows it is the
+/// process started for this directory.
+pub fn stop_dir(dir: &Path) {
+    if dir.join("run/libvirt-sock").exists() {
+        let _ = Command::new("virsh").args(["-c", &uri_for(dir), "list", "--name"]).output().map(|o| {
+            for name in String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.is_empty()) {
+                let _ = Command::new("virsh").args(["-c", &uri_for(dir), "destroy", name]).output();
+            }
+        });
+    }
+    for (pidfile, proof) in PID_FILES {
+        if let Some(pid) = read_pid(&dir.join(pidfile)).filter(|&p| p > 1 && alive(p)) {
+            if workdir::runs_with_arg(pid, &dir.join(proof)) {
+                stop_pid(pid, Duration::from_secs(5));
+            } else {
+                eprintln!(
+                    "vmplug: {} names PID {pid}, which is not that process; left alone",
+                    dir.join(pidfile).display()
+                );
+            }
+        }
+    }
+}
+
+/// What the private daemon's configuration adds to the stock one: its log in
+/// the work directory, and its sockets (read-write, read-only, admin) for root
+/// alone — Debian's polkit build would otherwise make them 0777.
+const LIBVIRTD_CONF: &str = "
+log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"
+unix_sock_group = \"root\"
+unix_sock_rw_perms = \"0700\"
+unix_sock_ro_perms = \"0700\"
+unix_sock_admin_perms = \"0700\"
+";
+
+/// Runs in the new mount namespace with the work directory as `$1` and the
+/// capability cache as `$2`.
+const NAMESPACE_SCRIPT: &str = r#"set -e
+mount --bind "$1/etc" /etc/libvirt
+mount --bind "$1/lib" /var/lib/libvirt
+mount --bind "$2" /var/cache/libvirt
+mount --bind "$1/log" /var/log/libvirt
+mount --bind "$1/run" /run/libvirt
+virtlogd -d --pid-file "$1/virtlogd.pid"
+libvirtd -d --pid-file "$1/libvirtd.pid""#;
+
+/// The URI a client uses for the daemon of work directory `dir`; the path is
+/// percent-encoded, so no character of it can end the query or add a parameter.
 pub fn uri_for(dir: &Path) -> String {
-    format!("qemu:///system?socket={}/run/libvirt-sock", dir.display())
+    let mut path = String::new();
+    for &b in dir.join("run/libvirt-sock").as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            path.push(b as char);
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("qemu:///system?socket={path}")
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> HarnessError + '_ {
@@ -84,15 +158,24 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> HarnessError + '_ {
 }
 
 impl Libvirtd {
-    /// Starts a daemon pair under `dir` (created, world-traversable), sharing the
-    /// QEMU capability cache under `cache`. Waits until it answers.
+    /// Starts a daemon pair under `dir`, a fresh directory of this run (from
+    /// [`workdir::fresh_dir`]), sharing the QEMU capability cache under `cache`
+    /// (a directory only this user controls). Waits until it answers.
     pub fn start(dir: &Path, cache: &Path) -> Result<Libvirtd, HarnessError> {
-        for d in ["etc", "lib", "log", "run"] {
-            fs::create_dir_all(dir.join(d)).map_err(io(&format!("creating {}", dir.join(d).display())))?;
+        let meta = fs::symlink_metadata(dir).map_err(io(&format!("{}", dir.display())))?;
+        if let Some(why) = workdir::untrusted_dir(dir, &meta, workdir::euid()) {
+            return Err(HarnessError(format!("refusing to start libvirtd in {why}")));
         }
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io("chmod of the work dir"))?;
-        fs::write(dir.join("owner.pid"), std::process::id().to_string()).map_err(io("writing owner.pid"))?;
-        fs::create_dir_all(cache).map_err(io(&format!("creating {}", cache.display())))?;
+        // etc and log hold configuration and logs only root reads; lib and run
+        // are where libvirt makes the directories QEMU reaches.
+        for (d, mode) in [("etc", 0o700), ("lib", 0o755), ("log", 0o700), ("run", 0o755)] {
+            let p = dir.join(d);
+            fs::create_dir(&p).map_err(io(&format!("creating {}", p.display())))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io(&format!("chmod {}", p.display())))?;
+        }
+        let owner = ProcessId::me().ok_or_else(|| HarnessError::new("reading this process's start time"))?;
+        fs::write(dir.join(OWNER_FILE), owner.record()).map_err(io("writing owner.pid"))?;
+        let cache = workdir::private_base(cache)?;
         fs::create_dir_all("/run/libvirt").map_err(io("creating the /run/libvirt mount point"))?;
         if !Path::new("/etc/libvirt/libvirtd.conf").exists() {
             return Err(HarnessError::new(
@@ -100,10 +183,13 @@ impl Libvirtd {
             ));
         }
         // A copy of the stock configuration, without autostarted networks (no
-        // bridge on the host), QEMU run as root (sockets in our work dir), and
-        // logs kept in the work dir.
+        // bridge on the host) or hooks, QEMU run as root (sockets in our work
+        // dir), logs kept in the work dir, and the daemon's sockets for root alone.
         let status = Command::new("cp")
-            .args(["-a", "/etc/libvirt/.", &dir.join("etc").to_string_lossy()])
+            .arg("-a")
+            .arg("--")
+            .arg("/etc/libvirt/.")
+            .arg(dir.join("etc"))
             .status()
             .map_err(io("cp"))?;
         if !status.success() {
@@ -115,22 +201,13 @@ impl Libvirtd {
         qemu_conf.push_str("\nuser = \"root\"\ngroup = \"root\"\nstdio_handler = \"file\"\n");
         fs::write(dir.join("etc/qemu.conf"), qemu_conf).map_err(io("writing qemu.conf"))?;
         let mut conf = fs::read_to_string(dir.join("etc/libvirtd.conf")).unwrap_or_default();
-        conf.push_str("\nlog_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n");
+        conf.push_str(LIBVIRTD_CONF);
         fs::write(dir.join("etc/libvirtd.conf"), conf).map_err(io("writing libvirtd.conf"))?;
-        let d = dir.display();
-        let script = format!(
-            "set -e
-             mount --bind {d}/etc /etc/libvirt
-             mount --bind {d}/lib /var/lib/libvirt
-             mount --bind {cache} /var/cache/libvirt
-             mount --bind {d}/log /var/log/libvirt
-             mount --bind {d}/run /run/libvirt
-             virtlogd -d --pid-file {d}/virtlogd.pid
-             libvirtd -d --pid-file {d}/libvirtd.pid",
-            cache = cache.display()
-        );
+        // Paths are the script's arguments, never part of its text.
         let out = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .args(["-m", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "vmplug-libvirtd"])
+            .arg(dir)
+            .arg(&cache)
             .output()
             .map_err(io("unshare"))?;
         let mut daemon = Libvirtd { dir: dir.to_path_buf(), uri: uri_for(dir), stopped: false };
@@ -240,5 +317,49 @@ impl Libvirtd {
 impl Drop for Libvirtd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_work_directory_cannot_add_to_the_uri() {
+        assert_eq!(uri_for(Path::new("/w/run-1")), "qemu:///system?socket=/w/run-1/run/libvirt-sock");
+        let u = uri_for(Path::new("/w/a&no_verify=1 #x?"));
+        assert_eq!(u, "qemu:///system?socket=/w/a%26no_verify%3D1%20%23x%3F/run/libvirt-sock");
+    }
+
+    #[test]
+    fn reaping_leaves_directories_and_pids_it_cannot_prove_alone() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let base = t.path().join("work");
+        workdir::private_base(&base).expect("base");
+        // A dead owner, and a pid file naming a live process that is not the
+        // daemon of that directory (this test itself): it must survive.
+        let dir = base.join("run-x");
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join(OWNER_FILE), "999999999 1").expect("owner");
+        fs::write(dir.join("libvirtd.pid"), std::process::id().to_string()).expect("pid");
+        // A directory whose owner still runs is kept.
+        let live = base.join("run-live");
+        fs::create_dir(&live).expect("mkdir");
+        fs::write(live.join(OWNER_FILE), ProcessId::me().expect("me").record()).expect("owner");
+        // An owner file with a bare PID (the old format, or a forgery) proves nothing.
+        let bare = base.join("run-bare");
+        fs::create_dir(&bare).expect("mkdir");
+        fs::write(bare.join(OWNER_FILE), "999999999").expect("owner");
+        reap_stale(&base);
+        assert!(!dir.exists(), "the dead run's directory is removed");
+        assert!(live.exists() && bare.exists());
+        // Still here to assert: the pid file's PID (ours) was not signalled.
+
+        // A base another user could write is not read at all.
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join(OWNER_FILE), "999999999 1").expect("owner");
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o777)).expect("chmod");
+        reap_stale(&base);
+        assert!(dir.exists(), "nothing under a shared base is touched");
     }
 }

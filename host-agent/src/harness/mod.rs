@@ -5,6 +5,7 @@
 
 pub mod console;
 pub mod libvirtd;
+pub mod workdir;
 
 /// Why the harness could not do what it was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

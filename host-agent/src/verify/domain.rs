@@ -2,11 +2,8 @@
 //! overlay, and the plain definition `prepare` then makes hot-plug-ready.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Serialize;
-
-use crate::harness::HarnessError;
 
 /// The guest's architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -113,57 +110,6 @@ pub fn pick_accel(choice: AccelChoice, arch: Arch) -> Result<Accel, String> {
     }
 }
 
-/// The image as `qemu-img info` sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ImageInfo {
-    pub path: PathBuf,
-    pub format: String,
-    pub virtual_size: u64,
-}
-
-/// Reads `image`'s format; refuses what is not a disk image QEMU can back an
-/// overlay with.
-pub fn image_info(image: &Path) -> Result<ImageInfo, HarnessError> {
-    let path = image.canonicalize().map_err(|e| HarnessError(format!("{}: {e}", image.display())))?;
-    if !path.is_file() {
-        return Err(HarnessError(format!("{} is not a regular file", path.display())));
-    }
-    let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(&path)
-        .output()
-        .map_err(|e| HarnessError(format!("qemu-img (install qemu-utils): {e}")))?;
-    if !out.status.success() {
-        return Err(HarnessError(format!(
-            "{} is not a disk image qemu-img can read: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| HarnessError(format!("qemu-img info printed no JSON: {e}")))?;
-    let format = v["format"].as_str().unwrap_or_default().to_string();
-    if !matches!(format.as_str(), "raw" | "qcow2") {
-        return Err(HarnessError(format!("{}: format '{format}'; verify-image takes qcow2 or raw", path.display())));
-    }
-    Ok(ImageInfo { path, format, virtual_size: v["virtual-size"].as_u64().unwrap_or(0) })
-}
-
-/// A qcow2 overlay at `overlay` backed by the image: every write of the guest
-/// lands in the overlay, the image is only read.
-pub fn create_overlay(image: &ImageInfo, overlay: &Path) -> Result<(), HarnessError> {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", &image.format, "-b"])
-        .arg(&image.path)
-        .arg(overlay)
-        .output()
-        .map_err(|e| HarnessError(format!("qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(HarnessError(format!("creating the overlay: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(())
-}
-
 /// Where the guest's kernel comes from.
 #[derive(Debug, Clone, Default)]
 pub struct DirectBoot {
@@ -184,6 +130,8 @@ pub struct Plain<'a> {
     pub vcpus: u32,
     pub boot: &'a DirectBoot,
     pub agent_channel: &'a str,
+    /// The format of the run's private copy of the image (`disk` in `dir`).
+    pub disk_format: &'a str,
 }
 
 /// The kernel command line: the operator's, with the serial console added
@@ -208,7 +156,7 @@ fn esc(s: &str) -> String {
 /// A definition as an operator would write it without hot-plug in mind (every
 /// vCPU present, no `<maxMemory>`, no guest NUMA): `prepare` makes it ready.
 pub fn plain_xml(p: &Plain) -> String {
-    let d = p.dir.display();
+    let d = esc(&p.dir.display().to_string());
     let (firmware, features, cpu, emulator) = match p.arch {
         Arch::X86_64 => (String::new(), "<acpi/><apic/>", "qemu64", "qemu-system-x86_64"),
         Arch::Aarch64 => (
@@ -257,8 +205,9 @@ pub fn plain_xml(p: &Plain) -> String {
   <devices>
     <emulator>/usr/bin/{emulator}</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{d}/overlay.qcow2'/>
+      <driver name='qemu' type='{disk_format}'/>
+      <source file='{d}/disk'/>
+      <backingStore/>
       <target dev='vda' bus='virtio'/>
     </disk>
     <serial type='unix'>
@@ -281,6 +230,7 @@ pub fn plain_xml(p: &Plain) -> String {
         arch = p.arch.name(),
         machine = esc(p.machine),
         channel = esc(p.agent_channel),
+        disk_format = esc(p.disk_format),
     )
 }
 
@@ -313,7 +263,7 @@ mod tests {
         let boot = DirectBoot { kernel: Some("/k&1".into()), initrd: None, append: Some("a<b".into()) };
         let p = Plain {
             name: "n",
-            dir: Path::new("/w"),
+            dir: Path::new("/w/a'b&c"),
             arch: Arch::X86_64,
             machine: "q35",
             accel: &accel,
@@ -321,11 +271,16 @@ mod tests {
             vcpus: 1,
             boot: &boot,
             agent_channel: "org.vmplug.guest.0",
+            disk_format: "raw",
         };
         let xml = plain_xml(&p);
         assert!(roxmltree::Document::parse(&xml).is_ok(), "{xml}");
         assert!(xml.contains("<kernel>/k&amp;1</kernel>") && xml.contains("console=ttyS0 a&lt;b"));
         assert!(xml.contains("<domain type='qemu'>") && !xml.contains("<initrd>"));
+        // The work directory cannot end an attribute, and the disk's chain ends
+        // where libvirt is told: nothing the image names is followed.
+        assert!(xml.contains("<source file='/w/a&apos;b&amp;c/disk'/>\n      <backingStore/>"), "{xml}");
+        assert!(xml.contains("<driver name='qemu' type='raw'/>"));
         let disk = DirectBoot::default();
         assert!(plain_xml(&Plain { boot: &disk, ..p }).contains("<boot dev='hd'/>"));
     }

@@ -13,6 +13,7 @@
 //! them; what only the agent can prove is skipped, and says so.
 
 pub mod domain;
+pub mod image;
 pub mod report;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use vmplug_common::{Bytes, CpuSet, MIB};
 use crate::domain::{Affect, Connection, DomainError};
 use crate::harness::console::Console;
 use crate::harness::libvirtd::{reap_stale, Libvirtd};
+use crate::harness::workdir;
 use crate::harness::HarnessError;
 use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::preflight::Severity;
@@ -62,12 +64,20 @@ pub struct VerifyOpts {
     pub accel: AccelChoice,
     /// How long the guest may take to answer (agent or console) after start.
     pub boot_timeout: Duration,
+    /// The base under which each run makes a fresh private directory; it must
+    /// be this user's alone (see [`workdir::private_base`]).
     pub work_dir: PathBuf,
+    /// The image's format as the operator states it; judged from the file's
+    /// own header when absent.
+    pub format: Option<image::DiskFormat>,
     /// Leave the work directory (logs, overlay, definition) behind.
     pub keep: bool,
 }
 
-/// The run's own directory, removed at the end unless kept.
+/// The run's own directory. When the run ends — normally, by an error, or by
+/// a signal that drops the run — whatever still runs there (the guest, the
+/// daemons) is stopped through the directory's own records, and the directory
+/// is removed unless kept.
 #[derive(Debug)]
 struct WorkDir {
     path: PathBuf,
@@ -76,6 +86,7 @@ struct WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        crate::harness::libvirtd::stop_dir(&self.path);
         if self.keep {
             eprintln!("vmplug: verify-image left its work directory: {}", self.path.display());
         } else {
@@ -98,7 +109,6 @@ async fn blocking<T: Send + 'static>(
 /// (the image unreadable, libvirtd not starting, a definition refused).
 pub async fn verify_image(o: &VerifyOpts) -> Result<VerifyReport, HarnessError> {
     let started = Instant::now();
-    let image = domain::image_info(&o.image)?;
     for (what, p) in [("--kernel", &o.boot.kernel), ("--initrd", &o.boot.initrd)] {
         if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
             return Err(HarnessError(format!("{what} {}: no such file", p.display())));
@@ -114,14 +124,13 @@ pub async fn verify_image(o: &VerifyOpts) -> Result<VerifyReport, HarnessError> 
         )));
     }
     let accel = domain::pick_accel(o.accel, o.arch).map_err(HarnessError)?;
-    std::fs::create_dir_all(&o.work_dir).map_err(|e| HarnessError(format!("{}: {e}", o.work_dir.display())))?;
-    reap_stale(&o.work_dir);
-    let dir = o.work_dir.join(format!("run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| HarnessError(format!("{}: {e}", dir.display())))?;
+    let base = workdir::private_base(&o.work_dir)?;
+    reap_stale(&base);
+    let dir = workdir::fresh_dir(&base, "run")?;
     let work = WorkDir { path: dir.clone(), keep: o.keep };
-    domain::create_overlay(&image, &dir.join("overlay.qcow2"))?;
-    let cache = o.work_dir.join("libvirt-cache");
+    let (img, fmt, disk) = (o.image.clone(), o.format, dir.join("disk"));
+    let image = blocking(move || image::take(&img, fmt, &disk)).await?;
+    let cache = base.join("libvirt-cache");
     let (d, c) = (dir.clone(), cache.clone());
     let daemon = blocking(move || Libvirtd::start(&d, &c)).await?;
     let uri = daemon.uri.clone();
@@ -140,6 +149,7 @@ pub async fn verify_image(o: &VerifyOpts) -> Result<VerifyReport, HarnessError> 
         cases: vec![],
         dimms: vec![],
         virtio_mem: Ok(()),
+        disk_format: image.format.clone(),
         _work: work,
     };
     s.define(o, &accel, &machine).await?;
@@ -287,6 +297,8 @@ struct Session {
     dimms: Vec<String>,
     /// Why the virtio-mem device could not be added, if it could not.
     virtio_mem: Result<(), String>,
+    /// The format of the private copy of the image the guest boots.
+    disk_format: String,
     _work: WorkDir,
 }
 
@@ -341,6 +353,7 @@ impl Session {
             vcpus: 1,
             boot: &o.boot,
             agent_channel: AGENT_CHANNEL,
+            disk_format: &self.disk_format,
         };
         let path = dir.join("plain.xml");
         std::fs::write(&path, domain::plain_xml(&plain))

@@ -4,7 +4,8 @@
 use serde::Serialize;
 use vmplug_common::protocol::GuestInfo;
 
-use super::domain::{Accel, ImageInfo};
+use super::domain::Accel;
+use super::image::ImageInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,7 +95,7 @@ impl VerifyReport {
 
     pub fn render_text(&self) -> String {
         let mut s = format!(
-            "verify-image {} ({}, read through an overlay, never written)\n",
+            "verify-image {} ({}, booted from a private copy, never written)\n",
             self.image.path.display(),
             self.image.format
         );
