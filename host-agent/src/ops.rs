@@ -12,6 +12,7 @@ use crate::link::{discover, AgentAddr, GuestAgent, GuestLink, LinkError};
 use crate::plan::{gather_timed, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
 use crate::preflight::{Ctx, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
+use crate::trust::{SocketTrust, LOGIN_DEFS};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
 /// Runs a blocking libvirt call on the blocking pool.
@@ -248,14 +249,17 @@ pub(crate) fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
-/// Connects to the agent for a live operation on a running domain.
+/// Connects to the agent for a live operation on a running domain. Its socket
+/// must belong to the user the domain runs as (the DAC label of `facts`, which
+/// are the live XML's), root, this user or a non-login account.
 pub async fn connect_agent(
     facts: &DomainFacts,
     addr: Option<&AgentAddr>,
     wait: Duration,
 ) -> Result<GuestLink, LinkError> {
     let addr = addr.cloned().or_else(|| discover(facts)).ok_or(LinkError::NoAddress)?;
-    GuestLink::connect(&addr, wait).await
+    let expect = SocketTrust::for_domain(facts.dac_user.as_ref(), std::path::Path::new(LOGIN_DEFS));
+    GuestLink::connect_expecting(&addr, &expect, wait).await
 }
 
 /// The agent link of a running domain (none for a stopped one), or why not.
