@@ -110,6 +110,18 @@ pub enum LinkError {
     Io(#[from] std::io::Error),
 }
 
+impl From<&LinkError> for crate::preflight::AgentTrouble {
+    /// What preflight is told of a failed connect: a refusal, nothing there, or silence.
+    fn from(e: &LinkError) -> Self {
+        use crate::preflight::AgentTrouble;
+        match e {
+            LinkError::UnsafeSocket { .. } => AgentTrouble::Untrusted(e.to_string()),
+            LinkError::NoAddress | LinkError::NoSocket { .. } => AgentTrouble::NoEndpoint(e.to_string()),
+            _ => AgentTrouble::Unanswered(e.to_string()),
+        }
+    }
+}
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
