@@ -120,6 +120,66 @@ pub enum DomainError {
     Other(String),
 }
 
+/// Why a domain is paused, as far as vmplug's messages need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PauseReason {
+    /// `virsh suspend`.
+    User,
+    /// A migration (the source pauses at its end; post-copy on either side).
+    Migration,
+    /// Saving, dumping or snapshotting the domain.
+    SaveOrSnapshot,
+    /// An I/O error of a disk set to pause on errors.
+    IoError,
+    /// Its watchdog fired with action pause.
+    Watchdog,
+    /// The guest crashed (on_crash preserve).
+    Crashed,
+    /// Starting up (before its CPUs first run).
+    StartingUp,
+    Other,
+}
+
+/// A domain's state (`virsh domstate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    Running,
+    /// Running, blocked on a resource (Xen's view; QEMU reports running).
+    Blocked,
+    Paused(PauseReason),
+    ShuttingDown,
+    ShutOff,
+    /// Crashed and kept (on_crash preserve).
+    Crashed,
+    /// Suspended by the guest's power management (S3/S4).
+    PmSuspended,
+    /// The driver does not say.
+    NoState,
+}
+
+impl DomainState {
+    /// The guest's CPUs run: an agent in it can answer.
+    pub fn guest_runs(self) -> bool {
+        matches!(self, DomainState::Running | DomainState::Blocked | DomainState::NoState)
+    }
+
+    /// As virsh says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Blocked => "blocked",
+            DomainState::Paused(_) => "paused",
+            DomainState::ShuttingDown => "in shutdown",
+            DomainState::ShutOff => "shut off",
+            DomainState::Crashed => "crashed",
+            DomainState::PmSuspended => "pmsuspended",
+            DomainState::NoState => "no state",
+        }
+    }
+}
+
 /// Which XML to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XmlView {
@@ -145,6 +205,8 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
 pub trait Domain: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
     fn is_active(&self) -> Result<bool, DomainError>;
+    /// Running, paused, shutting down, … (`virsh domstate --reason`).
+    fn state(&self) -> Result<DomainState, DomainError>;
     fn xml(&self, view: XmlView) -> Result<String, DomainError>;
     /// A migration, save or snapshot job is running.
     fn job_running(&self) -> Result<bool, DomainError>;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use vmplug_common::{CpuSet, GIB};
 
-use crate::domain::{Affect, Connection, Domain, DomainError, NumaParams, SchedParams, XmlView};
+use crate::domain::{Affect, Connection, Domain, DomainError, DomainState, NumaParams, SchedParams, XmlView};
 
 /// What the fake hypervisor did, for hooks.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +41,8 @@ struct State {
     live: String,
     config: String,
     running: bool,
+    /// What `state` says while running (a stopped domain is shut off).
+    active_state: Option<DomainState>,
     calls: Vec<String>,
     fail: HashMap<&'static str, String>,
     /// verb → (calls still to succeed, message of the failure after them)
@@ -202,7 +204,16 @@ impl FakeDomain {
     }
 
     pub fn set_running(&self, running: bool) {
-        self.st().running = running;
+        let mut st = self.st();
+        st.running = running;
+        st.active_state = None;
+    }
+
+    /// Puts the domain in `state` (paused, shutting down, …; shut off stops it).
+    pub fn set_state(&self, state: DomainState) {
+        let mut st = self.st();
+        st.running = state != DomainState::ShutOff;
+        st.active_state = Some(state);
     }
 
     fn enter(&self, verb: &'static str, detail: String) -> Result<(), DomainError> {
@@ -234,6 +245,14 @@ impl Domain for FakeDomain {
     }
     fn is_active(&self) -> Result<bool, DomainError> {
         Ok(self.st().running)
+    }
+    fn state(&self) -> Result<DomainState, DomainError> {
+        let st = self.st();
+        Ok(match (st.running, st.active_state) {
+            (false, _) => DomainState::ShutOff,
+            (true, Some(s)) => s,
+            (true, None) => DomainState::Running,
+        })
     }
     fn xml(&self, view: XmlView) -> Result<String, DomainError> {
         let st = self.st();

@@ -15,6 +15,7 @@ pub mod planner;
 pub mod preflight;
 pub mod prepare;
 pub mod report;
+pub mod trust;
 pub mod tune;
 pub mod unplug;
 pub mod verify;

@@ -8,7 +8,9 @@ use virt::domain::{SchedBandwidth, SchedulerInfo};
 use virt::sys;
 use vmplug_common::CpuSet;
 
-use crate::domain::{Affect, Connection, Domain, DomainError, NumaMode, NumaParams, SchedParams, XmlView};
+use crate::domain::{
+    Affect, Connection, Domain, DomainError, DomainState, NumaMode, NumaParams, PauseReason, SchedParams, XmlView,
+};
 
 fn impact(a: Affect) -> u32 {
     match a {
@@ -93,6 +95,35 @@ impl Domain for LibvirtDomain {
 
     fn is_active(&self) -> Result<bool, DomainError> {
         self.dom.is_active().map_err(self.err("is-active"))
+    }
+
+    fn state(&self) -> Result<DomainState, DomainError> {
+        use virt::domain::{DomainPausedReason as P, DomainState as S, DomainStateReason as R};
+        use virt::enumutil::Enum;
+        let (state, reason) = self.dom.state().map_err(self.err("domstate"))?;
+        let pause = match reason {
+            Enum::Known(R::Paused(Enum::Known(r))) => match r {
+                P::User => PauseReason::User,
+                P::Migration | P::PostCopy | P::PostCopyFailed => PauseReason::Migration,
+                P::Save | P::Dump | P::Snapshot | P::FromSnapshot => PauseReason::SaveOrSnapshot,
+                P::IOError => PauseReason::IoError,
+                P::Watchdog => PauseReason::Watchdog,
+                P::Crashed => PauseReason::Crashed,
+                P::StartingUp => PauseReason::StartingUp,
+                _ => PauseReason::Other,
+            },
+            _ => PauseReason::Other,
+        };
+        Ok(match state {
+            Enum::Known(S::Running) => DomainState::Running,
+            Enum::Known(S::Blocked) => DomainState::Blocked,
+            Enum::Known(S::Paused) => DomainState::Paused(pause),
+            Enum::Known(S::Shutdown) => DomainState::ShuttingDown,
+            Enum::Known(S::Shutoff) => DomainState::ShutOff,
+            Enum::Known(S::Crashed) => DomainState::Crashed,
+            Enum::Known(S::PMSuspended) => DomainState::PmSuspended,
+            Enum::Known(S::NoState) | Enum::Unknown(_) => DomainState::NoState,
+        })
     }
 
     fn xml(&self, view: XmlView) -> Result<String, DomainError> {

@@ -12,6 +12,7 @@ use tokio::time::{timeout, Instant};
 use vmplug_common::frame::{write_frame, Decoded, FrameError, FrameReader};
 use vmplug_common::protocol::*;
 
+use crate::trust::{self, SocketTrust};
 use crate::xml::{AgentHint, DomainFacts};
 
 /// How often a refused or unanswered connection is retried while waiting.
@@ -97,7 +98,9 @@ pub enum LinkError {
     Unexpected(&'static str),
     #[error("agent socket {path} does not exist (is the domain running, and is this its socket?)")]
     NoSocket { path: PathBuf },
-    #[error("agent socket {path} is {why}: another local user could stand in for the guest agent or drive it; refusing to use it")]
+    /// The socket may not lead to the guest (see [`crate::trust`]): refused
+    /// before connecting, never retried.
+    #[error("refused to use the agent socket {path}: {why}")]
     UnsafeSocket { path: PathBuf, why: String },
     // Flattened into report strings (there is no error chain there), so the
     // cause is part of the message.
@@ -105,6 +108,18 @@ pub enum LinkError {
     Frame(#[from] FrameError),
     #[error("guest link i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<&LinkError> for crate::preflight::AgentTrouble {
+    /// What preflight is told of a failed connect: a refusal, nothing there, or silence.
+    fn from(e: &LinkError) -> Self {
+        use crate::preflight::AgentTrouble;
+        match e {
+            LinkError::UnsafeSocket { .. } => AgentTrouble::Untrusted(e.to_string()),
+            LinkError::NoAddress | LinkError::NoSocket { .. } => AgentTrouble::NoEndpoint(e.to_string()),
+            _ => AgentTrouble::Unanswered(e.to_string()),
+        }
+    }
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -192,6 +207,8 @@ pub struct GuestLink {
     wire: Wire,
     pub addr: AgentAddr,
     pub info: GuestInfo,
+    /// What the socket must be to be used (again, on a reconnect).
+    expect: SocketTrust,
 }
 
 /// Most bytes of guest events one link keeps; later events are counted only.
@@ -246,17 +263,12 @@ impl std::fmt::Debug for GuestLink {
     }
 }
 
-/// The first uid of a regular (login) user: below it are root and the system
-/// accounts services run as (Debian's and Fedora's `SYS_UID_MAX` is 999).
-pub const FIRST_REGULAR_UID: u32 = 1000;
-
 /// Whether a host-side Unix socket may be trusted to lead to the guest: it must
-/// exist, be a socket, belong to root, to us or to a system account (QEMU's),
-/// and not be writable by others
-/// (connecting needs write permission). Hybrid vsock and virtio-serial have no
-/// other guard: whoever can connect to the socket drives the agent, and whoever
-/// could create it could pose as the agent.
-pub fn check_socket(path: &std::path::Path) -> Result<(), LinkError> {
+/// exist, be a socket, and pass [`trust::judge`] (owner and permission bits).
+/// Hybrid vsock and virtio-serial have no other guard: whoever can connect to
+/// the socket drives the agent, and whoever could create it could pose as the
+/// agent.
+pub fn check_socket(path: &std::path::Path, expect: &SocketTrust) -> Result<(), LinkError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -265,34 +277,28 @@ pub fn check_socket(path: &std::path::Path) -> Result<(), LinkError> {
         }
         Err(e) => return Err(LinkError::Io(e)),
     };
-    let unsafe_socket = |why: String| Err(LinkError::UnsafeSocket { path: path.to_path_buf(), why });
     if !meta.file_type().is_socket() {
-        return unsafe_socket("not a socket".into());
+        return Err(LinkError::UnsafeSocket { path: path.to_path_buf(), why: "it is not a socket".into() });
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    // QEMU runs as a system account (Debian's libvirt-qemu) and may own the
-    // channel's socket; what must not own it is another regular user.
-    if meta.uid() >= FIRST_REGULAR_UID && meta.uid() != me {
-        return unsafe_socket(format!(
-            "owned by uid {}, a regular user other than this one (uid {me}); expected root, this user or a system account such as QEMU's",
-            meta.uid()
-        ));
+    match trust::judge(meta.uid(), meta.mode(), me, expect) {
+        Ok(why) => {
+            tracing::debug!(path = %path.display(), owner = meta.uid(), ?why, "agent socket trusted");
+            Ok(())
+        }
+        Err(why) => Err(LinkError::UnsafeSocket { path: path.to_path_buf(), why }),
     }
-    if meta.mode() & 0o002 != 0 {
-        return unsafe_socket(format!("writable by every user (mode {:o})", meta.mode() & 0o777));
-    }
-    Ok(())
 }
 
-async fn open(addr: &AgentAddr) -> Result<Box<dyn Stream>, LinkError> {
+async fn open(addr: &AgentAddr, expect: &SocketTrust) -> Result<Box<dyn Stream>, LinkError> {
     match addr {
         AgentAddr::Serial { path } => {
-            check_socket(path)?;
+            check_socket(path, expect)?;
             Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
         }
         AgentAddr::Hybrid { path, port } => {
-            check_socket(path)?;
+            check_socket(path, expect)?;
             let mut s = tokio::net::UnixStream::connect(path).await?;
             s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
             // The reply line is short; read it byte by byte so no frame byte is consumed.
@@ -321,13 +327,25 @@ fn first_id() -> u64 {
 }
 
 impl GuestLink {
-    /// Connects and handshakes, retrying until `wait` has passed.
+    /// Connects and handshakes, retrying until `wait` has passed; a socket is
+    /// trusted by this host's login ranges alone (no domain user known).
     pub async fn connect(addr: &AgentAddr, wait: Duration) -> Result<GuestLink, LinkError> {
+        let expect = SocketTrust::for_domain(None, std::path::Path::new(trust::LOGIN_DEFS));
+        Self::connect_expecting(addr, &expect, wait).await
+    }
+
+    /// Connects and handshakes, retrying until `wait` has passed, to a socket
+    /// that meets `expect` (checked before every attempt).
+    pub async fn connect_expecting(
+        addr: &AgentAddr,
+        expect: &SocketTrust,
+        wait: Duration,
+    ) -> Result<GuestLink, LinkError> {
         let started = Instant::now();
         let deadline = started + wait;
         let mut last;
         loop {
-            match timeout(HELLO_TIMEOUT, Self::try_connect(addr)).await {
+            match timeout(HELLO_TIMEOUT, Self::try_connect(addr, expect)).await {
                 Ok(Ok(link)) => return Ok(link),
                 // Waiting cannot fix these: say so at once, naming the path.
                 Ok(Err(e @ (LinkError::Version(_) | LinkError::NoSocket { .. } | LinkError::UnsafeSocket { .. }))) => {
@@ -346,13 +364,13 @@ impl GuestLink {
 
     /// Opens the transport and says hello; the session exists only once the
     /// guest has answered with facts of this protocol version.
-    async fn try_connect(addr: &AgentAddr) -> Result<GuestLink, LinkError> {
-        let stream = open(addr).await?;
+    async fn try_connect(addr: &AgentAddr, expect: &SocketTrust) -> Result<GuestLink, LinkError> {
+        let stream = open(addr, expect).await?;
         let (r, w) = tokio::io::split(stream);
         let mut wire =
             Wire { reader: FrameReader::new(r), writer: w, next_id: first_id(), events: EventLog::default() };
         let info = wire.hello().await?;
-        Ok(GuestLink { wire, addr: addr.clone(), info })
+        Ok(GuestLink { wire, addr: addr.clone(), info, expect: expect.clone() })
     }
 
     /// Hello again on this session's connection (the agent forgot it).
@@ -431,7 +449,7 @@ impl GuestLink {
                     // Close this connection first: a virtio-serial chardev serves one
                     // client at a time and would never answer a second one.
                     self.wire.close();
-                    let fresh = GuestLink::connect(&self.addr, left).await?;
+                    let fresh = GuestLink::connect_expecting(&self.addr, &self.expect, left).await?;
                     let events = std::mem::take(&mut self.wire.events);
                     *self = fresh;
                     self.wire.events = events;
@@ -546,30 +564,49 @@ mod tests {
     #[test]
     fn agent_sockets_are_checked_before_use() {
         use std::os::unix::fs::PermissionsExt;
+        let expect = SocketTrust::default();
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("nope.sock");
-        let e = check_socket(&missing).expect_err("missing");
+        let e = check_socket(&missing, &expect).expect_err("missing");
         assert!(e.to_string().contains(&*missing.to_string_lossy()), "names the path: {e}");
         let file = dir.path().join("file");
         std::fs::write(&file, "").expect("file");
-        assert!(matches!(check_socket(&file), Err(LinkError::UnsafeSocket { .. })));
+        assert!(matches!(check_socket(&file, &expect), Err(LinkError::UnsafeSocket { .. })));
         let sock = dir.path().join("agent.sock");
         let _l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        check_socket(&sock).expect("ours, not world-writable");
+        check_socket(&sock, &expect).expect("ours, not world-writable");
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        let e = check_socket(&sock).expect_err("world-writable");
+        let e = check_socket(&sock, &expect).expect_err("world-writable");
+        assert!(e.to_string().contains("refused to use the agent socket"), "{e}");
         assert!(e.to_string().contains("writable by every user (mode 777)"), "{e}");
-        // Ownership (needs root to chown; CI and the e2e machines are root).
+        // Ownership by other users is judged by trust::judge (its own tests);
+        // chown needs root, so it is exercised here only as root.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o775)).expect("chmod");
-            std::os::unix::fs::chown(&sock, Some(105), Some(105)).expect("chown to a system account");
-            check_socket(&sock).expect("a system account (as QEMU's libvirt-qemu) may own it");
-            std::os::unix::fs::chown(&sock, Some(1500), Some(1500)).expect("chown to a regular user");
-            let e = check_socket(&sock).expect_err("another regular user's socket");
+            std::os::unix::fs::chown(&sock, Some(64055), Some(993)).expect("chown to Debian's libvirt-qemu");
+            check_socket(&sock, &expect).expect("a system account (Debian's libvirt-qemu) may own it");
+            std::os::unix::fs::chown(&sock, Some(1500), Some(1500)).expect("chown to a login user");
+            let e = check_socket(&sock, &expect).expect_err("another login user's socket");
             assert!(e.to_string().contains("owned by uid 1500"), "{e}");
         }
+    }
+
+    /// An untrusted socket is refused at once (no retrying for the whole wait),
+    /// and the error says it was a refusal, not silence.
+    #[tokio::test]
+    async fn an_untrusted_socket_fails_at_once_naming_why() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let started = std::time::Instant::now();
+        let e = GuestLink::connect(&AgentAddr::Serial { path }, Duration::from_secs(30)).await.expect_err("refused");
+        assert!(started.elapsed() < Duration::from_secs(5), "refused at once: {:?}", started.elapsed());
+        assert!(matches!(e, LinkError::UnsafeSocket { .. }), "{e}");
+        assert!(e.to_string().starts_with("refused to use the agent socket"), "{e}");
     }
 
     /// A missing socket fails at once naming the path, not after the whole wait

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
-use crate::domain::{Affect, Connection, Domain, DomainError, XmlView};
+use crate::domain::{Affect, Connection, Domain, DomainError, DomainState, XmlView};
 use crate::link::{discover, AgentAddr, GuestAgent, GuestLink, LinkError};
 use crate::plan::{gather_timed, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
 use crate::preflight::{Ctx, Finding, Severity};
 use crate::report::{HostSide, OpReport, Outcome, Timings};
+use crate::trust::{SocketTrust, LOGIN_DEFS};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
 /// Runs a blocking libvirt call on the blocking pool.
@@ -26,6 +27,8 @@ pub async fn blocking<T: Send + 'static>(
 pub struct Loaded {
     pub dom: Arc<dyn Domain>,
     pub running: bool,
+    /// Running, paused, shutting down, … (`running` is "active": any but shut off).
+    pub state: DomainState,
     pub job_running: bool,
     pub facts: DomainFacts,
     pub host: HostFacts,
@@ -43,7 +46,9 @@ impl Loaded {
             dom: &self.facts,
             host: &self.host,
             guest,
+            agent_trouble: None,
             running: self.running,
+            state: self.state,
             job_running: self.job_running,
             affect,
             no_wait,
@@ -145,13 +150,21 @@ pub fn probe_cpu_hotplug(emulator: &str, machine: &str) -> Option<bool> {
 pub struct DomainRead {
     pub dom: Arc<dyn Domain>,
     pub running: bool,
+    pub state: DomainState,
     pub job_running: bool,
     pub facts: DomainFacts,
 }
 
 impl DomainRead {
     pub fn with_host(self, host: HostFacts) -> Loaded {
-        Loaded { dom: self.dom, running: self.running, job_running: self.job_running, facts: self.facts, host }
+        Loaded {
+            dom: self.dom,
+            running: self.running,
+            state: self.state,
+            job_running: self.job_running,
+            facts: self.facts,
+            host,
+        }
     }
 }
 
@@ -161,11 +174,12 @@ pub async fn read_domain(conn: Arc<dyn Connection>, name: &str, want_live: bool)
     blocking(move || {
         let dom = conn.lookup(&name)?;
         let running = dom.is_active()?;
+        let state = if running { dom.state()? } else { DomainState::ShutOff };
         let view = if running && want_live { XmlView::Live } else { XmlView::Inactive };
         let facts = DomainFacts::parse(&dom.xml(view)?)
             .map_err(|e| DomainError::Other(format!("domain XML of '{name}': {e}")))?;
         let job_running = dom.job_running().unwrap_or(false);
-        Ok(DomainRead { dom, running, job_running, facts })
+        Ok(DomainRead { dom, running, state, job_running, facts })
     })
     .await
 }
@@ -248,23 +262,27 @@ pub(crate) fn ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 
-/// Connects to the agent for a live operation on a running domain.
+/// Connects to the agent for a live operation on a running domain. Its socket
+/// must belong to the user the domain runs as (the DAC label of `facts`, which
+/// are the live XML's), root, this user or a non-login account.
 pub async fn connect_agent(
     facts: &DomainFacts,
     addr: Option<&AgentAddr>,
     wait: Duration,
 ) -> Result<GuestLink, LinkError> {
     let addr = addr.cloned().or_else(|| discover(facts)).ok_or(LinkError::NoAddress)?;
-    GuestLink::connect(&addr, wait).await
+    let expect = SocketTrust::for_domain(facts.dac_user.as_ref(), std::path::Path::new(LOGIN_DEFS));
+    GuestLink::connect_expecting(&addr, &expect, wait).await
 }
 
-/// The agent link of a running domain (none for a stopped one), or why not.
+/// The agent link of a running domain (none for a stopped one, nor for one
+/// whose guest is not running: paused, suspended, …), or why not.
 pub async fn agent_if_running(
     l: &Loaded,
     addr: Option<&AgentAddr>,
     wait: Duration,
 ) -> (Option<GuestLink>, Option<LinkError>) {
-    if !l.running {
+    if !l.running || !l.state.guest_runs() {
         return (None, None);
     }
     match connect_agent(&l.facts, addr, wait).await {
@@ -342,9 +360,18 @@ pub(crate) fn not_planned(
         NotPlanned::Refused(r) => r,
     };
     let errors: Vec<&str> = r.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
+    // A verdict that stands alone (the socket refused, the domain not in a
+    // state to take it) is the message itself, not only a finding under it.
+    let alone = |id: &str| errors.len() == 1 && errors[0] == id;
+    let sole = ["agent.socket", "domain.paused", "domain.crashed", "domain.shutting-down", "domain.pmsuspended"]
+        .into_iter()
+        .find(|id| alone(id))
+        .and_then(|id| r.findings.iter().find(|f| f.id == id));
     let (outcome, message) = if r.agent_unreachable {
         let why = r.findings.iter().find(|f| f.id == "agent.ready").map(|f| f.message.clone()).unwrap_or_default();
         (Outcome::AgentUnreachable, why)
+    } else if let Some(f) = sole {
+        (Outcome::Refused, format!("{}; nothing was changed", f.message))
     } else {
         (Outcome::Refused, format!("preflight refused ({}); nothing was changed", errors.join(", ")))
     };
@@ -1112,7 +1139,9 @@ pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainE
         dom: &facts,
         host,
         guest: None,
+        agent_trouble: None,
         running: false,
+        state: crate::domain::DomainState::ShutOff,
         job_running: false,
         affect: Affect::Config,
         no_wait: true,

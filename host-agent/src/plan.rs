@@ -21,7 +21,7 @@ use crate::domain::{Affect, Connection, DomainError, XmlView};
 use crate::link::{discover, GuestLink, LinkError};
 use crate::ops::{blocking, connect_agent, read_domain, read_host, HotplugOpts, Loaded, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::preflight::{self, AgentTrouble, Ctx, Finding, Operation, Severity};
 use crate::unplug::DimmSelector;
 use crate::xml::{request_alias, request_index, Dimm, DomainFacts, NamedDimm};
 
@@ -33,6 +33,8 @@ pub struct Facts {
     pub affect: Affect,
     pub guest: Option<GuestInfo>,
     pub agent_error: Option<String>,
+    /// Why there are no guest facts, for the rules (refused, absent, silent).
+    pub agent_trouble: Option<AgentTrouble>,
     /// The persistent definition, when a running domain's change also goes there.
     pub persistent: Option<DomainFacts>,
 }
@@ -44,7 +46,7 @@ impl Facts {
 
     /// The preflight context of these facts.
     pub fn ctx_for(&self, no_wait: bool) -> preflight::Ctx<'_> {
-        self.loaded.ctx(self.guest.as_ref(), self.affect, no_wait)
+        Ctx { agent_trouble: self.agent_trouble.as_ref(), ..self.loaded.ctx(self.guest.as_ref(), self.affect, no_wait) }
     }
 }
 
@@ -78,7 +80,13 @@ async fn gather_phases(
     };
     let agent = async {
         let t = std::time::Instant::now();
-        let s = if affect.live() && !blind && d.running { session(&d.facts, opts, held).await } else { (None, None) };
+        // A guest that runs no code (paused, suspended, …) cannot answer: the
+        // state rules say so at once instead of after the handshake's wait.
+        let s = if affect.live() && !blind && d.running && d.state.guest_runs() {
+            session(&d.facts, opts, held).await
+        } else {
+            (None, None)
+        };
         (s, crate::ops::ms(t))
     };
     let ((host, facts_ms), ((link, err), handshake_ms)) = tokio::join!(host, agent);
@@ -93,6 +101,7 @@ async fn gather_phases(
     let facts = Facts {
         guest: link.as_ref().map(|k| k.info.clone()),
         agent_error: err.as_ref().map(LinkError::to_string),
+        agent_trouble: err.as_ref().map(AgentTrouble::from),
         loaded,
         affect,
         persistent,

@@ -5,7 +5,7 @@
 use vmplug_common::protocol::GuestInfo;
 use vmplug_common::{Bytes, CpuSet, GIB};
 
-use crate::domain::{Affect, NumaMode};
+use crate::domain::{Affect, DomainState, NumaMode, PauseReason};
 use crate::xml::{machine_version, DomainFacts, HostFacts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -75,6 +75,18 @@ pub enum Operation {
     Readiness,
 }
 
+/// Why the guest agent gave no facts: told apart because each has another fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentTrouble {
+    /// vmplug refused to use the agent's socket (it may not lead to the
+    /// guest: see `trust`); the message names the socket, owner and rule.
+    Untrusted(String),
+    /// There was nothing to connect to: no agent address, or no socket there.
+    NoEndpoint(String),
+    /// Nobody completed the handshake in time (the last error, if any).
+    Unanswered(String),
+}
+
 /// Everything a rule may look at.
 #[derive(Debug, Clone)]
 pub struct Ctx<'a> {
@@ -82,7 +94,11 @@ pub struct Ctx<'a> {
     pub host: &'a HostFacts,
     /// `None`: the agent was not reached (rules warn instead of guessing).
     pub guest: Option<&'a GuestInfo>,
+    /// Why `guest` is `None`, when the agent was tried.
+    pub agent_trouble: Option<&'a AgentTrouble>,
+    /// The domain is active (any state but shut off).
     pub running: bool,
+    pub state: DomainState,
     pub job_running: bool,
     pub affect: Affect,
     /// The caller will not wait for the guest (`--no-wait`).
@@ -108,7 +124,64 @@ fn live_op(ctx: &Ctx, op: &Operation) -> bool {
 
 fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     (live_op(ctx, op) && !ctx.running).then_some(())?;
-    error("domain.running", format!("domain '{}' is not running: a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
+    error("domain.running", format!("domain '{}' is not running (shut off): a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
+}
+
+/// A live change, or `check`'s readiness of an active domain: the state rules
+/// give their verdict at once, before any wait for a guest that cannot answer.
+fn live_now(ctx: &Ctx, op: &Operation) -> bool {
+    ctx.running && (live_op(ctx, op) || (matches!(op, Operation::Readiness) && ctx.affect.live()))
+}
+
+fn rule_paused(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let DomainState::Paused(why) = ctx.state else { return None };
+    if why == PauseReason::Crashed || !live_now(ctx, op) {
+        return None;
+    }
+    let name = &ctx.dom.name;
+    let (cause, fix) = match why {
+        PauseReason::User => ("by `virsh suspend`", format!("resume it (virsh resume {name}) first")),
+        PauseReason::Migration => ("for a migration", "wait for the migration to end".into()),
+        PauseReason::SaveOrSnapshot => ("for a save, dump or snapshot", "wait for it to end".into()),
+        PauseReason::IoError => {
+            ("by a disk I/O error", format!("fix the storage, then resume it (virsh resume {name})"))
+        }
+        PauseReason::Watchdog => {
+            ("by its watchdog", format!("see why the guest hung, then resume it (virsh resume {name})"))
+        }
+        PauseReason::StartingUp => ("while starting up", "wait for it to run".into()),
+        PauseReason::Crashed | PauseReason::Other => ("", format!("resume it (virsh resume {name}) first")),
+    };
+    let cause = if cause.is_empty() { String::new() } else { format!(" {cause}") };
+    error(
+        "domain.paused",
+        format!("domain '{name}' is paused{cause}: its guest runs no code, so nothing plugged now could be onlined or confirmed; {fix}"),
+    )
+}
+
+fn rule_crashed(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let crashed = matches!(ctx.state, DomainState::Crashed | DomainState::Paused(PauseReason::Crashed));
+    (crashed && live_now(ctx, op)).then_some(())?;
+    error(
+        "domain.crashed",
+        format!("domain '{}' crashed (its guest panicked and libvirt keeps it for inspection): nothing can be plugged into it; restart it (virsh destroy, then virsh start)", ctx.dom.name),
+    )
+}
+
+fn rule_shutting_down(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    (ctx.state == DomainState::ShuttingDown && live_now(ctx, op)).then_some(())?;
+    error(
+        "domain.shutting-down",
+        format!("domain '{}' is shutting down: its guest is stopping and would not online or confirm anything; change the definition with --config, or start it again", ctx.dom.name),
+    )
+}
+
+fn rule_pmsuspended(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    (ctx.state == DomainState::PmSuspended && live_now(ctx, op)).then_some(())?;
+    error(
+        "domain.pmsuspended",
+        format!("domain '{}' is suspended by its guest (ACPI S3/S4): it runs no code until woken; wake it (virsh dompmwakeup {}) first", ctx.dom.name, ctx.dom.name),
+    )
 }
 
 fn rule_job(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -119,23 +192,53 @@ fn rule_job(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     )
 }
 
+/// The guest agent is needed and was not reached: a live change on a domain
+/// whose guest runs (the state rules speak for the others).
+fn agent_missed(ctx: &Ctx, op: &Operation) -> bool {
+    live_op(ctx, op) && ctx.running && ctx.state.guest_runs() && ctx.guest.is_none()
+}
+
+fn rule_agent_socket(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Some(AgentTrouble::Untrusted(why)) = ctx.agent_trouble else { return None };
+    agent_missed(ctx, op).then_some(())?;
+    let blind_ok = ctx.no_wait && !matches!(op, Operation::Unplug { .. } | Operation::GuestVcpus { .. });
+    let finding: fn(&'static str, String) -> Option<Finding> = if blind_ok { warning } else { error };
+    finding(
+        "agent.socket",
+        format!("{why}. vmplug uses a socket only if nobody else can write it and it belongs to the user the domain runs as (its DAC <seclabel>), root, this user, or an account outside /etc/login.defs' UID_MIN..UID_MAX; the guest agent itself was not asked"),
+    )
+}
+
 fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    if !live_op(ctx, op) || !ctx.running || ctx.guest.is_some() {
+    if !agent_missed(ctx, op) {
         return None;
     }
+    let (what, hint) = match ctx.agent_trouble {
+        Some(AgentTrouble::Untrusted(_)) => return None,
+        Some(AgentTrouble::NoEndpoint(e)) => (format!("there is no guest agent to talk to ({e})"), ""),
+        // The link's own words: "guest agent at … did not complete a handshake within …".
+        Some(AgentTrouble::Unanswered(e)) => (e.clone(), "is vmplug-guest running? "),
+        None => ("the guest agent did not complete its handshake".to_string(), "is vmplug-guest running? "),
+    };
     if let Operation::Unplug { .. } = op {
-        return error("agent.ready", "the guest agent did not complete its handshake: vmplug never unplugs memory the guest has not released (is vmplug-guest running? --force leaves it to the guest's ACPI handler)");
+        return error("agent.ready", format!("{what}: vmplug never unplugs memory the guest has not released ({hint}--force leaves it to the guest's ACPI handler)"));
     }
     if let Operation::GuestVcpus { .. } = op {
-        return error("agent.ready", "the guest agent did not complete its handshake: guest-level vCPU scaling is done by the agent (is vmplug-guest running?)");
-    }
-    if ctx.no_wait {
-        return warning(
+        return error(
             "agent.ready",
-            "the guest agent did not answer: the guest's view is unknown and nothing will verify the plug",
+            format!(
+                "{what}: guest-level vCPU scaling is done by the agent{}",
+                if hint.is_empty() { String::new() } else { format!(" ({})", hint.trim_end()) }
+            ),
         );
     }
-    error("agent.ready", "the guest agent did not complete its handshake: vmplug never plugs into a guest that cannot confirm (is vmplug-guest running? use --no-wait to plug blind)")
+    if ctx.no_wait {
+        return warning("agent.ready", format!("{what}: the guest's view is unknown and nothing will verify the plug"));
+    }
+    error(
+        "agent.ready",
+        format!("{what}: vmplug never plugs into a guest that cannot confirm ({hint}use --no-wait to plug blind)"),
+    )
 }
 
 fn rule_unplug_live_only(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -598,7 +701,12 @@ fn rule_cell_pinning(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 /// Every rule, in report order.
 pub const RULES: &[(&str, Rule)] = &[
     ("domain.running", rule_running),
+    ("domain.paused", rule_paused),
+    ("domain.crashed", rule_crashed),
+    ("domain.shutting-down", rule_shutting_down),
+    ("domain.pmsuspended", rule_pmsuspended),
     ("domain.job", rule_job),
+    ("agent.socket", rule_agent_socket),
     ("agent.ready", rule_agent),
     ("cpu.machine", rule_cpu_machine),
     ("cpu.guest-present", rule_cpu_guest_present),

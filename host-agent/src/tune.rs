@@ -425,8 +425,7 @@ pub async fn check(conn: Arc<dyn Connection>, name: &str, req: &CheckRequest) ->
         }))?;
     }
     if req.cpus.is_none() && req.memory.is_none() && req.resize.is_none() {
-        let ctx = facts.loaded.ctx(facts.guest.as_ref(), facts.affect, req.opts.no_wait);
-        findings = preflight::check(&ctx, &Operation::Readiness);
+        findings = preflight::check(&facts.ctx_for(req.opts.no_wait), &Operation::Readiness);
         ready = !preflight::has_errors(&findings);
     }
     findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.id.cmp(b.id)));
@@ -461,6 +460,8 @@ pub fn render_check(c: &CheckResult) -> String {
 pub struct Status {
     pub domain: String,
     pub running: bool,
+    /// As `virsh domstate` says it ("running", "paused", "in shutdown", …).
+    pub state: &'static str,
     pub vcpus_current: u32,
     pub vcpus_max: u32,
     pub memory: Bytes,
@@ -531,6 +532,7 @@ pub async fn status(
     Ok(Status {
         domain: name.into(),
         running: l.running,
+        state: l.state.as_str(),
         vcpus_current: l.facts.vcpus_current,
         vcpus_max: l.facts.vcpus_max,
         memory: l.facts.memory,
@@ -552,7 +554,7 @@ pub fn render_status(st: &Status) -> String {
         s,
         "{:<14} {:<34} {}",
         "state",
-        if st.running { "running" } else { "shut off" },
+        st.state,
         g.map(|g| format!("kernel {}", g.kernel)).unwrap_or_else(|| "-".into())
     );
     let _ = writeln!(

@@ -799,7 +799,8 @@ pub async fn add_virtio_mem(
             format!("virtio-mem device of {} added to the persistent definition (present at the next start)", a.size);
         return Ok(persistent_only("add-virtio-mem", name, affect, message, findings, applied, &run));
     }
-    let f = crate::plan::Facts { loaded, affect, guest: None, agent_error: None, persistent: None };
+    let f =
+        crate::plan::Facts { loaded, affect, guest: None, agent_error: None, agent_trouble: None, persistent: None };
     let devices = live_devices(&f).await?;
     let (outcome, message, verified) = match devices.get(before) {
         Some(d) if devices.len() > before => (

@@ -182,6 +182,9 @@ pub struct DomainFacts {
     pub agent_hint: Option<AgentHint>,
     /// `<metadata><vmplug:tag>NAME</vmplug:tag>` entries (autoscale selection).
     pub tags: Vec<String>,
+    /// The user the domain's process runs as: the DAC `<seclabel>`'s `<label>`
+    /// (else `<imagelabel>`), which the live XML of a running domain has.
+    pub dac_user: Option<crate::trust::DacUser>,
 }
 
 impl DomainFacts {
@@ -200,7 +203,23 @@ impl DomainFacts {
         f.read_devices(dom);
         f.read_tuning(dom);
         f.read_metadata(dom);
+        f.read_seclabel(dom);
         Ok(f)
+    }
+
+    /// `<seclabel model='dac'><label>+64055:+993</label>` (domain level only:
+    /// a device's `<seclabel>` is about its file, not the process).
+    fn read_seclabel(&mut self, dom: Node) {
+        let dac = dom
+            .children()
+            .filter(|n| n.has_tag_name("seclabel"))
+            .find(|n| n.attribute("model") == Some("dac") && n.attribute("type") != Some("none"));
+        self.dac_user = dac.and_then(|sl| {
+            ["label", "imagelabel"]
+                .iter()
+                .filter_map(|tag| child(sl, tag).and_then(|l| l.text()))
+                .find_map(crate::trust::DacUser::from_label)
+        });
     }
 
     /// `<os><type arch machine>`, and whether the guest is Windows.

@@ -385,3 +385,72 @@ async fn waves_stop_when_the_guest_cannot_absorb_the_next() {
     assert_eq!(w.dom.calls().len(), 6, "only the missing four: {:?}", w.dom.calls());
     assert!(!r.message.contains("udev rule"), "the first run's blocks are not the kernel's: {}", r.message);
 }
+
+/// Every state in which the guest runs no code gets its own verdict at once:
+/// the agent (here a socket that accepts and never answers, which would hold a
+/// handshake for the whole 30 s) is not even tried, and `check` says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_whose_guest_runs_no_code_is_refused_at_once() {
+    use vmplug::domain::{DomainState, PauseReason};
+    use vmplug::tune::{check, CheckRequest};
+    let w = world(true).await;
+    let silent = w._dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).expect("bind");
+    let mut o = opts(&w, Duration::from_secs(5));
+    o.agent = Some(AgentAddr::Serial { path: silent });
+    o.agent_wait = Duration::from_secs(30);
+    for (state, id) in [
+        (DomainState::Paused(PauseReason::User), "domain.paused"),
+        (DomainState::PmSuspended, "domain.pmsuspended"),
+        (DomainState::Crashed, "domain.crashed"),
+        (DomainState::ShuttingDown, "domain.shutting-down"),
+    ] {
+        w.dom.set_state(state);
+        let started = std::time::Instant::now();
+        let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+        let m = mem_opts(256 * MIB, 0, 256 * MIB, "state");
+        let a = attach_memory(w.conn.clone(), "web1", &m, &o).await.expect("runs");
+        let req = CheckRequest { cpus: Some(4), guest: false, memory: Some(m), resize: None, opts: o.clone() };
+        let c = check(w.conn.clone(), "web1", &req).await.expect("check");
+        assert!(started.elapsed() < Duration::from_secs(3), "{state:?}: no handshake wait: {:?}", started.elapsed());
+        for r in [&r, &a] {
+            assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+            let errors: Vec<&str> =
+                r.findings.iter().filter(|f| f.severity == vmplug::preflight::Severity::Error).map(|f| f.id).collect();
+            assert_eq!(errors, vec![id], "{}", r.render_text());
+            assert!(r.message.contains("nothing was changed") && !r.message.contains("handshake"), "{}", r.message);
+        }
+        assert!(!c.ready, "{state:?}");
+        assert!(c.findings.iter().any(|f| f.id == id), "check agrees: {c:?}");
+        assert!(!c.findings.iter().any(|f| f.id == "agent.ready"), "{c:?}");
+    }
+    assert!(w.dom.calls().is_empty(), "nothing was asked of libvirt: {:?}", w.dom.calls());
+}
+
+/// Issue #27: a socket vmplug will not trust is a refusal that says so, in the
+/// verb and in `check` alike, not "is vmplug-guest running?".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_agent_socket_is_named_as_the_cause() {
+    use std::os::unix::fs::PermissionsExt;
+    use vmplug::tune::{check, render_check, CheckRequest};
+    let w = world(true).await;
+    let AgentAddr::Serial { path } = &w.addr else { panic!("a serial address") };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let mut o = opts(&w, Duration::from_secs(5));
+    o.agent_wait = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    assert!(started.elapsed() < Duration::from_secs(3), "refused at once: {:?}", started.elapsed());
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert!(r.message.starts_with("refused to use the agent socket"), "{}", r.message);
+    assert!(r.message.contains("writable by every user"), "{}", r.message);
+    assert!(!r.render_text().contains("is vmplug-guest running"), "{}", r.render_text());
+    assert!(r.findings.iter().any(|f| f.id == "agent.socket"));
+    let req = CheckRequest { cpus: Some(4), guest: false, memory: None, resize: None, opts: o.clone() };
+    let c = check(w.conn.clone(), "web1", &req).await.expect("check");
+    assert!(!c.ready);
+    let text = render_check(&c);
+    assert!(text.contains("error [agent.socket] refused to use the agent socket"), "{text}");
+    assert!(!text.contains("is vmplug-guest running"), "{text}");
+    assert!(w.dom.calls().is_empty());
+}

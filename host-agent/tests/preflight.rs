@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use vmplug::domain::{Affect, NumaMode};
-use vmplug::preflight::{check, Ctx, Finding, Operation, Severity};
+use vmplug::domain::{Affect, DomainState, NumaMode, PauseReason};
+use vmplug::preflight::{check, AgentTrouble, Ctx, Finding, Operation, Severity};
 use vmplug::xml::{DomainFacts, HostFacts};
 use vmplug_common::protocol::{CpuFacts, GuestInfo, MemoryFacts};
 use vmplug_common::{BlockSize, Bytes, CpuSet, GIB, MIB};
@@ -54,18 +54,40 @@ fn guest() -> GuestInfo {
     }
 }
 
+#[derive(Clone)]
 struct Case {
     dom: DomainFacts,
     host: HostFacts,
     guest: Option<GuestInfo>,
+    trouble: Option<AgentTrouble>,
     running: bool,
+    state: DomainState,
     job: bool,
     affect: Affect,
+    no_wait: bool,
 }
 
 impl Case {
     fn new() -> Case {
-        Case { dom: dom(READY), host: host(), guest: Some(guest()), running: true, job: false, affect: Affect::Both }
+        Case {
+            dom: dom(READY),
+            host: host(),
+            guest: Some(guest()),
+            trouble: None,
+            running: true,
+            state: DomainState::Running,
+            job: false,
+            affect: Affect::Both,
+            no_wait: false,
+        }
+    }
+    /// The domain in `state`, its guest unreached (as gather leaves a guest
+    /// that runs no code).
+    fn in_state(state: DomainState) -> Case {
+        Case { state, running: state != DomainState::ShutOff, guest: None, ..Case::new() }
+    }
+    fn clone_with(&self, trouble: AgentTrouble) -> Case {
+        Case { trouble: Some(trouble), ..self.clone() }
     }
     fn xml(mut self, from: &str, to: &str) -> Case {
         assert!(READY.contains(from), "fixture lacks {from}");
@@ -77,10 +99,12 @@ impl Case {
             dom: &self.dom,
             host: &self.host,
             guest: self.guest.as_ref(),
+            agent_trouble: self.trouble.as_ref(),
             running: self.running,
+            state: self.state,
             job_running: self.job,
             affect: self.affect,
-            no_wait: false,
+            no_wait: self.no_wait,
         };
         check(&ctx, op)
     }
@@ -117,9 +141,92 @@ fn the_ready_fixture_passes_everything() {
 
 #[test]
 fn domain_running() {
-    let mut bad = Case::new();
-    bad.running = false;
+    let bad = Case::in_state(DomainState::ShutOff);
     assert_rule("domain.running", Severity::Error, &bad, &Case::new(), &cpus(4));
+    let f = bad.run(&cpus(4));
+    assert!(!f.iter().any(|f| f.id == "agent.ready"), "a stopped domain has no agent to blame: {f:#?}");
+}
+
+/// Every state but running gets its own verdict, and only that one: no
+/// "agent did not answer" for a guest that runs no code.
+fn assert_state_rule(id: &str, state: DomainState, says: &str) {
+    let bad = Case::in_state(state);
+    for op in [cpus(4), mem(GIB, Some(0)), Operation::GuestVcpus { target: 2 }, unplug(&[], &[]), Operation::Readiness]
+    {
+        let f = bad.run(&op);
+        assert!(ids(&f, Severity::Error).contains(&id), "{op:?}: {id} should fire: {f:#?}");
+        assert!(
+            !f.iter().any(|f| f.id == "agent.ready" || f.id.starts_with("domain.") && f.id != id),
+            "{op:?}: {f:#?}"
+        );
+        let m = &f.iter().find(|f| f.id == id).expect("found").message;
+        assert!(m.contains(says), "{m}");
+    }
+    let mut config = Case::in_state(state);
+    config.affect = Affect::Config;
+    assert!(!config.run(&cpus(4)).iter().any(|f| f.id == id), "the definition can still be changed");
+    assert!(!Case::new().run(&cpus(4)).iter().any(|f| f.id == id));
+}
+
+#[test]
+fn domain_paused() {
+    assert_state_rule("domain.paused", DomainState::Paused(PauseReason::User), "virsh resume web1");
+    assert_state_rule("domain.paused", DomainState::Paused(PauseReason::Migration), "for a migration");
+    assert_state_rule("domain.paused", DomainState::Paused(PauseReason::IoError), "disk I/O error");
+}
+
+#[test]
+fn domain_crashed() {
+    assert_state_rule("domain.crashed", DomainState::Crashed, "crashed");
+    assert_state_rule("domain.crashed", DomainState::Paused(PauseReason::Crashed), "crashed");
+}
+
+#[test]
+fn domain_shutting_down() {
+    assert_state_rule("domain.shutting-down", DomainState::ShuttingDown, "is shutting down");
+}
+
+#[test]
+fn domain_pmsuspended() {
+    assert_state_rule("domain.pmsuspended", DomainState::PmSuspended, "virsh dompmwakeup web1");
+}
+
+/// Issue #27: a socket vmplug refused to use is said as that, in its own
+/// rule, never as an agent that did not answer.
+#[test]
+fn agent_socket() {
+    let why = "refused to use the agent socket /run/x.sock: it is owned by uid 1500, a login user by /etc/login.defs (UID_MIN 1000..UID_MAX 60000)";
+    let mut bad = Case::new();
+    bad.guest = None;
+    bad.trouble = Some(AgentTrouble::Untrusted(why.into()));
+    let mut silent = bad.clone_with(AgentTrouble::Unanswered("no answer to hello within 3s".into()));
+    assert_rule("agent.socket", Severity::Error, &bad, &silent, &cpus(4));
+    for op in [cpus(4), mem(GIB, Some(0)), unplug(&[], &[]), Operation::GuestVcpus { target: 2 }] {
+        let f = bad.run(&op);
+        assert!(!f.iter().any(|f| f.id == "agent.ready"), "{op:?}: {f:#?}");
+        let m = &f.iter().find(|f| f.id == "agent.socket").expect("agent.socket").message;
+        assert!(m.starts_with(why) && !m.contains("is vmplug-guest running"), "{m}");
+    }
+    // Plugging blind never needed the socket: a warning; unplugging does.
+    bad.no_wait = true;
+    assert!(ids(&bad.run(&cpus(4)), Severity::Warning).contains(&"agent.socket"));
+    assert!(ids(&bad.run(&unplug(&[], &[])), Severity::Error).contains(&"agent.socket"));
+    // Silence is agent.ready, naming what was heard.
+    silent.no_wait = false;
+    let f = silent.run(&cpus(4));
+    let m = &f.iter().find(|f| f.id == "agent.ready").expect("agent.ready").message;
+    assert!(m.contains("no answer to hello within 3s") && m.contains("is vmplug-guest running"), "{m}");
+}
+
+#[test]
+fn nothing_to_connect_to_is_not_called_silence() {
+    let mut c = Case::new();
+    c.guest = None;
+    c.trouble = Some(AgentTrouble::NoEndpoint("agent socket /run/x.sock does not exist".into()));
+    let f = c.run(&cpus(4));
+    let m = &f.iter().find(|f| f.id == "agent.ready").expect("agent.ready").message;
+    assert!(m.contains("no guest agent to talk to (agent socket /run/x.sock does not exist)"), "{m}");
+    assert!(!m.contains("did not complete its handshake"), "{m}");
 }
 
 #[test]

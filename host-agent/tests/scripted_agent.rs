@@ -62,6 +62,7 @@ async fn facts(dom: &std::sync::Arc<FakeDomain>, agent: &ScriptedAgent) -> Facts
     let (mut f, _) = gather(conn, "web1", &opts()).await.expect("gathers");
     f.guest = Some(agent.info.clone());
     f.agent_error = None;
+    f.agent_trouble = None;
     f
 }
 

@@ -55,3 +55,78 @@ fn setvcpus_in_the_persistent_definition() {
     let after = DomainFacts::parse(&dom.xml(XmlView::Inactive).expect("xml")).expect("parses");
     assert_eq!(after.vcpus_current, target);
 }
+
+/// A node file for the test driver: one domain per `(name, runstate)` (libvirt's
+/// virDomainState numbers), each with vmplug's channel at `sock`.
+fn node_file(dir: &std::path::Path, sock: &std::path::Path, domains: &[(&str, u32)]) -> String {
+    let doms: String = domains
+        .iter()
+        .map(|(name, state)| {
+            format!(
+                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+                   <name>{name}</name><memory>1048576</memory><vcpu current='1'>4</vcpu>
+                   <os><type arch='x86_64' machine='pc'>hvm</type></os>
+                   <devices><channel type='unix'><source mode='bind' path='{}'/><target type='virtio' name='org.vmplug.guest.0'/></channel></devices>
+                   <test:runstate>{state}</test:runstate>
+                 </domain>",
+                sock.display()
+            )
+        })
+        .collect();
+    let path = dir.join("node.xml");
+    std::fs::write(
+        &path,
+        format!("<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu><memory>8388608</memory>{doms}</node>"),
+    )
+    .expect("node file");
+    format!("test://{}", path.display())
+}
+
+/// The test driver models domain states: each one that runs no guest code is
+/// read as such and refused at once by its own rule, with no handshake wait
+/// (the channel's socket accepts and never answers), and `check` agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_domain_state_gets_its_verdict_at_once() {
+    use std::time::{Duration, Instant};
+    use vmplug::domain::{DomainState, PauseReason};
+    use vmplug::ops::{setvcpus, HotplugOpts};
+    use vmplug::report::Outcome;
+    use vmplug::tune::{check, CheckRequest};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    let _silent = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let cases = [
+        ("paused", 3, DomainState::Paused(PauseReason::Other), "domain.paused"),
+        ("stopping", 4, DomainState::ShuttingDown, "domain.shutting-down"),
+        ("crashed", 6, DomainState::Crashed, "domain.crashed"),
+        ("asleep", 7, DomainState::PmSuspended, "domain.pmsuspended"),
+        ("off", 5, DomainState::ShutOff, "domain.running"),
+    ];
+    let uri = node_file(dir.path(), &sock, &cases.map(|(n, s, ..)| (n, s)));
+    let c: Arc<dyn Connection> = Arc::new(LibvirtConnection::open(Some(&uri)).expect("test driver with a node file"));
+    let opts = HotplugOpts {
+        affect: Affect::Live,
+        timeout: Duration::from_secs(5),
+        agent_wait: Duration::from_secs(30),
+        no_wait: false,
+        force: false,
+        agent: None,
+        zone: vmplug_common::protocol::ZonePolicy::Auto,
+    };
+    for (name, _, state, id) in cases {
+        let dom = c.lookup(name).expect("domain");
+        // The driver gives the reason 'unknown' for the paused state.
+        assert_eq!(dom.state().expect("state"), state, "{name}");
+        let started = Instant::now();
+        let r = setvcpus(c.clone(), name, 2, &opts).await.expect("runs");
+        let req = CheckRequest { cpus: Some(2), guest: false, memory: None, resize: None, opts: opts.clone() };
+        let ck = check(c.clone(), name, &req).await.expect("check");
+        assert!(started.elapsed() < Duration::from_secs(3), "{name}: no handshake wait: {:?}", started.elapsed());
+        assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+        assert!(r.findings.iter().any(|f| f.id == id), "{}", r.render_text());
+        assert!(!r.findings.iter().any(|f| f.id == "agent.ready"), "{}", r.render_text());
+        assert!(!ck.ready && ck.findings.iter().any(|f| f.id == id), "check agrees: {ck:?}");
+        let after = DomainFacts::parse(&dom.xml(XmlView::Live).expect("xml")).expect("parses");
+        assert_eq!(after.vcpus_current, 1, "{name}: nothing changed");
+    }
+}
