@@ -123,6 +123,12 @@ impl DacUser {
 
 /// The uid of user `name` on this host (getpwnam_r), None when there is none.
 fn uid_of(name: &str) -> Option<u32> {
+    user_ids(name).map(|(uid, _)| uid)
+}
+
+/// The uid and primary gid of user `name` on this host (getpwnam_r), None
+/// when there is none.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     let c_name = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: passwd is plain data; getpwnam_r fills it (or not) and we read it
@@ -132,7 +138,7 @@ fn uid_of(name: &str) -> Option<u32> {
     // SAFETY: every pointer is valid for the call: the NUL-terminated name, the
     // passwd record, a buffer of the length given, and the result pointer.
     let rc = unsafe { libc::getpwnam_r(c_name.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
-    (rc == 0 && !found.is_null()).then_some(pwd.pw_uid)
+    (rc == 0 && !found.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
 }
 
 /// What vmplug expects of one domain's agent socket: the uid the domain runs

@@ -258,6 +258,12 @@ impl GuestSpec {
     }
 }
 
+/// Copies `from` to `to` (a fresh file in a guest's directory).
+fn copy_in(from: &std::path::Path, to: &std::path::Path) -> PathBuf {
+    fs::copy(from, to).unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
+    to.to_path_buf()
+}
+
 /// Limits concurrent guests within one test process.
 struct Slots {
     used: Mutex<usize>,
@@ -322,6 +328,11 @@ impl Guest {
         let daemon = Libvirtd::start(env, &dir);
         let kernel = spec.kernel.kernel(env);
         let initrd = initramfs(env, &kernel, spec.kernel.arch());
+        // QEMU runs as the distribution's unprivileged user: it reads its
+        // kernel and initrd from the guest's own directory (which it may
+        // traverse), never from the cache (which may be private to root).
+        let kernel = crate::env::Kernel { image: copy_in(&kernel.image, &dir.join("vmlinuz")), ..kernel };
+        let initrd = copy_in(&initrd, &dir.join("initrd.img"));
         let machine = match (&spec.machine, spec.kernel.arch()) {
             (Some(m), _) => m.clone(),
             (None, Arch::X86_64) => "q35".to_string(),
@@ -365,6 +376,10 @@ impl Guest {
             assert!(Instant::now() < end, "vhost-device-vsock did not create its socket");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // QEMU (the unprivileged user) connects to the backend's socket itself:
+        // it is handed to that user, as an operator would.
+        let (uid, gid) = self.daemon.qemu_user().unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::chown(self.dir.join("vhu.sock"), Some(uid), Some(gid)).expect("chown vhu.sock");
         self.vsock_backend = Some(child);
     }
 

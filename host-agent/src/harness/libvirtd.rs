@@ -117,6 +117,20 @@ pub fn stop_dir(dir: &Path) {
     }
 }
 
+/// The gid of group `name` (getgrnam_r).
+fn group_id(name: &str) -> Option<u32> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: group is plain data; getgrnam_r fills it (or not) and it is read
+    // only when `found` reports success.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid pointers for the call: the NUL-terminated name, the group
+    // record, a buffer of the length given, and the result pointer.
+    let rc = unsafe { libc::getgrnam_r(c_name.as_ptr(), &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    (rc == 0 && !found.is_null()).then_some(grp.gr_gid)
+}
+
 /// What the private daemon's configuration adds to the stock one: its log in
 /// the work directory, and its sockets (read-write, read-only, admin) for root
 /// alone — Debian's polkit build would otherwise make them 0777.
@@ -182,9 +196,10 @@ impl Libvirtd {
                 "/etc/libvirt/libvirtd.conf is missing: install libvirt-daemon-system and libvirt-clients",
             ));
         }
-        // A copy of the stock configuration, without autostarted networks (no
-        // bridge on the host) or hooks, QEMU run as root (sockets in our work
-        // dir), logs kept in the work dir, and the daemon's sockets for root alone.
+        // A copy of the stock configuration — QEMU runs as the distribution's
+        // unprivileged user with libvirt's dynamic ownership, as shipped —
+        // without autostarted networks (no bridge on the host) or hooks, with
+        // the daemon's log in the work dir and its sockets for root alone.
         let status = Command::new("cp")
             .arg("-a")
             .arg("--")
@@ -197,9 +212,6 @@ impl Libvirtd {
         }
         let _ = fs::remove_dir_all(dir.join("etc/qemu/networks"));
         let _ = fs::remove_dir_all(dir.join("etc/hooks"));
-        let mut qemu_conf = fs::read_to_string(dir.join("etc/qemu.conf")).unwrap_or_default();
-        qemu_conf.push_str("\nuser = \"root\"\ngroup = \"root\"\nstdio_handler = \"file\"\n");
-        fs::write(dir.join("etc/qemu.conf"), qemu_conf).map_err(io("writing qemu.conf"))?;
         let mut conf = fs::read_to_string(dir.join("etc/libvirtd.conf")).unwrap_or_default();
         conf.push_str(LIBVIRTD_CONF);
         fs::write(dir.join("etc/libvirtd.conf"), conf).map_err(io("writing libvirtd.conf"))?;
@@ -264,6 +276,34 @@ impl Libvirtd {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The user and group QEMU runs as under this daemon: `user` and `group`
+    /// of its qemu.conf when set, else the packaged default (Debian and Ubuntu:
+    /// `libvirt-qemu`; Fedora, RHEL and openEuler: `qemu`) with its primary
+    /// group. Files QEMU opens itself (a vhost-user socket of a backend we
+    /// start) are given to it, as an operator would.
+    pub fn qemu_user(&self) -> Result<(u32, u32), HarnessError> {
+        let conf = fs::read_to_string(self.dir.join("etc/qemu.conf")).unwrap_or_default();
+        let set = |key: &str| {
+            conf.lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+            })
+        };
+        let names = match set("user") {
+            Some(u) => vec![u],
+            None => vec!["libvirt-qemu".to_string(), "qemu".to_string()],
+        };
+        let (uid, gid) = names
+            .iter()
+            .find_map(|n| crate::trust::user_ids(n).or_else(|| n.strip_prefix('+').and_then(|u| u.parse().ok()).map(|u| (u, u))))
+            .ok_or_else(|| HarnessError(format!("none of the QEMU users {names:?} exists on this host")))?;
+        let gid = match set("group") {
+            Some(g) => g.strip_prefix('+').and_then(|g| g.parse().ok()).or_else(|| group_id(&g)).unwrap_or(gid),
+            None => gid,
+        };
+        Ok((uid, gid))
     }
 
     /// Runs virsh against this daemon.

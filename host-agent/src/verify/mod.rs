@@ -130,6 +130,22 @@ pub async fn verify_image(o: &VerifyOpts) -> Result<VerifyReport, HarnessError> 
     let work = WorkDir { path: dir.clone(), keep: o.keep };
     let (img, fmt, disk) = (o.image.clone(), o.format, dir.join("disk"));
     let image = blocking(move || image::take(&img, fmt, &disk)).await?;
+    // QEMU runs as the distribution's unprivileged user and libvirt relabels
+    // what it boots: both get private copies, never the operator's files.
+    let copy = |from: &Option<PathBuf>, name: &str| -> Result<Option<PathBuf>, HarnessError> {
+        from.as_ref()
+            .map(|f| {
+                let to = dir.join(name);
+                std::fs::copy(f, &to).map_err(|e| HarnessError(format!("copying {}: {e}", f.display())))?;
+                Ok(to)
+            })
+            .transpose()
+    };
+    let boot = domain::DirectBoot {
+        kernel: copy(&o.boot.kernel, "vmlinuz")?,
+        initrd: copy(&o.boot.initrd, "initrd.img")?,
+        append: o.boot.append.clone(),
+    };
     let cache = base.join("libvirt-cache");
     let (d, c) = (dir.clone(), cache.clone());
     let daemon = blocking(move || Libvirtd::start(&d, &c)).await?;
@@ -150,6 +166,7 @@ pub async fn verify_image(o: &VerifyOpts) -> Result<VerifyReport, HarnessError> 
         dimms: vec![],
         virtio_mem: Ok(()),
         disk_format: image.format.clone(),
+        boot,
         _work: work,
     };
     s.define(o, &accel, &machine).await?;
@@ -299,6 +316,8 @@ struct Session {
     virtio_mem: Result<(), String>,
     /// The format of the private copy of the image the guest boots.
     disk_format: String,
+    /// The kernel and initrd (private copies) and the command line.
+    boot: DirectBoot,
     _work: WorkDir,
 }
 
@@ -342,6 +361,7 @@ impl Session {
     /// region added by `add-virtio-mem`: the verbs an operator would run.
     async fn define(&mut self, o: &VerifyOpts, accel: &Accel, machine: &str) -> Result<(), HarnessError> {
         let dir = self.daemon.dir.clone();
+        let boot = self.boot.clone();
         let memory_mib = (o.memory.get() / MIB).max(256 * u64::from(o.cells));
         let plain = domain::Plain {
             name: &self.name,
@@ -351,7 +371,7 @@ impl Session {
             accel,
             memory_mib,
             vcpus: 1,
-            boot: &o.boot,
+            boot: &boot,
             agent_channel: AGENT_CHANNEL,
             disk_format: &self.disk_format,
         };
