@@ -297,7 +297,7 @@ pub enum Command {
     Prepare {
         /// Domain name (as virsh list shows it).
         domain: String,
-        /// Largest vCPU count hot-plug may reach.
+        /// Largest vCPU count hot-plug may reach (at most 4096).
         #[arg(long)]
         max_vcpus: Option<u32>,
         /// Largest memory hot-plug may reach (<maxMemory>; a size with a unit).
@@ -306,7 +306,7 @@ pub enum Command {
         /// Memory slots to reserve (at most 256).
         #[arg(long)]
         slots: Option<u32>,
-        /// Guest NUMA cells (each holds whole sockets).
+        /// Guest NUMA cells (each holds whole sockets; at most 128).
         #[arg(long)]
         cells: Option<u32>,
         /// Host NUMA nodes to back the cells with (round-robin), pinning each
