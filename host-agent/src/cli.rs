@@ -823,6 +823,8 @@ async fn autoscale_on(
 ) -> Result<Done, CliError> {
     let text = std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
     let p = Policy::parse(&policy.display().to_string(), &text)?;
+    // A policy out of bounds is refused before any host is opened or made.
+    p.limits()?;
     let mut hosts = Vec::new();
     if p.uris.is_empty() {
         let conn = match conn {
