@@ -221,7 +221,7 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
 }
 
 /// What an alert asks to grow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Resource {
     Cpu,

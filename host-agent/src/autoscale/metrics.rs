@@ -57,7 +57,8 @@ struct KindLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabels {
-    /// `accepted`, `rejected` (unknown domain or host), `malformed`, `resolved`.
+    /// `accepted`, `duplicate` (a second alert for a domain and resource in one
+    /// delivery), `rejected` (unknown domain or host), `malformed`, `resolved`.
     result: String,
 }
 
@@ -220,7 +221,8 @@ impl Metrics {
         self.record_action(ev);
     }
 
-    /// Alerts received, by result (`accepted`, `rejected`, `malformed`, `resolved`).
+    /// Alerts received, by result (`accepted`, `duplicate`, `rejected`,
+    /// `malformed`, `resolved`).
     pub(crate) fn count_alerts(&self, result: &str, n: u64) {
         self.alerts.get_or_create(&AlertLabels { result: result.into() }).inc_by(n);
     }
