@@ -297,7 +297,7 @@ pub enum Command {
     Prepare {
         /// Domain name (as virsh list shows it).
         domain: String,
-        /// Largest vCPU count hot-plug may reach.
+        /// Largest vCPU count hot-plug may reach (at most 4096).
         #[arg(long)]
         max_vcpus: Option<u32>,
         /// Largest memory hot-plug may reach (<maxMemory>; a size with a unit).
@@ -306,7 +306,7 @@ pub enum Command {
         /// Memory slots to reserve (at most 256).
         #[arg(long)]
         slots: Option<u32>,
-        /// Guest NUMA cells (each holds whole sockets).
+        /// Guest NUMA cells (each holds whole sockets; at most 128).
         #[arg(long)]
         cells: Option<u32>,
         /// Host NUMA nodes to back the cells with (round-robin), pinning each
@@ -851,6 +851,8 @@ async fn autoscale_on(
 ) -> Result<Done, CliError> {
     let text = std::fs::read_to_string(policy).map_err(|e| PolicyError::Read(policy.display().to_string(), e))?;
     let p = Policy::parse(&policy.display().to_string(), &text)?;
+    // A policy out of bounds is refused before any host is opened or made.
+    p.limits()?;
     let mut hosts = Vec::new();
     if p.uris.is_empty() {
         let conn = match conn {

@@ -13,8 +13,18 @@ use vmplug_common::{Bytes, CpuSet, MIB};
 use crate::domain::NumaMode;
 use crate::xml::{DomainFacts, HostFacts, XmlError};
 
-/// The guide's limit on memory slots.
+/// The most memory slots: the guide's limit, and QEMU's (`ACPI_MAX_RAM_SLOTS`),
+/// which libvirt checks too.
 pub const MAX_SLOTS: u32 = 256;
+
+/// The most vCPUs `prepare` writes: KVM allows at most 4096 per VM (x86's
+/// `KVM_MAX_VCPUS` ceiling; arm64's is lower), so no machine vmplug prepares
+/// (pc, q35, virt) can start with more. A larger count could never run, and
+/// laying it out over cells took minutes.
+pub const MAX_VCPUS: u32 = 4096;
+
+/// The most guest NUMA cells: QEMU's `MAX_NODES`.
+pub const MAX_CELLS: u32 = 128;
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOpts {
@@ -34,6 +44,10 @@ pub enum PrepareError {
     TooManySlots(u32),
     #[error("max memory {max} is below the current memory {current}")]
     MaxMemoryBelowCurrent { max: Bytes, current: Bytes },
+    #[error("{0} vCPUs requested: at most {MAX_VCPUS} (KVM's most per VM)")]
+    TooManyVcpus(u32),
+    #[error("{0} guest NUMA cells requested: at most {MAX_CELLS} (QEMU's most)")]
+    CellsOverLimit(u32),
     #[error("{max} vCPUs is below the {current} the domain has now")]
     MaxVcpusBelowCurrent { max: u32, current: u32 },
     #[error("{max} vCPUs is not a multiple of the topology's {per_socket} vCPUs per socket")]
@@ -59,9 +73,9 @@ impl PrepareError {
             PrepareError::Xml(_) => "prepare.xml",
             PrepareError::TooManySlots(_) | PrepareError::NoSlots => "mem.slots",
             PrepareError::MaxMemoryBelowCurrent { .. } => "mem.max-memory",
-            PrepareError::MaxVcpusBelowCurrent { .. } => "cpu.max",
+            PrepareError::MaxVcpusBelowCurrent { .. } | PrepareError::TooManyVcpus(_) => "cpu.max",
             PrepareError::NotWholeSockets { .. } => "cpu.cores-multiple",
-            PrepareError::TooManyCells { .. } => "cpu.socket-cell",
+            PrepareError::TooManyCells { .. } | PrepareError::CellsOverLimit(_) => "cpu.socket-cell",
             PrepareError::Machine { .. } => "cpu.machine",
             PrepareError::NoHostNodes(_) | PrepareError::NoSuchHostNode(..) => "numatune.nodes",
             PrepareError::NodeTooSmall { .. } => "numatune.strict-free",
@@ -175,16 +189,23 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
 fn layout(f: &DomainFacts, o: &PrepareOpts) -> Result<Layout, PrepareError> {
     let current = f.vcpus_current;
     let max = o.max_vcpus.unwrap_or(f.vcpus_max.max(current));
+    // Bounded before anything is laid out: the layout's work grows with both.
+    if max > MAX_VCPUS {
+        return Err(PrepareError::TooManyVcpus(max));
+    }
     if max < current {
         return Err(PrepareError::MaxVcpusBelowCurrent { max, current });
     }
+    let ncells = o.cells.unwrap_or(u32::try_from(f.cells.len().max(1)).unwrap_or(u32::MAX));
+    if ncells > MAX_CELLS {
+        return Err(PrepareError::CellsOverLimit(ncells));
+    }
     let (cores, threads) = f.topology.as_ref().map(|t| (t.cores.max(1), t.threads.max(1))).unwrap_or((1, 1));
-    let per_socket = cores * threads;
+    let per_socket = cores.saturating_mul(threads);
     if !max.is_multiple_of(per_socket) {
         return Err(PrepareError::NotWholeSockets { max, per_socket });
     }
     let sockets = max / per_socket;
-    let ncells = o.cells.unwrap_or(f.cells.len().max(1) as u32);
     if ncells == 0 || ncells > sockets {
         return Err(PrepareError::TooManyCells { cells: ncells, sockets });
     }

@@ -172,3 +172,26 @@ fn verify_image_keeps_the_contract_before_any_guest_exists() {
     let (code, _, stderr) = vmplug(&["verify-image", "/no/such/image.qcow2", "--initrd", "/boot/initrd"]);
     assert_eq!(code, 64, "--initrd without --kernel is a usage error: {stderr}");
 }
+
+/// Security finding 8 (issue #26): `[host] concurrency = 4611686018427387904`
+/// panicked (exit 101, no envelope) before the policy was checked. Now the
+/// policy is checked before any host is made or opened: a usage error that
+/// names the key and its bound.
+#[test]
+fn an_autoscale_policy_out_of_bounds_is_a_usage_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (toml, says) in [
+        (
+            "[host]\nconcurrency = 4611686018427387904\n",
+            "host.concurrency = 4611686018427387904 is not within 1..=1024",
+        ),
+        ("[timing]\nsustain = 33\n", "timing.sustain = 33 is over the 32 samples"),
+    ] {
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, toml).expect("write the policy");
+        let (code, doc) = json(&["autoscale", "--policy", &path.to_string_lossy(), "--once"]);
+        assert_eq!((code, doc["outcome"].as_str()), (vmplug::report::EXIT_USAGE, Some("usage")), "{toml}: {doc:#}");
+        let error = doc["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{toml}: {error}");
+    }
+}

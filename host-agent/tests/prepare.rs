@@ -194,3 +194,31 @@ fn the_prepared_definition_is_held_to_the_readiness_rules() {
     let out = prepare(input, &host(), &PrepareOpts::default()).expect("prepares").xml;
     assert!(ids(&out).contains(&("cpu.max", vmplug::preflight::Severity::Warning)), "{:?}", ids(&out));
 }
+
+/// Security finding 8 (issue #26): `prepare --max-vcpus 2000000 --cells 1000000`
+/// spun for minutes laying out cells no machine can start. vCPUs and cells are
+/// bounded before any layout, each with its own refusal; the bounds themselves
+/// are accepted.
+#[test]
+fn huge_vcpu_and_cell_counts_are_refused_at_once() {
+    use vmplug::prepare::{MAX_CELLS, MAX_VCPUS};
+    let plain = include_str!("fixtures/plain.xml");
+    let h = host();
+    let started = std::time::Instant::now();
+    let huge = PrepareOpts { max_vcpus: Some(2_000_000), cells: Some(1_000_000), ..Default::default() };
+    let e = prepare(plain, &h, &huge).expect_err("refused");
+    assert_eq!(e, PrepareError::TooManyVcpus(2_000_000));
+    assert!(e.to_string().contains("at most 4096"), "{e}");
+    assert_eq!(e.id(), "cpu.max");
+    let cells = PrepareOpts { max_vcpus: Some(MAX_VCPUS), cells: Some(1_000_000), ..Default::default() };
+    let e = prepare(plain, &h, &cells).expect_err("refused");
+    assert_eq!(e, PrepareError::CellsOverLimit(1_000_000));
+    assert!(e.to_string().contains("at most 128"), "{e}");
+    let over = PrepareOpts { max_vcpus: Some(MAX_VCPUS + 1), ..Default::default() };
+    assert_eq!(prepare(plain, &h, &over).expect_err("refused"), PrepareError::TooManyVcpus(MAX_VCPUS + 1));
+    let most = PrepareOpts { max_vcpus: Some(MAX_VCPUS), cells: Some(MAX_CELLS), ..Default::default() };
+    let p = prepare(plain, &h, &most).expect("the bounds themselves are accepted");
+    let f = vmplug::xml::DomainFacts::parse(&p.xml).expect("parses");
+    assert_eq!((f.vcpus_max, f.cells.len()), (MAX_VCPUS, MAX_CELLS as usize));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "took {:?}", started.elapsed());
+}

@@ -39,6 +39,14 @@ impl From<&Pressure> for Sample {
     }
 }
 
+/// The samples kept per domain: `timing.sustain` may ask for at most this many
+/// in a row (a larger one would never be met, and autoscale never act).
+pub const KEPT_SAMPLES: usize = 32;
+
+/// What autoscale moves memory in: whole 128 MiB blocks (x86's memory block
+/// size); a `memory.step` under one would round to nothing.
+pub const WHOLE_BLOCK: Bytes = Bytes(128 * MIB);
+
 /// What autoscale knows of one domain between samples.
 #[derive(Debug, Clone, Default)]
 pub struct DomainState {
@@ -136,7 +144,7 @@ struct Why<'a> {
 fn grow_vcpus(l: &Limits, cap: &Capacity, why: Why) -> Result<Decision, String> {
     let cap_max = l.cpu_max.min(cap.vcpus_max);
     let host_room = ((cap.host_cpus as f64 * l.vcpu_overcommit) as u32).saturating_sub(cap.host_vcpus);
-    let to = (cap.vcpus + l.cpu_step).min(cap_max).min(cap.vcpus + host_room);
+    let to = cap.vcpus.saturating_add(l.cpu_step).min(cap_max).min(cap.vcpus.saturating_add(host_room));
     if to > cap.vcpus {
         return Ok(Decision { action: Action::AddVcpus { to }, rule: why.rule, reason: why.reason.to_string() });
     }
@@ -160,7 +168,7 @@ fn grow_memory(l: &Limits, cap: &Capacity, why: Why) -> Decision {
     let size = l.mem_step.min(ceiling);
     // Whole 128 MiB blocks only; the planner aligns to the guest exactly,
     // rounding up no further than `ceiling`.
-    let size = Bytes(size.get() / (128 * MIB) * (128 * MIB));
+    let size = whole_blocks(size.get());
     if size.get() > 0 && cap.free_slots > 0 {
         return Decision {
             action: Action::AddMemory { size, ceiling },
@@ -213,7 +221,7 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
 }
 
 /// What an alert asks to grow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Resource {
     Cpu,
@@ -245,7 +253,7 @@ pub fn decide_alert(
 /// Whole 128 MiB blocks: a virtio-mem step never leaves a guest block partly
 /// plugged by autoscale.
 fn whole_blocks(b: u64) -> Bytes {
-    Bytes(b / (128 * MIB) * (128 * MIB))
+    Bytes(b / WHOLE_BLOCK.get() * WHOLE_BLOCK.get())
 }
 
 fn grow_virtio_mem(l: &Limits, cap: &Capacity, why: Why) -> Decision {

@@ -57,7 +57,8 @@ struct KindLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabels {
-    /// `accepted`, `rejected` (unknown domain or host), `malformed`, `resolved`.
+    /// `accepted`, `duplicate` (a second alert for a domain and resource in one
+    /// delivery), `rejected` (unknown domain or host), `malformed`, `resolved`.
     result: String,
 }
 
@@ -91,8 +92,23 @@ pub struct Metrics {
 /// The labelled series one domain has, beyond its plain [`DomainLabels`] ones.
 #[derive(Debug, Default)]
 struct DomainSeries {
-    zones: std::collections::BTreeSet<String>,
+    zones: std::collections::BTreeSet<&'static str>,
     actions: std::collections::BTreeSet<(String, String)>,
+}
+
+/// The zone names a Linux kernel writes in `valid_zones` (`zone_names` in
+/// `mm/page_alloc.c`). The zone label of a guest's series is one of these or
+/// [`OTHER_ZONE`]: a guest names its zones, and a label taken as it wrote it
+/// let one guest add series without end (756k in a minute).
+pub const KERNEL_ZONES: [&str; 6] = ["DMA", "DMA32", "Normal", "HighMem", "Movable", "Device"];
+
+/// The zone label of the blocks in any zone not in [`KERNEL_ZONES`] (the
+/// agent's `unknown`, or a name a guest made up), their counts summed.
+pub const OTHER_ZONE: &str = "other";
+
+/// The label a guest's zone name gets: a kernel zone, else [`OTHER_ZONE`].
+fn zone_label(name: &str) -> &'static str {
+    KERNEL_ZONES.iter().find(|z| **z == name).copied().unwrap_or(OTHER_ZONE)
 }
 
 fn duration_histogram() -> Histogram {
@@ -205,27 +221,31 @@ impl Metrics {
         self.record_action(ev);
     }
 
-    /// Alerts received, by result (`accepted`, `rejected`, `malformed`, `resolved`).
+    /// Alerts received, by result (`accepted`, `duplicate`, `rejected`,
+    /// `malformed`, `resolved`).
     pub(crate) fn count_alerts(&self, result: &str, n: u64) {
         self.alerts.get_or_create(&AlertLabels { result: result.into() }).inc_by(n);
     }
 
     /// Autoscale opened a new session to the domain's agent.
     pub(crate) fn session_opened(&self, l: &DomainLabels) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.entry(l.clone()).or_default();
         self.sessions.get_or_create(l).inc();
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).entry(l.clone()).or_default();
     }
 
     /// What one sample saw (libvirt's view and the guest's).
     fn record_sample(&self, ev: &DecisionEvent, cap: &Capacity, guest: Option<&GuestInfo>) {
         let l = DomainLabels { uri: ev.uri.clone(), domain: ev.domain.clone() };
+        // Held while the series are written, so `retain` never runs in between
+        // and leaves a series it no longer knows of.
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let series = seen.entry(l.clone()).or_default();
         self.vcpus.get_or_create(&l).set(i64::from(cap.vcpus));
         self.vcpus_max.get_or_create(&l).set(i64::from(cap.vcpus_max));
         self.memory.get_or_create(&l).set(as_i64(cap.memory.get()));
         self.max_memory.get_or_create(&l).set(as_i64(cap.max_memory.get()));
         self.agent_up.get_or_create(&l).set(i64::from(ev.inputs.is_some()));
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let series = seen.entry(l.clone()).or_default();
         if let Some(s) = &ev.inputs {
             for (resource, kind, v) in
                 [("cpu", "some", s.cpu_some), ("memory", "some", s.mem_some), ("memory", "full", s.mem_full)]
@@ -243,14 +263,28 @@ impl Metrics {
         if let Some(g) = guest {
             self.guest_cpus.get_or_create(&l).set(as_i64(g.cpus.online.len() as u64));
             self.guest_mem_total.get_or_create(&l).set(as_i64(g.mem_total.get()));
-            if let Some(m) = &g.memory {
-                self.guest_blocks_offline.get_or_create(&l).set(i64::from(m.blocks_offline));
-                for (zone, n) in &m.zones {
-                    let z = ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone: zone.clone() };
-                    self.guest_blocks_online.get_or_create(&z).set(i64::from(*n));
-                    series.zones.insert(zone.clone());
+            // The guest's facts replace the last ones: a zone it no longer
+            // reports loses its series.
+            let mut zones = std::collections::BTreeMap::<&'static str, u32>::new();
+            match &g.memory {
+                Some(m) => {
+                    self.guest_blocks_offline.get_or_create(&l).set(i64::from(m.blocks_offline));
+                    for (zone, n) in &m.zones {
+                        let sum = zones.entry(zone_label(zone)).or_default();
+                        *sum = sum.saturating_add(*n);
+                    }
+                }
+                None => {
+                    self.guest_blocks_offline.remove(&l);
                 }
             }
+            for gone in series.zones.iter().filter(|z| !zones.contains_key(*z)) {
+                self.guest_blocks_online.remove(&zone_labels(&l, gone));
+            }
+            for (zone, n) in &zones {
+                self.guest_blocks_online.get_or_create(&zone_labels(&l, zone)).set(i64::from(*n));
+            }
+            series.zones = zones.into_keys().collect();
         }
     }
 
@@ -298,7 +332,7 @@ impl Metrics {
             }
             self.sessions.remove(&l);
             for zone in series.zones {
-                self.guest_blocks_online.remove(&ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone });
+                self.guest_blocks_online.remove(&zone_labels(&l, zone));
             }
             for (resource, kind) in [("cpu", "some"), ("memory", "some"), ("memory", "full")] {
                 let p = PressureLabels {
@@ -314,6 +348,10 @@ impl Metrics {
             }
         }
     }
+}
+
+fn zone_labels(l: &DomainLabels, zone: &str) -> ZoneLabels {
+    ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone: zone.into() }
 }
 
 /// The `kind` an action serialises with (`none`, `add_vcpus`, …).
@@ -512,5 +550,98 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("ird"), "the gone domain's series are dropped: {text}");
         assert!(text.contains("domain=\"db1\""), "{text}");
+    }
+
+    /// A guest's facts as its agent sends them, with these zones.
+    fn guest(zones: &[(&str, u32)]) -> GuestInfo {
+        let frame: serde_json::Value =
+            serde_json::from_str(include_str!("../../../common/tests/golden/guest_info.json")).expect("golden");
+        let mut body = frame["body"].clone();
+        body.as_object_mut().map(|o| o.remove("type"));
+        let mut info: GuestInfo = serde_json::from_value(body).expect("guest info");
+        if let Some(m) = &mut info.memory {
+            m.zones = zones.iter().map(|(z, n)| (z.to_string(), *n)).collect();
+        }
+        info
+    }
+
+    /// The series of one family a scrape shows, sorted (a family's order is
+    /// its hash map's).
+    fn series(text: &str, family: &str) -> Vec<String> {
+        let mut lines: Vec<String> =
+            text.lines().filter(|l| l.starts_with(&format!("{family}{{"))).map(str::to_string).collect();
+        lines.sort();
+        lines
+    }
+
+    /// Security finding 4 (issue #26): a guest that named fresh zones on every
+    /// handshake added a series per name for as long as its domain ran (756k
+    /// series, a 78 MB scrape, 308 MiB RSS after 60 s). Zone labels are the
+    /// kernel's zones or `other`, and a zone the guest no longer reports loses
+    /// its series.
+    #[test]
+    fn a_guest_inventing_zone_names_cannot_grow_the_series() {
+        let m = Metrics::default();
+        let cap = crate::autoscale::decision::tests::cap();
+        for round in 0..2000 {
+            let fresh: Vec<String> = (0..50).map(|i| format!("zone-{round}-{i}")).collect();
+            let mut zones: Vec<(&str, u32)> = fresh.iter().map(|z| (z.as_str(), 1)).collect();
+            zones.push(("Normal", 7));
+            m.record(&event("db1", None), &cap, Some(&guest(&zones)));
+        }
+        let text = m.render();
+        let online = series(&text, "vmplug_guest_memory_blocks_online");
+        assert!(online.len() <= KERNEL_ZONES.len() + 1, "{} zone series for one domain", online.len());
+        assert_eq!(
+            online,
+            [
+                r#"vmplug_guest_memory_blocks_online{domain="db1",uri="qemu:///system",zone="Normal"} 7"#,
+                r#"vmplug_guest_memory_blocks_online{domain="db1",uri="qemu:///system",zone="other"} 50"#,
+            ],
+            "made-up names are summed under 'other'"
+        );
+        assert!(text.len() < 8 * 1024, "a scrape of one domain stays small: {} bytes", text.len());
+
+        // Facts replaced: the zones no longer reported lose their series.
+        m.record(&event("db1", None), &cap, Some(&guest(&[("Movable", 3), ("DMA32", 1)])));
+        let text = m.render();
+        let online = series(&text, "vmplug_guest_memory_blocks_online");
+        assert_eq!(online.len(), 2, "{online:?}");
+        assert!(online.iter().all(|l| l.contains("Movable") || l.contains("DMA32")), "{online:?}");
+        // A guest with no memory hot-plug any more: no zone series at all.
+        let mut none = guest(&[]);
+        none.memory = None;
+        m.record(&event("db1", None), &cap, Some(&none));
+        let text = m.render();
+        assert!(series(&text, "vmplug_guest_memory_blocks_online").is_empty(), "{text}");
+        assert!(series(&text, "vmplug_guest_memory_blocks_offline").is_empty(), "{text}");
+        for (name, label) in [("Normal", "Normal"), ("DMA", "DMA"), ("unknown", "other"), ("normal", "other")] {
+            assert_eq!(zone_label(name), label);
+        }
+    }
+
+    /// Security finding 4 (issue #26): every series of a domain that stops being
+    /// reported (stopped, undefined, no longer selected) goes, the zone and
+    /// session series with it; a domain still reported keeps its own.
+    #[test]
+    fn a_domain_that_goes_away_loses_every_series() {
+        let m = Metrics::default();
+        let cap = crate::autoscale::decision::tests::cap();
+        for d in ["gone", "kept"] {
+            let l = DomainLabels { domain: d.into(), uri: "qemu:///system".into() };
+            m.session_opened(&l);
+            m.record(&event(d, Some(Outcome::Ok)), &cap, Some(&guest(&[("Normal", 7), ("Movable", 2)])));
+        }
+        let kept: std::collections::HashSet<DomainLabels> =
+            [DomainLabels { domain: "kept".into(), uri: "qemu:///system".into() }].into();
+        let before = m.render().lines().filter(|l| l.contains("domain=\"kept\"")).count();
+        m.retain(&kept);
+        let text = m.render();
+        let left: Vec<&str> = text.lines().filter(|l| l.contains("\"gone\"")).collect();
+        assert!(left.is_empty(), "the gone domain's series: {left:?}");
+        assert_eq!(text.lines().filter(|l| l.contains("domain=\"kept\"")).count(), before, "{text}");
+        m.retain(&Default::default());
+        let text = m.render();
+        assert!(!text.contains("domain="), "no domain reported, no domain series: {text}");
     }
 }

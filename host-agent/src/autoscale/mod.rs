@@ -17,9 +17,11 @@ use std::time::Duration;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::Bytes;
 
-pub use decision::{decide, decide_alert, Action, Capacity, Decision, DecisionEvent, DomainState, Resource, Sample};
+pub use decision::{
+    decide, decide_alert, Action, Capacity, Decision, DecisionEvent, DomainState, Resource, Sample, KEPT_SAMPLES,
+};
 pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, Metrics};
-pub use policy::{glob, Limits, Policy, PolicyError, MAX_TIMING_S};
+pub use policy::{glob, Limits, Policy, PolicyError, MAX_CONCURRENCY, MAX_TIMING_S};
 
 use crate::domain::{Affect, Connection, DomainError};
 use crate::link::{discover, AgentAddr, GuestLink, LinkError};
@@ -44,8 +46,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// `concurrency` is held to `1..=MAX_CONCURRENCY` (the policy refuses
+    /// anything else before a host is made; a semaphore that large panics).
     pub fn new(uri: String, conn: Arc<dyn Connection>, concurrency: usize) -> Host {
-        Host { uri, conn, actions: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))) }
+        let permits = concurrency.clamp(1, MAX_CONCURRENCY);
+        Host { uri, conn, actions: Arc::new(tokio::sync::Semaphore::new(permits)) }
     }
 }
 
@@ -199,7 +204,7 @@ pub async fn step_domain(
     let guest = link.as_ref().map(|l| l.info.clone());
     ev.inputs = Some(sample);
     state.samples.push_back(sample);
-    while state.samples.len() > 32 {
+    while state.samples.len() > KEPT_SAMPLES {
         state.samples.pop_front();
     }
     let d = decide(&engine.limits, state, &cap, ev.ts);

@@ -162,6 +162,11 @@ pub struct Policy {
 /// keeps every deadline computed from them far from overflowing.
 pub const MAX_TIMING_S: u64 = 7 * 24 * 3600;
 
+/// Most actions at once per host (`[host] concurrency`): far more than one
+/// libvirtd serves at once (its `max_workers` defaults to 20), and far under
+/// what a tokio semaphore can hold (a larger count panicked).
+pub const MAX_CONCURRENCY: usize = 1024;
+
 /// The policy with its sizes parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -209,7 +214,7 @@ impl Policy {
             available_below: self.memory.available_below,
             shrink_above: self.memory.shrink_available_above,
             mem_min: self.memory.min,
-            sustain: self.timing.sustain.max(1),
+            sustain: self.timing.sustain,
             cooldown_s: self.timing.cooldown_s,
             backoff_s: self.timing.backoff_s,
             memory_reserve: self.host.memory_reserve,
@@ -218,6 +223,7 @@ impl Policy {
         if l.cpu_step == 0 || l.mem_step.get() == 0 {
             return Err(PolicyError::Invalid("steps must be larger than zero".into()));
         }
+        self.check_bounds()?;
         if let Some(above) = l.shrink_above {
             let least = Bytes(l.available_below.get().saturating_add(l.mem_step.get()));
             if above < least {
@@ -245,6 +251,46 @@ impl Policy {
             }
         }
         Ok(l)
+    }
+
+    /// Counts the daemon sizes things by, each within what it can use: a value
+    /// beyond panicked (`concurrency`), or was accepted and never acted on
+    /// (`sustain` over the samples kept, a step under one block).
+    fn check_bounds(&self) -> Result<(), PolicyError> {
+        use crate::autoscale::decision::{KEPT_SAMPLES, WHOLE_BLOCK};
+        use crate::prepare::MAX_VCPUS;
+        let invalid = |m: String| Err(PolicyError::Invalid(m));
+        let c = self.host.concurrency;
+        if !(1..=MAX_CONCURRENCY).contains(&c) {
+            return invalid(format!("host.concurrency = {c} is not within 1..={MAX_CONCURRENCY} actions at once"));
+        }
+        let n = self.timing.sustain;
+        if n == 0 {
+            return invalid("timing.sustain = 0: at least one sample must be over a threshold".into());
+        }
+        if n > KEPT_SAMPLES {
+            return invalid(format!(
+                "timing.sustain = {n} is over the {KEPT_SAMPLES} samples autoscale keeps per domain: it would never act"
+            ));
+        }
+        for (what, v) in [("cpu.max", self.cpu.max), ("cpu.step", self.cpu.step)] {
+            if v > MAX_VCPUS {
+                return invalid(format!("{what} = {v} is over {MAX_VCPUS} vCPUs, KVM's most per VM"));
+            }
+        }
+        let o = self.host.vcpu_overcommit;
+        if !(o > 0.0 && o <= f64::from(MAX_VCPUS)) {
+            return invalid(format!(
+                "host.vcpu_overcommit = {o} is not a number of vCPUs per host CPU above 0 and at most {MAX_VCPUS}"
+            ));
+        }
+        let step = self.memory.step;
+        if step < WHOLE_BLOCK {
+            return invalid(format!(
+                "memory.step = {step} is under one {WHOLE_BLOCK} block: autoscale moves whole blocks, so it would never act"
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a domain is selected.
@@ -384,5 +430,58 @@ mod tests {
         let p = Policy::parse("autoscale.toml", include_str!("../../autoscale.toml")).expect("parses");
         p.limits().expect("valid");
         assert!(!p.selects("anything", &[]), "nothing is selected until the operator names domains");
+    }
+
+    /// Security finding 8 (issue #26): `[host] concurrency = 2^62` panicked (a
+    /// semaphore that large), `timing.sustain` over the 32 samples kept was
+    /// accepted and never acted; the other counts had the same kind of hole.
+    /// Each is refused naming the key, its value and the bound.
+    #[test]
+    fn counts_beyond_what_the_daemon_can_use_are_refused() {
+        for (toml, says) in [
+            (
+                "[host]\nconcurrency = 4611686018427387904\n",
+                "host.concurrency = 4611686018427387904 is not within 1..=1024",
+            ),
+            ("[host]\nconcurrency = 0\n", "host.concurrency = 0"),
+            ("[timing]\nsustain = 33\n", "timing.sustain = 33 is over the 32 samples"),
+            ("[timing]\nsustain = 0\n", "timing.sustain = 0"),
+            ("[cpu]\nstep = 4294967295\n", "cpu.step = 4294967295 is over 4096"),
+            ("[cpu]\nmax = 100000\n", "cpu.max = 100000 is over 4096"),
+            ("[host]\nvcpu_overcommit = nan\n", "host.vcpu_overcommit = NaN"),
+            ("[host]\nvcpu_overcommit = -1.0\n", "host.vcpu_overcommit = -1"),
+            ("[host]\nvcpu_overcommit = inf\n", "host.vcpu_overcommit = inf"),
+            ("[memory]\nstep = '64M'\n", "memory.step = 64 MiB is under one 128 MiB block"),
+        ] {
+            let p = Policy::parse("p.toml", toml).expect("parses");
+            let e = p.limits().expect_err(toml);
+            assert!(e.to_string().contains(says), "{toml}: {e}");
+        }
+        for toml in [
+            "[host]\nconcurrency = 1024\n",
+            "[timing]\nsustain = 32\n",
+            "[cpu]\nmax = 4096\nstep = 4096\n",
+            "[memory]\nstep = '128M'\n",
+        ] {
+            Policy::parse("p.toml", toml).expect("parses").limits().expect(toml);
+        }
+        // A host made from an unchecked policy still cannot panic.
+        let conn = crate::fake::FakeConnection::new(include_str!("../../tests/fixtures/caps.xml"), vec![]);
+        let host = crate::autoscale::Host::new("fake:///".into(), conn, 4611686018427387904);
+        assert_eq!(host.actions.available_permits(), MAX_CONCURRENCY);
+    }
+
+    /// Security finding 8 (issue #26): with `sustain` at the kept window the
+    /// daemon acts (the window is what `decide` can see).
+    #[test]
+    fn a_sustain_of_the_whole_kept_window_still_acts() {
+        use crate::autoscale::decision::tests::{cap, s, state};
+        use crate::autoscale::decision::{decide, Action};
+        let l = Policy::parse("p.toml", "[timing]\nsustain = 32\n").expect("parses").limits().expect("valid");
+        let hot = s(80.0, 0.0, 900);
+        assert_eq!(
+            decide(&l, &state(&[hot; crate::autoscale::decision::KEPT_SAMPLES]), &cap(), 1000).action,
+            Action::AddVcpus { to: 3 }
+        );
     }
 }

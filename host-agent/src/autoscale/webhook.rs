@@ -77,7 +77,9 @@ pub type Answer = (&'static str, String);
 
 /// Handles one webhook delivery: checks every alert, starts the accepted ones'
 /// actions (answered at once; Alertmanager does not wait minutes) and says
-/// which were accepted and which not, and why.
+/// which were accepted and which not, and why. One delivery asks each domain
+/// for at most one grow per resource: further alerts for the same domain and
+/// resource are duplicates, counted apart and never acted on.
 pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer {
     let (requests, resolved) = match parse_alerts(body) {
         Ok(r) => r,
@@ -88,6 +90,14 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
         }
     };
     engine.metrics.count_alerts("resolved", resolved as u64);
+    // Copies of one alert (and alerts asking the same thing) are checked once.
+    let mut asked = std::collections::HashSet::new();
+    let total = requests.len();
+    let requests: Vec<AlertRequest> =
+        requests.into_iter().filter(|r| asked.insert((r.domain.clone(), r.host.clone(), r.resource))).collect();
+    let mut duplicates = total - requests.len();
+    // Domains already granted a grow of this resource in this delivery, by host.
+    let mut granted = std::collections::HashSet::new();
     let (mut accepted, mut rejected) = (Vec::new(), Vec::new());
     // Each host's running domains, read once per delivery and on every host at
     // the same time: a delivery of many alerts waits for the slowest host once.
@@ -127,6 +137,11 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
             rejected.push(why);
             continue;
         };
+        // The same domain named with and without its host label.
+        if !granted.insert((host.uri.clone(), facts.name.clone(), req.resource)) {
+            duplicates += 1;
+            continue;
+        }
         accepted.push(format!("{} {:?} ({})", req.domain, req.resource, req.alert));
         let engine = engine.clone();
         tokio::spawn(async move {
@@ -136,7 +151,14 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
     }
     engine.metrics.count_alerts("accepted", accepted.len() as u64);
     engine.metrics.count_alerts("rejected", rejected.len() as u64);
-    let body = serde_json::json!({ "accepted": accepted, "rejected": rejected, "resolved": resolved }).to_string();
+    engine.metrics.count_alerts("duplicate", duplicates as u64);
+    let body = serde_json::json!({
+        "accepted": accepted,
+        "rejected": rejected,
+        "duplicates": duplicates,
+        "resolved": resolved,
+    })
+    .to_string();
     if accepted.is_empty() && !rejected.is_empty() {
         ("404 Not Found", body)
     } else {
@@ -345,5 +367,91 @@ mod tests {
         assert!(split_head(b"POST /alerts HTTP/1.1\r\n").is_none(), "head not complete yet");
         assert!(parse_head(b"\x16\x03garbage").is_err());
         assert!(parse_head(b"POST /alerts HTTP/1.1\r\nContent-Length: lots").is_err());
+    }
+
+    /// A connection that counts the domain reads a delivery makes.
+    #[derive(Debug)]
+    struct Counting {
+        inner: Arc<crate::fake::FakeConnection>,
+        lists: std::sync::atomic::AtomicUsize,
+        lookups: std::sync::atomic::AtomicUsize,
+    }
+
+    impl crate::domain::Connection for Counting {
+        fn uri(&self) -> String {
+            self.inner.uri()
+        }
+        fn capabilities(&self) -> Result<String, crate::domain::DomainError> {
+            self.inner.capabilities()
+        }
+        fn domain_capabilities(&self, a: &str, m: &str, v: &str) -> Result<String, crate::domain::DomainError> {
+            self.inner.domain_capabilities(a, m, v)
+        }
+        fn cells_free_memory(&self, nodes: u32) -> Result<Vec<u64>, crate::domain::DomainError> {
+            self.inner.cells_free_memory(nodes)
+        }
+        fn lookup(&self, name: &str) -> Result<Arc<dyn crate::domain::Domain>, crate::domain::DomainError> {
+            self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.lookup(name)
+        }
+        fn list_domains(&self) -> Result<Vec<String>, crate::domain::DomainError> {
+            self.lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.list_domains()
+        }
+        fn define(&self, xml: &str) -> Result<(), crate::domain::DomainError> {
+            self.inner.define(xml)
+        }
+    }
+
+    fn firing(domain: &str, host: Option<&str>, resource: &str, name: &str) -> Value {
+        let mut labels = serde_json::json!({ "alertname": name, "domain": domain, "resource": resource });
+        if let Some(h) = host {
+            labels["host"] = h.into();
+        }
+        serde_json::json!({ "status": "firing", "labels": labels })
+    }
+
+    /// Security finding 9 (issue #26): a delivery of 2,500 copies of one alert
+    /// counted 2,500 accepted alerts and started 2,500 grows. One delivery
+    /// grows a domain once per resource; the rest are duplicates, counted
+    /// apart; and the delivery reads the host's domains once, however many
+    /// alerts it carries.
+    #[tokio::test]
+    async fn copies_of_an_alert_in_one_delivery_are_one_request() {
+        let xml = include_str!("../../tests/fixtures/x86-ready.xml");
+        let fake = crate::fake::FakeConnection::new(
+            include_str!("../../tests/fixtures/caps.xml"),
+            vec![crate::fake::FakeDomain::new("web1", xml, None)],
+        );
+        let conn = Arc::new(Counting { inner: fake, lists: Default::default(), lookups: Default::default() });
+        let host = Host::new("qemu+ssh://root@hv3/system".into(), conn.clone(), 2);
+        let policy = super::super::Policy::parse("p.toml", "[select]\nglobs = ['*']\n").expect("policy");
+        let limits = policy.limits().expect("valid");
+        let engine = Arc::new(Engine::new(policy, limits, true));
+
+        let mut alerts: Vec<Value> = (0..2500).map(|_| firing("web1", None, "memory", "GuestLowMemory")).collect();
+        alerts.push(firing("web1", Some("hv3"), "memory", "GuestMemPressure"));
+        alerts.push(firing("web1", None, "cpu", "GuestCpu"));
+        alerts.push(firing("web1", None, "cpu", "GuestCpu"));
+        alerts.push(firing("nope", None, "cpu", "GuestCpu"));
+        alerts.push(firing("nope", None, "cpu", "GuestCpu"));
+        let body = serde_json::json!({ "alerts": alerts }).to_string();
+        let (status, answer) = handle(&engine, std::slice::from_ref(&host), body.as_bytes()).await;
+        assert_eq!(status, "202 Accepted", "{answer}");
+        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        assert_eq!(answer["accepted"].as_array().map(Vec::len), Some(2), "one grow per resource");
+        assert_eq!(answer["rejected"].as_array().map(Vec::len), Some(1), "{}", answer["rejected"]);
+        assert_eq!(answer["duplicates"], 2502);
+        let text = engine.metrics.render();
+        for line in [
+            r#"vmplug_alerts_total{result="accepted"} 2"#,
+            r#"vmplug_alerts_total{result="duplicate"} 2502"#,
+            r#"vmplug_alerts_total{result="rejected"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(conn.lists.load(Relaxed), 1, "the domain list is read once per delivery");
+        assert_eq!(conn.lookups.load(Relaxed), 1, "each domain is read once per delivery");
     }
 }
