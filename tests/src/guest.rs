@@ -427,6 +427,19 @@ impl Guest {
         }
     }
 
+    /// Connects to the console of a guest that did not boot again (resumed,
+    /// restored from a save): no ready marker is waited for.
+    pub fn reconnect_console(&mut self) {
+        self.console = None;
+        match Console::connect(&self.dir.join("console.sock"), EXEC_TIMEOUT) {
+            Ok(c) => self.console = Some(c),
+            Err(e) => {
+                self.dump_logs();
+                panic!("guest {}: {e}", self.name);
+            }
+        }
+    }
+
     /// Starts the defined domain and waits until its shell answers.
     pub fn start(&mut self) {
         self.start_nowait();
