@@ -443,7 +443,7 @@ impl Session {
                 self.console = Some(c);
                 console_at = Some(at);
             }
-            Some(Err(e)) => console_error = text::escape(&e.to_string()),
+            Some(Err(e)) => console_error = text::escape_uncut(&e.to_string()).into_owned(),
             None => {}
         }
         let mut view = GuestView {
@@ -486,7 +486,7 @@ impl Session {
             ),
         };
         if self.agent.is_none() {
-            c.evidence.push(format!("agent: {}", text::escape(&agent_error)));
+            c.evidence.push(format!("agent: {}", text::escape_uncut(&agent_error)));
         }
         if self.console.is_none() {
             c.evidence.push(format!("console: {console_error}"));
