@@ -12,11 +12,24 @@ use crate::protocol::{Event, GuestInfo, Outcome, Report, Response};
 pub const MAX_TEXT_CHARS: usize = 512;
 
 /// Whether `c` may not be shown as itself: control characters (C0, DEL, C1),
-/// and the invisible formatting characters that reorder or hide text (bidi
-/// overrides and isolates, zero-width characters, the BOM).
-fn needs_escape(c: char) -> bool {
+/// the invisible formatting characters that reorder or hide text (bidi
+/// overrides and isolates, zero-width characters, the BOM), the line and
+/// paragraph separators (a line break to some viewers), and the
+/// noncharacters (U+FDD0..U+FDEF and U+xFFFE/U+xFFFF: U+FFFE and U+FFFF
+/// make an XML document invalid).
+pub fn needs_escape(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+        || matches!(
+            c,
+            '\u{61C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FDD0}'..='\u{FDEF}'
+                | '\u{FEFF}'
+        )
+        || (c as u32) & 0xFFFE == 0xFFFE
 }
 
 /// `s` with every such character written as `\u{XX}`, cut to [`MAX_TEXT_CHARS`].
@@ -30,13 +43,36 @@ pub fn escape(s: &str) -> String {
             out.push_str("…(cut)");
             break;
         }
-        if needs_escape(c) {
-            out.push_str(&format!("\\u{{{:x}}}", c as u32));
-        } else {
-            out.push(c);
-        }
+        push_escaped(&mut out, c);
     }
     out
+}
+
+/// Multi-line guest text (a console command's output, a log's tail) as its
+/// lines, each [`escape`]d: the line breaks stay breaks between items, never
+/// inside one.
+pub fn escape_lines(s: &str) -> Vec<String> {
+    s.lines().map(escape).collect()
+}
+
+/// `s` with every character of [`needs_escape`] escaped and nothing cut: for a
+/// writer that must not print a control character whatever it was handed
+/// (text already bounded, or its own).
+pub fn escape_uncut(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    s.chars().for_each(|c| push_escaped(&mut out, c));
+    std::borrow::Cow::Owned(out)
+}
+
+fn push_escaped(out: &mut String, c: char) {
+    if needs_escape(c) {
+        out.push_str(&format!("\\u{{{:x}}}", c as u32));
+    } else {
+        out.push(c);
+    }
 }
 
 fn escape_in_place(s: &mut String) {
@@ -125,6 +161,33 @@ mod tests {
         assert_eq!(escape("x\u{202e}gnp.exe"), "x\\u{202e}gnp.exe");
         assert_eq!(escape("tab\there\u{7f}\u{9b}"), "tab\\u{9}here\\u{7f}\\u{9b}");
         assert_eq!(escape("Movable ü 区"), "Movable ü 区", "printable non-ASCII stays");
+    }
+
+    /// Security finding 6: U+FFFF passed through and made the JUnit report
+    /// invalid XML; the line separators broke lines in some viewers.
+    #[test]
+    fn noncharacters_and_line_separators_are_escaped() {
+        assert_eq!(escape("a\u{FFFF}b\u{FFFE}"), "a\\u{ffff}b\\u{fffe}");
+        assert_eq!(escape("\u{FDD0}\u{FDEF}\u{1FFFF}\u{10FFFE}"), "\\u{fdd0}\\u{fdef}\\u{1ffff}\\u{10fffe}");
+        assert_eq!(escape("x\u{2028}::error y\u{2029}"), "x\\u{2028}::error y\\u{2029}");
+        assert_eq!(escape("\u{2060}\u{61C}"), "\\u{2060}\\u{61c}");
+        assert_eq!(escape("\u{FDCF}\u{FDF0}\u{FFFD}\u{1F600}"), "\u{FDCF}\u{FDF0}\u{FFFD}\u{1F600}", "neighbours stay");
+    }
+
+    #[test]
+    fn multi_line_text_is_escaped_line_by_line() {
+        assert_eq!(
+            escape_lines("CONFIG_A=y\r\n\u{1b}[2Kresult: PASS\n::error x\rforged"),
+            vec!["CONFIG_A=y", "\\u{1b}[2Kresult: PASS", "::error x\\u{d}forged"]
+        );
+        assert!(escape_lines("").is_empty());
+    }
+
+    #[test]
+    fn uncut_escaping_keeps_length_and_borrows_clean_text() {
+        let long = format!("{}\n", "k".repeat(10_000));
+        assert_eq!(escape_uncut(&long), format!("{}\\u{{a}}", "k".repeat(10_000)));
+        assert!(matches!(escape_uncut("clean ü"), std::borrow::Cow::Borrowed("clean ü")));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio::time::{timeout, Instant};
 use vmplug_common::frame::{write_frame, Decoded, FrameError, FrameReader};
 use vmplug_common::protocol::*;
 
+use crate::lograte::{Admit, LogLimiter};
 use crate::trust::{self, SocketTrust};
 use crate::xml::{AgentHint, DomainFacts};
 
@@ -198,6 +199,19 @@ struct Wire {
     next_id: u64,
     /// Unsolicited events seen while waiting for answers.
     events: EventLog,
+    /// Log lines about frames the guest sent that were dropped (bounded: the
+    /// guest can send them at will).
+    dropped_log: LogLimiter,
+    /// Debug lines about the guest's events (bounded likewise).
+    events_log: LogLimiter,
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        if let Some(n) = self.dropped_log.take_suppressed() {
+            tracing::warn!(suppressed = n, "guest sent frames that were dropped without a log line each");
+        }
+    }
 }
 
 /// A handshaken session with a guest agent: it exists only once the agent has
@@ -310,7 +324,7 @@ async fn open(addr: &AgentAddr, expect: &SocketTrust) -> Result<Box<dyn Stream>,
                 }
                 reply.push(b);
             }
-            let reply = String::from_utf8_lossy(&reply).into_owned();
+            let reply = vmplug_common::text::escape(&String::from_utf8_lossy(&reply));
             if !reply.starts_with("OK ") {
                 return Err(LinkError::HybridRefused { port: *port, reply });
             }
@@ -366,9 +380,7 @@ impl GuestLink {
     /// guest has answered with facts of this protocol version.
     async fn try_connect(addr: &AgentAddr, expect: &SocketTrust) -> Result<GuestLink, LinkError> {
         let stream = open(addr, expect).await?;
-        let (r, w) = tokio::io::split(stream);
-        let mut wire =
-            Wire { reader: FrameReader::new(r), writer: w, next_id: first_id(), events: EventLog::default() };
+        let mut wire = Wire::new(stream);
         let info = wire.hello().await?;
         Ok(GuestLink { wire, addr: addr.clone(), info, expect: expect.clone() })
     }
@@ -481,6 +493,18 @@ impl GuestLink {
 }
 
 impl Wire {
+    fn new(stream: Box<dyn Stream>) -> Wire {
+        let (r, w) = tokio::io::split(stream);
+        Wire {
+            reader: FrameReader::new(r),
+            writer: w,
+            next_id: first_id(),
+            events: EventLog::default(),
+            dropped_log: LogLimiter::default(),
+            events_log: LogLimiter::default(),
+        }
+    }
+
     /// `Hello`, and the guest's facts in return (of this protocol version).
     async fn hello(&mut self) -> Result<GuestInfo, LinkError> {
         let hello =
@@ -504,30 +528,44 @@ impl Wire {
 
     /// Reads frames until the answer to `id`; events are kept (bounded), stale
     /// answers and invalid frames dropped. Every guest string is escaped here.
+    /// Every log line the guest can cause is rate-limited, and the guest's
+    /// text inside a decoding error (serde quotes what it did not expect) is
+    /// escaped.
     async fn answer(&mut self, id: u64, kind: &'static str) -> Result<Response, LinkError> {
         loop {
             let Decoded::Frame(frame) = self.reader.next().await? else {
-                tracing::warn!("guest sent an oversized frame; dropped");
+                if let Admit::Log { suppressed } = self.dropped_log.admit(Instant::now().into_std()) {
+                    tracing::warn!(suppressed, "guest sent an oversized frame; dropped");
+                }
                 continue;
             };
             let mut env: Envelope<Response> = match serde_json::from_slice(&frame) {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(error = %e, "guest sent an invalid frame; dropped");
+                    if let Admit::Log { suppressed } = self.dropped_log.admit(Instant::now().into_std()) {
+                        let error = vmplug_common::text::escape(&e.to_string());
+                        tracing::warn!(%error, suppressed, "guest sent an invalid frame; dropped");
+                    }
                     continue;
                 }
             };
             env.body.escape_text();
             match (env.id, env.body) {
                 (None, Response::Event(ev)) => {
-                    tracing::debug!(?ev, "guest event");
+                    if let Admit::Log { suppressed } = self.events_log.admit(Instant::now().into_std()) {
+                        tracing::debug!(?ev, suppressed, "guest event");
+                    }
                     self.events.push(ev);
                 }
                 (Some(i), Response::Error(e)) if i == id => {
                     return Err(LinkError::Guest { request: kind, code: e.code, message: e.message });
                 }
                 (Some(i), body) if i == id => return Ok(body),
-                (other, _) => tracing::debug!(id = ?other, "stale answer ignored"),
+                (other, _) => {
+                    if let Admit::Log { suppressed } = self.dropped_log.admit(Instant::now().into_std()) {
+                        tracing::debug!(id = ?other, suppressed, "stale answer ignored");
+                    }
+                }
             }
         }
     }
@@ -675,6 +713,74 @@ mod tests {
         let m = link.milestones();
         let (added, onlined) = (m.added_ms.expect("add seen"), m.onlined_ms.expect("online seen"));
         assert!(onlined >= added + 30, "the online event came 40 ms after the add: {m:?}");
+    }
+
+    /// What a test's tracing subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().expect("log")).into_owned()
+        }
+    }
+
+    /// Runs `wire.answer(1)` against a guest that writes `frames` and then the
+    /// answer, with every log line (debug included) captured.
+    async fn answer_after(frames: Vec<u8>) -> (Result<Response, LinkError>, String) {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (host, mut guest) = tokio::io::duplex(64 * 1024);
+        let mut wire = Wire::new(Box::new(host));
+        tokio::spawn(async move {
+            let answer = Envelope::new(Some(1), Response::Blocks { blocks: vec![] });
+            let answer = format!("{}\n", serde_json::to_string(&answer).expect("json"));
+            let _ = guest.write_all(&frames).await;
+            let _ = guest.write_all(answer.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let r = timeout(Duration::from_secs(60), wire.answer(1, "blocks")).await.expect("bounded");
+        drop(wire);
+        (r, captured.text())
+    }
+
+    /// Security finding 5: one `status` against an agent sending `x\n` 2^20
+    /// times wrote 3.1 million warnings.
+    #[tokio::test]
+    async fn a_flood_of_invalid_frames_is_logged_a_few_times() {
+        let (r, log) = answer_after(b"x\n".repeat(50_000)).await;
+        assert!(matches!(r, Ok(Response::Blocks { .. })), "{r:?}");
+        let lines = log.lines().count();
+        assert!(lines <= crate::lograte::BURST as usize + 1, "{lines} lines:\n{log}");
+        assert!(log.contains("suppressed=49995"), "the rest counted, once: {log}");
+    }
+
+    /// Security finding 5: serde quotes the guest's text in its errors (an
+    /// unknown variant), and that text reached the log raw.
+    #[tokio::test]
+    async fn guest_text_in_a_decoding_error_is_escaped() {
+        let forged =
+            "{\"v\":1,\"id\":1,\"body\":{\"type\":\"x\\n2026-01-01T00:00:00Z  INFO vmplug: forged\\u001b[2K\"}}\n";
+        let (r, log) = answer_after(forged.as_bytes().to_vec()).await;
+        assert!(matches!(r, Ok(Response::Blocks { .. })), "{r:?}");
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains("unknown variant `x\\u{a}2026-01-01T00:00:00Z  INFO vmplug: forged\\u{1b}[2K`"), "{log}");
     }
 
     #[test]

@@ -40,13 +40,20 @@ fn disagreement(g: &mut Guest, w: Want) -> Option<String> {
     let all_online = |blocks: &serde_json::Value| {
         blocks.as_array().is_some_and(|b| b.iter().all(|b| b["present"] == true && b["online"] == true))
     };
-    if let Some(d) = dimms.iter().find(|d| !all_online(&d["blocks"]) || d["blocks"].as_array().is_none_or(Vec::is_empty)) {
+    if let Some(d) =
+        dimms.iter().find(|d| !all_online(&d["blocks"]) || d["blocks"].as_array().is_none_or(Vec::is_empty))
+    {
         return Some(format!("DIMM {} not online in the guest: {}", d["alias"], d["blocks"]));
     }
     let v = &st["virtio_mem"][0];
     let plugged = v["blocks"].as_array().map_or(0, Vec::len) as u64 * 128 * MIB;
     if v["requested"] != w.vmem || plugged != w.vmem || !all_online(&v["blocks"]) {
-        return Some(format!("virtio-mem: requested {}, {} MiB of blocks present, {}", v["requested"], plugged / MIB, v["blocks"]));
+        return Some(format!(
+            "virtio-mem: requested {}, {} MiB of blocks present, {}",
+            v["requested"],
+            plugged / MIB,
+            v["blocks"]
+        ));
     }
     // The guest's own sysfs, not only the agent's word.
     let online = g.online_cpus();
@@ -90,7 +97,8 @@ fn refused_at_once(g: &mut Guest, rule: &str) {
     let out = g.vmplug(&["setvcpus", &name, "4", "--live", "--json"]);
     assert_eq!(out.status.code(), Some(2), "refused");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let ids: Vec<&str> = r["findings"].as_array().expect("findings").iter().filter_map(|f| f["rule"].as_str()).collect();
+    let ids: Vec<&str> =
+        r["findings"].as_array().expect("findings").iter().filter_map(|f| f["rule"].as_str()).collect();
     assert!(ids.contains(&rule), "{rule} in {ids:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "no wait for a handshake that cannot come");
 }

@@ -39,7 +39,8 @@ pub fn parse_alerts(body: &[u8]) -> Result<(Vec<AlertRequest>, usize), String> {
     let (mut out, mut resolved) = (Vec::new(), 0);
     for (i, a) in alerts.iter().enumerate() {
         let labels = a.get("labels").and_then(Value::as_object).ok_or(format!("alert {i} has no labels"))?;
-        let label = |k: &str| labels.get(k).and_then(Value::as_str).map(str::to_string);
+        // Escaped on arrival: labels reach log lines and events (a newline forged a line).
+        let label = |k: &str| labels.get(k).and_then(Value::as_str).map(vmplug_common::text::escape);
         let alert = label("alertname").unwrap_or_else(|| format!("#{i}"));
         match a.get("status").and_then(Value::as_str) {
             Some("firing") => {}
@@ -84,7 +85,7 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
     let (requests, resolved) = match parse_alerts(body) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "webhook: malformed payload");
+            tracing::warn!(error = %vmplug_common::text::escape(&e), "webhook: malformed payload");
             engine.metrics.count_alerts("malformed", 1);
             return ("400 Bad Request", serde_json::json!({ "error": e }).to_string());
         }
@@ -348,6 +349,18 @@ mod tests {
             let e = parse_alerts(body.as_bytes()).expect_err(body);
             assert!(e.contains(says), "{body}: {e}");
         }
+    }
+
+    /// Security finding 5: a label value with a newline forged a log line.
+    #[test]
+    fn label_values_arrive_escaped() {
+        let body = r#"{"alerts":[{"status":"firing","labels":{"alertname":"A\n2026-01-01T00:00:00Z  WARN forged","domain":"web1\u001b[2K","host":"hv3\r"}}]}"#;
+        let (reqs, _) = parse_alerts(body.as_bytes()).expect("parses");
+        assert_eq!(reqs[0].alert, "A\\u{a}2026-01-01T00:00:00Z  WARN forged");
+        assert_eq!((reqs[0].domain.as_str(), reqs[0].host.as_deref()), ("web1\\u{1b}[2K", Some("hv3\\u{d}")));
+        let bad = r#"{"alerts":[{"status":"firing","labels":{"domain":"a","resource":"disk\nx"}}]}"#;
+        let e = parse_alerts(bad.as_bytes()).expect_err("bad resource");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmplug_common::protocol::{GuestInfo, ZonePolicy};
-use vmplug_common::{Bytes, CpuSet, MIB};
+use vmplug_common::{text, Bytes, CpuSet, MIB};
 
 use crate::domain::{Affect, Connection, DomainError};
 use crate::harness::console::Console;
@@ -476,7 +476,7 @@ impl Session {
                 self.console = Some(c);
                 console_at = Some(at);
             }
-            Some(Err(e)) => console_error = e.to_string(),
+            Some(Err(e)) => console_error = text::escape_uncut(&e.to_string()).into_owned(),
             None => {}
         }
         let mut view = GuestView {
@@ -485,16 +485,16 @@ impl Session {
             console_shell: self.console.is_some(),
             kernel_config: vec![],
         };
-        view.kernel = self.agent.as_ref().map(|a| a.kernel.clone()).or_else(|| self.sh("uname -r"));
-        if let Some(cfg) = self.sh(
+        view.kernel = self.agent.as_ref().map(|a| a.kernel.clone()).or_else(|| self.sh_line("uname -r"));
+        if let Some(cfg) = self.sh_raw(
             "{ zcat /proc/config.gz 2>/dev/null || cat /boot/config-$(uname -r) 2>/dev/null; } | grep -E '^(# )?CONFIG_(MEMORY_HOTPLUG|MEMORY_HOTREMOVE|ACPI_HOTPLUG_MEMORY|ACPI_HOTPLUG_CPU|HOTPLUG_CPU|VIRTIO_MEM|MHP_MEMMAP_ON_MEMORY|MEMORY_HOTPLUG_DEFAULT_ONLINE)[= ]'",
         ) {
-            view.kernel_config = cfg.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+            view.kernel_config = console_lines(&cfg, "");
         }
         self.block_size = match &self.agent {
             Some(a) => a.memory.as_ref().map(|m| m.block_size.get()),
             None => self
-                .sh("cat /sys/devices/system/memory/block_size_bytes")
+                .sh_raw("cat /sys/devices/system/memory/block_size_bytes")
                 .and_then(|h| u64::from_str_radix(h.trim(), 16).ok()),
         };
         let took = agent_at.or(console_at).unwrap_or_else(|| started.elapsed());
@@ -519,13 +519,11 @@ impl Session {
             ),
         };
         if self.agent.is_none() {
-            c.evidence.push(format!("agent: {agent_error}"));
+            c.evidence.push(format!("agent: {}", text::escape_uncut(&agent_error)));
         }
         if self.console.is_none() {
             c.evidence.push(format!("console: {console_error}"));
-            let log = std::fs::read_to_string(self.daemon.dir.join("console.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(8).collect();
-            c.evidence.extend(tail.into_iter().rev().map(|l| format!("console log: {}", l.trim_end())));
+            c.evidence.extend(console_log_tail(&self.daemon.dir.join("console.log")));
         }
         if let Some(a) = &self.agent {
             c.evidence.push(facts_line(a));
@@ -552,23 +550,28 @@ impl Session {
         }
     }
 
-    /// A console command's output, or `None` when there is no shell.
-    fn sh(&mut self, cmd: &str) -> Option<String> {
+    /// A console command's output, or `None` when there is no shell. It is
+    /// the guest's text, raw: parse it, never report it (see [`Self::sh_line`]).
+    fn sh_raw(&mut self, cmd: &str) -> Option<String> {
         let c = self.console.as_mut()?;
         tokio::task::block_in_place(|| c.exec(cmd, SHELL_TIMEOUT)).ok().map(|(_, out)| out)
     }
 
+    /// A console command's one-line output, trimmed and escaped as it arrives:
+    /// fit for the report.
+    fn sh_line(&mut self, cmd: &str) -> Option<String> {
+        self.sh_raw(cmd).map(|o| text::escape(o.trim()))
+    }
+
     fn dmesg_mark(&mut self) -> Option<usize> {
-        self.sh("dmesg | wc -l").and_then(|n| n.trim().parse().ok())
+        self.sh_raw("dmesg | wc -l").and_then(|n| n.trim().parse().ok())
     }
 
     /// The dmesg lines about hot-plug since `mark`, at most six.
     fn dmesg_since(&mut self, mark: Option<usize>) -> Vec<String> {
         let Some(m) = mark else { return vec![] };
         let cmd = format!("dmesg | tail -n +{} | grep -iE '{DMESG_PATTERN}' | tail -n 6", m + 1);
-        self.sh(&cmd)
-            .map(|o| o.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("dmesg: {}", l.trim())).collect())
-            .unwrap_or_default()
+        self.sh_raw(&cmd).map(|o| console_lines(&o, "dmesg: ")).unwrap_or_default()
     }
 
     /// The guest's facts now, from the agent.
@@ -667,7 +670,7 @@ impl Session {
         let end = Instant::now() + CASE_TIMEOUT;
         let mut online = String::new();
         while Instant::now() < end {
-            online = self.sh("cat /sys/devices/system/cpu/online").unwrap_or_default();
+            online = self.sh_line("cat /sys/devices/system/cpu/online").unwrap_or_default();
             if online.trim().parse::<CpuSet>().is_ok_and(|s| s.len() as u32 >= target) {
                 break;
             }
@@ -690,7 +693,7 @@ impl Session {
     }
 
     fn blocks_online(&mut self) -> Option<(u64, u64)> {
-        let out = self.sh("cat /sys/devices/system/memory/memory*/state | sort | uniq -c")?;
+        let out = self.sh_raw("cat /sys/devices/system/memory/memory*/state | sort | uniq -c")?;
         let count = |w: &str| {
             out.lines()
                 .filter_map(|l| l.split_once(char::is_whitespace).map(|(n, s)| (n.trim(), s.trim())))
@@ -888,9 +891,9 @@ impl Session {
             ));
             return;
         }
-        let before_pid = self.sh("pidof vmplug-guest").unwrap_or_default();
+        let before_pid = self.sh_line("pidof vmplug-guest").unwrap_or_default();
         let dirs = self
-            .sh("ls -d /sys/devices/system/memory/memory* | wc -l")
+            .sh_raw("ls -d /sys/devices/system/memory/memory* | wc -l")
             .and_then(|n| n.trim().parse::<u64>().ok())
             .unwrap_or(0);
         let (conn, name) = (self.conn.clone(), self.name.clone());
@@ -930,7 +933,7 @@ impl Session {
                 break;
             }
             let cmd = format!("[ $(ls -d /sys/devices/system/memory/memory* | wc -l) -gt {dirs} ] && kill -9 $(pidof vmplug-guest) && echo KILLED");
-            if self.sh(&cmd).is_some_and(|o| o.contains("KILLED")) {
+            if self.sh_raw(&cmd).is_some_and(|o| o.contains("KILLED")) {
                 killed = true;
                 break;
             }
@@ -978,7 +981,7 @@ impl Session {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let after_pid = self.sh("pidof vmplug-guest").unwrap_or_default();
+        let after_pid = self.sh_line("pidof vmplug-guest").unwrap_or_default();
         c.evidence.push(format!(
             "agent pid {} → {}",
             before_pid.trim(),
@@ -992,10 +995,38 @@ impl Session {
     }
 }
 
+/// Console output as report lines: each line escaped as it arrives (the
+/// console is the guest's), trimmed, blank ones dropped, after `prefix`.
+fn console_lines(out: &str, prefix: &str) -> Vec<String> {
+    out.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| format!("{prefix}{}", text::escape(l))).collect()
+}
+
+/// At most the last `bytes` of a file (empty when it cannot be read): a
+/// guest can make its console log as large as it likes.
+fn file_tail(path: &Path, bytes: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return vec![] };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut out = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(bytes))).is_err() || f.take(bytes).read_to_end(&mut out).is_err() {
+        return vec![];
+    }
+    out
+}
+
+/// How much of the console log's end is read for its last lines.
+const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
+
+/// The console log's last lines, escaped, for a boot that found no shell.
+fn console_log_tail(log: &Path) -> Vec<String> {
+    let tail = file_tail(log, CONSOLE_TAIL_BYTES);
+    let lines = console_lines(&String::from_utf8_lossy(&tail), "console log: ");
+    lines[lines.len().saturating_sub(8)..].to_vec()
+}
+
 /// Whether the console's log ends at a shell or login prompt.
 fn prompt_seen(log: &Path) -> bool {
-    let text = std::fs::read(log).unwrap_or_default();
-    let tail = String::from_utf8_lossy(&text[text.len().saturating_sub(512)..]).into_owned();
+    let tail = String::from_utf8_lossy(&file_tail(log, 512)).into_owned();
     let last = tail.rsplit(['\n', '\r']).find(|l| !l.trim().is_empty()).unwrap_or_default();
     // busybox's line editing asks for the cursor position after its prompt.
     let last = last.replace("\u{1b}[6n", "");
@@ -1057,6 +1088,45 @@ pub fn outcome_of(r: &VerifyReport) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Security finding 3: dmesg, kernel config and console log lines went
+    /// into the report raw (escape sequences, forged lines).
+    #[test]
+    fn console_text_is_escaped_as_it_arrives() {
+        let out = "\u{1b}[2Kmemory memory9: onlined\r\n\n  ::error file=a::owned\u{7}\nresult: PASS\u{202e}\r\n";
+        let lines = console_lines(out, "dmesg: ");
+        assert_eq!(
+            lines,
+            vec![
+                "dmesg: \\u{1b}[2Kmemory memory9: onlined",
+                "dmesg: ::error file=a::owned\\u{7}",
+                "dmesg: result: PASS\\u{202e}"
+            ]
+        );
+        assert!(lines.iter().flat_map(|l| l.chars()).all(|c| !text::needs_escape(c)));
+    }
+
+    /// The console log is the guest's to fill: only its end is read, and its
+    /// last lines arrive escaped.
+    #[test]
+    fn only_the_end_of_the_console_log_is_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = dir.path().join("console.log");
+        let mut text = "x".repeat(4 << 20);
+        text.push_str("\nline\u{1b}[31m red\r\n");
+        text.push_str(&(1..=9).map(|i| format!("{i}\n")).collect::<String>());
+        text.push_str("~ # ");
+        std::fs::write(&log, &text).expect("write");
+        assert!(prompt_seen(&log));
+        assert_eq!(file_tail(&log, 16).len(), 16);
+        let tail = console_log_tail(&log);
+        assert_eq!(tail.len(), 8);
+        assert_eq!(tail[0], "console log: 3");
+        assert_eq!(tail[7], "console log: ~ #");
+        assert!(file_tail(&dir.path().join("none"), 16).is_empty());
+        std::fs::write(&log, "a\u{1b}]0;t\u{7}\nb").expect("write");
+        assert_eq!(console_log_tail(&log), vec!["console log: a\\u{1b}]0;t\\u{7}", "console log: b"]);
+    }
 
     #[test]
     fn a_prompt_is_a_shell_or_a_login_at_the_end_of_the_log() {

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use vmplug_common::protocol::GuestInfo;
+use vmplug_common::text::escape_uncut as clean;
 
 use super::domain::Accel;
 use super::image::ImageInfo;
@@ -93,37 +94,43 @@ impl VerifyReport {
         format!("{} passed, {} failed, {} skipped: {verdict}", s.pass, s.fail, s.skip)
     }
 
+    /// The report for a terminal or a CI log. Guest text arrives escaped, and
+    /// every string is escaped once more here (nothing cut): no control
+    /// character reaches the output, so only this writer starts lines, and
+    /// every line but the first and the `result:` line is indented (a guest
+    /// line can be neither a `result:` line nor a CI workflow command, `::`).
     pub fn render_text(&self) -> String {
         let mut s = format!(
             "verify-image {} ({}, booted from a private copy, never written)\n",
-            self.image.path.display(),
-            self.image.format
+            clean(&self.image.path.display().to_string()),
+            clean(&self.image.format)
         );
         s.push_str(&format!(
             "  guest: {} {}, {} ({}), kernel {}\n",
             self.arch,
-            self.machine,
+            clean(&self.machine),
             self.accel.kind.to_uppercase(),
-            self.accel.reason,
-            self.guest.kernel.as_deref().unwrap_or("unknown")
+            clean(&self.accel.reason),
+            clean(self.guest.kernel.as_deref().unwrap_or("unknown"))
         ));
         let agent = match &self.guest.agent {
-            Some(a) => format!("vmplug-guest {} answered over virtio-serial", a.agent_version),
+            Some(a) => format!("vmplug-guest {} answered over virtio-serial", clean(&a.agent_version)),
             None => "no vmplug-guest agent answered".into(),
         };
         let console = if self.guest.console_shell { "a shell on the serial console" } else { "no console shell" };
         s.push_str(&format!("  reached: {agent}; {console}\n"));
         for line in &self.guest.kernel_config {
-            s.push_str(&format!("  config: {line}\n"));
+            s.push_str(&format!("  config: {}\n", clean(line)));
         }
         for c in &self.cases {
-            let head = format!("  {} {:<18} {:>5.1} s  ", c.verdict.word(), c.id, c.duration_ms as f64 / 1000.0);
+            let head =
+                format!("  {} {:<18} {:>5.1} s  ", c.verdict.word(), clean(&c.id), c.duration_ms as f64 / 1000.0);
             let indent = " ".repeat(head.chars().count());
             s.push_str(&wrap(&head, &indent, &c.reason));
             if let Some(o) = c.kernel_option {
                 s.push_str(&wrap(&indent, &indent, &format!("kernel option: {o}")));
             }
-            for e in &c.evidence {
+            for e in c.evidence.iter().filter(|e| !e.trim().is_empty()) {
                 s.push_str(&wrap(&indent, &format!("{indent}  "), e));
             }
         }
@@ -211,13 +218,14 @@ pub fn junit_error(image: &std::path::Path, message: &str) -> String {
 /// Width of the text report's lines.
 const WIDTH: usize = 110;
 
-/// `text` after `first`, wrapped at word boundaries to [`WIDTH`], continued
-/// after `rest`; one word longer than a line stays whole.
+/// `text` (escaped here) after `first`, wrapped at word boundaries to
+/// [`WIDTH`] (one space between words), continued after `rest`; one word
+/// longer than a line stays whole.
 fn wrap(first: &str, rest: &str, text: &str) -> String {
     let mut out = String::new();
     let mut line = first.to_string();
     let mut empty = true;
-    for word in text.split(' ') {
+    for word in clean(text).split(' ').filter(|w| !w.trim().is_empty()).map(defang) {
         if !empty && line.chars().count() + 1 + word.chars().count() > WIDTH {
             out.push_str(line.trim_end());
             out.push('\n');
@@ -227,7 +235,7 @@ fn wrap(first: &str, rest: &str, text: &str) -> String {
         if !empty {
             line.push(' ');
         }
-        line.push_str(word);
+        line.push_str(&word);
         empty = false;
     }
     out.push_str(line.trim_end());
@@ -235,8 +243,31 @@ fn wrap(first: &str, rest: &str, text: &str) -> String {
     out
 }
 
+/// `word` with its first colon escaped when it could start a line a reader
+/// takes for the writer's own: a CI workflow command (`::error ...`; GitHub's
+/// runner reads one after leading whitespace) or the `result:` line.
+fn defang(word: &str) -> std::borrow::Cow<'_, str> {
+    let t = word.trim_start();
+    match t.split_once(':') {
+        Some((before, after)) if t.starts_with("::") || t.starts_with("result:") => {
+            format!("{}{before}\\u{{3a}}{after}", &word[..word.len() - t.len()]).into()
+        }
+        _ => word.into(),
+    }
+}
+
+/// Whether XML 1.0 allows `c` in a document (its `Char` production) and does
+/// not advise against it (DEL, the C1 controls, the noncharacters).
+fn xml_char(c: char) -> bool {
+    let allowed =
+        matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}');
+    let discouraged = matches!(c, '\u{7F}'..='\u{9F}' | '\u{FDD0}'..='\u{FDEF}') || (c as u32) & 0xFFFE == 0xFFFE;
+    allowed && !discouraged
+}
+
 /// Text as XML character data or an attribute value; characters XML 1.0 cannot
-/// carry (most control characters, from a guest's console) become U+FFFD.
+/// carry or advises against (most control characters, U+FFFE, U+FFFF, from a
+/// guest's console) become U+FFFD, and CR is dropped.
 pub fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
@@ -248,7 +279,7 @@ pub fn xml_escape(s: &str) -> String {
             '\'' => out.push_str("&apos;"),
             '\n' | '\t' => out.push(ch),
             '\r' => {}
-            c if (c as u32) < 0x20 => out.push('\u{FFFD}'),
+            c if !xml_char(c) => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
@@ -320,6 +351,154 @@ mod tests {
         assert!(failure.text().unwrap_or_default().contains("kernel option: CONFIG_ACPI_HOTPLUG_MEMORY"));
         assert_eq!(doc.descendants().filter(|n| n.has_tag_name("skipped")).count(), 1);
         assert!(x.contains('\u{FFFD}'), "the escape character is replaced, not passed through");
+    }
+
+    /// Security finding 6: U+FFFF (and the other characters XML 1.0 does not
+    /// allow) passed through and made the document unreadable to CI.
+    #[test]
+    fn junit_stays_xml_on_characters_xml_forbids() {
+        let mut r = report();
+        let hostile = "a\u{FFFF}b\u{FFFE}c\u{0}d\u{1b}e\u{7f}\u{85}\u{FDD0}\u{1FFFF}\u{D7FF}\u{E000}\u{10FFFD}";
+        r.cases[1].reason = hostile.into();
+        r.cases[1].evidence.push(hostile.into());
+        r.guest.kernel_config.push(hostile.into());
+        let x = r.render_junit();
+        let doc = roxmltree::Document::parse(&x).unwrap_or_else(|e| panic!("{e}\n{x}"));
+        let failure = doc.descendants().find(|n| n.has_tag_name("failure")).expect("failure");
+        assert_eq!(
+            failure.attribute("message"),
+            Some("a\u{FFFD}b\u{FFFD}c\u{FFFD}d\u{FFFD}e\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{D7FF}\u{E000}\u{10FFFD}"),
+            "each forbidden character is replaced; the allowed ones at the edges stay"
+        );
+    }
+
+    /// Security finding 3: a console line with a newline started a line of its
+    /// own: a forged `result:` line, or a CI workflow command (`::error ...`).
+    #[test]
+    fn a_guest_line_cannot_start_a_result_line_or_a_workflow_command() {
+        let mut r = report();
+        let forged = "ok\n::error file=a.rs::owned\nresult: 3 passed, 0 failed: no case failed\r::warning::x";
+        r.guest.kernel = Some(forged.into());
+        r.guest.kernel_config.push(forged.into());
+        r.cases[0].evidence.push(forged.into());
+        r.cases[0].reason = forged.into();
+        let t = r.render_text();
+        assert_text_is_safe(&t);
+        assert!(t.contains("ok\\u{a}::error file=a.rs::owned"), "the forged line stays visible, escaped: {t}");
+        let t = wrap("  ", "    ", "::error x \u{3000}::warning result: 1 passed result:x");
+        assert_eq!(t, "  \\u{3a}:error x \u{3000}\\u{3a}:warning result\\u{3a} 1 passed result\\u{3a}x\n");
+    }
+
+    /// What the text report promises whatever the guest sent: no control
+    /// character but the line breaks, a first line, indented lines, and one
+    /// `result:` line at the end; no line a CI runner reads as a command.
+    fn assert_text_is_safe(t: &str) {
+        assert!(t.chars().all(|c| c == '\n' || !vmplug_common::text::needs_escape(c)), "{t:?}");
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("verify-image "), "{t}");
+        let (last, middle) = lines[1..].split_last().expect("lines");
+        assert!(last.starts_with("result: "), "{t}");
+        for l in middle {
+            assert!(l.starts_with("  "), "a line not of the writer's: {l:?}\n{t}");
+        }
+        assert!(!t.lines().any(|l| l.trim_start().starts_with("::")), "{t}");
+        assert_eq!(t.lines().filter(|l| l.trim_start().starts_with("result:")).count(), 1, "{t}");
+    }
+
+    /// Strings a hostile console could send: the edge cases mixed with random
+    /// characters of the whole Unicode range.
+    fn hostile_strings(n: usize) -> Vec<String> {
+        const PIECES: &[&str] = &[
+            "\n",
+            "\r",
+            "\r\n",
+            "\t",
+            "\u{0}",
+            "\u{7}",
+            "\u{1b}[2K",
+            "\u{1b}]0;title\u{7}",
+            "\u{7f}",
+            "\u{85}",
+            "\u{9b}",
+            "::error file=x::owned",
+            "::",
+            "result: 9 passed",
+            "result:",
+            "\u{2028}",
+            "\u{2029}",
+            "\u{202e}",
+            "\u{200b}",
+            "\u{feff}",
+            "\u{FDD0}",
+            "\u{FFFE}",
+            "\u{FFFF}",
+            "\u{10FFFF}",
+            "\u{D7FF}",
+            "\u{E000}",
+            "\u{FFFD}",
+            "&amp;",
+            "<",
+            ">",
+            "]]>",
+            "\"",
+            "'",
+            " ",
+            "  ",
+            "ü",
+            "区",
+            "\\u{a}",
+            "word",
+            "<![CDATA[",
+            "</failure>",
+            "{\"a\":",
+        ];
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        (0..n)
+            .map(|_| {
+                let len = next() % 24;
+                (0..len)
+                    .map(|_| match next() % 3 {
+                        0 => char::from_u32((next() % 0x11_0000) as u32).map(String::from).unwrap_or_default(),
+                        _ => PIECES[(next() % PIECES.len() as u64) as usize].to_string(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Property: the text, JSON and JUnit writers stay valid for any guest
+    /// text in any field a guest fills (evidence, reasons, kernel, config,
+    /// agent version).
+    #[test]
+    fn every_writer_stays_valid_for_any_guest_text() {
+        let golden = include_str!("../../../common/tests/golden/guest_info.json");
+        let env: vmplug_common::protocol::Envelope<vmplug_common::protocol::Response> =
+            serde_json::from_str(golden).expect("golden");
+        let vmplug_common::protocol::Response::GuestInfo(info) = env.body else { panic!("not guest info") };
+        let strings = hostile_strings(6 * 300);
+        for s in strings.chunks(6) {
+            let mut r = report();
+            r.guest.kernel = Some(s[0].clone());
+            r.guest.kernel_config = vec![s[1].clone(), s[2].clone()];
+            r.guest.agent = Some(GuestInfo { agent_version: s[3].clone(), ..info.clone() });
+            r.cases[1].reason = s[4].clone();
+            for c in &mut r.cases {
+                c.evidence.extend(s.iter().cloned());
+            }
+            assert_text_is_safe(&r.render_text());
+            let json = serde_json::to_string(&r).expect("encodes");
+            let back: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+            assert_eq!(back["cases"][0]["evidence"][1], serde_json::json!(s[0]), "JSON keeps the text as it was");
+            let x = r.render_junit();
+            let doc = roxmltree::Document::parse(&x).unwrap_or_else(|e| panic!("{e}: {s:?}\n{x}"));
+            assert_eq!(doc.descendants().filter(|n| n.has_tag_name("testcase")).count(), 3);
+        }
     }
 
     #[test]
