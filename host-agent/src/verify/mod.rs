@@ -109,6 +109,11 @@ async fn blocking<T: Send + 'static>(
 /// (the image unreadable, libvirtd not starting, a definition refused).
 pub async fn verify_image(o: &VerifyOpts) -> Result<VerifyReport, HarnessError> {
     let started = Instant::now();
+    // Only to fail early, before any directory is made: the image is opened
+    // (once, for good) by image::take.
+    if let Err(e) = std::fs::symlink_metadata(&o.image) {
+        return Err(HarnessError(format!("{}: {e}", o.image.display())));
+    }
     for (what, p) in [("--kernel", &o.boot.kernel), ("--initrd", &o.boot.initrd)] {
         if let Some(p) = p.as_ref().filter(|p| !p.is_file()) {
             return Err(HarnessError(format!("{what} {}: no such file", p.display())));
