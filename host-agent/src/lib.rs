@@ -9,6 +9,7 @@ pub mod fake;
 pub mod harness;
 pub mod libvirt;
 pub mod link;
+pub mod meta;
 pub mod ops;
 pub mod plan;
 pub mod planner;

@@ -65,25 +65,47 @@ impl FromStr for AgentAddr {
     }
 }
 
+impl From<&AgentHint> for AgentAddr {
+    fn from(h: &AgentHint) -> AgentAddr {
+        match h {
+            AgentHint::Hybrid { path, port } => AgentAddr::Hybrid { path: path.into(), port: *port },
+            AgentHint::Vsock { cid, port } => AgentAddr::Vsock { cid: *cid, port: *port },
+            AgentHint::Serial { path } => AgentAddr::Serial { path: path.into() },
+        }
+    }
+}
+
 /// Where the agent of this domain listens: vmplug metadata, else the
 /// virtio-serial channel named `org.vmplug.guest.0`, else a `<vsock>` device.
-pub fn discover(facts: &DomainFacts) -> Option<AgentAddr> {
-    match &facts.agent_hint {
-        Some(AgentHint::Hybrid { path, port }) => return Some(AgentAddr::Hybrid { path: path.into(), port: *port }),
-        Some(AgentHint::Vsock { cid, port }) => return Some(AgentAddr::Vsock { cid: *cid, port: *port }),
-        Some(AgentHint::Serial { path }) => return Some(AgentAddr::Serial { path: path.into() }),
-        None => {}
+///
+/// A channel defined without a path gets one from libvirt when the domain
+/// starts (under its channel directory, e.g.
+/// `/var/lib/libvirt/qemu/channel/target/domain-N-NAME/org.vmplug.guest.0`):
+/// `facts` must then be the running domain's live XML, which shows it.
+pub fn discover(facts: &DomainFacts) -> Result<AgentAddr, LinkError> {
+    if let Some(h) = &facts.agent_hint {
+        return Ok(h.into());
     }
-    if let Some(path) = facts.channels.get(DEFAULT_SERIAL_NAME) {
-        return Some(AgentAddr::Serial { path: path.into() });
+    if let Some(e) = &facts.metadata_error {
+        return Err(LinkError::Metadata(e.clone()));
     }
-    facts.vsock_cid.map(|cid| AgentAddr::Vsock { cid, port: DEFAULT_VSOCK_PORT })
+    match facts.channels.get(DEFAULT_SERIAL_NAME) {
+        Some(Some(path)) => Ok(AgentAddr::Serial { path: path.into() }),
+        Some(None) => Err(LinkError::ChannelPathUnknown { domain: facts.name.clone() }),
+        None => {
+            facts.vsock_cid.map(|cid| AgentAddr::Vsock { cid, port: DEFAULT_VSOCK_PORT }).ok_or(LinkError::NoAddress)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("no guest agent address: the domain has no vmplug metadata, no '{DEFAULT_SERIAL_NAME}' channel and no <vsock>; pass --agent")]
     NoAddress,
+    #[error("no guest agent address: the '{DEFAULT_SERIAL_NAME}' channel of '{domain}' names no socket path; libvirt chooses one when the domain starts and only the running domain's live XML shows it (is '{domain}' running?)")]
+    ChannelPathUnknown { domain: String },
+    #[error("no guest agent address: {0}")]
+    Metadata(crate::meta::MetaError),
     #[error("guest agent at {addr} did not complete a handshake within {waited:?} (last error: {last})")]
     Unreachable { addr: String, waited: Duration, last: String },
     #[error("hybrid vsock backend refused CONNECT {port}: '{reply}'")]
@@ -116,7 +138,10 @@ impl From<&LinkError> for crate::preflight::AgentTrouble {
         use crate::preflight::AgentTrouble;
         match e {
             LinkError::UnsafeSocket { .. } => AgentTrouble::Untrusted(e.to_string()),
-            LinkError::NoAddress | LinkError::NoSocket { .. } => AgentTrouble::NoEndpoint(e.to_string()),
+            LinkError::NoAddress
+            | LinkError::ChannelPathUnknown { .. }
+            | LinkError::Metadata(_)
+            | LinkError::NoSocket { .. } => AgentTrouble::NoEndpoint(e.to_string()),
             _ => AgentTrouble::Unanswered(e.to_string()),
         }
     }

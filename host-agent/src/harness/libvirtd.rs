@@ -297,7 +297,9 @@ impl Libvirtd {
         };
         let (uid, gid) = names
             .iter()
-            .find_map(|n| crate::trust::user_ids(n).or_else(|| n.strip_prefix('+').and_then(|u| u.parse().ok()).map(|u| (u, u))))
+            .find_map(|n| {
+                crate::trust::user_ids(n).or_else(|| n.strip_prefix('+').and_then(|u| u.parse().ok()).map(|u| (u, u)))
+            })
             .ok_or_else(|| HarnessError(format!("none of the QEMU users {names:?} exists on this host")))?;
         let gid = match set("group") {
             Some(g) => g.strip_prefix('+').and_then(|g| g.parse().ok()).or_else(|| group_id(&g)).unwrap_or(gid),
