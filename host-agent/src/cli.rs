@@ -316,6 +316,11 @@ pub enum Command {
         /// numatune mode for the memnodes.
         #[arg(long)]
         mode: Option<NumaMode>,
+        /// Socket path of the guest agent's virtio-serial channel (default: none
+        /// given, libvirt chooses it under its channel directory when the domain
+        /// starts). The channel is added when the domain has no agent address.
+        #[arg(long)]
+        channel_path: Option<String>,
         /// Print the diff only; define nothing.
         #[arg(long)]
         dry_run: bool,
@@ -687,7 +692,7 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 tune::CheckRequest { cpus: *cpus, guest: *guest, memory, resize, opts: hotplug.opts_with_zone(zone)? };
             check(cmd, conn, domain, &req).await?
         }
-        Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {
+        Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, channel_path, dry_run } => {
             let opts = crate::prepare::PrepareOpts {
                 max_vcpus: *max_vcpus,
                 max_memory: *max_memory,
@@ -695,6 +700,7 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 cells: *cells,
                 host_nodes: host_nodes.clone(),
                 mode: *mode,
+                channel_path: channel_path.clone(),
             };
             prepare(cmd, conn, domain, &opts, *dry_run).await?
         }

@@ -570,6 +570,65 @@ impl Wire {
 mod tests {
     use super::*;
 
+    /// A domain with `devices` and `metadata` children.
+    fn facts(devices: &str, metadata: &str) -> DomainFacts {
+        let xml = format!(
+            "<domain type='kvm'><name>web1</name><metadata>{metadata}</metadata><vcpu>1</vcpu><devices>{devices}</devices></domain>"
+        );
+        DomainFacts::parse(&xml).expect("parses")
+    }
+
+    const PATHLESS: &str =
+        "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.vmplug.guest.0'/></channel>";
+    /// The same channel in a running domain's live XML: libvirt's QEMU driver
+    /// chose the socket under its channel directory.
+    const LIVE: &str = "<channel type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.vmplug.guest.0'/>
+      <target type='virtio' name='org.vmplug.guest.0' state='connected'/>
+      <alias name='channel0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>";
+
+    /// Issue #27: a channel whose path libvirt chose is found in the live XML;
+    /// the inactive XML (or a driver that shows no path, as the test driver,
+    /// which drops the <source> too) gets an error that says why.
+    #[test]
+    fn a_channel_path_libvirt_chose_comes_from_the_live_xml() {
+        assert_eq!(
+            discover(&facts(LIVE, "")).expect("found"),
+            AgentAddr::Serial { path: "/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.vmplug.guest.0".into() }
+        );
+        let no_source = "<channel type='unix'><target type='virtio' name='org.vmplug.guest.0'/></channel>";
+        for inactive in [PATHLESS, no_source] {
+            let e = discover(&facts(inactive, "")).expect_err("no path yet");
+            assert!(matches!(&e, LinkError::ChannelPathUnknown { domain } if domain == "web1"), "{e}");
+            assert!(e.to_string().contains("is 'web1' running?"), "{e}");
+            assert!(
+                matches!(crate::preflight::AgentTrouble::from(&e), crate::preflight::AgentTrouble::NoEndpoint(_)),
+                "told to preflight as nothing to connect to"
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_order_and_its_errors() {
+        let vsock = "<vsock model='virtio'><cid auto='no' address='9'/></vsock>";
+        let md = "<v:domain xmlns:v='https://vmplug.dev/xmlns/domain/1'><v:tag>a</v:tag><v:agent transport='hybrid' path='/run/h.sock' port='1024'/></v:domain>";
+        assert_eq!(
+            discover(&facts(&format!("{LIVE}{vsock}"), md)).expect("metadata first"),
+            AgentAddr::Hybrid { path: "/run/h.sock".into(), port: 1024 }
+        );
+        assert!(matches!(discover(&facts(LIVE, "")), Ok(AgentAddr::Serial { .. })), "then the channel");
+        assert_eq!(
+            discover(&facts(vsock, "")).expect("then vsock"),
+            AgentAddr::Vsock { cid: 9, port: DEFAULT_VSOCK_PORT }
+        );
+        assert!(matches!(discover(&facts("", "")), Err(LinkError::NoAddress)));
+        let bad = "<v:domain xmlns:v='https://vmplug.dev/xmlns/domain/1'><v:agent transport='pigeon'/></v:domain>";
+        let e = discover(&facts(LIVE, bad)).expect_err("broken metadata is said, not skipped");
+        assert!(matches!(e, LinkError::Metadata(crate::meta::MetaError::Agent(_))), "{e}");
+    }
+
     /// Security finding 5: 1024 events of nearly a frame each were kept (~250 MiB).
     #[test]
     fn the_event_log_is_bounded_in_bytes() {

@@ -725,3 +725,27 @@ pub fn virtio_mem_xml(size: Bytes, node: Option<u32>, block: Bytes) -> String {
 pub fn dimm_detach_xml(d: &Dimm) -> String {
     MemoryDevice::of(d).to_xml()
 }
+
+/// The virtio-serial channel the guest agent listens on (`org.vmplug.guest.0`),
+/// as `vmplug prepare` adds it. Without a path, libvirt chooses the socket
+/// when the domain starts, under its own channel directory (which its
+/// AppArmor and SELinux profiles allow), and shows it in the live XML only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentChannel<'a> {
+    pub path: Option<&'a str>,
+}
+
+impl AgentChannel<'_> {
+    /// The device XML: its first line unindented, the next ones `indent`
+    /// (where the channel starts) plus `step` per level.
+    pub fn to_xml(&self, indent: &str, step: &str) -> String {
+        let source = match self.path {
+            Some(p) => format!("<source mode='bind' path='{}'/>", esc(p)),
+            None => "<source mode='bind'/>".to_string(),
+        };
+        format!(
+            "<channel type='unix'>\n{indent}{step}{source}\n{indent}{step}<target type='virtio' name='{}'/>\n{indent}</channel>",
+            vmplug_common::protocol::DEFAULT_SERIAL_NAME
+        )
+    }
+}
