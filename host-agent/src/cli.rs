@@ -316,6 +316,11 @@ pub enum Command {
         /// numatune mode for the memnodes.
         #[arg(long)]
         mode: Option<NumaMode>,
+        /// Socket path of the guest agent's virtio-serial channel (default: none
+        /// given, libvirt chooses it under its channel directory when the domain
+        /// starts). The channel is added when the domain has no agent address.
+        #[arg(long)]
+        channel_path: Option<String>,
         /// Print the diff only; define nothing.
         #[arg(long)]
         dry_run: bool,
@@ -390,6 +395,33 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Show or change vmplug's settings of a domain: tags (autoscale's
+    /// `[select] tag`) and the guest agent's address, all in one element of
+    /// the domain's <metadata> (namespace https://vmplug.dev/xmlns/domain/1).
+    /// Prints the settings as libvirt then holds them.
+    Meta {
+        /// Domain name (as virsh list shows it).
+        domain: String,
+        /// Add this tag (repeatable).
+        #[arg(long = "tag", value_name = "TAG")]
+        tag: Vec<crate::meta::Tag>,
+        /// Remove this tag (repeatable; removals come before additions).
+        #[arg(long = "untag", value_name = "TAG")]
+        untag: Vec<crate::meta::Tag>,
+        /// Set the guest agent's address: hybrid:PATH:PORT, vsock:CID:PORT or serial:PATH.
+        #[arg(long, conflicts_with = "no_agent")]
+        agent: Option<AgentAddr>,
+        /// Remove the agent's address (the domain's channel or <vsock> is used then).
+        #[arg(long)]
+        no_agent: bool,
+        /// The running domain only (default: running and persistent when it runs,
+        /// else persistent).
+        #[arg(long)]
+        live: bool,
+        /// The persistent definition only (with --live: both).
+        #[arg(long)]
+        config: bool,
+    },
     /// The host's and the guest's view side by side.
     Status {
         /// Domain name (as virsh list shows it).
@@ -424,6 +456,7 @@ impl Command {
             Command::Prepare { .. } => "prepare",
             Command::Autoscale { .. } => "autoscale",
             Command::Status { .. } => "status",
+            Command::Meta { .. } => "meta",
             Command::VerifyImage { .. } => "verify-image",
         }
     }
@@ -443,7 +476,8 @@ impl Command {
             | Command::Numa { domain }
             | Command::Check { domain, .. }
             | Command::Prepare { domain, .. }
-            | Command::Status { domain, .. } => Some(domain),
+            | Command::Status { domain, .. }
+            | Command::Meta { domain, .. } => Some(domain),
             Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
         }
     }
@@ -474,6 +508,15 @@ pub enum CliError {
     Request { id: String, source: DomainError },
     #[error("{0}")]
     Other(String),
+}
+
+impl From<crate::meta::MetaVerbError> for CliError {
+    fn from(e: crate::meta::MetaVerbError) -> Self {
+        match e {
+            crate::meta::MetaVerbError::Domain(d) => CliError::Domain(d),
+            e => CliError::Other(e.to_string()),
+        }
+    }
 }
 
 impl From<TuneError> for CliError {
@@ -649,7 +692,7 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 tune::CheckRequest { cpus: *cpus, guest: *guest, memory, resize, opts: hotplug.opts_with_zone(zone)? };
             check(cmd, conn, domain, &req).await?
         }
-        Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, dry_run } => {
+        Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, channel_path, dry_run } => {
             let opts = crate::prepare::PrepareOpts {
                 max_vcpus: *max_vcpus,
                 max_memory: *max_memory,
@@ -657,12 +700,25 @@ pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError>
                 cells: *cells,
                 host_nodes: host_nodes.clone(),
                 mode: *mode,
+                channel_path: channel_path.clone(),
             };
             prepare(cmd, conn, domain, &opts, *dry_run).await?
         }
         Command::Autoscale { policy, once, dry_run } => autoscale(conn, policy, *once, *dry_run).await?,
         Command::VerifyImage { .. } => {
             return run_verify(cli).await.unwrap_or_else(|| Err(CliError::Usage("not verify-image".into())))
+        }
+        Command::Meta { domain, tag, untag, agent, no_agent, live, config } => {
+            let change = crate::meta::Change {
+                tag: tag.clone(),
+                untag: untag.clone(),
+                agent: agent.as_ref().map(Into::into),
+                no_agent: *no_agent,
+            };
+            let r = crate::meta::meta(conn, domain, change, *live, *config).await?;
+            let mut env = Envelope::new(cmd.name(), cmd.domain(), ReportOutcome::Ok, String::new());
+            env.applied = r.applied.clone();
+            Done::new(env, &r, r.render_text())
         }
         Command::Status { domain, agent } => {
             let st = tune::status(conn, domain, agent.agent.as_ref(), Duration::from_secs(agent.agent_timeout)).await?;

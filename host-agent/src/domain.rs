@@ -222,4 +222,13 @@ pub trait Domain: Send + Sync + std::fmt::Debug {
     fn pin_vcpu(&self, vcpu: u32, cpus: &CpuSet, host_cpus: u32, affect: Affect) -> Result<(), DomainError>;
     fn numa(&self, affect: Affect) -> Result<NumaParams, DomainError>;
     fn set_numa(&self, params: &NumaParams, affect: Affect) -> Result<(), DomainError>;
+    /// The metadata element of namespace `ns` in one view, as libvirt returns
+    /// it (namespace stripped); `None` when the domain has none
+    /// (`virsh metadata --uri NS`).
+    fn metadata(&self, ns: &str, view: XmlView) -> Result<Option<String>, DomainError>;
+    /// Sets (`Some`) or removes (`None`) the metadata element of namespace `ns`,
+    /// written with prefix `key`; it replaces the namespace's element, if any
+    /// (`virsh metadata --uri NS --key KEY --set XML | --remove`). `affect` is
+    /// `Live` or `Config`, or `Both`.
+    fn set_metadata(&self, ns: &str, key: &str, element: Option<&str>, affect: Affect) -> Result<(), DomainError>;
 }

@@ -127,6 +127,41 @@ fn set_virtio_mem(xml: &str, alias: &str, requested: u64, current: Option<u64>) 
     format!("{}{dev}{}", &xml[..start], &xml[end..])
 }
 
+/// The first element of namespace `ns` in `xml`'s `<metadata>` (its byte
+/// range), and where a new element goes (None: there is no `<metadata>`).
+fn metadata_slot(xml: &str, ns: &str) -> (Option<std::ops::Range<usize>>, Option<usize>) {
+    let Ok(doc) = roxmltree::Document::parse(xml) else { return (None, None) };
+    let Some(md) = doc.root_element().children().find(|n| n.has_tag_name("metadata")) else { return (None, None) };
+    let found = md.children().find(|c| c.is_element() && c.tag_name().namespace() == Some(ns)).map(|c| c.range());
+    let end = md.range().end;
+    let at = xml[..end].ends_with("</metadata>").then(|| end - "</metadata>".len());
+    (found, at)
+}
+
+/// `xml` with the metadata element of `ns` replaced by `element` (put in `ns`
+/// as a default namespace) or removed, as `virDomainSetMetadata` leaves it.
+fn set_metadata_in(xml: &str, ns: &str, element: Option<&str>) -> String {
+    let new = element
+        .map(|e| {
+            let e = e.trim();
+            let name_end = e.find(|c: char| c.is_whitespace() || c == '>' || c == '/').unwrap_or(e.len());
+            format!("{} xmlns='{ns}'{}", &e[..name_end], &e[name_end..])
+        })
+        .unwrap_or_default();
+    match metadata_slot(xml, ns) {
+        (Some(r), _) => format!("{}{new}{}", &xml[..r.start], &xml[r.end..]),
+        (None, Some(at)) => format!("{}{new}{}", &xml[..at], &xml[at..]),
+        (None, None) if new.is_empty() => xml.to_string(),
+        (None, None) => match xml.find("</name>") {
+            Some(i) => {
+                let at = i + "</name>".len();
+                format!("{}<metadata>{new}</metadata>{}", &xml[..at], &xml[at..])
+            }
+            None => xml.to_string(),
+        },
+    }
+}
+
 /// The region base of the live virtio-mem device `alias`.
 fn live_base(xml: &str, alias: &str) -> Option<u64> {
     crate::xml::DomainFacts::parse(xml).ok()?.virtio_mems.into_iter().find(|v| v.alias.as_deref() == Some(alias))?.base
@@ -404,6 +439,30 @@ impl Domain for FakeDomain {
     fn set_numa(&self, p: &NumaParams, affect: Affect) -> Result<(), DomainError> {
         self.enter("numatune", format!("{affect:?}"))?;
         self.st().numa = p.clone();
+        Ok(())
+    }
+    fn metadata(&self, ns: &str, view: XmlView) -> Result<Option<String>, DomainError> {
+        let st = self.st();
+        let xml = match view {
+            XmlView::Live if !st.running => return Err(DomainError::NotRunning(self.name.clone())),
+            XmlView::Live => &st.live,
+            XmlView::Inactive => &st.config,
+        };
+        Ok(metadata_slot(xml, ns).0.map(|r| xml[r].to_string()))
+    }
+    fn set_metadata(&self, ns: &str, key: &str, element: Option<&str>, affect: Affect) -> Result<(), DomainError> {
+        self.enter("metadata", format!("{ns} {key} {} {affect:?}", if element.is_some() { "set" } else { "remove" }))?;
+        let mut st = self.st();
+        let affect = affect.resolve(st.running);
+        if affect.live() && !st.running {
+            return Err(DomainError::NotRunning(self.name.clone()));
+        }
+        if affect.live() {
+            st.live = set_metadata_in(&st.live, ns, element);
+        }
+        if affect.config() {
+            st.config = set_metadata_in(&st.config, ns, element);
+        }
         Ok(())
     }
 }

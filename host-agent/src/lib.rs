@@ -10,6 +10,7 @@ pub mod harness;
 pub mod libvirt;
 pub mod link;
 pub mod lograte;
+pub mod meta;
 pub mod ops;
 pub mod plan;
 pub mod planner;

@@ -235,4 +235,24 @@ impl Domain for LibvirtDomain {
         };
         self.dom.set_numa_parameters(params, impact(affect)).map_err(self.err("numatune"))
     }
+
+    fn metadata(&self, ns: &str, view: XmlView) -> Result<Option<String>, DomainError> {
+        let flags = match view {
+            XmlView::Live => sys::VIR_DOMAIN_AFFECT_LIVE,
+            XmlView::Inactive => sys::VIR_DOMAIN_AFFECT_CONFIG,
+        };
+        match self.dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(ns), flags) {
+            Ok(xml) => Ok(Some(xml)),
+            Err(e) if matches!(e.code(), virt::enumutil::Enum::Known(virt::error::ErrorNumber::NoDomainMetadata)) => {
+                Ok(None)
+            }
+            Err(e) => Err(self.err("metadata")(e)),
+        }
+    }
+
+    fn set_metadata(&self, ns: &str, key: &str, element: Option<&str>, affect: Affect) -> Result<(), DomainError> {
+        self.dom
+            .set_metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, element, Some(key), Some(ns), impact(affect))
+            .map_err(self.err("metadata"))
+    }
 }

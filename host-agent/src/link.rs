@@ -66,25 +66,47 @@ impl FromStr for AgentAddr {
     }
 }
 
+impl From<&AgentHint> for AgentAddr {
+    fn from(h: &AgentHint) -> AgentAddr {
+        match h {
+            AgentHint::Hybrid { path, port } => AgentAddr::Hybrid { path: path.into(), port: *port },
+            AgentHint::Vsock { cid, port } => AgentAddr::Vsock { cid: *cid, port: *port },
+            AgentHint::Serial { path } => AgentAddr::Serial { path: path.into() },
+        }
+    }
+}
+
 /// Where the agent of this domain listens: vmplug metadata, else the
 /// virtio-serial channel named `org.vmplug.guest.0`, else a `<vsock>` device.
-pub fn discover(facts: &DomainFacts) -> Option<AgentAddr> {
-    match &facts.agent_hint {
-        Some(AgentHint::Hybrid { path, port }) => return Some(AgentAddr::Hybrid { path: path.into(), port: *port }),
-        Some(AgentHint::Vsock { cid, port }) => return Some(AgentAddr::Vsock { cid: *cid, port: *port }),
-        Some(AgentHint::Serial { path }) => return Some(AgentAddr::Serial { path: path.into() }),
-        None => {}
+///
+/// A channel defined without a path gets one from libvirt when the domain
+/// starts (under its channel directory, e.g.
+/// `/var/lib/libvirt/qemu/channel/target/domain-N-NAME/org.vmplug.guest.0`):
+/// `facts` must then be the running domain's live XML, which shows it.
+pub fn discover(facts: &DomainFacts) -> Result<AgentAddr, LinkError> {
+    if let Some(h) = &facts.agent_hint {
+        return Ok(h.into());
     }
-    if let Some(path) = facts.channels.get(DEFAULT_SERIAL_NAME) {
-        return Some(AgentAddr::Serial { path: path.into() });
+    if let Some(e) = &facts.metadata_error {
+        return Err(LinkError::Metadata(e.clone()));
     }
-    facts.vsock_cid.map(|cid| AgentAddr::Vsock { cid, port: DEFAULT_VSOCK_PORT })
+    match facts.channels.get(DEFAULT_SERIAL_NAME) {
+        Some(Some(path)) => Ok(AgentAddr::Serial { path: path.into() }),
+        Some(None) => Err(LinkError::ChannelPathUnknown { domain: facts.name.clone() }),
+        None => {
+            facts.vsock_cid.map(|cid| AgentAddr::Vsock { cid, port: DEFAULT_VSOCK_PORT }).ok_or(LinkError::NoAddress)
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("no guest agent address: the domain has no vmplug metadata, no '{DEFAULT_SERIAL_NAME}' channel and no <vsock>; pass --agent")]
     NoAddress,
+    #[error("no guest agent address: the '{DEFAULT_SERIAL_NAME}' channel of '{domain}' names no socket path; libvirt chooses one when the domain starts and only the running domain's live XML shows it (is '{domain}' running?)")]
+    ChannelPathUnknown { domain: String },
+    #[error("no guest agent address: {0}")]
+    Metadata(crate::meta::MetaError),
     #[error("guest agent at {addr} did not complete a handshake within {waited:?} (last error: {last})")]
     Unreachable { addr: String, waited: Duration, last: String },
     #[error("hybrid vsock backend refused CONNECT {port}: '{reply}'")]
@@ -117,7 +139,10 @@ impl From<&LinkError> for crate::preflight::AgentTrouble {
         use crate::preflight::AgentTrouble;
         match e {
             LinkError::UnsafeSocket { .. } => AgentTrouble::Untrusted(e.to_string()),
-            LinkError::NoAddress | LinkError::NoSocket { .. } => AgentTrouble::NoEndpoint(e.to_string()),
+            LinkError::NoAddress
+            | LinkError::ChannelPathUnknown { .. }
+            | LinkError::Metadata(_)
+            | LinkError::NoSocket { .. } => AgentTrouble::NoEndpoint(e.to_string()),
             _ => AgentTrouble::Unanswered(e.to_string()),
         }
     }
@@ -582,6 +607,65 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A domain with `devices` and `metadata` children.
+    fn facts(devices: &str, metadata: &str) -> DomainFacts {
+        let xml = format!(
+            "<domain type='kvm'><name>web1</name><metadata>{metadata}</metadata><vcpu>1</vcpu><devices>{devices}</devices></domain>"
+        );
+        DomainFacts::parse(&xml).expect("parses")
+    }
+
+    const PATHLESS: &str =
+        "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.vmplug.guest.0'/></channel>";
+    /// The same channel in a running domain's live XML: libvirt's QEMU driver
+    /// chose the socket under its channel directory.
+    const LIVE: &str = "<channel type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.vmplug.guest.0'/>
+      <target type='virtio' name='org.vmplug.guest.0' state='connected'/>
+      <alias name='channel0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>";
+
+    /// Issue #27: a channel whose path libvirt chose is found in the live XML;
+    /// the inactive XML (or a driver that shows no path, as the test driver,
+    /// which drops the <source> too) gets an error that says why.
+    #[test]
+    fn a_channel_path_libvirt_chose_comes_from_the_live_xml() {
+        assert_eq!(
+            discover(&facts(LIVE, "")).expect("found"),
+            AgentAddr::Serial { path: "/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.vmplug.guest.0".into() }
+        );
+        let no_source = "<channel type='unix'><target type='virtio' name='org.vmplug.guest.0'/></channel>";
+        for inactive in [PATHLESS, no_source] {
+            let e = discover(&facts(inactive, "")).expect_err("no path yet");
+            assert!(matches!(&e, LinkError::ChannelPathUnknown { domain } if domain == "web1"), "{e}");
+            assert!(e.to_string().contains("is 'web1' running?"), "{e}");
+            assert!(
+                matches!(crate::preflight::AgentTrouble::from(&e), crate::preflight::AgentTrouble::NoEndpoint(_)),
+                "told to preflight as nothing to connect to"
+            );
+        }
+    }
+
+    #[test]
+    fn discovery_order_and_its_errors() {
+        let vsock = "<vsock model='virtio'><cid auto='no' address='9'/></vsock>";
+        let md = "<v:domain xmlns:v='https://vmplug.dev/xmlns/domain/1'><v:tag>a</v:tag><v:agent transport='hybrid' path='/run/h.sock' port='1024'/></v:domain>";
+        assert_eq!(
+            discover(&facts(&format!("{LIVE}{vsock}"), md)).expect("metadata first"),
+            AgentAddr::Hybrid { path: "/run/h.sock".into(), port: 1024 }
+        );
+        assert!(matches!(discover(&facts(LIVE, "")), Ok(AgentAddr::Serial { .. })), "then the channel");
+        assert_eq!(
+            discover(&facts(vsock, "")).expect("then vsock"),
+            AgentAddr::Vsock { cid: 9, port: DEFAULT_VSOCK_PORT }
+        );
+        assert!(matches!(discover(&facts("", "")), Err(LinkError::NoAddress)));
+        let bad = "<v:domain xmlns:v='https://vmplug.dev/xmlns/domain/1'><v:agent transport='pigeon'/></v:domain>";
+        let e = discover(&facts(LIVE, bad)).expect_err("broken metadata is said, not skipped");
+        assert!(matches!(e, LinkError::Metadata(crate::meta::MetaError::Agent(_))), "{e}");
+    }
 
     /// Security finding 5: 1024 events of nearly a frame each were kept (~250 MiB).
     #[test]

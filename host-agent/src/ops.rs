@@ -270,7 +270,10 @@ pub async fn connect_agent(
     addr: Option<&AgentAddr>,
     wait: Duration,
 ) -> Result<GuestLink, LinkError> {
-    let addr = addr.cloned().or_else(|| discover(facts)).ok_or(LinkError::NoAddress)?;
+    let addr = match addr {
+        Some(a) => a.clone(),
+        None => discover(facts)?,
+    };
     let expect = SocketTrust::for_domain(facts.dac_user.as_ref(), std::path::Path::new(LOGIN_DEFS));
     GuestLink::connect_expecting(&addr, &expect, wait).await
 }

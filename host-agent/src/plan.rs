@@ -73,7 +73,7 @@ async fn gather_phases(
     let t = std::time::Instant::now();
     let d = read_domain(conn.clone(), name, true).await?;
     let affect = opts.affect.resolve(d.running);
-    let blind = opts.no_wait && opts.agent.is_none() && discover(&d.facts).is_none();
+    let blind = opts.no_wait && opts.agent.is_none() && discover(&d.facts).is_err();
     let host = async {
         let h = read_host(conn.clone(), d.facts.clone()).await;
         (h, crate::ops::ms(t))
@@ -144,7 +144,7 @@ async fn session(
     opts: &HotplugOpts,
     held: Option<GuestLink>,
 ) -> (Option<GuestLink>, Option<LinkError>) {
-    let want = opts.agent.clone().or_else(|| discover(dom));
+    let want = opts.agent.clone().or_else(|| discover(dom).ok());
     if let Some(mut link) = held {
         if want.as_ref() == Some(&link.addr) {
             match link.refresh().await {

@@ -34,6 +34,9 @@ pub struct PrepareOpts {
     pub cells: Option<u32>,
     pub host_nodes: Option<CpuSet>,
     pub mode: Option<NumaMode>,
+    /// The agent channel's socket; `None`: libvirt chooses it when the domain
+    /// starts (under its channel directory).
+    pub channel_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +65,8 @@ pub enum PrepareError {
     NoSlots,
     #[error("host NUMA node {0} does not exist (host nodes: {1})")]
     NoSuchHostNode(u32, String),
+    #[error("channel path '{0}' is not absolute")]
+    ChannelPath(String),
     #[error("strict binding of cell {cell} ({need}) to host node {node} with {free} free would fail at start")]
     NodeTooSmall { cell: u32, node: u32, need: Bytes, free: Bytes },
 }
@@ -79,6 +84,7 @@ impl PrepareError {
             PrepareError::Machine { .. } => "cpu.machine",
             PrepareError::NoHostNodes(_) | PrepareError::NoSuchHostNode(..) => "numatune.nodes",
             PrepareError::NodeTooSmall { .. } => "numatune.strict-free",
+            PrepareError::ChannelPath(_) => "prepare.channel-path",
         }
     }
 }
@@ -174,6 +180,7 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
     if !pins.is_empty() {
         edits.extend(pin_edits(xml, dom, &pins, &memnodes, o.mode.unwrap_or(NumaMode::Strict))?);
     }
+    edits.extend(channel_edits(xml, dom, &f, o.channel_path.as_deref(), &mut notes)?);
     edits.sort_by_key(|(r, _)| std::cmp::Reverse((r.start, r.end)));
     let mut out = xml.to_string();
     for (r, text) in edits {
@@ -413,6 +420,62 @@ fn pin_edits(
     }
 
     Ok(edits)
+}
+
+/// The guest agent's virtio-serial channel: added when the domain has no way
+/// to reach an agent (no vmplug metadata address, no channel, no `<vsock>`),
+/// without a path unless `path` is given; an existing channel is changed only
+/// to the path asked for.
+fn channel_edits(
+    xml: &str,
+    dom: Node,
+    f: &DomainFacts,
+    path: Option<&str>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Edit>, PrepareError> {
+    use vmplug_common::protocol::DEFAULT_SERIAL_NAME;
+    if let Some(p) = path.filter(|p| !p.starts_with('/')) {
+        return Err(PrepareError::ChannelPath(p.to_string()));
+    }
+    let existing = f.channels.get(DEFAULT_SERIAL_NAME);
+    match (existing, path) {
+        (Some(have), Some(want)) if have.as_deref() == Some(want) => return Ok(vec![]),
+        (Some(_), None) => return Ok(vec![]),
+        (None, None) if f.agent_hint.is_some() || f.vsock_cid.is_some() => {
+            notes.push("agent: reached through vmplug's metadata or <vsock>; no channel added".into());
+            return Ok(vec![]);
+        }
+        _ => {}
+    }
+    let devices = child(dom, "devices").ok_or(PrepareError::Xml("no <devices>".into()))?;
+    let step = indent_of(xml, devices);
+    let indent = format!("{step}{step}");
+    let channel = crate::xml::AgentChannel { path };
+    notes.push(match path {
+        Some(p) => format!("agent: virtio-serial channel '{DEFAULT_SERIAL_NAME}' on {p}"),
+        None => format!("agent: virtio-serial channel '{DEFAULT_SERIAL_NAME}'; libvirt chooses its socket when the domain starts (the live XML shows it)"),
+    });
+    // The existing channel (one with another path), replaced in place.
+    let old = devices.children().find(|d| {
+        d.has_tag_name("channel") && child(*d, "target").and_then(|t| t.attribute("name")) == Some(DEFAULT_SERIAL_NAME)
+    });
+    if let Some(old) = old {
+        let indent = indent_of(xml, old);
+        return Ok(vec![(old.range(), channel.to_xml(&indent, &step))]);
+    }
+    let r = devices.range();
+    if xml[r.clone()].trim_end().ends_with("/>") {
+        let dev = channel.to_xml(&indent, &step);
+        return Ok(vec![(r, format!("<devices>\n{indent}{dev}\n{step}</devices>"))]);
+    }
+    let close = r.end - "</devices>".len();
+    let line = xml[..close].rfind('\n').map_or(close, |i| i + 1);
+    let dev = channel.to_xml(&indent, &step);
+    if xml[line..close].trim().is_empty() {
+        Ok(vec![(line..line, format!("{indent}{dev}\n"))])
+    } else {
+        Ok(vec![(close..close, format!("\n{indent}{dev}\n{step}"))])
+    }
 }
 
 /// A unified diff of two definitions.

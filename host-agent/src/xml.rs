@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use roxmltree::{Document, Node};
 use vmplug_common::{Bytes, CpuSet, KIB};
 
-/// The metadata namespace for vmplug's own annotations.
+/// The namespace of vmplug's first metadata forms (one `<tag>` or one
+/// `<agent>`), still read; [`crate::meta::DOMAIN_NS`] holds the settings now.
 pub const VMPLUG_NS: &str = "https://vmplug.dev/xmlns/agent/1";
 
 #[derive(Debug, thiserror::Error)]
@@ -134,15 +135,27 @@ impl Topology {
     }
 }
 
-/// Where the guest agent can be reached, as the domain XML tells.
+/// Where the guest agent can be reached, as vmplug's metadata tells
+/// (`<agent>` of [`crate::meta::Settings`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentHint {
-    /// `<metadata><vmplug:agent transport='hybrid' path=… port=…/>`
+    /// `<agent transport='hybrid' path=… port=…/>`
     Hybrid { path: String, port: u32 },
-    /// `<metadata><vmplug:agent transport='vsock' cid=… port=…/>`
+    /// `<agent transport='vsock' cid=… port=…/>`
     Vsock { cid: u32, port: u32 },
-    /// `<metadata><vmplug:agent transport='serial' path=…/>`
+    /// `<agent transport='serial' path=…/>`
     Serial { path: String },
+}
+
+impl std::fmt::Display for AgentHint {
+    /// As `--agent` takes it: `hybrid:PATH:PORT`, `vsock:CID:PORT`, `serial:PATH`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentHint::Hybrid { path, port } => write!(f, "hybrid:{path}:{port}"),
+            AgentHint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            AgentHint::Serial { path } => write!(f, "serial:{path}"),
+        }
+    }
 }
 
 /// Everything vmplug reads from one domain XML.
@@ -168,8 +181,10 @@ pub struct DomainFacts {
     pub virtio_mems: Vec<VirtioMem>,
     pub virtio_nets: u32,
     pub vhost_user_devices: Vec<String>,
-    /// virtio-serial channels: target name → host socket path.
-    pub channels: BTreeMap<String, String>,
+    /// virtio-serial channels: target name → host socket path; `None` when the
+    /// definition names no path (libvirt then chooses one under its channel
+    /// directory when the domain starts, and only the live XML shows it).
+    pub channels: BTreeMap<String, Option<String>>,
     pub vsock_cid: Option<u32>,
     pub hugepage_size: Option<Bytes>,
     pub cpu_shares: Option<u64>,
@@ -179,9 +194,13 @@ pub struct DomainFacts {
     pub numatune_nodeset: Option<CpuSet>,
     /// cellid → (mode, nodeset)
     pub memnodes: BTreeMap<u32, (String, CpuSet)>,
+    /// The agent's address from vmplug's metadata.
     pub agent_hint: Option<AgentHint>,
-    /// `<metadata><vmplug:tag>NAME</vmplug:tag>` entries (autoscale selection).
+    /// Tags from vmplug's metadata (autoscale's `[select] tag`).
     pub tags: Vec<String>,
+    /// Why vmplug's metadata could not be read (then no tags and no agent
+    /// address came from it).
+    pub metadata_error: Option<crate::meta::MetaError>,
     /// The user the domain's process runs as: the DAC `<seclabel>`'s `<label>`
     /// (else `<imagelabel>`), which the live XML of a running domain has.
     pub dac_user: Option<crate::trust::DacUser>,
@@ -339,11 +358,10 @@ impl DomainFacts {
                         }
                     }
                     "channel" => {
-                        if let (Some(t), Some(src)) = (child(d, "target"), child(d, "source")) {
-                            if t.attribute("type") == Some("virtio") {
-                                if let (Some(name), Some(p)) = (t.attribute("name"), src.attribute("path")) {
-                                    f.channels.insert(name.to_string(), p.to_string());
-                                }
+                        if let Some(t) = child(d, "target").filter(|t| t.attribute("type") == Some("virtio")) {
+                            if let Some(name) = t.attribute("name") {
+                                let p = child(d, "source").and_then(|s| s.attribute("path")).filter(|p| !p.is_empty());
+                                f.channels.insert(name.to_string(), p.map(str::to_string));
                             }
                         }
                     }
@@ -401,31 +419,15 @@ impl DomainFacts {
         }
     }
 
-    /// vmplug's `<metadata>`: tags and the agent's address.
+    /// vmplug's `<metadata>`: tags and the agent's address (see [`crate::meta`]).
     fn read_metadata(&mut self, dom: Node) {
-        let f = self;
-        if let Some(md) = child(dom, "metadata") {
-            f.tags = md
-                .children()
-                .filter(|n| n.tag_name().name() == "tag" && n.tag_name().namespace() == Some(VMPLUG_NS))
-                .filter_map(|n| n.text().map(|t| t.trim().to_string()))
-                .collect();
-            if let Some(a) =
-                md.children().find(|n| n.tag_name().name() == "agent" && n.tag_name().namespace() == Some(VMPLUG_NS))
-            {
-                let port = a
-                    .attribute("port")
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(vmplug_common::protocol::DEFAULT_VSOCK_PORT);
-                f.agent_hint = match a.attribute("transport") {
-                    Some("hybrid") => a.attribute("path").map(|p| AgentHint::Hybrid { path: p.to_string(), port }),
-                    Some("vsock") => {
-                        a.attribute("cid").and_then(|c| c.parse().ok()).map(|cid| AgentHint::Vsock { cid, port })
-                    }
-                    Some("serial") => a.attribute("path").map(|p| AgentHint::Serial { path: p.to_string() }),
-                    _ => None,
-                };
+        let Some(md) = child(dom, "metadata") else { return };
+        match crate::meta::Settings::from_metadata(md) {
+            Ok(s) => {
+                self.tags = s.tags.iter().map(|t| t.as_str().to_string()).collect();
+                self.agent_hint = s.agent;
             }
+            Err(e) => self.metadata_error = Some(e),
         }
     }
 
@@ -722,4 +724,28 @@ pub fn virtio_mem_xml(size: Bytes, node: Option<u32>, block: Bytes) -> String {
 /// The XML that detaches an existing DIMM (matched by alias, as libvirt does).
 pub fn dimm_detach_xml(d: &Dimm) -> String {
     MemoryDevice::of(d).to_xml()
+}
+
+/// The virtio-serial channel the guest agent listens on (`org.vmplug.guest.0`),
+/// as `vmplug prepare` adds it. Without a path, libvirt chooses the socket
+/// when the domain starts, under its own channel directory (which its
+/// AppArmor and SELinux profiles allow), and shows it in the live XML only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentChannel<'a> {
+    pub path: Option<&'a str>,
+}
+
+impl AgentChannel<'_> {
+    /// The device XML: its first line unindented, the next ones `indent`
+    /// (where the channel starts) plus `step` per level.
+    pub fn to_xml(&self, indent: &str, step: &str) -> String {
+        let source = match self.path {
+            Some(p) => format!("<source mode='bind' path='{}'/>", esc(p)),
+            None => "<source mode='bind'/>".to_string(),
+        };
+        format!(
+            "<channel type='unix'>\n{indent}{step}{source}\n{indent}{step}<target type='virtio' name='{}'/>\n{indent}</channel>",
+            vmplug_common::protocol::DEFAULT_SERIAL_NAME
+        )
+    }
 }

@@ -71,6 +71,12 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
         (&["no-such-verb"], 64, "usage"),
         (&["detach-memory", "test", "--alias", "dimm9"], 64, "usage"),
         (&["prepare", "test", "--slots", "300", "--dry-run"], 2, "refused"),
+        (&["meta", "test"], 0, "ok"),
+        (&["meta", "test", "--tag", "a", "--tag", "b", "--agent", "hybrid:/run/x.vsock:1024"], 0, "ok"),
+        (&["meta", "test", "--no-agent", "--untag", "a", "--live"], 0, "ok"),
+        (&["meta", "no-such-domain", "--tag", "a"], 1, "error"),
+        (&["meta", "test", "--tag", "two words"], 64, "usage"),
+        (&["meta", "test", "--agent", "hybrid:/x:1", "--no-agent"], 64, "usage"),
     ];
     let (_, doc) = json(&["prepare", "test", "--slots", "0"]);
     assert!(doc["findings"][0]["id"].as_str().is_some_and(|id| !id.is_empty()), "a refusal names its rule: {doc:#}");
@@ -83,6 +89,22 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
             assert!(doc["error"].as_str().is_some_and(|e| !e.is_empty()), "{args:?}: says why: {doc:#}");
         }
     }
+}
+
+/// `meta` prints the settings as libvirt holds them after the change: tags and
+/// the agent's address side by side, in the live and persistent definitions.
+#[test]
+fn meta_prints_the_settings_libvirt_kept() {
+    let (code, doc) = json(&["meta", "test", "--tag", "autoscale", "--tag", "web", "--agent", "vsock:42:1024"]);
+    assert_eq!(code, 0, "{doc:#}");
+    for view in ["live", "config"] {
+        assert_eq!(doc[view]["tags"], serde_json::json!(["autoscale", "web"]), "{view}: {doc:#}");
+        assert_eq!(doc[view]["agent"], "vsock:42:1024", "{view}: {doc:#}");
+    }
+    assert_eq!(doc["applied"].as_array().map(Vec::len), Some(2), "one set-metadata per definition: {doc:#}");
+    let (code, text, _) = vmplug(&["-c", "test:///default", "meta", "test", "--tag", "autoscale", "--config"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("config") && text.contains("autoscale") && !text.contains("live"), "{text}");
 }
 
 /// Verbs whose verdict depends on the test driver's domain: whatever they say,

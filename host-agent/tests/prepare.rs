@@ -222,3 +222,50 @@ fn huge_vcpu_and_cell_counts_are_refused_at_once() {
     assert_eq!((f.vcpus_max, f.cells.len()), (MAX_VCPUS, MAX_CELLS as usize));
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "took {:?}", started.elapsed());
 }
+
+/// Issue #27: the agent's channel is added without a path (libvirt chooses the
+/// socket under its channel directory, which its AppArmor and SELinux
+/// profiles allow), or on the path asked for.
+#[test]
+fn the_agent_channel_is_added_where_asked() {
+    use vmplug::link::{discover, LinkError};
+    let input = include_str!("fixtures/plain.xml");
+    let at = PrepareOpts { channel_path: Some("/run/vmplug/web1.agent".into()), ..Default::default() };
+    let f = golden("prepared-plain-channel-path.xml", input, &at);
+    assert_eq!(f.channels.get("org.vmplug.guest.0"), Some(&Some("/run/vmplug/web1.agent".to_string())));
+
+    // Without a path the inactive definition cannot say where the agent is.
+    let f =
+        DomainFacts::parse(&prepare(input, &host(), &PrepareOpts::default()).expect("prepares").xml).expect("parses");
+    assert_eq!(f.channels.get("org.vmplug.guest.0"), Some(&None));
+    assert!(matches!(discover(&f), Err(LinkError::ChannelPathUnknown { .. })));
+
+    // An existing channel is kept, or moved to the path asked for.
+    let ready = include_str!("fixtures/x86-ready.xml");
+    let kept = prepare(ready, &host(), &PrepareOpts::default()).expect("prepares").xml;
+    assert_eq!(kept.matches("<channel").count(), 1);
+    let moved = PrepareOpts { channel_path: Some("/run/other.sock".into()), ..Default::default() };
+    let out = prepare(ready, &host(), &moved).expect("prepares").xml;
+    assert_eq!(out.matches("<channel").count(), 1, "{out}");
+    let f = DomainFacts::parse(&out).expect("parses");
+    assert_eq!(f.channels.get("org.vmplug.guest.0"), Some(&Some("/run/other.sock".to_string())));
+
+    // A domain reached through <vsock> gets no channel (it would win over vsock).
+    let vsock =
+        input.replace("</devices>", "  <vsock model='virtio'><cid auto='no' address='3'/></vsock>\n  </devices>");
+    let out = prepare(&vsock, &host(), &PrepareOpts::default()).expect("prepares");
+    assert!(!out.xml.contains("<channel"), "{}", out.xml);
+    assert!(out.notes.iter().any(|n| n.contains("no channel added")), "{:?}", out.notes);
+
+    // <devices/> grows a list; a relative path is refused.
+    let empty =
+        input.replace("<devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n  </devices>", "<devices/>");
+    assert_ne!(empty, input);
+    let out = prepare(&empty, &host(), &PrepareOpts::default()).expect("prepares").xml;
+    assert!(DomainFacts::parse(&out).expect("parses").channels.contains_key("org.vmplug.guest.0"), "{out}");
+    let relative = PrepareOpts { channel_path: Some("agent.sock".into()), ..Default::default() };
+    assert_eq!(
+        prepare(input, &host(), &relative).expect_err("refused"),
+        PrepareError::ChannelPath("agent.sock".into())
+    );
+}

@@ -130,3 +130,42 @@ async fn every_domain_state_gets_its_verdict_at_once() {
         assert_eq!(after.vcpus_current, 1, "{name}: nothing changed");
     }
 }
+
+/// Issue #27: `prepare` adds the agent's channel without a path and libvirt
+/// takes it; where the live XML shows no path (the test driver chooses none),
+/// the agent error says why instead of "no address".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pathless_agent_channel_is_defined_and_its_missing_path_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("node.xml");
+    let dom = |name: &str, devices: &str| {
+        format!(
+            "<domain type='test'><name>{name}</name><memory>4194304</memory><vcpu current='1'>4</vcpu>
+               <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{devices}</devices></domain>"
+        )
+    };
+    let channel =
+        "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.vmplug.guest.0'/></channel>";
+    std::fs::write(
+        &path,
+        format!(
+            "<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu><memory>8388608</memory>{}{}</node>",
+            dom("bare", ""),
+            dom("pathless", channel)
+        ),
+    )
+    .expect("node file");
+    let c: Arc<dyn Connection> =
+        Arc::new(LibvirtConnection::open(Some(&format!("test://{}", path.display()))).expect("test driver"));
+    let opts = vmplug::prepare::PrepareOpts { max_vcpus: Some(4), slots: Some(4), ..Default::default() };
+    let r = vmplug::ops::prepare(c.clone(), "bare", &opts, false).await.expect("prepare");
+    assert!(r.defined, "{:?} {:?}", r.refused, r.findings);
+    assert!(r.diff.contains("name='org.vmplug.guest.0'"), "{}", r.diff);
+    let xml = c.lookup("bare").expect("domain").xml(XmlView::Inactive).expect("xml");
+    let f = DomainFacts::parse(&xml).expect("parses");
+    assert_eq!(f.channels.get("org.vmplug.guest.0"), Some(&None), "libvirt kept the channel, with no path: {xml}");
+
+    let st = vmplug::tune::status(c, "pathless", None, std::time::Duration::from_secs(1)).await.expect("status");
+    let e = st.agent_error.expect("no agent");
+    assert!(e.contains("names no socket path") && e.contains("'pathless'"), "{e}");
+}

@@ -227,7 +227,7 @@ async fn sample(
     facts: &DomainFacts,
     link: &mut Option<GuestLink>,
 ) -> Result<vmplug_common::protocol::Pressure, LinkError> {
-    let want = discover(facts);
+    let want = discover(facts).ok();
     if let Some(l) = link.as_mut().filter(|l| want.as_ref() == Some(&l.addr)) {
         match l.refresh().await {
             Ok(()) => return l.pressure().await,
