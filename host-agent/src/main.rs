@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     // one once, in its own words.
     virt::error::clear_error_callback();
     let result = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt.block_on(async {
+        Ok(rt) => with_shutdown(rt, async {
             if let Some(done) = vmplug::cli::run_autoscale(&cli).await {
                 return done;
             }
@@ -59,6 +59,16 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Runs `f` to its end, then leaves: a blocking task still running (a console
+/// reader waiting out its deadline after a signal ended verify-image, a libvirt
+/// call nobody awaits any more) is given a moment and then abandoned, never
+/// waited for. Everything the run must undo is undone before `f` returns.
+fn with_shutdown<T>(rt: tokio::runtime::Runtime, f: impl std::future::Future<Output = T>) -> T {
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    out
 }
 
 /// A command line clap could not take: help and version print and exit 0;

@@ -191,7 +191,7 @@ impl GuestSpec {
         let metadata = match self.transport {
             Transport::Serial => String::new(),
             Transport::Vsock => format!(
-                "<metadata><vmplug:agent xmlns:vmplug='https://vmplug.dev/xmlns/agent/1' transport='hybrid' path='{d}/vsock.sock' port='{AGENT_PORT}'/></metadata>"
+                "<metadata><vmplug:domain xmlns:vmplug='https://vmplug.dev/xmlns/domain/1'><vmplug:agent transport='hybrid' path='{d}/vsock.sock' port='{AGENT_PORT}'/></vmplug:domain></metadata>"
             ),
         };
         // aarch64: UEFI (AAVMF, which libvirt requires for ACPI there) hands

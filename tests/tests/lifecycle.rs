@@ -97,8 +97,7 @@ fn refused_at_once(g: &mut Guest, rule: &str) {
     let out = g.vmplug(&["setvcpus", &name, "4", "--live", "--json"]);
     assert_eq!(out.status.code(), Some(2), "refused");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let ids: Vec<&str> =
-        r["findings"].as_array().expect("findings").iter().filter_map(|f| f["id"].as_str()).collect();
+    let ids: Vec<&str> = r["findings"].as_array().expect("findings").iter().filter_map(|f| f["id"].as_str()).collect();
     assert!(ids.contains(&rule), "{rule} in {ids:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "no wait for a handshake that cannot come");
 }

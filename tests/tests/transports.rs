@@ -23,6 +23,31 @@ fn closed_loop(transport: Transport) {
     let st = g.vmplug_json(&["status", &name]);
     assert!(st["agent_error"].is_null(), "{st}");
     assert_eq!(st["guest"]["cpus"]["online"], "0-1");
+    if transport == Transport::Vsock {
+        tags_and_agent_share_one_element(&g);
+    }
+}
+
+/// libvirt keeps one metadata element per namespace: the vsock guest's agent
+/// address (in vmplug's element) and tags set by `vmplug meta` live in that
+/// one element, both survive live and config, and autoscale selects the
+/// domain by tag and reaches its agent through the same element.
+fn tags_and_agent_share_one_element(g: &Guest) {
+    let name = g.name.clone();
+    let r = g.vmplug_json(&["meta", &name, "--tag", "web", "--tag", "autoscale"]);
+    for view in ["live", "config"] {
+        let tags: Vec<&str> = r[view]["tags"].as_array().expect("tags").iter().filter_map(|t| t.as_str()).collect();
+        assert_eq!(tags, ["web", "autoscale"], "{view}: {r}");
+        assert!(r[view]["agent"].as_str().is_some_and(|a| a.starts_with("hybrid:")), "{view}: {r}");
+    }
+    let xml = g.daemon.virsh_ok(&["dumpxml", "--inactive", &name]);
+    assert_eq!(xml.matches("https://vmplug.dev/xmlns/domain/1").count(), 1, "one element: {xml}");
+    let ev = g.autoscale_once(
+        "[select]\ntag = 'autoscale'\n[cpu]\nmax = 2\n[memory]\nmax = '1G'\n[timing]\ninterval_s = 1\nsustain = 1\n",
+    );
+    let mine: Vec<_> = ev.iter().filter(|e| e["domain"] == name.as_str()).collect();
+    assert!(!mine.is_empty(), "selected by tag: {ev:?}");
+    assert!(mine.iter().all(|e| !e["inputs"].is_null()), "its agent was reached through the element: {mine:?}");
 }
 
 #[test]

@@ -154,9 +154,10 @@ fn sigterm_and_sighup_mid_boot_clean_up_and_a_killed_run_is_reaped_by_the_next()
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let _ = finish(child);
     assert!(pids.iter().all(|(_, p)| running(*p)), "SIGKILL leaves the daemons and QEMU running: {pids:?}");
-    let missing = disk.with_file_name("no-such-image");
-    let (code, out) = finish(spawn(&missing, &work, &[]));
+    // A directory for an image: refused once the work directory is set up.
+    let (code, out) = finish(spawn(disk.parent().expect("dir"), &work, &[]));
     assert_eq!(code, 1);
+    assert!(out.contains("not a regular file"), "{out}");
     assert!(out.contains(&format!("reaping leftovers of dead process {pid}")), "{out}");
     assert!(!dir.exists(), "the dead run's directory is removed");
     for (f, p) in &pids {
