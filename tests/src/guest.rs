@@ -111,6 +111,9 @@ pub struct GuestSpec {
     pub kernel: GuestKernel,
     /// The machine type; None: q35 on x86, the newest versioned `virt` on aarch64.
     pub machine: Option<String>,
+    /// The agent's virtio-serial channel names no socket path: libvirt places
+    /// it under its own channel directory, as `vmplug prepare` leaves it.
+    pub libvirt_channel: bool,
 }
 
 impl Default for GuestSpec {
@@ -128,6 +131,7 @@ impl Default for GuestSpec {
             virtio_mem: Vec::new(),
             kernel: GuestKernel::Bookworm,
             machine: None,
+            libvirt_channel: false,
         }
     }
 }
@@ -188,6 +192,8 @@ impl GuestSpec {
                 )
             })
             .collect();
+        let channel_source =
+            if self.libvirt_channel { "<source mode='bind'/>".to_string() } else { format!("<source mode='bind' path='{d}/agent.sock'/>") };
         let metadata = match self.transport {
             Transport::Serial => String::new(),
             Transport::Vsock => format!(
@@ -241,7 +247,7 @@ impl GuestSpec {
       <target port='0'/>
     </serial>
     <channel type='unix'>
-      <source mode='bind' path='{d}/agent.sock'/>
+      {channel_source}
       <target type='virtio' name='{SERIAL_NAME}'/>
     </channel>
     {disk}

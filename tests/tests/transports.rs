@@ -59,3 +59,17 @@ fn over_hybrid_vsock() {
 fn over_virtio_serial() {
     closed_loop(Transport::Serial);
 }
+
+/// The channel as `vmplug prepare` adds it: no socket path, so libvirt puts the
+/// socket under its own channel directory (owned by QEMU's user) and vmplug
+/// finds it in the live XML and trusts it as the domain's own.
+#[test]
+fn over_the_channel_libvirt_placed() {
+    let mut g = Guest::boot("libvirt-channel", GuestSpec { libvirt_channel: true, ..GuestSpec::default() });
+    let name = g.name.clone();
+    let live = g.daemon.virsh_ok(&["dumpxml", &name]);
+    assert!(live.contains("/channel/target/domain-"), "libvirt chose the path: {live}");
+    let r = g.vmplug_json(&["setvcpus", &name, "2", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.online_cpus(), "0-1");
+}
