@@ -13,20 +13,6 @@ kind=$1 deb=$2 out=$3
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rootfs=$CACHE/rootfs-bookworm
 
-debootstrap_once() {
-  local dir=$1 mirror=$2
-  rm -rf "$dir"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$dir" "$mirror" \
-    >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; return 1; }
-}
-
-build_rootfs() {
-  local tmp=$1 mirror keyring
-  read -r mirror keyring < <(debian_mirror) || return 1
-  log "debootstrap bookworm from $mirror (about 80 s, once)"
-  retry "debootstrap bookworm" debootstrap_once "$tmp" "$mirror"
-}
-
 build_image() {
 local tmp=$1
 work=$(mktemp -d "$CACHE/image.XXXXXX")
@@ -79,5 +65,5 @@ truncate -s 2G "$tmp"
 mkfs.ext4 -q -F -L vmplugroot -d "$root" "$tmp"
 }
 
-artefact "$rootfs" build_rootfs
+rootfs_bookworm
 artefact "$out" build_image

@@ -135,6 +135,28 @@ debian_mirror() {
   printf '%s %s\n' "$uri" "${keyring:-/usr/share/keyrings/debian-archive-keyring.gpg}"
 }
 
+# rootfs_bookworm: makes sure $CACHE/rootfs-bookworm exists, a debootstrapped
+# Debian bookworm (minbase, systemd, udev, kmod; about 80 s, once): the base of
+# the systemd guest images (build-systemd-image.sh) and the root the packages'
+# scriptlets run in (check-packages.sh).
+rootfs_bookworm() {
+  artefact "$CACHE/rootfs-bookworm" build_rootfs_bookworm
+}
+
+build_rootfs_bookworm() {
+  local tmp=$1 mirror keyring
+  read -r mirror keyring < <(debian_mirror) || return 1
+  log "debootstrap bookworm from $mirror (about 80 s, once)"
+  retry "debootstrap bookworm" debootstrap_bookworm_once "$tmp" "$mirror"
+}
+
+debootstrap_bookworm_once() {
+  local dir=$1 mirror=$2
+  rm -rf "$dir"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$dir" "$mirror" \
+    >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; return 1; }
+}
+
 # apt-get with retries of every download and a wait (not a failure) on apt's
 # locks while another apt client (or a concurrent setup) holds them.
 apt_get() {
