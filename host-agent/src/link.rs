@@ -81,7 +81,7 @@ impl From<&AgentHint> for AgentAddr {
 ///
 /// A channel defined without a path gets one from libvirt when the domain
 /// starts (under its channel directory, e.g.
-/// `/var/lib/libvirt/qemu/channel/target/domain-N-NAME/org.vmplug.guest.0`):
+/// `/run/libvirt/qemu/channel/ID-NAME/org.vmplug.guest.0` on libvirt 11, `/var/lib/libvirt/qemu/channel/target/domain-N-NAME/…` on older ones):
 /// `facts` must then be the running domain's live XML, which shows it.
 pub fn discover(facts: &DomainFacts) -> Result<AgentAddr, LinkError> {
     if let Some(h) = &facts.agent_hint {

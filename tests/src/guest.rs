@@ -192,8 +192,11 @@ impl GuestSpec {
                 )
             })
             .collect();
-        let channel_source =
-            if self.libvirt_channel { "<source mode='bind'/>".to_string() } else { format!("<source mode='bind' path='{d}/agent.sock'/>") };
+        let channel_source = if self.libvirt_channel {
+            "<source mode='bind'/>".to_string()
+        } else {
+            format!("<source mode='bind' path='{d}/agent.sock'/>")
+        };
         let metadata = match self.transport {
             Transport::Serial => String::new(),
             Transport::Vsock => format!(

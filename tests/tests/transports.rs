@@ -68,8 +68,18 @@ fn over_the_channel_libvirt_placed() {
     let mut g = Guest::boot("libvirt-channel", GuestSpec { libvirt_channel: true, ..GuestSpec::default() });
     let name = g.name.clone();
     let live = g.daemon.virsh_ok(&["dumpxml", &name]);
-    assert!(live.contains("/channel/target/domain-"), "libvirt chose the path: {live}");
-    let r = g.vmplug_json(&["setvcpus", &name, "2", "--live"]);
+    assert!(live.contains("/run/libvirt/qemu/channel/"), "libvirt chose the path: {live}");
+    // That path is libvirt's /run/libvirt, which for this private daemon exists
+    // in its mount namespace only: vmplug runs there, as it would on a host.
+    let daemon_pid = std::fs::read_to_string(g.daemon.dir.join("libvirtd.pid")).expect("pid");
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", daemon_pid.trim(), "-m", "--"])
+        .arg(&vmplug_e2e::Env::get().vmplug)
+        .args(["-c", &g.daemon.uri, "setvcpus", &name, "2", "--live", "--json"])
+        .output()
+        .expect("nsenter vmplug");
+    let r: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(g.online_cpus(), "0-1");
 }
