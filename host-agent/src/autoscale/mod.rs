@@ -392,6 +392,7 @@ pub(crate) async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainF
     .await
     .unwrap_or_default();
     let mut selected = Vec::new();
+    let mut vcpus = 0u32;
     for name in names {
         let conn = host.conn.clone();
         let facts = ops::blocking(move || {
@@ -399,21 +400,54 @@ pub(crate) async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainF
             if !d.is_active()? {
                 return Ok(None);
             }
+            // A paused, crashed or guest-suspended domain runs no code: its
+            // agent cannot answer, so it is not sampled (no connection waits
+            // for it); its vCPUs still count against the host.
+            let runs = matches!(d.state()?, crate::domain::DomainState::Running | crate::domain::DomainState::Blocked);
             DomainFacts::parse(&d.xml(crate::domain::XmlView::Live)?)
-                .map(Some)
+                .map(|f| Some((f, runs)))
                 .map_err(|e| DomainError::Other(e.to_string()))
         })
         .await;
-        if let Ok(Some(f)) = facts {
+        if let Ok(Some((f, runs))) = facts {
             if policy.selects(&f.name, &f.tags) {
-                selected.push(f);
+                vcpus = vcpus.saturating_add(f.vcpus_current);
+                if runs {
+                    selected.push(f);
+                }
             }
         }
     }
-    let room = HostRoom {
-        free: Bytes(host_facts.free.iter().map(|b| b.get()).sum()),
-        cpus: host_facts.cpus.max(1),
-        vcpus: selected.iter().map(|f| f.vcpus_current).sum(),
-    };
+    let room =
+        HostRoom { free: Bytes(host_facts.free.iter().map(|b| b.get()).sum()), cpus: host_facts.cpus.max(1), vcpus };
     (selected, room)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DomainState as State, PauseReason};
+    use crate::fake::{FakeConnection, FakeDomain};
+
+    const XML: &str = include_str!("../../tests/fixtures/x86-ready.xml");
+    const CAPS: &str = include_str!("../../tests/fixtures/caps.xml");
+
+    #[tokio::test]
+    async fn a_domain_that_runs_no_code_is_not_sampled_but_its_vcpus_count() {
+        let names = ["a", "b", "c"];
+        let domains: Vec<_> = names
+            .iter()
+            .map(|n| FakeDomain::new(n, &XML.replace("<name>web1</name>", &format!("<name>{n}</name>")), None))
+            .collect();
+        domains[1].set_state(State::Paused(PauseReason::User));
+        domains[2].set_state(State::PmSuspended);
+        let conn = FakeConnection::new(CAPS, domains.clone());
+        let policy = Policy::parse("p", "[select]\nglobs = ['*']\n").expect("policy");
+        let host = Host::new("test:///".into(), conn, 1);
+        let (selected, room) = select_running(&policy, &host).await;
+        let picked: Vec<&str> = selected.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(picked, ["a"], "only the running domain is sampled");
+        let each = selected[0].vcpus_current;
+        assert_eq!(room.vcpus, 3 * each, "the paused and suspended domains' vCPUs still count");
+    }
 }
