@@ -4,6 +4,8 @@
 //! vmplug's one element — through `virDomainSetMetadata`, through define, and
 //! into autoscale's selection by tag.
 
+mod node;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,13 +32,7 @@ fn node(dir: &std::path::Path, domains: &[(&str, &str)]) -> Arc<dyn Connection> 
             )
         })
         .collect();
-    let path = dir.join("node.xml");
-    std::fs::write(
-        &path,
-        format!("<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu><memory>8388608</memory>{doms}</node>"),
-    )
-    .expect("node file");
-    Arc::new(LibvirtConnection::open(Some(&format!("test://{}", path.display()))).expect("test driver"))
+    Arc::new(LibvirtConnection::open(Some(&node::test_node(dir, &doms))).expect("test driver"))
 }
 
 fn tag(s: &str) -> Tag {

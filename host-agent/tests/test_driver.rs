@@ -4,6 +4,8 @@
 //! memory devices' guest-physical addresses, a guest agent, cgroups or NUMA
 //! tuning of a live QEMU: those are proven by the end-to-end suite.)
 
+mod node;
+
 use std::sync::Arc;
 
 use vmplug::domain::{Affect, Connection, XmlView};
@@ -73,13 +75,7 @@ fn node_file(dir: &std::path::Path, sock: &std::path::Path, domains: &[(&str, u3
             )
         })
         .collect();
-    let path = dir.join("node.xml");
-    std::fs::write(
-        &path,
-        format!("<node><cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads></cpu><memory>8388608</memory>{doms}</node>"),
-    )
-    .expect("node file");
-    format!("test://{}", path.display())
+    node::test_node(dir, &doms)
 }
 
 /// The test driver models domain states: each one that runs no guest code is
