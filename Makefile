@@ -1,6 +1,8 @@
 # vmplug: the two set-up commands are `make demo` and `make test`; both install
 # what they need (apt packages from bookworm-backports, the guest kernel,
-# vhost-device-vsock, crates) and are re-runnable.
+# vhost-device-vsock, crates) and are re-runnable. `make demo` sets up and builds
+# only what its x86 guest uses (setup-demo, guest-agent-x86); `make test` and
+# `make bench` set up everything (setup: the aarch64 and trixie kernels too).
 
 CARGO ?= cargo
 GUEST_TARGET := x86_64-unknown-linux-gnu
@@ -12,21 +14,31 @@ STATIC := RUSTFLAGS="-C target-feature=+crt-static"
 E2E_THREADS ?= 2
 
 PKG_DIR := target/packages
+# Where cargo puts what it builds (CARGO_TARGET_DIR moves it).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 TOOLS := $(or $(VMPLUG_CACHE),/var/tmp/vmplug-cache)/bin
 
-.PHONY: all setup build guest-agent lint unit e2e test demo bench fuzz package package-test clean
+.PHONY: all setup setup-demo build guest-agent guest-agent-x86 lint unit e2e test demo demo-bins bench fuzz package package-test clean
 
 all: build
 
 setup:
 	@scripts/setup-host.sh
 
-# The static guest agent goes into guest images and the test initramfs.
+setup-demo:
+	@scripts/setup-host.sh demo
+
+# The static guest agent goes into guest images and the test initramfs; the
+# demo's guest needs only the x86 one.
+guest-agent-x86:
+	$(STATIC) $(CARGO) build --release --locked -p vmplug-guest --target $(GUEST_TARGET)
+	@ls -l $(TARGET_DIR)/$(GUEST_TARGET)/release/vmplug-guest | awk '{printf "vmplug-guest static binary ($(GUEST_TARGET)): %.2f MiB\n", $$5/1048576}'
+
 guest-agent:
 	@rustup target list --installed | grep -qx $(GUEST_TARGET_ARM) || rustup target add $(GUEST_TARGET_ARM)
 	$(STATIC) $(CARGO) build --release --locked -p vmplug-guest --target $(GUEST_TARGET) --target $(GUEST_TARGET_ARM)
 	@for t in $(GUEST_TARGET) $(GUEST_TARGET_ARM); do \
-	  ls -l target/$$t/release/vmplug-guest | awk -v t=$$t '{printf "vmplug-guest static binary (%s): %.2f MiB\n", t, $$5/1048576}'; done
+	  ls -l $(TARGET_DIR)/$$t/release/vmplug-guest | awk -v t=$$t '{printf "vmplug-guest static binary (%s): %.2f MiB\n", t, $$5/1048576}'; done
 
 build: guest-agent
 	$(CARGO) build --locked -p vmplug -p vmplug-e2e --bins
@@ -62,8 +74,19 @@ package-test: package
 
 test: setup lint build unit package-test e2e
 
-demo: setup build
+# The demo boots one x86 guest: it sets up and builds that guest's kernel,
+# vhost-device-vsock, the x86 agent, vmplug and itself, nothing else. After the
+# apt packages (vmplug links libvirt), the three builds run side by side: each
+# ends in a long step on one core (LTO, linking) and these machines have two.
+# Their lines interleave (cargo's progress bars, which would overwrite one
+# another, are off).
+demo:
+	@scripts/setup-host.sh demo-packages
+	@CARGO_TERM_PROGRESS_WHEN=never $(MAKE) --no-print-directory -j3 setup-demo guest-agent-x86 demo-bins
 	$(CARGO) run --locked -q -p vmplug-e2e --bin vmplug-demo
+
+demo-bins:
+	$(CARGO) build --locked -p vmplug --bin vmplug -p vmplug-e2e --bin vmplug-demo
 
 clean:
 	$(CARGO) clean

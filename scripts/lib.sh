@@ -164,17 +164,18 @@ apt_get() {
 }
 
 # cargo_tool TMP CRATE: `cargo install CRATE` (locked versions first), retried;
-# TMP becomes the installed binary.
+# TMP becomes the installed binary. It builds in a target directory of its own
+# (not $CARGO_TARGET_DIR), so it never waits on, or for, the workspace's builds.
 cargo_tool() {
   local tmp=$1 crate=$2
-  retry "cargo install $crate" cargo_install_once "$tmp.root" "$crate" || { rm -rf "$tmp.root"; return 1; }
-  mv "$tmp.root/bin/$crate" "$tmp" && rm -rf "$tmp.root"
+  retry "cargo install $crate" cargo_install_once "$tmp.root" "$crate" || { rm -rf "$tmp.root" "$tmp.target"; return 1; }
+  mv "$tmp.root/bin/$crate" "$tmp" && rm -rf "$tmp.root" "$tmp.target"
 }
 
 cargo_install_once() {
-  local root=$1 crate=$2 logf="$CACHE/$2-build.log"
+  local root=$1 crate=$2 logf="$CACHE/$2-build.log" target="${1%.root}.target"
   rm -rf "$root"
-  cargo install --quiet --locked --root "$root" "$crate" >"$logf" 2>&1 \
-    || cargo install --quiet --root "$root" "$crate" >>"$logf" 2>&1 \
+  cargo install --quiet --locked --root "$root" --target-dir "$target" "$crate" >"$logf" 2>&1 \
+    || cargo install --quiet --root "$root" --target-dir "$target" "$crate" >>"$logf" 2>&1 \
     || { tail -20 "$logf" >&2; return 1; }
 }

@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # Installs what vmplug's demo, end-to-end tests and benchmarks need on a fresh
 # Debian 12 machine: QEMU 10 + libvirt 11 from bookworm-backports, the guest
-# kernel, vhost-device-vsock and the packaging tools. Re-runnable, and safe to
+# kernels, vhost-device-vsock and the packaging tools. Re-runnable, and safe to
 # run concurrently (scripts/lib.sh): each artefact is built once, under its own
 # lock, into a temporary path renamed into place; every download is retried.
+#
+#   scripts/setup-host.sh                 everything (`make setup`: `make test`, `make bench`)
+#   scripts/setup-host.sh demo            only what `make demo` boots: the x86 packages,
+#                                         the bookworm guest kernel and vhost-device-vsock
+#   scripts/setup-host.sh demo-packages   only the demo's apt packages (which the
+#                                         demo's Rust build links against)
 set -euo pipefail
 LOG_TAG=setup
 . "$(dirname "$0")/lib.sh"
 
+mode=${1:-full}
+case $mode in
+  full | demo | demo-packages) ;;
+  *) log "usage: $0 [full|demo|demo-packages]"; exit 2 ;;
+esac
+
 backports_sources=/etc/apt/sources.list.d/vmplug-bookworm-backports.sources
+# The demo's x86 guest: QEMU and a private libvirtd (whose mount namespace needs
+# util-linux's unshare and nsenter), libvirt's headers for the virt crate, the
+# static busybox, cpio and udev's udevadm for its initramfs.
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-          pkg-config busybox-static cpio debootstrap e2fsprogs util-linux rpm file xz-utils
-          qemu-system-arm qemu-efi-aarch64 gcc-aarch64-linux-gnu flex bison bc
-          prometheus prometheus-alertmanager syslinux syslinux-common mtools dosfstools fdisk)
+          pkg-config busybox-static cpio util-linux udev)
+# The rest of the suite: systemd guest images, package checks, the aarch64 guests
+# and their cross-built kernel, the bootable images and the autoscale sessions.
+if [ "$mode" = full ]; then
+  packages+=(debootstrap e2fsprogs rpm file xz-utils
+             qemu-system-arm qemu-efi-aarch64 gcc-aarch64-linux-gnu flex bison bc
+             prometheus prometheus-alertmanager syslinux syslinux-common mtools dosfstools fdisk)
+fi
 
 apt_needed() {
   local p
@@ -20,8 +40,8 @@ apt_needed() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || return 0
   done
   # QEMU must come from backports (10.x): stock 7.2 slows guests down 30-50x after a CPU hot-plug.
-  ! { qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.' &&
-      qemu-system-aarch64 --version 2>/dev/null | grep -q 'version 10\.'; }
+  qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.' || return 0
+  [ "$mode" = full ] && ! qemu-system-aarch64 --version 2>/dev/null | grep -q 'version 10\.'
 }
 
 install_packages() {
@@ -58,6 +78,8 @@ if apt_needed; then
   exec {apt_lock}>&-
 fi
 
+if [ "$mode" = demo-packages ]; then exit 0; fi
+
 # Guest kernel: Debian's 6.1 amd64 image, unpacked (not installed) into the cache.
 download_kernel() {
   local tmp=$1 debs="$1.debs" dep
@@ -78,6 +100,16 @@ apt_download() {
 
 if [ ! -e "$CACHE/kernel" ]; then log "downloading the guest kernel"; fi
 artefact "$CACHE/kernel" download_kernel
+
+# vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
+# machines), from crates.io, built once. The demo's agent talks over it.
+if [ ! -x "$CACHE/bin/vhost-device-vsock" ]; then log "building vhost-device-vsock from crates.io (once, 1-2 minutes)"; fi
+artefact "$CACHE/bin/vhost-device-vsock" cargo_tool vhost-device-vsock
+
+if [ "$mode" = demo ]; then
+  log "ready for the demo: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernel $(ls "$CACHE"/kernel/boot/vmlinuz-* | xargs -n1 basename)"
+  exit 0
+fi
 
 # private_apt DIR SUITE ARCH: an apt configuration of its own under DIR (the
 # machine's mirror and keyring, its own lists and cache, packages of ARCH), so
@@ -214,9 +246,8 @@ if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux
   exec {rust_lock}>&-
 fi
 
-# vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
-# machines); packaging tools for `make package`. All from crates.io, built once.
-for tool in vhost-device-vsock cargo-deb cargo-generate-rpm; do
+# The packaging tools for `make package`, from crates.io, built once.
+for tool in cargo-deb cargo-generate-rpm; do
   if [ ! -x "$CACHE/bin/$tool" ]; then log "building $tool from crates.io (once, 1-2 minutes)"; fi
   artefact "$CACHE/bin/$tool" cargo_tool "$tool"
 done

@@ -51,20 +51,23 @@ pub struct Env {
     pub work: PathBuf,
     pub kernel: PathBuf,
     pub modules: PathBuf,
-    /// Debian trixie's 6.12: onlines hot-added memory by itself.
-    pub trixie: Kernel,
-    /// Debian 12's arm64 kernel (no ACPI memory hot-plug), for aarch64 guests.
-    pub arm64: Kernel,
-    /// Debian 12's arm64 source cross-built with ACPI memory hot-plug.
-    pub arm64_acpi: Kernel,
-    /// The static aarch64 busybox that came with it.
-    pub busybox_arm64: PathBuf,
     pub vmplug: PathBuf,
     pub guest_agent: PathBuf,
-    /// The static aarch64 agent (musl).
-    pub guest_agent_arm64: PathBuf,
     pub vhost_vsock: PathBuf,
     pub busybox: PathBuf,
+    /// What only the suite uses (the trixie and aarch64 guests): always there
+    /// for [`Env::get`], absent for [`Env::demo`].
+    suite: Option<SuiteParts>,
+}
+
+/// The guests `make demo` never boots.
+#[derive(Debug)]
+struct SuiteParts {
+    trixie: Kernel,
+    arm64: Kernel,
+    arm64_acpi: Kernel,
+    busybox_arm64: PathBuf,
+    guest_agent_arm64: PathBuf,
 }
 
 fn must_exist(p: PathBuf, hint: &str) -> PathBuf {
@@ -72,50 +75,97 @@ fn must_exist(p: PathBuf, hint: &str) -> PathBuf {
     p
 }
 
+static ENV: OnceLock<Env> = OnceLock::new();
+
 impl Env {
-    /// Panics with the step to run when something is missing (`make test` does all).
+    /// Everything the suite needs, checked at once: panics with the step to run
+    /// when something is missing (`make test` does all).
     pub fn get() -> &'static Env {
-        static ENV: OnceLock<Env> = OnceLock::new();
-        ENV.get_or_init(|| {
-            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
-            let cache =
-                std::env::var_os("VMPLUG_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-cache".into());
-            let setup = "run `make test` (or scripts/setup-host.sh) first";
-            let bookworm = Kernel::find(&cache.join("kernel"), setup);
-            let trixie = Kernel::find(&cache.join("kernel-trixie"), setup);
-            let arm64 = Kernel::find(&cache.join("kernel-arm64"), setup);
-            let arm64_acpi = Kernel::find(&cache.join("kernel-arm64-acpi"), setup);
-            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
-            let work =
-                std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
-            // Root runs what is in it: it must be this user's alone.
-            let work = vmplug::harness::workdir::private_base(&work).unwrap_or_else(|e| panic!("{e}"));
-            vmplug::harness::workdir::private_base(&cache).unwrap_or_else(|e| panic!("{e}"));
-            Env {
-                modules: bookworm.modules,
-                kernel: bookworm.image,
-                trixie,
-                arm64,
-                arm64_acpi,
-                busybox_arm64: must_exist(cache.join("kernel-arm64/bin/busybox"), setup),
-                vmplug: must_exist(
-                    std::env::var_os("VMPLUG_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("debug/vmplug")),
-                    "build it: cargo build -p vmplug",
-                ),
-                guest_agent: must_exist(
-                    target.join("x86_64-unknown-linux-gnu/release/vmplug-guest"),
-                    "build the static agent: make guest-agent",
-                ),
-                guest_agent_arm64: must_exist(
-                    target.join("aarch64-unknown-linux-musl/release/vmplug-guest"),
-                    "build the static agents: make guest-agent",
-                ),
-                vhost_vsock: must_exist(cache.join("bin/vhost-device-vsock"), setup),
-                busybox: must_exist(PathBuf::from("/bin/busybox"), setup),
-                repo,
-                cache,
-                work,
-            }
+        ENV.get_or_init(|| Env::load(true))
+    }
+
+    /// What `make demo` needs (one x86 guest: the bookworm kernel, the x86
+    /// agent, busybox, vhost-device-vsock, vmplug), checked at once. Called
+    /// first, it is what [`Env::get`] returns in this process; the suite's
+    /// other guests then panic naming `make setup`.
+    pub fn demo() -> &'static Env {
+        ENV.get_or_init(|| Env::load(false))
+    }
+
+    fn load(suite: bool) -> Env {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
+        let cache =
+            std::env::var_os("VMPLUG_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-cache".into());
+        let setup = if suite {
+            "run `make test` (or scripts/setup-host.sh) first"
+        } else {
+            "run `make demo` (or scripts/setup-host.sh demo) first"
+        };
+        let bookworm = Kernel::find(&cache.join("kernel"), setup);
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo.join("target"));
+        let suite = suite.then(|| SuiteParts {
+            trixie: Kernel::find(&cache.join("kernel-trixie"), setup),
+            arm64: Kernel::find(&cache.join("kernel-arm64"), setup),
+            arm64_acpi: Kernel::find(&cache.join("kernel-arm64-acpi"), setup),
+            busybox_arm64: must_exist(cache.join("kernel-arm64/bin/busybox"), setup),
+            guest_agent_arm64: must_exist(
+                target.join("aarch64-unknown-linux-musl/release/vmplug-guest"),
+                "build the static agents: make guest-agent",
+            ),
+        });
+        let work =
+            std::env::var_os("VMPLUG_E2E_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/vmplug-e2e".into());
+        // Root runs what is in it: it must be this user's alone.
+        let work = vmplug::harness::workdir::private_base(&work).unwrap_or_else(|e| panic!("{e}"));
+        vmplug::harness::workdir::private_base(&cache).unwrap_or_else(|e| panic!("{e}"));
+        Env {
+            modules: bookworm.modules,
+            kernel: bookworm.image,
+            suite,
+            vmplug: must_exist(
+                std::env::var_os("VMPLUG_BIN").map(PathBuf::from).unwrap_or_else(|| target.join("debug/vmplug")),
+                "build it: cargo build -p vmplug",
+            ),
+            guest_agent: must_exist(
+                target.join("x86_64-unknown-linux-gnu/release/vmplug-guest"),
+                "build the static agent: make guest-agent",
+            ),
+            vhost_vsock: must_exist(cache.join("bin/vhost-device-vsock"), setup),
+            busybox: must_exist(PathBuf::from("/bin/busybox"), setup),
+            repo,
+            cache,
+            work,
+        }
+    }
+
+    fn suite(&self, what: &str) -> &SuiteParts {
+        self.suite.as_ref().unwrap_or_else(|| {
+            panic!("{what} is not part of the demo's set-up: run `make setup` (`make test` does) and use Env::get")
         })
+    }
+
+    /// Debian trixie's 6.12: onlines hot-added memory by itself.
+    pub fn trixie(&self) -> &Kernel {
+        &self.suite("the trixie kernel").trixie
+    }
+
+    /// Debian 12's arm64 kernel (no ACPI memory hot-plug), for aarch64 guests.
+    pub fn arm64(&self) -> &Kernel {
+        &self.suite("the arm64 kernel").arm64
+    }
+
+    /// Debian 12's arm64 source cross-built with ACPI memory hot-plug.
+    pub fn arm64_acpi(&self) -> &Kernel {
+        &self.suite("the arm64 ACPI kernel").arm64_acpi
+    }
+
+    /// The static aarch64 busybox that came with the arm64 kernel.
+    pub fn busybox_arm64(&self) -> &Path {
+        &self.suite("the arm64 busybox").busybox_arm64
+    }
+
+    /// The static aarch64 agent (musl).
+    pub fn guest_agent_arm64(&self) -> &Path {
+        &self.suite("the aarch64 agent").guest_agent_arm64
     }
 }

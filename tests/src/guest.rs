@@ -65,9 +65,9 @@ impl GuestKernel {
     fn kernel(self, env: &Env) -> crate::env::Kernel {
         match self {
             GuestKernel::Bookworm => crate::env::Kernel { image: env.kernel.clone(), modules: env.modules.clone() },
-            GuestKernel::Trixie => env.trixie.clone(),
-            GuestKernel::Arm64 => env.arm64.clone(),
-            GuestKernel::Arm64Acpi => env.arm64_acpi.clone(),
+            GuestKernel::Trixie => env.trixie().clone(),
+            GuestKernel::Arm64 => env.arm64().clone(),
+            GuestKernel::Arm64Acpi => env.arm64_acpi().clone(),
         }
     }
 }

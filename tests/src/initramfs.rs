@@ -136,8 +136,8 @@ fn hash_file(p: &Path) -> String {
 /// (rebuilt when either changes).
 pub fn initramfs(env: &Env, kernel: &Kernel, arch: Arch) -> PathBuf {
     let agent = match arch {
-        Arch::X86_64 => &env.guest_agent,
-        Arch::Aarch64 => &env.guest_agent_arm64,
+        Arch::X86_64 => env.guest_agent.as_path(),
+        Arch::Aarch64 => env.guest_agent_arm64(),
     };
     let key =
         format!("{}-{}-{:x}", hash_file(agent), hash_file(&kernel.image), INIT.len() + ONLINER.len() + MODULES.len());
@@ -169,8 +169,8 @@ fn fill_root(tmp: &Path, env: &Env, kernel: &Kernel, arch: Arch) {
         fs::create_dir_all(tmp.join(d)).expect("mkdir");
     }
     let (busybox, agent) = match arch {
-        Arch::X86_64 => (&env.busybox, &env.guest_agent),
-        Arch::Aarch64 => (&env.busybox_arm64, &env.guest_agent_arm64),
+        Arch::X86_64 => (env.busybox.as_path(), env.guest_agent.as_path()),
+        Arch::Aarch64 => (env.busybox_arm64(), env.guest_agent_arm64()),
     };
     fs::copy(busybox, tmp.join("bin/busybox")).expect("copy busybox");
     fs::copy(agent, tmp.join("bin/vmplug-guest")).expect("copy agent");

@@ -176,7 +176,7 @@ fn the_udev_only_image_passes_what_it_can_and_says_why_the_rest_is_skipped() {
 #[test]
 fn a_kernel_without_acpi_memory_hotplug_fails_the_dimm_cases_naming_the_option() {
     let env = Env::get();
-    let initrd = initramfs(env, &env.arm64, Arch::Aarch64);
+    let initrd = initramfs(env, env.arm64(), Arch::Aarch64);
     // The image here is the kernel and initramfs; the disk is a blank raw file.
     let dir = env.work.join(format!("verify-disk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -187,7 +187,7 @@ fn a_kernel_without_acpi_memory_hotplug_fails_the_dimm_cases_naming_the_option()
         "--arch",
         "aarch64",
         "--kernel",
-        &env.arm64.image.to_string_lossy(),
+        &env.arm64().image.to_string_lossy(),
         "--initrd",
         &initrd.to_string_lossy(),
         "--append",

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use vmplug_e2e::{Guest, GuestSpec, Transport};
+use vmplug_e2e::{Env, Guest, GuestSpec, Transport};
 
 fn step(g: &Guest, title: &str, args: &[&str]) -> std::process::Output {
     println!("\n=== {title}\n$ vmplug {}", args.join(" "));
@@ -18,6 +18,8 @@ fn step(g: &Guest, title: &str, args: &[&str]) -> std::process::Output {
 
 fn main() {
     let started = Instant::now();
+    // Only what this one x86 guest needs (`make demo` sets up nothing else).
+    Env::demo();
     println!("vmplug demo: booting a guest (TCG, Debian 6.1 kernel, busybox + vmplug-guest) under a private libvirtd…");
     let spec = GuestSpec {
         vcpus: 1,
