@@ -155,8 +155,9 @@ fn grow_vcpus(l: &Limits, cap: &Capacity, why: Why) -> Result<Decision, String> 
 }
 
 /// One `mem_step` more memory (virtio-mem where the domain has it, else DIMMs)
-/// within the policy's, the domain's and the host's room.
-fn grow_memory(l: &Limits, cap: &Capacity, why: Why) -> Decision {
+/// within the policy's, the domain's and the host's room; `Err` with why not
+/// when there is none.
+fn grow_memory(l: &Limits, cap: &Capacity, why: Why) -> Result<Decision, String> {
     if cap.virtio_mem {
         return grow_virtio_mem(l, cap, why);
     }
@@ -170,19 +171,13 @@ fn grow_memory(l: &Limits, cap: &Capacity, why: Why) -> Decision {
     // rounding up no further than `ceiling`.
     let size = whole_blocks(size.get());
     if size.get() > 0 && cap.free_slots > 0 {
-        return Decision {
+        return Ok(Decision {
             action: Action::AddMemory { size, ceiling },
             rule: why.rule,
             reason: why.reason.to_string(),
-        };
+        });
     }
-    none(
-        "memory.at-max",
-        format!(
-            "memory pressure, but at {} (policy max {}, host room {host_room}, {} free slots)",
-            cap.memory, l.mem_max, cap.free_slots
-        ),
-    )
+    Err(format!("at {} (policy max {}, host room {host_room}, {} free slots)", cap.memory, l.mem_max, cap.free_slots))
 }
 
 /// The pure decision: inputs → at most one action.
@@ -208,7 +203,8 @@ pub fn decide(l: &Limits, st: &DomainState, cap: &Capacity, now_s: u64) -> Decis
     }
     if mem_hot {
         let reason = format!("memory pressure or MemAvailable < {} for {} samples", l.available_below, l.sustain);
-        return grow_memory(l, cap, Why { rule: "memory.pressure", reason: &reason });
+        return grow_memory(l, cap, Why { rule: "memory.pressure", reason: &reason })
+            .unwrap_or_else(|why| none("memory.at-max", format!("memory pressure, but {why}")));
     }
     if let (true, Some(above)) = (cap.virtio_mem, l.shrink_above) {
         let idle =
@@ -243,10 +239,15 @@ pub fn decide_alert(
         return d;
     }
     let reason = format!("alert {alert} firing");
+    // An alert's decision carries the alert's rule whether or not there is
+    // room to grow (the reason says which): the README promises
+    // `alert.memory` and `alert.cpu`, and an alert at the limit is still the
+    // alert's outcome, not pressure's.
     match resource {
         Resource::Cpu => grow_vcpus(l, cap, Why { rule: "alert.cpu", reason: &reason })
-            .unwrap_or_else(|why| none("cpu.at-max", format!("alert {alert}, but {why}"))),
-        Resource::Memory => grow_memory(l, cap, Why { rule: "alert.memory", reason: &reason }),
+            .unwrap_or_else(|why| none("alert.cpu", format!("alert {alert}, but {why}"))),
+        Resource::Memory => grow_memory(l, cap, Why { rule: "alert.memory", reason: &reason })
+            .unwrap_or_else(|why| none("alert.memory", format!("alert {alert}, but {why}"))),
     }
 }
 
@@ -256,23 +257,20 @@ fn whole_blocks(b: u64) -> Bytes {
     Bytes(b / WHOLE_BLOCK.get() * WHOLE_BLOCK.get())
 }
 
-fn grow_virtio_mem(l: &Limits, cap: &Capacity, why: Why) -> Decision {
+fn grow_virtio_mem(l: &Limits, cap: &Capacity, why: Why) -> Result<Decision, String> {
     let policy_room = l.mem_max.get().saturating_sub(cap.memory.get());
     let host_room = cap.host_free.get().saturating_sub(l.memory_reserve.get());
     let size = whole_blocks(l.mem_step.get().min(policy_room).min(cap.virtio_room.get()).min(host_room));
     if size.get() == 0 {
-        return none(
-            "memory.at-max",
-            format!(
-                "memory pressure, but at {} (policy max {}, virtio-mem room {}, host room {})",
-                cap.memory,
-                l.mem_max,
-                cap.virtio_room,
-                Bytes(host_room)
-            ),
-        );
+        return Err(format!(
+            "at {} (policy max {}, virtio-mem room {}, host room {})",
+            cap.memory,
+            l.mem_max,
+            cap.virtio_room,
+            Bytes(host_room)
+        ));
     }
-    Decision { action: Action::GrowVirtioMem { size }, rule: why.rule, reason: why.reason.to_string() }
+    Ok(Decision { action: Action::GrowVirtioMem { size }, rule: why.rule, reason: why.reason.to_string() })
 }
 
 /// Gives memory back, never below the floor, never more than the devices hold,
@@ -389,10 +387,19 @@ pub(crate) mod tests {
         assert_eq!(decide_alert(&l, &cooling, &cap(), Resource::Memory, "a", 1000).rule, "cooldown");
         let busy = DomainState { in_flight: true, ..state(&[]) };
         assert_eq!(decide_alert(&l, &busy, &cap(), Resource::Cpu, "a", 1000).rule, "in-flight");
+        // At the limit, nothing to do, and still the alert's rule (issue #30:
+        // memory said `memory.at-max`, cpu `cpu.at-max`).
         let full = Capacity { memory: l.mem_max, ..cap() };
-        assert_eq!(decide_alert(&l, &calm, &full, Resource::Memory, "a", 1000).action, Action::None);
+        let d = decide_alert(&l, &calm, &full, Resource::Memory, "GuestLowMemory", 1000);
+        assert_eq!((d.action, d.rule), (Action::None, "alert.memory"));
+        assert!(d.reason.starts_with("alert GuestLowMemory, but at "), "{}", d.reason);
+        let full_virtio = Capacity { memory: l.mem_max, virtio_mem: true, ..cap() };
+        let d = decide_alert(&l, &calm, &full_virtio, Resource::Memory, "a", 1000);
+        assert_eq!((d.action, d.rule), (Action::None, "alert.memory"));
         let at_max = Capacity { vcpus: 8, ..cap() };
-        assert_eq!(decide_alert(&l, &calm, &at_max, Resource::Cpu, "a", 1000).rule, "cpu.at-max");
+        let d = decide_alert(&l, &calm, &at_max, Resource::Cpu, "a", 1000);
+        assert_eq!((d.action, d.rule), (Action::None, "alert.cpu"));
+        assert!(d.reason.starts_with("alert a, but at 8 vCPUs"), "{}", d.reason);
     }
 
     #[test]

@@ -57,10 +57,20 @@ struct KindLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabels {
-    /// `accepted`, `duplicate` (a second alert for a domain and resource in one
-    /// delivery), `rejected` (unknown domain or host), `malformed`, `resolved`.
+    /// One of [`ALERT_RESULTS`].
     result: String,
 }
+
+/// What became of an alert, the `result` label of `vmplug_alerts_total`:
+/// `accepted`, `duplicate` (a second alert for a domain and resource in one
+/// delivery), `rejected` (no such domain or host), `invalid` (an alert that
+/// names no domain, an unknown resource or status), `malformed` (a delivery
+/// that is not Alertmanager's webhook at all), `resolved`. Every one is a
+/// series from the start, at 0.
+pub const ALERT_RESULTS: [&str; 6] = ["accepted", "duplicate", "rejected", "invalid", "malformed", "resolved"];
+
+/// The kinds of action that take time, each with its duration histogram from the start.
+const ACTION_KINDS: [&str; 4] = ["add_vcpus", "add_memory", "grow_virtio_mem", "shrink_virtio_mem"];
 
 type FGauge = Gauge<f64, AtomicU64>;
 
@@ -85,6 +95,9 @@ pub struct Metrics {
     duration: Family<KindLabels, Histogram>,
     alerts: Family<AlertLabels, Counter>,
     sessions: Family<DomainLabels, Counter>,
+    /// Every family's OpenMetrics name, HELP, TYPE and UNIT: the encoder writes
+    /// nothing for a family with no series, and a scrape names them all.
+    families: Vec<(String, &'static str, &'static str, &'static str)>,
     /// Label sets in use per domain, for removal.
     seen: std::sync::Mutex<std::collections::HashMap<DomainLabels, DomainSeries>>,
 }
@@ -111,6 +124,11 @@ fn zone_label(name: &str) -> &'static str {
     KERNEL_ZONES.iter().find(|z| **z == name).copied().unwrap_or(OTHER_ZONE)
 }
 
+const SESSIONS_HELP: &str =
+    "Guest agent sessions autoscale opened (connect and handshake); one per domain while vsock sessions last";
+
+const PRESSURE_HELP: &str = "The guest's PSI avg10 as a ratio (0-1), by resource and kind";
+
 fn duration_histogram() -> Histogram {
     // 50 ms to about 100 s.
     Histogram::new(exponential_buckets(0.05, 2.0, 12))
@@ -119,11 +137,19 @@ fn duration_histogram() -> Histogram {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        let mut gauge = |name: &str, help: &str, unit: Option<Unit>| {
+        let mut families: Vec<(String, &'static str, &'static str, &'static str)> = Vec::new();
+        let mut gauge = |name: &'static str, help: &'static str, unit: Option<Unit>| {
             let f = Family::<DomainLabels, Gauge>::default();
             match unit {
-                Some(u) => registry.register_with_unit(name, help, u, f.clone()),
-                None => registry.register(name, help, f.clone()),
+                Some(u) => {
+                    let full = if matches!(u, Unit::Bytes) { "_bytes" } else { "" };
+                    families.push((format!("{name}{full}"), help, "gauge", full.trim_start_matches('_')));
+                    registry.register_with_unit(name, help, u, f.clone())
+                }
+                None => {
+                    families.push((name.into(), help, "gauge", ""));
+                    registry.register(name, help, f.clone())
+                }
             }
             f
         };
@@ -148,6 +174,12 @@ impl Default for Metrics {
             "Exit code of the domain's last action (0: done and verified)",
             None,
         );
+        families.extend([
+            ("vmplug_guest_memory_blocks_online".into(), "Memory blocks online inside the guest, by zone", "gauge", ""),
+            ("vmplug_guest_pressure_avg10_ratio".into(), PRESSURE_HELP, "gauge", ""),
+            ("vmplug_actions".into(), "Actions taken, by kind and outcome", "counter", ""),
+            ("vmplug_agent_sessions".into(), SESSIONS_HELP, "counter", ""),
+        ]);
         let guest_blocks_online = Family::<ZoneLabels, Gauge>::default();
         registry.register(
             "vmplug_guest_memory_blocks_online",
@@ -155,11 +187,7 @@ impl Default for Metrics {
             guest_blocks_online.clone(),
         );
         let pressure = Family::<PressureLabels, FGauge>::default();
-        registry.register(
-            "vmplug_guest_pressure_avg10_ratio",
-            "The guest's PSI avg10 as a ratio (0-1), by resource and kind",
-            pressure.clone(),
-        );
+        registry.register("vmplug_guest_pressure_avg10_ratio", PRESSURE_HELP, pressure.clone());
         let actions = Family::<ActionLabels, Counter>::default();
         registry.register("vmplug_actions", "Actions taken, by kind and outcome", actions.clone());
         let duration = Family::<KindLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
@@ -172,13 +200,18 @@ impl Default for Metrics {
         let alerts = Family::<AlertLabels, Counter>::default();
         registry.register("vmplug_alerts", "Alerts received from Alertmanager's webhook, by result", alerts.clone());
         let sessions = Family::<DomainLabels, Counter>::default();
-        registry.register(
-            "vmplug_agent_sessions",
-            "Guest agent sessions autoscale opened (connect and handshake); one per domain while vsock sessions last",
-            sessions.clone(),
-        );
+        registry.register("vmplug_agent_sessions", SESSIONS_HELP, sessions.clone());
+        // Families whose label values are a fixed set are whole from the
+        // first scrape: a rate over them needs no first event.
+        for result in ALERT_RESULTS {
+            let _ = alerts.get_or_create(&AlertLabels { result: result.into() });
+        }
+        for kind in ACTION_KINDS {
+            let _ = duration.get_or_create(&KindLabels { action: kind.into() });
+        }
         Metrics {
             registry,
+            families,
             alerts,
             sessions,
             vcpus,
@@ -205,13 +238,39 @@ fn as_i64(v: u64) -> i64 {
 }
 
 impl Metrics {
-    /// The text exposition (OpenMetrics' text format, which Prometheus reads).
+    /// The exposition in Prometheus' text format 0.0.4, what a scraper that
+    /// does not ask for OpenMetrics (and `promtool check metrics`) reads.
     pub fn render(&self) -> String {
+        to_prometheus_text(&self.render_openmetrics())
+    }
+
+    /// The exposition in OpenMetrics' text format 1.0.0.
+    pub fn render_openmetrics(&self) -> String {
         let mut s = String::new();
         if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
-            s = "# encoding failed\n".into();
+            s = "# encoding failed\n# EOF\n".into();
         }
+        // The families with no series yet still say what they are.
+        let mut empty = String::new();
+        for (name, help, kind, unit) in &self.families {
+            if !s.contains(&format!("# TYPE {name} ")) {
+                empty.push_str(&format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n"));
+                if !unit.is_empty() {
+                    empty.push_str(&format!("# UNIT {name} {unit}\n"));
+                }
+            }
+        }
+        let at = s.rfind("# EOF").unwrap_or(s.len());
+        s.insert_str(at, &empty);
         s
+    }
+
+    /// The exposition in `format`.
+    pub fn render_as(&self, format: Format) -> String {
+        match format {
+            Format::Prometheus => self.render(),
+            Format::OpenMetrics => self.render_openmetrics(),
+        }
     }
 
     /// One round's decision and what it saw: the host's view from libvirt, the
@@ -221,8 +280,7 @@ impl Metrics {
         self.record_action(ev);
     }
 
-    /// Alerts received, by result (`accepted`, `duplicate`, `rejected`,
-    /// `malformed`, `resolved`).
+    /// Alerts received, by result (one of [`ALERT_RESULTS`]).
     pub(crate) fn count_alerts(&self, result: &str, n: u64) {
         self.alerts.get_or_create(&AlertLabels { result: result.into() }).inc_by(n);
     }
@@ -350,6 +408,90 @@ impl Metrics {
     }
 }
 
+/// OpenMetrics text → Prometheus text 0.0.4: a counter family's HELP and TYPE
+/// name its `_total` series (OpenMetrics names the family without it), `unknown`
+/// is `untyped`, and there are no `# UNIT` or `# EOF` lines. Series lines are
+/// the same in both.
+fn to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(om.len() + 64 * counters.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let tail = if prefix == "# TYPE " && tail == "unknown" { "untyped" } else { tail };
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The two text expositions the endpoint serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus' text format 0.0.4, the default.
+    Prometheus,
+    /// OpenMetrics 1.0.0, for a client whose `Accept` prefers it.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of a scrape in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// The format an `Accept` header asks for: OpenMetrics when it names
+    /// `application/openmetrics-text` with a weight (`q`) above 0 and no lower
+    /// than any text or wildcard range's (Prometheus sends it at 1 and
+    /// `text/plain` at 0.5); Prometheus text otherwise, and with no header.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else { return Format::Prometheus };
+        let (mut om, mut text) = (0.0_f64, 0.0_f64);
+        for range in accept.split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let kind = params.next().unwrap_or_default().to_ascii_lowercase();
+            let q = params
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            match kind.as_str() {
+                "application/openmetrics-text" => om = om.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if om > 0.0 && om >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+}
+
+/// The value of the first header called `name` in a request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+    })
+}
+
 fn zone_labels(l: &DomainLabels, zone: &str) -> ZoneLabels {
     ZoneLabels { uri: l.uri.clone(), domain: l.domain.clone(), zone: zone.into() }
 }
@@ -383,23 +525,28 @@ pub fn metrics_addr(listen: &str) -> Result<std::net::SocketAddr, String> {
     listen.parse().map_err(|e| format!("'{listen}' is not PORT or ADDRESS:PORT ({e})"))
 }
 
-/// The status line and body of the answer to one HTTP request head.
-pub fn metrics_response(head: &[u8], metrics: &Metrics) -> (&'static str, String) {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
+/// The status line, `Content-Type` and body of the answer to one HTTP request
+/// head: the metrics in the format its `Accept` header asks for ([`Format::negotiate`]).
+pub fn metrics_response(head: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String) {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let head = String::from_utf8_lossy(head);
+    let line = head.lines().next().unwrap_or_default();
     let mut parts = line.trim_end().split(' ');
     let (method, path, version) = (parts.next(), parts.next(), parts.next());
     match (method, path, version) {
         (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/") => match (m, p.split('?').next()) {
-            ("GET" | "HEAD", Some("/metrics")) => ("200 OK", metrics.render()),
-            ("GET" | "HEAD", _) => ("404 Not Found", "not found: metrics are at /metrics\n".into()),
-            _ => ("405 Method Not Allowed", "only GET /metrics\n".into()),
+            ("GET" | "HEAD", Some("/metrics")) => {
+                let format = Format::negotiate(header(&head, "accept"));
+                ("200 OK", format.content_type(), metrics.render_as(format))
+            }
+            ("GET" | "HEAD", _) => ("404 Not Found", PLAIN, "not found: metrics are at /metrics\n".into()),
+            _ => ("405 Method Not Allowed", PLAIN, "only GET /metrics\n".into()),
         },
-        _ => ("400 Bad Request", "bad request\n".into()),
+        _ => ("400 Bad Request", PLAIN, "bad request\n".into()),
     }
 }
 
-/// Serves the metrics as Prometheus text on `addr` until the process ends: at
+/// Serves the metrics (Prometheus text, or OpenMetrics when asked) on `addr` until the process ends: at
 /// most [`MAX_METRICS_CONNECTIONS`] at once, each bounded in time and bytes,
 /// accept failures backed off and never fatal.
 pub async fn serve_metrics(addr: &str, engine: Arc<Engine>) -> std::io::Result<std::net::SocketAddr> {
@@ -451,12 +598,7 @@ async fn answer_metrics(mut s: tokio::net::TcpStream, metrics: &Metrics) {
     if read.is_err() {
         return;
     }
-    let (status, body) = metrics_response(&head, metrics);
-    let kind = if status.starts_with("200") {
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    } else {
-        "text/plain; charset=utf-8"
-    };
+    let (status, kind, body) = metrics_response(&head, metrics);
     let resp = format!(
         "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -484,6 +626,104 @@ mod tests {
         assert_eq!(metrics_addr(":9477").expect("port"), "127.0.0.1:9477".parse().expect("addr"));
         assert_eq!(metrics_addr("0.0.0.0:9477").expect("addr"), "0.0.0.0:9477".parse().expect("addr"));
         assert!(metrics_addr("localhost:x").is_err());
+    }
+
+    /// Issue #30: every scrape was OpenMetrics whatever the client asked.
+    /// Prometheus text by default; OpenMetrics when `Accept` prefers it.
+    #[test]
+    fn the_format_is_what_the_client_accepts() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, want) in [
+            (None, Format::Prometheus),
+            (Some("*/*"), Format::Prometheus),
+            (Some("text/plain;version=0.0.4"), Format::Prometheus),
+            (Some(prometheus), Format::OpenMetrics),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (Some("Application/OpenMetrics-Text; version=1.0.0"), Format::OpenMetrics),
+            (Some("application/openmetrics-text;q=0"), Format::Prometheus),
+            (Some("text/plain, application/openmetrics-text;q=0.5"), Format::Prometheus),
+            (Some("application/json"), Format::Prometheus),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+        let m = Metrics::default();
+        let (status, kind, body) = metrics_response(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &m);
+        assert_eq!((status, kind), ("200 OK", "text/plain; version=0.0.4; charset=utf-8"));
+        assert!(!body.contains("# EOF") && body.contains("# TYPE vmplug_alerts_total counter"), "{body}");
+        let ask = format!("GET /metrics HTTP/1.1\r\nAccept: {prometheus}\r\n\r\n");
+        let (status, kind, body) = metrics_response(ask.as_bytes(), &m);
+        assert_eq!((status, kind), ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8"));
+        assert!(body.ends_with("# EOF\n") && body.contains("# TYPE vmplug_alerts counter"), "{body}");
+    }
+
+    /// Issue #30: a family had no series, and so no line at all, until its
+    /// first event. Every family has its HELP and TYPE from the start, and the
+    /// ones with a fixed set of label values have every series, at 0.
+    #[test]
+    fn every_family_is_there_before_its_first_event() {
+        let text = Metrics::default().render();
+        for family in [
+            "vmplug_domain_vcpus",
+            "vmplug_domain_memory_bytes",
+            "vmplug_guest_memory_blocks_online",
+            "vmplug_guest_pressure_avg10_ratio",
+            "vmplug_actions_total",
+            "vmplug_action_duration_seconds",
+            "vmplug_alerts_total",
+            "vmplug_agent_sessions_total",
+        ] {
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}: {text}");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}: {text}");
+        }
+        for result in ALERT_RESULTS {
+            assert!(text.contains(&format!("vmplug_alerts_total{{result=\"{result}\"}} 0\n")), "{result}: {text}");
+        }
+        for kind in ACTION_KINDS {
+            assert!(text.contains(&format!("vmplug_action_duration_seconds_count{{action=\"{kind}\"}} 0\n")), "{text}");
+        }
+    }
+
+    /// Issue #30: `promtool check metrics` failed (no HELP for
+    /// `vmplug_actions_total`: OpenMetrics names a counter family without its
+    /// suffix). The Prometheus text passes it, empty and with series (label
+    /// values that need escaping among them).
+    #[test]
+    fn promtool_finds_nothing_to_complain_about() {
+        let m = Metrics::default();
+        let empty = m.render();
+        let cap = crate::autoscale::decision::tests::cap();
+        let l = DomainLabels { domain: "db1".into(), uri: "qemu:///system".into() };
+        m.session_opened(&l);
+        m.record(&event("db1", Some(Outcome::Ok)), &cap, Some(&guest(&[("Normal", 7)])));
+        m.record(&event("we\"ird\\\n", Some(Outcome::GuestTimeout)), &cap, None);
+        m.count_alerts("accepted", 2);
+        for text in [empty, m.render()] {
+            let Some(problems) = promtool_check(&text) else { return };
+            assert_eq!(problems, "", "{text}");
+        }
+    }
+
+    /// What `promtool check metrics` says of `text` (empty: nothing), or
+    /// `None`, with the reason printed, when promtool is not installed.
+    pub(crate) fn promtool_check(text: &str) -> Option<String> {
+        use std::io::Write;
+        let child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: promtool not runnable ({e}); Debian's 'prometheus' package has it");
+                return None;
+            }
+        };
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write to promtool");
+        let out = child.wait_with_output().expect("promtool");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Some(if out.status.success() { said.trim().to_string() } else { format!("{}: {said}", out.status) })
     }
 
     fn event(domain: &str, outcome: Option<Outcome>) -> DecisionEvent {
@@ -521,7 +761,7 @@ mod tests {
         for family in [
             "vmplug_domain_vcpus",
             "vmplug_guest_pressure_avg10_ratio",
-            "vmplug_actions",
+            "vmplug_actions_total",
             "vmplug_action_duration_seconds",
         ] {
             assert!(text.contains(&format!("# HELP {family} ")), "{family}: {text}");

@@ -20,7 +20,7 @@ use vmplug_common::Bytes;
 pub use decision::{
     decide, decide_alert, Action, Capacity, Decision, DecisionEvent, DomainState, Resource, Sample, KEPT_SAMPLES,
 };
-pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, Metrics};
+pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, Format, Metrics, ALERT_RESULTS};
 pub use policy::{glob, Limits, Policy, PolicyError, MAX_CONCURRENCY, MAX_TIMING_S};
 
 use crate::domain::{Affect, Connection, DomainError};
