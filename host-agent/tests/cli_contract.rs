@@ -69,7 +69,8 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
         (&["resize-memory", "test", "+1024"], 64, "usage"),
         (&["check", "test", "--resize", "1G1"], 64, "usage"),
         (&["no-such-verb"], 64, "usage"),
-        (&["detach-memory", "test", "--alias", "dimm9"], 64, "usage"),
+        // The domain was read to know there is no such DIMM: refused, not usage.
+        (&["detach-memory", "test", "--alias", "dimm9"], 2, "refused"),
         (&["prepare", "test", "--slots", "300", "--dry-run"], 2, "refused"),
         (&["meta", "test"], 0, "ok"),
         (&["meta", "test", "--tag", "a", "--tag", "b", "--agent", "hybrid:/run/x.vsock:1024"], 0, "ok"),
