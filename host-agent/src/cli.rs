@@ -20,9 +20,13 @@ use crate::unplug::{self, DimmSelector};
 #[command(
     name = "vmplug",
     version,
+    disable_version_flag = true,
     about = "Grow running VMs through libvirt and prove the guest uses what it was given"
 )]
 pub struct Cli {
+    /// Print the version (-v as virsh -v, -V as other tools).
+    #[arg(short = 'v', short_alias = 'V', long, action = clap::ArgAction::Version)]
+    pub version: Option<bool>,
     /// libvirt URI (as virsh -c); default: LIBVIRT_DEFAULT_URI, then libvirt's default.
     #[arg(short = 'c', long = "connect", global = true)]
     pub connect: Option<String>,
@@ -127,41 +131,62 @@ impl HotplugArgs {
 pub enum Command {
     /// Show or set CPU scheduler parameters (cpu_shares=N vcpu_quota=… …).
     Schedinfo {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         #[command(flatten)]
         affect: AffectArgs,
         /// key=value pairs to set.
         params: Vec<String>,
+        /// A key=value pair to set, as virsh schedinfo --set (repeatable;
+        /// instead of the positional pairs).
+        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "params")]
+        set: Vec<String>,
     },
     /// Show or set the QEMU emulator threads' host CPU affinity.
     Emulatorpin {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// Host CPUs (`0-3,^1`); without it, the current affinity.
         #[arg(value_parser = parse_set)]
         cpuset: Option<CpuSet>,
+        /// Host CPUs, as virsh emulatorpin --cpulist (instead of CPUSET).
+        #[arg(long = "cpulist", value_name = "CPUSET", value_parser = parse_set, conflicts_with = "cpuset")]
+        cpulist: Option<CpuSet>,
         #[command(flatten)]
         affect: AffectArgs,
     },
     /// Show or set a vCPU's host CPU affinity.
     Vcpupin {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// The vCPU to pin; without VCPU and CPUSET, the table.
         vcpu: Option<u32>,
         /// Host CPUs (`0-3,^1`).
         #[arg(value_parser = parse_set)]
         cpuset: Option<CpuSet>,
+        /// The vCPU, as virsh vcpupin --vcpu (instead of VCPU).
+        #[arg(long = "vcpu", value_name = "VCPU", conflicts_with = "vcpu")]
+        vcpu_flag: Option<u32>,
+        /// Host CPUs, as virsh vcpupin --cpulist (instead of CPUSET).
+        #[arg(long = "cpulist", value_name = "CPUSET", value_parser = parse_set, conflicts_with = "cpuset")]
+        cpulist: Option<CpuSet>,
         #[command(flatten)]
         affect: AffectArgs,
     },
     /// Set the number of vCPUs; waits until the guest has them online.
     Setvcpus {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// The total number of vCPUs wanted (not a delta).
-        count: u32,
+        #[arg(required_unless_present = "count_flag")]
+        count: Option<u32>,
+        /// The count, as virsh setvcpus --count (instead of COUNT).
+        #[arg(long = "count", value_name = "COUNT", conflicts_with = "count")]
+        count_flag: Option<u32>,
+        /// virsh's --maximum (change the most vCPUs the definition allows) is
+        /// refused: `vmplug prepare DOMAIN --max-vcpus N` does that.
+        #[arg(long)]
+        maximum: bool,
         /// Guest-level scaling (virsh setvcpus --guest): online or offline CPUs
         /// inside the guest, among the vCPUs it has; nothing is plugged. The way
         /// to scale where QEMU cannot hot-plug vCPUs (upstream aarch64).
@@ -172,7 +197,7 @@ pub enum Command {
     },
     /// Hot-plug memory as DIMMs; waits until the guest has every block online.
     AttachMemory {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// Memory to add, with a unit: 512M, 1G, 2GiB (binary: 1G = 1024M; a bare number is refused).
         #[arg(value_parser = parse_size)]
@@ -196,7 +221,7 @@ pub enum Command {
     /// Hot-unplug DIMMs: the guest offlines their blocks, libvirt detaches them,
     /// vmplug waits for QEMU to remove them and the guest to confirm.
     DetachMemory {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// One DIMM by alias (`ua-vmplug-ID-N`, or libvirt's `dimmN`).
         #[arg(long, conflicts_with = "request_id", required_unless_present = "request_id")]
@@ -210,7 +235,7 @@ pub enum Command {
     /// Add a virtio-mem device (one per guest node): a region the guest's memory
     /// can later grow into and shrink out of with resize-memory.
     AddVirtioMem {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// The region's size, with a unit (the most this device can ever plug).
         #[arg(value_parser = parse_size)]
@@ -228,7 +253,7 @@ pub enum Command {
     /// --requested-size); waits until the devices hold it and the guest has every
     /// plugged block online, or has released it.
     ResizeMemory {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// The guest's memory as a total (4G; on the node with --node), or a
         /// change (+1G, -512M). Boot memory and DIMMs stay; virtio-mem moves.
@@ -247,7 +272,7 @@ pub enum Command {
     },
     /// Show or set host NUMA memory placement.
     Numatune {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// strict, preferred, interleave or restrictive.
         #[arg(long)]
@@ -260,12 +285,12 @@ pub enum Command {
     },
     /// Host NUMA topology (as numactl -H), guest cells and their placement.
     Numa {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
     },
     /// Preflight only: is the domain ready for these hot-plugs?
     Check {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// Check `setvcpus DOMAIN N`.
         #[arg(long)]
@@ -295,7 +320,7 @@ pub enum Command {
     /// Make a domain hot-plug-ready (edits the persistent definition only; takes
     /// effect at the next start). Prints a unified diff of the XML.
     Prepare {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// Largest vCPU count hot-plug may reach (at most 4096).
         #[arg(long)]
@@ -400,7 +425,7 @@ pub enum Command {
     /// the domain's <metadata> (namespace https://vmplug.dev/xmlns/domain/1).
     /// Prints the settings as libvirt then holds them.
     Meta {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         /// Add this tag (repeatable).
         #[arg(long = "tag", value_name = "TAG")]
@@ -424,7 +449,7 @@ pub enum Command {
     },
     /// The host's and the guest's view side by side.
     Status {
-        /// Domain name (as virsh list shows it).
+        /// Domain name, ID or UUID (as virsh takes them).
         domain: String,
         #[command(flatten)]
         agent: AgentArgs,
@@ -458,6 +483,27 @@ impl Command {
             Command::Status { .. } => "status",
             Command::Meta { .. } => "meta",
             Command::VerifyImage { .. } => "verify-image",
+        }
+    }
+
+    /// The domain the command names, to be replaced by its name once found.
+    fn domain_mut(&mut self) -> Option<&mut String> {
+        match self {
+            Command::Schedinfo { domain, .. }
+            | Command::Emulatorpin { domain, .. }
+            | Command::Vcpupin { domain, .. }
+            | Command::Setvcpus { domain, .. }
+            | Command::AttachMemory { domain, .. }
+            | Command::DetachMemory { domain, .. }
+            | Command::AddVirtioMem { domain, .. }
+            | Command::ResizeMemory { domain, .. }
+            | Command::Numatune { domain, .. }
+            | Command::Numa { domain }
+            | Command::Check { domain, .. }
+            | Command::Prepare { domain, .. }
+            | Command::Status { domain, .. }
+            | Command::Meta { domain, .. } => Some(domain),
+            Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
         }
     }
 
@@ -604,33 +650,64 @@ pub fn json_line(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")) + "\n"
 }
 
-/// Runs one command against a connection.
-pub async fn run(cli: &Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
+/// Refuses what the command line says but vmplug does not do, before
+/// anything is read.
+fn refuse_unsupported(cmd: &Command) -> Result<(), CliError> {
+    if let Command::Setvcpus { domain, maximum: true, .. } = cmd {
+        return Err(CliError::Usage(format!(
+            "setvcpus --maximum is not supported: change the most vCPUs '{domain}' may have with `vmplug prepare {domain} --max-vcpus N` (persistent definition, effective at the next start)"
+        )));
+    }
+    Ok(())
+}
+
+/// The domain the command names, by its name however it was given (name, ID
+/// or UUID, as virsh takes them): reports and errors after this name it so.
+async fn resolve_domain(cmd: &mut Command, conn: &Arc<dyn Connection>) -> Result<(), CliError> {
+    let Some(given) = cmd.domain_mut() else { return Ok(()) };
+    let (conn, key) = (conn.clone(), given.clone());
+    let name = tokio::task::spawn_blocking(move || conn.lookup(&key).map(|d| d.name().to_string()))
+        .await
+        .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
+    *given = name;
+    Ok(())
+}
+
+/// Runs one command against a connection. The domain the command names is
+/// looked up first (by name, ID or UUID) and named by its name from then on.
+pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
+    refuse_unsupported(&cli.command)?;
+    resolve_domain(&mut cli.command, &conn).await?;
     let cmd = &cli.command;
     Ok(match cmd {
-        Command::Schedinfo { domain, affect, params } => {
-            let set = tune::parse_sched_args(params)?;
+        Command::Schedinfo { domain, affect, params, set } => {
+            let set = tune::parse_sched_args(if set.is_empty() { params } else { set })?;
             let p = tune::schedinfo(conn, domain, affect.affect()?, set).await?;
             Done::shown(cmd, &p, tune::render_sched(&p))
         }
-        Command::Emulatorpin { domain, cpuset, affect } => {
-            let t = tune::emulatorpin(conn, domain, affect.affect()?, cpuset.clone()).await?;
+        Command::Emulatorpin { domain, cpuset, cpulist, affect } => {
+            let cpuset = cpuset.clone().or_else(|| cpulist.clone());
+            let t = tune::emulatorpin(conn, domain, affect.affect()?, cpuset).await?;
             Done::shown(cmd, &t, tune::render_pins(&t))
         }
-        Command::Vcpupin { domain, vcpu, cpuset, affect } => {
+        Command::Vcpupin { domain, vcpu, cpuset, vcpu_flag, cpulist, affect } => {
+            let (vcpu, cpuset) = (vcpu.or(*vcpu_flag), cpuset.as_ref().or(cpulist.as_ref()));
             let pin = match (vcpu, cpuset) {
-                (Some(v), Some(c)) => Some((*v, c.clone())),
+                (Some(v), Some(c)) => Some((v, c.clone())),
                 (None, None) => None,
                 _ => return Err(CliError::Usage("vcpupin: give both VCPU and CPUSET, or neither".into())),
             };
             let t = tune::vcpupin(conn, domain, affect.affect()?, pin).await?;
             Done::shown(cmd, &t, tune::render_pins(&t))
         }
-        Command::Setvcpus { domain, count, guest: true, hotplug } => {
-            Done::op(ops::setvcpus_guest(conn, domain, *count, &hotplug.opts()?).await?)
-        }
-        Command::Setvcpus { domain, count, guest: false, hotplug } => {
-            Done::op(ops::setvcpus(conn, domain, *count, &hotplug.opts()?).await?)
+        Command::Setvcpus { domain, count, count_flag, guest, hotplug, .. } => {
+            let count =
+                count.or(*count_flag).ok_or_else(|| CliError::Usage("setvcpus: give COUNT or --count".into()))?;
+            if *guest {
+                Done::op(ops::setvcpus_guest(conn, domain, count, &hotplug.opts()?).await?)
+            } else {
+                Done::op(ops::setvcpus(conn, domain, count, &hotplug.opts()?).await?)
+            }
         }
         Command::AttachMemory { domain, size, node, round_up, max_dimm, request_id, hotplug } => {
             let mem = MemoryOpts {
@@ -924,4 +1001,92 @@ async fn autoscale_on(
     crate::autoscale::run(hosts, p, dry_run, once).await?;
     let env = Envelope::new("autoscale", None, ReportOutcome::Ok, "autoscale ended".into());
     Ok(Done { envelope: env, result: None, text: String::new() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmplug").chain(args.iter().copied()))
+    }
+
+    fn ok(args: &[&str]) -> Cli {
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn kind(args: &[&str]) -> ErrorKind {
+        parse(args).map(|c| panic!("{args:?} parsed: {c:?}")).expect_err("refused").kind()
+    }
+
+    #[test]
+    fn virsh_version_flags_print_the_version() {
+        for flag in ["-v", "-V", "--version"] {
+            assert_eq!(kind(&[flag]), ErrorKind::DisplayVersion, "{flag}");
+        }
+    }
+
+    #[test]
+    fn schedinfo_takes_virsh_set_beside_positional_pairs() {
+        let Command::Schedinfo { set, params, .. } = ok(&["schedinfo", "d", "--set", "cpu_shares=100"]).command else {
+            panic!("schedinfo")
+        };
+        assert_eq!((set, params), (vec!["cpu_shares=100".to_string()], vec![]));
+        assert!(parse(&["schedinfo", "d", "cpu_shares=100"]).is_ok());
+        assert_eq!(kind(&["schedinfo", "d", "cpu_shares=1", "--set", "cpu_shares=2"]), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn vcpupin_and_emulatorpin_take_virsh_flags() {
+        let Command::Vcpupin { vcpu_flag, cpulist, vcpu, cpuset, .. } =
+            ok(&["vcpupin", "d", "--vcpu", "0", "--cpulist", "1-2"]).command
+        else {
+            panic!("vcpupin")
+        };
+        assert_eq!(
+            (vcpu_flag, cpulist.map(|c| c.to_string()), vcpu, cpuset),
+            (Some(0), Some("1-2".into()), None, None)
+        );
+        assert!(parse(&["vcpupin", "d", "0", "1-2"]).is_ok());
+        assert_eq!(kind(&["vcpupin", "d", "0", "--vcpu", "1", "--cpulist", "1"]), ErrorKind::ArgumentConflict);
+        assert_eq!(kind(&["vcpupin", "d", "0", "1", "--cpulist", "1"]), ErrorKind::ArgumentConflict);
+        let Command::Emulatorpin { cpulist, cpuset, .. } = ok(&["emulatorpin", "d", "--cpulist", "0-1"]).command else {
+            panic!("emulatorpin")
+        };
+        assert_eq!((cpulist.map(|c| c.to_string()), cpuset), (Some("0-1".into()), None));
+        assert_eq!(kind(&["emulatorpin", "d", "0", "--cpulist", "1"]), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn setvcpus_takes_count_either_way_and_refuses_maximum() {
+        let Command::Setvcpus { count, count_flag, .. } = ok(&["setvcpus", "d", "--count", "3"]).command else {
+            panic!("setvcpus")
+        };
+        assert_eq!((count, count_flag), (None, Some(3)));
+        assert!(parse(&["setvcpus", "d", "3"]).is_ok());
+        assert_eq!(kind(&["setvcpus", "d", "3", "--count", "3"]), ErrorKind::ArgumentConflict);
+        assert_eq!(kind(&["setvcpus", "d"]), ErrorKind::MissingRequiredArgument);
+        let cli = ok(&["setvcpus", "d", "--count", "8", "--maximum"]);
+        let e = refuse_unsupported(&cli.command).expect_err("refused");
+        assert_eq!(e.exit_code(), crate::report::EXIT_USAGE);
+        assert!(e.to_string().contains("vmplug prepare d --max-vcpus"), "{e}");
+        assert!(refuse_unsupported(&ok(&["setvcpus", "d", "8"]).command).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_domain_given_by_id_or_uuid_is_named_by_its_name() {
+        let xml = "<domain type='kvm' id='3'><name>web</name><uuid>0b5e0c2e-1d2f-4a7b-9c3d-5e6f7a8b9c0d</uuid>\
+                   <memory unit='KiB'>1048576</memory><vcpu>1</vcpu></domain>";
+        let conn: Arc<dyn Connection> =
+            crate::fake::FakeConnection::new("<capabilities/>", vec![crate::fake::FakeDomain::new("web", xml, None)]);
+        for given in ["web", "3", "0b5e0c2e-1d2f-4a7b-9c3d-5e6f7a8b9c0d"] {
+            let mut cmd = ok(&["status", given]).command;
+            resolve_domain(&mut cmd, &conn).await.expect("found");
+            assert_eq!(cmd.domain(), Some("web"), "{given}");
+        }
+        let mut cmd = ok(&["status", "4"]).command;
+        let e = resolve_domain(&mut cmd, &conn).await.expect_err("refused");
+        assert_eq!(e.exit_code(), 1, "{e}");
+    }
 }

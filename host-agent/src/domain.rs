@@ -187,6 +187,11 @@ pub enum XmlView {
     Inactive,
 }
 
+/// A UUID as virsh takes it: 32 hex digits, dashes anywhere between them.
+pub fn looks_like_uuid(s: &str) -> bool {
+    s.chars().all(|c| c.is_ascii_hexdigit() || c == '-') && s.chars().filter(char::is_ascii_hexdigit).count() == 32
+}
+
 /// A libvirt connection: host facts and domain lookup.
 pub trait Connection: Send + Sync + std::fmt::Debug {
     fn uri(&self) -> String;
@@ -195,6 +200,8 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
     fn domain_capabilities(&self, arch: &str, machine: &str, virt_type: &str) -> Result<String, DomainError>;
     /// Free bytes on each host NUMA node.
     fn cells_free_memory(&self, nodes: u32) -> Result<Vec<u64>, DomainError>;
+    /// The domain by name, else (as virsh) by a running domain's numeric ID,
+    /// else by UUID; the domain found answers `name()` with its real name.
     fn lookup(&self, name: &str) -> Result<std::sync::Arc<dyn Domain>, DomainError>;
     fn list_domains(&self) -> Result<Vec<String>, DomainError>;
     /// Defines (or redefines) a domain's persistent configuration.

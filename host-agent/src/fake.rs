@@ -467,6 +467,20 @@ impl Domain for FakeDomain {
     }
 }
 
+/// The `id='N'` of a running domain's `<domain>` element.
+fn xml_domain_id(xml: &str) -> Option<u32> {
+    let start = xml.find("<domain")?;
+    let tag = &xml[start..start + xml[start..].find('>')?];
+    let i = tag.find(" id='")? + 5;
+    tag[i..].split('\'').next()?.parse().ok()
+}
+
+/// The text of `<uuid>`.
+fn xml_uuid(xml: &str) -> Option<&str> {
+    let i = xml.find("<uuid>")? + 6;
+    Some(xml[i..].split('<').next()?.trim())
+}
+
 /// A fake connection holding fake domains.
 #[derive(Debug)]
 pub struct FakeConnection {
@@ -498,7 +512,24 @@ impl Connection for FakeConnection {
     }
     fn lookup(&self, name: &str) -> Result<Arc<dyn Domain>, DomainError> {
         let doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
-        doms.get(name).cloned().map(|d| d as Arc<dyn Domain>).ok_or_else(|| DomainError::NotFound(name.into()))
+        let hex = |s: &str| s.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase();
+        doms.get(name)
+            .or_else(|| {
+                let id = name.parse::<u32>().ok()?;
+                doms.values().find(|d| {
+                    let st = d.st();
+                    st.running && xml_domain_id(&st.live) == Some(id)
+                })
+            })
+            .or_else(|| {
+                if !crate::domain::looks_like_uuid(name) {
+                    return None;
+                }
+                doms.values().find(|d| xml_uuid(&d.st().config).is_some_and(|u| hex(u) == hex(name)))
+            })
+            .cloned()
+            .map(|d| d as Arc<dyn Domain>)
+            .ok_or_else(|| DomainError::NotFound(name.into()))
     }
     fn define(&self, xml: &str) -> Result<(), DomainError> {
         let f = crate::xml::DomainFacts::parse(xml).map_err(|e| DomainError::Other(e.to_string()))?;

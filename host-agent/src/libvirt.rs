@@ -61,8 +61,29 @@ impl Connection for LibvirtConnection {
     }
 
     fn lookup(&self, name: &str) -> Result<Arc<dyn Domain>, DomainError> {
-        let dom = self.conn.lookup_domain_by_name(name).map_err(|_| DomainError::NotFound(name.to_string()))?;
-        Ok(Arc::new(LibvirtDomain { dom, name: name.to_string() }))
+        // As virsh: the name, then a running domain's numeric ID, then the UUID.
+        let dom = self
+            .conn
+            .lookup_domain_by_name(name)
+            .or_else(|e| match name.parse::<u32>() {
+                Ok(id) => self.conn.lookup_domain_by_id(id),
+                Err(_) => Err(e),
+            })
+            .or_else(|e| {
+                if crate::domain::looks_like_uuid(name) {
+                    self.conn.lookup_domain_by_uuid_string(name)
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|_| DomainError::NotFound(name.to_string()))?;
+        // Reports name the domain by its name, however it was given.
+        let real = dom.name().map_err(|e| DomainError::Libvirt {
+            domain: name.to_string(),
+            op: "domname",
+            message: e.message().to_string(),
+        })?;
+        Ok(Arc::new(LibvirtDomain { dom, name: real }))
     }
 
     fn define(&self, xml: &str) -> Result<(), DomainError> {

@@ -10,7 +10,7 @@ use vmplug::libvirt::LibvirtConnection;
 use vmplug::report::{Envelope, Outcome, EXIT_USAGE};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage(e),
     };
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??,
             );
-            run(&cli, conn).await
+            run(&mut cli, conn).await
         }),
         Err(e) => Err(CliError::Other(format!("cannot start runtime: {e}"))),
     };

@@ -366,10 +366,17 @@ pub(crate) fn not_planned(
     // A verdict that stands alone (the socket refused, the domain not in a
     // state to take it) is the message itself, not only a finding under it.
     let alone = |id: &str| errors.len() == 1 && errors[0] == id;
-    let sole = ["agent.socket", "domain.paused", "domain.crashed", "domain.shutting-down", "domain.pmsuspended"]
-        .into_iter()
-        .find(|id| alone(id))
-        .and_then(|id| r.findings.iter().find(|f| f.id == id));
+    let sole = [
+        "agent.socket",
+        "domain.paused",
+        "domain.crashed",
+        "domain.shutting-down",
+        "domain.pmsuspended",
+        "unplug.dimm",
+    ]
+    .into_iter()
+    .find(|id| alone(id))
+    .and_then(|id| r.findings.iter().find(|f| f.id == id));
     let (outcome, message) = if r.agent_unreachable {
         let why = r.findings.iter().find(|f| f.id == "agent.ready").map(|f| f.message.clone()).unwrap_or_default();
         (Outcome::AgentUnreachable, why)

@@ -471,12 +471,18 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
     let chosen: Vec<Dimm> = dom.dimms.iter().filter(|d| sel.matches(d)).cloned().collect();
     if chosen.is_empty() {
         let known: Vec<&str> = dom.dimms.iter().map(|d| d.alias.as_deref().unwrap_or("?")).collect();
-        return Err(NotPlanned::Usage(format!(
-            "no DIMM of '{}' has {}; its DIMMs: {}",
-            dom.name,
-            sel.describe(),
-            if known.is_empty() { "none".into() } else { known.join(", ") }
-        )));
+        // The domain was read to know this: not a usage error but a refusal,
+        // naming what is there (no --force makes a DIMM appear).
+        let none = error(
+            "unplug.dimm",
+            format!(
+                "no DIMM of '{}' has {}; its DIMMs: {}",
+                dom.name,
+                sel.describe(),
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            ),
+        );
+        return Err(refuse(vec![], vec![none]));
     }
     let alias = |d: &Dimm| d.alias.clone().unwrap_or_else(|| "?".into());
     let live_only = match &f.persistent {

@@ -464,7 +464,13 @@ pub struct Status {
     pub state: &'static str,
     pub vcpus_current: u32,
     pub vcpus_max: u32,
+    /// libvirt's `<memory>`: boot memory, DIMMs and every virtio-mem region's
+    /// whole size, plugged or not (for a guest without virtio-mem, what it has).
     pub memory: Bytes,
+    /// What the guest was given: boot memory, DIMMs and what virtio-mem plugged.
+    pub memory_given: Bytes,
+    /// The virtio-mem regions' whole size (what they could plug at most).
+    pub virtio_mem_capacity: Bytes,
     pub max_memory: Option<Bytes>,
     pub slots: Option<u32>,
     pub slots_free: u32,
@@ -536,6 +542,8 @@ pub async fn status(
         vcpus_current: l.facts.vcpus_current,
         vcpus_max: l.facts.vcpus_max,
         memory: l.facts.memory,
+        memory_given: l.facts.guest_memory(),
+        virtio_mem_capacity: Bytes(l.facts.virtio_mems.iter().map(|v| v.size.get()).sum()),
         max_memory: l.facts.max_memory,
         slots: l.facts.slots,
         slots_free: l.facts.free_slots(),
@@ -569,9 +577,19 @@ pub fn render_status(st: &Status) -> String {
         s,
         "{:<14} {:<34} {}",
         "memory",
-        format!("{} of {}", st.memory, st.max_memory.map(|m| m.to_string()).unwrap_or_else(|| "-".into())),
+        format!("{} of {}", st.memory_given, st.max_memory.map(|m| m.to_string()).unwrap_or_else(|| "-".into())),
         g.map(|g| format!("MemTotal {}, available {}", g.mem_total, g.mem_available)).unwrap_or_else(|| "-".into())
     );
+    if !st.virtio_mem.is_empty() {
+        // The regions apart: what they may still plug is not the guest's.
+        let plugged = Bytes(st.virtio_mem.iter().map(|v| v.device.plugged().get()).sum());
+        let _ = writeln!(
+            s,
+            "{:<14} {:<34} -",
+            "virtio-mem",
+            format!("{} plugged of {} capacity", plugged, st.virtio_mem_capacity)
+        );
+    }
     let _ = writeln!(
         s,
         "{:<14} {:<34} {}",
@@ -641,4 +659,73 @@ pub fn render_status(st: &Status) -> String {
         let _ = writeln!(s, "agent: {e}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeConnection, FakeDomain};
+    use vmplug_common::GIB;
+
+    /// 1 GiB of boot memory and an empty 2 GiB virtio-mem region: libvirt's
+    /// `<memory>` says 3 GiB.
+    const EMPTY_REGION: &str = "<domain type='kvm' id='7'><name>vm</name>\
+        <uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
+        <memory unit='KiB'>3145728</memory><maxMemory slots='4' unit='KiB'>8388608</maxMemory>\
+        <vcpu placement='static'>2</vcpu><os><type arch='x86_64' machine='pc-q35-8.2'>hvm</type></os>\
+        <devices><memory model='virtio-mem'><target><size unit='KiB'>2097152</size><node>0</node>\
+        <block unit='KiB'>2048</block><requested unit='KiB'>0</requested><current unit='KiB'>0</current>\
+        </target><alias name='virtiomem0'/></memory></devices></domain>";
+
+    async fn status_of(xml: &str) -> Status {
+        let dom = FakeDomain::new("vm", xml, None);
+        dom.set_running(false);
+        let conn = FakeConnection::new(include_str!("../tests/fixtures/caps.xml"), vec![dom]);
+        status(conn, "vm", None, Duration::from_millis(10)).await.expect("status")
+    }
+
+    #[tokio::test]
+    async fn status_says_what_the_guest_was_given_and_the_regions_apart() {
+        let st = status_of(EMPTY_REGION).await;
+        assert_eq!(st.memory, Bytes(3 * GIB), "libvirt's <memory>, as before");
+        assert_eq!(st.memory_given, Bytes(GIB));
+        assert_eq!(st.virtio_mem_capacity, Bytes(2 * GIB));
+        let text = render_status(&st);
+        let line = |key: &str| text.lines().find(|l| l.starts_with(key)).unwrap_or_default().to_string();
+        assert!(line("memory ").contains("1 GiB of 8 GiB"), "{text}");
+        assert!(line("virtio-mem ").contains("0 B plugged of 2 GiB capacity"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn status_counts_dimms_and_plugged_virtio_mem() {
+        // 8 GiB boot, a 1 GiB DIMM, two 2 GiB regions, one holding 512 MiB.
+        let st = status_of(include_str!("../tests/fixtures/x86-virtio-mem.xml").replace("mem1", "vm").as_str()).await;
+        assert_eq!(st.memory, Bytes(13 * GIB));
+        assert_eq!(st.memory_given, Bytes(9 * GIB + GIB / 2));
+        assert_eq!(st.virtio_mem_capacity, Bytes(4 * GIB));
+    }
+
+    #[tokio::test]
+    async fn status_of_a_dimm_only_guest_keeps_memory_as_it_was() {
+        let xml = include_str!("../tests/fixtures/x86-ready.xml");
+        let name = crate::xml::DomainFacts::parse(xml).expect("parses").name;
+        let dom = FakeDomain::new(&name, xml, None);
+        dom.set_running(false);
+        let conn = FakeConnection::new(include_str!("../tests/fixtures/caps.xml"), vec![dom]);
+        let st = status(conn, &name, None, Duration::from_millis(10)).await.expect("status");
+        assert_eq!(st.memory, st.memory_given);
+        assert_eq!(st.virtio_mem_capacity, Bytes(0));
+        assert!(!render_status(&st).contains("virtio-mem"));
+    }
+
+    #[test]
+    fn the_fake_finds_a_domain_by_name_id_or_uuid() {
+        let conn = FakeConnection::new("<capabilities/>", vec![FakeDomain::new("vm", EMPTY_REGION, None)]);
+        for key in ["vm", "7", "6695eb01-f6a4-8304-79aa-97f2502e193f", "6695EB01F6A4830479AA97F2502E193F"] {
+            assert_eq!(conn.lookup(key).map(|d| d.name().to_string()).ok().as_deref(), Some("vm"), "{key}");
+        }
+        for key in ["8", "6695eb01-f6a4-8304-79aa-97f2502e1930", "VM"] {
+            assert!(matches!(conn.lookup(key), Err(DomainError::NotFound(_))), "{key}");
+        }
+    }
 }

@@ -38,6 +38,9 @@ fn json(args: &[&str]) -> (u8, serde_json::Value) {
     (code, doc)
 }
 
+/// The test driver's domain `test` (id 1), as `virsh -c test:///default domuuid test` says.
+const TEST_UUID: &str = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+
 #[test]
 fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
     // (args, exit code, outcome)
@@ -69,7 +72,25 @@ fn every_verb_prints_the_envelope_and_exits_with_its_outcome() {
         (&["resize-memory", "test", "+1024"], 64, "usage"),
         (&["check", "test", "--resize", "1G1"], 64, "usage"),
         (&["no-such-verb"], 64, "usage"),
-        (&["detach-memory", "test", "--alias", "dimm9"], 64, "usage"),
+        // The domain was read to know there is no such DIMM: refused, not usage.
+        (&["detach-memory", "test", "--alias", "dimm9"], 2, "refused"),
+        // virsh's flag forms beside vmplug's; both forms of one value: usage.
+        (&["schedinfo", "test", "--set", "cpu_shares=0"], 2, "refused"),
+        (&["schedinfo", "test", "cpu_shares=100", "--set", "cpu_shares=100"], 64, "usage"),
+        (&["vcpupin", "test", "--vcpu", "0", "--cpulist", "0-1"], 0, "ok"),
+        (&["vcpupin", "test", "0", "--cpulist", "0"], 0, "ok"),
+        (&["vcpupin", "test", "0", "--vcpu", "0", "--cpulist", "0"], 64, "usage"),
+        (&["vcpupin", "test", "--vcpu", "0"], 64, "usage"),
+        (&["emulatorpin", "test", "--cpulist", "0-1"], 0, "ok"),
+        (&["emulatorpin", "test", "0", "--cpulist", "0"], 64, "usage"),
+        (&["setvcpus", "test", "1", "--count", "1"], 64, "usage"),
+        (&["setvcpus", "test"], 64, "usage"),
+        (&["setvcpus", "test", "--count", "2", "--maximum", "--config"], 64, "usage"),
+        (&["setvcpus", "no-such-domain", "--count", "2"], 1, "error"),
+        // A domain by name, ID or UUID, as virsh takes it.
+        (&["status", "1"], 0, "ok"),
+        (&["status", TEST_UUID], 0, "ok"),
+        (&["status", "2"], 1, "error"),
         (&["prepare", "test", "--slots", "300", "--dry-run"], 2, "refused"),
         (&["meta", "test"], 0, "ok"),
         (&["meta", "test", "--tag", "a", "--tag", "b", "--agent", "hybrid:/run/x.vsock:1024"], 0, "ok"),
@@ -118,6 +139,7 @@ fn the_other_verbs_keep_the_contract_too() {
         &["check", "test", "--resize", "+1G"],
         &["prepare", "test", "--dry-run"],
         &["setvcpus", "test", "1", "--config"],
+        &["setvcpus", "test", "--count", "1", "--config"],
         &["numatune", "test"],
     ] {
         let (code, doc) = json(args);
@@ -145,8 +167,39 @@ fn a_connection_failure_is_a_libvirt_error_said_once() {
 #[test]
 fn help_and_version_exit_zero() {
     assert_eq!(vmplug(&["--help"]).0, 0);
-    assert_eq!(vmplug(&["--version"]).0, 0);
     assert_eq!(vmplug(&["attach-memory", "--help"]).0, 0);
+    // -v as virsh -v; -V and --version as other tools.
+    let (code, version, _) = vmplug(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+    for flag in ["-v", "-V"] {
+        assert_eq!(vmplug(&[flag]), (0, version.clone(), String::new()), "{flag}");
+    }
+}
+
+/// A domain given by ID or UUID is reported by its name; a DIMM alias that
+/// does not exist is refused naming the ones that do; `setvcpus --maximum`
+/// names the verb that changes the maximum.
+#[test]
+fn reports_name_the_domain_and_refusals_say_the_way() {
+    for given in ["test", "1", TEST_UUID, &TEST_UUID.to_uppercase()] {
+        let (code, doc) = json(&["status", given]);
+        assert_eq!((code, doc["domain"].as_str()), (0, Some("test")), "{given}: {doc:#}");
+        assert!(doc["memory_given"].as_u64().is_some_and(|m| m > 0), "{doc:#}");
+        assert_eq!(doc["virtio_mem_capacity"], 0, "{doc:#}");
+        assert_eq!(doc["memory"], doc["memory_given"], "no virtio-mem: memory is what the guest has: {doc:#}");
+    }
+    // schedinfo --set is the positional pair by another name (the test driver
+    // takes no cpu_shares: both forms reach libvirt and get its answer).
+    assert_eq!(json(&["schedinfo", "test", "--set", "cpu_shares=100"]), json(&["schedinfo", "test", "cpu_shares=100"]));
+    let (_, doc) = json(&["detach-memory", "1", "--alias", "dimm9"]);
+    assert_eq!(doc["domain"], "test", "{doc:#}");
+    assert_eq!(doc["findings"][0]["id"], "unplug.dimm", "{doc:#}");
+    let error = doc["error"].as_str().unwrap_or_default();
+    assert!(error.contains("dimm9") && error.contains("its DIMMs: none"), "{doc:#}");
+    let (code, _, stderr) = vmplug(&["-c", "test:///default", "setvcpus", "test", "--count", "8", "--maximum"]);
+    assert_eq!(code, 64);
+    assert!(stderr.contains("vmplug prepare test --max-vcpus"), "{stderr}");
 }
 
 /// Every argument of every verb says what it is (the issue found bare ones).

@@ -238,8 +238,11 @@ async fn a_refused_detach_puts_the_remaining_blocks_back_online() {
 async fn detach_memory_names_what_exists_when_nothing_matches() {
     let w = world(true).await;
     let sel = DimmSelector::Request("nope".into());
-    let e = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect_err("usage");
-    assert!(e.to_string().contains("no DIMM of 'web1' has request id 'nope'"), "{e}");
+    // The domain was read to know this: a refusal (exit 2), not a usage error.
+    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect("a report");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert!(r.message.contains("no DIMM of 'web1' has request id 'nope'"), "{}", r.message);
+    assert!(r.findings.iter().any(|f| f.id == "unplug.dimm"), "{:?}", r.findings);
     assert!(w.dom.calls().is_empty());
 }
 

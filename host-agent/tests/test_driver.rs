@@ -29,6 +29,22 @@ fn reads_the_test_domain_and_host() {
     assert!(c.lookup("no-such-domain").is_err());
 }
 
+/// As virsh: a domain by name, by a running domain's ID, or by UUID (any case,
+/// dashes or none); the domain found says its real name.
+#[test]
+fn finds_a_domain_by_name_id_or_uuid() {
+    let c = conn();
+    // `virsh -c test:///default domuuid test`; `domid test` is 1.
+    for given in ["test", "1", "6695eb01-f6a4-8304-79aa-97f2502e193f", "6695EB01F6A4830479AA97F2502E193F"] {
+        let dom = c.lookup(given).unwrap_or_else(|e| panic!("{given}: {e}"));
+        assert_eq!(dom.name(), "test", "{given}");
+        assert!(dom.is_active().expect("state"), "{given}: a handle on the domain itself");
+    }
+    for given in ["2", "Test", "6695eb01-f6a4-8304-79aa-97f2502e1930", "-1"] {
+        assert!(matches!(c.lookup(given), Err(vmplug::domain::DomainError::NotFound(ref n)) if n == given), "{given}");
+    }
+}
+
 #[test]
 fn pins_round_trip_through_libvirt() {
     let c = conn();
