@@ -463,6 +463,30 @@ impl Cli {
     }
 }
 
+/// The `domain` field of the verbs that name one, borrowed as `$cmd` is
+/// (shared or mutable): one list for `Command::domain` and `domain_mut`.
+macro_rules! named_domain {
+    ($cmd:expr) => {
+        match $cmd {
+            Command::Schedinfo { domain, .. }
+            | Command::Emulatorpin { domain, .. }
+            | Command::Vcpupin { domain, .. }
+            | Command::Setvcpus { domain, .. }
+            | Command::AttachMemory { domain, .. }
+            | Command::DetachMemory { domain, .. }
+            | Command::AddVirtioMem { domain, .. }
+            | Command::ResizeMemory { domain, .. }
+            | Command::Numatune { domain, .. }
+            | Command::Numa { domain }
+            | Command::Check { domain, .. }
+            | Command::Prepare { domain, .. }
+            | Command::Status { domain, .. }
+            | Command::Meta { domain, .. } => Some(domain),
+            Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
+        }
+    };
+}
+
 impl Command {
     /// The verb, as typed.
     pub fn name(&self) -> &'static str {
@@ -488,44 +512,12 @@ impl Command {
 
     /// The domain the command names, to be replaced by its name once found.
     fn domain_mut(&mut self) -> Option<&mut String> {
-        match self {
-            Command::Schedinfo { domain, .. }
-            | Command::Emulatorpin { domain, .. }
-            | Command::Vcpupin { domain, .. }
-            | Command::Setvcpus { domain, .. }
-            | Command::AttachMemory { domain, .. }
-            | Command::DetachMemory { domain, .. }
-            | Command::AddVirtioMem { domain, .. }
-            | Command::ResizeMemory { domain, .. }
-            | Command::Numatune { domain, .. }
-            | Command::Numa { domain }
-            | Command::Check { domain, .. }
-            | Command::Prepare { domain, .. }
-            | Command::Status { domain, .. }
-            | Command::Meta { domain, .. } => Some(domain),
-            Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
-        }
+        named_domain!(self)
     }
 
     /// The domain the command is about, if it names one.
     pub fn domain(&self) -> Option<&str> {
-        match self {
-            Command::Schedinfo { domain, .. }
-            | Command::Emulatorpin { domain, .. }
-            | Command::Vcpupin { domain, .. }
-            | Command::Setvcpus { domain, .. }
-            | Command::AttachMemory { domain, .. }
-            | Command::DetachMemory { domain, .. }
-            | Command::AddVirtioMem { domain, .. }
-            | Command::ResizeMemory { domain, .. }
-            | Command::Numatune { domain, .. }
-            | Command::Numa { domain }
-            | Command::Check { domain, .. }
-            | Command::Prepare { domain, .. }
-            | Command::Status { domain, .. }
-            | Command::Meta { domain, .. } => Some(domain),
-            Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
-        }
+        named_domain!(self).map(String::as_str)
     }
 }
 
