@@ -83,44 +83,47 @@ pub fn private_base(base: &Path) -> Result<PathBuf, HarnessError> {
     for (i, c) in parents.iter().enumerate() {
         built.push(c);
         let last = i + 1 == parents.len();
-        match fs::symlink_metadata(&built) {
-            Ok(m) if last => {
-                if let Some(why) = untrusted_dir(&built, &m, uid) {
-                    return Err(refuse(why));
-                }
-            }
-            Ok(m) => {
-                // A link among the parents is followed (as /var/run is); what
-                // it points at must be as safe as a real directory would be.
-                let m = if m.file_type().is_symlink() {
-                    if m.uid() != 0 && m.uid() != uid {
-                        return Err(refuse(format!(
-                            "its parent {} is a link owned by uid {}",
-                            built.display(),
-                            m.uid()
-                        )));
-                    }
-                    fs::metadata(&built).map_err(|e| refuse(format!("{}: {e}", built.display())))?
-                } else {
-                    m
-                };
-                if !m.is_dir() {
-                    return Err(refuse(format!("{} is not a directory", built.display())));
-                }
-                if let Some(why) = untrusted_parent(&built, &m, uid) {
-                    return Err(refuse(why));
-                }
-            }
+        let m = match fs::symlink_metadata(&built) {
+            Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .mode(DIR_MODE)
-                    .create(&built)
-                    .map_err(|e| refuse(format!("creating {}: {e}", built.display())))?;
-                // The umask may have narrowed the mode; it is set exactly.
-                fs::set_permissions(&built, fs::Permissions::from_mode(DIR_MODE))
-                    .map_err(|e| refuse(format!("chmod {}: {e}", built.display())))?;
+                match fs::DirBuilder::new().mode(DIR_MODE).create(&built) {
+                    Ok(()) => {
+                        // The umask may have narrowed the mode; it is set exactly.
+                        fs::set_permissions(&built, fs::Permissions::from_mode(DIR_MODE))
+                            .map_err(|e| refuse(format!("chmod {}: {e}", built.display())))?;
+                        continue;
+                    }
+                    // Made in between (two runs or tests starting at once):
+                    // judged like any directory that was already there.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        fs::symlink_metadata(&built).map_err(|e| refuse(format!("{}: {e}", built.display())))?
+                    }
+                    Err(e) => return Err(refuse(format!("creating {}: {e}", built.display()))),
+                }
             }
             Err(e) => return Err(refuse(format!("{}: {e}", built.display()))),
+        };
+        if last {
+            if let Some(why) = untrusted_dir(&built, &m, uid) {
+                return Err(refuse(why));
+            }
+            continue;
+        }
+        // A link among the parents is followed (as /var/run is); what it points
+        // at must be as safe as a real directory would be.
+        let m = if m.file_type().is_symlink() {
+            if m.uid() != 0 && m.uid() != uid {
+                return Err(refuse(format!("its parent {} is a link owned by uid {}", built.display(), m.uid())));
+            }
+            fs::metadata(&built).map_err(|e| refuse(format!("{}: {e}", built.display())))?
+        } else {
+            m
+        };
+        if !m.is_dir() {
+            return Err(refuse(format!("{} is not a directory", built.display())));
+        }
+        if let Some(why) = untrusted_parent(&built, &m, uid) {
+            return Err(refuse(why));
         }
     }
     Ok(abs)
@@ -237,6 +240,25 @@ mod tests {
         assert!(e.0.contains("not sticky"), "{e}");
         fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).expect("chmod");
         private_base(&open.join("w")).expect("a sticky parent, as /var/tmp is");
+    }
+
+    /// Two runs (or two tests) making the same base at once both get it: the
+    /// one that loses the race judges the directory the other made.
+    #[test]
+    fn two_makers_of_one_base_both_succeed() {
+        for _ in 0..50 {
+            let t = tempfile::tempdir().expect("tempdir");
+            let base = t.path().join("a/b/cache");
+            let racers: Vec<_> = (0..4)
+                .map(|_| {
+                    let base = base.clone();
+                    std::thread::spawn(move || private_base(&base))
+                })
+                .collect();
+            for r in racers {
+                r.join().expect("thread").expect("each maker gets the base");
+            }
+        }
     }
 
     #[test]
