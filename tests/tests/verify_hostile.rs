@@ -15,11 +15,35 @@ use vmplug_e2e::initramfs::initramfs;
 use vmplug_e2e::verify::{recorded_pids, run_dirs_of, running};
 use vmplug_e2e::Env;
 
-/// A private base of this test's own under the suite's work directory.
-fn base(test: &str) -> PathBuf {
+/// A private base of this test's own under the suite's work directory. When
+/// the test ends, even by a panic, whatever a run left there (a SIGKILLed
+/// run's daemons and guest) is reaped, and the base removed.
+struct Base(PathBuf);
+
+impl std::ops::Deref for Base {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Base {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Base {
+    fn drop(&mut self) {
+        vmplug::harness::libvirtd::reap_stale(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn base(test: &str) -> Base {
     let b = Env::get().work.join(format!("verify-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&b);
-    b
+    Base(b)
 }
 
 fn spawn(image: &Path, work: &Path, extra: &[&str]) -> Child {
