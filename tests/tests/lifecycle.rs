@@ -218,12 +218,19 @@ fn plugged_resources_survive_a_live_migration_and_the_next_plug_works() {
     // the source refuses it at once by the job's rule.
     let m = g.start_migration(1);
     let end = Instant::now() + Duration::from_secs(60);
-    while !g.daemon.virsh_ok(&["domjobinfo", &name]).contains("Outgoing migration") {
-        assert!(Instant::now() < end, "the migration job did not start");
+    while !g.daemon.virsh_ok(&["domjobinfo", &name]).lines().any(|l| {
+        l.strip_prefix("Memory processed:")
+            .is_some_and(|v| !v.trim().starts_with("0.000") && !v.trim().starts_with("0 "))
+    }) {
+        assert!(Instant::now() < end, "the migration did not start sending memory");
         std::thread::sleep(Duration::from_millis(100));
     }
     refused_at_once(&mut g, "domain.job");
+    // Then at full speed. libvirt sets the job's own bandwidth as QEMU
+    // starts sending (measured: a raise made just before was undone), so it
+    // is raised once QEMU has sent memory, and checked.
     g.daemon.virsh_ok(&["migrate-setspeed", &name, "8192"]);
+    assert_eq!(g.daemon.virsh_ok(&["migrate-getspeed", &name]).trim(), "8192", "the bandwidth was raised");
     let started = Instant::now();
     g.finish_migration(m);
     eprintln!("the migration ended {:?} after its bandwidth was raised", started.elapsed());
