@@ -105,6 +105,9 @@ pub struct GuestSpec {
     /// Boot this ext4 image (copied per test) with systemd instead of the
     /// busybox initramfs userland.
     pub disk: Option<PathBuf>,
+    /// A raw image attached read-only as a second virtio disk (`/dev/vdb`),
+    /// copied per test: files handed to a running guest.
+    pub data_disk: Option<PathBuf>,
     /// virtio-mem devices defined at boot: (guest node, size MiB), each with
     /// 2 MiB blocks and nothing requested.
     pub virtio_mem: Vec<(u32, u64)>,
@@ -128,6 +131,7 @@ impl Default for GuestSpec {
             cmdline_extra: String::new(),
             plain: false,
             disk: None,
+            data_disk: None,
             virtio_mem: Vec::new(),
             kernel: GuestKernel::Bookworm,
             machine: None,
@@ -181,6 +185,10 @@ impl GuestSpec {
                 "vmplug.root=/dev/vda",
             ),
             None => (String::new(), ""),
+        };
+        let data_disk = match &self.data_disk {
+            Some(_) => format!("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{d}/data.img'/><target dev='vdb' bus='virtio'/><readonly/></disk>"),
+            None => String::new(),
         };
         let virtio_mem: String = self
             .virtio_mem
@@ -254,6 +262,7 @@ impl GuestSpec {
       <target type='virtio' name='{SERIAL_NAME}'/>
     </channel>
     {disk}
+    {data_disk}
     {virtio_mem}
     <memballoon model='none'/>
   </devices>
@@ -382,6 +391,9 @@ impl Guest {
             // A private, sparse copy: the test may write to it and reboot.
             let st = Command::new("cp").arg("--sparse=always").arg(img).arg(dir.join("root.img")).status().expect("cp");
             assert!(st.success(), "copying {}", img.display());
+        }
+        if let Some(img) = &spec.data_disk {
+            copy_in(img, &dir.join("data.img"));
         }
         let xml = spec.domain_xml(&name, &dir, &kernel.image, &initrd, &machine);
         let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml, retired: Vec::new() };
