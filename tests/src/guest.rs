@@ -409,7 +409,7 @@ impl Guest {
     fn start_vsock_backend(&mut self, cid: u32) {
         let env = Env::get();
         let log = fs::File::create(self.dir.join("vhost-vsock.log")).expect("log");
-        let child = Command::new(&env.vhost_vsock)
+        let child = Command::new(env.vhost_vsock())
             .arg("--guest-cid")
             .arg(cid.to_string())
             .arg("--socket")
