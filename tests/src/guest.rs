@@ -496,7 +496,10 @@ impl Guest {
     /// `--xml` and `--persistent-xml`.
     pub fn start_migration(&mut self, bandwidth_mib: u64) -> Migration {
         assert!(self.spec.disk.is_none(), "a guest with a disk would need shared storage to migrate");
-        assert!(self.spec.transport == Transport::Serial, "QEMU cannot migrate a vhost-user-vsock device");
+        assert!(
+            self.spec.transport == Transport::Serial,
+            "a vsock guest would need its vhost-user backend on the destination too: not modelled here"
+        );
         let env = Env::get();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = vmplug::harness::workdir::fresh_dir(&env.work, &format!("{}-{n}", std::process::id()))
