@@ -13,13 +13,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use vmplug_e2e::stats::{latency_table, MIN_SAMPLES};
 use vmplug_e2e::{Env, Guest, GuestSpec};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 128 * MIB;
 
+/// Runs per method and operation: `VMPLUG_BENCH_RUNS`, never fewer than
+/// [`MIN_SAMPLES`] (the least the report's intervals are computed from).
 fn runs() -> usize {
-    std::env::var("VMPLUG_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+    std::env::var("VMPLUG_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(MIN_SAMPLES).max(MIN_SAMPLES)
 }
 
 #[derive(Default)]
@@ -417,7 +420,22 @@ fn svg(samples: &Samples) -> String {
     s
 }
 
+/// `vmplug-bench report FILE`: the latency table, in markdown, from the raw
+/// samples a run wrote (`results/bench.json`), nothing measured.
+fn report(path: &str) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let raw: BTreeMap<String, Vec<f64>> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    print!("{}", latency_table(&raw, &[CPU_WRITE_ALONE]));
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, verb, path] = args.as_slice() {
+        if verb == "report" {
+            report(path);
+            return;
+        }
+    }
     let env = Env::get();
     let started = Instant::now();
     eprintln!("vmplug bench: {} runs per method, methods interleaved", runs());
