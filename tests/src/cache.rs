@@ -45,3 +45,52 @@ pub fn artefact(cache: &Path, path: &Path, build: impl FnOnce(&Path)) -> PathBuf
     fs::rename(&tmp, path).unwrap_or_else(|e| panic!("publishing {}: {e}", path.display()));
     path.to_path_buf()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in the child this test starts: the cache it builds into and is killed in.
+    const KILLED_BUILDER: &str = "VMPLUG_TEST_KILLED_BUILDER_CACHE";
+    const NAME: &str = "cache::tests::a_killed_build_leaves_nothing_that_looks_finished";
+
+    /// README: "a killed run leaves nothing that looks finished". A child process
+    /// is SIGKILLed halfway through writing an artefact: the artefact's path does
+    /// not exist (its half is only under the private temporary name), and the
+    /// next build removes that half and publishes a whole one.
+    #[test]
+    fn a_killed_build_leaves_nothing_that_looks_finished() {
+        if let Ok(cache) = std::env::var(KILLED_BUILDER) {
+            let cache = PathBuf::from(cache);
+            artefact(&cache, &cache.join("kernel"), |tmp| {
+                fs::write(tmp, b"half").expect("write half");
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).expect("kill myself");
+            });
+            unreachable!("killed while building");
+        }
+        let cache = std::env::temp_dir().join(format!("vmplug-cache-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&cache);
+        fs::create_dir_all(&cache).expect("cache dir");
+        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+            .env(KILLED_BUILDER, &cache)
+            .status()
+            .expect("start the builder");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "the builder was killed mid-build: {status:?}");
+        let path = cache.join("kernel");
+        assert!(!path.exists(), "nothing looks finished after the kill");
+        let halves = || {
+            fs::read_dir(&cache)
+                .expect("cache")
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".kernel.tmp."))
+                .count()
+        };
+        assert_eq!(halves(), 1, "the half is under its private temporary name");
+        artefact(&cache, &path, |tmp| fs::write(tmp, b"whole").expect("write whole"));
+        assert_eq!(fs::read(&path).expect("published"), b"whole");
+        assert_eq!(halves(), 0, "the next build removed the killed one's half");
+        fs::remove_dir_all(&cache).expect("clean up");
+    }
+}

@@ -16,6 +16,7 @@ pub mod initramfs;
 pub mod libvirtd;
 pub mod procs;
 pub mod schema;
+pub mod stats;
 pub mod verify;
 
 pub use env::Env;

@@ -13,13 +13,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use vmplug_e2e::stats::{latency_table, summarize, MIN_SAMPLES};
 use vmplug_e2e::{Env, Guest, GuestSpec};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 128 * MIB;
 
+/// Runs per method and operation: `VMPLUG_BENCH_RUNS`, never fewer than
+/// [`MIN_SAMPLES`] (the least the report's intervals are computed from).
 fn runs() -> usize {
-    std::env::var("VMPLUG_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+    std::env::var("VMPLUG_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(MIN_SAMPLES).max(MIN_SAMPLES)
 }
 
 #[derive(Default)]
@@ -32,10 +35,15 @@ impl Samples {
     }
 }
 
+/// Median (a true one: the mean of the middle two for an even count), min, max.
 fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[s.len() / 2], s[0], s[s.len() - 1])
+    let s = summarize(v).expect("at least one sample");
+    (s.median, s.min, s.max)
+}
+
+/// vCPU plugs: `runs()` for each of the four CPU methods, rotated.
+fn cpu_plugs() -> u32 {
+    4 * runs() as u32
 }
 
 fn ms(d: Duration) -> f64 {
@@ -417,7 +425,22 @@ fn svg(samples: &Samples) -> String {
     s
 }
 
+/// `vmplug-bench report FILE`: the latency table, in markdown, from the raw
+/// samples a run wrote (`results/bench.json`), nothing measured.
+fn report(path: &str) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let raw: BTreeMap<String, Vec<f64>> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    print!("{}", latency_table(&raw, &[CPU_WRITE_ALONE]));
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, verb, path] = args.as_slice() {
+        if verb == "report" {
+            report(path);
+            return;
+        }
+    }
     let env = Env::get();
     let started = Instant::now();
     eprintln!("vmplug bench: {} runs per method, methods interleaved", runs());
@@ -427,7 +450,8 @@ fn main() {
     }
     let spec = GuestSpec {
         vcpus: 1,
-        max_vcpus: 10,
+        // One plug per vCPU: every CPU method gets `runs()` of them.
+        max_vcpus: 1 + cpu_plugs(),
         cells_mib: vec![1024],
         // 1 GiB boot + a 4 GiB DIMM + the 4 GiB virtio-mem region.
         max_memory_mib: 10240,
@@ -456,7 +480,7 @@ fn main() {
     }
     let hwm = cost.peak_kib;
     let cpu_ms_per_block = cost.ticks as f64 * 10.0 / cost.blocks.max(1) as f64;
-    bench_cpus(&mut g, &mut samples, &mut own, 10);
+    bench_cpus(&mut g, &mut samples, &mut own, 1 + cpu_plugs());
     drop(g);
     let staged: Vec<Staged> = [16, 32, 64]
         .into_iter()
@@ -570,7 +594,46 @@ fn main() {
     std::fs::write(dir.join("bench.svg"), svg(&samples)).expect("write svg");
     let raw: BTreeMap<String, &Vec<f64>> = samples.0.iter().map(|((o, m), v)| (format!("{o} / {m}"), v)).collect();
     std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(&raw).expect("json")).expect("write json");
+    // Every raw sample behind every table above, with the command and machine.
+    let all = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": machine(),
+        "date": chrono_like_now(),
+        "runs_per_method": runs(),
+        "latency_ms": raw,
+        "phases": {
+            "columns": PHASES,
+            "runs_ms": PHASE_SAMPLES.with(|p| p.borrow().clone()),
+        },
+        "split": {
+            "columns": ["plug call (libvirt)", "guest, until online", "the rest"],
+            "runs_ms": SPLITS.with(|p| p.borrow().iter().map(|((o, m), v)| (format!("{o} / {m}"), v.clone())).collect::<BTreeMap<_, _>>()),
+        },
+        "staged": staged,
+        "autoscale": concurrent,
+        "footprint": {
+            "guest_agent_bytes": bin_size,
+            "agent_rss_idle_kib": rss_idle,
+            "agent_peak_rss_kib": hwm,
+            "agent_cpu_ms_per_block": cpu_ms_per_block,
+            "agent_wakeups_per_idle_minute": idle_wakeups_per_min,
+            "vmplug_own_ms": own,
+        },
+    });
+    std::fs::write(dir.join("bench-raw.json"), serde_json::to_string_pretty(&all).expect("json")).expect("write raw");
     eprintln!("results written to {}", dir.display());
+}
+
+/// What the bench ran on: the kernel, CPUs and their model.
+fn machine() -> serde_json::Value {
+    let uname = std::process::Command::new("uname").arg("-srvm").output().ok();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1));
+    serde_json::json!({
+        "uname": uname.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model.map(str::trim),
+    })
 }
 
 /// VmRSS of a process, KiB.
@@ -585,6 +648,7 @@ fn rss_kib(pid: i32) -> u64 {
 
 /// One row of staged growth: `gib` GiB into a fresh 4 GiB guest whose memory
 /// is mostly in use (1 GiB left available, as the performance issue has it).
+#[derive(serde::Serialize)]
 struct Staged {
     gib: u64,
     available_mib: u64,
@@ -647,6 +711,7 @@ fn chrono_like_now() -> String {
 /// One autoscale process, four guests (the most this machine runs), each under
 /// its own libvirtd: per-guest latency of an alert-driven grow alone and with all
 /// four at once, so serialisation shows as a ratio.
+#[derive(serde::Serialize)]
 struct Concurrent {
     /// The action's duration per the event (`duration_ms`), one guest alone.
     single: Vec<f64>,
