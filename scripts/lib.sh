@@ -136,11 +136,12 @@ debian_mirror() {
 }
 
 # rootfs_bookworm: makes sure $ROOTFS_BOOKWORM exists, a debootstrapped Debian
-# bookworm (minbase, systemd, udev, kmod, and rpm for the guest image whose
-# agent came as an .rpm; about 90 s, once): the base of the systemd guest images
+# bookworm (minbase, systemd, udev, kmod; rpm for the guest image whose agent
+# came as an .rpm; bc, which the kernel's mem-on-off-test.sh needs; about 90 s,
+# once): the base of the systemd guest images
 # (build-systemd-image.sh) and the root the packages' scriptlets run in
 # (check-packages.sh). The name changes with the package list.
-ROOTFS_BOOKWORM=$CACHE/rootfs-bookworm-rpm
+ROOTFS_BOOKWORM=$CACHE/rootfs-bookworm-v2
 rootfs_bookworm() {
   artefact "$ROOTFS_BOOKWORM" build_rootfs_bookworm
 }
@@ -155,7 +156,7 @@ build_rootfs_bookworm() {
 debootstrap_bookworm_once() {
   local dir=$1 mirror=$2
   rm -rf "$dir"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod,rpm bookworm "$dir" "$mirror" \
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod,rpm,bc bookworm "$dir" "$mirror" \
     >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; return 1; }
 }
 

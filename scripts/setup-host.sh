@@ -238,6 +238,26 @@ CONFIG
 if [ ! -e "$CACHE/kernel-arm64-acpi" ]; then log "cross-building the arm64 guest kernel with ACPI memory hot-plug (once, 5 to 8 minutes on 2 cores)"; fi
 artefact "$CACHE/kernel-arm64-acpi" build_arm64_acpi_kernel
 
+# The kernel's own hot-plug selftests, from the same Debian 6.1 source:
+# tools/testing/selftests/{memory-hotplug/mem-on-off-test.sh,
+# cpu-hotplug/cpu-on-off-test.sh}, which the e2e tier runs in a guest after
+# vmplug's plugs (tests/tests/replays.rs). Only the two scripts are kept.
+build_kernel_selftests() {
+  local tmp=$1 src="$1.src" deb
+  mkdir -p "$src" "$tmp"
+  (cd "$src" && retry "apt-get download linux-source-6.1" apt_download linux-source-6.1)
+  deb=$(ls "$src"/linux-source-6.1_*.deb)
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$src" --wildcards '*/linux-source-6.1.tar.xz'
+  tar -xJf "$src"/usr/src/linux-source-6.1.tar.xz -C "$src" --wildcards \
+    '*/tools/testing/selftests/memory-hotplug/mem-on-off-test.sh' \
+    '*/tools/testing/selftests/cpu-hotplug/cpu-on-off-test.sh'
+  cp "$src"/linux-source-6.1/tools/testing/selftests/memory-hotplug/mem-on-off-test.sh \
+    "$src"/linux-source-6.1/tools/testing/selftests/cpu-hotplug/cpu-on-off-test.sh "$tmp/"
+  rm -rf "$src"
+}
+if [ ! -e "$CACHE/kernel-selftests" ]; then log "extracting the kernel's hot-plug selftests from Debian's 6.1 source"; fi
+artefact "$CACHE/kernel-selftests" build_kernel_selftests
+
 # The static aarch64 guest agent is built for musl and linked by rust-lld.
 if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-musl; then
   exec {rust_lock}>"$CACHE/.locks/rustup-target.lock"

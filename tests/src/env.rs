@@ -68,6 +68,8 @@ struct SuiteParts {
     /// The vhost-user vsock backend the vsock guests use (the demo's guest
     /// talks over virtio-serial).
     vhost_vsock: PathBuf,
+    /// The kernel's hot-plug selftests (mem-on-off-test.sh, cpu-on-off-test.sh).
+    selftests: PathBuf,
     busybox_arm64: PathBuf,
     guest_agent_arm64: PathBuf,
 }
@@ -110,6 +112,7 @@ impl Env {
             arm64: Kernel::find(&cache.join("kernel-arm64"), setup),
             arm64_acpi: Kernel::find(&cache.join("kernel-arm64-acpi"), setup),
             vhost_vsock: must_exist(cache.join("bin/vhost-device-vsock"), setup),
+            selftests: must_exist(cache.join("kernel-selftests"), setup),
             busybox_arm64: must_exist(cache.join("kernel-arm64/bin/busybox"), setup),
             guest_agent_arm64: must_exist(
                 target.join("aarch64-unknown-linux-musl/release/vmplug-guest"),
@@ -138,6 +141,11 @@ impl Env {
             cache,
             work,
         }
+    }
+
+    /// The directory holding the kernel's hot-plug selftests (`make setup`).
+    pub fn selftests(&self) -> &PathBuf {
+        &self.suite("the kernel's selftests").selftests
     }
 
     /// vhost-device-vsock, built by `make setup` (not by the demo's set-up).

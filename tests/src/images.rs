@@ -34,8 +34,10 @@ pub fn systemd_image(kind: &str) -> PathBuf {
         .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    // The build script's content is part of the name: a changed recipe rebuilds.
-    let script = std::fs::read(env.repo.join("scripts/build-systemd-image.sh")).expect("image script");
+    // The build scripts' content is part of the name: a changed recipe rebuilds.
+    // The base root's package list lives in lib.sh: a change there rebuilds too.
+    let mut script = std::fs::read(env.repo.join("scripts/build-systemd-image.sh")).expect("image script");
+    script.extend(std::fs::read(env.repo.join("scripts/lib.sh")).expect("lib.sh"));
     let recipe = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();

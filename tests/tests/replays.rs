@@ -12,7 +12,7 @@
 //! `libvirt/tests/cfg/libvirt_vcpu_plug_unplug.cfg`; tp-qemu
 //! `qemu/tests/cfg/hotplug_memory_repeat.cfg`, `…/hotplug_virtio_mem.cfg`.
 
-use vmplug_e2e::{Guest, GuestSpec};
+use vmplug_e2e::{Env, Guest, GuestSpec};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -261,4 +261,89 @@ fn tp_qemu_hotplug_memory_repeat_256() {
         eprintln!("agent's files before:\n{fds_before}\nafter:\n{}", g.sh("ls -l /proc/$(cat /run/agent.pid)/fd"));
     }
     assert_eq!(after, before, "blocks, MemTotal and the agent's open files as after the first round");
+}
+
+/// Copies `file` into the running guest as `to` (base64 over the console, in
+/// lines a canonical-mode terminal takes whole).
+fn copy_into_guest(g: &mut Guest, file: &std::path::Path, to: &str) {
+    let out = std::process::Command::new("base64").arg("-w0").arg(file).output().expect("base64");
+    assert!(out.status.success(), "base64 {}", file.display());
+    let text = String::from_utf8(out.stdout).expect("base64 is ASCII");
+    g.sh(&format!("rm -f {to}.b64"));
+    for chunk in text.as_bytes().chunks(2048) {
+        g.sh(&format!("echo '{}' >> {to}.b64", std::str::from_utf8(chunk).expect("base64 is ASCII")));
+    }
+    g.sh(&format!("base64 -d {to}.b64 > {to} && rm {to}.b64"));
+}
+
+/// The kernel's own hot-plug selftests (Debian 6.1's source:
+/// `tools/testing/selftests/memory-hotplug/mem-on-off-test.sh` and
+/// `tools/testing/selftests/cpu-hotplug/cpu-on-off-test.sh`), run with bash in the
+/// systemd guest after vmplug has plugged 3 vCPUs and a 1 GiB DIMM (onlined
+/// movable). What the sources expect: `cpu-on-off-test.sh -a` (its full scope:
+/// every hot-pluggable CPU offlined and onlined) exits 0 with no "unexpected"
+/// line; `mem-on-off-test.sh -r PERCENT` onlines every offline block, then walks
+/// the online blocks from the lowest, offlining until PERCENT of them are
+/// offline ("-> Failure" for a block it cannot empty, and exit 1 if it cannot
+/// reach the target), then onlines them all again (exit 1 if one fails). The
+/// percentage asks for 8 of the 12 blocks: boot memory (Normal zone, where the
+/// kernel may hold unmovable pages) cannot give all of them, so vmplug's blocks
+/// must. Then vmplug's view still agrees and the next plug works.
+#[test]
+fn kernel_selftests_pass_after_vmplugs_plugs() {
+    let image = vmplug_e2e::images::systemd_image("agent");
+    let spec = GuestSpec { vcpus: 1, max_vcpus: 4, disk: Some(image), ..GuestSpec::default() };
+    let mut g = Guest::boot("selftests", spec);
+    let name = g.name.clone();
+    let r = g.vmplug_json(&["setvcpus", &name, "4", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let r = g.vmplug_json(&["attach-memory", &name, "1G", "--zone", "movable", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let plugged: Vec<u64> = r["guest"]["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| b["index"].as_u64().expect("block index"))
+        .collect();
+    assert_eq!(plugged.len(), 8, "{r}");
+    let dir = Env::get().selftests().clone();
+    copy_into_guest(&mut g, &dir.join("cpu-on-off-test.sh"), "/root/cpu-on-off-test.sh");
+    copy_into_guest(&mut g, &dir.join("mem-on-off-test.sh"), "/root/mem-on-off-test.sh");
+
+    let cpu = g.sh("bash /root/cpu-on-off-test.sh -a 2>&1; echo rc=$?");
+    eprintln!("cpu-on-off-test.sh -a:\n{cpu}");
+    assert!(cpu.trim_end().ends_with("rc=0"), "cpu-on-off-test.sh exits 0: {cpu}");
+    assert!(!cpu.contains("unexpected"), "{cpu}");
+    assert_eq!(g.online_cpus(), "0-3", "every CPU online again");
+
+    let blocks: u64 = g.sh("ls -d /sys/devices/system/memory/memory* | wc -l").trim().parse().expect("count");
+    assert_eq!(blocks, 12, "4 boot blocks and the DIMM's 8");
+    // ceil(12 × 66 / 100) = 8 blocks to offline.
+    let mem = g.sh("bash /root/mem-on-off-test.sh -r 66 2>&1; echo rc=$?");
+    eprintln!("mem-on-off-test.sh -r 66:\n{mem}");
+    assert!(mem.contains("trying to offline 8 out of 12 memory block(s)"), "the test's own target: {mem}");
+    assert!(mem.trim_end().ends_with("rc=0"), "mem-on-off-test.sh exits 0: {mem}");
+    assert!(!mem.contains("unexpected"), "{mem}");
+    // Which blocks the test offlined: vmplug's among them.
+    let lines: Vec<&str> = mem.lines().collect();
+    let offlined: Vec<u64> = lines
+        .windows(2)
+        .filter(|w| w[1].trim() == "-> Success")
+        .filter_map(|w| w[0].trim().strip_prefix("online->offline memory")?.parse().ok())
+        .collect();
+    eprintln!("offlined and onlined again by the kernel's test: {offlined:?}");
+    assert!(offlined.iter().any(|b| plugged.contains(b)), "the test reached vmplug's blocks: {offlined:?}");
+    let online_again = g.sh(&format!(
+        "for b in {}; do cat /sys/devices/system/memory/memory$b/state; done | sort | uniq -c",
+        plugged.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+    ));
+    assert_eq!(online_again.split_whitespace().collect::<Vec<_>>(), ["8", "online"], "{online_again}");
+
+    let st = g.vmplug_json(&["status", &name]);
+    assert!(
+        st["dimms"][0]["blocks"].as_array().expect("blocks").iter().all(|b| b["online"] == true),
+        "vmplug's view agrees: {st}"
+    );
+    let r = g.vmplug_json(&["attach-memory", &name, "128M", "--live"]);
+    assert_eq!(r["outcome"], "ok", "the next plug: {r}");
 }
