@@ -4,6 +4,7 @@
 pub mod autoscale;
 pub mod cli;
 pub mod domain;
+pub mod facts;
 #[doc(hidden)]
 pub mod fake;
 pub mod harness;
@@ -17,6 +18,7 @@ pub mod planner;
 pub mod preflight;
 pub mod prepare;
 pub mod report;
+pub mod settings;
 pub mod trust;
 pub mod tune;
 pub mod unplug;

@@ -749,3 +749,49 @@ pub fn check(ctx: &Ctx, op: &Operation) -> Vec<Finding> {
 pub fn has_errors(findings: &[Finding]) -> bool {
     findings.iter().any(|f| f.severity == Severity::Error)
 }
+
+/// Why a verb will not act: every finding, errors first, each with its rule id and
+/// what to change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub findings: Vec<Finding>,
+    /// The only error is an unreachable agent (exit 7, not 2).
+    pub agent_unreachable: bool,
+}
+
+/// A request that cannot become a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotPlanned {
+    /// The rules refuse it; nothing is changed.
+    Refused(Refusal),
+    /// The request itself is malformed (exit 64).
+    Usage(String),
+}
+
+impl NotPlanned {
+    pub fn findings(&self) -> Vec<Finding> {
+        match self {
+            NotPlanned::Refused(r) => r.findings.clone(),
+            NotPlanned::Usage(_) => vec![],
+        }
+    }
+}
+
+/// Errors refuse, unless forced — except `hard` findings, which no `--force`
+/// overrides (there would be nothing to do, or it would widen the request).
+pub fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
+    if hard.is_empty() && (force || !has_errors(&findings)) {
+        let mut findings = findings;
+        findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        return Ok(findings);
+    }
+    Err(refuse(findings, hard))
+}
+
+pub(crate) fn refuse(mut findings: Vec<Finding>, hard: Vec<Finding>) -> NotPlanned {
+    findings.splice(0..0, hard);
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
+    let agent_unreachable = !errors.is_empty() && errors.iter().all(|f| f.id == "agent.ready");
+    NotPlanned::Refused(Refusal { findings, agent_unreachable })
+}

@@ -11,10 +11,13 @@ use vmplug_common::protocol::{BlockState, GuestInfo, MemRange};
 use vmplug_common::{Bytes, CpuSet};
 
 use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, SchedParams};
+use crate::facts::gather;
+use crate::facts::{agent_if_running, blocking, load, HotplugOpts, Loaded, MemoryOpts};
 use crate::link::AgentAddr;
-use crate::ops::{affect_text, agent_if_running, blocking, load, HotplugOpts, MemoryOpts};
-use crate::plan::{gather, plan_attach_memory, plan_setvcpus, NotPlanned};
+use crate::plan::{plan_attach_memory, plan_setvcpus};
+use crate::preflight::NotPlanned;
 use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::report::affect_text;
 use crate::xml::DomainFacts;
 
 /// A refusal by preflight of a tuning change (nothing was applied).
@@ -124,7 +127,7 @@ pub async fn schedinfo(
     .await?)
 }
 
-fn ctx_for(l: &crate::ops::Loaded, affect: Affect) -> Ctx<'_> {
+fn ctx_for(l: &Loaded, affect: Affect) -> Ctx<'_> {
     l.ctx(None, affect, true)
 }
 
@@ -143,7 +146,7 @@ fn pin_table(facts: &DomainFacts, host_cpus: &CpuSet) -> PinTable {
     }
 }
 
-async fn reread(conn: Arc<dyn Connection>, name: &str, affect: Affect) -> Result<crate::ops::Loaded, DomainError> {
+async fn reread(conn: Arc<dyn Connection>, name: &str, affect: Affect) -> Result<Loaded, DomainError> {
     load(conn, name, affect.live()).await
 }
 

@@ -11,39 +11,16 @@ use std::time::{Duration, Instant};
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome as BlockOutcome};
 
 use crate::domain::{Connection, DomainError, XmlView};
+use crate::facts::{blocking, gather_timed, Facts, HotplugOpts};
 use crate::link::GuestAgent;
-use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
-use crate::plan::{gather_timed, plan_detach_memory, DetachPlan, Facts};
-use crate::report::{HostSide, OpReport, Outcome};
-use crate::xml::{dimm_detach_xml, request_index, Dimm, DomainFacts};
+use crate::plan::{plan_detach_memory, DetachPlan};
+use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
+
+pub use crate::plan::DimmSelector;
 
 /// How often the live XML is read while QEMU removes a DIMM.
 const REMOVAL_POLL: Duration = Duration::from_millis(100);
-
-/// Which DIMMs to unplug.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DimmSelector {
-    /// One DIMM by its alias (`ua-…` user alias or libvirt's `dimmN`).
-    Alias(String),
-    /// Every DIMM `attach-memory --request-id ID` attached (`ua-vmplug-ID-N`).
-    Request(String),
-}
-
-impl DimmSelector {
-    pub fn matches(&self, d: &Dimm) -> bool {
-        match self {
-            DimmSelector::Alias(a) => d.alias.as_deref() == Some(a.as_str()),
-            DimmSelector::Request(id) => request_index(d, id).is_some(),
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            DimmSelector::Alias(a) => format!("alias '{a}'"),
-            DimmSelector::Request(id) => format!("request id '{id}'"),
-        }
-    }
-}
 
 fn alias(d: &Dimm) -> &str {
     d.alias.as_deref().unwrap_or("?")

@@ -21,11 +21,15 @@ use vmplug_common::protocol::{BlockState, MemRange, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, DomainError, XmlView};
+use crate::facts::{blocking, HotplugOpts};
+use crate::facts::{gather_timed, Facts};
 use crate::link::GuestAgent;
-use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
-use crate::plan::{gather_timed, Facts, NotPlanned, Refusal};
 use crate::preflight::{self, Finding, Operation, Severity};
+use crate::preflight::{NotPlanned, Refusal};
+use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, Run};
 use crate::report::{HostSide, OpReport, Outcome};
+
+pub use crate::report::DeviceOutcome;
 use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
 
 /// How often the live XML is read while the guest's driver plugs or unplugs.
@@ -51,9 +55,9 @@ impl std::str::FromStr for SizeChange {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         match s.as_bytes().first() {
-            Some(b'+') => crate::cli::parse_size(&s[1..]).map(SizeChange::Grow),
-            Some(b'-') => crate::cli::parse_size(&s[1..]).map(SizeChange::Shrink),
-            _ => crate::cli::parse_size(s).map(SizeChange::To),
+            Some(b'+') => vmplug_common::size::parse_size(&s[1..]).map(SizeChange::Grow),
+            Some(b'-') => vmplug_common::size::parse_size(&s[1..]).map(SizeChange::Shrink),
+            _ => vmplug_common::size::parse_size(s).map(SizeChange::To),
         }
     }
 }
@@ -275,7 +279,7 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     if target == plugged && hard.is_empty() {
         hard.push(error("vmem.plan", format!("{what} already has {before}: nothing to change")));
     }
-    let findings = crate::plan::gate_findings(findings, opts.force, hard)?;
+    let findings = crate::preflight::gate(findings, opts.force, hard)?;
     let sizes = distribute(&scope, target, unit).unwrap_or_else(|| scope.iter().map(|d| d.plugged()).collect());
     let steps = scope
         .into_iter()
@@ -295,7 +299,7 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
 }
 
 fn refusal(findings: Vec<Finding>, hard: Vec<Finding>) -> Refusal {
-    match crate::plan::gate_findings(findings, false, hard) {
+    match crate::preflight::gate(findings, false, hard) {
         Err(NotPlanned::Refused(r)) => r,
         _ => Refusal { findings: vec![], agent_unreachable: false },
     }
@@ -310,24 +314,6 @@ pub enum Settled {
     TimedOut,
     /// A shrink stopped making progress: the guest cannot release more.
     Stalled,
-}
-
-/// One device after the change, as the report shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DeviceOutcome {
-    pub device: String,
-    pub node: Option<u32>,
-    pub size: Bytes,
-    pub before: Bytes,
-    pub requested: Bytes,
-    /// What the device reports plugged at the end.
-    pub current: Bytes,
-    /// `<requested>` was set back to `current` (a shrink the guest could not finish).
-    pub requested_reset: bool,
-    /// The guest's blocks in the region (present ones), by zone.
-    pub blocks: u32,
-    pub blocks_online: u32,
-    pub zones: BTreeMap<String, u32>,
 }
 
 /// The evidence the wait leaves: each changed device as the live XML shows it at
@@ -771,7 +757,7 @@ pub async fn add_virtio_mem(
     affect: Affect,
 ) -> Result<OpReport, DomainError> {
     let run = Run::new();
-    let loaded = crate::ops::load(conn, name, true).await?;
+    let loaded = crate::facts::load(conn, name, true).await?;
     let affect = affect.resolve(loaded.running);
     let findings = plan_add(&loaded.facts, a, loaded.running, affect);
     if preflight::has_errors(&findings) {
@@ -800,7 +786,7 @@ pub async fn add_virtio_mem(
         return Ok(persistent_only("add-virtio-mem", name, affect, message, findings, applied, &run));
     }
     let f =
-        crate::plan::Facts { loaded, affect, guest: None, agent_error: None, agent_trouble: None, persistent: None };
+        crate::facts::Facts { loaded, affect, guest: None, agent_error: None, agent_trouble: None, persistent: None };
     let devices = live_devices(&f).await?;
     let (outcome, message, verified) = match devices.get(before) {
         Some(d) if devices.len() > before => (
