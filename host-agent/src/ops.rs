@@ -12,7 +12,7 @@ use crate::facts::{gather_timed, Facts};
 use crate::link::{GuestAgent, LinkError};
 use crate::plan::{plan_attach_memory, plan_setvcpus, MemoryPlan, VcpuPlan};
 use crate::preflight::NotPlanned;
-use crate::preflight::{Ctx, Finding, Severity};
+use crate::preflight::{Ctx, Finding, RuleId, Severity};
 use crate::report::{libvirt_failed, ms, not_planned, persistent_only, HostOnly, HostSide, OpReport, Outcome};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
@@ -753,18 +753,18 @@ pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainE
         dimms: 1,
         first_wave: Bytes(vmplug_common::MIB),
     };
-    findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == "mem.linux-4g"));
+    findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == RuleId::MemLinux4g.id()));
     let usable = 64u32.saturating_sub(facts.virtio_nets);
     if let Some(slots) = facts.slots.filter(|&s| s > usable) {
         findings.push(Finding {
-            id: "mem.slots",
+            id: RuleId::MemSlots.id(),
             severity: Severity::Error,
             message: format!("{slots} memory slots, but only {usable} are usable (64 − {} virtio-net device(s)): pass --slots {usable} or fewer", facts.virtio_nets),
         });
     }
     if facts.vcpus_max <= facts.vcpus_current {
         findings.push(Finding {
-            id: "cpu.max",
+            id: RuleId::CpuMax.id(),
             severity: Severity::Warning,
             message: format!(
                 "max vCPUs equals the current {}: no vCPU can be hot-plugged; pass --max-vcpus",
@@ -799,7 +799,7 @@ pub async fn prepare(
     };
     let p = match crate::prepare::prepare(&old, &l.host, opts) {
         Err(e) => {
-            report.findings = vec![Finding { id: e.id(), severity: Severity::Error, message: e.to_string() }];
+            report.findings = vec![Finding::error(e.rule(), e.to_string())];
             report.refused = Some(format!("{e}; nothing was defined"));
             return Ok(report);
         }

@@ -18,16 +18,12 @@ use vmplug_common::Bytes;
 use crate::domain::Affect;
 use crate::facts::{HotplugOpts, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::preflight::{self, Ctx, Finding, Operation, RuleId, Severity};
 use crate::xml::{request_alias, request_index, Dimm, DomainFacts, NamedDimm};
 
 pub use crate::facts::{gather, gather_timed, gather_timed_with, Facts};
 use crate::preflight::refuse;
 pub use crate::preflight::{gate, NotPlanned, Refusal};
-
-fn error(id: &'static str, message: String) -> Finding {
-    Finding { id, severity: Severity::Error, message }
-}
 
 /// `setvcpus`: socket-sized steps; a shrink offlines in the guest first.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,15 +123,15 @@ impl MemoryPlan {
 /// A planner refusal as a finding, under the rule id it belongs to.
 pub fn plan_finding(e: &PlanError) -> Finding {
     let id = match e {
-        PlanError::Misaligned { .. } => "mem.block-align",
-        PlanError::RoundUpTooFar { .. } => "mem.round-up",
-        PlanError::UnitOverMaxDimm { .. } => "mem.max-dimm",
-        PlanError::NoSlots { .. } => "mem.slots",
-        PlanError::NoSuchNode(..) => "mem.node",
-        PlanError::NoCells => "mem.numa",
-        PlanError::Zero => "mem.plan",
+        PlanError::Misaligned { .. } => RuleId::MemBlockAlign,
+        PlanError::RoundUpTooFar { .. } => RuleId::MemRoundUp,
+        PlanError::UnitOverMaxDimm { .. } => RuleId::MemMaxDimm,
+        PlanError::NoSlots { .. } => RuleId::MemSlots,
+        PlanError::NoSuchNode(..) => RuleId::MemNode,
+        PlanError::NoCells => RuleId::MemNuma,
+        PlanError::Zero => RuleId::MemPlan,
     };
-    error(id, e.to_string())
+    Finding::error(id, e.to_string())
 }
 
 /// Memory per guest cell: its initial memory plus its DIMMs.
@@ -202,8 +198,8 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     let remaining = Bytes(size.get().saturating_sub(already.get()));
     let mut hard = Vec::new();
     if already > size {
-        hard.push(error(
-            "mem.request-id",
+        hard.push(Finding::error(
+            RuleId::MemRequestId,
             format!("request {} already attached {already}, more than the {size} asked now: repeat it with its own size, or use a new --request-id", mem.request_id),
         ));
     }
@@ -215,8 +211,8 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     };
     match &plan {
         Err(e) => hard.push(plan_finding(e)),
-        Ok(p) if p.is_empty() && reconciled.is_empty() => hard.push(error(
-            "mem.plan",
+        Ok(p) if p.is_empty() && reconciled.is_empty() => hard.push(Finding::error(
+            RuleId::MemPlan,
             format!("{size} makes no DIMM (libvirt sizes DIMMs in whole MiB and the guest in blocks): nothing would be attached"),
         )),
         Ok(_) => {}
@@ -242,7 +238,7 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     findings.retain(|r| !hard.iter().any(|h| h.id == r.id));
     if size != mem.size {
         findings.push(Finding {
-            id: "mem.round-up",
+            id: RuleId::MemRoundUp.id(),
             severity: Severity::Warning,
             message: format!("{} rounded up to {size} (alignment {})", mem.size, Bytes(unit)),
         });
@@ -313,8 +309,8 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
         let known: Vec<&str> = dom.dimms.iter().map(|d| d.alias.as_deref().unwrap_or("?")).collect();
         // The domain was read to know this: not a usage error but a refusal,
         // naming what is there (no --force makes a DIMM appear).
-        let none = error(
-            "unplug.dimm",
+        let none = Finding::error(
+            RuleId::UnplugDimm,
             format!(
                 "no DIMM of '{}' has {}; its DIMMs: {}",
                 dom.name,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, DomainError};
-use crate::preflight::{Finding, NotPlanned, Severity};
+use crate::preflight::{Finding, NotPlanned, RuleId, Severity};
 
 /// How an operation ended. Each has its own, documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -439,18 +439,19 @@ pub(crate) fn not_planned(
     // state to take it) is the message itself, not only a finding under it.
     let alone = |id: &str| errors.len() == 1 && errors[0] == id;
     let sole = [
-        "agent.socket",
-        "domain.paused",
-        "domain.crashed",
-        "domain.shutting-down",
-        "domain.pmsuspended",
-        "unplug.dimm",
+        RuleId::AgentSocket.id(),
+        RuleId::DomainPaused.id(),
+        RuleId::DomainCrashed.id(),
+        RuleId::DomainShuttingDown.id(),
+        RuleId::DomainPmsuspended.id(),
+        RuleId::UnplugDimm.id(),
     ]
     .into_iter()
     .find(|id| alone(id))
     .and_then(|id| r.findings.iter().find(|f| f.id == id));
     let (outcome, message) = if r.agent_unreachable {
-        let why = r.findings.iter().find(|f| f.id == "agent.ready").map(|f| f.message.clone()).unwrap_or_default();
+        let why =
+            r.findings.iter().find(|f| f.id == RuleId::AgentReady.id()).map(|f| f.message.clone()).unwrap_or_default();
         (Outcome::AgentUnreachable, why)
     } else if let Some(f) = sole {
         (Outcome::Refused, format!("{}; nothing was changed", f.message))

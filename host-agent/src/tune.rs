@@ -16,7 +16,7 @@ use crate::facts::{agent_if_running, blocking, load, HotplugOpts, Loaded, Memory
 use crate::link::AgentAddr;
 use crate::plan::{plan_attach_memory, plan_setvcpus};
 use crate::preflight::NotPlanned;
-use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::preflight::{self, Ctx, Finding, Operation, RuleId, Severity};
 use crate::report::affect_text;
 use crate::xml::DomainFacts;
 
@@ -302,7 +302,7 @@ pub async fn numa(conn: Arc<dyn Connection>, name: &str) -> Result<NumaView, Tun
         .collect();
     let findings = preflight::check(&ctx_for(&l, Affect::Live), &Operation::Readiness)
         .into_iter()
-        .filter(|f| f.id == "numa.cell-pinning" || f.id == "cpu.socket-cell")
+        .filter(|f| f.id == RuleId::NumaCellPinning.id() || f.id == RuleId::CpuSocketCell.id())
         .collect();
     Ok(NumaView { host, distances, guest_cells, findings })
 }

@@ -24,7 +24,7 @@ use crate::domain::{Affect, Connection, DomainError, XmlView};
 use crate::facts::{blocking, HotplugOpts};
 use crate::facts::{gather_timed, Facts};
 use crate::link::GuestAgent;
-use crate::preflight::{self, Finding, Operation, Severity};
+use crate::preflight::{self, Finding, Operation, RuleId};
 use crate::preflight::{NotPlanned, Refusal};
 use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, Run};
 use crate::report::{HostSide, OpReport, Outcome};
@@ -117,14 +117,6 @@ impl ResizePlan {
     }
 }
 
-fn error(id: &'static str, message: String) -> Finding {
-    Finding { id, severity: Severity::Error, message }
-}
-
-fn warning(id: &'static str, message: String) -> Finding {
-    Finding { id, severity: Severity::Warning, message }
-}
-
 /// Spreads `total` over `devices` in `unit` steps, moving each device only in the
 /// direction of the change: a grow fills the emptiest device first, a shrink
 /// drains the fullest. `None` when the devices cannot hold `total`.
@@ -159,16 +151,16 @@ fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding
     if f.affect.live() {
         if let Some(g) = &f.guest {
             match g.virtio_mem_devices {
-                None if g.capabilities.iter().any(|c| c == "virtio-mem") => out.push(error(
-                    "vmem.guest-driver",
+                None if g.capabilities.iter().any(|c| c == "virtio-mem") => out.push(Finding::error(
+                    RuleId::VmemGuestDriver,
                     "the guest kernel's virtio_mem driver is not loaded (no /sys/bus/virtio/drivers/virtio_mem): nothing would plug or unplug; load the module (Linux 5.8+, CONFIG_VIRTIO_MEM) or use DIMMs".into(),
                 )),
-                None if confirm => out.push(error(
-                    "vmem.guest-driver",
+                None if confirm => out.push(Finding::error(
+                    RuleId::VmemGuestDriver,
                     "the guest agent predates virtio-mem support: it cannot confirm the plug; upgrade vmplug-guest (or --no-wait to resize unverified)".into(),
                 )),
-                None => out.push(warning(
-                    "vmem.guest-driver",
+                None => out.push(Finding::warning(
+                    RuleId::VmemGuestDriver,
                     "the guest agent predates virtio-mem support: cannot check the guest's virtio_mem driver".into(),
                 )),
                 Some(_) => {}
@@ -177,8 +169,8 @@ fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding
     }
     for d in scope {
         if d.current.is_some_and(|c| c != d.requested) {
-            out.push(warning(
-                "vmem.settling",
+            out.push(Finding::warning(
+                RuleId::VmemSettling,
                 format!(
                     "{} still moves from {} to its requested {}: planned from what it holds now",
                     d.label(),
@@ -188,8 +180,8 @@ fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding
             ));
         }
         if confirm && d.base.is_none() {
-            out.push(error(
-                "vmem.no-address",
+            out.push(Finding::error(
+                RuleId::VmemNoAddress,
                 format!(
                     "the live XML gives {} no region base: vmplug cannot tell the guest which blocks are its",
                     d.label()
@@ -222,12 +214,12 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let generic = |grow| preflight::check(&f.ctx_for(opts.no_wait), &Operation::Resize { grow, node: r.node });
     if scope.is_empty() {
         let where_ = r.node.map_or(String::new(), |n| format!(" on guest node {n}"));
-        let hard = error(
-            "vmem.device",
+        let hard = Finding::error(
+            RuleId::VmemDevice,
             format!("'{}' has no virtio-mem device{where_}: add one with `vmplug add-virtio-mem` (or use attach-memory for DIMMs)", dom.name),
         );
         let mut rest = generic(Bytes(0));
-        rest.retain(|x| x.id != "mem.node");
+        rest.retain(|x| x.id != RuleId::MemNode.id());
         return Err(NotPlanned::Refused(refusal(rest, vec![hard])));
     }
     let (before, fixed) = scope_memory(dom, r.node, &scope);
@@ -238,8 +230,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let mut hard = Vec::new();
     let target = match r.change {
         SizeChange::To(t) if t < fixed => {
-            hard.push(error(
-                "vmem.floor",
+            hard.push(Finding::error(
+                RuleId::VmemFloor,
                 format!(
                     "{what} cannot go below {fixed}: that is its boot memory and DIMMs, which virtio-mem does not hold"
                 ),
@@ -249,8 +241,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
         SizeChange::To(t) => Bytes(t.get() - fixed.get()),
         SizeChange::Grow(d) => Bytes(plugged.get().saturating_add(d.get())),
         SizeChange::Shrink(d) if d > plugged => {
-            hard.push(error(
-                "vmem.floor",
+            hard.push(Finding::error(
+                RuleId::VmemFloor,
                 format!("{what}'s virtio-mem devices hold {plugged}: they cannot give back {d}"),
             ));
             plugged
@@ -258,8 +250,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
         SizeChange::Shrink(d) => Bytes(plugged.get() - d.get()),
     };
     if !target.is_multiple_of(unit) {
-        hard.push(error(
-            "vmem.block-align",
+        hard.push(Finding::error(
+            RuleId::VmemBlockAlign,
             format!(
                 "{} is not a multiple of the devices' block size {}: use a multiple",
                 Bytes(target.get().abs_diff(plugged.get())),
@@ -267,8 +259,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
             ),
         ));
     } else if target > capacity {
-        hard.push(error(
-            "vmem.size",
+        hard.push(Finding::error(
+            RuleId::VmemSize,
             format!("{what}'s virtio-mem devices hold at most {capacity} ({} plugged): {target} does not fit; add a device (`vmplug add-virtio-mem`) or use DIMMs", plugged),
         ));
     }
@@ -277,7 +269,7 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let mut findings = generic(grow);
     findings.extend(device_findings(f, &scope, confirm));
     if target == plugged && hard.is_empty() {
-        hard.push(error("vmem.plan", format!("{what} already has {before}: nothing to change")));
+        hard.push(Finding::error(RuleId::VmemPlan, format!("{what} already has {before}: nothing to change")));
     }
     let findings = crate::preflight::gate(findings, opts.force, hard)?;
     let sizes = distribute(&scope, target, unit).unwrap_or_else(|| scope.iter().map(|d| d.plugged()).collect());
@@ -705,37 +697,37 @@ pub fn plan_add(dom: &DomainFacts, a: &AddOpts, running: bool, affect: Affect) -
     let mut out = Vec::new();
     let b = a.block.get();
     if !b.is_power_of_two() || b < 2 * vmplug_common::MIB {
-        out.push(error("vmem.block", format!("block size {} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)", a.block)));
+        out.push(Finding::error(RuleId::VmemBlock, format!("block size {} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)", a.block)));
     } else if a.size.get() == 0 || !a.size.is_multiple_of(b) {
-        out.push(error(
-            "vmem.block-align",
+        out.push(Finding::error(
+            RuleId::VmemBlockAlign,
             format!("size {} is not a positive multiple of the block size {}", a.size, a.block),
         ));
     }
     match (a.node, dom.cells.is_empty()) {
-        (None, false) => out.push(error(
-            "vmem.node",
+        (None, false) => out.push(Finding::error(
+            RuleId::VmemNode,
             format!(
                 "the guest has NUMA cells ({}): pass --node",
                 dom.cells.iter().map(|c| c.id.to_string()).collect::<Vec<_>>().join(", ")
             ),
         )),
         (Some(n), false) if !dom.cells.iter().any(|c| c.id == n) => {
-            out.push(error("mem.node", format!("guest NUMA node {n} does not exist")))
+            out.push(Finding::error(RuleId::MemNode, format!("guest NUMA node {n} does not exist")))
         }
-        (Some(n), true) => out.push(error(
-            "mem.node",
+        (Some(n), true) => out.push(Finding::error(
+            RuleId::MemNode,
             format!("the guest has no NUMA cells: node {n} does not exist (leave out --node)"),
         )),
         _ => {}
     }
     match dom.max_memory {
-        None => out.push(error(
-            "mem.max-memory",
+        None => out.push(Finding::error(
+            RuleId::MemMaxMemory,
             "no <maxMemory>: a memory device needs room reserved at creation (`vmplug prepare`)".into(),
         )),
-        Some(max) if a.size > dom.memory_headroom() => out.push(error(
-            "mem.max-size",
+        Some(max) if a.size > dom.memory_headroom() => out.push(Finding::error(
+            RuleId::MemMaxSize,
             format!(
                 "{} + {} exceeds <maxMemory> {max} (<memory> counts every device's whole region)",
                 dom.memory, a.size
@@ -744,7 +736,7 @@ pub fn plan_add(dom: &DomainFacts, a: &AddOpts, running: bool, affect: Affect) -
         Some(_) => {}
     }
     if affect.live() && !running {
-        out.push(error("domain.running", format!("domain '{}' is not running: use --config", dom.name)));
+        out.push(Finding::error(RuleId::DomainRunning, format!("domain '{}' is not running: use --config", dom.name)));
     }
     out
 }

@@ -29,7 +29,7 @@ use crate::harness::libvirtd::{reap_stale, Libvirtd};
 use crate::harness::workdir;
 use crate::harness::HarnessError;
 use crate::ops::{self, HotplugOpts, MemoryOpts};
-use crate::preflight::Severity;
+use crate::preflight::{RuleId, Severity};
 use crate::report::{OpReport, Outcome};
 use crate::unplug::DimmSelector;
 use crate::vmem::{AddOpts, ResizeOpts, SizeChange};
@@ -215,12 +215,12 @@ fn pick_machine(conn: &dyn Connection, o: &VerifyOpts) -> Result<String, Harness
 
 /// A kernel option each guest-side refusal points at.
 pub fn kernel_option(rule: &str) -> Option<&'static str> {
-    match rule {
-        "mem.guest-acpi" => Some("CONFIG_ACPI_HOTPLUG_MEMORY"),
-        "mem.guest-kernel" => Some("CONFIG_MEMORY_HOTPLUG"),
-        "cpu.guest-acpi" => Some("CONFIG_ACPI_HOTPLUG_CPU"),
-        "vmem.guest-driver" => Some("CONFIG_VIRTIO_MEM"),
-        "cpu.guest-possible" => Some("CONFIG_NR_CPUS (or the possible_cpus= / nr_cpus= boot parameters)"),
+    match RuleId::from_id(rule)? {
+        RuleId::MemGuestAcpi => Some("CONFIG_ACPI_HOTPLUG_MEMORY"),
+        RuleId::MemGuestKernel => Some("CONFIG_MEMORY_HOTPLUG"),
+        RuleId::CpuGuestAcpi => Some("CONFIG_ACPI_HOTPLUG_CPU"),
+        RuleId::VmemGuestDriver => Some("CONFIG_VIRTIO_MEM"),
+        RuleId::CpuGuestPossible => Some("CONFIG_NR_CPUS (or the possible_cpus= / nr_cpus= boot parameters)"),
         _ => None,
     }
 }
@@ -801,7 +801,7 @@ impl Session {
         let mut c = match &r {
             Ok(r)
                 if r.outcome == Outcome::Refused
-                    && r.findings.iter().any(|f| f.id == "mem.block-align")
+                    && r.findings.iter().any(|f| f.id == RuleId::MemBlockAlign.id())
                     && before == after =>
             {
                 case(
@@ -821,7 +821,10 @@ impl Session {
         };
         if let Ok(r) = &r {
             c.evidence.extend(
-                r.findings.iter().filter(|f| f.id == "mem.block-align").map(|f| format!("[{}] {}", f.id, f.message)),
+                r.findings
+                    .iter()
+                    .filter(|f| f.id == RuleId::MemBlockAlign.id())
+                    .map(|f| format!("[{}] {}", f.id, f.message)),
             );
         }
         c.evidence.push(format!("DIMMs in the live XML: {} before, {} after", before.unwrap_or(0), after.unwrap_or(0)));
