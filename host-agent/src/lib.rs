@@ -24,4 +24,5 @@ pub mod tune;
 pub mod unplug;
 pub mod verify;
 pub mod vmem;
+pub mod wait;
 pub mod xml;

@@ -15,6 +15,7 @@ use crate::facts::{blocking, gather_timed, Facts, HotplugOpts};
 use crate::link::GuestAgent;
 use crate::plan::{plan_detach_memory, DetachPlan};
 use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::wait::Wait;
 use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
 
 pub use crate::plan::DimmSelector;
@@ -193,7 +194,10 @@ impl Detach<'_> {
     async fn wait_removed(&mut self) -> (Vec<String>, Option<DomainFacts>) {
         let names: Vec<String> = self.plan.chosen.iter().map(|d| alias(d).to_string()).collect();
         let t = Instant::now();
-        let deadline = t + if self.opts.no_wait { Duration::ZERO } else { self.opts.timeout };
+        let removal =
+            Wait::new("QEMU to remove the DIMMs", if self.opts.no_wait { Duration::ZERO } else { self.opts.timeout })
+                .every(REMOVAL_POLL);
+        let mut waiting = removal.start();
         loop {
             let dom = self.facts.loaded.dom.clone();
             let after = blocking(move || dom.xml(XmlView::Live)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
@@ -203,11 +207,10 @@ impl Detach<'_> {
                 }
                 None => names.clone(),
             };
-            if left.is_empty() || Instant::now() >= deadline {
+            if left.is_empty() || waiting.pause().await.is_err() {
                 self.run.guest_ms += ms(t);
                 return (left, after);
             }
-            tokio::time::sleep(REMOVAL_POLL).await;
         }
     }
 

@@ -28,6 +28,7 @@ use crate::preflight::{self, Finding, Operation, RuleId};
 use crate::preflight::{NotPlanned, Refusal};
 use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, Run};
 use crate::report::{HostSide, OpReport, Outcome};
+use crate::wait::Wait;
 
 pub use crate::report::DeviceOutcome;
 use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
@@ -564,6 +565,10 @@ async fn final_blocks<A: GuestAgent>(
     deadline: Instant,
 ) -> Result<Vec<BlockState>, String> {
     let ranges = plan.ranges();
+    let settle =
+        Wait::new("the guest's blocks of the resized devices", deadline.saturating_duration_since(Instant::now()))
+            .every(POLL);
+    let mut waiting = settle.start();
     loop {
         if plan.grows() {
             agent.online(online_round(&ranges, plan.zone)).await.map_err(|e| e.to_string())?;
@@ -578,10 +583,9 @@ async fn final_blocks<A: GuestAgent>(
         // unplugs, then removes it (a shrink), or the agent has yet to online it.
         let in_passage = blocks.iter().any(|b| b.present && !b.online);
         let covered = plan.steps.iter().all(|s| devices.iter().find(|d| d.index == s.device.index).is_none_or(covered));
-        if (!in_passage && (covered || !plan.grows())) || Instant::now() >= deadline {
+        if (!in_passage && (covered || !plan.grows())) || waiting.pause().await.is_err() {
             return Ok(blocks);
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 
