@@ -75,9 +75,10 @@ package-test: package
 test: setup lint build unit package-test e2e
 
 # The demo boots one x86 guest: it sets up and builds that guest's kernel,
-# vhost-device-vsock, the x86 agent, vmplug and itself, nothing else. After the
-# apt packages (vmplug links libvirt), the three builds run side by side: each
-# ends in a long step on one core (LTO, linking) and these machines have two.
+# the x86 agent, vmplug and itself, nothing else (its guest talks over
+# virtio-serial, so no vsock backend is built). After the apt packages (vmplug
+# links libvirt), the kernel download and the two builds run side by side: each
+# build ends in a long step on one core (linking) and these machines have two.
 # Their lines interleave (cargo's progress bars, which would overwrite one
 # another, are off).
 demo:

@@ -2,6 +2,8 @@
 # Builds a minimal Debian bookworm systemd guest image (raw ext4) for the
 # end-to-end tests:
 #   build-systemd-image.sh agent DEB OUT   the vmplug-guest .deb installed offline
+#   build-systemd-image.sh agent-rpm RPM OUT   the vmplug-guest .rpm installed
+#                                          offline by rpm (the image has rpm)
 #   build-systemd-image.sh udev  -   OUT   only the corrected udev rules, no agent
 # The debootstrapped base is cached in $VMPLUG_CACHE; each image takes ~10 s.
 # Both are built under their own lock into a temporary path and renamed into
@@ -11,7 +13,7 @@ LOG_TAG=systemd-image
 . "$(dirname "$0")/lib.sh"
 kind=$1 deb=$2 out=$3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-rootfs=$CACHE/rootfs-bookworm
+rootfs=$ROOTFS_BOOKWORM
 
 build_image() {
 local tmp=$1
@@ -56,10 +58,21 @@ case "$kind" in
     test -L "$root/etc/systemd/system/sysinit.target.wants/vmplug-guest.service" \
       || { echo "the package did not enable vmplug-guest.service" >&2; exit 1; }
     ;;
+  agent-rpm)
+    # As on an RPM system: rpm's own database in the image, the scriptlets run
+    # chrooted (systemctl edits the links). Debian's rpm needs --force-debian,
+    # and nothing in this rpm database provides the package's dependencies.
+    flags=(--root "$root" --dbpath /var/lib/rpm --nodeps)
+    rpm --help 2>/dev/null | grep -q -- --force-debian && flags+=(--force-debian)
+    rpm "${flags[@]}" -i "$deb" >"$work/rpm.log" 2>&1 || { cat "$work/rpm.log" >&2; exit 1; }
+    test -x "$root/usr/bin/rpm" || { echo "the image has no rpm: rebuild $rootfs" >&2; exit 1; }
+    test -L "$root/etc/systemd/system/sysinit.target.wants/vmplug-guest.service" \
+      || { echo "the package did not enable vmplug-guest.service" >&2; exit 1; }
+    ;;
   udev)
     cp "$repo/udev-rules/80-vmplug-memory-online.rules" "$repo/udev-rules/80-vmplug-cpu-online.rules" "$root/etc/udev/rules.d/"
     ;;
-  *) echo "usage: $0 agent|udev DEB OUT" >&2; exit 2 ;;
+  *) echo "usage: $0 agent|agent-rpm|udev PACKAGE OUT" >&2; exit 2 ;;
 esac
 truncate -s 2G "$tmp"
 mkfs.ext4 -q -F -L vmplugroot -d "$root" "$tmp"

@@ -104,7 +104,7 @@ else
 fi
 trap 'rm -rf "$tmp" "$roots"' EXIT
 new_root() { # NAME: a copy of the debootstrapped bookworm at $roots/NAME
-  rm -rf "${roots:?}/$1" && mkdir -p "$roots" && cp -a "$CACHE/rootfs-bookworm" "$roots/$1"
+  rm -rf "${roots:?}/$1" && mkdir -p "$roots" && cp -a "$ROOTFS_BOOKWORM" "$roots/$1"
 }
 state() { # ROOT UNIT: enabled, disabled, masked..., or not-found (no unit file)
   local s

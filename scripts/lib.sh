@@ -135,12 +135,14 @@ debian_mirror() {
   printf '%s %s\n' "$uri" "${keyring:-/usr/share/keyrings/debian-archive-keyring.gpg}"
 }
 
-# rootfs_bookworm: makes sure $CACHE/rootfs-bookworm exists, a debootstrapped
-# Debian bookworm (minbase, systemd, udev, kmod; about 80 s, once): the base of
-# the systemd guest images (build-systemd-image.sh) and the root the packages'
-# scriptlets run in (check-packages.sh).
+# rootfs_bookworm: makes sure $ROOTFS_BOOKWORM exists, a debootstrapped Debian
+# bookworm (minbase, systemd, udev, kmod, and rpm for the guest image whose
+# agent came as an .rpm; about 90 s, once): the base of the systemd guest images
+# (build-systemd-image.sh) and the root the packages' scriptlets run in
+# (check-packages.sh). The name changes with the package list.
+ROOTFS_BOOKWORM=$CACHE/rootfs-bookworm-rpm
 rootfs_bookworm() {
-  artefact "$CACHE/rootfs-bookworm" build_rootfs_bookworm
+  artefact "$ROOTFS_BOOKWORM" build_rootfs_bookworm
 }
 
 build_rootfs_bookworm() {
@@ -153,7 +155,7 @@ build_rootfs_bookworm() {
 debootstrap_bookworm_once() {
   local dir=$1 mirror=$2
   rm -rf "$dir"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod bookworm "$dir" "$mirror" \
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,udev,kmod,rpm bookworm "$dir" "$mirror" \
     >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; return 1; }
 }
 

@@ -7,7 +7,7 @@
 #
 #   scripts/setup-host.sh                 everything (`make setup`: `make test`, `make bench`)
 #   scripts/setup-host.sh demo            only what `make demo` boots: the x86 packages,
-#                                         the bookworm guest kernel and vhost-device-vsock
+#                                         the bookworm guest kernel
 #   scripts/setup-host.sh demo-packages   only the demo's apt packages (which the
 #                                         demo's Rust build links against)
 set -euo pipefail
@@ -101,15 +101,16 @@ apt_download() {
 if [ ! -e "$CACHE/kernel" ]; then log "downloading the guest kernel"; fi
 artefact "$CACHE/kernel" download_kernel
 
-# vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
-# machines), from crates.io, built once. The demo's agent talks over it.
-if [ ! -x "$CACHE/bin/vhost-device-vsock" ]; then log "building vhost-device-vsock from crates.io (once, 1-2 minutes)"; fi
-artefact "$CACHE/bin/vhost-device-vsock" cargo_tool vhost-device-vsock
-
 if [ "$mode" = demo ]; then
   log "ready for the demo: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernel $(ls "$CACHE"/kernel/boot/vmlinuz-* | xargs -n1 basename)"
   exit 0
 fi
+
+# vhost-device-vsock: the vhost-user vsock backend (no /dev/vhost-vsock on these
+# machines), from crates.io, built once, for the suite's vsock guests (the
+# demo's guest talks over virtio-serial).
+if [ ! -x "$CACHE/bin/vhost-device-vsock" ]; then log "building vhost-device-vsock from crates.io (once, 1-2 minutes)"; fi
+artefact "$CACHE/bin/vhost-device-vsock" cargo_tool vhost-device-vsock
 
 # private_apt DIR SUITE ARCH: an apt configuration of its own under DIR (the
 # machine's mirror and keyring, its own lists and cache, packages of ARCH), so

@@ -53,7 +53,6 @@ pub struct Env {
     pub modules: PathBuf,
     pub vmplug: PathBuf,
     pub guest_agent: PathBuf,
-    pub vhost_vsock: PathBuf,
     pub busybox: PathBuf,
     /// What only the suite uses (the trixie and aarch64 guests): always there
     /// for [`Env::get`], absent for [`Env::demo`].
@@ -66,6 +65,9 @@ struct SuiteParts {
     trixie: Kernel,
     arm64: Kernel,
     arm64_acpi: Kernel,
+    /// The vhost-user vsock backend the vsock guests use (the demo's guest
+    /// talks over virtio-serial).
+    vhost_vsock: PathBuf,
     busybox_arm64: PathBuf,
     guest_agent_arm64: PathBuf,
 }
@@ -85,7 +87,7 @@ impl Env {
     }
 
     /// What `make demo` needs (one x86 guest: the bookworm kernel, the x86
-    /// agent, busybox, vhost-device-vsock, vmplug), checked at once. Called
+    /// agent, busybox, vmplug), checked at once. Called
     /// first, it is what [`Env::get`] returns in this process; the suite's
     /// other guests then panic naming `make setup`.
     pub fn demo() -> &'static Env {
@@ -107,6 +109,7 @@ impl Env {
             trixie: Kernel::find(&cache.join("kernel-trixie"), setup),
             arm64: Kernel::find(&cache.join("kernel-arm64"), setup),
             arm64_acpi: Kernel::find(&cache.join("kernel-arm64-acpi"), setup),
+            vhost_vsock: must_exist(cache.join("bin/vhost-device-vsock"), setup),
             busybox_arm64: must_exist(cache.join("kernel-arm64/bin/busybox"), setup),
             guest_agent_arm64: must_exist(
                 target.join("aarch64-unknown-linux-musl/release/vmplug-guest"),
@@ -130,12 +133,16 @@ impl Env {
                 target.join("x86_64-unknown-linux-gnu/release/vmplug-guest"),
                 "build the static agent: make guest-agent",
             ),
-            vhost_vsock: must_exist(cache.join("bin/vhost-device-vsock"), setup),
             busybox: must_exist(PathBuf::from("/bin/busybox"), setup),
             repo,
             cache,
             work,
         }
+    }
+
+    /// vhost-device-vsock, built by `make setup` (not by the demo's set-up).
+    pub fn vhost_vsock(&self) -> &PathBuf {
+        &self.suite("vhost-device-vsock").vhost_vsock
     }
 
     fn suite(&self, what: &str) -> &SuiteParts {

@@ -105,6 +105,9 @@ pub struct GuestSpec {
     /// Boot this ext4 image (copied per test) with systemd instead of the
     /// busybox initramfs userland.
     pub disk: Option<PathBuf>,
+    /// A raw image attached read-only as a second virtio disk (`/dev/vdb`),
+    /// copied per test: files handed to a running guest.
+    pub data_disk: Option<PathBuf>,
     /// virtio-mem devices defined at boot: (guest node, size MiB), each with
     /// 2 MiB blocks and nothing requested.
     pub virtio_mem: Vec<(u32, u64)>,
@@ -128,6 +131,7 @@ impl Default for GuestSpec {
             cmdline_extra: String::new(),
             plain: false,
             disk: None,
+            data_disk: None,
             virtio_mem: Vec::new(),
             kernel: GuestKernel::Bookworm,
             machine: None,
@@ -181,6 +185,10 @@ impl GuestSpec {
                 "vmplug.root=/dev/vda",
             ),
             None => (String::new(), ""),
+        };
+        let data_disk = match &self.data_disk {
+            Some(_) => format!("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{d}/data.img'/><target dev='vdb' bus='virtio'/><readonly/></disk>"),
+            None => String::new(),
         };
         let virtio_mem: String = self
             .virtio_mem
@@ -254,6 +262,7 @@ impl GuestSpec {
       <target type='virtio' name='{SERIAL_NAME}'/>
     </channel>
     {disk}
+    {data_disk}
     {virtio_mem}
     <memballoon model='none'/>
   </devices>
@@ -314,6 +323,36 @@ pub struct Guest {
     pub console: Option<Console>,
     vsock_backend: Option<Child>,
     xml: String,
+    /// The daemons (with their work directories) a migration left behind:
+    /// stopped and removed with the guest.
+    pub retired: Vec<Libvirtd>,
+}
+
+/// A live migration under way (see [`Guest::start_migration`]): `virsh
+/// migrate` running, and the destination's daemon and directory. Dropped
+/// unfinished (a failed test), it aborts the job and stops that daemon.
+#[derive(Debug)]
+pub struct Migration {
+    virsh: Option<Child>,
+    daemon: Option<Libvirtd>,
+    domain: String,
+    source_uri: String,
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.virsh.take() {
+            let _ = Command::new("virsh").args(["-c", &self.source_uri, "domjobabort", &self.domain]).output();
+            stop_pid(child.id() as i32, Duration::from_secs(10));
+            let _ = child.wait();
+        }
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+            if std::env::var_os("VMPLUG_KEEP").is_none() {
+                let _ = fs::remove_dir_all(&d.dir);
+            }
+        }
+    }
 }
 
 impl Guest {
@@ -353,8 +392,11 @@ impl Guest {
             let st = Command::new("cp").arg("--sparse=always").arg(img).arg(dir.join("root.img")).status().expect("cp");
             assert!(st.success(), "copying {}", img.display());
         }
+        if let Some(img) = &spec.data_disk {
+            copy_in(img, &dir.join("data.img"));
+        }
         let xml = spec.domain_xml(&name, &dir, &kernel.image, &initrd, &machine);
-        let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml };
+        let mut guest = Guest { name, dir, spec, daemon, console: None, vsock_backend: None, xml, retired: Vec::new() };
         if guest.spec.transport == Transport::Vsock {
             guest.start_vsock_backend(3 + n);
         }
@@ -367,7 +409,7 @@ impl Guest {
     fn start_vsock_backend(&mut self, cid: u32) {
         let env = Env::get();
         let log = fs::File::create(self.dir.join("vhost-vsock.log")).expect("log");
-        let child = Command::new(&env.vhost_vsock)
+        let child = Command::new(env.vhost_vsock())
             .arg("--guest-cid")
             .arg(cid.to_string())
             .arg("--socket")
@@ -411,6 +453,105 @@ impl Guest {
         self.console = None;
         self.daemon.virsh_ok(&["reset", &self.name]);
         self.wait_boots(boots + 1);
+    }
+
+    /// Reboots the guest from inside (the kernel's reboot(2), as `reboot -f`
+    /// does; QEMU resets the machine and keeps its devices) and waits until it
+    /// has booted again.
+    pub fn guest_reboot(&mut self) {
+        let boots = self.boots();
+        self.sh("(sleep 1; reboot -f) >/dev/null 2>&1 & true");
+        self.console = None;
+        self.wait_boots(boots + 1);
+    }
+
+    /// Powers the guest off from inside (the kernel's power-off, as `poweroff
+    /// -f` does: ACPI S5, QEMU exits) and waits until libvirt reports the
+    /// domain shut off by its guest (`virsh domstate --reason`: shutdown).
+    pub fn guest_poweroff(&mut self) -> String {
+        self.sh("(sleep 1; poweroff -f) >/dev/null 2>&1 & true");
+        self.console = None;
+        let end = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let state = self.daemon.virsh_ok(&["domstate", "--reason", &self.name]);
+            if state.starts_with("shut off") {
+                return state.trim().to_string();
+            }
+            if Instant::now() > end {
+                self.dump_logs();
+                panic!("guest {} did not power off within {BOOT_TIMEOUT:?}: {state}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts a live migration of this guest to a second private libvirtd on
+    /// this machine — its own mount and UTS namespaces, host name and host
+    /// UUID — over loopback TCP at most `bandwidth_mib` MiB/s (libvirt's
+    /// `--bandwidth`; raise it with `virsh migrate-setspeed`). The definition
+    /// moves with it (`--persistent --undefinesource`). What the destination's
+    /// QEMU opens (kernel, initrd, console and agent sockets, logs) is in the
+    /// destination's own directory: the migratable live and persistent XML are
+    /// handed over with the paths moved there, as an operator would with
+    /// `--xml` and `--persistent-xml`.
+    pub fn start_migration(&mut self, bandwidth_mib: u64) -> Migration {
+        assert!(self.spec.disk.is_none(), "a guest with a disk would need shared storage to migrate");
+        assert!(
+            self.spec.transport == Transport::Serial,
+            "a vsock guest would need its vhost-user backend on the destination too: not modelled here"
+        );
+        let env = Env::get();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = vmplug::harness::workdir::fresh_dir(&env.work, &format!("{}-{n}", std::process::id()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let daemon = Libvirtd::start(env, &dir);
+        for f in ["vmlinuz", "initrd.img"] {
+            copy_in(&self.dir.join(f), &dir.join(f));
+        }
+        let (from, to) = (format!("{}/", self.dir.display()), format!("{}/", dir.display()));
+        let live = self.daemon.virsh_ok(&["dumpxml", "--migratable", &self.name]).replace(&from, &to);
+        let persistent =
+            self.daemon.virsh_ok(&["dumpxml", "--inactive", "--migratable", &self.name]).replace(&from, &to);
+        fs::write(dir.join("migrate-live.xml"), live).expect("write xml");
+        fs::write(dir.join("migrate-persistent.xml"), persistent).expect("write xml");
+        let virsh = Command::new("virsh")
+            .arg("-c")
+            .arg(&self.daemon.uri)
+            .args(["migrate", "--live", "--persistent", "--undefinesource", "--xml"])
+            .arg(dir.join("migrate-live.xml"))
+            .arg("--persistent-xml")
+            .arg(dir.join("migrate-persistent.xml"))
+            .args(["--migrateuri", "tcp://127.0.0.1", "--bandwidth", &bandwidth_mib.to_string(), "--domain"])
+            .arg(&self.name)
+            .arg("--desturi")
+            .arg(&daemon.uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run virsh migrate");
+        Migration {
+            virsh: Some(virsh),
+            daemon: Some(daemon),
+            domain: self.name.clone(),
+            source_uri: self.daemon.uri.clone(),
+        }
+    }
+
+    /// Waits for the migration to end; on success the guest is the
+    /// destination's (its daemon, directory and console), the source's daemon
+    /// kept until the guest is dropped. Panics with virsh's error otherwise.
+    pub fn finish_migration(&mut self, mut m: Migration) {
+        let out = m.virsh.take().expect("migration running").wait_with_output().expect("virsh migrate");
+        if !out.status.success() {
+            self.dump_logs();
+            panic!("virsh migrate failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let dest = m.daemon.take().expect("destination");
+        self.console = None;
+        self.dir = dest.dir.clone();
+        self.retired.push(std::mem::replace(&mut self.daemon, dest));
+        self.reconnect_console();
     }
 
     /// How many times the guest reached its ready marker since it was started.
@@ -603,6 +744,12 @@ impl Drop for Guest {
         self.console = None;
         let _ = self.daemon.virsh(&["destroy", &self.name]);
         self.daemon.stop();
+        for d in &mut self.retired {
+            d.stop();
+            if std::env::var_os("VMPLUG_KEEP").is_none() && !std::thread::panicking() {
+                let _ = fs::remove_dir_all(&d.dir);
+            }
+        }
         if let Some(mut child) = self.vsock_backend.take() {
             stop_pid(child.id() as i32, Duration::from_secs(5));
             let _ = child.wait();

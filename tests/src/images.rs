@@ -6,17 +6,27 @@ use std::process::Command;
 
 use crate::Env;
 
-/// The image of `kind`, built once per package (cached next to the kernel).
-pub fn systemd_image(kind: &str) -> PathBuf {
+/// The x86_64 guest package `make package` built: the .deb, or with `rpm` the .rpm.
+pub fn guest_package(rpm: bool) -> PathBuf {
     let env = Env::get();
-    let deb = std::fs::read_dir(env.repo.join("target/packages"))
+    let (prefix, suffix) = if rpm { ("vmplug-guest-", ".x86_64.rpm") } else { ("vmplug-guest_", "_amd64.deb") };
+    std::fs::read_dir(env.repo.join("target/packages"))
         .ok()
         .and_then(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .find(|p| p.to_string_lossy().ends_with("_amd64.deb") && p.to_string_lossy().contains("vmplug-guest_"))
+            rd.flatten().map(|e| e.path()).find(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                name.starts_with(prefix) && name.ends_with(suffix)
+            })
         })
-        .expect("target/packages/vmplug-guest_*.deb: run `make package` (make test does)");
+        .unwrap_or_else(|| panic!("target/packages/{prefix}*{suffix}: run `make package` (make test does)"))
+}
+
+/// The image of `kind` (`agent`: the .deb installed; `agent-rpm`: the .rpm
+/// installed by rpm; `udev`: the rules alone), built once per package (cached
+/// next to the kernel).
+pub fn systemd_image(kind: &str) -> PathBuf {
+    let env = Env::get();
+    let deb = guest_package(kind == "agent-rpm");
     let meta = std::fs::metadata(&deb).expect("deb");
     let stamp = meta
         .modified()

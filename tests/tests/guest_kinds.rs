@@ -121,30 +121,54 @@ fn trixie_told_to_online_movable_passes_with_the_default_zone() {
 
 /// openEuler ships a rule that onlines every new CPU and memory block as plain
 /// `online`; here it runs beside the agent, both racing for each new device.
+/// The race is not left to chance: each outcome is forced and its report
+/// checked — the agent first (udevd stopped while the DIMM arrives, its queued
+/// events then find the blocks online), and the rule first (a watcher in the
+/// guest stops the agent the instant the DIMM's first block appears and lets
+/// it go once udev has onlined every block).
 #[test]
 fn an_openeuler_style_rule_racing_the_agent_leaves_the_report_exact() {
     let spec = GuestSpec { cells_mib: vec![384, 384], max_vcpus: 2, ..GuestSpec::default() };
     let mut g = Guest::boot("openeuler", spec);
     let name = g.name.clone();
-    g.sh("rm -f /etc/udev/rules.d/80-vmplug-*; \
+    let udevd = g.sh("rm -f /etc/udev/rules.d/80-vmplug-*; \
           printf '%s\\n' 'SUBSYSTEM==\"cpu\", ACTION==\"add\", TEST==\"online\", ATTR{online}==\"0\", ATTR{online}=\"1\"' \
                         'SUBSYSTEM==\"memory\", ACTION==\"add\", TEST==\"state\", ATTR{state}==\"offline\", ATTR{state}=\"online\"' \
                         >/etc/udev/rules.d/40-openEuler.rules; \
           setsid /lib/systemd/systemd-udevd --daemon </dev/null >/dev/null 2>&1; sleep 1; pidof systemd-udevd");
+    let udevd = udevd.trim().to_string();
+    assert!(udevd.parse::<u32>().is_ok(), "udevd runs (pid {udevd:?}): the rule can race");
+    let info = g.vmplug_json(&["status", &name]);
+    assert_eq!(info["guest"]["udev_online_rule"], true, "the agent sees the rule: {info}");
+
+    // The agent first: udevd is stopped while the DIMM arrives.
+    g.sh(&format!("kill -STOP {udevd}"));
+    let r = g.vmplug_json(&["attach-memory", &name, "256M", "--node", "0"]);
+    g.sh(&format!("kill -CONT {udevd}"));
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert!(blocks(&r).iter().all(|(_, s)| s == "done") && blocks(&r).len() == 2, "the agent onlined both: {r}");
+    assert!(!r["message"].as_str().expect("message").contains("onlined by the kernel"), "{r}");
+
+    // The rule first: the agent is stopped as the first block appears and let
+    // go once no block is offline (udev onlined them).
+    g.sh("n=$(ls -d /sys/devices/system/memory/memory* | wc -l); \
+          (while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -le $n ]; do :; done; \
+           kill -STOP $(cat /run/agent.pid); \
+           while grep -q offline /sys/devices/system/memory/memory*/state; do sleep 1; done; \
+           kill -CONT $(cat /run/agent.pid); echo released > /tmp/released) >/dev/null 2>&1 & true");
     let r = g.vmplug_json(&["attach-memory", &name, "512M", "--node", "0"]);
+    assert_eq!(g.sh("cat /tmp/released").trim(), "released", "the watcher stopped and released the agent");
     assert_eq!(r["outcome"], "ok", "{r}");
     let b = blocks(&r);
     assert_eq!(b.len(), 4, "one result per block: {r}");
     assert!(b.iter().all(|(_, s)| s == "done" || s == "already"), "no double-online error surfaced: {r}");
+    // The agent may have taken the first block before it was stopped; the
+    // rest were udev's.
     let others = b.iter().filter(|(_, s)| s == "already").count();
+    assert!(others >= 3, "udev onlined the blocks that came while the agent was stopped: {r}");
     let msg = r["message"].as_str().expect("message");
-    if others > 0 {
-        assert!(msg.contains(&format!("{others} of them onlined by the kernel or a udev rule")), "{msg}");
-    } else {
-        assert!(!msg.contains("onlined by the kernel"), "{msg}");
-    }
-    let info = g.vmplug_json(&["status", &name]);
-    assert_eq!(info["guest"]["udev_online_rule"], true, "the agent sees the rule: {info}");
+    assert!(msg.contains(&format!("{others} of them onlined by the kernel or a udev rule")), "{msg}");
+
     let r = g.vmplug_json(&["setvcpus", &name, "2"]);
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(g.online_cpus(), "0-1");

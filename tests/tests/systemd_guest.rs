@@ -1,12 +1,17 @@
 //! Guest image integration: a debootstrapped bookworm systemd guest with the
 //! vmplug-guest .deb installed offline onlines hot-plugged CPUs and memory with
 //! no manual step, reports to the host, and does so again after a restart; an
-//! image with only the corrected udev rules (no agent) onlines too.
+//! image with only the corrected udev rules (no agent) onlines too. A newer
+//! package (.deb with dpkg, .rpm with rpm) installed in the running guest
+//! keeps the agent enabled, restarts it onto the new binary, and the next plug
+//! works.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmplug_e2e::images::systemd_image;
-use vmplug_e2e::{Guest, GuestSpec};
+use vmplug_e2e::{Env, Guest, GuestSpec};
 
 fn wait_in_guest(g: &mut Guest, what: &str, cond: &str) {
     let end = Instant::now() + Duration::from_secs(60);
@@ -102,5 +107,109 @@ fn an_image_with_only_the_udev_rules_onlines_too() {
         &mut g,
         "udev onlines the new blocks",
         &format!("[ $(ls -d /sys/devices/system/memory/memory* | wc -l) -ge {} ] && ! grep -q offline /sys/devices/system/memory/memory*/state", before + 2),
+    );
+}
+
+/// Release 2 of the x86_64 guest package — this tree repackaged, as a
+/// distribution's next build would be — alone on an ext4 image under `dir`,
+/// for the guest to read as `/dev/vdb`. The image and the package's file name.
+fn release_2_on_a_disk(rpm: bool, dir: &Path) -> (PathBuf, String) {
+    let env = Env::get();
+    let pkgs = dir.join("pkgs");
+    std::fs::create_dir_all(&pkgs).expect("mkdir");
+    let out = format!("{}/", pkgs.display());
+    let tools = env.cache.join("bin");
+    let mut cmd = if rpm {
+        let mut c = Command::new(tools.join("cargo-generate-rpm"));
+        c.args(["-p", "guest-agent", "--target", "x86_64-unknown-linux-gnu", "-s", "release = \"2\"", "-o", &out]);
+        c
+    } else {
+        let mut c = Command::new(tools.join("cargo-deb"));
+        c.args(["-q", "-p", "vmplug-guest", "--no-build", "--target", "x86_64-unknown-linux-gnu"]);
+        c.args(["--deb-revision", "2", "-o", &out]);
+        c
+    };
+    let st = cmd.current_dir(&env.repo).status().expect("packaging tool");
+    assert!(st.success(), "repackaging the guest agent as release 2 failed");
+    let file = std::fs::read_dir(&pkgs)
+        .expect("pkgs")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("a package");
+    let img = dir.join("data.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(64 << 20)).expect("data image");
+    let st = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&pkgs).arg(&img).status().expect("mkfs.ext4");
+    assert!(st.success(), "mkfs.ext4");
+    (img, file)
+}
+
+/// The agent's main PID once systemd says it is active.
+fn active_agent(g: &mut Guest, what: &str) -> String {
+    wait_in_guest(g, what, "systemctl is-active --quiet vmplug-guest.service");
+    g.sh("systemctl show -p MainPID --value vmplug-guest.service").trim().to_string()
+}
+
+/// Installs release 2 over the image's release 1 in the running guest with
+/// `install` (the package's path appended) and checks what an operator relies
+/// on: still enabled, running again on the new binary, `query` naming release
+/// 2, and the closed loop working right after.
+fn upgrade_in_the_running_guest(image: &str, rpm: bool, install: &str, query: &str) {
+    let env = Env::get();
+    let scratch = vmplug::harness::workdir::fresh_dir(&env.work, &format!("{}-pkgs", std::process::id()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (data, file) = release_2_on_a_disk(rpm, &scratch);
+    let spec = GuestSpec {
+        vcpus: 1,
+        max_vcpus: 4,
+        disk: Some(systemd_image(image)),
+        data_disk: Some(data),
+        ..GuestSpec::default()
+    };
+    let mut g = Guest::boot(image, spec);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let name = g.name.clone();
+    assert_eq!(g.sh("systemctl is-enabled vmplug-guest.service").trim(), "enabled");
+    let before = active_agent(&mut g, "the agent runs before the upgrade");
+    let r = g.vmplug_json(&["setvcpus", &name, "2", "--live"]);
+    assert_eq!(r["outcome"], "ok", "before the upgrade: {r}");
+
+    let out = g.sh(&format!(
+        "mount -o ro /dev/vdb /mnt && {install} /mnt/{file} >/tmp/upgrade.log 2>&1; echo rc=$?; cat /tmp/upgrade.log"
+    ));
+    eprintln!("{install} /mnt/{file}:\n{out}");
+    assert!(out.starts_with("rc=0"), "the upgrade failed: {out}");
+    assert_eq!(g.sh(query).trim(), "2", "release 2 is installed");
+    assert_eq!(g.sh("systemctl is-enabled vmplug-guest.service").trim(), "enabled", "still enabled after the upgrade");
+    let after = active_agent(&mut g, "the agent runs after the upgrade");
+    assert_ne!(after, before, "restarted onto the new binary (PID {before} before, {after} after)");
+    assert!(
+        !g.sh(&format!("readlink /proc/{after}/exe")).contains("(deleted)"),
+        "the running agent is the installed file"
+    );
+    let r = g.vmplug_json(&["setvcpus", &name, "3", "--live"]);
+    assert_eq!(r["outcome"], "ok", "a vCPU plug right after the upgrade: {r}");
+    let r = g.vmplug_json(&["attach-memory", &name, "128M", "--live"]);
+    assert_eq!(r["outcome"], "ok", "a DIMM plug right after the upgrade: {r}");
+    assert_eq!(g.online_cpus(), "0-2");
+}
+
+#[test]
+fn a_deb_upgrade_in_the_running_guest_keeps_the_agent() {
+    upgrade_in_the_running_guest(
+        "agent",
+        false,
+        "dpkg -i",
+        "dpkg-query -W -f='${Version}' vmplug-guest | sed 's/.*-//'",
+    );
+}
+
+#[test]
+fn an_rpm_upgrade_in_the_running_guest_keeps_the_agent() {
+    upgrade_in_the_running_guest(
+        "agent-rpm",
+        true,
+        "rpm --dbpath /var/lib/rpm --nodeps --force-debian -U",
+        "rpm --dbpath /var/lib/rpm -q --qf '%{RELEASE}' vmplug-guest",
     );
 }

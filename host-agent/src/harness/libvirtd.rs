@@ -143,9 +143,10 @@ unix_sock_ro_perms = \"0700\"
 unix_sock_admin_perms = \"0700\"
 ";
 
-/// Runs in the new mount namespace with the work directory as `$1` and the
-/// capability cache as `$2`.
+/// Runs in the new mount and UTS namespaces with the work directory as `$1`,
+/// the capability cache as `$2` and the daemon's host name as `$3`.
 const NAMESPACE_SCRIPT: &str = r#"set -e
+hostname "$3"
 mount --bind "$1/etc" /etc/libvirt
 mount --bind "$1/lib" /var/lib/libvirt
 mount --bind "$2" /var/cache/libvirt
@@ -166,6 +167,15 @@ pub fn uri_for(dir: &Path) -> String {
         }
     }
     format!("qemu:///system?socket={path}")
+}
+
+/// The host name of the daemon of work directory `dir`: `vmplug-` and the
+/// directory's name, reduced to what a host name may hold.
+pub fn host_name(dir: &Path) -> String {
+    let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let label: String =
+        base.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(50).collect();
+    format!("vmplug-{}", label.trim_matches('-'))
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> HarnessError + '_ {
@@ -215,12 +225,18 @@ impl Libvirtd {
         let _ = fs::remove_dir_all(dir.join("etc/hooks"));
         let mut conf = fs::read_to_string(dir.join("etc/libvirtd.conf")).unwrap_or_default();
         conf.push_str(LIBVIRTD_CONF);
+        // Each daemon is a host of its own to libvirt, which refuses a
+        // migration between two daemons that share a host UUID (by default the
+        // machine's SMBIOS one), and a host name its own.
+        let host_uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(io("reading a random UUID"))?;
+        conf.push_str(&format!("host_uuid = \"{}\"\n", host_uuid.trim()));
         fs::write(dir.join("etc/libvirtd.conf"), conf).map_err(io("writing libvirtd.conf"))?;
         // Paths are the script's arguments, never part of its text.
         let out = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "vmplug-libvirtd"])
+            .args(["-m", "-u", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "vmplug-libvirtd"])
             .arg(dir)
             .arg(&cache)
+            .arg(host_name(dir))
             .output()
             .map_err(io("unshare"))?;
         let mut daemon = Libvirtd { dir: dir.to_path_buf(), uri: uri_for(dir), stopped: false };
@@ -250,7 +266,7 @@ impl Libvirtd {
         stop_pid(old, Duration::from_secs(30));
         let _ = fs::remove_file(&pidfile);
         let out = Command::new("nsenter")
-            .args(["-t", &logd.to_string(), "-m", "--", "libvirtd", "-d", "--pid-file"])
+            .args(["-t", &logd.to_string(), "-m", "-u", "--", "libvirtd", "-d", "--pid-file"])
             .arg(&pidfile)
             .output()
             .map_err(io("nsenter"))?;
@@ -375,6 +391,12 @@ mod tests {
         assert_eq!(uri_for(Path::new("/w/run-1")), "qemu:///system?socket=/w/run-1/run/libvirt-sock");
         let u = uri_for(Path::new("/w/a&no_verify=1 #x?"));
         assert_eq!(u, "qemu:///system?socket=/w/a%26no_verify%3D1%20%23x%3F/run/libvirt-sock");
+    }
+
+    #[test]
+    fn a_daemon_host_name_is_a_valid_label() {
+        assert_eq!(host_name(Path::new("/w/1234-7-aB_c.9")), "vmplug-1234-7-ab-c-9");
+        assert!(host_name(Path::new(&format!("/w/{}", "x".repeat(200)))).len() <= 63);
     }
 
     #[test]
