@@ -5,7 +5,7 @@ pub mod autoscale;
 pub mod cli;
 pub mod domain;
 pub mod facts;
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod harness;
 pub mod libvirt;
