@@ -83,6 +83,18 @@ impl FromStr for Bytes {
     }
 }
 
+/// A size as an operator writes it (command line, policy file): a number and a unit, binary multiples
+/// (`512M` = `512MiB` = 512 × 2^20 bytes; K, M, G, T, optionally with `iB` or
+/// `B`; `B` alone for bytes). A bare number is refused: virsh reads it as KiB,
+/// other tools as bytes, and a wrong guess plugs a thousand times too much or too
+/// little.
+pub fn parse_size(s: &str) -> Result<Bytes, String> {
+    if !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("'{s}' has no unit: write {s}M, {s}G, {s}K or {s}B (binary multiples: 1G = 1024M)"));
+    }
+    s.parse::<Bytes>().map_err(|e| e.to_string())
+}
+
 impl fmt::Display for Bytes {
     /// The largest binary unit that divides the size exactly: `1 GiB`, `128 MiB`, `100 B`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -10,6 +10,7 @@ pub mod online;
 pub mod server;
 pub mod sysfs;
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transport;
 pub mod udev;

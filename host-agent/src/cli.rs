@@ -37,17 +37,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// A size on the command line: a number and a unit, binary multiples
-/// (`512M` = `512MiB` = 512 × 2^20 bytes; K, M, G, T, optionally with `iB` or
-/// `B`; `B` alone for bytes). A bare number is refused: virsh reads it as KiB,
-/// other tools as bytes, and a wrong guess plugs a thousand times too much or too
-/// little.
-pub fn parse_size(s: &str) -> Result<Bytes, String> {
-    if !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("'{s}' has no unit: write {s}M, {s}G, {s}K or {s}B (binary multiples: 1G = 1024M)"));
-    }
-    s.parse::<Bytes>().map_err(|e| e.to_string())
-}
+pub use vmplug_common::size::parse_size;
 
 /// A CPU or node list on the command line (`0-3,8`, `0-7,^2`): never empty.
 pub fn parse_set(s: &str) -> Result<CpuSet, String> {

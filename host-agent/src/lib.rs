@@ -4,7 +4,8 @@
 pub mod autoscale;
 pub mod cli;
 pub mod domain;
-#[doc(hidden)]
+pub mod facts;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod harness;
 pub mod libvirt;
@@ -17,9 +18,11 @@ pub mod planner;
 pub mod preflight;
 pub mod prepare;
 pub mod report;
+pub mod settings;
 pub mod trust;
 pub mod tune;
 pub mod unplug;
 pub mod verify;
 pub mod vmem;
+pub mod wait;
 pub mod xml;

@@ -66,6 +66,18 @@ impl FromStr for AgentAddr {
     }
 }
 
+impl From<&AgentAddr> for AgentHint {
+    fn from(a: &AgentAddr) -> AgentHint {
+        match a {
+            AgentAddr::Vsock { cid, port } => AgentHint::Vsock { cid: *cid, port: *port },
+            AgentAddr::Hybrid { path, port } => {
+                AgentHint::Hybrid { path: path.to_string_lossy().into_owned(), port: *port }
+            }
+            AgentAddr::Serial { path } => AgentHint::Serial { path: path.to_string_lossy().into_owned() },
+        }
+    }
+}
+
 impl From<&AgentHint> for AgentAddr {
     fn from(h: &AgentHint) -> AgentAddr {
         match h {
@@ -106,7 +118,7 @@ pub enum LinkError {
     #[error("no guest agent address: the '{DEFAULT_SERIAL_NAME}' channel of '{domain}' names no socket path; libvirt chooses one when the domain starts and only the running domain's live XML shows it (is '{domain}' running?)")]
     ChannelPathUnknown { domain: String },
     #[error("no guest agent address: {0}")]
-    Metadata(crate::meta::MetaError),
+    Metadata(crate::settings::MetaError),
     #[error("guest agent at {addr} did not complete a handshake within {waited:?} (last error: {last})")]
     Unreachable { addr: String, waited: Duration, last: String },
     #[error("hybrid vsock backend refused CONNECT {port}: '{reply}'")]
@@ -664,7 +676,7 @@ mod tests {
         assert!(matches!(discover(&facts("", "")), Err(LinkError::NoAddress)));
         let bad = "<v:domain xmlns:v='https://vmplug.dev/xmlns/domain/1'><v:agent transport='pigeon'/></v:domain>";
         let e = discover(&facts(LIVE, bad)).expect_err("broken metadata is said, not skipped");
-        assert!(matches!(e, LinkError::Metadata(crate::meta::MetaError::Agent(_))), "{e}");
+        assert!(matches!(e, LinkError::Metadata(crate::settings::MetaError::Agent(_))), "{e}");
     }
 
     /// Security finding 5: 1024 events of nearly a frame each were kept (~250 MiB).

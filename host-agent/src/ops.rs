@@ -7,387 +7,20 @@ use std::time::{Duration, Instant};
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
-use crate::domain::{Affect, Connection, Domain, DomainError, DomainState, XmlView};
-use crate::link::{discover, AgentAddr, GuestAgent, GuestLink, LinkError};
-use crate::plan::{gather_timed, plan_attach_memory, plan_setvcpus, Facts, MemoryPlan, NotPlanned, VcpuPlan};
-use crate::preflight::{Ctx, Finding, Severity};
-use crate::report::{HostSide, OpReport, Outcome, Timings};
-use crate::trust::{SocketTrust, LOGIN_DEFS};
+use crate::domain::{Affect, Connection, DomainError, XmlView};
+use crate::facts::{gather_timed, Facts};
+use crate::link::{GuestAgent, LinkError};
+use crate::plan::{plan_attach_memory, plan_setvcpus, MemoryPlan, VcpuPlan};
+use crate::preflight::NotPlanned;
+use crate::preflight::{Ctx, Finding, RuleId, Severity};
+use crate::report::{libvirt_failed, ms, not_planned, persistent_only, HostOnly, HostSide, OpReport, Outcome};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
-/// Runs a blocking libvirt call on the blocking pool.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DomainError> + Send + 'static,
-) -> Result<T, DomainError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| DomainError::Other(format!("libvirt worker failed: {e}")))?
-}
-
-/// A domain with everything read about it.
-#[derive(Debug)]
-pub struct Loaded {
-    pub dom: Arc<dyn Domain>,
-    pub running: bool,
-    /// Running, paused, shutting down, … (`running` is "active": any but shut off).
-    pub state: DomainState,
-    pub job_running: bool,
-    pub facts: DomainFacts,
-    pub host: HostFacts,
-}
-
-impl Loaded {
-    /// The preflight context for this domain.
-    pub fn ctx<'a>(
-        &'a self,
-        guest: Option<&'a vmplug_common::protocol::GuestInfo>,
-        affect: Affect,
-        no_wait: bool,
-    ) -> Ctx<'a> {
-        Ctx {
-            dom: &self.facts,
-            host: &self.host,
-            guest,
-            agent_trouble: None,
-            running: self.running,
-            state: self.state,
-            job_running: self.job_running,
-            affect,
-            no_wait,
-        }
-    }
-}
-
-/// Whether the libvirt host is this machine (then its cgroup version is ours).
-fn is_local(uri: &str) -> bool {
-    let after = uri.split_once("://").map(|(_, r)| r).unwrap_or("");
-    after.starts_with('/')
-}
-
-fn local_cgroup_v2() -> Option<bool> {
-    let root = std::path::Path::new("/sys/fs/cgroup");
-    if root.join("cgroup.controllers").exists() {
-        Some(true)
-    } else if root.join("cpu").exists() || root.join("cpu,cpuacct").exists() {
-        Some(false)
-    } else {
-        None
-    }
-}
-
-/// Host facts for a domain: topology, free memory per node, hypervisor limits.
-pub fn host_facts(conn: &dyn Connection, facts: &DomainFacts) -> Result<HostFacts, DomainError> {
-    let caps = conn.capabilities()?;
-    let mut host =
-        HostFacts::parse_capabilities(&caps).map_err(|e| DomainError::Other(format!("host capabilities: {e}")))?;
-    host.machines = HostFacts::parse_machines(&caps, &facts.arch);
-    if !host.nodes.is_empty() {
-        host.free =
-            conn.cells_free_memory(host.nodes.len() as u32).unwrap_or_default().into_iter().map(Bytes).collect();
-    }
-    if !facts.arch.is_empty() {
-        host.max_vcpus = conn
-            .domain_capabilities(&facts.arch, &facts.machine, &facts.virt_type)
-            .ok()
-            .and_then(|x| HostFacts::parse_domcaps_max_vcpus(&x));
-    }
-    if is_local(&conn.uri()) {
-        host.cgroup_v2 = local_cgroup_v2();
-        // x86's pc and q35 hot-plug vCPUs in every QEMU libvirt supports; other
-        // architectures differ by QEMU build (aarch64: openEuler's can, upstream
-        // cannot), so the domain's own emulator is asked.
-        if !matches!(facts.arch.as_str(), "x86_64" | "i686" | "") && !facts.emulator.is_empty() {
-            host.cpu_hotplug = probe_cpu_hotplug(&facts.emulator, &facts.machine);
-        }
-    }
-    Ok(host)
-}
-
-/// How long QEMU may take to answer `query-machines` (35–120 ms measured).
-const QEMU_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Asks `emulator` (no guest, no accelerator besides TCG, no devices) whether
-/// `machine` can hot-plug CPUs. None when QEMU cannot be run or does not list it.
-pub fn probe_cpu_hotplug(emulator: &str, machine: &str) -> Option<bool> {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(emulator)
-        .args(["-machine", "none", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| tracing::debug!(emulator, error = %e, "cannot run the emulator to ask about its machines"))
-        .ok()?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    // A QEMU that hangs is killed after the timeout (only this child, by PID).
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(QEMU_PROBE_TIMEOUT).is_err() {
-            // SAFETY: kill(2) on the PID of the child spawned above, not yet reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
-    let mut stdin = child.stdin.take()?;
-    let _ = stdin
-        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-machines\"}\n{\"execute\":\"quit\"}\n");
-    drop(stdin);
-    let answer = child.stdout.take().and_then(|out| {
-        BufReader::new(out)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-            .find(|v| v["return"].is_array())
-    });
-    let _ = child.wait();
-    let _ = tx.send(());
-    let _ = watchdog.join();
-    let found = crate::xml::machine_hotplugs_cpus(&answer?["return"], machine);
-    tracing::debug!(emulator, machine, ?found, "QEMU query-machines: hotpluggable-cpus");
-    found
-}
-
-/// A domain's state and XML, without the host's facts.
-#[derive(Debug)]
-pub struct DomainRead {
-    pub dom: Arc<dyn Domain>,
-    pub running: bool,
-    pub state: DomainState,
-    pub job_running: bool,
-    pub facts: DomainFacts,
-}
-
-impl DomainRead {
-    pub fn with_host(self, host: HostFacts) -> Loaded {
-        Loaded {
-            dom: self.dom,
-            running: self.running,
-            state: self.state,
-            job_running: self.job_running,
-            facts: self.facts,
-            host,
-        }
-    }
-}
-
-/// Reads a domain: state and XML (live when running and `live` wanted).
-pub async fn read_domain(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Result<DomainRead, DomainError> {
-    let name = name.to_string();
-    blocking(move || {
-        let dom = conn.lookup(&name)?;
-        let running = dom.is_active()?;
-        let state = if running { dom.state()? } else { DomainState::ShutOff };
-        let view = if running && want_live { XmlView::Live } else { XmlView::Inactive };
-        let facts = DomainFacts::parse(&dom.xml(view)?)
-            .map_err(|e| DomainError::Other(format!("domain XML of '{name}': {e}")))?;
-        let job_running = dom.job_running().unwrap_or(false);
-        Ok(DomainRead { dom, running, state, job_running, facts })
-    })
-    .await
-}
-
-/// [`host_facts`] off the async threads.
-pub async fn read_host(conn: Arc<dyn Connection>, facts: DomainFacts) -> Result<HostFacts, DomainError> {
-    blocking(move || host_facts(conn.as_ref(), &facts)).await
-}
-
-/// Reads a domain: state, XML (live when running and `live` wanted), host facts.
-pub async fn load(conn: Arc<dyn Connection>, name: &str, want_live: bool) -> Result<Loaded, DomainError> {
-    let d = read_domain(conn.clone(), name, want_live).await?;
-    let host = read_host(conn, d.facts.clone()).await?;
-    Ok(d.with_host(host))
-}
-
-/// Options shared by the hot-plug commands.
-#[derive(Debug, Clone)]
-pub struct HotplugOpts {
-    pub affect: Affect,
-    /// How long the guest may take to bring everything online.
-    pub timeout: Duration,
-    /// How long to wait for the agent's handshake.
-    pub agent_wait: Duration,
-    pub no_wait: bool,
-    /// Apply even when preflight has errors (the guest still verifies).
-    pub force: bool,
-    pub agent: Option<AgentAddr>,
-    pub zone: ZonePolicy,
-}
-
-/// Phase timings of one verb, as it runs.
-#[derive(Debug)]
-pub struct Run {
-    pub(crate) started: Instant,
-    pub(crate) preflight_ms: u64,
-    /// Parts of `preflight_ms`: reading the domain and host from libvirt, and
-    /// the agent's handshake (which runs alongside the host's facts).
-    pub(crate) facts_ms: u64,
-    pub(crate) handshake_ms: u64,
-    pub(crate) libvirt_ms: u64,
-    pub(crate) guest_ms: u64,
-    /// Of `guest_ms`: the guest's last add and online events, as received.
-    pub(crate) milestones: crate::link::Milestones,
-}
-
-impl Default for Run {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Run {
-    pub fn new() -> Self {
-        Run {
-            started: Instant::now(),
-            preflight_ms: 0,
-            facts_ms: 0,
-            handshake_ms: 0,
-            libvirt_ms: 0,
-            guest_ms: 0,
-            milestones: Default::default(),
-        }
-    }
-    pub(crate) fn timings(&self) -> Timings {
-        Timings {
-            preflight_ms: self.preflight_ms,
-            facts_ms: self.facts_ms,
-            handshake_ms: self.handshake_ms,
-            libvirt_ms: self.libvirt_ms,
-            guest_ms: self.guest_ms,
-            guest_added_ms: self.milestones.added_ms,
-            guest_onlined_ms: self.milestones.onlined_ms,
-            total_ms: self.started.elapsed().as_millis() as u64,
-        }
-    }
-}
-
-pub(crate) fn ms(since: Instant) -> u64 {
-    since.elapsed().as_millis() as u64
-}
-
-/// Connects to the agent for a live operation on a running domain. Its socket
-/// must belong to the user the domain runs as (the DAC label of `facts`, which
-/// are the live XML's), root, this user or a non-login account.
-pub async fn connect_agent(
-    facts: &DomainFacts,
-    addr: Option<&AgentAddr>,
-    wait: Duration,
-) -> Result<GuestLink, LinkError> {
-    let addr = match addr {
-        Some(a) => a.clone(),
-        None => discover(facts)?,
-    };
-    let expect = SocketTrust::for_domain(facts.dac_user.as_ref(), std::path::Path::new(LOGIN_DEFS));
-    GuestLink::connect_expecting(&addr, &expect, wait).await
-}
-
-/// The agent link of a running domain (none for a stopped one, nor for one
-/// whose guest is not running: paused, suspended, …), or why not.
-pub async fn agent_if_running(
-    l: &Loaded,
-    addr: Option<&AgentAddr>,
-    wait: Duration,
-) -> (Option<GuestLink>, Option<LinkError>) {
-    if !l.running || !l.state.guest_runs() {
-        return (None, None);
-    }
-    match connect_agent(&l.facts, addr, wait).await {
-        Ok(link) => (Some(link), None),
-        Err(e) => (None, Some(e)),
-    }
-}
-
-/// What the host side did, with nothing from the guest: the shape shared by the
-/// reports that end before (or without) the guest's part.
-struct HostOnly<'a> {
-    op: &'a str,
-    name: &'a str,
-    affect: Affect,
-    findings: Vec<Finding>,
-    applied: Vec<String>,
-    persistent: bool,
-}
-
-impl HostOnly<'_> {
-    fn report(self, outcome: Outcome, message: String, run: &Run) -> OpReport {
-        OpReport {
-            operation: self.op.into(),
-            domain: self.name.into(),
-            affect: self.affect,
-            outcome,
-            message,
-            findings: self.findings,
-            host: HostSide { applied: self.applied, verified: None, persistent: self.persistent },
-            guest: None,
-            virtio_mem: vec![],
-            timings: run.timings(),
-        }
-    }
-}
-
-/// libvirt refused a step: nothing applied (LibvirtError) or some steps did (Partial).
-pub(crate) fn libvirt_failed(
-    op: &str,
-    name: &str,
-    affect: Affect,
-    applied: Vec<String>,
-    findings: Vec<Finding>,
-    e: &DomainError,
-    run: &Run,
-) -> OpReport {
-    let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
-    HostOnly { op, name, affect, findings, applied, persistent: affect.config() }.report(outcome, e.to_string(), run)
-}
-
-/// A change made to the persistent definition only: nothing for the guest to confirm.
-pub(crate) fn persistent_only(
-    op: &str,
-    name: &str,
-    affect: Affect,
-    message: String,
-    findings: Vec<Finding>,
-    applied: Vec<String>,
-    run: &Run,
-) -> OpReport {
-    HostOnly { op, name, affect, findings, applied, persistent: true }.report(Outcome::Ok, message, run)
-}
-
-/// The report of a request that did not become a plan: refused (nothing
-/// changed; exit 7 when the only error is an unreachable agent), or a usage error.
-pub(crate) fn not_planned(
-    op: &str,
-    name: &str,
-    affect: Affect,
-    why: NotPlanned,
-    run: &Run,
-) -> Result<OpReport, DomainError> {
-    let r = match why {
-        NotPlanned::Usage(message) => return Err(DomainError::Usage(message)),
-        NotPlanned::Refused(r) => r,
-    };
-    let errors: Vec<&str> = r.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
-    // A verdict that stands alone (the socket refused, the domain not in a
-    // state to take it) is the message itself, not only a finding under it.
-    let alone = |id: &str| errors.len() == 1 && errors[0] == id;
-    let sole = [
-        "agent.socket",
-        "domain.paused",
-        "domain.crashed",
-        "domain.shutting-down",
-        "domain.pmsuspended",
-        "unplug.dimm",
-    ]
-    .into_iter()
-    .find(|id| alone(id))
-    .and_then(|id| r.findings.iter().find(|f| f.id == id));
-    let (outcome, message) = if r.agent_unreachable {
-        let why = r.findings.iter().find(|f| f.id == "agent.ready").map(|f| f.message.clone()).unwrap_or_default();
-        (Outcome::AgentUnreachable, why)
-    } else if let Some(f) = sole {
-        (Outcome::Refused, format!("{}; nothing was changed", f.message))
-    } else {
-        (Outcome::Refused, format!("preflight refused ({}); nothing was changed", errors.join(", ")))
-    };
-    Ok(HostOnly { op, name, affect, findings: r.findings, applied: vec![], persistent: false }
-        .report(outcome, message, run))
-}
+pub use crate::facts::{
+    agent_if_running, blocking, connect_agent, host_facts, load, new_request_id, probe_cpu_hotplug, read_domain,
+    read_host, valid_request_id, DomainRead, HotplugOpts, Loaded, MemoryOpts,
+};
+pub use crate::report::{affect_text, Run};
 
 /// `vmplug setvcpus`: gather, plan, execute (offline first when shrinking,
 /// socket-sized libvirt steps, the guest's confirmation), judge.
@@ -651,49 +284,6 @@ pub fn judge_vcpus(
         }
         None => (Outcome::Ok, format!("{target} vCPUs set in libvirt; guest not verified (--no-wait or no agent)")),
     }
-}
-
-pub fn affect_text(a: Affect) -> &'static str {
-    match a {
-        Affect::Live => "live",
-        Affect::Config => "config",
-        Affect::Both => "live+config",
-        Affect::Current => "current",
-    }
-}
-
-/// Options of `attach-memory`.
-#[derive(Debug, Clone)]
-pub struct MemoryOpts {
-    pub size: Bytes,
-    pub node: Option<u32>,
-    /// Round a size that is not a multiple of the guest's block size up to one.
-    pub round_up: bool,
-    /// The most rounding up may reach, as a total (autoscale: the policy's and
-    /// the host's room); `None`: the domain's `<maxMemory>` headroom. The guest
-    /// reports the block size, so this is what keeps it from widening the plug.
-    pub ceiling: Option<Bytes>,
-    pub max_dimm: Bytes,
-    /// Ties the DIMMs to this request (`<alias name='ua-vmplug-ID-N'/>`): the
-    /// same command with the same id, after a crash, attaches only what is missing.
-    pub request_id: String,
-}
-
-/// A fresh request id (microseconds since the epoch, base 36).
-pub fn new_request_id() -> String {
-    let mut n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
-    let mut s = String::new();
-    while n > 0 {
-        let d = (n % 36) as u32;
-        s.insert(0, char::from_digit(d, 36).unwrap_or('0'));
-        n /= 36;
-    }
-    s
-}
-
-/// Request ids become libvirt user aliases: `[A-Za-z0-9_-]`, at most 40.
-pub fn valid_request_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 40 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// `vmplug attach-memory`: gather, plan (DIMMs sized to the guest's block size,
@@ -1163,18 +753,18 @@ pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainE
         dimms: 1,
         first_wave: Bytes(vmplug_common::MIB),
     };
-    findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == "mem.linux-4g"));
+    findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == RuleId::MemLinux4g.id()));
     let usable = 64u32.saturating_sub(facts.virtio_nets);
     if let Some(slots) = facts.slots.filter(|&s| s > usable) {
         findings.push(Finding {
-            id: "mem.slots",
+            id: RuleId::MemSlots.id(),
             severity: Severity::Error,
             message: format!("{slots} memory slots, but only {usable} are usable (64 − {} virtio-net device(s)): pass --slots {usable} or fewer", facts.virtio_nets),
         });
     }
     if facts.vcpus_max <= facts.vcpus_current {
         findings.push(Finding {
-            id: "cpu.max",
+            id: RuleId::CpuMax.id(),
             severity: Severity::Warning,
             message: format!(
                 "max vCPUs equals the current {}: no vCPU can be hot-plugged; pass --max-vcpus",
@@ -1209,7 +799,7 @@ pub async fn prepare(
     };
     let p = match crate::prepare::prepare(&old, &l.host, opts) {
         Err(e) => {
-            report.findings = vec![Finding { id: e.id(), severity: Severity::Error, message: e.to_string() }];
+            report.findings = vec![Finding::error(e.rule(), e.to_string())];
             report.refused = Some(format!("{e}; nothing was defined"));
             return Ok(report);
         }

@@ -12,207 +12,18 @@
 //! fixture and a table of requests). Guest facts can narrow a plan (refuse,
 //! round within a ceiling) but never widen it past the request.
 
-use std::sync::Arc;
-
-use vmplug_common::protocol::{GuestInfo, MemRange};
+use vmplug_common::protocol::MemRange;
 use vmplug_common::Bytes;
 
-use crate::domain::{Affect, Connection, DomainError, XmlView};
-use crate::link::{discover, GuestLink, LinkError};
-use crate::ops::{blocking, connect_agent, read_domain, read_host, HotplugOpts, Loaded, MemoryOpts};
+use crate::domain::Affect;
+use crate::facts::{HotplugOpts, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, AgentTrouble, Ctx, Finding, Operation, Severity};
-use crate::unplug::DimmSelector;
+use crate::preflight::{self, Ctx, Finding, Operation, RuleId, Severity};
 use crate::xml::{request_alias, request_index, Dimm, DomainFacts, NamedDimm};
 
-/// What a plan may look at, read once: the domain (live XML when running), the
-/// host, where the change lands, and the guest's facts (or why there are none).
-#[derive(Debug)]
-pub struct Facts {
-    pub loaded: Loaded,
-    pub affect: Affect,
-    pub guest: Option<GuestInfo>,
-    pub agent_error: Option<String>,
-    /// Why there are no guest facts, for the rules (refused, absent, silent).
-    pub agent_trouble: Option<AgentTrouble>,
-    /// The persistent definition, when a running domain's change also goes there.
-    pub persistent: Option<DomainFacts>,
-}
-
-impl Facts {
-    fn ctx(&self, no_wait: bool) -> preflight::Ctx<'_> {
-        self.ctx_for(no_wait)
-    }
-
-    /// The preflight context of these facts.
-    pub fn ctx_for(&self, no_wait: bool) -> preflight::Ctx<'_> {
-        Ctx { agent_trouble: self.agent_trouble.as_ref(), ..self.loaded.ctx(self.guest.as_ref(), self.affect, no_wait) }
-    }
-}
-
-/// Reads everything the verbs' plans need, and opens the agent session a live
-/// change on a running domain uses (none when plugging blind: `--no-wait` with no
-/// agent configured or discoverable).
-pub async fn gather(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    opts: &HotplugOpts,
-) -> Result<(Facts, Option<GuestLink>), DomainError> {
-    gather_phases(conn, name, opts, None).await.map(|(f, l, _)| (f, l))
-}
-
-/// [`gather`], and how long the libvirt facts and the agent's handshake took (ms).
-async fn gather_phases(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    opts: &HotplugOpts,
-    held: Option<GuestLink>,
-) -> Result<(Facts, Option<GuestLink>, (u64, u64)), DomainError> {
-    // The domain first (it says where the agent is), then the host's facts and
-    // the agent's handshake at the same time: neither waits for the other.
-    let t = std::time::Instant::now();
-    let d = read_domain(conn.clone(), name, true).await?;
-    let affect = opts.affect.resolve(d.running);
-    let blind = opts.no_wait && opts.agent.is_none() && discover(&d.facts).is_err();
-    let host = async {
-        let h = read_host(conn.clone(), d.facts.clone()).await;
-        (h, crate::ops::ms(t))
-    };
-    let agent = async {
-        let t = std::time::Instant::now();
-        // A guest that runs no code (paused, suspended, …) cannot answer: the
-        // state rules say so at once instead of after the handshake's wait.
-        let s = if affect.live() && !blind && d.running && d.state.guest_runs() {
-            session(&d.facts, opts, held).await
-        } else {
-            (None, None)
-        };
-        (s, crate::ops::ms(t))
-    };
-    let ((host, facts_ms), ((link, err), handshake_ms)) = tokio::join!(host, agent);
-    let loaded = d.with_host(host?);
-    let persistent = if affect.config() && loaded.running {
-        let dom = loaded.dom.clone();
-        let xml = blocking(move || dom.xml(XmlView::Inactive)).await?;
-        Some(DomainFacts::parse(&xml).map_err(|e| DomainError::Other(format!("persistent XML of '{name}': {e}")))?)
-    } else {
-        None
-    };
-    let facts = Facts {
-        guest: link.as_ref().map(|k| k.info.clone()),
-        agent_error: err.as_ref().map(LinkError::to_string),
-        agent_trouble: err.as_ref().map(AgentTrouble::from),
-        loaded,
-        affect,
-        persistent,
-    };
-    Ok((facts, link, (facts_ms, handshake_ms)))
-}
-
-/// [`gather`], timed: the facts, the agent session, and the run whose
-/// preflight phase the reading was (every verb's entry point starts so).
-pub async fn gather_timed(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    opts: &HotplugOpts,
-) -> Result<(Facts, Option<GuestLink>, crate::ops::Run), DomainError> {
-    gather_timed_with(conn, name, opts, None).await
-}
-
-/// [`gather_timed`] with an agent session the caller already holds (autoscale
-/// keeps one per domain): used when it leads to this domain's agent and still
-/// answers (its facts are asked again), else closed and a new one opened.
-pub async fn gather_timed_with(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    opts: &HotplugOpts,
-    held: Option<GuestLink>,
-) -> Result<(Facts, Option<GuestLink>, crate::ops::Run), DomainError> {
-    let mut run = crate::ops::Run::new();
-    let t = std::time::Instant::now();
-    let (facts, link, (facts_ms, handshake_ms)) = gather_phases(conn, name, opts, held).await?;
-    run.preflight_ms = crate::ops::ms(t);
-    (run.facts_ms, run.handshake_ms) = (facts_ms, handshake_ms);
-    Ok((facts, link, run))
-}
-
-/// The agent session of a live change: `held` when it leads where this domain's
-/// agent is and answers a fresh `Info`, else a new one. A held session that is not
-/// used is closed before connecting (a virtio-serial channel admits one client).
-async fn session(
-    dom: &DomainFacts,
-    opts: &HotplugOpts,
-    held: Option<GuestLink>,
-) -> (Option<GuestLink>, Option<LinkError>) {
-    let want = opts.agent.clone().or_else(|| discover(dom).ok());
-    if let Some(mut link) = held {
-        if want.as_ref() == Some(&link.addr) {
-            match link.refresh().await {
-                Ok(()) => return (Some(link), None),
-                Err(e) => tracing::debug!(error = %e, "the held agent session no longer answers; connecting again"),
-            }
-        }
-    }
-    match connect_agent(dom, opts.agent.as_ref(), opts.agent_wait).await {
-        Ok(link) => (Some(link), None),
-        Err(e) => (None, Some(e)),
-    }
-}
-
-/// Why a verb will not act: every finding, errors first, each with its rule id and
-/// what to change.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refusal {
-    pub findings: Vec<Finding>,
-    /// The only error is an unreachable agent (exit 7, not 2).
-    pub agent_unreachable: bool,
-}
-
-/// A request that cannot become a plan.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NotPlanned {
-    /// The rules refuse it; nothing is changed.
-    Refused(Refusal),
-    /// The request itself is malformed (exit 64).
-    Usage(String),
-}
-
-impl NotPlanned {
-    pub fn findings(&self) -> Vec<Finding> {
-        match self {
-            NotPlanned::Refused(r) => r.findings.clone(),
-            NotPlanned::Usage(_) => vec![],
-        }
-    }
-}
-
-fn error(id: &'static str, message: String) -> Finding {
-    Finding { id, severity: Severity::Error, message }
-}
-
-/// Errors refuse, unless forced — except `hard` findings, which no `--force`
-/// overrides (there would be nothing to do, or it would widen the request).
-fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
-    if hard.is_empty() && (force || !preflight::has_errors(&findings)) {
-        let mut findings = findings;
-        findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
-        return Ok(findings);
-    }
-    Err(refuse(findings, hard))
-}
-
-/// [`gate`] for the other verbs' planners (virtio-mem).
-pub fn gate_findings(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
-    gate(findings, force, hard)
-}
-
-fn refuse(mut findings: Vec<Finding>, hard: Vec<Finding>) -> NotPlanned {
-    findings.splice(0..0, hard);
-    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
-    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
-    let agent_unreachable = !errors.is_empty() && errors.iter().all(|f| f.id == "agent.ready");
-    NotPlanned::Refused(Refusal { findings, agent_unreachable })
-}
+pub use crate::facts::{gather, gather_timed, gather_timed_with, Facts};
+use crate::preflight::refuse;
+pub use crate::preflight::{gate, NotPlanned, Refusal};
 
 /// `setvcpus`: socket-sized steps; a shrink offlines in the guest first.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,7 +43,7 @@ pub fn plan_setvcpus(f: &Facts, target: u32, opts: &HotplugOpts) -> Result<VcpuP
     if target == 0 {
         return Err(NotPlanned::Usage("a domain needs at least one vCPU".into()));
     }
-    let findings = gate(preflight::check(&f.ctx(opts.no_wait), &Operation::Vcpus { target }), opts.force, vec![])?;
+    let findings = gate(preflight::check(&f.ctx_for(opts.no_wait), &Operation::Vcpus { target }), opts.force, vec![])?;
     let dom = &f.loaded.facts;
     let live = f.affect.live();
     let per_socket = dom.topology.as_ref().map(|t| t.per_socket()).unwrap_or(1);
@@ -266,7 +77,7 @@ pub fn plan_guest_vcpus(f: &Facts, target: u32, opts: &HotplugOpts) -> Result<Gu
     }
     // Always the running guest (a stopped domain is refused by domain.running).
     // --force cannot help: every refusal is one the agent itself would meet.
-    let ctx = Ctx { affect: Affect::Live, ..f.ctx(false) };
+    let ctx = Ctx { affect: Affect::Live, ..f.ctx_for(false) };
     let findings = gate(preflight::check(&ctx, &Operation::GuestVcpus { target }), false, vec![])?;
     let Some(g) = f.guest.as_ref() else {
         return Err(NotPlanned::Usage("--guest needs the guest agent".into()));
@@ -312,15 +123,15 @@ impl MemoryPlan {
 /// A planner refusal as a finding, under the rule id it belongs to.
 pub fn plan_finding(e: &PlanError) -> Finding {
     let id = match e {
-        PlanError::Misaligned { .. } => "mem.block-align",
-        PlanError::RoundUpTooFar { .. } => "mem.round-up",
-        PlanError::UnitOverMaxDimm { .. } => "mem.max-dimm",
-        PlanError::NoSlots { .. } => "mem.slots",
-        PlanError::NoSuchNode(..) => "mem.node",
-        PlanError::NoCells => "mem.numa",
-        PlanError::Zero => "mem.plan",
+        PlanError::Misaligned { .. } => RuleId::MemBlockAlign,
+        PlanError::RoundUpTooFar { .. } => RuleId::MemRoundUp,
+        PlanError::UnitOverMaxDimm { .. } => RuleId::MemMaxDimm,
+        PlanError::NoSlots { .. } => RuleId::MemSlots,
+        PlanError::NoSuchNode(..) => RuleId::MemNode,
+        PlanError::NoCells => RuleId::MemNuma,
+        PlanError::Zero => RuleId::MemPlan,
     };
-    error(id, e.to_string())
+    Finding::error(id, e.to_string())
 }
 
 /// Memory per guest cell: its initial memory plus its DIMMs.
@@ -362,7 +173,7 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     if mem.size.get() == 0 {
         return Err(NotPlanned::Usage("size must be larger than zero".into()));
     }
-    if !crate::ops::valid_request_id(&mem.request_id) {
+    if !crate::facts::valid_request_id(&mem.request_id) {
         return Err(NotPlanned::Usage(format!("request id '{}' must be 1 to 40 of A-Z a-z 0-9 _ -", mem.request_id)));
     }
     let dom = &f.loaded.facts;
@@ -371,7 +182,7 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
         Ok(s) => s,
         Err(finding) => {
             let mut rest = preflight::check(
-                &f.ctx(opts.no_wait),
+                &f.ctx_for(opts.no_wait),
                 &Operation::Memory { size: mem.size, node: mem.node, dimms: 1, first_wave: mem.size.min(mem.max_dimm) },
             );
             rest.retain(|r| r.id != finding.id);
@@ -387,8 +198,8 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     let remaining = Bytes(size.get().saturating_sub(already.get()));
     let mut hard = Vec::new();
     if already > size {
-        hard.push(error(
-            "mem.request-id",
+        hard.push(Finding::error(
+            RuleId::MemRequestId,
             format!("request {} already attached {already}, more than the {size} asked now: repeat it with its own size, or use a new --request-id", mem.request_id),
         ));
     }
@@ -400,8 +211,8 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     };
     match &plan {
         Err(e) => hard.push(plan_finding(e)),
-        Ok(p) if p.is_empty() && reconciled.is_empty() => hard.push(error(
-            "mem.plan",
+        Ok(p) if p.is_empty() && reconciled.is_empty() => hard.push(Finding::error(
+            RuleId::MemPlan,
             format!("{size} makes no DIMM (libvirt sizes DIMMs in whole MiB and the guest in blocks): nothing would be attached"),
         )),
         Ok(_) => {}
@@ -422,12 +233,12 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
         None => Bytes(sizes.first().copied().unwrap_or(0)),
     };
     let op = Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count, first_wave };
-    let mut findings = preflight::check(&f.ctx(opts.no_wait), &op);
+    let mut findings = preflight::check(&f.ctx_for(opts.no_wait), &op);
     // A planner finding says more than the rule that saw the same problem.
     findings.retain(|r| !hard.iter().any(|h| h.id == r.id));
     if size != mem.size {
         findings.push(Finding {
-            id: "mem.round-up",
+            id: RuleId::MemRoundUp.id(),
             severity: Severity::Warning,
             message: format!("{} rounded up to {size} (alignment {})", mem.size, Bytes(unit)),
         });
@@ -454,6 +265,31 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     })
 }
 
+/// Which DIMMs to unplug.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DimmSelector {
+    /// One DIMM by its alias (`ua-…` user alias or libvirt's `dimmN`).
+    Alias(String),
+    /// Every DIMM `attach-memory --request-id ID` attached (`ua-vmplug-ID-N`).
+    Request(String),
+}
+
+impl DimmSelector {
+    pub fn matches(&self, d: &Dimm) -> bool {
+        match self {
+            DimmSelector::Alias(a) => d.alias.as_deref() == Some(a.as_str()),
+            DimmSelector::Request(id) => request_index(d, id).is_some(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            DimmSelector::Alias(a) => format!("alias '{a}'"),
+            DimmSelector::Request(id) => format!("request id '{id}'"),
+        }
+    }
+}
+
 /// `detach-memory`: which DIMMs, their ranges, and whether the guest releases
 /// them first.
 #[derive(Debug, Clone, PartialEq)]
@@ -473,8 +309,8 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
         let known: Vec<&str> = dom.dimms.iter().map(|d| d.alias.as_deref().unwrap_or("?")).collect();
         // The domain was read to know this: not a usage error but a refusal,
         // naming what is there (no --force makes a DIMM appear).
-        let none = error(
-            "unplug.dimm",
+        let none = Finding::error(
+            RuleId::UnplugDimm,
             format!(
                 "no DIMM of '{}' has {}; its DIMMs: {}",
                 dom.name,
@@ -493,7 +329,7 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
     let op = Operation::Unplug { live_only, without_address };
     // The guest must release the memory: with no agent even --no-wait refuses
     // (only --force leaves it to the guest's ACPI handler).
-    let findings = gate(preflight::check(&f.ctx(false), &op), opts.force, vec![])?;
+    let findings = gate(preflight::check(&f.ctx_for(false), &op), opts.force, vec![])?;
     Ok(DetachPlan {
         findings,
         ranges: chosen.iter().filter_map(Dimm::range).collect(),

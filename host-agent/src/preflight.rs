@@ -22,12 +22,127 @@ pub struct Finding {
     pub message: String,
 }
 
-fn error(id: &'static str, message: impl Into<String>) -> Option<Finding> {
-    Some(Finding { id, severity: Severity::Error, message: message.into() })
+/// Declares [`RuleId`] from the one table of rule ids.
+macro_rules! rule_ids {
+    ($($variant:ident = $id:literal,)*) => {
+        /// Every rule vmplug checks, by the id its findings carry: the table below is
+        /// the only place an id is spelled (reports, README and tests name these
+        /// strings, so a string never changes).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum RuleId {
+            $($variant,)*
+        }
+
+        impl RuleId {
+            /// Every rule, in the table's order.
+            pub const ALL: &'static [RuleId] = &[$(RuleId::$variant,)*];
+
+            /// The id as findings, reports and `--json` carry it (`mem.node`).
+            pub const fn id(self) -> &'static str {
+                match self {
+                    $(RuleId::$variant => $id,)*
+                }
+            }
+
+            /// The rule an id names, if any.
+            pub fn from_id(id: &str) -> Option<RuleId> {
+                match id {
+                    $($id => Some(RuleId::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-fn warning(id: &'static str, message: impl Into<String>) -> Option<Finding> {
-    Some(Finding { id, severity: Severity::Warning, message: message.into() })
+rule_ids! {
+    AgentReady = "agent.ready",
+    AgentSocket = "agent.socket",
+    CpuCoresMultiple = "cpu.cores-multiple",
+    CpuGuestAcpi = "cpu.guest-acpi",
+    CpuGuestPossible = "cpu.guest-possible",
+    CpuGuestPresent = "cpu.guest-present",
+    CpuHypervisorMax = "cpu.hypervisor-max",
+    CpuMachine = "cpu.machine",
+    CpuMax = "cpu.max",
+    CpuPlacement = "cpu.placement",
+    CpuSocketCell = "cpu.socket-cell",
+    DomainCrashed = "domain.crashed",
+    DomainJob = "domain.job",
+    DomainPaused = "domain.paused",
+    DomainPmsuspended = "domain.pmsuspended",
+    DomainRunning = "domain.running",
+    DomainShuttingDown = "domain.shutting-down",
+    MemBlockAlign = "mem.block-align",
+    MemGuest = "mem.guest",
+    MemGuestAcpi = "mem.guest-acpi",
+    MemGuestFree = "mem.guest-free",
+    MemGuestKernel = "mem.guest-kernel",
+    MemGuestNode = "mem.guest-node",
+    MemHugepageAlign = "mem.hugepage-align",
+    MemLinux4g = "mem.linux-4g",
+    MemMachine = "mem.machine",
+    MemMaxDimm = "mem.max-dimm",
+    MemMaxMemory = "mem.max-memory",
+    MemMaxSize = "mem.max-size",
+    MemNode = "mem.node",
+    MemNuma = "mem.numa",
+    MemPlan = "mem.plan",
+    MemRequestId = "mem.request-id",
+    MemRoundUp = "mem.round-up",
+    MemSlots = "mem.slots",
+    MemVhostUser = "mem.vhost-user",
+    MemWindowsNode0 = "mem.windows-node0",
+    NumaCellPinning = "numa.cell-pinning",
+    Numatune = "numatune",
+    NumatuneNodes = "numatune.nodes",
+    NumatuneStrictFree = "numatune.strict-free",
+    PersistGuestLevel = "persist.guest-level",
+    PersistLiveOnly = "persist.live-only",
+    PinHostCpus = "pin.host-cpus",
+    PinVcpu = "pin.vcpu",
+    PrepareChannelPath = "prepare.channel-path",
+    PrepareXml = "prepare.xml",
+    SchedSharesRange = "sched.shares-range",
+    UnplugDimm = "unplug.dimm",
+    UnplugLiveOnly = "unplug.live-only",
+    UnplugNoAddress = "unplug.no-address",
+    VmemBlock = "vmem.block",
+    VmemBlockAlign = "vmem.block-align",
+    VmemDevice = "vmem.device",
+    VmemFloor = "vmem.floor",
+    VmemGuestDriver = "vmem.guest-driver",
+    VmemNoAddress = "vmem.no-address",
+    VmemNode = "vmem.node",
+    VmemPlan = "vmem.plan",
+    VmemSettling = "vmem.settling",
+    VmemSize = "vmem.size",
+}
+
+impl std::fmt::Display for RuleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+impl Finding {
+    /// A broken rule: refuses unless forced.
+    pub fn error(rule: RuleId, message: String) -> Finding {
+        Finding { id: rule.id(), severity: Severity::Error, message }
+    }
+
+    /// A rule that advises: reported, never refuses.
+    pub fn warning(rule: RuleId, message: String) -> Finding {
+        Finding { id: rule.id(), severity: Severity::Warning, message }
+    }
+}
+
+fn error(rule: RuleId, message: impl Into<String>) -> Option<Finding> {
+    Some(Finding::error(rule, message.into()))
+}
+
+fn warning(rule: RuleId, message: impl Into<String>) -> Option<Finding> {
+    Some(Finding::warning(rule, message.into()))
 }
 
 /// What is about to be done.
@@ -124,7 +239,7 @@ fn live_op(ctx: &Ctx, op: &Operation) -> bool {
 
 fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     (live_op(ctx, op) && !ctx.running).then_some(())?;
-    error("domain.running", format!("domain '{}' is not running (shut off): a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
+    error(RuleId::DomainRunning, format!("domain '{}' is not running (shut off): a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
 }
 
 /// A live change, or `check`'s readiness of an active domain: the state rules
@@ -154,7 +269,7 @@ fn rule_paused(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     };
     let cause = if cause.is_empty() { String::new() } else { format!(" {cause}") };
     error(
-        "domain.paused",
+        RuleId::DomainPaused,
         format!("domain '{name}' is paused{cause}: its guest runs no code, so nothing plugged now could be onlined or confirmed; {fix}"),
     )
 }
@@ -163,7 +278,7 @@ fn rule_crashed(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let crashed = matches!(ctx.state, DomainState::Crashed | DomainState::Paused(PauseReason::Crashed));
     (crashed && live_now(ctx, op)).then_some(())?;
     error(
-        "domain.crashed",
+        RuleId::DomainCrashed,
         format!("domain '{}' crashed (its guest panicked and libvirt keeps it for inspection): nothing can be plugged into it; restart it (virsh destroy, then virsh start)", ctx.dom.name),
     )
 }
@@ -171,7 +286,7 @@ fn rule_crashed(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_shutting_down(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     (ctx.state == DomainState::ShuttingDown && live_now(ctx, op)).then_some(())?;
     error(
-        "domain.shutting-down",
+        RuleId::DomainShuttingDown,
         format!("domain '{}' is shutting down: its guest is stopping and would not online or confirm anything; change the definition with --config, or start it again", ctx.dom.name),
     )
 }
@@ -179,7 +294,7 @@ fn rule_shutting_down(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_pmsuspended(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     (ctx.state == DomainState::PmSuspended && live_now(ctx, op)).then_some(())?;
     error(
-        "domain.pmsuspended",
+        RuleId::DomainPmsuspended,
         format!("domain '{}' is suspended by its guest (ACPI S3/S4): it runs no code until woken; wake it (virsh dompmwakeup {}) first", ctx.dom.name, ctx.dom.name),
     )
 }
@@ -187,7 +302,7 @@ fn rule_pmsuspended(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_job(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     (live_op(ctx, op) && ctx.job_running).then_some(())?;
     error(
-        "domain.job",
+        RuleId::DomainJob,
         "a migration, save or snapshot job is running: hot-plug is not supported during it; wait for the job to finish",
     )
 }
@@ -202,9 +317,9 @@ fn rule_agent_socket(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Some(AgentTrouble::Untrusted(why)) = ctx.agent_trouble else { return None };
     agent_missed(ctx, op).then_some(())?;
     let blind_ok = ctx.no_wait && !matches!(op, Operation::Unplug { .. } | Operation::GuestVcpus { .. });
-    let finding: fn(&'static str, String) -> Option<Finding> = if blind_ok { warning } else { error };
+    let finding: fn(RuleId, String) -> Option<Finding> = if blind_ok { warning } else { error };
     finding(
-        "agent.socket",
+        RuleId::AgentSocket,
         format!("{why}. vmplug uses a socket only if nobody else can write it and it belongs to the user the domain runs as (its DAC <seclabel>), root, this user, or an account outside /etc/login.defs' UID_MIN..UID_MAX; the guest agent itself was not asked"),
     )
 }
@@ -221,11 +336,11 @@ fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         None => ("the guest agent did not complete its handshake".to_string(), "is vmplug-guest running? "),
     };
     if let Operation::Unplug { .. } = op {
-        return error("agent.ready", format!("{what}: vmplug never unplugs memory the guest has not released ({hint}--force leaves it to the guest's ACPI handler)"));
+        return error(RuleId::AgentReady, format!("{what}: vmplug never unplugs memory the guest has not released ({hint}--force leaves it to the guest's ACPI handler)"));
     }
     if let Operation::GuestVcpus { .. } = op {
         return error(
-            "agent.ready",
+            RuleId::AgentReady,
             format!(
                 "{what}: guest-level vCPU scaling is done by the agent{}",
                 if hint.is_empty() { String::new() } else { format!(" ({})", hint.trim_end()) }
@@ -233,10 +348,13 @@ fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         );
     }
     if ctx.no_wait {
-        return warning("agent.ready", format!("{what}: the guest's view is unknown and nothing will verify the plug"));
+        return warning(
+            RuleId::AgentReady,
+            format!("{what}: the guest's view is unknown and nothing will verify the plug"),
+        );
     }
     error(
-        "agent.ready",
+        RuleId::AgentReady,
         format!("{what}: vmplug never plugs into a guest that cannot confirm ({hint}use --no-wait to plug blind)"),
     )
 }
@@ -245,7 +363,7 @@ fn rule_unplug_live_only(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Unplug { live_only, .. } = op else { return None };
     (ctx.affect.config() && !live_only.is_empty()).then_some(())?;
     error(
-        "unplug.live-only",
+        RuleId::UnplugLiveOnly,
         format!(
             "DIMM(s) {} are attached live only, not in the persistent definition: use --live",
             live_only.join(", ")
@@ -257,7 +375,7 @@ fn rule_unplug_address(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Unplug { without_address, .. } = op else { return None };
     (ctx.affect.live() && !without_address.is_empty()).then_some(())?;
     error(
-        "unplug.no-address",
+        RuleId::UnplugNoAddress,
         format!(
             "the live XML gives DIMM(s) {} no address: vmplug cannot tell the guest which blocks to release",
             without_address.join(", ")
@@ -271,7 +389,7 @@ fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     match arch {
         "x86_64" | "i686" if is_x86_hotplug_machine(m) => None,
         "aarch64" if m != "virt" && !m.starts_with("virt-") => {
-            error("cpu.machine", format!("machine '{m}' is not an aarch64 'virt' machine; vCPU hot-plug needs virt-4.1 or newer"))
+            error(RuleId::CpuMachine, format!("machine '{m}' is not an aarch64 'virt' machine; vCPU hot-plug needs virt-4.1 or newer"))
         }
         // What this QEMU says about the machine decides; the version only speaks
         // when QEMU could not be asked (a remote host).
@@ -280,18 +398,18 @@ fn rule_cpu_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         "aarch64" => match ctx.host.cpu_hotplug {
             Some(true) => None,
             Some(false) => error(
-                "cpu.machine",
+                RuleId::CpuMachine,
                 format!("this host's QEMU cannot hot-plug vCPUs on machine '{m}' (query-machines: hotpluggable-cpus=false; upstream QEMU has no aarch64 vCPU hot-plug, openEuler's has); scale inside the guest instead: `vmplug setvcpus --guest` onlines and offlines vCPUs defined at boot"),
             ),
             None => match machine_version(m, "virt") {
-                Some(v) if v < (4, 1) => error("cpu.machine", format!("machine '{m}' cannot hot-plug vCPUs: the guide requires virt-4.1 or newer")),
+                Some(v) if v < (4, 1) => error(RuleId::CpuMachine, format!("machine '{m}' cannot hot-plug vCPUs: the guide requires virt-4.1 or newer")),
                 _ => warning(
-                    "cpu.machine",
+                    RuleId::CpuMachine,
                     "QEMU could not be asked whether it hot-plugs aarch64 vCPUs (a remote host): openEuler's does, upstream QEMU does not (libvirt then refuses with 'cpu hotplug is not supported'); `vmplug setvcpus --guest` works on both",
                 ),
             },
         },
-        _ => error("cpu.machine", format!("machine '{m}' ({arch}) is not known to hot-plug vCPUs (x86: pc or q35; aarch64: virt-4.1+)")),
+        _ => error(RuleId::CpuMachine, format!("machine '{m}' ({arch}) is not known to hot-plug vCPUs (x86: pc or q35; aarch64: virt-4.1+)")),
     }
 }
 
@@ -300,17 +418,20 @@ fn rule_cpu_placement(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     (ctx.dom.vcpu_placement != "static").then_some(())?;
-    error("cpu.placement", format!("<vcpu placement='{}'> must be 'static' for CPU hot-plug", ctx.dom.vcpu_placement))
+    error(
+        RuleId::CpuPlacement,
+        format!("<vcpu placement='{}'> must be 'static' for CPU hot-plug", ctx.dom.vcpu_placement),
+    )
 }
 
 fn rule_cpu_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Vcpus { target } = *op else { return None };
     if target == 0 {
-        return error("cpu.max", "a domain needs at least one vCPU");
+        return error(RuleId::CpuMax, "a domain needs at least one vCPU");
     }
     (target > ctx.dom.vcpus_max).then_some(())?;
     error(
-        "cpu.max",
+        RuleId::CpuMax,
         format!("{target} vCPUs exceeds the domain's maximum of {} (<vcpu current='m'>n</vcpu>: raise n with `vmplug prepare`, which takes effect at the next boot)", ctx.dom.vcpus_max),
     )
 }
@@ -320,7 +441,7 @@ fn rule_cpu_hypervisor_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let max = ctx.host.max_vcpus?;
     (target > max).then_some(())?;
     error(
-        "cpu.hypervisor-max",
+        RuleId::CpuHypervisorMax,
         format!("{target} vCPUs exceeds the hypervisor's maximum of {max} for machine '{}'", ctx.dom.machine),
     )
 }
@@ -332,11 +453,11 @@ fn rule_cpu_guest_possible(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     }
     match ctx.guest {
         Some(g) if target as usize > g.cpus.possible.len() => error(
-            "cpu.guest-possible",
+            RuleId::CpuGuestPossible,
             format!("the guest kernel supports {} CPUs (/sys/devices/system/cpu/possible = {}); {target} cannot come online", g.cpus.possible.len(), g.cpus.possible),
         ),
-        Some(g) if g.acpi_cpu_hotplug == Some(false) => error("cpu.guest-acpi", "the guest kernel has no ACPI processor hot-plug: a new vCPU would never appear in it"),
-        None if ctx.running => warning("cpu.guest-possible", "guest facts unknown (no agent): cannot check the guest kernel's possible CPUs"),
+        Some(g) if g.acpi_cpu_hotplug == Some(false) => error(RuleId::CpuGuestAcpi, "the guest kernel has no ACPI processor hot-plug: a new vCPU would never appear in it"),
+        None if ctx.running => warning(RuleId::CpuGuestPossible, "guest facts unknown (no agent): cannot check the guest kernel's possible CPUs"),
         _ => None,
     }
 }
@@ -346,13 +467,13 @@ fn rule_cpu_guest_possible(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 fn rule_cpu_guest_present(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::GuestVcpus { target } = *op else { return None };
     if target == 0 {
-        return error("cpu.guest-present", "a guest needs at least one CPU online");
+        return error(RuleId::CpuGuestPresent, "a guest needs at least one CPU online");
     }
     let g = ctx.guest?;
     let present = g.cpus.present.len() as u32;
     (target > present).then_some(())?;
     error(
-        "cpu.guest-present",
+        RuleId::CpuGuestPresent,
         format!("the guest has {present} vCPU(s) present ({}): --guest scales only among them; define more at boot (<vcpu>N</vcpu>, the surplus kept offline with the kernel's maxcpus=) or hot-plug them where the machine can (setvcpus without --guest)", g.cpus.present),
     )
 }
@@ -363,7 +484,7 @@ fn rule_cpu_cores(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let delta = target.abs_diff(ctx.dom.vcpus_current);
     (delta % per != 0).then_some(())?;
     warning(
-        "cpu.cores-multiple",
+        RuleId::CpuCoresMultiple,
         format!("changing by {delta} vCPUs is not a multiple of the topology's {per} vCPUs per socket: the guest may see a confused topology; use a multiple of {per}"),
     )
 }
@@ -380,7 +501,7 @@ fn rule_cpu_socket_cell(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         if cells.len() > 1 {
             let names: Vec<String> = cells.iter().map(|c| c.map_or("none".to_string(), |c| c.to_string())).collect();
             return error(
-                "cpu.socket-cell",
+                RuleId::CpuSocketCell,
                 format!("socket {socket} (vCPUs {}) spans guest NUMA cells {}: the guide warns this can soft-lockup the guest after a CPU hot-plug; put each socket's vCPUs in one <cell>", vcpus.iter().copied().collect::<CpuSet>(), names.join(", ")),
             );
         }
@@ -393,12 +514,12 @@ fn rule_persist(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     (ctx.affect == Affect::Live).then_some(())?;
-    warning("persist.live-only", "a --live change is lost when the domain restarts; add --config to keep it")
+    warning(RuleId::PersistLiveOnly, "a --live change is lost when the domain restarts; add --config to keep it")
 }
 
 fn rule_persist_guest(_ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::GuestVcpus { .. } = op else { return None };
-    warning("persist.guest-level", "a guest-level change lasts until the guest reboots: the kernel then brings up its boot CPUs (all, or maxcpus= of them) and the agent onlines no more than that")
+    warning(RuleId::PersistGuestLevel, "a guest-level change lasts until the guest reboots: the kernel then brings up its boot CPUs (all, or maxcpus= of them) and the agent onlines no more than that")
 }
 
 fn rule_mem_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -412,19 +533,19 @@ fn rule_mem_machine(ctx: &Ctx, op: &Operation) -> Option<Finding> {
                 .newest_versioned("virt")
                 .map_or(String::new(), |n| format!("; use {n}, the newest this host's QEMU offers"));
             match machine_version(m, "virt") {
-                Some(v) if v < (4, 1) => error("mem.machine", format!("machine '{m}' cannot hot-plug memory: the guide requires virt-4.1 or newer{newest}")),
+                Some(v) if v < (4, 1) => error(RuleId::MemMachine, format!("machine '{m}' cannot hot-plug memory: the guide requires virt-4.1 or newer{newest}")),
                 // Upstream QEMU adds the ACPI GED device (which DIMMs need) from
                 // virt-4.2; openEuler's also to its virt-4.1, with its vCPU
                 // hot-plug, which is how its QEMU is told from upstream here.
                 Some(v) if v < (4, 2) => match ctx.host.cpu_hotplug {
-                    Some(false) => error("mem.machine", format!("machine '{m}' has no ACPI GED device in this host's QEMU (upstream QEMU adds it from virt-4.2; only openEuler's QEMU hot-plugs on virt-4.1): QEMU would refuse the DIMM with 'missing acpi-ged device'{newest}")),
-                    _ => warning("mem.machine", format!("machine '{m}': upstream QEMU needs virt-4.2 or newer for memory hot-plug (the ACPI GED device); only openEuler's QEMU accepts virt-4.1{newest}")),
+                    Some(false) => error(RuleId::MemMachine, format!("machine '{m}' has no ACPI GED device in this host's QEMU (upstream QEMU adds it from virt-4.2; only openEuler's QEMU hot-plugs on virt-4.1): QEMU would refuse the DIMM with 'missing acpi-ged device'{newest}")),
+                    _ => warning(RuleId::MemMachine, format!("machine '{m}': upstream QEMU needs virt-4.2 or newer for memory hot-plug (the ACPI GED device); only openEuler's QEMU accepts virt-4.1{newest}")),
                 },
                 _ if m == "virt" || m.starts_with("virt-") => None,
-                _ => error("mem.machine", format!("machine '{m}' is not an aarch64 'virt' machine")),
+                _ => error(RuleId::MemMachine, format!("machine '{m}' is not an aarch64 'virt' machine")),
             }
         }
-        _ => error("mem.machine", format!("machine '{m}' ({arch}) is not known to hot-plug memory")),
+        _ => error(RuleId::MemMachine, format!("machine '{m}' ({arch}) is not known to hot-plug memory")),
     }
 }
 
@@ -447,13 +568,13 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let g = ctx.guest?;
     if g.memory.is_none() {
         return error(
-            "mem.guest-kernel",
+            RuleId::MemGuestKernel,
             "the guest kernel has no memory hot-plug (/sys/devices/system/memory is absent)",
         );
     }
     // virtio-mem needs no ACPI: the device itself tells the guest.
     if !virtio && g.acpi_memory_hotplug == Some(false) {
-        return error("mem.guest-acpi", "the guest kernel has no ACPI memory hot-plug (no /sys/firmware/acpi/hotplug/memory; Debian's and Ubuntu's arm64 kernels are built without CONFIG_ACPI_HOTPLUG_MEMORY): the DIMM would attach but the guest would never see it; use virtio-mem instead (`vmplug add-virtio-mem`, then `vmplug resize-memory`), which needs no ACPI");
+        return error(RuleId::MemGuestAcpi, "the guest kernel has no ACPI memory hot-plug (no /sys/firmware/acpi/hotplug/memory; Debian's and Ubuntu's arm64 kernels are built without CONFIG_ACPI_HOTPLUG_MEMORY): the DIMM would attach but the guest would never see it; use virtio-mem instead (`vmplug add-virtio-mem`, then `vmplug resize-memory`), which needs no ACPI");
     }
     // With memmap_on_memory the new memory carries its own page structures.
     if !virtio && g.memmap_on_memory == Some(true) {
@@ -473,7 +594,7 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         "free memory in the guest first, or plug smaller DIMMs (--max-dimm)"
     };
     error(
-        "mem.guest-free",
+        RuleId::MemGuestFree,
         format!(
             "the guest has {} available but {what} needs at least {} (1/32 of it) for its memory map; {fix}",
             g.mem_available,
@@ -488,7 +609,7 @@ fn rule_mem_maxmemory(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     }
     ctx.dom.max_memory.is_none().then_some(())?;
     error(
-        "mem.max-memory",
+        RuleId::MemMaxMemory,
         "no <maxMemory slots='…'>: memory hot-plug needs slots reserved at creation (`vmplug prepare`)",
     )
 }
@@ -499,7 +620,7 @@ fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let free = ctx.dom.free_slots();
     (dimms > free).then_some(())?;
     error(
-        "mem.slots",
+        RuleId::MemSlots,
         format!(
             "{dimms} DIMM(s) needed, {free} slot(s) free (min(slots {}, 64 − {} virtio-net) − {} DIMMs present)",
             ctx.dom.slots.unwrap_or(0),
@@ -513,7 +634,7 @@ fn rule_mem_headroom(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { size, .. } = *op else { return None };
     let max = ctx.dom.max_memory?;
     (size > ctx.dom.memory_headroom()).then_some(())?;
-    error("mem.max-size", format!("{} + {size} exceeds <maxMemory> {max}", ctx.dom.memory))
+    error(RuleId::MemMaxSize, format!("{} + {size} exceeds <maxMemory> {max}", ctx.dom.memory))
 }
 
 fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -521,7 +642,7 @@ fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     ctx.dom.cells.is_empty().then_some(())?;
-    error("mem.numa", "no guest NUMA (<cpu><numa><cell …/>): memory hot-plug depends on it; add cells with `vmplug prepare --cells N`")
+    error(RuleId::MemNuma, "no guest NUMA (<cpu><numa><cell …/>): memory hot-plug depends on it; add cells with `vmplug prepare --cells N`")
 }
 
 fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -530,7 +651,7 @@ fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     let ids: Vec<String> = ctx.dom.cells.iter().map(|c| c.id.to_string()).collect();
-    error("mem.node", format!("guest NUMA node {n} does not exist (cells: {})", ids.join(", ")))
+    error(RuleId::MemNode, format!("guest NUMA node {n} does not exist (cells: {})", ids.join(", ")))
 }
 
 /// The guest kernel must know the node the memory is meant for: where its NUMA
@@ -550,7 +671,7 @@ fn rule_mem_guest_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let missing: CpuSet = targets.iter().copied().filter(|n| !possible.contains(*n)).collect();
     (!missing.is_empty()).then_some(())?;
     error(
-        "mem.guest-node",
+        RuleId::MemGuestNode,
         format!("guest NUMA node(s) {missing} do not exist in the guest kernel (/sys/devices/system/node/possible = {possible}; its NUMA set-up failed or was turned off): the memory would land on another node; fix the guest's NUMA (dmesg | grep NUMA) or plug with --node {}", possible.iter().next().unwrap_or(0)),
     )
 }
@@ -559,10 +680,10 @@ fn rule_mem_block_align(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Memory { size, .. } = *op else { return None };
     match ctx.guest.and_then(|g| g.memory.as_ref()) {
         Some(m) if !size.is_multiple_of(m.block_size.get()) => error(
-            "mem.block-align",
+            RuleId::MemBlockAlign,
             format!("{size} is not a multiple of the guest's memory block size {} (block_size_bytes): the guest would reject the DIMM and every DIMM after it; use a multiple or --round-up", m.block_size.bytes()),
         ),
-        None if ctx.guest.is_none() => warning("mem.block-align", "guest facts unknown (no agent): cannot check the size against the guest's block_size_bytes"),
+        None if ctx.guest.is_none() => warning(RuleId::MemBlockAlign, "guest facts unknown (no agent): cannot check the size against the guest's block_size_bytes"),
         _ => None,
     }
 }
@@ -572,7 +693,7 @@ fn rule_mem_hugepages(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let hp = ctx.dom.hugepage_size?;
     (!size.is_multiple_of(hp.get())).then_some(())?;
     error(
-        "mem.hugepage-align",
+        RuleId::MemHugepageAlign,
         format!("hugepages of {hp} back this guest: {size} is not a multiple of the hugepage size"),
     )
 }
@@ -582,7 +703,7 @@ fn rule_mem_vhost_user(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     let dev = ctx.dom.vhost_user_devices.iter().find(|d| !d.contains("vhost-user-vsock"))?;
-    error("mem.vhost-user", format!("a vhost-user device is configured ({dev}): the guide says vhost-user devices and memory hot-plug exclude each other"))
+    error(RuleId::MemVhostUser, format!("a vhost-user device is configured ({dev}): the guide says vhost-user devices and memory hot-plug exclude each other"))
 }
 
 fn rule_mem_linux_4g(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -591,7 +712,7 @@ fn rule_mem_linux_4g(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     warning(
-        "mem.linux-4g",
+        RuleId::MemLinux4g,
         format!(
             "initial memory is {}: the guide asks Linux guests to start with at least 4 GiB before memory hot-plug",
             ctx.dom.boot_memory()
@@ -605,7 +726,7 @@ fn rule_mem_windows_node0(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         return None;
     }
     error(
-        "mem.windows-node0",
+        RuleId::MemWindowsNode0,
         "Windows guests see hot-plugged memory only if the first DIMM goes to guest NUMA node 0: pass --node 0",
     )
 }
@@ -618,18 +739,21 @@ fn rule_shares(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         None => return None,
     };
     (n < lo || n > hi).then_some(())?;
-    error("sched.shares-range", format!("cpu_shares={n} is outside {lo}..={hi}, the range of the host's cgroup {v}"))
+    error(
+        RuleId::SchedSharesRange,
+        format!("cpu_shares={n} is outside {lo}..={hi}, the range of the host's cgroup {v}"),
+    )
 }
 
 fn rule_pin(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Pin { vcpu, cpus } = op else { return None };
     if cpus.is_empty() {
-        return error("pin.host-cpus", "an empty cpuset would leave nothing to run on");
+        return error(RuleId::PinHostCpus, "an empty cpuset would leave nothing to run on");
     }
     if let Some(v) = vcpu {
         if *v >= ctx.dom.vcpus_max {
             return error(
-                "pin.vcpu",
+                RuleId::PinVcpu,
                 format!("vCPU {v} does not exist (the domain has {} at most)", ctx.dom.vcpus_max),
             );
         }
@@ -637,7 +761,7 @@ fn rule_pin(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let host = ctx.host.all_cpus();
     (ctx.host.cpus > 0 && !cpus.is_subset(&host)).then_some(())?;
     error(
-        "pin.host-cpus",
+        RuleId::PinHostCpus,
         format!(
             "cpuset {cpus} includes CPUs {} that the host does not have (host CPUs: {host})",
             cpus.difference(&host)
@@ -650,14 +774,14 @@ fn rule_numatune(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let set = nodeset.as_ref()?;
     if set.is_empty() {
         return error(
-            "numatune.nodes",
+            RuleId::NumatuneNodes,
             "the nodeset is empty (an exclusion such as '^1' alone names no node): give the nodes to use",
         );
     }
     let nodes: CpuSet = ctx.host.nodes.iter().map(|n| n.id).collect();
     if !set.is_subset(&nodes) {
         return error(
-            "numatune.nodes",
+            RuleId::NumatuneNodes,
             format!(
                 "nodeset {set} names host nodes {} that do not exist (host nodes: {nodes})",
                 set.difference(&nodes)
@@ -668,7 +792,7 @@ fn rule_numatune(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         let free: u64 = set.iter().filter_map(|n| ctx.host.free_on(n)).map(|b| b.get()).sum();
         if !ctx.host.free.is_empty() && free < ctx.dom.memory.get() && !ctx.running {
             return error(
-                "numatune.strict-free",
+                RuleId::NumatuneStrictFree,
                 format!("strict binding to node(s) {set} with {} free cannot hold the guest's {}: the guest would fail to start", Bytes(free), ctx.dom.memory),
             );
         }
@@ -688,7 +812,7 @@ fn rule_cell_pinning(ctx: &Ctx, op: &Operation) -> Option<Finding> {
             if let Some(pin) = ctx.dom.vcpupins.get(&v) {
                 if !pin.is_subset(&node_cpus) {
                     return warning(
-                        "numa.cell-pinning",
+                        RuleId::NumaCellPinning,
                         format!("guest cell {} has its memory on host node(s) {nodeset} but vCPU {v} is pinned to {pin}: pin the cell's vCPUs to {node_cpus} to avoid remote memory access", cell.id),
                     );
                 }
@@ -699,44 +823,44 @@ fn rule_cell_pinning(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 /// Every rule, in report order.
-pub const RULES: &[(&str, Rule)] = &[
-    ("domain.running", rule_running),
-    ("domain.paused", rule_paused),
-    ("domain.crashed", rule_crashed),
-    ("domain.shutting-down", rule_shutting_down),
-    ("domain.pmsuspended", rule_pmsuspended),
-    ("domain.job", rule_job),
-    ("agent.socket", rule_agent_socket),
-    ("agent.ready", rule_agent),
-    ("cpu.machine", rule_cpu_machine),
-    ("cpu.guest-present", rule_cpu_guest_present),
-    ("persist.guest-level", rule_persist_guest),
-    ("cpu.placement", rule_cpu_placement),
-    ("cpu.max", rule_cpu_max),
-    ("cpu.hypervisor-max", rule_cpu_hypervisor_max),
-    ("cpu.guest-possible", rule_cpu_guest_possible),
-    ("cpu.cores-multiple", rule_cpu_cores),
-    ("cpu.socket-cell", rule_cpu_socket_cell),
-    ("persist.live-only", rule_persist),
-    ("mem.machine", rule_mem_machine),
-    ("mem.guest", rule_mem_guest),
-    ("mem.max-memory", rule_mem_maxmemory),
-    ("mem.slots", rule_mem_slots),
-    ("mem.max-size", rule_mem_headroom),
-    ("mem.numa", rule_mem_numa),
-    ("mem.node", rule_mem_node),
-    ("mem.guest-node", rule_mem_guest_node),
-    ("mem.block-align", rule_mem_block_align),
-    ("mem.hugepage-align", rule_mem_hugepages),
-    ("mem.vhost-user", rule_mem_vhost_user),
-    ("mem.linux-4g", rule_mem_linux_4g),
-    ("mem.windows-node0", rule_mem_windows_node0),
-    ("unplug.live-only", rule_unplug_live_only),
-    ("unplug.no-address", rule_unplug_address),
-    ("sched.shares-range", rule_shares),
-    ("pin.host-cpus", rule_pin),
-    ("numatune", rule_numatune),
-    ("numa.cell-pinning", rule_cell_pinning),
+pub const RULES: &[(RuleId, Rule)] = &[
+    (RuleId::DomainRunning, rule_running),
+    (RuleId::DomainPaused, rule_paused),
+    (RuleId::DomainCrashed, rule_crashed),
+    (RuleId::DomainShuttingDown, rule_shutting_down),
+    (RuleId::DomainPmsuspended, rule_pmsuspended),
+    (RuleId::DomainJob, rule_job),
+    (RuleId::AgentSocket, rule_agent_socket),
+    (RuleId::AgentReady, rule_agent),
+    (RuleId::CpuMachine, rule_cpu_machine),
+    (RuleId::CpuGuestPresent, rule_cpu_guest_present),
+    (RuleId::PersistGuestLevel, rule_persist_guest),
+    (RuleId::CpuPlacement, rule_cpu_placement),
+    (RuleId::CpuMax, rule_cpu_max),
+    (RuleId::CpuHypervisorMax, rule_cpu_hypervisor_max),
+    (RuleId::CpuGuestPossible, rule_cpu_guest_possible),
+    (RuleId::CpuCoresMultiple, rule_cpu_cores),
+    (RuleId::CpuSocketCell, rule_cpu_socket_cell),
+    (RuleId::PersistLiveOnly, rule_persist),
+    (RuleId::MemMachine, rule_mem_machine),
+    (RuleId::MemGuest, rule_mem_guest),
+    (RuleId::MemMaxMemory, rule_mem_maxmemory),
+    (RuleId::MemSlots, rule_mem_slots),
+    (RuleId::MemMaxSize, rule_mem_headroom),
+    (RuleId::MemNuma, rule_mem_numa),
+    (RuleId::MemNode, rule_mem_node),
+    (RuleId::MemGuestNode, rule_mem_guest_node),
+    (RuleId::MemBlockAlign, rule_mem_block_align),
+    (RuleId::MemHugepageAlign, rule_mem_hugepages),
+    (RuleId::MemVhostUser, rule_mem_vhost_user),
+    (RuleId::MemLinux4g, rule_mem_linux_4g),
+    (RuleId::MemWindowsNode0, rule_mem_windows_node0),
+    (RuleId::UnplugLiveOnly, rule_unplug_live_only),
+    (RuleId::UnplugNoAddress, rule_unplug_address),
+    (RuleId::SchedSharesRange, rule_shares),
+    (RuleId::PinHostCpus, rule_pin),
+    (RuleId::Numatune, rule_numatune),
+    (RuleId::NumaCellPinning, rule_cell_pinning),
 ];
 
 /// Runs every rule; errors first.
@@ -748,4 +872,105 @@ pub fn check(ctx: &Ctx, op: &Operation) -> Vec<Finding> {
 
 pub fn has_errors(findings: &[Finding]) -> bool {
     findings.iter().any(|f| f.severity == Severity::Error)
+}
+
+/// Why a verb will not act: every finding, errors first, each with its rule id and
+/// what to change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub findings: Vec<Finding>,
+    /// The only error is an unreachable agent (exit 7, not 2).
+    pub agent_unreachable: bool,
+}
+
+/// A request that cannot become a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotPlanned {
+    /// The rules refuse it; nothing is changed.
+    Refused(Refusal),
+    /// The request itself is malformed (exit 64).
+    Usage(String),
+}
+
+impl NotPlanned {
+    pub fn findings(&self) -> Vec<Finding> {
+        match self {
+            NotPlanned::Refused(r) => r.findings.clone(),
+            NotPlanned::Usage(_) => vec![],
+        }
+    }
+}
+
+/// Errors refuse, unless forced — except `hard` findings, which no `--force`
+/// overrides (there would be nothing to do, or it would widen the request).
+pub fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
+    if hard.is_empty() && (force || !has_errors(&findings)) {
+        let mut findings = findings;
+        findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        return Ok(findings);
+    }
+    Err(refuse(findings, hard))
+}
+
+pub(crate) fn refuse(mut findings: Vec<Finding>, hard: Vec<Finding>) -> NotPlanned {
+    findings.splice(0..0, hard);
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
+    let agent_unreachable = !errors.is_empty() && errors.iter().all(|f| f.id == RuleId::AgentReady.id());
+    NotPlanned::Refused(Refusal { findings, agent_unreachable })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rule_id_is_spelled_once_and_names_its_rule() {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in RuleId::ALL {
+            assert!(seen.insert(r.id()), "{} twice in the table", r.id());
+            assert_eq!(RuleId::from_id(r.id()), Some(*r));
+            assert_eq!(r.to_string(), r.id());
+        }
+        assert_eq!(RuleId::from_id("no.such-rule"), None);
+        for (rule, _) in RULES {
+            assert!(RuleId::ALL.contains(rule));
+        }
+    }
+
+    /// Production code names a rule by its variant: an id written as a string
+    /// anywhere but the table could drift from it unnoticed.
+    #[test]
+    fn no_rule_id_is_written_as_a_string_outside_the_table() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut stack = vec![src];
+        let mut found = vec![];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("source directory") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("source file");
+                // Test modules (here and elsewhere) assert on the strings themselves.
+                let code = text.split("\n#[cfg(test)]\nmod tests").next().unwrap_or_default();
+                for (n, line) in code.lines().enumerate() {
+                    if line.trim_start().starts_with("//") || path.ends_with("preflight.rs") && line.contains(" = \"") {
+                        continue;
+                    }
+                    // `numatune` is also an element and a verb; autoscale's policy keys
+                    // (`cpu.max`) share the rules' style without being rules.
+                    for r in RuleId::ALL.iter().filter(|r| r.id().contains('.')) {
+                        if !path.components().any(|c| c.as_os_str() == "autoscale")
+                            && line.contains(&format!("\"{}\"", r.id()))
+                        {
+                            found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(found.is_empty(), "rule ids written as strings:\n{}", found.join("\n"));
+    }
 }

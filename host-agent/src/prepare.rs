@@ -11,6 +11,7 @@ use roxmltree::{Document, Node};
 use vmplug_common::{Bytes, CpuSet, MIB};
 
 use crate::domain::NumaMode;
+use crate::preflight::RuleId;
 use crate::xml::{DomainFacts, HostFacts, XmlError};
 
 /// The most memory slots: the guide's limit, and QEMU's (`ACPI_MAX_RAM_SLOTS`),
@@ -72,19 +73,24 @@ pub enum PrepareError {
 }
 
 impl PrepareError {
-    /// The rule this refusal belongs to (listed in README with the others).
+    /// The id of the rule this refusal belongs to (listed in README with the others).
     pub fn id(&self) -> &'static str {
+        self.rule().id()
+    }
+
+    /// The rule this refusal belongs to.
+    pub fn rule(&self) -> RuleId {
         match self {
-            PrepareError::Xml(_) => "prepare.xml",
-            PrepareError::TooManySlots(_) | PrepareError::NoSlots => "mem.slots",
-            PrepareError::MaxMemoryBelowCurrent { .. } => "mem.max-memory",
-            PrepareError::MaxVcpusBelowCurrent { .. } | PrepareError::TooManyVcpus(_) => "cpu.max",
-            PrepareError::NotWholeSockets { .. } => "cpu.cores-multiple",
-            PrepareError::TooManyCells { .. } | PrepareError::CellsOverLimit(_) => "cpu.socket-cell",
-            PrepareError::Machine { .. } => "cpu.machine",
-            PrepareError::NoHostNodes(_) | PrepareError::NoSuchHostNode(..) => "numatune.nodes",
-            PrepareError::NodeTooSmall { .. } => "numatune.strict-free",
-            PrepareError::ChannelPath(_) => "prepare.channel-path",
+            PrepareError::Xml(_) => RuleId::PrepareXml,
+            PrepareError::TooManySlots(_) | PrepareError::NoSlots => RuleId::MemSlots,
+            PrepareError::MaxMemoryBelowCurrent { .. } => RuleId::MemMaxMemory,
+            PrepareError::MaxVcpusBelowCurrent { .. } | PrepareError::TooManyVcpus(_) => RuleId::CpuMax,
+            PrepareError::NotWholeSockets { .. } => RuleId::CpuCoresMultiple,
+            PrepareError::TooManyCells { .. } | PrepareError::CellsOverLimit(_) => RuleId::CpuSocketCell,
+            PrepareError::Machine { .. } => RuleId::CpuMachine,
+            PrepareError::NoHostNodes(_) | PrepareError::NoSuchHostNode(..) => RuleId::NumatuneNodes,
+            PrepareError::NodeTooSmall { .. } => RuleId::NumatuneStrictFree,
+            PrepareError::ChannelPath(_) => RuleId::PrepareChannelPath,
         }
     }
 }

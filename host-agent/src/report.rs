@@ -3,8 +3,13 @@
 use serde::Serialize;
 use vmplug_common::protocol::Report as GuestReport;
 
-use crate::domain::Affect;
-use crate::preflight::{Finding, Severity};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use vmplug_common::Bytes;
+
+use crate::domain::{Affect, DomainError};
+use crate::preflight::{Finding, NotPlanned, RuleId, Severity};
 
 /// How an operation ended. Each has its own, documented exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -167,7 +172,7 @@ pub struct OpReport {
     pub guest: Option<GuestReport>,
     /// `resize-memory`: each virtio-mem device it changed, at the end.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub virtio_mem: Vec<crate::vmem::DeviceOutcome>,
+    pub virtio_mem: Vec<DeviceOutcome>,
     pub timings: Timings,
 }
 
@@ -281,4 +286,178 @@ pub fn outcome_text(o: &vmplug_common::protocol::Outcome, offline: bool) -> Stri
         (NotFound, _) => "not found".into(),
         (Failed { errno, message }, _) => format!("FAILED (errno {errno}: {message})"),
     }
+}
+
+/// One device after the change, as the report shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeviceOutcome {
+    pub device: String,
+    pub node: Option<u32>,
+    pub size: Bytes,
+    pub before: Bytes,
+    pub requested: Bytes,
+    /// What the device reports plugged at the end.
+    pub current: Bytes,
+    /// `<requested>` was set back to `current` (a shrink the guest could not finish).
+    pub requested_reset: bool,
+    /// The guest's blocks in the region (present ones), by zone.
+    pub blocks: u32,
+    pub blocks_online: u32,
+    pub zones: BTreeMap<String, u32>,
+}
+
+/// Phase timings of one verb, as it runs.
+#[derive(Debug)]
+pub struct Run {
+    pub(crate) started: Instant,
+    pub(crate) preflight_ms: u64,
+    /// Parts of `preflight_ms`: reading the domain and host from libvirt, and
+    /// the agent's handshake (which runs alongside the host's facts).
+    pub(crate) facts_ms: u64,
+    pub(crate) handshake_ms: u64,
+    pub(crate) libvirt_ms: u64,
+    pub(crate) guest_ms: u64,
+    /// Of `guest_ms`: the guest's last add and online events, as received.
+    pub(crate) milestones: crate::link::Milestones,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Run {
+    pub fn new() -> Self {
+        Run {
+            started: Instant::now(),
+            preflight_ms: 0,
+            facts_ms: 0,
+            handshake_ms: 0,
+            libvirt_ms: 0,
+            guest_ms: 0,
+            milestones: Default::default(),
+        }
+    }
+    pub(crate) fn timings(&self) -> Timings {
+        Timings {
+            preflight_ms: self.preflight_ms,
+            facts_ms: self.facts_ms,
+            handshake_ms: self.handshake_ms,
+            libvirt_ms: self.libvirt_ms,
+            guest_ms: self.guest_ms,
+            guest_added_ms: self.milestones.added_ms,
+            guest_onlined_ms: self.milestones.onlined_ms,
+            total_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+pub(crate) fn ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+pub fn affect_text(a: Affect) -> &'static str {
+    match a {
+        Affect::Live => "live",
+        Affect::Config => "config",
+        Affect::Both => "live+config",
+        Affect::Current => "current",
+    }
+}
+
+/// What the host side did, with nothing from the guest: the shape shared by the
+/// reports that end before (or without) the guest's part.
+pub(crate) struct HostOnly<'a> {
+    pub(crate) op: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) affect: Affect,
+    pub(crate) findings: Vec<Finding>,
+    pub(crate) applied: Vec<String>,
+    pub(crate) persistent: bool,
+}
+
+impl HostOnly<'_> {
+    pub(crate) fn report(self, outcome: Outcome, message: String, run: &Run) -> OpReport {
+        OpReport {
+            operation: self.op.into(),
+            domain: self.name.into(),
+            affect: self.affect,
+            outcome,
+            message,
+            findings: self.findings,
+            host: HostSide { applied: self.applied, verified: None, persistent: self.persistent },
+            guest: None,
+            virtio_mem: vec![],
+            timings: run.timings(),
+        }
+    }
+}
+
+/// libvirt refused a step: nothing applied (LibvirtError) or some steps did (Partial).
+pub(crate) fn libvirt_failed(
+    op: &str,
+    name: &str,
+    affect: Affect,
+    applied: Vec<String>,
+    findings: Vec<Finding>,
+    e: &DomainError,
+    run: &Run,
+) -> OpReport {
+    let outcome = if applied.is_empty() { Outcome::LibvirtError } else { Outcome::Partial };
+    HostOnly { op, name, affect, findings, applied, persistent: affect.config() }.report(outcome, e.to_string(), run)
+}
+
+/// A change made to the persistent definition only: nothing for the guest to confirm.
+pub(crate) fn persistent_only(
+    op: &str,
+    name: &str,
+    affect: Affect,
+    message: String,
+    findings: Vec<Finding>,
+    applied: Vec<String>,
+    run: &Run,
+) -> OpReport {
+    HostOnly { op, name, affect, findings, applied, persistent: true }.report(Outcome::Ok, message, run)
+}
+
+/// The report of a request that did not become a plan: refused (nothing
+/// changed; exit 7 when the only error is an unreachable agent), or a usage error.
+pub(crate) fn not_planned(
+    op: &str,
+    name: &str,
+    affect: Affect,
+    why: NotPlanned,
+    run: &Run,
+) -> Result<OpReport, DomainError> {
+    let r = match why {
+        NotPlanned::Usage(message) => return Err(DomainError::Usage(message)),
+        NotPlanned::Refused(r) => r,
+    };
+    let errors: Vec<&str> = r.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect();
+    // A verdict that stands alone (the socket refused, the domain not in a
+    // state to take it) is the message itself, not only a finding under it.
+    let alone = |id: &str| errors.len() == 1 && errors[0] == id;
+    let sole = [
+        RuleId::AgentSocket.id(),
+        RuleId::DomainPaused.id(),
+        RuleId::DomainCrashed.id(),
+        RuleId::DomainShuttingDown.id(),
+        RuleId::DomainPmsuspended.id(),
+        RuleId::UnplugDimm.id(),
+    ]
+    .into_iter()
+    .find(|id| alone(id))
+    .and_then(|id| r.findings.iter().find(|f| f.id == id));
+    let (outcome, message) = if r.agent_unreachable {
+        let why =
+            r.findings.iter().find(|f| f.id == RuleId::AgentReady.id()).map(|f| f.message.clone()).unwrap_or_default();
+        (Outcome::AgentUnreachable, why)
+    } else if let Some(f) = sole {
+        (Outcome::Refused, format!("{}; nothing was changed", f.message))
+    } else {
+        (Outcome::Refused, format!("preflight refused ({}); nothing was changed", errors.join(", ")))
+    };
+    Ok(HostOnly { op, name, affect, findings: r.findings, applied: vec![], persistent: false }
+        .report(outcome, message, run))
 }

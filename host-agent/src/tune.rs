@@ -11,10 +11,13 @@ use vmplug_common::protocol::{BlockState, GuestInfo, MemRange};
 use vmplug_common::{Bytes, CpuSet};
 
 use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, SchedParams};
+use crate::facts::gather;
+use crate::facts::{agent_if_running, blocking, load, HotplugOpts, Loaded, MemoryOpts};
 use crate::link::AgentAddr;
-use crate::ops::{affect_text, agent_if_running, blocking, load, HotplugOpts, MemoryOpts};
-use crate::plan::{gather, plan_attach_memory, plan_setvcpus, NotPlanned};
-use crate::preflight::{self, Ctx, Finding, Operation, Severity};
+use crate::plan::{plan_attach_memory, plan_setvcpus};
+use crate::preflight::NotPlanned;
+use crate::preflight::{self, Ctx, Finding, Operation, RuleId, Severity};
+use crate::report::affect_text;
 use crate::xml::DomainFacts;
 
 /// A refusal by preflight of a tuning change (nothing was applied).
@@ -124,7 +127,7 @@ pub async fn schedinfo(
     .await?)
 }
 
-fn ctx_for(l: &crate::ops::Loaded, affect: Affect) -> Ctx<'_> {
+fn ctx_for(l: &Loaded, affect: Affect) -> Ctx<'_> {
     l.ctx(None, affect, true)
 }
 
@@ -143,7 +146,7 @@ fn pin_table(facts: &DomainFacts, host_cpus: &CpuSet) -> PinTable {
     }
 }
 
-async fn reread(conn: Arc<dyn Connection>, name: &str, affect: Affect) -> Result<crate::ops::Loaded, DomainError> {
+async fn reread(conn: Arc<dyn Connection>, name: &str, affect: Affect) -> Result<Loaded, DomainError> {
     load(conn, name, affect.live()).await
 }
 
@@ -299,7 +302,7 @@ pub async fn numa(conn: Arc<dyn Connection>, name: &str) -> Result<NumaView, Tun
         .collect();
     let findings = preflight::check(&ctx_for(&l, Affect::Live), &Operation::Readiness)
         .into_iter()
-        .filter(|f| f.id == "numa.cell-pinning" || f.id == "cpu.socket-cell")
+        .filter(|f| f.id == RuleId::NumaCellPinning.id() || f.id == RuleId::CpuSocketCell.id())
         .collect();
     Ok(NumaView { host, distances, guest_cells, findings })
 }

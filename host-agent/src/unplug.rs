@@ -11,39 +11,17 @@ use std::time::{Duration, Instant};
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome as BlockOutcome};
 
 use crate::domain::{Connection, DomainError, XmlView};
+use crate::facts::{blocking, gather_timed, Facts, HotplugOpts};
 use crate::link::GuestAgent;
-use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
-use crate::plan::{gather_timed, plan_detach_memory, DetachPlan, Facts};
-use crate::report::{HostSide, OpReport, Outcome};
-use crate::xml::{dimm_detach_xml, request_index, Dimm, DomainFacts};
+use crate::plan::{plan_detach_memory, DetachPlan};
+use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::wait::Wait;
+use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
+
+pub use crate::plan::DimmSelector;
 
 /// How often the live XML is read while QEMU removes a DIMM.
 const REMOVAL_POLL: Duration = Duration::from_millis(100);
-
-/// Which DIMMs to unplug.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DimmSelector {
-    /// One DIMM by its alias (`ua-…` user alias or libvirt's `dimmN`).
-    Alias(String),
-    /// Every DIMM `attach-memory --request-id ID` attached (`ua-vmplug-ID-N`).
-    Request(String),
-}
-
-impl DimmSelector {
-    pub fn matches(&self, d: &Dimm) -> bool {
-        match self {
-            DimmSelector::Alias(a) => d.alias.as_deref() == Some(a.as_str()),
-            DimmSelector::Request(id) => request_index(d, id).is_some(),
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            DimmSelector::Alias(a) => format!("alias '{a}'"),
-            DimmSelector::Request(id) => format!("request id '{id}'"),
-        }
-    }
-}
 
 fn alias(d: &Dimm) -> &str {
     d.alias.as_deref().unwrap_or("?")
@@ -216,7 +194,10 @@ impl Detach<'_> {
     async fn wait_removed(&mut self) -> (Vec<String>, Option<DomainFacts>) {
         let names: Vec<String> = self.plan.chosen.iter().map(|d| alias(d).to_string()).collect();
         let t = Instant::now();
-        let deadline = t + if self.opts.no_wait { Duration::ZERO } else { self.opts.timeout };
+        let removal =
+            Wait::new("QEMU to remove the DIMMs", if self.opts.no_wait { Duration::ZERO } else { self.opts.timeout })
+                .every(REMOVAL_POLL);
+        let mut waiting = removal.start();
         loop {
             let dom = self.facts.loaded.dom.clone();
             let after = blocking(move || dom.xml(XmlView::Live)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
@@ -226,11 +207,10 @@ impl Detach<'_> {
                 }
                 None => names.clone(),
             };
-            if left.is_empty() || Instant::now() >= deadline {
+            if left.is_empty() || waiting.pause().await.is_err() {
                 self.run.guest_ms += ms(t);
                 return (left, after);
             }
-            tokio::time::sleep(REMOVAL_POLL).await;
         }
     }
 

@@ -21,11 +21,16 @@ use vmplug_common::protocol::{BlockState, MemRange, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, DomainError, XmlView};
+use crate::facts::{blocking, HotplugOpts};
+use crate::facts::{gather_timed, Facts};
 use crate::link::GuestAgent;
-use crate::ops::{affect_text, blocking, libvirt_failed, ms, not_planned, persistent_only, HotplugOpts, Run};
-use crate::plan::{gather_timed, Facts, NotPlanned, Refusal};
-use crate::preflight::{self, Finding, Operation, Severity};
+use crate::preflight::{self, Finding, Operation, RuleId};
+use crate::preflight::{NotPlanned, Refusal};
+use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, Run};
 use crate::report::{HostSide, OpReport, Outcome};
+use crate::wait::Wait;
+
+pub use crate::report::DeviceOutcome;
 use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
 
 /// How often the live XML is read while the guest's driver plugs or unplugs.
@@ -51,9 +56,9 @@ impl std::str::FromStr for SizeChange {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         match s.as_bytes().first() {
-            Some(b'+') => crate::cli::parse_size(&s[1..]).map(SizeChange::Grow),
-            Some(b'-') => crate::cli::parse_size(&s[1..]).map(SizeChange::Shrink),
-            _ => crate::cli::parse_size(s).map(SizeChange::To),
+            Some(b'+') => vmplug_common::size::parse_size(&s[1..]).map(SizeChange::Grow),
+            Some(b'-') => vmplug_common::size::parse_size(&s[1..]).map(SizeChange::Shrink),
+            _ => vmplug_common::size::parse_size(s).map(SizeChange::To),
         }
     }
 }
@@ -113,14 +118,6 @@ impl ResizePlan {
     }
 }
 
-fn error(id: &'static str, message: String) -> Finding {
-    Finding { id, severity: Severity::Error, message }
-}
-
-fn warning(id: &'static str, message: String) -> Finding {
-    Finding { id, severity: Severity::Warning, message }
-}
-
 /// Spreads `total` over `devices` in `unit` steps, moving each device only in the
 /// direction of the change: a grow fills the emptiest device first, a shrink
 /// drains the fullest. `None` when the devices cannot hold `total`.
@@ -155,16 +152,16 @@ fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding
     if f.affect.live() {
         if let Some(g) = &f.guest {
             match g.virtio_mem_devices {
-                None if g.capabilities.iter().any(|c| c == "virtio-mem") => out.push(error(
-                    "vmem.guest-driver",
+                None if g.capabilities.iter().any(|c| c == "virtio-mem") => out.push(Finding::error(
+                    RuleId::VmemGuestDriver,
                     "the guest kernel's virtio_mem driver is not loaded (no /sys/bus/virtio/drivers/virtio_mem): nothing would plug or unplug; load the module (Linux 5.8+, CONFIG_VIRTIO_MEM) or use DIMMs".into(),
                 )),
-                None if confirm => out.push(error(
-                    "vmem.guest-driver",
+                None if confirm => out.push(Finding::error(
+                    RuleId::VmemGuestDriver,
                     "the guest agent predates virtio-mem support: it cannot confirm the plug; upgrade vmplug-guest (or --no-wait to resize unverified)".into(),
                 )),
-                None => out.push(warning(
-                    "vmem.guest-driver",
+                None => out.push(Finding::warning(
+                    RuleId::VmemGuestDriver,
                     "the guest agent predates virtio-mem support: cannot check the guest's virtio_mem driver".into(),
                 )),
                 Some(_) => {}
@@ -173,8 +170,8 @@ fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding
     }
     for d in scope {
         if d.current.is_some_and(|c| c != d.requested) {
-            out.push(warning(
-                "vmem.settling",
+            out.push(Finding::warning(
+                RuleId::VmemSettling,
                 format!(
                     "{} still moves from {} to its requested {}: planned from what it holds now",
                     d.label(),
@@ -184,8 +181,8 @@ fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding
             ));
         }
         if confirm && d.base.is_none() {
-            out.push(error(
-                "vmem.no-address",
+            out.push(Finding::error(
+                RuleId::VmemNoAddress,
                 format!(
                     "the live XML gives {} no region base: vmplug cannot tell the guest which blocks are its",
                     d.label()
@@ -218,12 +215,12 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let generic = |grow| preflight::check(&f.ctx_for(opts.no_wait), &Operation::Resize { grow, node: r.node });
     if scope.is_empty() {
         let where_ = r.node.map_or(String::new(), |n| format!(" on guest node {n}"));
-        let hard = error(
-            "vmem.device",
+        let hard = Finding::error(
+            RuleId::VmemDevice,
             format!("'{}' has no virtio-mem device{where_}: add one with `vmplug add-virtio-mem` (or use attach-memory for DIMMs)", dom.name),
         );
         let mut rest = generic(Bytes(0));
-        rest.retain(|x| x.id != "mem.node");
+        rest.retain(|x| x.id != RuleId::MemNode.id());
         return Err(NotPlanned::Refused(refusal(rest, vec![hard])));
     }
     let (before, fixed) = scope_memory(dom, r.node, &scope);
@@ -234,8 +231,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let mut hard = Vec::new();
     let target = match r.change {
         SizeChange::To(t) if t < fixed => {
-            hard.push(error(
-                "vmem.floor",
+            hard.push(Finding::error(
+                RuleId::VmemFloor,
                 format!(
                     "{what} cannot go below {fixed}: that is its boot memory and DIMMs, which virtio-mem does not hold"
                 ),
@@ -245,8 +242,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
         SizeChange::To(t) => Bytes(t.get() - fixed.get()),
         SizeChange::Grow(d) => Bytes(plugged.get().saturating_add(d.get())),
         SizeChange::Shrink(d) if d > plugged => {
-            hard.push(error(
-                "vmem.floor",
+            hard.push(Finding::error(
+                RuleId::VmemFloor,
                 format!("{what}'s virtio-mem devices hold {plugged}: they cannot give back {d}"),
             ));
             plugged
@@ -254,8 +251,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
         SizeChange::Shrink(d) => Bytes(plugged.get() - d.get()),
     };
     if !target.is_multiple_of(unit) {
-        hard.push(error(
-            "vmem.block-align",
+        hard.push(Finding::error(
+            RuleId::VmemBlockAlign,
             format!(
                 "{} is not a multiple of the devices' block size {}: use a multiple",
                 Bytes(target.get().abs_diff(plugged.get())),
@@ -263,8 +260,8 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
             ),
         ));
     } else if target > capacity {
-        hard.push(error(
-            "vmem.size",
+        hard.push(Finding::error(
+            RuleId::VmemSize,
             format!("{what}'s virtio-mem devices hold at most {capacity} ({} plugged): {target} does not fit; add a device (`vmplug add-virtio-mem`) or use DIMMs", plugged),
         ));
     }
@@ -273,9 +270,9 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let mut findings = generic(grow);
     findings.extend(device_findings(f, &scope, confirm));
     if target == plugged && hard.is_empty() {
-        hard.push(error("vmem.plan", format!("{what} already has {before}: nothing to change")));
+        hard.push(Finding::error(RuleId::VmemPlan, format!("{what} already has {before}: nothing to change")));
     }
-    let findings = crate::plan::gate_findings(findings, opts.force, hard)?;
+    let findings = crate::preflight::gate(findings, opts.force, hard)?;
     let sizes = distribute(&scope, target, unit).unwrap_or_else(|| scope.iter().map(|d| d.plugged()).collect());
     let steps = scope
         .into_iter()
@@ -295,7 +292,7 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
 }
 
 fn refusal(findings: Vec<Finding>, hard: Vec<Finding>) -> Refusal {
-    match crate::plan::gate_findings(findings, false, hard) {
+    match crate::preflight::gate(findings, false, hard) {
         Err(NotPlanned::Refused(r)) => r,
         _ => Refusal { findings: vec![], agent_unreachable: false },
     }
@@ -310,24 +307,6 @@ pub enum Settled {
     TimedOut,
     /// A shrink stopped making progress: the guest cannot release more.
     Stalled,
-}
-
-/// One device after the change, as the report shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DeviceOutcome {
-    pub device: String,
-    pub node: Option<u32>,
-    pub size: Bytes,
-    pub before: Bytes,
-    pub requested: Bytes,
-    /// What the device reports plugged at the end.
-    pub current: Bytes,
-    /// `<requested>` was set back to `current` (a shrink the guest could not finish).
-    pub requested_reset: bool,
-    /// The guest's blocks in the region (present ones), by zone.
-    pub blocks: u32,
-    pub blocks_online: u32,
-    pub zones: BTreeMap<String, u32>,
 }
 
 /// The evidence the wait leaves: each changed device as the live XML shows it at
@@ -586,6 +565,10 @@ async fn final_blocks<A: GuestAgent>(
     deadline: Instant,
 ) -> Result<Vec<BlockState>, String> {
     let ranges = plan.ranges();
+    let settle =
+        Wait::new("the guest's blocks of the resized devices", deadline.saturating_duration_since(Instant::now()))
+            .every(POLL);
+    let mut waiting = settle.start();
     loop {
         if plan.grows() {
             agent.online(online_round(&ranges, plan.zone)).await.map_err(|e| e.to_string())?;
@@ -600,10 +583,9 @@ async fn final_blocks<A: GuestAgent>(
         // unplugs, then removes it (a shrink), or the agent has yet to online it.
         let in_passage = blocks.iter().any(|b| b.present && !b.online);
         let covered = plan.steps.iter().all(|s| devices.iter().find(|d| d.index == s.device.index).is_none_or(covered));
-        if (!in_passage && (covered || !plan.grows())) || Instant::now() >= deadline {
+        if (!in_passage && (covered || !plan.grows())) || waiting.pause().await.is_err() {
             return Ok(blocks);
         }
-        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -719,37 +701,37 @@ pub fn plan_add(dom: &DomainFacts, a: &AddOpts, running: bool, affect: Affect) -
     let mut out = Vec::new();
     let b = a.block.get();
     if !b.is_power_of_two() || b < 2 * vmplug_common::MIB {
-        out.push(error("vmem.block", format!("block size {} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)", a.block)));
+        out.push(Finding::error(RuleId::VmemBlock, format!("block size {} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)", a.block)));
     } else if a.size.get() == 0 || !a.size.is_multiple_of(b) {
-        out.push(error(
-            "vmem.block-align",
+        out.push(Finding::error(
+            RuleId::VmemBlockAlign,
             format!("size {} is not a positive multiple of the block size {}", a.size, a.block),
         ));
     }
     match (a.node, dom.cells.is_empty()) {
-        (None, false) => out.push(error(
-            "vmem.node",
+        (None, false) => out.push(Finding::error(
+            RuleId::VmemNode,
             format!(
                 "the guest has NUMA cells ({}): pass --node",
                 dom.cells.iter().map(|c| c.id.to_string()).collect::<Vec<_>>().join(", ")
             ),
         )),
         (Some(n), false) if !dom.cells.iter().any(|c| c.id == n) => {
-            out.push(error("mem.node", format!("guest NUMA node {n} does not exist")))
+            out.push(Finding::error(RuleId::MemNode, format!("guest NUMA node {n} does not exist")))
         }
-        (Some(n), true) => out.push(error(
-            "mem.node",
+        (Some(n), true) => out.push(Finding::error(
+            RuleId::MemNode,
             format!("the guest has no NUMA cells: node {n} does not exist (leave out --node)"),
         )),
         _ => {}
     }
     match dom.max_memory {
-        None => out.push(error(
-            "mem.max-memory",
+        None => out.push(Finding::error(
+            RuleId::MemMaxMemory,
             "no <maxMemory>: a memory device needs room reserved at creation (`vmplug prepare`)".into(),
         )),
-        Some(max) if a.size > dom.memory_headroom() => out.push(error(
-            "mem.max-size",
+        Some(max) if a.size > dom.memory_headroom() => out.push(Finding::error(
+            RuleId::MemMaxSize,
             format!(
                 "{} + {} exceeds <maxMemory> {max} (<memory> counts every device's whole region)",
                 dom.memory, a.size
@@ -758,7 +740,7 @@ pub fn plan_add(dom: &DomainFacts, a: &AddOpts, running: bool, affect: Affect) -
         Some(_) => {}
     }
     if affect.live() && !running {
-        out.push(error("domain.running", format!("domain '{}' is not running: use --config", dom.name)));
+        out.push(Finding::error(RuleId::DomainRunning, format!("domain '{}' is not running: use --config", dom.name)));
     }
     out
 }
@@ -771,7 +753,7 @@ pub async fn add_virtio_mem(
     affect: Affect,
 ) -> Result<OpReport, DomainError> {
     let run = Run::new();
-    let loaded = crate::ops::load(conn, name, true).await?;
+    let loaded = crate::facts::load(conn, name, true).await?;
     let affect = affect.resolve(loaded.running);
     let findings = plan_add(&loaded.facts, a, loaded.running, affect);
     if preflight::has_errors(&findings) {
@@ -800,7 +782,7 @@ pub async fn add_virtio_mem(
         return Ok(persistent_only("add-virtio-mem", name, affect, message, findings, applied, &run));
     }
     let f =
-        crate::plan::Facts { loaded, affect, guest: None, agent_error: None, agent_trouble: None, persistent: None };
+        crate::facts::Facts { loaded, affect, guest: None, agent_error: None, agent_trouble: None, persistent: None };
     let devices = live_devices(&f).await?;
     let (outcome, message, verified) = match devices.get(before) {
         Some(d) if devices.len() > before => (

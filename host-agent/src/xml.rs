@@ -7,9 +7,7 @@ use std::fmt::Write as _;
 use roxmltree::{Document, Node};
 use vmplug_common::{Bytes, CpuSet, KIB};
 
-/// The namespace of vmplug's first metadata forms (one `<tag>` or one
-/// `<agent>`), still read; [`crate::meta::DOMAIN_NS`] holds the settings now.
-pub const VMPLUG_NS: &str = "https://vmplug.dev/xmlns/agent/1";
+pub use crate::settings::{AgentHint, VMPLUG_NS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum XmlError {
@@ -135,29 +133,6 @@ impl Topology {
     }
 }
 
-/// Where the guest agent can be reached, as vmplug's metadata tells
-/// (`<agent>` of [`crate::meta::Settings`]).
-#[derive(Debug, Clone, PartialEq)]
-pub enum AgentHint {
-    /// `<agent transport='hybrid' path=… port=…/>`
-    Hybrid { path: String, port: u32 },
-    /// `<agent transport='vsock' cid=… port=…/>`
-    Vsock { cid: u32, port: u32 },
-    /// `<agent transport='serial' path=…/>`
-    Serial { path: String },
-}
-
-impl std::fmt::Display for AgentHint {
-    /// As `--agent` takes it: `hybrid:PATH:PORT`, `vsock:CID:PORT`, `serial:PATH`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AgentHint::Hybrid { path, port } => write!(f, "hybrid:{path}:{port}"),
-            AgentHint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
-            AgentHint::Serial { path } => write!(f, "serial:{path}"),
-        }
-    }
-}
-
 /// Everything vmplug reads from one domain XML.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DomainFacts {
@@ -200,7 +175,7 @@ pub struct DomainFacts {
     pub tags: Vec<String>,
     /// Why vmplug's metadata could not be read (then no tags and no agent
     /// address came from it).
-    pub metadata_error: Option<crate::meta::MetaError>,
+    pub metadata_error: Option<crate::settings::MetaError>,
     /// The user the domain's process runs as: the DAC `<seclabel>`'s `<label>`
     /// (else `<imagelabel>`), which the live XML of a running domain has.
     pub dac_user: Option<crate::trust::DacUser>,
@@ -419,10 +394,10 @@ impl DomainFacts {
         }
     }
 
-    /// vmplug's `<metadata>`: tags and the agent's address (see [`crate::meta`]).
+    /// vmplug's `<metadata>`: tags and the agent's address (see [`crate::settings`]).
     fn read_metadata(&mut self, dom: Node) {
         let Some(md) = child(dom, "metadata") else { return };
-        match crate::meta::Settings::from_metadata(md) {
+        match crate::settings::Settings::from_metadata(md) {
             Ok(s) => {
                 self.tags = s.tags.iter().map(|t| t.as_str().to_string()).collect();
                 self.agent_hint = s.agent;

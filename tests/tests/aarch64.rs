@@ -137,7 +137,7 @@ fn the_guides_virt_4_1_is_judged_from_this_qemu() {
     let newest = newest_virt_machine(&caps).expect("a versioned virt machine");
     drop(probe);
     if !caps.contains(">virt-4.1<") {
-        // QEMU 11.1 removed the versioned machines up to 5.1 (E2E.md): then the
+        // QEMU 11.1 removed the versioned machines up to 5.1 (tests/README.md): then the
         // guide's machine cannot even be defined, and there is nothing to judge.
         eprintln!("this QEMU has no virt-4.1; skipping");
         return;

@@ -38,7 +38,7 @@ fn schedinfo_pins_and_numatune_reach_the_kernel() {
     if !std::path::Path::new("/sys/fs/cgroup/cpu/machine").exists()
         && !std::path::Path::new("/sys/fs/cgroup/cpu").exists()
     {
-        panic!("these machines use cgroup v1 (E2E.md); the cpu controller is missing");
+        panic!("these machines use cgroup v1 (tests/README.md); the cpu controller is missing");
     }
     let g = Guest::boot("tune", GuestSpec { vcpus: 2, max_vcpus: 2, ..GuestSpec::default() });
     let name = g.name.clone();

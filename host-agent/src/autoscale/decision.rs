@@ -6,9 +6,10 @@ use std::collections::VecDeque;
 
 use serde::Serialize;
 use vmplug_common::protocol::Pressure;
-use vmplug_common::{Bytes, MIB};
+use vmplug_common::Bytes;
 
 use super::policy::Limits;
+pub use super::policy::{KEPT_SAMPLES, WHOLE_BLOCK};
 use crate::report::Outcome;
 
 /// One guest sample, sanitised: a guest controls these numbers, so NaN, negative
@@ -38,14 +39,6 @@ impl From<&Pressure> for Sample {
         }
     }
 }
-
-/// The samples kept per domain: `timing.sustain` may ask for at most this many
-/// in a row (a larger one would never be met, and autoscale never act).
-pub const KEPT_SAMPLES: usize = 32;
-
-/// What autoscale moves memory in: whole 128 MiB blocks (x86's memory block
-/// size); a `memory.step` under one would round to nothing.
-pub const WHOLE_BLOCK: Bytes = Bytes(128 * MIB);
 
 /// What autoscale knows of one domain between samples.
 #[derive(Debug, Clone, Default)]
@@ -342,6 +335,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::autoscale::policy::Policy;
     use vmplug_common::GIB;
+    use vmplug_common::MIB;
 
     pub(crate) fn limits() -> Limits {
         Policy::default().limits().expect("defaults are valid")

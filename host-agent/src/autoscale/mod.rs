@@ -24,9 +24,9 @@ pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, F
 pub use policy::{glob, Limits, Policy, PolicyError, MAX_CONCURRENCY, MAX_TIMING_S};
 
 use crate::domain::{Affect, Connection, DomainError};
+use crate::facts::gather_timed_with;
 use crate::link::{discover, AgentAddr, GuestLink, LinkError};
 use crate::ops::{self, HotplugOpts, MemoryOpts};
-use crate::plan::gather_timed_with;
 use crate::report::Outcome;
 use crate::vmem::{ResizeOpts, SizeChange};
 use crate::xml::DomainFacts;

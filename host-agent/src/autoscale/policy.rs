@@ -5,8 +5,16 @@
 use serde::{Deserialize, Serialize};
 use vmplug_common::{Bytes, GIB, MIB};
 
+/// The samples kept per domain: `timing.sustain` may ask for at most this many
+/// in a row (a larger one would never be met, and autoscale never act).
+pub const KEPT_SAMPLES: usize = 32;
+
+/// What autoscale moves memory in: whole 128 MiB blocks (x86's memory block
+/// size); a `memory.step` under one would round to nothing.
+pub const WHOLE_BLOCK: Bytes = Bytes(128 * MIB);
+
 /// Sizes in the policy, as the CLI writes them (`512M`, `4G`; a bare number is
-/// refused: see `cli::parse_size`).
+/// refused: see `vmplug_common::size::parse_size`).
 mod size_str {
     use serde::{Deserialize, Deserializer, Serializer};
     use vmplug_common::Bytes;
@@ -17,7 +25,7 @@ mod size_str {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
         let s = String::deserialize(d)?;
-        crate::cli::parse_size(&s).map_err(serde::de::Error::custom)
+        vmplug_common::size::parse_size(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -84,7 +92,7 @@ mod opt_size_str {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
         let s = String::deserialize(d)?;
-        crate::cli::parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+        vmplug_common::size::parse_size(&s).map(Some).map_err(serde::de::Error::custom)
     }
 }
 
@@ -257,7 +265,6 @@ impl Policy {
     /// beyond panicked (`concurrency`), or was accepted and never acted on
     /// (`sustain` over the samples kept, a step under one block).
     fn check_bounds(&self) -> Result<(), PolicyError> {
-        use crate::autoscale::decision::{KEPT_SAMPLES, WHOLE_BLOCK};
         use crate::prepare::MAX_VCPUS;
         let invalid = |m: String| Err(PolicyError::Invalid(m));
         let c = self.host.concurrency;

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::HarnessError;
+use crate::wait::Wait;
 
 /// What the test initramfs prints when its console shell exits and another starts.
 const SHELL_RESTARTED: &str = "vmplug-e2e: console shell exited";
@@ -147,13 +148,14 @@ impl Console {
     /// runs a command, for up to `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Console, HarnessError> {
         let end = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => return Err(HarnessError(format!("console {}: {e}", path.display()))),
-            }
-        };
+        let mut last = None;
+        let stream = Wait::new(format!("console {}", path.display()), timeout)
+            .every(Duration::from_millis(100))
+            .until_blocking(|| UnixStream::connect(path).map_err(|e| last = Some(e)).ok())
+            .map_err(|w| match &last {
+                Some(e) => HarnessError(format!("console {}: {e}", path.display())),
+                None => HarnessError(w.to_string()),
+            })?;
         let mut c = Console::on_stream(stream)?;
         // No echo of what we type; quiet kernel messages on this console. A login
         // shell may not be reading yet (getty flushes early input): ask again.

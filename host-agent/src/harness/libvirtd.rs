@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::workdir::{self, ProcessId};
 use super::HarnessError;
+use crate::wait::Wait;
 
 /// How long a daemon may take to answer its first call (includes the QEMU probe).
 pub const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -36,10 +37,10 @@ fn alive(pid: i32) -> bool {
 pub fn stop_pid(pid: i32, grace: Duration) {
     // SAFETY: plain kill(2) on a PID this harness started and recorded.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let end = Instant::now() + grace;
-    while alive(pid) && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Ending within the grace or not, SIGKILL follows below if it is still there.
+    let _ = Wait::new(format!("pid {pid} to exit"), grace)
+        .every(Duration::from_millis(50))
+        .until_blocking(|| (!alive(pid)).then_some(()));
     if alive(pid) {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -277,20 +278,23 @@ impl Libvirtd {
     }
 
     fn wait_answering(&self) -> Result<(), HarnessError> {
-        let end = Instant::now() + DAEMON_READY_TIMEOUT;
-        loop {
-            let o = self.virsh(&["version"])?;
-            if o.status.success() {
-                return Ok(());
-            }
-            if Instant::now() > end {
-                return Err(HarnessError(format!(
-                    "the private libvirtd did not answer within {DAEMON_READY_TIMEOUT:?}: {}\n{}",
-                    String::from_utf8_lossy(&o.stderr).trim(),
-                    self.log_tail(20)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let mut stderr = String::new();
+        let answered = Wait::new("the private libvirtd to answer", DAEMON_READY_TIMEOUT)
+            .every(Duration::from_millis(200))
+            .until_blocking(|| match self.virsh(&["version"]) {
+                Err(e) => Some(Err(e)),
+                Ok(o) if o.status.success() => Some(Ok(())),
+                Ok(o) => {
+                    stderr = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                    None
+                }
+            });
+        match answered {
+            Ok(r) => r,
+            Err(_) => Err(HarnessError(format!(
+                "the private libvirtd did not answer within {DAEMON_READY_TIMEOUT:?}: {stderr}\n{}",
+                self.log_tail(20)
+            ))),
         }
     }
 

@@ -24,11 +24,12 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::harness::HarnessError;
+use crate::wait::Wait;
 
 /// The formats `verify-image` boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -308,16 +309,15 @@ fn run_limited(mut cmd: Command, timeout: Duration) -> Result<std::process::Outp
         })
     })
     .collect();
-    let end = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait().map_err(|e| format!("{name}: {e}"))? {
-            Some(s) => break s,
-            None if Instant::now() >= end => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{name} did not finish within {timeout:?}; killed"));
-            }
-            None => std::thread::sleep(Duration::from_millis(20)),
+    let finished = Wait::new(format!("{name} to finish"), timeout)
+        .every(Duration::from_millis(20))
+        .until_blocking(|| child.try_wait().transpose());
+    let status = match finished {
+        Ok(s) => s.map_err(|e| format!("{name}: {e}"))?,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{name} did not finish within {timeout:?}; killed"));
         }
     };
     let mut outs = readers.into_iter().map(|t| t.join().unwrap_or_default());
@@ -329,6 +329,7 @@ fn run_limited(mut cmd: Command, timeout: Duration) -> Result<std::process::Outp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn qcow2_header(version: u32, backing: Option<&str>, incompatible: u64) -> Vec<u8> {
         let mut h = vec![0u8; 512];

@@ -29,10 +29,11 @@ use crate::harness::libvirtd::{reap_stale, Libvirtd};
 use crate::harness::workdir;
 use crate::harness::HarnessError;
 use crate::ops::{self, HotplugOpts, MemoryOpts};
-use crate::preflight::Severity;
+use crate::preflight::{RuleId, Severity};
 use crate::report::{OpReport, Outcome};
 use crate::unplug::DimmSelector;
 use crate::vmem::{AddOpts, ResizeOpts, SizeChange};
+use crate::wait::Wait;
 use domain::{Accel, AccelChoice, Arch, DirectBoot};
 use report::{Case, GuestView, Summary, Verdict, VerifyReport};
 
@@ -215,12 +216,12 @@ fn pick_machine(conn: &dyn Connection, o: &VerifyOpts) -> Result<String, Harness
 
 /// A kernel option each guest-side refusal points at.
 pub fn kernel_option(rule: &str) -> Option<&'static str> {
-    match rule {
-        "mem.guest-acpi" => Some("CONFIG_ACPI_HOTPLUG_MEMORY"),
-        "mem.guest-kernel" => Some("CONFIG_MEMORY_HOTPLUG"),
-        "cpu.guest-acpi" => Some("CONFIG_ACPI_HOTPLUG_CPU"),
-        "vmem.guest-driver" => Some("CONFIG_VIRTIO_MEM"),
-        "cpu.guest-possible" => Some("CONFIG_NR_CPUS (or the possible_cpus= / nr_cpus= boot parameters)"),
+    match RuleId::from_id(rule)? {
+        RuleId::MemGuestAcpi => Some("CONFIG_ACPI_HOTPLUG_MEMORY"),
+        RuleId::MemGuestKernel => Some("CONFIG_MEMORY_HOTPLUG"),
+        RuleId::CpuGuestAcpi => Some("CONFIG_ACPI_HOTPLUG_CPU"),
+        RuleId::VmemGuestDriver => Some("CONFIG_VIRTIO_MEM"),
+        RuleId::CpuGuestPossible => Some("CONFIG_NR_CPUS (or the possible_cpus= / nr_cpus= boot parameters)"),
         _ => None,
     }
 }
@@ -422,14 +423,12 @@ impl Session {
             // into GRUB stop its countdown, and half a line typed into a
             // starting shell leaves it inside an open quote.
             let deadline = started + timeout;
-            while !up.load(std::sync::atomic::Ordering::SeqCst) && !prompt_seen(&log) {
-                if Instant::now() >= deadline {
-                    return Err(HarnessError(format!(
-                        "no shell prompt appeared on the serial console within {timeout:?} (a shell, or an autologin getty, is needed there)"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
+            Wait::new("a shell prompt on the serial console", deadline.saturating_duration_since(Instant::now()))
+                .every(Duration::from_millis(250))
+                .until_blocking(|| (up.load(std::sync::atomic::Ordering::SeqCst) || prompt_seen(&log)).then_some(()))
+                .map_err(|_| HarnessError(format!(
+                    "no shell prompt appeared on the serial console within {timeout:?} (a shell, or an autologin getty, is needed there)"
+                )))?;
             let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(10));
             Console::connect(&sock, wait).map(|c| (c, started.elapsed()))
         }));
@@ -438,6 +437,10 @@ impl Session {
         let deadline = started + timeout;
         let mut agent_error = String::new();
         let mut console_result: Option<Result<(Console, Duration), HarnessError>> = None;
+        let booting =
+            Wait::new("the guest agent or the console shell", deadline.saturating_duration_since(Instant::now()))
+                .every(Duration::from_millis(500));
+        let mut waiting = booting.start();
         loop {
             if self.try_agent(&mut agent_error).await {
                 agent_at = Some(started.elapsed());
@@ -451,21 +454,24 @@ impl Session {
                 if up {
                     // The shell is up and the agent is not: the packaged agent
                     // starts before getty, so 20 s more settle whether it has one.
-                    let grace = (Instant::now() + AGENT_GRACE).min(deadline);
-                    while Instant::now() < grace {
+                    let grace = Wait::new("the agent after the shell", AGENT_GRACE.min(waiting.left()))
+                        .every(Duration::from_millis(500));
+                    let mut settling = grace.start();
+                    loop {
                         if self.try_agent(&mut agent_error).await {
                             agent_at = Some(started.elapsed());
                             break;
                         }
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if settling.pause().await.is_err() {
+                            break;
+                        }
                     }
                     break;
                 }
             }
-            if Instant::now() >= deadline {
+            if waiting.pause().await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         if let Some(task) = console_task {
             // The agent answered first: the shell gets the rest of the boot time.
@@ -672,16 +678,15 @@ impl Session {
             return;
         }
         self.vcpus = target;
-        let end = Instant::now() + CASE_TIMEOUT;
         let mut online = String::new();
-        while Instant::now() < end {
-            online = self.sh_line("cat /sys/devices/system/cpu/online").unwrap_or_default();
-            if online.trim().parse::<CpuSet>().is_ok_and(|s| s.len() as u32 >= target) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let ok = online.trim().parse::<CpuSet>().is_ok_and(|s| s.len() as u32 >= target);
+        let ok = Wait::new(format!("the image to online {target} vCPUs"), CASE_TIMEOUT)
+            .every(Duration::from_millis(200))
+            .until(|| {
+                online = self.sh_line("cat /sys/devices/system/cpu/online").unwrap_or_default();
+                online.trim().parse::<CpuSet>().is_ok_and(|s| s.len() as u32 >= target).then_some(())
+            })
+            .await
+            .is_ok();
         let mut c = if ok {
             case(
                 "cpu-plug",
@@ -746,16 +751,15 @@ impl Session {
             return self.record(&id, started, mark, r).await;
         }
         let want = before.map(|(on, _)| on + 1);
-        let end = Instant::now() + CASE_TIMEOUT;
         let mut now = before;
-        while Instant::now() < end {
-            now = self.blocks_online();
-            if now.is_some_and(|(on, off)| Some(on) >= want && off == 0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let ok = now.is_some_and(|(on, off)| Some(on) >= want && off == 0);
+        let ok = Wait::new("the image to online the new DIMM's blocks", CASE_TIMEOUT)
+            .every(Duration::from_millis(200))
+            .until(|| {
+                now = self.blocks_online();
+                now.is_some_and(|(on, off)| Some(on) >= want && off == 0).then_some(())
+            })
+            .await
+            .is_ok();
         let mut c = if ok {
             case(
                 &id,
@@ -801,7 +805,7 @@ impl Session {
         let mut c = match &r {
             Ok(r)
                 if r.outcome == Outcome::Refused
-                    && r.findings.iter().any(|f| f.id == "mem.block-align")
+                    && r.findings.iter().any(|f| f.id == RuleId::MemBlockAlign.id())
                     && before == after =>
             {
                 case(
@@ -821,7 +825,10 @@ impl Session {
         };
         if let Ok(r) = &r {
             c.evidence.extend(
-                r.findings.iter().filter(|f| f.id == "mem.block-align").map(|f| format!("[{}] {}", f.id, f.message)),
+                r.findings
+                    .iter()
+                    .filter(|f| f.id == RuleId::MemBlockAlign.id())
+                    .map(|f| format!("[{}] {}", f.id, f.message)),
             );
         }
         c.evidence.push(format!("DIMMs in the live XML: {} before, {} after", before.unwrap_or(0), after.unwrap_or(0)));
@@ -976,15 +983,21 @@ impl Session {
         };
         // The image's supervisor restarts the agent (the package's unit after
         // 500 ms); it counts as back once it answers a handshake again.
-        let back = Instant::now() + Duration::from_secs(30);
+        let back =
+            Wait::new("the restarted agent's handshake", Duration::from_secs(30)).every(Duration::from_millis(500));
+        let mut waiting = back.start();
         let mut error = String::new();
         let mut answered = false;
-        while killed && Instant::now() < back {
-            if self.try_agent(&mut error).await {
-                answered = true;
-                break;
+        if killed {
+            loop {
+                if self.try_agent(&mut error).await {
+                    answered = true;
+                    break;
+                }
+                if waiting.pause().await.is_err() {
+                    break;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let after_pid = self.sh_line("pidof vmplug-guest").unwrap_or_default();
         c.evidence.push(format!(
