@@ -47,17 +47,27 @@ fn main() -> ExitCode {
         Ok(done) => {
             // verify-image's text is already in the format it was asked for.
             let json = cli.json && !matches!(cli.command, vmplug::cli::Command::VerifyImage { .. });
-            print!("{}", done.render(json));
+            print!("{}", jsonl(&cli, done.render(json)));
             ExitCode::from(done.exit_code())
         }
         Err(e) => {
             if cli.wants_json() {
-                print!("{}", json_line(&e.envelope(&cli.command).to_json(None)));
+                print!("{}", jsonl(&cli, json_line(&e.envelope(&cli.command).to_json(None))));
             } else {
                 eprintln!("vmplug: {e}");
             }
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// autoscale's `--json` is JSON Lines throughout: its envelope is its last
+/// line, compact like the events before it.
+fn jsonl(cli: &Cli, out: String) -> String {
+    if cli.json && matches!(cli.command, vmplug::cli::Command::Autoscale { .. }) {
+        vmplug::autoscale::events::compact_line(&out)
+    } else {
+        out
     }
 }
 
@@ -89,7 +99,10 @@ fn usage(e: clap::Error) -> ExitCode {
     if std::env::args().any(|a| a == "--json") {
         let mut env = Envelope::new("usage", None, Outcome::Usage, e.kind().to_string());
         env.error = Some(e.render().to_string().trim().to_string());
-        print!("{}", json_line(&env.to_json(None)));
+        let line = json_line(&env.to_json(None));
+        // `vmplug --json autoscale` with a wrong flag: still one line.
+        let autoscale = std::env::args().any(|a| a == "autoscale");
+        print!("{}", if autoscale { vmplug::autoscale::events::compact_line(&line) } else { line });
     } else {
         let _ = e.print();
     }
