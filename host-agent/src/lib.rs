@@ -9,6 +9,7 @@ pub mod fake;
 pub mod harness;
 pub mod libvirt;
 pub mod link;
+pub mod locale;
 pub mod lograte;
 pub mod meta;
 pub mod ops;

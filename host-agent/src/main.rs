@@ -47,14 +47,16 @@ fn main() -> ExitCode {
         Ok(done) => {
             // verify-image's text is already in the format it was asked for.
             let json = cli.json && !matches!(cli.command, vmplug::cli::Command::VerifyImage { .. });
-            print!("{}", jsonl(&cli, done.render(json)));
+            let out = jsonl(&cli, done.render(json));
+            // Text in the locale's character set; JSON stays UTF-8.
+            print!("{}", if json { out.into() } else { vmplug::locale::for_terminal(&out) });
             ExitCode::from(done.exit_code())
         }
         Err(e) => {
             if cli.wants_json() {
                 print!("{}", jsonl(&cli, json_line(&e.envelope(&cli.command).to_json(None))));
             } else {
-                eprintln!("vmplug: {e}");
+                eprintln!("vmplug: {}", vmplug::locale::for_terminal(&e.to_string()));
             }
             ExitCode::from(e.exit_code())
         }
