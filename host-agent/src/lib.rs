@@ -11,6 +11,7 @@ pub mod libvirt;
 pub mod link;
 pub mod locale;
 pub mod lograte;
+pub mod manual;
 pub mod meta;
 pub mod ops;
 pub mod plan;
