@@ -3,6 +3,7 @@
 
 pub mod autoscale;
 pub mod cli;
+pub mod completion;
 pub mod domain;
 #[doc(hidden)]
 pub mod fake;

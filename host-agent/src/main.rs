@@ -10,6 +10,10 @@ use vmplug::libvirt::LibvirtConnection;
 use vmplug::report::{Envelope, Outcome, EXIT_USAGE};
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(vmplug::completion::COMPLETE_DOMAINS) {
+        return complete_domains(&args[1..]);
+    }
     let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage(e),
@@ -61,6 +65,22 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `vmplug __complete-domains [-c URI] [VERB]`, for the shell completions: the
+/// domains' names, one a line; nothing (and exit 0) on any error, since a
+/// completion must never print one.
+fn complete_domains(args: &[String]) -> ExitCode {
+    let (uri, wanted) = vmplug::completion::parse_request(args);
+    if wanted {
+        virt::error::clear_error_callback();
+        if let Ok(conn) = LibvirtConnection::open(uri.as_deref()) {
+            for name in vmplug::completion::domain_names(&conn) {
+                println!("{name}");
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// autoscale's `--json` is JSON Lines throughout: its envelope is its last

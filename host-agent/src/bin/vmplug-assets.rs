@@ -46,12 +46,14 @@ fn main() -> std::io::Result<()> {
         let name = sub.get_name();
         write_man(sub, &format!("vmplug-{name}"), Page::Verb(name), &verbs, &date, &man)?;
     }
-    let mut cmd = vmplug::cli::Cli::command();
-    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
-        clap_complete::generate_to(shell, &mut cmd, "vmplug", &completions)?;
-    }
+    let mut cmd = vmplug::completion::with_fixed_values(vmplug::cli::Cli::command());
     // bash-completion looks the file up by the command's name.
-    std::fs::rename(completions.join("vmplug.bash"), completions.join("vmplug"))?;
+    for (shell, file) in [(Shell::Bash, "vmplug"), (Shell::Zsh, "_vmplug"), (Shell::Fish, "vmplug.fish")] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "vmplug", &mut out);
+        let script = vmplug::completion::with_domains(shell, &String::from_utf8_lossy(&out));
+        std::fs::write(completions.join(file), script)?;
+    }
     println!("wrote {} and {}", man.display(), completions.display());
     Ok(())
 }
