@@ -17,6 +17,8 @@ PKG_DIR := target/packages
 # Where cargo puts what it builds (CARGO_TARGET_DIR moves it).
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 TOOLS := $(or $(VMPLUG_CACHE),/var/tmp/vmplug-cache)/bin
+# The man pages' date: the last commit's (reproducible), else now.
+SOURCE_DATE := $(or $(SOURCE_DATE_EPOCH),$(shell git log -1 --format=%ct 2>/dev/null),$(shell date +%s))
 
 .PHONY: all setup setup-demo build guest-agent guest-agent-x86 lint unit e2e test demo demo-bins bench fuzz package package-test clean
 
@@ -56,10 +58,17 @@ unit:
 e2e: setup build
 	$(CARGO) test --locked -p vmplug-e2e -- --test-threads=$(E2E_THREADS)
 
-# Guest .deb/.rpm (static agent, unit, config, rules) and host .deb/.rpm.
+# Guest .deb/.rpm (static agent, unit, config, rules, man pages) and host
+# .deb/.rpm; each with the licences and notices of every crate it links,
+# written from Cargo.lock by cargo-about (offline: what cargo fetched).
 package: setup guest-agent
 	$(CARGO) build --release --locked -p vmplug
-	rm -rf target/assets && target/release/vmplug-assets target/assets
+	rm -rf target/assets && SOURCE_DATE_EPOCH=$(SOURCE_DATE) $(TARGET_DIR)/release/vmplug-assets target/assets
+	cp guest-agent/man/vmplug-guest.8 guest-agent/man/guest.toml.5 target/assets/man/
+	gzip -9n target/assets/man/*
+	mkdir -p target/assets/notices
+	$(TOOLS)/cargo-about generate --frozen -c about.toml -m host-agent/Cargo.toml -o target/assets/notices/vmplug about.hbs
+	$(TOOLS)/cargo-about generate --frozen -c about.toml -m guest-agent/Cargo.toml -o target/assets/notices/vmplug-guest about.hbs
 	rm -rf $(PKG_DIR) && mkdir -p $(PKG_DIR)
 	$(TOOLS)/cargo-deb -p vmplug-guest --no-build --target $(GUEST_TARGET) -o $(PKG_DIR)/
 	$(TOOLS)/cargo-deb -p vmplug-guest --no-build --target $(GUEST_TARGET_ARM) -o $(PKG_DIR)/

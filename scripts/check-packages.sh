@@ -28,16 +28,25 @@ check_guest() {
   dg=$(dpkg -c "$deb_guest"); rg=$(rpm -qlp "$rpm_guest" 2>/dev/null)
   for f in usr/bin/vmplug-guest etc/vmplug/guest.toml usr/lib/systemd/system/vmplug-guest.service \
            usr/share/vmplug/udev-rules/80-vmplug-memory-online.rules usr/share/vmplug/udev-rules/80-vmplug-cpu-online.rules \
-           usr/share/vmplug/udev-rules/80-vmplug-guest-online.rules usr/share/doc/vmplug-guest/udev-rules.md; do
+           usr/share/vmplug/udev-rules/80-vmplug-guest-online.rules usr/share/doc/vmplug-guest/udev-rules.md \
+           usr/share/man/man8/vmplug-guest.8.gz usr/share/man/man5/guest.toml.5.gz; do
     check "guest .deb ($debarch) has /$f" has "$dg" "\./$f\$"
     check "guest .rpm ($rpmarch) has /$f" has "$rg" "^/$f\$"
   done
+  for f in usr/share/doc/vmplug-guest/copyright usr/share/doc/vmplug-guest/THIRD-PARTY-NOTICES usr/share/doc/vmplug-guest/changelog.Debian.gz; do
+    check "guest .deb ($debarch) has /$f" has "$dg" "\./$f\$"
+  done
+  for f in usr/share/licenses/vmplug-guest/LICENSE usr/share/licenses/vmplug-guest/THIRD-PARTY-NOTICES; do
+    check "guest .rpm ($rpmarch) has /$f" has "$rg" "^/$f\$"
+  done
+  check "guest .rpm ($rpmarch) has a %changelog or its file" has "$rg" '^/usr/share/doc/vmplug-guest/changelog$'
+
   check "guest .deb ($debarch) is for $debarch" test "$(dpkg-deb -f "$deb_guest" Architecture)" = "$debarch"
   check "guest .rpm ($rpmarch) is for $rpmarch" test "$(rpm -qp --qf '%{ARCH}' "$rpm_guest" 2>/dev/null)" = "$rpmarch"
   check "guest .deb ($debarch) binary is executable" has "$dg" '^-rwxr-xr-x .* \./usr/bin/vmplug-guest$'
   check "guest .deb ($debarch) marks guest.toml as a conffile" has "$(dpkg-deb -I "$deb_guest" conffiles)" '/etc/vmplug/guest.toml'
   check "guest .deb ($debarch) enables the unit on install" has "$(dpkg-deb -I "$deb_guest" postinst)" 'enable.*vmplug-guest.service|deb-systemd-helper.*enable'
-  check "guest .deb ($debarch) depends on nothing (static)" test -z "$(dpkg-deb -f "$deb_guest" Depends)"
+  check "guest .deb ($debarch) depends on no library (static), only on deb-systemd-helper" test "$(dpkg-deb -f "$deb_guest" Depends)" = "init-system-helpers (>= 1.54~)"
   check "guest .deb ($debarch) has the preset" has "$dg" '\./usr/lib/systemd/system-preset/80-vmplug-guest\.preset$'
   check "guest .rpm ($rpmarch) has the preset" has "$rg" '^/usr/lib/systemd/system-preset/80-vmplug-guest\.preset$'
   check "guest .rpm ($rpmarch) applies the preset on first install" has "$(rpm -qp --scripts "$rpm_guest" 2>/dev/null)" 'systemctl --no-reload preset vmplug-guest.service'
@@ -53,17 +62,33 @@ for r in "$tmp"/guest/usr/share/vmplug/udev-rules/*.rules; do check "udevadm ver
 for f in usr/bin/vmplug usr/share/doc/vmplug/README.md usr/share/doc/vmplug/SECURITY.md etc/vmplug/autoscale.toml \
          usr/lib/systemd/system/vmplug-autoscale.service usr/share/man/man1/vmplug.1.gz \
          usr/share/man/man1/vmplug-resize-memory.1.gz usr/share/bash-completion/completions/vmplug \
-         usr/share/zsh/vendor-completions/_vmplug usr/share/fish/vendor_completions.d/vmplug.fish; do
+         usr/share/zsh/vendor-completions/_vmplug usr/share/fish/vendor_completions.d/vmplug.fish \
+         usr/share/doc/vmplug/copyright usr/share/doc/vmplug/THIRD-PARTY-NOTICES usr/share/doc/vmplug/changelog.Debian.gz; do
   check "host .deb has /$f" has "$dh" "\./$f\$"
 done
 for f in usr/bin/vmplug etc/vmplug/autoscale.toml usr/lib/systemd/system/vmplug-autoscale.service \
-         usr/share/man/man1/vmplug.1 usr/share/man/man1/vmplug-setvcpus.1 usr/share/bash-completion/completions/vmplug \
-         usr/share/zsh/site-functions/_vmplug usr/share/fish/vendor_completions.d/vmplug.fish; do
+         usr/share/man/man1/vmplug.1.gz usr/share/man/man1/vmplug-setvcpus.1.gz usr/share/bash-completion/completions/vmplug \
+         usr/share/zsh/site-functions/_vmplug usr/share/fish/vendor_completions.d/vmplug.fish \
+         usr/share/licenses/vmplug/LICENSE usr/share/licenses/vmplug/THIRD-PARTY-NOTICES usr/share/doc/vmplug/changelog; do
   check "host .rpm has /$f" has "$rh" "^/$f\$"
 done
 dpkg-deb -x "$deb_host" "$tmp/host"
+check "no page refers to one that is not shipped" sh -c "! gzip -dc '$tmp'/host/usr/share/man/man1/*.gz | grep -q 'vmplug.-help'"
+check "the notices carry virt's LGPL-2.1" sh -c "grep -A3 'LGPL-2.1' '$tmp/host/usr/share/doc/vmplug/THIRD-PARTY-NOTICES' | grep -q ' virt '"
+# Each licence of the notices is in the RPM's License tag.
+licence_tags() { # RPM NOTICES
+  local tag id
+  tag=$(rpm -qp --qf '%{LICENSE}' "$1" 2>/dev/null)
+  for id in $(sed -n 's/^  .* (\([^()]*\)): [0-9]*$/\1/p' "$2"); do
+    [[ " $tag " == *" $id "* ]] || { echo "$(basename "$1"): License '$tag' lacks $id"; return 1; }
+  done
+}
+check "the host .rpm's License names every licence of its notices" licence_tags "$rpm_host" "$tmp/host/usr/share/doc/vmplug/THIRD-PARTY-NOTICES"
+check "the guest .rpm's License names every licence of its notices" licence_tags "$(ls "$dir"/vmplug-guest-*.x86_64.rpm)" "$tmp/guest/usr/share/doc/vmplug-guest/THIRD-PARTY-NOTICES"
 check "the man page names the verbs" sh -c "gzip -dc '$tmp/host/usr/share/man/man1/vmplug.1.gz' | grep -q 'resize\\\\-memory'"
 check "bash completion completes the verbs" bash -c ". '$tmp/host/usr/share/bash-completion/completions/vmplug' && COMP_WORDS=(vmplug resize-) COMP_CWORD=1 && _vmplug vmplug resize- vmplug && [[ \" \${COMPREPLY[*]} \" == *' resize-memory '* ]]"
+check "bash completes a verb's domain through the binary" grep -q '__complete-domains' "$tmp/host/usr/share/bash-completion/completions/vmplug"
+check "bash completes --zone's values" bash -c ". '$tmp/host/usr/share/bash-completion/completions/vmplug' && COMP_WORDS=(vmplug setvcpus --zone m) COMP_CWORD=3 && _vmplug vmplug m --zone && [[ \" \${COMPREPLY[*]} \" == ' movable ' ]]"
 check "host .deb depends on libvirt" has "$(dpkg-deb -f "$deb_host" Depends)" 'libvirt0'
 check "host .deb recommends what verify-image boots guests with" has "$(dpkg-deb -f "$deb_host" Recommends)" 'libvirt-daemon-system'
 
@@ -187,6 +212,89 @@ deb_lifecycle() { # ROOT DEB1 DEB2 UNIT INSTALLED
   check "after dpkg --purge, deb-systemd-helper forgot $unit" test -z "$(find "$r/var/lib/systemd/deb-systemd-helper-enabled" "$r/var/lib/systemd/deb-systemd-helper-masked" -name "$unit*" 2>/dev/null)"
 }
 
+# The tools a distribution's packager and an operator lint with, on every
+# package, unit, udev rule and man page; each must pass. A tag that remains is
+# overridden in the package with its reason: debian/lintian-overrides (shipped
+# in /usr/share/lintian/overrides/) and the rpmlintrc beside each Cargo.toml.
+# Each tool's last words are kept for the summary at the end.
+summary=()
+tool() { # DESCRIPTION SUMMARY-LINE-PATTERN COMMAND...: passes when COMMAND does
+  local what=$1 pat=$2 out rc
+  shift 2
+  out=$("$@" 2>&1); rc=$?
+  out=$(grep -v 'running with root privileges is not recommended' <<<"$out")
+  if [ "$rc" -eq 0 ]; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAIL: $what (exit $rc)"; tail -25 <<<"$out" | sed 's/^/    /'; fi
+  [ -z "$pat" ] || summary+=("$what: $(grep -E "$pat" <<<"$out" | tail -1)")
+}
+# lintian: every tag, informational and pedantic ones included, fails.
+lint_debs() { # DEB OVERRIDES
+  local out
+  out=$(lintian --display-info --pedantic --fail-on error,warning,info,pedantic "$1" 2>&1) || { echo "$out"; return 1; }
+  echo "$out"
+  echo "$(grep -c '^[EWIPX]: ' <<<"$out") tags, $(grep -c '^[a-z]' "$2") overridden"
+}
+for d in "$dir"/*.deb; do
+  case $(basename "$d") in vmplug-guest_*) o=$repo/guest-agent/debian/lintian-overrides ;; *) o=$repo/host-agent/debian/lintian-overrides ;; esac
+  tool "lintian $(basename "$d")" ' tags, ' lint_debs "$d" "$o"
+done
+# rpmlint: no error and no warning left after the package's filters.
+lint_rpm() { # RPM RPMLINTRC...: rpmlint reads one rpmlintrc (the last -r), so they are joined
+  local out rpm=$1
+  shift
+  cat "$@" >"$tmp/rpmlintrc"
+  out=$(rpmlint -r "$tmp/rpmlintrc" "$rpm" 2>&1)
+  echo "$out"
+  grep -qE ' 0 errors, 0 warnings' <<<"$out"
+}
+for r in "$dir"/*.rpm; do
+  case $(basename "$r") in
+    vmplug-guest-*.aarch64.rpm) rc_files=("$repo/guest-agent/vmplug-guest.rpmlintrc" "$repo/guest-agent/vmplug-guest.aarch64.rpmlintrc") ;;
+    vmplug-guest-*) rc_files=("$repo/guest-agent/vmplug-guest.rpmlintrc") ;;
+    *) rc_files=("$repo/host-agent/vmplug.rpmlintrc") ;;
+  esac
+  tool "rpmlint $(basename "$r")" 'packages and .* specfiles checked' lint_rpm "$r" "${rc_files[@]}"
+done
+# The units, installed by their .debs into a copy of the debootstrapped bookworm
+# (where every unit they name exists): systemd-analyze verify, and security
+# --offline, whose exposure must stay at or below each unit's bound.
+units_root() {
+  rootfs_bookworm && new_root units && dpkg --root="$roots/units" --force-depends -i "$deb_host" "$(ls "$dir"/vmplug-guest_*_amd64.deb)" >/dev/null 2>&1
+}
+exposure() { # UNIT MAX
+  local out score
+  out=$(systemd-analyze security --offline=true --root="$roots/units" "$1" 2>&1) || { echo "$out"; return 1; }
+  score=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+  echo "$1: $score (at most $2)"
+  awk -v s="$score" -v m="$2" 'BEGIN { exit !(s != "" && s <= m) }'
+}
+verify_unit() { # UNIT: with the root's man pages, so Documentation=man: is checked too
+  MANPATH="$roots/units/usr/share/man" systemd-analyze verify --root="$roots/units" "$1"
+}
+if units_root; then
+  for u in vmplug-autoscale.service vmplug-guest.service; do
+    tool "systemd-analyze verify $u" '' verify_unit "$u"
+  done
+  tool "systemd-analyze security vmplug-autoscale.service" 'at most' exposure vmplug-autoscale.service 3.0
+  tool "systemd-analyze security vmplug-guest.service" 'at most' exposure vmplug-guest.service 2.5
+else
+  fail=$((fail + 1)); echo "FAIL: no scratch root to install the units in"
+fi
+# mandoc -T lint: not one message, style ones included, on every page shipped.
+rm -rf "$tmp/man" && mkdir -p "$tmp/man"
+dpkg-deb -x "$(ls "$dir"/vmplug-guest_*_amd64.deb)" "$tmp/man"
+dpkg-deb -x "$deb_host" "$tmp/man"
+lint_man() {
+  local out f n=0
+  for f in "$tmp"/man/usr/share/man/man*/*.gz; do
+    out+=$(gzip -dc "$f" | mandoc -T lint -W style 2>&1 | sed "s|<stdin>|$(basename "$f")|")$'\n'
+
+    n=$((n + 1))
+  done
+  [ -z "${out//$'\n'/}" ] || { echo "$out"; return 1; }
+  echo "$n pages, no message"
+}
+tool "mandoc -T lint" 'pages, no message' lint_man
+
 if rootfs_bookworm && rel2; then
   rpm1_guest=$(ls "$dir"/vmplug-guest-*.x86_64.rpm) rpm2_guest=$(ls "$tmp"/rel2/vmplug-guest-*.x86_64.rpm)
   rpm2_host=$(ls "$tmp"/rel2/vmplug-[0-9]*.rpm) rpm0_guest=$(ls "$tmp"/rel0/vmplug-guest-*.x86_64.rpm)
@@ -217,5 +325,6 @@ else
   fail=$((fail + 1)); echo "FAIL: no scratch root or no release 2 to run the scriptlets with"
 fi
 
+printf '%s\n' "${summary[@]}"
 echo "packages: $pass passed, $fail failed (${SECONDS}s)"
 [ "$fail" -eq 0 ]

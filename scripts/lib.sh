@@ -166,19 +166,22 @@ apt_get() {
   apt-get -o Acquire::Retries=3 -o DPkg::Lock::Timeout=600 "$@"
 }
 
-# cargo_tool TMP CRATE: `cargo install CRATE` (locked versions first), retried;
-# TMP becomes the installed binary. It builds in a target directory of its own
-# (not $CARGO_TARGET_DIR), so it never waits on, or for, the workspace's builds.
+# cargo_tool TMP CRATE [ARG...]: `cargo install CRATE ARG...` (locked versions
+# first), retried; TMP becomes the installed binary. It builds in a target
+# directory of its own (not $CARGO_TARGET_DIR), so it never waits on, or for,
+# the workspace's builds.
 cargo_tool() {
   local tmp=$1 crate=$2
-  retry "cargo install $crate" cargo_install_once "$tmp.root" "$crate" || { rm -rf "$tmp.root" "$tmp.target"; return 1; }
+  shift 2
+  retry "cargo install $crate" cargo_install_once "$tmp.root" "$crate" "$@" || { rm -rf "$tmp.root" "$tmp.target"; return 1; }
   mv "$tmp.root/bin/$crate" "$tmp" && rm -rf "$tmp.root" "$tmp.target"
 }
 
 cargo_install_once() {
   local root=$1 crate=$2 logf="$CACHE/$2-build.log" target="${1%.root}.target"
+  shift 2
   rm -rf "$root"
-  cargo install --quiet --locked --root "$root" --target-dir "$target" "$crate" >"$logf" 2>&1 \
-    || cargo install --quiet --root "$root" --target-dir "$target" "$crate" >>"$logf" 2>&1 \
+  cargo install --quiet --locked --root "$root" --target-dir "$target" "$crate" "$@" >"$logf" 2>&1 \
+    || cargo install --quiet --root "$root" --target-dir "$target" "$crate" "$@" >>"$logf" 2>&1 \
     || { tail -20 "$logf" >&2; return 1; }
 }

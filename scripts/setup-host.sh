@@ -29,7 +29,9 @@ packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvi
 # The rest of the suite: systemd guest images, package checks, the aarch64 guests
 # and their cross-built kernel, the bootable images and the autoscale sessions.
 if [ "$mode" = full ]; then
-  packages+=(debootstrap e2fsprogs rpm file xz-utils
+  # lintian, rpmlint and mandoc lint the packages and man pages (make package-test);
+  # systemd-analyze security --offline needs systemd 250 or later (bookworm has 252).
+  packages+=(debootstrap e2fsprogs rpm file xz-utils lintian rpmlint mandoc
              qemu-system-arm qemu-efi-aarch64 gcc-aarch64-linux-gnu flex bison bc
              prometheus prometheus-alertmanager syslinux syslinux-common mtools dosfstools fdisk)
 fi
@@ -267,10 +269,14 @@ if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux
   exec {rust_lock}>&-
 fi
 
-# The packaging tools for `make package`, from crates.io, built once.
-for tool in cargo-deb cargo-generate-rpm; do
+# The packaging tools for `make package`, from crates.io, built once; cargo-about
+# writes each package's third-party notices from Cargo.lock (its binary needs
+# the `cli` feature).
+for tool in cargo-deb cargo-generate-rpm cargo-about; do
   if [ ! -x "$CACHE/bin/$tool" ]; then log "building $tool from crates.io (once, 1-2 minutes)"; fi
-  artefact "$CACHE/bin/$tool" cargo_tool "$tool"
+  args=()
+  [ "$tool" != cargo-about ] || args=(--features cli)
+  artefact "$CACHE/bin/$tool" cargo_tool "$tool" "${args[@]}"
 done
 
 log "ready: $(qemu-system-x86_64 --version | head -1); libvirt $(libvirtd --version | awk '{print $NF}'); kernels $(ls "$CACHE"/kernel/boot/vmlinuz-* "$CACHE"/kernel-trixie/boot/vmlinuz-* "$CACHE"/kernel-arm64/boot/vmlinuz-* "$CACHE"/kernel-arm64-acpi/boot/vmlinuz-* | xargs -n1 basename | tr '\n' ' ')"

@@ -157,3 +157,48 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The hand-written page (man/vmplug-guest.8) names every subcommand and
+    /// option the command line has.
+    #[test]
+    fn the_man_page_names_every_subcommand_and_option() {
+        let page = include_str!("../man/vmplug-guest.8").replace("\\-", "-");
+        let cmd = super::Cli::command();
+        let mut missing = Vec::new();
+        for c in std::iter::once(&cmd).chain(cmd.get_subcommands()) {
+            if c.get_name() != "vmplug-guest"
+                && !page.contains(&format!(".B {}", c.get_name()))
+                && !page.contains(&format!(".RB [ {} ]", c.get_name()))
+            {
+                missing.push(c.get_name().to_string());
+            }
+            for a in c.get_arguments() {
+                if let Some(long) = a.get_long() {
+                    if !page.contains(&format!("--{long}")) {
+                        missing.push(format!("{} --{long}", c.get_name()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "man/vmplug-guest.8 lacks {missing:?}");
+    }
+
+    /// guest.toml(5) documents every key of the packaged guest.toml.
+    #[test]
+    fn the_config_page_documents_every_key() {
+        let page = include_str!("../man/guest.toml.5");
+        let keys: Vec<&str> = include_str!("../guest.toml")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim()))
+            .collect();
+        assert!(keys.len() >= 12, "{keys:?}");
+        for key in keys {
+            assert!(page.contains(&format!(".BR {key} \"")), "man/guest.toml.5 lacks {key}");
+        }
+    }
+}

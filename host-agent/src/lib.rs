@@ -3,6 +3,7 @@
 
 pub mod autoscale;
 pub mod cli;
+pub mod completion;
 pub mod domain;
 pub mod facts;
 #[cfg(any(test, feature = "testing"))]
@@ -10,7 +11,9 @@ pub mod fake;
 pub mod harness;
 pub mod libvirt;
 pub mod link;
+pub mod locale;
 pub mod lograte;
+pub mod manual;
 pub mod meta;
 pub mod ops;
 pub mod plan;

@@ -10,6 +10,10 @@ use vmplug::libvirt::LibvirtConnection;
 use vmplug::report::{Envelope, Outcome, EXIT_USAGE};
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(vmplug::completion::COMPLETE_DOMAINS) {
+        return complete_domains(&args[1..]);
+    }
     let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage(e),
@@ -47,17 +51,45 @@ fn main() -> ExitCode {
         Ok(done) => {
             // verify-image's text is already in the format it was asked for.
             let json = cli.json && !matches!(cli.command, vmplug::cli::Command::VerifyImage { .. });
-            print!("{}", done.render(json));
+            let out = jsonl(&cli, done.render(json));
+            // Text in the locale's character set; JSON stays UTF-8.
+            print!("{}", if json { out.into() } else { vmplug::locale::for_terminal(&out) });
             ExitCode::from(done.exit_code())
         }
         Err(e) => {
             if cli.wants_json() {
-                print!("{}", json_line(&e.envelope(&cli.command).to_json(None)));
+                print!("{}", jsonl(&cli, json_line(&e.envelope(&cli.command).to_json(None))));
             } else {
-                eprintln!("vmplug: {e}");
+                eprintln!("vmplug: {}", vmplug::locale::for_terminal(&e.to_string()));
             }
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// `vmplug __complete-domains [-c URI] [VERB]`, for the shell completions: the
+/// domains' names, one a line; nothing (and exit 0) on any error, since a
+/// completion must never print one.
+fn complete_domains(args: &[String]) -> ExitCode {
+    let (uri, wanted) = vmplug::completion::parse_request(args);
+    if wanted {
+        virt::error::clear_error_callback();
+        if let Ok(conn) = LibvirtConnection::open(uri.as_deref()) {
+            for name in vmplug::completion::domain_names(&conn) {
+                println!("{name}");
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// autoscale's `--json` is JSON Lines throughout: its envelope is its last
+/// line, compact like the events before it.
+fn jsonl(cli: &Cli, out: String) -> String {
+    if cli.json && matches!(cli.command, vmplug::cli::Command::Autoscale { .. }) {
+        vmplug::autoscale::events::compact_line(&out)
+    } else {
+        out
     }
 }
 
@@ -89,7 +121,10 @@ fn usage(e: clap::Error) -> ExitCode {
     if std::env::args().any(|a| a == "--json") {
         let mut env = Envelope::new("usage", None, Outcome::Usage, e.kind().to_string());
         env.error = Some(e.render().to_string().trim().to_string());
-        print!("{}", json_line(&env.to_json(None)));
+        let line = json_line(&env.to_json(None));
+        // `vmplug --json autoscale` with a wrong flag: still one line.
+        let autoscale = std::env::args().any(|a| a == "autoscale");
+        print!("{}", if autoscale { vmplug::autoscale::events::compact_line(&line) } else { line });
     } else {
         let _ = e.print();
     }

@@ -7,6 +7,7 @@
 //! one JSON event.
 
 pub mod decision;
+pub mod events;
 pub mod metrics;
 pub mod policy;
 pub mod webhook;
@@ -349,7 +350,7 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
                     let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
                     engine.end(key, st);
                     match res {
-                        Ok(ev) => println!("{}", serde_json::to_string(&ev).unwrap_or_default()),
+                        Ok(ev) => events::print_event(&ev),
                         Err(e) => eprintln!("autoscale: {name}: {e}"),
                     }
                 });

@@ -214,7 +214,7 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
         let engine = engine.clone();
         tokio::spawn(async move {
             let ev = act_on_alert(&engine, &host, &facts, &room, &req).await;
-            println!("{}", serde_json::to_string(&ev).unwrap_or_default());
+            super::events::print_event(&ev);
         });
     }
     let results: Vec<AlertResult> = results.into_iter().flatten().collect();
