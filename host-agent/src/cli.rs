@@ -15,6 +15,7 @@ use crate::preflight::Severity;
 use crate::report::{Envelope, OpReport, Outcome as ReportOutcome};
 use crate::tune::{self, Refused, TuneError};
 use crate::unplug::{self, DimmSelector};
+use crate::verb::{self, Verb};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -484,11 +485,11 @@ impl Command {
             Command::Schedinfo { .. } => "schedinfo",
             Command::Emulatorpin { .. } => "emulatorpin",
             Command::Vcpupin { .. } => "vcpupin",
-            Command::Setvcpus { .. } => "setvcpus",
-            Command::AttachMemory { .. } => "attach-memory",
-            Command::DetachMemory { .. } => "detach-memory",
+            Command::Setvcpus { .. } => <crate::ops::Setvcpus as Verb>::NAME,
+            Command::AttachMemory { .. } => <crate::ops::AttachMemory as Verb>::NAME,
+            Command::DetachMemory { .. } => <crate::unplug::DetachMemory as Verb>::NAME,
             Command::AddVirtioMem { .. } => "add-virtio-mem",
-            Command::ResizeMemory { .. } => "resize-memory",
+            Command::ResizeMemory { .. } => <crate::vmem::ResizeMemory as Verb>::NAME,
             Command::Numatune { .. } => "numatune",
             Command::Numa { .. } => "numa",
             Command::Check { .. } => "check",
@@ -686,9 +687,9 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
             let count =
                 count.or(*count_flag).ok_or_else(|| CliError::Usage("setvcpus: give COUNT or --count".into()))?;
             if *guest {
-                Done::op(ops::setvcpus_guest(conn, domain, count, &hotplug.opts()?).await?)
+                Done::op(verb::run(&ops::GuestVcpus { target: count }, conn, domain, &hotplug.opts()?).await?)
             } else {
-                Done::op(ops::setvcpus(conn, domain, count, &hotplug.opts()?).await?)
+                Done::op(verb::run(&ops::Setvcpus { target: count }, conn, domain, &hotplug.opts()?).await?)
             }
         }
         Command::AttachMemory { domain, size, node, round_up, max_dimm, request_id, hotplug } => {
@@ -705,7 +706,7 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
         Command::DetachMemory { domain, alias, request_id, hotplug } => {
             let sel = alias.clone().map(DimmSelector::Alias).or_else(|| request_id.clone().map(DimmSelector::Request));
             let sel = sel.ok_or_else(|| CliError::Usage("give --alias or --request-id".into()))?;
-            Done::op(unplug::detach_memory(conn, domain, &sel, &hotplug.opts()?).await?)
+            Done::op(verb::run(&unplug::DetachMemory { sel }, conn, domain, &hotplug.opts()?).await?)
         }
         Command::AddVirtioMem { domain, size, node, block, affect } => {
             let a = crate::vmem::AddOpts { size: *size, node: *node, block: *block };
@@ -718,7 +719,7 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
                 settle: Duration::from_secs((*settle).clamp(1, 3600)),
             };
             let opts = hotplug.opts_with_zone(ZonePolicy::Movable)?;
-            Done::op(crate::vmem::resize_memory(conn, domain, &r, &opts).await?)
+            Done::op(verb::run(&crate::vmem::ResizeMemory { r }, conn, domain, &opts).await?)
         }
         Command::Numatune { domain, mode, nodeset, affect } => {
             let set = NumaParams { mode: *mode, nodeset: nodeset.clone() };
@@ -794,7 +795,7 @@ async fn attach(
     mem: &MemoryOpts,
     opts: &HotplugOpts,
 ) -> Result<Done, CliError> {
-    let r = ops::attach_memory(conn, domain, mem, opts).await.map_err(|e| match e {
+    let r = verb::run(&ops::AttachMemory { mem: mem.clone() }, conn, domain, opts).await.map_err(|e| match e {
         DomainError::Usage(_) | DomainError::NotFound(_) => CliError::Domain(e),
         e => CliError::Request { id: mem.request_id.clone(), source: e },
     })?;

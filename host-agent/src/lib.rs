@@ -25,6 +25,7 @@ pub mod settings;
 pub mod trust;
 pub mod tune;
 pub mod unplug;
+pub mod verb;
 pub mod verify;
 pub mod vmem;
 pub mod wait;

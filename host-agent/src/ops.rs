@@ -8,12 +8,13 @@ use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, ZonePolic
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, DomainError, XmlView};
-use crate::facts::{gather_timed, Facts};
+use crate::facts::Facts;
 use crate::link::{GuestAgent, LinkError};
 use crate::plan::{plan_attach_memory, plan_setvcpus, MemoryPlan, VcpuPlan};
 use crate::preflight::NotPlanned;
 use crate::preflight::{Ctx, Finding, RuleId, Severity};
 use crate::report::{libvirt_failed, ms, not_planned, persistent_only, HostOnly, HostSide, OpReport, Outcome};
+use crate::verb::Verb;
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
 pub use crate::facts::{
@@ -22,33 +23,35 @@ pub use crate::facts::{
 };
 pub use crate::report::{affect_text, Run};
 
-/// `vmplug setvcpus`: gather, plan, execute (offline first when shrinking,
-/// socket-sized libvirt steps, the guest's confirmation), judge.
-pub async fn setvcpus(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    target: u32,
-    opts: &HotplugOpts,
-) -> Result<OpReport, DomainError> {
-    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
-    setvcpus_with(&facts, link.as_mut(), target, opts, run).await
+/// `vmplug setvcpus N`: offline first when shrinking, socket-sized libvirt
+/// steps, the guest's confirmation, [`judge_vcpus`].
+#[derive(Debug, Clone, Copy)]
+pub struct Setvcpus {
+    pub target: u32,
 }
 
-/// `setvcpus` on facts already gathered, with whatever guest agent the caller
-/// has (the real session, or a scripted one in tests).
-pub async fn setvcpus_with<A: GuestAgent>(
-    facts: &Facts,
-    agent: Option<&mut A>,
-    target: u32,
-    opts: &HotplugOpts,
-    mut run: Run,
-) -> Result<OpReport, DomainError> {
-    let t = Instant::now();
-    let plan = plan_setvcpus(facts, target, opts);
-    run.preflight_ms += ms(t);
-    match plan {
-        Ok(plan) => execute_vcpus(facts, agent, plan, opts, run).await,
-        Err(why) => not_planned("setvcpus", &facts.loaded.facts.name, facts.affect, why, &run),
+impl Verb for Setvcpus {
+    const NAME: &'static str = "setvcpus";
+    type Plan = VcpuPlan;
+
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<VcpuPlan, NotPlanned> {
+        plan_setvcpus(facts, self.target, opts)
+    }
+
+    fn preview(&self, facts: &Facts, p: VcpuPlan) -> (Vec<Finding>, Vec<String>) {
+        let steps = p.steps.iter().map(|s| format!("setvcpus {s} ({})", affect_text(facts.affect))).collect();
+        (p.findings, steps)
+    }
+
+    async fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: VcpuPlan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> Result<OpReport, DomainError> {
+        execute_vcpus(facts, link, plan, opts, run).await
     }
 }
 
@@ -73,7 +76,7 @@ async fn execute_vcpus<A: GuestAgent>(
         let dom = facts.loaded.dom.clone();
         if let Err(e) = blocking(move || dom.set_vcpus(step, affect)).await {
             run.libvirt_ms = ms(t);
-            return Ok(libvirt_failed("setvcpus", name, affect, applied, plan.findings, &e, &run));
+            return Ok(libvirt_failed(Setvcpus::NAME, name, affect, applied, plan.findings, &e, &run));
         }
         applied.push(format!("setvcpus {step} ({})", affect_text(affect)));
     }
@@ -105,7 +108,7 @@ async fn execute_vcpus<A: GuestAgent>(
         guest_report = Some(r);
     }
     Ok(OpReport {
-        operation: "setvcpus".into(),
+        operation: Setvcpus::NAME.into(),
         domain: name.into(),
         affect,
         outcome,
@@ -126,43 +129,55 @@ async fn execute_vcpus<A: GuestAgent>(
 /// verified — `target` CPUs online inside the guest, among the vCPUs it has.
 /// Where QEMU cannot hot-plug vCPUs (upstream aarch64) this is how a guest
 /// scales: all vCPUs defined at boot, the surplus kept offline.
-pub async fn setvcpus_guest(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    target: u32,
-    opts: &HotplugOpts,
-) -> Result<OpReport, DomainError> {
-    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
-    setvcpus_guest_with(&facts, link.as_mut(), target, opts, run).await
+#[derive(Debug, Clone, Copy)]
+pub struct GuestVcpus {
+    pub target: u32,
 }
 
-pub async fn setvcpus_guest_with<A: GuestAgent>(
+impl Verb for GuestVcpus {
+    const NAME: &'static str = Setvcpus::NAME;
+    type Plan = crate::plan::GuestVcpuPlan;
+
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<Self::Plan, NotPlanned> {
+        crate::plan::plan_guest_vcpus(facts, self.target, opts)
+    }
+
+    fn preview(&self, _: &Facts, p: Self::Plan) -> (Vec<Finding>, Vec<String>) {
+        let steps = match p.target.cmp(&p.online) {
+            std::cmp::Ordering::Equal => vec![],
+            std::cmp::Ordering::Greater => vec![format!("guest: online CPUs {} → {}", p.online, p.target)],
+            std::cmp::Ordering::Less => vec![format!("guest: offline CPUs {} → {}", p.online, p.target)],
+        };
+        (p.findings, steps)
+    }
+
+    async fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: Self::Plan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> Result<OpReport, DomainError> {
+        execute_guest_vcpus(facts, link, plan, opts, run).await
+    }
+}
+
+async fn execute_guest_vcpus<A: GuestAgent>(
     facts: &Facts,
     link: Option<&mut A>,
-    target: u32,
+    plan: crate::plan::GuestVcpuPlan,
     opts: &HotplugOpts,
     mut run: Run,
 ) -> Result<OpReport, DomainError> {
-    let t = Instant::now();
-    let plan = crate::plan::plan_guest_vcpus(facts, target, opts);
-    run.preflight_ms += ms(t);
-    let name = facts.loaded.facts.name.as_str();
-    let (plan, link) = match (plan, link) {
-        (Ok(p), Some(l)) => (p, l),
-        (Err(why), _) => return not_planned("setvcpus", name, facts.affect, why, &run),
-        (Ok(_), None) => {
-            return not_planned(
-                "setvcpus",
-                name,
-                facts.affect,
-                NotPlanned::Usage("--guest needs the guest agent".into()),
-                &run,
-            )
-        }
+    let (name, target) = (facts.loaded.facts.name.as_str(), plan.target);
+    let Some(link) = link else {
+        let why = NotPlanned::Usage("--guest needs the guest agent".into());
+        return not_planned(GuestVcpus::NAME, name, facts.affect, why, &run);
     };
     let libvirt = facts.loaded.facts.vcpus_current;
     let host = |applied| HostOnly {
-        op: "setvcpus",
+        op: Setvcpus::NAME,
         name,
         affect: Affect::Live,
         findings: plan.findings.clone(),
@@ -220,7 +235,7 @@ async fn release_cpus<A: GuestAgent>(
     let back = put_cpus_back(link, plan.current, opts).await;
     let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
     let findings = plan.findings.clone();
-    let host = HostOnly { op: "setvcpus", name, affect, findings, applied: vec![], persistent: false };
+    let host = HostOnly { op: Setvcpus::NAME, name, affect, findings, applied: vec![], persistent: false };
     let mut report = host.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was changed in libvirt"), run);
     report.guest = r.ok();
     Err(Box::new(report))
@@ -286,36 +301,52 @@ pub fn judge_vcpus(
     }
 }
 
-/// `vmplug attach-memory`: gather, plan (DIMMs sized to the guest's block size,
-/// reconciled with what this request already attached), attach, find the DIMMs'
-/// addresses in the live XML, have the guest online exactly those blocks, judge.
-pub async fn attach_memory(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    mem: &MemoryOpts,
-    opts: &HotplugOpts,
-) -> Result<OpReport, DomainError> {
-    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
-    attach_memory_with(&facts, link.as_mut(), mem, opts, run).await
+/// `vmplug attach-memory`: DIMMs sized to the guest's block size, reconciled
+/// with what this request already attached; attach, find the DIMMs' addresses
+/// in the live XML, have the guest online exactly those blocks, [`judge_memory`].
+#[derive(Debug, Clone)]
+pub struct AttachMemory {
+    pub mem: MemoryOpts,
 }
 
-/// `attach-memory` on facts already gathered, with whatever guest agent the
-/// caller has (the real session, or a scripted one in tests).
-pub async fn attach_memory_with<A: GuestAgent>(
+impl Verb for AttachMemory {
+    const NAME: &'static str = "attach-memory";
+    type Plan = MemoryPlan;
+
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<MemoryPlan, NotPlanned> {
+        plan_attach_memory(facts, &self.mem, opts)
+    }
+
+    fn preview(&self, _: &Facts, p: MemoryPlan) -> (Vec<Finding>, Vec<String>) {
+        let steps = p
+            .dimms
+            .iter()
+            .map(|d| format!("attach dimm {} on node {} as {}", d.spec.size, d.spec.node, d.alias))
+            .collect();
+        (p.findings, steps)
+    }
+
+    async fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: MemoryPlan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> Result<OpReport, DomainError> {
+        execute_memory(facts, link, plan, &self.mem, opts, run).await
+    }
+}
+
+async fn execute_memory<A: GuestAgent>(
     facts: &Facts,
     link: Option<&mut A>,
+    plan: MemoryPlan,
     mem: &MemoryOpts,
     opts: &HotplugOpts,
     mut run: Run,
 ) -> Result<OpReport, DomainError> {
     let name = facts.loaded.facts.name.as_str();
-    let t = Instant::now();
-    let plan = plan_attach_memory(facts, mem, opts);
-    run.preflight_ms += ms(t);
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(why) => return not_planned("attach-memory", name, facts.affect, why, &run),
-    };
     let (affect, id) = (facts.affect, mem.request_id.as_str());
     let mut applied = Vec::new();
     if !plan.reconciled.is_empty() {
@@ -343,7 +374,7 @@ pub async fn attach_memory_with<A: GuestAgent>(
             tracing::debug!(%xml, "attaching");
             if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
                 run.libvirt_ms += ms(t);
-                let mut r = libvirt_failed("attach-memory", name, affect, applied, plan.findings, &e, &run);
+                let mut r = libvirt_failed(AttachMemory::NAME, name, affect, applied, plan.findings, &e, &run);
                 r.message = format!("{}; repeat with --request-id {id} to attach only what is missing", r.message);
                 return Ok(r);
             }
@@ -399,7 +430,7 @@ pub async fn attach_memory_with<A: GuestAgent>(
     }
     if !affect.live() {
         let message = format!("{} added to the persistent definition (effective at the next start)", plan.size);
-        return Ok(persistent_only("attach-memory", name, affect, message, plan.findings, applied, &run));
+        return Ok(persistent_only(AttachMemory::NAME, name, affect, message, plan.findings, applied, &run));
     }
     let staged = waves.len();
     let mut r = confirm_memory(facts, link, plan, mem, opts, applied, run).await?;
@@ -475,7 +506,7 @@ fn wave_stopped(
     id: &str,
     run: &Run,
 ) -> OpReport {
-    let host = HostOnly { op: "attach-memory", name, affect, findings, applied, persistent: affect.config() };
+    let host = HostOnly { op: AttachMemory::NAME, name, affect, findings, applied, persistent: affect.config() };
     host.report(
         outcome,
         format!("stopped after wave {done} of {total}: {why}; what was attached stays; repeat with --request-id {id} to attach the rest"),
@@ -504,7 +535,7 @@ async fn confirm_memory<A: GuestAgent>(
         // libvirtd restarted or the connection dropped after the attach: the DIMMs
         // are there, the guest side is unknown; the repeat reconciles.
         Err(e) => {
-            let mut r = libvirt_failed("attach-memory", name, affect, applied, plan.findings, &e, &run);
+            let mut r = libvirt_failed(AttachMemory::NAME, name, affect, applied, plan.findings, &e, &run);
             r.message = format!(
                 "{}; the DIMMs were attached but not verified: repeat with --request-id {id} to verify and finish",
                 r.message
@@ -540,7 +571,7 @@ async fn confirm_memory<A: GuestAgent>(
     }
     let (outcome, message) = judge_memory(&plan, &new, &ranges, confirmation.as_ref(), opts.timeout);
     Ok(OpReport {
-        operation: "attach-memory".into(),
+        operation: AttachMemory::NAME.into(),
         domain: name.into(),
         affect,
         outcome,

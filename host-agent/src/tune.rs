@@ -14,10 +14,9 @@ use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, Sched
 use crate::facts::gather;
 use crate::facts::{agent_if_running, blocking, load, HotplugOpts, Loaded, MemoryOpts};
 use crate::link::AgentAddr;
-use crate::plan::{plan_attach_memory, plan_setvcpus};
 use crate::preflight::NotPlanned;
 use crate::preflight::{self, Ctx, Finding, Operation, RuleId, Severity};
-use crate::report::affect_text;
+use crate::verb::Preview;
 use crate::xml::DomainFacts;
 
 /// A refusal by preflight of a tuning change (nothing was applied).
@@ -369,16 +368,45 @@ pub struct CheckRequest {
     pub opts: HotplugOpts,
 }
 
+impl CheckRequest {
+    /// The verbs asked about, in the order `check` reports them.
+    pub fn verbs(&self) -> Vec<Box<dyn Preview>> {
+        let mut verbs: Vec<Box<dyn Preview>> = Vec::new();
+        match (self.cpus, self.guest) {
+            (Some(target), true) => verbs.push(Box::new(crate::ops::GuestVcpus { target })),
+            (Some(target), false) => verbs.push(Box::new(crate::ops::Setvcpus { target })),
+            (None, _) => {}
+        }
+        if let Some(mem) = &self.memory {
+            verbs.push(Box::new(crate::ops::AttachMemory { mem: mem.clone() }));
+        }
+        if let Some(r) = self.resize {
+            verbs.push(Box::new(crate::vmem::ResizeMemory { r }));
+        }
+        verbs
+    }
+}
+
 /// `check DOM [--cpus N] [--memory SIZE [--node N]]`: the verbs' own plans
 /// without their execution, so "ready" means exactly that they would act. With
 /// no request, the domain-wide rules: can it hot-plug at all.
 pub async fn check(conn: Arc<dyn Connection>, name: &str, req: &CheckRequest) -> Result<CheckResult, TuneError> {
-    let (facts, _link) = gather(conn, name, &req.opts).await?;
+    check_verbs(conn, name, &req.verbs(), &req.opts).await
+}
+
+/// `check` of any verbs: each one's [`Preview`] (its plan, not its execution).
+pub async fn check_verbs(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    verbs: &[Box<dyn Preview>],
+    opts: &HotplugOpts,
+) -> Result<CheckResult, TuneError> {
+    let (facts, _link) = gather(conn, name, opts).await?;
     let mut findings = Vec::new();
     let mut plan = Vec::new();
     let mut ready = true;
-    let mut take = |res: Result<(Vec<Finding>, Vec<String>), NotPlanned>| -> Result<(), TuneError> {
-        match res {
+    for verb in verbs {
+        match verb.preview(&facts, opts) {
             Ok((f, steps)) => {
                 findings.extend(f);
                 plan.extend(steps);
@@ -389,46 +417,9 @@ pub async fn check(conn: Arc<dyn Connection>, name: &str, req: &CheckRequest) ->
                 findings.extend(r.findings);
             }
         }
-        Ok(())
-    };
-    if let (Some(target), true) = (req.cpus, req.guest) {
-        take(crate::plan::plan_guest_vcpus(&facts, target, &req.opts).map(|p| {
-            let steps = match p.target.cmp(&p.online) {
-                std::cmp::Ordering::Equal => vec![],
-                std::cmp::Ordering::Greater => vec![format!("guest: online CPUs {} → {}", p.online, p.target)],
-                std::cmp::Ordering::Less => vec![format!("guest: offline CPUs {} → {}", p.online, p.target)],
-            };
-            (p.findings, steps)
-        }))?;
-    } else if let Some(target) = req.cpus {
-        take(plan_setvcpus(&facts, target, &req.opts).map(|p| {
-            let steps = p.steps.iter().map(|s| format!("setvcpus {s} ({})", affect_text(facts.affect))).collect();
-            (p.findings, steps)
-        }))?;
     }
-    if let Some(mem) = &req.memory {
-        take(plan_attach_memory(&facts, mem, &req.opts).map(|p| {
-            let steps = p
-                .dimms
-                .iter()
-                .map(|d| format!("attach dimm {} on node {} as {}", d.spec.size, d.spec.node, d.alias))
-                .collect();
-            (p.findings, steps)
-        }))?;
-    }
-    if let Some(r) = &req.resize {
-        let opts = HotplugOpts { zone: req.opts.zone, ..req.opts.clone() };
-        take(crate::vmem::plan_resize(&facts, r, &opts).map(|p| {
-            let steps = p
-                .steps
-                .iter()
-                .map(|s| format!("update {} requested {} → {}", s.device.label(), s.device.requested, s.to))
-                .collect();
-            (p.findings, steps)
-        }))?;
-    }
-    if req.cpus.is_none() && req.memory.is_none() && req.resize.is_none() {
-        findings = preflight::check(&facts.ctx_for(req.opts.no_wait), &Operation::Readiness);
+    if verbs.is_empty() {
+        findings = preflight::check(&facts.ctx_for(opts.no_wait), &Operation::Readiness);
         ready = !preflight::has_errors(&findings);
     }
     findings.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.id.cmp(b.id)));

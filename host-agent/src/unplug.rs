@@ -5,16 +5,17 @@
 //! and the agent confirms the blocks are gone. A step that fails puts back what the
 //! steps before it did: blocks offlined for a DIMM that stays are onlined again.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome as BlockOutcome};
 
-use crate::domain::{Connection, DomainError, XmlView};
-use crate::facts::{blocking, gather_timed, Facts, HotplugOpts};
+use crate::domain::{DomainError, XmlView};
+use crate::facts::{blocking, Facts, HotplugOpts};
 use crate::link::GuestAgent;
 use crate::plan::{plan_detach_memory, DetachPlan};
-use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::preflight::{Finding, NotPlanned};
+use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::verb::Verb;
 use crate::wait::Wait;
 use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
 
@@ -60,37 +61,48 @@ fn first_failure(r: &vmplug_common::protocol::Report) -> String {
         .unwrap_or_else(|| "no detail".into())
 }
 
-/// `vmplug detach-memory`: gather, plan, then the steps in the only safe order —
-/// the guest offlines the blocks, libvirt detaches, QEMU removes, the guest
-/// confirms — each undoing what the ones before it did if it fails.
-pub async fn detach_memory(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    sel: &DimmSelector,
-    opts: &HotplugOpts,
-) -> Result<OpReport, DomainError> {
-    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
-    detach_memory_with(&facts, link.as_mut(), sel, opts, run).await
+/// `vmplug detach-memory`: the steps in the only safe order — the guest
+/// offlines the blocks, libvirt detaches, QEMU removes, the guest confirms —
+/// each undoing what the ones before it did if it fails.
+#[derive(Debug, Clone)]
+pub struct DetachMemory {
+    pub sel: DimmSelector,
 }
 
-/// `detach-memory` on facts already gathered, with whatever guest agent the
-/// caller has (the real session, or a scripted one in tests).
-pub async fn detach_memory_with<A: GuestAgent>(
+impl Verb for DetachMemory {
+    const NAME: &'static str = "detach-memory";
+    type Plan = DetachPlan;
+
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<DetachPlan, NotPlanned> {
+        plan_detach_memory(facts, &self.sel, opts)
+    }
+
+    fn preview(&self, _: &Facts, p: DetachPlan) -> (Vec<Finding>, Vec<String>) {
+        let steps = p.chosen.iter().map(|d| format!("detach dimm {} ({})", alias(d), d.size)).collect();
+        (p.findings, steps)
+    }
+
+    async fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: DetachPlan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> Result<OpReport, DomainError> {
+        execute(facts, link, &plan, opts, run).await
+    }
+}
+
+async fn execute<A: GuestAgent>(
     facts: &Facts,
     mut link: Option<&mut A>,
-    sel: &DimmSelector,
+    plan: &DetachPlan,
     opts: &HotplugOpts,
-    mut run: Run,
+    run: Run,
 ) -> Result<OpReport, DomainError> {
     let name = facts.loaded.facts.name.as_str();
-    let t = Instant::now();
-    let plan = plan_detach_memory(facts, sel, opts);
-    run.preflight_ms += ms(t);
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(why) => return not_planned(OP, name, facts.affect, why, &run),
-    };
-    let mut d = Detach { facts, plan: &plan, opts, run, applied: vec![], guest: None };
+    let mut d = Detach { facts, plan, opts, run, applied: vec![], guest: None };
     if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
         if let Err(report) = d.offline(link).await {
             return Ok(*report);
@@ -111,7 +123,7 @@ pub async fn detach_memory_with<A: GuestAgent>(
     Ok(d.report(outcome, message, verified))
 }
 
-const OP: &str = "detach-memory";
+const OP: &str = DetachMemory::NAME;
 
 /// One detach in progress: the plan, what was applied, the guest's report.
 struct Detach<'a> {

@@ -21,13 +21,14 @@ use vmplug_common::protocol::{BlockState, MemRange, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, DomainError, XmlView};
+use crate::facts::Facts;
 use crate::facts::{blocking, HotplugOpts};
-use crate::facts::{gather_timed, Facts};
 use crate::link::GuestAgent;
 use crate::preflight::{self, Finding, Operation, RuleId};
 use crate::preflight::{NotPlanned, Refusal};
 use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, Run};
 use crate::report::{HostSide, OpReport, Outcome};
+use crate::verb::Verb;
 use crate::wait::Wait;
 
 pub use crate::report::DeviceOutcome;
@@ -453,35 +454,51 @@ pub fn judge_resize(
     (outcome, message, out)
 }
 
-/// `vmplug resize-memory`: gather, plan, change `<requested>`, wait for
-/// `<current>` with the guest onlining, judge.
-pub async fn resize_memory(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    r: &ResizeOpts,
-    opts: &HotplugOpts,
-) -> Result<OpReport, DomainError> {
-    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
-    resize_memory_with(&facts, link.as_mut(), r, opts, run).await
+/// `vmplug resize-memory`: change `<requested>`, wait for `<current>` with the
+/// guest onlining, [`judge_resize`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResizeMemory {
+    pub r: ResizeOpts,
 }
 
-/// `resize-memory` on facts already gathered, with whatever guest agent the
-/// caller has (the real session, or a scripted one in tests).
-pub async fn resize_memory_with<A: GuestAgent>(
+impl Verb for ResizeMemory {
+    const NAME: &'static str = "resize-memory";
+    type Plan = ResizePlan;
+
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<ResizePlan, NotPlanned> {
+        plan_resize(facts, &self.r, opts)
+    }
+
+    fn preview(&self, _: &Facts, p: ResizePlan) -> (Vec<Finding>, Vec<String>) {
+        let steps = p
+            .steps
+            .iter()
+            .map(|s| format!("update {} requested {} → {}", s.device.label(), s.device.requested, s.to))
+            .collect();
+        (p.findings, steps)
+    }
+
+    async fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: ResizePlan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> Result<OpReport, DomainError> {
+        execute_resize(facts, link, plan, &self.r, opts, run).await
+    }
+}
+
+async fn execute_resize<A: GuestAgent>(
     facts: &Facts,
     mut link: Option<&mut A>,
+    plan: ResizePlan,
     r: &ResizeOpts,
     opts: &HotplugOpts,
     mut run: Run,
 ) -> Result<OpReport, DomainError> {
     let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
-    let t = Instant::now();
-    let plan = plan_resize(facts, r, opts);
-    run.preflight_ms += ms(t);
-    let plan = match plan {
-        Ok(p) => p,
-        Err(why) => return not_planned("resize-memory", name, affect, why, &run),
-    };
     let ranges = plan.ranges();
     if let (true, Some(agent)) = (plan.confirm && plan.grows(), link.as_deref_mut()) {
         // First the regions and their zone: blocks the device plugs from now on
@@ -493,7 +510,7 @@ pub async fn resize_memory_with<A: GuestAgent>(
     for step in &plan.steps {
         if let Err(e) = update_requested(facts, step.device.index, step.to, affect).await {
             run.libvirt_ms = ms(t);
-            return Ok(libvirt_failed("resize-memory", name, affect, applied, plan.findings, &e, &run));
+            return Ok(libvirt_failed(ResizeMemory::NAME, name, affect, applied, plan.findings, &e, &run));
         }
         applied.push(format!(
             "update {} requested {} → {} ({})",
@@ -506,7 +523,7 @@ pub async fn resize_memory_with<A: GuestAgent>(
     run.libvirt_ms = ms(t);
     if !affect.live() {
         let message = format!("requested sizes set in the persistent definition ({} at the next start)", plan.after);
-        return Ok(persistent_only("resize-memory", name, affect, message, plan.findings, applied, &run));
+        return Ok(persistent_only(ResizeMemory::NAME, name, affect, message, plan.findings, applied, &run));
     }
     let t = Instant::now();
     let (settled, mut ev) = wait_settled(facts, link.as_deref_mut(), &plan, r, opts).await?;
@@ -528,7 +545,7 @@ pub async fn resize_memory_with<A: GuestAgent>(
             .join("; "),
     );
     Ok(OpReport {
-        operation: "resize-memory".into(),
+        operation: ResizeMemory::NAME.into(),
         domain: name.into(),
         affect,
         outcome,

@@ -8,9 +8,10 @@ use std::time::Duration;
 use vmplug::domain::Affect;
 use vmplug::fake::{FakeConnection, FakeDomain, Hook};
 use vmplug::link::AgentAddr;
-use vmplug::ops::{attach_memory, setvcpus, setvcpus_guest, HotplugOpts, MemoryOpts};
+use vmplug::ops::{AttachMemory, GuestVcpus, HotplugOpts, MemoryOpts, Setvcpus};
 use vmplug::report::Outcome;
-use vmplug::unplug::{detach_memory, DimmSelector};
+use vmplug::unplug::{DetachMemory, DimmSelector};
+use vmplug::verb;
 mod common;
 
 use vmplug_common::protocol::ZonePolicy;
@@ -66,7 +67,9 @@ fn opts(w: &World, timeout: Duration) -> HotplugOpts {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setvcpus_is_confirmed_by_the_guest() {
     let w = world(true).await;
-    let r = setvcpus(w.conn.clone(), "web1", 4, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls(), vec!["setvcpus 4 Both"], "one socket (2 vCPUs) per step: 2 -> 4");
     assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3");
@@ -78,7 +81,9 @@ async fn setvcpus_is_confirmed_by_the_guest() {
 async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
     let w = world(true).await;
     let mem = mem_opts(GIB, 1, 4 * GIB, "t");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let g = r.guest.expect("guest report");
     assert_eq!(g.blocks.len(), 8);
@@ -90,12 +95,17 @@ async fn attach_memory_onlines_exactly_the_new_blocks_on_their_node() {
 async fn misaligned_memory_is_refused_before_libvirt_is_called() {
     let w = world(true).await;
     let mem = mem_opts(100 * MIB, 0, 4 * GIB, "t");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Refused);
     assert_eq!(r.outcome.exit_code(), 2);
     assert!(w.dom.calls().is_empty(), "nothing applied");
     let rounded = MemoryOpts { round_up: true, ..mem };
-    let r = attach_memory(w.conn.clone(), "web1", &rounded, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r =
+        verb::run(&AttachMemory { mem: rounded.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+            .await
+            .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(r.guest.expect("report").blocks.len(), 1, "rounded up to one 128 MiB block");
 }
@@ -105,7 +115,9 @@ async fn a_libvirt_failure_is_reported_as_such() {
     let w = world(true).await;
     w.dom.fail("attach-device", "internal error: unable to execute QEMU command 'device_add'");
     let mem = mem_opts(GIB, 0, 4 * GIB, "t");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::LibvirtError);
     assert!(r.message.contains("device_add"), "{}", r.message);
     assert!(r.host.applied.is_empty());
@@ -115,7 +127,9 @@ async fn a_libvirt_failure_is_reported_as_such() {
 async fn a_dimm_the_guest_never_sees_is_a_guest_timeout_not_a_success() {
     let w = world(false).await;
     let mem = mem_opts(256 * MIB, 0, 4 * GIB, "t");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(1))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(1)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::GuestTimeout, "{}", r.render_text());
     assert_eq!(r.outcome.exit_code(), 4);
     assert_eq!(r.host.applied.len(), 1, "the host side is reported as applied");
@@ -127,11 +141,11 @@ async fn an_unreachable_agent_is_its_own_outcome() {
     let mut o = opts(&w, Duration::from_secs(5));
     o.agent = Some(AgentAddr::Serial { path: "/nonexistent/agent.sock".into() });
     o.agent_wait = Duration::from_millis(600);
-    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::AgentUnreachable, "{}", r.render_text());
     assert_eq!(r.outcome.exit_code(), 7);
     assert!(w.dom.calls().is_empty());
-    let unknown = setvcpus(w.conn.clone(), "nope", 4, &o).await;
+    let unknown = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "nope", &o).await;
     assert!(unknown.is_err_and(|e| e.to_string().contains("'nope' not found")));
 }
 
@@ -141,11 +155,11 @@ async fn live_on_a_stopped_domain_is_refused() {
     w.dom.set_running(false);
     let mut o = opts(&w, Duration::from_secs(5));
     o.affect = Affect::Live;
-    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Refused);
     assert!(r.findings.iter().any(|f| f.id == "domain.running"));
     o.affect = Affect::Config;
-    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls(), vec!["setvcpus 4 Config"]);
 }
@@ -156,24 +170,32 @@ async fn a_repeated_request_attaches_only_what_is_missing() {
     // 1 GiB as four 256 MiB DIMMs; libvirt fails on the third: a crash mid-attach.
     w.dom.fail_after("attach-device", 2, "connection lost");
     let mem = mem_opts(GIB, 0, 256 * MIB, "retry-1");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
     // The same command again: reconciled from the live XML, two more DIMMs, not four.
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert!(r.host.applied.iter().any(|a| a.contains("reconciled: 2 DIMM(s)")), "{:?}", r.host.applied);
     let attaches = w.dom.calls().iter().filter(|c| c.starts_with("attach-device")).count();
     assert_eq!(attaches, 2 + 1 + 2, "two, one failed, then the missing two");
     assert_eq!(r.guest.expect("report").blocks.len(), 8, "the guest confirms the whole request");
     // And once more: nothing left to attach, still verified.
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls().iter().filter(|c| c.starts_with("attach-device")).count(), 5);
 }
 
 async fn attached(w: &World, id: &str, size: u64) {
     let mem = mem_opts(size, 0, 256 * MIB, id);
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
 }
 
@@ -188,7 +210,9 @@ async fn detach_memory_offlines_first_then_detaches_and_the_guest_confirms() {
     let first = 64 * GIB / (128 * MIB);
     assert_eq!(state(&w, first).as_deref(), Some("online"));
     let sel = DimmSelector::Request("u1".into());
-    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&DetachMemory { sel: sel.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(r.guest.as_ref().expect("offline report").blocks.len(), 4);
     assert_eq!(w.dom.calls().iter().filter(|c| c.starts_with("detach-device")).count(), 2, "two 256 MiB DIMMs");
@@ -212,7 +236,9 @@ async fn a_block_the_guest_cannot_offline_means_nothing_is_detached() {
     let path = w.kernel.sysfs().block_state_path(first + 1);
     w.kernel.fail_writes(path, &[EBUSY; 64]);
     let sel = DimmSelector::Request("u2".into());
-    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    let r = verb::run(&DetachMemory { sel: sel.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert!(r.message.contains("nothing was detached"), "{}", r.message);
     assert!(!w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was never asked");
@@ -226,7 +252,9 @@ async fn a_refused_detach_puts_the_remaining_blocks_back_online() {
     attached(&w, "u3", 512 * MIB).await;
     w.dom.fail_after("detach-device", 1, "internal error: unable to execute QEMU command 'device_del'");
     let sel = DimmSelector::Request("u3".into());
-    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect("runs");
+    let r = verb::run(&DetachMemory { sel: sel.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
     assert!(r.message.contains("device_del") && r.message.contains("online again"), "{}", r.message);
     let first = 64 * GIB / (128 * MIB);
@@ -239,7 +267,9 @@ async fn detach_memory_names_what_exists_when_nothing_matches() {
     let w = world(true).await;
     let sel = DimmSelector::Request("nope".into());
     // The domain was read to know this: a refusal (exit 2), not a usage error.
-    let r = detach_memory(w.conn.clone(), "web1", &sel, &opts(&w, Duration::from_secs(5))).await.expect("a report");
+    let r = verb::run(&DetachMemory { sel: sel.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("a report");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert!(r.message.contains("no DIMM of 'web1' has request id 'nope'"), "{}", r.message);
     assert!(r.findings.iter().any(|f| f.id == "unplug.dimm"), "{:?}", r.findings);
@@ -256,7 +286,9 @@ async fn a_request_that_makes_no_dimm_is_refused_even_forced() {
     let w = world(true).await;
     let mut o = opts(&w, Duration::from_secs(5));
     (o.force, o.no_wait) = (true, true);
-    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(1024, 0, 4 * GIB, "k"), &o).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem_opts(1024, 0, 4 * GIB, "k") }, w.conn.clone(), "web1", &o)
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert_eq!(r.findings[0].id, "mem.plan", "{}", r.render_text());
     assert!(w.dom.calls().is_empty(), "nothing applied: {:?}", w.dom.calls());
@@ -268,16 +300,22 @@ async fn a_request_that_makes_no_dimm_is_refused_even_forced() {
 async fn a_request_id_repeated_with_a_smaller_size_is_refused() {
     let w = world(true).await;
     let o = opts(&w, Duration::from_secs(10));
-    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(512 * MIB, 0, 4 * GIB, "same"), &o).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem_opts(512 * MIB, 0, 4 * GIB, "same") }, w.conn.clone(), "web1", &o)
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let calls = w.dom.calls().len();
-    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(256 * MIB, 0, 4 * GIB, "same"), &o).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem_opts(256 * MIB, 0, 4 * GIB, "same") }, w.conn.clone(), "web1", &o)
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert_eq!(r.findings[0].id, "mem.request-id", "{}", r.render_text());
     assert!(r.findings[0].message.contains("already attached 512 MiB"), "{}", r.render_text());
     assert_eq!(w.dom.calls().len(), calls, "nothing more applied");
     // The same size again: reconciled, nothing attached, still a success.
-    let r = attach_memory(w.conn.clone(), "web1", &mem_opts(512 * MIB, 0, 4 * GIB, "same"), &o).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem_opts(512 * MIB, 0, 4 * GIB, "same") }, w.conn.clone(), "web1", &o)
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls().len(), calls, "nothing more applied");
 }
@@ -289,11 +327,11 @@ async fn a_request_id_repeated_with_a_smaller_size_is_refused() {
 async fn a_shrink_the_guest_cannot_complete_changes_nothing_in_libvirt() {
     let w = world(true).await;
     let o = opts(&w, Duration::from_secs(5));
-    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let calls = w.dom.calls().len();
     w.kernel.fail_writes(w.kernel.sys().join("devices/system/cpu/cpu3/online"), &[libc::EBUSY; 64]);
-    let r = setvcpus(w.conn.clone(), "web1", 2, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 2 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert!(r.message.contains("nothing was changed in libvirt"), "{}", r.message);
     assert_eq!(w.dom.calls().len(), calls, "libvirt was not asked to unplug: {:?}", w.dom.calls());
@@ -307,7 +345,7 @@ async fn setvcpus_to_the_current_count_says_nothing_changed() {
     let w = world(true).await;
     let mut o = opts(&w, Duration::from_secs(5));
     o.no_wait = true;
-    let r = setvcpus(w.conn.clone(), "web1", 2, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 2 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert!(r.message.contains("nothing was changed"), "{}", r.message);
     assert!(w.dom.calls().is_empty() && r.host.applied.is_empty(), "{:?}", w.dom.calls());
@@ -322,23 +360,26 @@ async fn guest_level_vcpus_move_only_inside_the_guest() {
         w.kernel.add_cpu(cpu, false);
     }
     let o = HotplugOpts { affect: Affect::Current, ..opts(&w, Duration::from_secs(10)) };
-    let r = setvcpus_guest(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    let r = verb::run(&GuestVcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0-3");
     assert!(r.message.contains("guest-level"), "{}", r.message);
-    let r = setvcpus_guest(w.conn.clone(), "web1", 1, &o).await.expect("runs");
+    let r = verb::run(&GuestVcpus { target: 1 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0");
     assert!(w.dom.calls().is_empty(), "libvirt untouched: {:?}", w.dom.calls());
     assert!(!r.host.persistent);
     // Past the vCPUs the guest has: refused before anything moves.
-    let r = setvcpus_guest(w.conn.clone(), "web1", 5, &o).await.expect("runs");
+    let r = verb::run(&GuestVcpus { target: 5 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert!(r.findings.iter().any(|f| f.id == "cpu.guest-present"), "{:?}", r.findings);
     assert_eq!(w.kernel.sysfs().cpu_facts().expect("facts").online.to_string(), "0");
     // The persistent definition is not a guest-level thing.
     let config = HotplugOpts { affect: Affect::Config, ..o.clone() };
-    assert!(setvcpus_guest(w.conn.clone(), "web1", 2, &config).await.is_err(), "--config: a usage error");
+    assert!(
+        verb::run(&GuestVcpus { target: 2 }, w.conn.clone(), "web1", &config).await.is_err(),
+        "--config: a usage error"
+    );
 }
 
 /// Sets the simulated guest's MemAvailable.
@@ -358,7 +399,9 @@ async fn a_plug_larger_than_the_guest_can_absorb_goes_in_waves() {
     let w = world(true).await;
     set_available(&w, 64);
     let mem = mem_opts(4 * GIB, 1, GIB, "big");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert!(r.host.applied.iter().any(|a| a == "wave 1 of 2: 2 GiB in 2 DIMM(s)"), "{:?}", r.host.applied);
     assert!(r.host.applied.iter().any(|a| a == "wave 2 of 2: 2 GiB in 2 DIMM(s)"), "{:?}", r.host.applied);
@@ -377,13 +420,17 @@ async fn waves_stop_when_the_guest_cannot_absorb_the_next() {
     let w = world(true).await;
     set_available(&w, 64);
     let mem = mem_opts(6 * GIB, 1, GIB, "big");
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Partial, "{}", r.render_text());
     assert!(r.message.contains("stopped after wave 1 of 2") && r.message.contains("--request-id big"), "{}", r.message);
     assert_eq!(w.dom.calls().len(), 2, "two DIMMs attached: {:?}", w.dom.calls());
     assert_eq!(w.kernel.sysfs().memory_facts().expect("facts").expect("memory").blocks_offline, 0, "and online");
     set_available(&w, 1024);
-    let r = attach_memory(w.conn.clone(), "web1", &mem, &opts(&w, Duration::from_secs(10))).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(10)))
+        .await
+        .expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(w.dom.calls().len(), 6, "only the missing four: {:?}", w.dom.calls());
     assert!(!r.message.contains("udev rule"), "the first run's blocks are not the kernel's: {}", r.message);
@@ -410,9 +457,9 @@ async fn a_domain_whose_guest_runs_no_code_is_refused_at_once() {
     ] {
         w.dom.set_state(state);
         let started = std::time::Instant::now();
-        let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+        let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
         let m = mem_opts(256 * MIB, 0, 256 * MIB, "state");
-        let a = attach_memory(w.conn.clone(), "web1", &m, &o).await.expect("runs");
+        let a = verb::run(&AttachMemory { mem: m.clone() }, w.conn.clone(), "web1", &o).await.expect("runs");
         let req = CheckRequest { cpus: Some(4), guest: false, memory: Some(m), resize: None, opts: o.clone() };
         let c = check(w.conn.clone(), "web1", &req).await.expect("check");
         assert!(started.elapsed() < Duration::from_secs(3), "{state:?}: no handshake wait: {:?}", started.elapsed());
@@ -442,7 +489,7 @@ async fn an_untrusted_agent_socket_is_named_as_the_cause() {
     let mut o = opts(&w, Duration::from_secs(5));
     o.agent_wait = Duration::from_secs(30);
     let started = std::time::Instant::now();
-    let r = setvcpus(w.conn.clone(), "web1", 4, &o).await.expect("runs");
+    let r = verb::run(&Setvcpus { target: 4 }, w.conn.clone(), "web1", &o).await.expect("runs");
     assert!(started.elapsed() < Duration::from_secs(3), "refused at once: {:?}", started.elapsed());
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert!(r.message.starts_with("refused to use the agent socket"), "{}", r.message);

@@ -157,8 +157,9 @@ async fn lying_agent(edit: fn(&mut serde_json::Value)) -> (tempfile::TempDir, Ag
 async fn a_guest_block_size_cannot_widen_a_plug() {
     use vmplug::domain::Affect;
     use vmplug::fake::{FakeConnection, FakeDomain};
-    use vmplug::ops::{attach_memory, HotplugOpts, MemoryOpts};
+    use vmplug::ops::{AttachMemory, HotplugOpts, MemoryOpts};
     use vmplug::report::Outcome;
+    use vmplug::verb;
     use vmplug_common::protocol::ZonePolicy;
     use vmplug_common::{Bytes, GIB, MIB};
 
@@ -183,14 +184,14 @@ async fn a_guest_block_size_cannot_widen_a_plug() {
         max_dimm: Bytes(4 * GIB),
         request_id: "a".into(),
     };
-    let r = attach_memory(conn.clone(), "web1", &mem, &opts).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: mem.clone() }, conn.clone(), "web1", &opts).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert_eq!(r.findings[0].id, "mem.round-up", "{}", r.render_text());
     assert!(dom.calls().is_empty(), "nothing attached: {:?}", dom.calls());
     // As `attach-memory --round-up` asks (no ceiling but the domain's): the
     // 8 GiB unit is larger than --max-dimm, so no DIMM can be made.
     let cli = MemoryOpts { ceiling: None, request_id: "b".into(), ..mem };
-    let r = attach_memory(conn.clone(), "web1", &cli, &opts).await.expect("runs");
+    let r = verb::run(&AttachMemory { mem: cli.clone() }, conn.clone(), "web1", &opts).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     assert!(r.findings.iter().any(|f| f.id == "mem.max-dimm"), "{}", r.render_text());
     assert!(dom.calls().is_empty(), "nothing attached: {:?}", dom.calls());

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use vmplug::domain::Affect;
 use vmplug::fake::{FakeConnection, FakeDomain, ScriptedAgent};
-use vmplug::ops::{attach_memory_with, setvcpus_with, HotplugOpts, MemoryOpts, Run};
+use vmplug::ops::{AttachMemory, HotplugOpts, MemoryOpts, Run, Setvcpus};
 use vmplug::plan::{gather, Facts};
 use vmplug::report::Outcome;
+use vmplug::verb::run_on;
 use vmplug_common::protocol::{
     BlockResult, CpuResult, Envelope, GuestInfo, Outcome as Done, Report, Response, ZonePolicy,
 };
@@ -81,7 +82,7 @@ async fn a_guest_that_confirms_blocks_outside_the_dimm_is_not_believed() {
         max_dimm: Bytes(4 * GIB),
         request_id: "lie".into(),
     };
-    let r = attach_memory_with(&f, Some(&mut agent), &mem, &opts(), Run::new()).await.expect("runs");
+    let r = run_on(&AttachMemory { mem }, &f, Some(&mut agent), &opts(), Run::new()).await.expect("runs");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert!(r.message.contains("confirmed 0 of them"), "{}", r.message);
     assert_eq!(agent.requests, ["online cpus=None ranges=1"]);
@@ -93,7 +94,7 @@ async fn vcpus_are_confirmed_and_a_refused_shrink_is_put_back() {
     let mut agent = ScriptedAgent::new(info());
     agent.online.push_back(Ok((report(&[2, 3], "0-3", &[]), 0)));
     let f = facts(&dom, &agent).await;
-    let r = setvcpus_with(&f, Some(&mut agent), 4, &opts(), Run::new()).await.expect("runs");
+    let r = run_on(&Setvcpus { target: 4 }, &f, Some(&mut agent), &opts(), Run::new()).await.expect("runs");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(dom.calls(), ["setvcpus 4 Live"]);
 
@@ -104,7 +105,7 @@ async fn vcpus_are_confirmed_and_a_refused_shrink_is_put_back() {
     agent.offline.push_back(Ok(incomplete));
     agent.online.push_back(Ok((report(&[], "0-3", &[]), 0)));
     let f = facts(&dom, &agent).await;
-    let r = setvcpus_with(&f, Some(&mut agent), 2, &opts(), Run::new()).await.expect("runs");
+    let r = run_on(&Setvcpus { target: 2 }, &f, Some(&mut agent), &opts(), Run::new()).await.expect("runs");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert_eq!(dom.calls(), ["setvcpus 4 Live"], "no unplug was asked of libvirt");
     assert_eq!(

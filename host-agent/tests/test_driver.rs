@@ -101,9 +101,10 @@ fn node_file(dir: &std::path::Path, sock: &std::path::Path, domains: &[(&str, u3
 async fn every_domain_state_gets_its_verdict_at_once() {
     use std::time::{Duration, Instant};
     use vmplug::domain::{DomainState, PauseReason};
-    use vmplug::ops::{setvcpus, HotplugOpts};
+    use vmplug::ops::{HotplugOpts, Setvcpus};
     use vmplug::report::Outcome;
     use vmplug::tune::{check, CheckRequest};
+    use vmplug::verb;
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("agent.sock");
     let _silent = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
@@ -130,7 +131,7 @@ async fn every_domain_state_gets_its_verdict_at_once() {
         // The driver gives the reason 'unknown' for the paused state.
         assert_eq!(dom.state().expect("state"), state, "{name}");
         let started = Instant::now();
-        let r = setvcpus(c.clone(), name, 2, &opts).await.expect("runs");
+        let r = verb::run(&Setvcpus { target: 2 }, c.clone(), name, &opts).await.expect("runs");
         let req = CheckRequest { cpus: Some(2), guest: false, memory: None, resize: None, opts: opts.clone() };
         let ck = check(c.clone(), name, &req).await.expect("check");
         assert!(started.elapsed() < Duration::from_secs(3), "{name}: no handshake wait: {:?}", started.elapsed());

@@ -15,11 +15,12 @@ use vmplug::domain::{Affect, Connection, Domain, DomainError, DomainState, NumaP
 use vmplug::fake::{FakeConnection, FakeDomain, Hook};
 use vmplug::libvirt::LibvirtConnection;
 use vmplug::link::AgentAddr;
-use vmplug::ops::{attach_memory, new_request_id, setvcpus, setvcpus_guest, HotplugOpts, MemoryOpts};
+use vmplug::ops::{new_request_id, AttachMemory, GuestVcpus, HotplugOpts, MemoryOpts, Setvcpus};
 use vmplug::preflight::Severity;
 use vmplug::report::Outcome;
 use vmplug::tune::{check, CheckRequest, CheckResult};
-use vmplug::vmem::{resize_memory, ResizeOpts, SizeChange};
+use vmplug::verb;
+use vmplug::vmem::{ResizeMemory, ResizeOpts, SizeChange};
 use vmplug::xml::DomainFacts;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, CpuSet, GIB, KIB, MIB};
@@ -313,10 +314,14 @@ async fn both(
     };
     let c = check(w.conn.clone(), name, &creq).await;
     let v = match req {
-        Req::Cpus(n) => setvcpus(w.conn.clone(), name, n, o).await,
-        Req::GuestCpus(n) => setvcpus_guest(w.conn.clone(), name, n, o).await,
-        Req::Mem(size, node, up) => attach_memory(w.conn.clone(), name, &mem_opts(size, node, up), o).await,
-        Req::Resize(change, node) => resize_memory(w.conn.clone(), name, &resize_opts(change, node), o).await,
+        Req::Cpus(n) => verb::run(&Setvcpus { target: n }, w.conn.clone(), name, o).await,
+        Req::GuestCpus(n) => verb::run(&GuestVcpus { target: n }, w.conn.clone(), name, o).await,
+        Req::Mem(size, node, up) => {
+            verb::run(&AttachMemory { mem: mem_opts(size, node, up) }, w.conn.clone(), name, o).await
+        }
+        Req::Resize(change, node) => {
+            verb::run(&ResizeMemory { r: resize_opts(change, node) }, w.conn.clone(), name, o).await
+        }
     };
     match (c, v) {
         (Ok(c), Ok(v)) => Ok((c, v.outcome, w.dom.calls())),

@@ -10,7 +10,8 @@ use vmplug::fake::{FakeConnection, FakeDomain};
 use vmplug::link::AgentAddr;
 use vmplug::ops::HotplugOpts;
 use vmplug::report::Outcome;
-use vmplug::vmem::{resize_memory, ResizeOpts, SizeChange};
+use vmplug::verb;
+use vmplug::vmem::{ResizeMemory, ResizeOpts, SizeChange};
 use vmplug::xml::DomainFacts;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, MIB};
@@ -48,7 +49,7 @@ async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
 
     let grow =
         ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
-    let r = resize_memory(conn.clone(), "mem1", &grow, &o).await.expect("report");
+    let r = verb::run(&ResizeMemory { r: grow }, conn.clone(), "mem1", &o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let d = &r.virtio_mem[0];
     assert_eq!((d.current, d.blocks, d.blocks_online), (Bytes(512 * MIB), 4, 4), "{d:?}");
@@ -59,7 +60,7 @@ async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
     dom.hold_virtio_mem(256 * MIB);
     let shrink =
         ResizeOpts { change: SizeChange::Shrink(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
-    let r = resize_memory(conn.clone(), "mem1", &shrink, &o).await.expect("report");
+    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert!(r.message.contains("released 256 MiB of 512 MiB"), "{}", r.message);
     assert!(r.virtio_mem[0].requested_reset);

@@ -29,6 +29,7 @@ use crate::facts::gather_timed_with;
 use crate::link::{discover, AgentAddr, GuestLink, LinkError};
 use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::report::Outcome;
+use crate::verb;
 use crate::vmem::{ResizeOpts, SizeChange};
 use crate::xml::DomainFacts;
 
@@ -279,7 +280,7 @@ async fn act(
         Err(e) => return (Outcome::LibvirtError, e.to_string()),
     };
     let r = match *action {
-        Action::AddVcpus { to } => ops::setvcpus_with(&facts, held.as_mut(), to, &opts, run).await,
+        Action::AddVcpus { to } => verb::run_on(&ops::Setvcpus { target: to }, &facts, held.as_mut(), &opts, run).await,
         Action::AddMemory { size, ceiling } => {
             let mem = MemoryOpts {
                 size,
@@ -289,7 +290,7 @@ async fn act(
                 max_dimm: crate::planner::DEFAULT_MAX_DIMM,
                 request_id: ops::new_request_id(),
             };
-            ops::attach_memory_with(&facts, held.as_mut(), &mem, &opts, run).await
+            verb::run_on(&ops::AttachMemory { mem }, &facts, held.as_mut(), &opts, run).await
         }
         Action::GrowVirtioMem { size } | Action::ShrinkVirtioMem { size } => {
             let change = match *action {
@@ -297,7 +298,7 @@ async fn act(
                 _ => SizeChange::Shrink(size),
             };
             let r = ResizeOpts { change, node: None, settle: Duration::from_secs(10) };
-            crate::vmem::resize_memory_with(&facts, held.as_mut(), &r, &opts, run).await
+            verb::run_on(&crate::vmem::ResizeMemory { r }, &facts, held.as_mut(), &opts, run).await
         }
         Action::None => return (Outcome::Ok, "nothing to do".into()),
     };

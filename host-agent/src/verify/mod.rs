@@ -32,6 +32,7 @@ use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::preflight::{RuleId, Severity};
 use crate::report::{OpReport, Outcome};
 use crate::unplug::DimmSelector;
+use crate::verb;
 use crate::vmem::{AddOpts, ResizeOpts, SizeChange};
 use crate::wait::Wait;
 use domain::{Accel, AccelChoice, Arch, DirectBoot};
@@ -664,14 +665,17 @@ impl Session {
         let mark = self.dmesg_mark();
         let target = self.vcpus + 1;
         if self.agent.is_some() {
-            let r = ops::setvcpus(self.conn.clone(), &self.name, target, &hotplug(false, ZonePolicy::Auto)).await;
+            let r =
+                verb::run(&ops::Setvcpus { target }, self.conn.clone(), &self.name, &hotplug(false, ZonePolicy::Auto))
+                    .await;
             if self.record("cpu-plug", started, mark, r).await == Verdict::Pass {
                 self.vcpus = target;
             }
             return;
         }
         // No agent: plug blind, then see in sysfs whether the image onlined it.
-        let r = ops::setvcpus(self.conn.clone(), &self.name, target, &hotplug(true, ZonePolicy::Auto)).await;
+        let r =
+            verb::run(&ops::Setvcpus { target }, self.conn.clone(), &self.name, &hotplug(true, ZonePolicy::Auto)).await;
         let applied = matches!(&r, Ok(r) if r.outcome == Outcome::Ok);
         if !applied {
             self.record("cpu-plug", started, mark, r).await;
@@ -738,7 +742,13 @@ impl Session {
             request_id: request.clone(),
         };
         if self.agent.is_some() {
-            let r = ops::attach_memory(self.conn.clone(), &self.name, &mem, &hotplug(false, ZonePolicy::Auto)).await;
+            let r = verb::run(
+                &ops::AttachMemory { mem: mem.clone() },
+                self.conn.clone(),
+                &self.name,
+                &hotplug(false, ZonePolicy::Auto),
+            )
+            .await;
             let v = self.record(&id, started, mark, r).await;
             if v == Verdict::Pass {
                 self.dimms.push(request);
@@ -746,7 +756,13 @@ impl Session {
             return v;
         }
         let before = self.blocks_online();
-        let r = ops::attach_memory(self.conn.clone(), &self.name, &mem, &hotplug(true, ZonePolicy::Auto)).await;
+        let r = verb::run(
+            &ops::AttachMemory { mem: mem.clone() },
+            self.conn.clone(),
+            &self.name,
+            &hotplug(true, ZonePolicy::Auto),
+        )
+        .await;
         if !matches!(&r, Ok(r) if r.outcome == Outcome::Ok) {
             return self.record(&id, started, mark, r).await;
         }
@@ -800,7 +816,13 @@ impl Session {
             max_dimm: size,
             request_id: "verify-misaligned".into(),
         };
-        let r = ops::attach_memory(self.conn.clone(), &self.name, &mem, &hotplug(false, ZonePolicy::Auto)).await;
+        let r = verb::run(
+            &ops::AttachMemory { mem: mem.clone() },
+            self.conn.clone(),
+            &self.name,
+            &hotplug(false, ZonePolicy::Auto),
+        )
+        .await;
         let after = self.daemon.virsh_out(&["dumpxml", &self.name]).map(|x| x.matches("model='dimm'").count()).ok();
         let mut c = match &r {
             Ok(r)
@@ -853,8 +875,13 @@ impl Session {
         };
         let mark = self.dmesg_mark();
         let sel = DimmSelector::Request(request.clone());
-        let r =
-            crate::unplug::detach_memory(self.conn.clone(), &self.name, &sel, &hotplug(false, ZonePolicy::Auto)).await;
+        let r = verb::run(
+            &crate::unplug::DetachMemory { sel: sel.clone() },
+            self.conn.clone(),
+            &self.name,
+            &hotplug(false, ZonePolicy::Auto),
+        )
+        .await;
         if self.record(id, started, mark, r).await == Verdict::Pass {
             self.dimms.retain(|d| *d != request);
         }
@@ -875,8 +902,13 @@ impl Session {
         let mark = self.dmesg_mark();
         let change = if grow { SizeChange::Grow(VIRTIO_MEM_STEP) } else { SizeChange::Shrink(VIRTIO_MEM_STEP) };
         let r = ResizeOpts { change, node: None, settle: Duration::from_secs(10) };
-        let res =
-            crate::vmem::resize_memory(self.conn.clone(), &self.name, &r, &hotplug(false, ZonePolicy::Movable)).await;
+        let res = verb::run(
+            &crate::vmem::ResizeMemory { r },
+            self.conn.clone(),
+            &self.name,
+            &hotplug(false, ZonePolicy::Movable),
+        )
+        .await;
         self.record(id, started, mark, res).await
     }
 
@@ -922,9 +954,10 @@ impl Session {
             };
             (
                 format!("attach-memory {size}"),
-                tokio::spawn(
-                    async move { ops::attach_memory(conn, &name, &mem, &hotplug(false, ZonePolicy::Auto)).await },
-                ),
+                tokio::spawn(async move {
+                    verb::run(&ops::AttachMemory { mem: mem.clone() }, conn, &name, &hotplug(false, ZonePolicy::Auto))
+                        .await
+                }),
             )
         } else {
             let r =
@@ -932,7 +965,7 @@ impl Session {
             (
                 "resize-memory +512 MiB".to_string(),
                 tokio::spawn(async move {
-                    crate::vmem::resize_memory(conn, &name, &r, &hotplug(false, ZonePolicy::Movable)).await
+                    verb::run(&crate::vmem::ResizeMemory { r }, conn, &name, &hotplug(false, ZonePolicy::Movable)).await
                 }),
             )
         };

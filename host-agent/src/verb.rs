@@ -1,0 +1,89 @@
+//! The verb layer: each hot-plug verb is one type that names itself and brings
+//! its plan, its executor and its judge; one runner does the rest.
+//!
+//! ```text
+//! run():     gather (libvirt + agent) → Verb::plan (pure: facts + request →
+//!            plan | refusal) → Verb::execute (libvirt steps, the guest's
+//!            confirmation, the verb's pure judge) → one OpReport
+//! preview(): gather → Verb::plan → Verb::preview   (what `check` prints)
+//! ```
+//!
+//! A new verb is one file with a `Verb` impl (and its clap arguments), and one
+//! registration line in `cli.rs`; `check`, the report and the schema take its
+//! name from [`Verb::NAME`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::domain::{Connection, DomainError};
+use crate::facts::{gather_timed, Facts, HotplugOpts};
+use crate::link::GuestAgent;
+use crate::preflight::{Finding, NotPlanned};
+use crate::report::{ms, not_planned, OpReport, Run};
+
+/// One verb: its name, its pure plan, what the plan would do in words (for
+/// `check`), and its execution (which ends with the verb's pure judge).
+pub trait Verb: Sync {
+    /// The verb as typed, as reports and the `--json` schema name it.
+    const NAME: &'static str;
+    /// What the plan decided: the steps, and the findings preflight left.
+    type Plan: Send + Sync;
+
+    /// Pure: the facts and the request give the steps, or a refusal.
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<Self::Plan, NotPlanned>;
+
+    /// The plan's findings and its steps in words: `check` prints them.
+    fn preview(&self, facts: &Facts, plan: Self::Plan) -> (Vec<Finding>, Vec<String>);
+
+    /// Carries the plan out through libvirt and the guest's agent, then judges
+    /// the evidence: the report.
+    fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: Self::Plan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> impl Future<Output = Result<OpReport, DomainError>> + Send;
+}
+
+/// `vmplug VERB DOMAIN …`: gather, plan, execute, judge, report.
+pub async fn run<V: Verb>(
+    verb: &V,
+    conn: Arc<dyn Connection>,
+    name: &str,
+    opts: &HotplugOpts,
+) -> Result<OpReport, DomainError> {
+    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
+    run_on(verb, &facts, link.as_mut(), opts, run).await
+}
+
+/// A verb on facts already gathered, with whatever guest agent the caller has
+/// (the real session, autoscale's held one, or a scripted one in tests).
+pub async fn run_on<V: Verb, A: GuestAgent>(
+    verb: &V,
+    facts: &Facts,
+    link: Option<&mut A>,
+    opts: &HotplugOpts,
+    mut run: Run,
+) -> Result<OpReport, DomainError> {
+    let t = Instant::now();
+    let plan = verb.plan(facts, opts);
+    run.preflight_ms += ms(t);
+    match plan {
+        Ok(plan) => verb.execute(facts, link, plan, opts, run).await,
+        Err(why) => not_planned(V::NAME, &facts.loaded.facts.name, facts.affect, why, &run),
+    }
+}
+
+/// What `check` asks of a verb: its plan's findings and steps, without acting.
+pub trait Preview: Send + Sync {
+    fn preview(&self, facts: &Facts, opts: &HotplugOpts) -> Result<(Vec<Finding>, Vec<String>), NotPlanned>;
+}
+
+impl<V: Verb + Send> Preview for V {
+    fn preview(&self, facts: &Facts, opts: &HotplugOpts) -> Result<(Vec<Finding>, Vec<String>), NotPlanned> {
+        Verb::plan(self, facts, opts).map(|p| Verb::preview(self, facts, p))
+    }
+}
