@@ -3,19 +3,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, CpuSet};
 
 use crate::autoscale::{Host, Policy, PolicyError};
-use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams};
+use crate::domain::{Connection, DomainError, NumaMode, NumaParams};
 use crate::link::AgentAddr;
 use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::preflight::Severity;
 use crate::report::{Envelope, OpReport, Outcome as ReportOutcome};
 use crate::tune::{self, Refused, TuneError};
 use crate::unplug::{self, DimmSelector};
-use crate::verb::{self, Verb};
+use crate::verb::{self, Verb, VerbArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,73 +49,51 @@ pub fn parse_set(s: &str) -> Result<CpuSet, String> {
     Ok(set)
 }
 
-#[derive(Args, Debug, Clone, Copy)]
-pub struct AffectArgs {
-    /// Affect the running domain.
-    #[arg(long)]
-    pub live: bool,
-    /// Affect the persistent definition.
-    #[arg(long)]
-    pub config: bool,
-    /// Live if running, else config (the default).
-    #[arg(long)]
-    pub current: bool,
+pub use crate::verb::{AffectArgs, AgentArgs, HotplugArgs};
+
+/// The verbs registered through the Verb layer: one line each (`Variant(Args)`,
+/// the variant's name in kebab case being the verb's). Their CLI, report name
+/// and `--json` operation come from their [`VerbArgs`] and [`Verb`] impls.
+macro_rules! registered_verbs {
+    ($($variant:ident($args:ty),)*) => {
+        #[derive(Subcommand, Debug)]
+        pub enum Registered {
+            $($variant($args),)*
+        }
+
+        impl Registered {
+            /// The verb, as typed.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Registered::$variant(_) => <<$args as VerbArgs>::Verb as Verb>::NAME,)*
+                }
+            }
+
+            pub fn domain(&self) -> &str {
+                match self {
+                    $(Registered::$variant(a) => a.domain(),)*
+                }
+            }
+
+            fn domain_mut(&mut self) -> &mut String {
+                match self {
+                    $(Registered::$variant(a) => a.domain_mut(),)*
+                }
+            }
+
+            async fn run(&self, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
+                match self {
+                    $(Registered::$variant(a) => {
+                        Ok(Done::op(verb::run(&a.verb(), conn, a.domain(), &a.opts()?).await?))
+                    })*
+                }
+            }
+        }
+    };
 }
 
-impl AffectArgs {
-    fn affect(self) -> Result<Affect, DomainError> {
-        Affect::from_flags(self.live, self.config, self.current)
-    }
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct AgentArgs {
-    /// Guest agent address: vsock:CID:PORT, hybrid:PATH:PORT or serial:PATH
-    /// (default: from the domain's vmplug metadata or its virtio-serial channel).
-    #[arg(long)]
-    pub agent: Option<AgentAddr>,
-    /// Seconds to wait for the agent's handshake.
-    #[arg(long, default_value_t = 30)]
-    pub agent_timeout: u64,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct HotplugArgs {
-    #[command(flatten)]
-    pub affect: AffectArgs,
-    #[command(flatten)]
-    pub agent: AgentArgs,
-    /// Seconds the guest may take to bring everything online.
-    #[arg(long, default_value_t = 60)]
-    pub timeout: u64,
-    /// Do not wait for the guest's confirmation.
-    #[arg(long)]
-    pub no_wait: bool,
-    /// Apply even when preflight finds errors (the guest's answer is still checked).
-    #[arg(long)]
-    pub force: bool,
-    /// Zone for onlined memory: auto, movable, kernel, online (default: auto for
-    /// DIMMs, movable for virtio-mem, so that it can shrink again).
-    #[arg(long)]
-    pub zone: Option<ZonePolicy>,
-}
-
-impl HotplugArgs {
-    fn opts(&self) -> Result<HotplugOpts, DomainError> {
-        self.opts_with_zone(ZonePolicy::Auto)
-    }
-
-    fn opts_with_zone(&self, default_zone: ZonePolicy) -> Result<HotplugOpts, DomainError> {
-        Ok(HotplugOpts {
-            affect: self.affect.affect()?,
-            timeout: Duration::from_secs(self.timeout.clamp(1, 3600)),
-            agent_wait: Duration::from_secs(self.agent.agent_timeout.clamp(1, 3600)),
-            no_wait: self.no_wait,
-            force: self.force,
-            agent: self.agent.agent.clone(),
-            zone: self.zone.unwrap_or(default_zone),
-        })
-    }
+registered_verbs! {
+    DetachVirtioMem(crate::vmem_detach::DetachVirtioMemArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,6 +239,8 @@ pub enum Command {
         #[command(flatten)]
         hotplug: HotplugArgs,
     },
+    #[command(flatten)]
+    Registered(Registered),
     /// Show or set host NUMA memory placement.
     Numatune {
         /// Domain name, ID or UUID (as virsh takes them).
@@ -473,7 +453,7 @@ macro_rules! named_domain {
             | Command::Prepare { domain, .. }
             | Command::Status { domain, .. }
             | Command::Meta { domain, .. } => Some(domain),
-            Command::Autoscale { .. } | Command::VerifyImage { .. } => None,
+            Command::Autoscale { .. } | Command::VerifyImage { .. } | Command::Registered(_) => None,
         }
     };
 }
@@ -498,16 +478,23 @@ impl Command {
             Command::Status { .. } => "status",
             Command::Meta { .. } => "meta",
             Command::VerifyImage { .. } => "verify-image",
+            Command::Registered(r) => r.name(),
         }
     }
 
     /// The domain the command names, to be replaced by its name once found.
     fn domain_mut(&mut self) -> Option<&mut String> {
+        if let Command::Registered(r) = self {
+            return Some(r.domain_mut());
+        }
         named_domain!(self)
     }
 
     /// The domain the command is about, if it names one.
     pub fn domain(&self) -> Option<&str> {
+        if let Command::Registered(r) = self {
+            return Some(r.domain());
+        }
         named_domain!(self).map(String::as_str)
     }
 }
@@ -721,6 +708,7 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
             let opts = hotplug.opts_with_zone(ZonePolicy::Movable)?;
             Done::op(verb::run(&crate::vmem::ResizeMemory { r }, conn, domain, &opts).await?)
         }
+        Command::Registered(r) => r.run(conn).await?,
         Command::Numatune { domain, mode, nodeset, affect } => {
             let set = NumaParams { mode: *mode, nodeset: nodeset.clone() };
             let p = tune::numatune(conn, domain, affect.affect()?, set).await?;

@@ -346,7 +346,14 @@ impl Domain for FakeDomain {
     }
     fn detach_device(&self, xml: &str, affect: Affect) -> Result<(), DomainError> {
         self.enter("detach-device", format!("{affect:?}"))?;
-        let d = memory_device(xml)?;
+        let d = if xml.contains("model='virtio-mem'") {
+            // A virtio-mem device leaves no DIMM-removal event behind.
+            let v = virtio_mem_device(xml)?;
+            let model = "virtio-mem".to_string();
+            crate::xml::Dimm { size: v.size, node: v.node, slot: None, base: None, alias: v.alias, model }
+        } else {
+            memory_device(xml)?
+        };
         let alias = d.alias.clone().ok_or_else(|| DomainError::Other("the fake matches DIMMs by alias".into()))?;
         let removed = {
             let mut st = self.st();

@@ -28,5 +28,6 @@ pub mod unplug;
 pub mod verb;
 pub mod verify;
 pub mod vmem;
+pub mod vmem_detach;
 pub mod wait;
 pub mod xml;

@@ -113,8 +113,10 @@ rule_ids! {
     VmemFloor = "vmem.floor",
     VmemGuestDriver = "vmem.guest-driver",
     VmemNoAddress = "vmem.no-address",
+    VmemAlias = "vmem.alias",
     VmemNode = "vmem.node",
     VmemPlan = "vmem.plan",
+    VmemPlugged = "vmem.plugged",
     VmemSettling = "vmem.settling",
     VmemSize = "vmem.size",
 }
@@ -186,6 +188,12 @@ pub enum Operation {
     GuestVcpus {
         target: u32,
     },
+    /// `detach-virtio-mem`: the device with this alias, among the domain's
+    /// virtio-mem devices (the live XML's when the change is live).
+    VirtioMemDetach {
+        alias: String,
+        devices: Vec<crate::xml::VirtioMem>,
+    },
     /// General readiness (`vmplug check` with no operation).
     Readiness,
 }
@@ -234,6 +242,7 @@ fn live_op(ctx: &Ctx, op: &Operation) -> bool {
             | Operation::Unplug { .. }
             | Operation::Resize { .. }
             | Operation::GuestVcpus { .. }
+            | Operation::VirtioMemDetach { .. }
     ) && ctx.affect.live()
 }
 
@@ -310,7 +319,12 @@ fn rule_job(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 /// The guest agent is needed and was not reached: a live change on a domain
 /// whose guest runs (the state rules speak for the others).
 fn agent_missed(ctx: &Ctx, op: &Operation) -> bool {
-    live_op(ctx, op) && ctx.running && ctx.state.guest_runs() && ctx.guest.is_none()
+    // Removing an empty virtio-mem device needs nothing from the guest agent.
+    live_op(ctx, op)
+        && !matches!(op, Operation::VirtioMemDetach { .. })
+        && ctx.running
+        && ctx.state.guest_runs()
+        && ctx.guest.is_none()
 }
 
 fn rule_agent_socket(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -379,6 +393,42 @@ fn rule_unplug_address(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         format!(
             "the live XML gives DIMM(s) {} no address: vmplug cannot tell the guest which blocks to release",
             without_address.join(", ")
+        ),
+    )
+}
+
+fn rule_vmem_alias(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::VirtioMemDetach { alias, devices } = op else { return None };
+    devices.iter().all(|d| d.alias.as_deref() != Some(alias.as_str())).then_some(())?;
+    let known: Vec<String> = devices.iter().map(|d| d.label()).collect();
+    error(
+        RuleId::VmemAlias,
+        format!(
+            "no virtio-mem device of '{}' has alias {alias}; its virtio-mem devices: {}",
+            ctx.dom.name,
+            if known.is_empty() { "none".into() } else { known.join(", ") }
+        ),
+    )
+}
+
+/// QEMU refuses to unplug a virtio-mem device that still holds memory, and the
+/// guest must release that memory first: `resize-memory` does it, verified.
+fn rule_vmem_plugged(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::VirtioMemDetach { alias, devices } = op else { return None };
+    let d = devices.iter().find(|d| d.alias.as_deref() == Some(alias.as_str()))?;
+    (d.plugged().get() > 0 || d.requested.get() > 0).then_some(())?;
+    let node = d.node.map_or(String::new(), |n| format!(" --node {n}"));
+    let how = if d.plugged().get() > 0 {
+        format!("`vmplug resize-memory {} -{}{node}`", ctx.dom.name, d.plugged())
+    } else {
+        "resize-memory (its requested size is not 0 yet)".to_string()
+    };
+    error(
+        RuleId::VmemPlugged,
+        format!(
+            "{alias} still holds {} (requested {}): resize-memory it to 0 first, so the guest releases the memory ({how}), then detach it",
+            d.plugged(),
+            d.requested
         ),
     )
 }
@@ -857,6 +907,8 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::MemWindowsNode0, rule_mem_windows_node0),
     (RuleId::UnplugLiveOnly, rule_unplug_live_only),
     (RuleId::UnplugNoAddress, rule_unplug_address),
+    (RuleId::VmemAlias, rule_vmem_alias),
+    (RuleId::VmemPlugged, rule_vmem_plugged),
     (RuleId::SchedSharesRange, rule_shares),
     (RuleId::PinHostCpus, rule_pin),
     (RuleId::Numatune, rule_numatune),

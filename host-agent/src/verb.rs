@@ -14,11 +14,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::domain::{Connection, DomainError};
+use clap::Args;
+use vmplug_common::protocol::ZonePolicy;
+
+use crate::domain::{Affect, Connection, DomainError};
 use crate::facts::{gather_timed, Facts, HotplugOpts};
-use crate::link::GuestAgent;
+use crate::link::{AgentAddr, GuestAgent};
 use crate::preflight::{Finding, NotPlanned};
 use crate::report::{ms, not_planned, OpReport, Run};
 
@@ -46,6 +49,16 @@ pub trait Verb: Sync {
         opts: &HotplugOpts,
         run: Run,
     ) -> impl Future<Output = Result<OpReport, DomainError>> + Send;
+}
+
+/// A registered verb's command line (its clap arguments, flattened into the
+/// CLI by one line in `cli.rs`): the domain it names, the verb and its options.
+pub trait VerbArgs {
+    type Verb: Verb;
+    fn domain(&self) -> &str;
+    fn domain_mut(&mut self) -> &mut String;
+    fn verb(&self) -> Self::Verb;
+    fn opts(&self) -> Result<HotplugOpts, DomainError>;
 }
 
 /// `vmplug VERB DOMAIN …`: gather, plan, execute, judge, report.
@@ -85,5 +98,75 @@ pub trait Preview: Send + Sync {
 impl<V: Verb + Send> Preview for V {
     fn preview(&self, facts: &Facts, opts: &HotplugOpts) -> Result<(Vec<Finding>, Vec<String>), NotPlanned> {
         Verb::plan(self, facts, opts).map(|p| Verb::preview(self, facts, p))
+    }
+}
+
+/// The options every verb's command line shares (flattened into each).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct AffectArgs {
+    /// Affect the running domain.
+    #[arg(long)]
+    pub live: bool,
+    /// Affect the persistent definition.
+    #[arg(long)]
+    pub config: bool,
+    /// Live if running, else config (the default).
+    #[arg(long)]
+    pub current: bool,
+}
+
+impl AffectArgs {
+    pub fn affect(self) -> Result<Affect, DomainError> {
+        Affect::from_flags(self.live, self.config, self.current)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Guest agent address: vsock:CID:PORT, hybrid:PATH:PORT or serial:PATH
+    /// (default: from the domain's vmplug metadata or its virtio-serial channel).
+    #[arg(long)]
+    pub agent: Option<AgentAddr>,
+    /// Seconds to wait for the agent's handshake.
+    #[arg(long, default_value_t = 30)]
+    pub agent_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HotplugArgs {
+    #[command(flatten)]
+    pub affect: AffectArgs,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// Seconds the guest may take to bring everything online.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Do not wait for the guest's confirmation.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Apply even when preflight finds errors (the guest's answer is still checked).
+    #[arg(long)]
+    pub force: bool,
+    /// Zone for onlined memory: auto, movable, kernel, online (default: auto for
+    /// DIMMs, movable for virtio-mem, so that it can shrink again).
+    #[arg(long)]
+    pub zone: Option<ZonePolicy>,
+}
+
+impl HotplugArgs {
+    pub fn opts(&self) -> Result<HotplugOpts, DomainError> {
+        self.opts_with_zone(ZonePolicy::Auto)
+    }
+
+    pub fn opts_with_zone(&self, default_zone: ZonePolicy) -> Result<HotplugOpts, DomainError> {
+        Ok(HotplugOpts {
+            affect: self.affect.affect()?,
+            timeout: Duration::from_secs(self.timeout.clamp(1, 3600)),
+            agent_wait: Duration::from_secs(self.agent.agent_timeout.clamp(1, 3600)),
+            no_wait: self.no_wait,
+            force: self.force,
+            agent: self.agent.agent.clone(),
+            zone: self.zone.unwrap_or(default_zone),
+        })
     }
 }

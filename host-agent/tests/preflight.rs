@@ -646,3 +646,32 @@ fn cpu_guest_present_and_persist_guest_level() {
     no_agent.guest = None;
     assert!(ids(&no_agent.run(&op(2)), Severity::Error).contains(&"agent.ready"), "the agent does the work");
 }
+
+fn vmem_detach(alias: &str, requested_mib: u64, current_mib: u64) -> Operation {
+    let dev = |n: usize, req: u64, cur: u64| vmplug::xml::VirtioMem {
+        index: n,
+        size: Bytes(GIB),
+        node: Some(n as u32),
+        block: Bytes(2 * 1024 * 1024),
+        requested: Bytes(req * 1024 * 1024),
+        current: Some(Bytes(cur * 1024 * 1024)),
+        base: Some((4 + n as u64) * GIB),
+        alias: Some(format!("virtiomem{n}")),
+    };
+    Operation::VirtioMemDetach { alias: alias.into(), devices: vec![dev(0, 0, 0), dev(1, requested_mib, current_mib)] }
+}
+
+#[test]
+fn vmem_detach_needs_an_empty_device_that_exists() {
+    let plugged = Case::new().run(&vmem_detach("virtiomem1", 256, 256));
+    let f = plugged.iter().find(|f| f.id == "vmem.plugged").expect("vmem.plugged");
+    assert!(f.message.contains("resize-memory") && f.message.contains("-256 MiB --node 1"), "{}", f.message);
+    // Still settling towards a requested size: refused too.
+    let settling = Case::new().run(&vmem_detach("virtiomem1", 256, 0));
+    assert!(ids(&settling, Severity::Error).contains(&"vmem.plugged"), "{settling:#?}");
+    let empty = Case::new().run(&vmem_detach("virtiomem0", 256, 256));
+    assert!(!empty.iter().any(|f| f.id.starts_with("vmem.")), "{empty:#?}");
+    let unknown = Case::new().run(&vmem_detach("virtiomem7", 0, 0));
+    let f = unknown.iter().find(|f| f.id == "vmem.alias").expect("vmem.alias");
+    assert!(f.message.contains("virtiomem0, virtiomem1"), "{}", f.message);
+}
