@@ -170,6 +170,47 @@ fn a_device_is_added_to_the_definition_and_live_and_checked_before() {
     assert_eq!(held, vec![512 * MIB, 512 * MIB], "balanced over node 1's two devices: {r}");
 }
 
+/// The live XML's alias of the virtio-mem device on `node`, if it lists one.
+fn live_alias(g: &Guest, node: u32) -> Option<String> {
+    let xml = g.daemon.virsh_ok(&["dumpxml", &g.name]);
+    let dev = xml
+        .split("<memory model='virtio-mem'>")
+        .skip(1)
+        .map(|d| &d[..d.find("</memory>").unwrap_or(d.len())])
+        .find(|d| d.contains(&format!("<node>{node}</node>")))?;
+    let at = dev.find("<alias name='")? + "<alias name='".len();
+    Some(dev[at..at + dev[at..].find('\'')?].to_string())
+}
+
+/// tp-libvirt's "detach a virtio-mem device with plugged memory": refused
+/// (QEMU would refuse it too), and once resize-memory has the guest release
+/// the memory, the detach succeeds and the device is gone from the live XML.
+#[test]
+fn a_device_with_plugged_memory_is_refused_and_detached_once_empty() {
+    let g = Guest::boot("vmemdet", spec());
+    let name = g.name.clone();
+    let r = g.vmplug_json(&["resize-memory", &name, "+512M", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let alias = live_alias(&g, 1).expect("node 1's device has an alias");
+
+    let out = g.vmplug(&["detach-virtio-mem", &name, "--alias", &alias, "--json"]);
+    assert_eq!(out.status.code(), Some(2), "a device holding memory is refused");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
+    let f = r["findings"].as_array().expect("findings").iter().find(|f| f["id"] == "vmem.plugged").cloned();
+    let msg = f.unwrap_or_else(|| panic!("no vmem.plugged in {r}"))["message"].to_string();
+    assert!(msg.contains("resize-memory") && msg.contains("512 MiB"), "{msg}");
+    assert_eq!(live_current(&g, 1), (512 * MIB, 512 * MIB), "nothing was changed");
+
+    let r = g.vmplug_json(&["resize-memory", &name, "-512M", "--node", "1"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let r = g.vmplug_json(&["detach-virtio-mem", &name, "--alias", &alias]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(r["operation"], "detach-virtio-mem", "{r}");
+    assert_eq!(live_alias(&g, 1), None, "gone from the live XML");
+    assert_eq!(live_current(&g, 0), (0, 0), "node 0's device stays");
+}
+
 /// Autoscale grows a virtio-mem guest under pressure and, with a shrink
 /// threshold, gives the memory back when it is idle, down to the floor.
 #[test]
