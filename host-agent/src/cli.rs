@@ -81,6 +81,13 @@ macro_rules! registered_verbs {
                 }
             }
 
+            /// The verb for `check`, with the options its command line gives.
+            fn preview(&self) -> Result<(Box<dyn verb::Preview>, crate::facts::HotplugOpts), CliError> {
+                match self {
+                    $(Registered::$variant(a) => Ok((Box::new(a.verb()), a.opts()?)),)*
+                }
+            }
+
             async fn run(&self, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
                 match self {
                     $(Registered::$variant(a) => {
@@ -287,6 +294,10 @@ pub enum Command {
         /// The options the verbs take: check answers for exactly these.
         #[command(flatten)]
         hotplug: HotplugArgs,
+        /// Check a verb with its own arguments and options, as it would run
+        /// (`check DOM detach-virtio-mem DOM --alias A`).
+        #[command(subcommand)]
+        verb: Option<Registered>,
     },
     /// Make a domain hot-plug-ready (edits the persistent definition only; takes
     /// effect at the next start). Prints a unified diff of the XML.
@@ -635,12 +646,21 @@ fn refuse_unsupported(cmd: &Command) -> Result<(), CliError> {
 /// or UUID, as virsh takes them): reports and errors after this name it so.
 async fn resolve_domain(cmd: &mut Command, conn: &Arc<dyn Connection>) -> Result<(), CliError> {
     let Some(given) = cmd.domain_mut() else { return Ok(()) };
-    let (conn, key) = (conn.clone(), given.clone());
-    let name = tokio::task::spawn_blocking(move || conn.lookup(&key).map(|d| d.name().to_string()))
-        .await
-        .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??;
-    *given = name;
+    *given = name_of(conn, given).await?;
+    if let Command::Check { verb: Some(v), .. } = cmd {
+        // The verb checked names its domain too: by its name from here on.
+        let name = name_of(conn, v.domain()).await?;
+        *v.domain_mut() = name;
+    }
     Ok(())
+}
+
+/// The name of the domain `key` (a name, ID or UUID) names.
+async fn name_of(conn: &Arc<dyn Connection>, key: &str) -> Result<String, CliError> {
+    let (conn, key) = (conn.clone(), key.to_string());
+    Ok(tokio::task::spawn_blocking(move || conn.lookup(&key).map(|d| d.name().to_string()))
+        .await
+        .map_err(|e| CliError::Other(format!("libvirt worker failed: {e}")))??)
 }
 
 /// Runs one command against a connection. The domain the command names is
@@ -720,7 +740,7 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
             env.findings = v.findings.clone();
             Done::new(env, &v, tune::render_numa(&v))
         }
-        Command::Check { domain, cpus, guest, memory, resize, node, round_up, max_dimm, hotplug } => {
+        Command::Check { domain, cpus, guest, memory, resize, node, round_up, max_dimm, hotplug, verb } => {
             if node.is_some() && memory.is_none() && resize.is_none() {
                 return Err(CliError::Usage("--node needs --memory or --resize".into()));
             }
@@ -738,7 +758,16 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
             let zone = if resize.is_some() && memory.is_none() { ZonePolicy::Movable } else { ZonePolicy::Auto };
             let req =
                 tune::CheckRequest { cpus: *cpus, guest: *guest, memory, resize, opts: hotplug.opts_with_zone(zone)? };
-            check(cmd, conn, domain, &req).await?
+            let (mut verbs, mut opts) = (req.verbs(), req.opts);
+            if let Some(v) = verb {
+                if v.domain() != domain {
+                    return Err(CliError::Usage(format!("check {domain}: the {} names another domain", v.name())));
+                }
+                let (v, o) = v.preview()?;
+                verbs.push(v);
+                opts = o;
+            }
+            check(cmd, conn, domain, &verbs, &opts).await?
         }
         Command::Prepare { domain, max_vcpus, max_memory, slots, cells, host_nodes, mode, channel_path, dry_run } => {
             let opts = crate::prepare::PrepareOpts {
@@ -794,9 +823,10 @@ async fn check(
     cmd: &Command,
     conn: Arc<dyn Connection>,
     domain: &str,
-    req: &tune::CheckRequest,
+    verbs: &[Box<dyn verb::Preview>],
+    opts: &crate::facts::HotplugOpts,
 ) -> Result<Done, CliError> {
-    let c = tune::check(conn, domain, req).await?;
+    let c = tune::check_verbs(conn, domain, verbs, opts).await?;
     let (outcome, message) = if c.ready { (ReportOutcome::Ok, "ready") } else { (ReportOutcome::Refused, "not ready") };
     let mut env = Envelope::new(cmd.name(), cmd.domain(), outcome, message.into());
     env.findings = c.findings.clone();
@@ -1059,5 +1089,22 @@ mod tests {
         let mut cmd = ok(&["status", "4"]).command;
         let e = resolve_domain(&mut cmd, &conn).await.expect_err("refused");
         assert_eq!(e.exit_code(), 1, "{e}");
+    }
+
+    #[tokio::test]
+    async fn check_takes_a_registered_verb_with_its_own_arguments() {
+        let dom = crate::fake::FakeDomain::new("vm", crate::vmem_detach::DOM, None);
+        let caps = include_str!("../tests/fixtures/caps.xml");
+        let conn: Arc<dyn Connection> = crate::fake::FakeConnection::new(caps, vec![dom]);
+        let mut cli = ok(&["check", "vm", "detach-virtio-mem", "vm", "--alias", "virtiomem1"]);
+        let d = run(&mut cli, conn.clone()).await.expect("a verdict");
+        assert_eq!(d.exit_code(), 2, "{}", d.text);
+        assert!(d.text.contains("[vmem.plugged]"), "{}", d.text);
+        let mut cli = ok(&["check", "vm", "detach-virtio-mem", "vm", "--alias", "virtiomem0"]);
+        let d = run(&mut cli, conn.clone()).await.expect("a verdict");
+        assert_eq!(d.exit_code(), 0, "{}", d.text);
+        assert!(d.text.contains("would: detach virtiomem0 (live)"), "{}", d.text);
+        let mut cli = ok(&["check", "vm", "detach-virtio-mem", "other", "--alias", "virtiomem0"]);
+        assert!(run(&mut cli, conn).await.is_err(), "another domain");
     }
 }

@@ -202,21 +202,25 @@ pub fn judge(label: &str, after: Option<&DomainFacts>, alias: &str, opts: &Hotpl
 }
 
 #[cfg(test)]
+/// Two devices: virtiomem0 empty, virtiomem1 holding 256 MiB.
+pub(crate) const DOM: &str = "<domain type='kvm'><name>vm</name><maxMemory slots='8' unit='KiB'>8388608</maxMemory>\
+    <memory unit='KiB'>3145728</memory><currentMemory unit='KiB'>1048576</currentMemory><vcpu>1</vcpu>\
+    <os><type arch='x86_64' machine='pc-q35-8.2'>hvm</type></os><devices>\
+    <memory model='virtio-mem'><target><size unit='KiB'>1048576</size><block unit='KiB'>2048</block>\
+    <requested unit='KiB'>0</requested><current unit='KiB'>0</current><address base='0x100000000'/></target>\
+    <alias name='virtiomem0'/></memory>\
+    <memory model='virtio-mem'><target><size unit='KiB'>1048576</size><block unit='KiB'>2048</block>\
+    <requested unit='KiB'>262144</requested><current unit='KiB'>262144</current><address base='0x140000000'/></target>\
+    <alias name='virtiomem1'/></memory></devices></domain>";
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::fake::{FakeConnection, FakeDomain};
     use crate::report::Outcome;
     use std::sync::Arc;
 
-    const DOM: &str = "<domain type='kvm'><name>vm</name><maxMemory slots='8' unit='KiB'>8388608</maxMemory>\
-        <memory unit='KiB'>3145728</memory><currentMemory unit='KiB'>1048576</currentMemory><vcpu>1</vcpu>\
-        <os><type arch='x86_64' machine='pc-q35-8.2'>hvm</type></os><devices>\
-        <memory model='virtio-mem'><target><size unit='KiB'>1048576</size><block unit='KiB'>2048</block>\
-        <requested unit='KiB'>0</requested><current unit='KiB'>0</current><address base='0x100000000'/></target>\
-        <alias name='virtiomem0'/></memory>\
-        <memory model='virtio-mem'><target><size unit='KiB'>1048576</size><block unit='KiB'>2048</block>\
-        <requested unit='KiB'>262144</requested><current unit='KiB'>262144</current><address base='0x140000000'/></target>\
-        <alias name='virtiomem1'/></memory></devices></domain>";
+    use super::DOM;
 
     fn opts() -> HotplugOpts {
         HotplugOpts {
