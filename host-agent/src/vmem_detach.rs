@@ -18,7 +18,7 @@ use crate::domain::{Affect, DomainError, XmlView};
 use crate::facts::{blocking, Facts, HotplugOpts};
 use crate::link::GuestAgent;
 use crate::preflight::{self, Finding, NotPlanned, Operation};
-use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostOnly, OpReport, Outcome, Run};
 use crate::verb::{AffectArgs, AgentArgs, Verb, VerbArgs};
 use crate::wait::Wait;
 use crate::xml::{virtio_mem_update_xml, DomainFacts, VirtioMem};
@@ -155,18 +155,11 @@ impl Verb for DetachVirtioMem {
             let left: Vec<String> = f.virtio_mems.iter().map(VirtioMem::label).collect();
             format!("virtio-mem devices left: {}", if left.is_empty() { "none".into() } else { left.join(", ") })
         });
-        Ok(OpReport {
-            operation: Self::NAME.into(),
-            domain: name.into(),
-            affect,
-            outcome,
-            message,
-            findings: plan.findings,
-            host: HostSide { applied, verified, persistent: affect.config() },
-            guest: None,
-            virtio_mem: vec![],
-            timings: run.timings(),
-        })
+        let host =
+            HostOnly { op: Self::NAME, name, affect, findings: plan.findings, applied, persistent: affect.config() };
+        let mut report = host.report(outcome, message, &run);
+        report.host.verified = verified;
+        Ok(report)
     }
 }
 
