@@ -192,6 +192,18 @@ pub fn looks_like_uuid(s: &str) -> bool {
     s.chars().all(|c| c.is_ascii_hexdigit() || c == '-') && s.chars().filter(char::is_ascii_hexdigit).count() == 32
 }
 
+/// An active domain as one bulk listing shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub dom: std::sync::Arc<dyn Domain>,
+    /// Its ID while it runs: a new one after every start.
+    pub id: Option<u32>,
+    pub state: DomainState,
+    /// A hash of what the listing reports that changes with the live XML
+    /// (current vCPUs, memory total); 0 when the driver reports none of it.
+    pub fingerprint: u64,
+}
+
 /// A libvirt connection: host facts and domain lookup.
 pub trait Connection: Send + Sync + std::fmt::Debug {
     fn uri(&self) -> String;
@@ -204,6 +216,21 @@ pub trait Connection: Send + Sync + std::fmt::Debug {
     /// else by UUID; the domain found answers `name()` with its real name.
     fn lookup(&self, name: &str) -> Result<std::sync::Arc<dyn Domain>, DomainError>;
     fn list_domains(&self) -> Result<Vec<String>, DomainError>;
+    /// The active domains with their handles and states, from one listing (no
+    /// lookup by name after it). This default, for connections without a bulk
+    /// listing, looks each one up.
+    fn list_running(&self) -> Result<Vec<Listed>, DomainError> {
+        let mut out = Vec::new();
+        for name in self.list_domains()? {
+            let Ok(dom) = self.lookup(&name) else { continue };
+            if !dom.is_active().unwrap_or(false) {
+                continue;
+            }
+            let Ok(state) = dom.state() else { continue };
+            out.push(Listed { dom, id: None, state, fingerprint: 0 });
+        }
+        Ok(out)
+    }
     /// Defines (or redefines) a domain's persistent configuration.
     fn define(&self, xml: &str) -> Result<(), DomainError>;
 }

@@ -60,6 +60,8 @@ pub struct FakeDomain {
     name: String,
     state: Mutex<State>,
     hook: Option<Hook>,
+    /// How often its XML was read (either view).
+    xml_reads: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for FakeDomain {
@@ -212,7 +214,18 @@ impl FakeDomain {
                 ..Default::default()
             }),
             hook,
+            xml_reads: Default::default(),
         })
+    }
+
+    /// How often its XML was read.
+    pub fn xml_reads(&self) -> u32 {
+        self.xml_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replaces the live XML, as a change libvirt made outside vmplug would.
+    pub fn set_live_xml(&self, xml: &str) {
+        self.st().live = xml.into();
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -290,6 +303,7 @@ impl Domain for FakeDomain {
         })
     }
     fn xml(&self, view: XmlView) -> Result<String, DomainError> {
+        self.xml_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let st = self.st();
         Ok(if view == XmlView::Live && st.running { st.live.clone() } else { st.config.clone() })
     }
@@ -493,6 +507,8 @@ fn xml_uuid(xml: &str) -> Option<&str> {
 pub struct FakeConnection {
     pub caps: String,
     pub domains: Mutex<HashMap<String, Arc<FakeDomain>>>,
+    /// How often a domain was looked up.
+    pub lookups: std::sync::atomic::AtomicU32,
 }
 
 impl FakeConnection {
@@ -500,6 +516,7 @@ impl FakeConnection {
         Arc::new(FakeConnection {
             caps: caps.into(),
             domains: Mutex::new(domains.into_iter().map(|d| (d.name.clone(), d)).collect()),
+            lookups: Default::default(),
         })
     }
 }
@@ -518,6 +535,7 @@ impl Connection for FakeConnection {
         Ok(vec![16 * GIB; nodes as usize])
     }
     fn lookup(&self, name: &str) -> Result<Arc<dyn Domain>, DomainError> {
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
         let hex = |s: &str| s.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase();
         doms.get(name)
@@ -549,6 +567,32 @@ impl Connection for FakeConnection {
 
     fn list_domains(&self) -> Result<Vec<String>, DomainError> {
         Ok(self.domains.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect())
+    }
+
+    /// As libvirt's bulk listing: handles and states, no lookups; the
+    /// fingerprint is the live XML's `<vcpu>` element and memory total, as
+    /// the driver's vCPU and balloon stats would change with them.
+    fn list_running(&self) -> Result<Vec<crate::domain::Listed>, DomainError> {
+        let doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for d in doms.values() {
+            let st = d.st();
+            if !st.running {
+                continue;
+            }
+            let state = st.active_state.unwrap_or(DomainState::Running);
+            let id = xml_domain_id(&st.live);
+            let fingerprint = {
+                use std::hash::{Hash, Hasher};
+                let vcpu = st.live.find("<vcpu").and_then(|i| st.live[i..].find("</vcpu>").map(|j| &st.live[i..i + j]));
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (vcpu, st.live.matches("<memory model=").count(), st.dimms).hash(&mut h);
+                h.finish().max(1)
+            };
+            drop(st);
+            out.push(crate::domain::Listed { dom: d.clone(), id, state, fingerprint });
+        }
+        Ok(out)
     }
 }
 

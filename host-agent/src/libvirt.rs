@@ -9,8 +9,40 @@ use virt::sys;
 use vmplug_common::CpuSet;
 
 use crate::domain::{
-    Affect, Connection, Domain, DomainError, DomainState, NumaMode, NumaParams, PauseReason, SchedParams, XmlView,
+    Affect, Connection, Domain, DomainError, DomainState, Listed, NumaMode, NumaParams, PauseReason, SchedParams,
+    XmlView,
 };
+
+/// A state and reason as libvirt's numbers (`virDomainState`, and
+/// `virDomainPausedReason` when paused).
+fn state_from_raw(state: i32, reason: i32) -> DomainState {
+    let (state, reason) = (state as u32, reason as u32);
+    let pause = match reason {
+        sys::VIR_DOMAIN_PAUSED_USER => PauseReason::User,
+        sys::VIR_DOMAIN_PAUSED_MIGRATION | sys::VIR_DOMAIN_PAUSED_POSTCOPY | sys::VIR_DOMAIN_PAUSED_POSTCOPY_FAILED => {
+            PauseReason::Migration
+        }
+        sys::VIR_DOMAIN_PAUSED_SAVE
+        | sys::VIR_DOMAIN_PAUSED_DUMP
+        | sys::VIR_DOMAIN_PAUSED_SNAPSHOT
+        | sys::VIR_DOMAIN_PAUSED_FROM_SNAPSHOT => PauseReason::SaveOrSnapshot,
+        sys::VIR_DOMAIN_PAUSED_IOERROR => PauseReason::IoError,
+        sys::VIR_DOMAIN_PAUSED_WATCHDOG => PauseReason::Watchdog,
+        sys::VIR_DOMAIN_PAUSED_CRASHED => PauseReason::Crashed,
+        sys::VIR_DOMAIN_PAUSED_STARTING_UP => PauseReason::StartingUp,
+        _ => PauseReason::Other,
+    };
+    match state {
+        sys::VIR_DOMAIN_RUNNING => DomainState::Running,
+        sys::VIR_DOMAIN_BLOCKED => DomainState::Blocked,
+        sys::VIR_DOMAIN_PAUSED => DomainState::Paused(pause),
+        sys::VIR_DOMAIN_SHUTDOWN => DomainState::ShuttingDown,
+        sys::VIR_DOMAIN_SHUTOFF => DomainState::ShutOff,
+        sys::VIR_DOMAIN_CRASHED => DomainState::Crashed,
+        sys::VIR_DOMAIN_PMSUSPENDED => DomainState::PmSuspended,
+        _ => DomainState::NoState,
+    }
+}
 
 fn impact(a: Affect) -> u32 {
     match a {
@@ -88,6 +120,70 @@ impl Connection for LibvirtConnection {
 
     fn define(&self, xml: &str) -> Result<(), DomainError> {
         self.conn.define_domain_xml(xml).map(|_| ()).map_err(|e| DomainError::Other(format!("define: {}", e.message())))
+    }
+
+    /// One `virConnectGetAllDomainStats` call (state, vCPUs, balloon; only what
+    /// the driver has at hand, never waiting on a domain's job): every active
+    /// domain's handle, state and fingerprint in one round trip.
+    fn list_running(&self) -> Result<Vec<Listed>, DomainError> {
+        use std::os::raw::{c_int, c_uint, c_ulonglong};
+        let stats = sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_BALLOON;
+        let flags = sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT;
+        let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+        // SAFETY: the connection pointer is live for `self`; libvirt allocates
+        // `records` (a NULL-terminated array) and we free it below.
+        let n = unsafe { sys::virConnectGetAllDomainStats(self.conn.as_ptr(), stats as c_uint, &mut records, flags) };
+        if n < 0 || records.is_null() {
+            let e = virt::error::Error::last_error();
+            return Err(DomainError::Other(format!("list domains (bulk stats): {}", e.message())));
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for i in 0..n as usize {
+            // SAFETY: `records` holds `n` valid record pointers.
+            let rec = unsafe { &**records.add(i) };
+            let (params, np) = (rec.params, rec.nparams);
+            let int = |name: &std::ffi::CStr| {
+                let mut v: c_int = 0;
+                // SAFETY: params/np are the record's; `v` is a valid out pointer.
+                (unsafe { sys::virTypedParamsGetInt(params, np, name.as_ptr(), &mut v) } == 1).then_some(v)
+            };
+            let uint = |name: &std::ffi::CStr| {
+                let mut v: c_uint = 0;
+                // SAFETY: as above.
+                (unsafe { sys::virTypedParamsGetUInt(params, np, name.as_ptr(), &mut v) } == 1).then_some(v)
+            };
+            let ullong = |name: &std::ffi::CStr| {
+                let mut v: c_ulonglong = 0;
+                // SAFETY: as above.
+                (unsafe { sys::virTypedParamsGetULLong(params, np, name.as_ptr(), &mut v) } == 1).then_some(v)
+            };
+            let state = state_from_raw(int(c"state.state").unwrap_or(0), int(c"state.reason").unwrap_or(0));
+            let vcpus = uint(c"vcpu.current");
+            let memory = ullong(c"balloon.maximum");
+            let fingerprint = match (vcpus, memory) {
+                (None, None) => 0,
+                (v, m) => {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (v, m).hash(&mut h);
+                    h.finish().max(1)
+                }
+            };
+            // SAFETY: the record's domain is live until the list is freed; the
+            // reference taken here is the one the new `Domain` owns and frees.
+            let dom = unsafe {
+                if sys::virDomainRef(rec.dom) < 0 {
+                    continue;
+                }
+                virt::domain::Domain::from_ptr(rec.dom)
+            };
+            let id = dom.id();
+            let Ok(name) = dom.name() else { continue };
+            out.push(Listed { dom: Arc::new(LibvirtDomain { dom, name }), id, state, fingerprint });
+        }
+        // SAFETY: the array libvirt returned, freed once with its records.
+        unsafe { sys::virDomainStatsRecordListFree(records) };
+        Ok(out)
     }
 
     fn list_domains(&self) -> Result<Vec<String>, DomainError> {

@@ -51,6 +51,11 @@ struct ActionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UriLabels {
+    uri: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     action: String,
 }
@@ -74,6 +79,31 @@ const ACTION_KINDS: [&str; 4] = ["add_vcpus", "add_memory", "grow_virtio_mem", "
 
 type FGauge = Gauge<f64, AtomicU64>;
 
+/// The TYPE a metric is written with.
+trait HasKind {
+    fn kind(&self) -> &'static str;
+}
+impl HasKind for Counter {
+    fn kind(&self) -> &'static str {
+        "counter"
+    }
+}
+impl HasKind for Gauge {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+}
+impl<S, M: HasKind + prometheus_client::metrics::TypedMetric + Clone + Default> HasKind for Family<S, M> {
+    fn kind(&self) -> &'static str {
+        M::default().kind()
+    }
+}
+impl HasKind for FGauge {
+    fn kind(&self) -> &'static str {
+        "gauge"
+    }
+}
+
 /// The autoscale metrics as Prometheus families (HELP and TYPE for each,
 /// labels escaped by the encoder); a domain's series go when the domain does.
 #[derive(Debug)]
@@ -95,11 +125,29 @@ pub struct Metrics {
     duration: Family<KindLabels, Histogram>,
     alerts: Family<AlertLabels, Counter>,
     sessions: Family<DomainLabels, Counter>,
+    fleet: Fleet,
     /// Every family's OpenMetrics name, HELP, TYPE and UNIT: the encoder writes
     /// nothing for a family with no series, and a scrape names them all.
     families: Vec<(String, &'static str, &'static str, &'static str)>,
     /// Label sets in use per domain, for removal.
     seen: std::sync::Mutex<std::collections::HashMap<DomainLabels, DomainSeries>>,
+}
+
+/// The daemon's own series: its beat, its listings, its session budget.
+#[derive(Debug, Default)]
+struct Fleet {
+    rounds: Counter,
+    rounds_skipped: Counter,
+    missed: Counter,
+    listing: Family<UriLabels, FGauge>,
+    round: Family<UriLabels, FGauge>,
+    answered: Family<UriLabels, FGauge>,
+    xml_reads: Family<UriLabels, Counter>,
+    sessions_open: Gauge,
+    sessions_kept: Gauge,
+    session_budget: Gauge,
+    evicted: Counter,
+    refused: Counter,
 }
 
 /// The labelled series one domain has, beyond its plain [`DomainLabels`] ones.
@@ -201,6 +249,88 @@ impl Default for Metrics {
         registry.register("vmplug_alerts", "Alerts received from Alertmanager's webhook, by result", alerts.clone());
         let sessions = Family::<DomainLabels, Counter>::default();
         registry.register("vmplug_agent_sessions", SESSIONS_HELP, sessions.clone());
+        let fleet = Fleet::default();
+        type Families = Vec<(String, &'static str, &'static str, &'static str)>;
+        fn reg(
+            registry: &mut Registry,
+            families: &mut Families,
+            name: &'static str,
+            help: &'static str,
+            seconds: bool,
+            metric: impl prometheus_client::registry::Metric + HasKind,
+        ) {
+            let kind = metric.kind();
+            if seconds {
+                families.push((format!("{name}_seconds"), help, kind, "seconds"));
+                registry.register_with_unit(name, help, Unit::Seconds, metric);
+            } else {
+                families.push((name.into(), help, kind, ""));
+                registry.register(name, help, metric);
+            }
+        }
+        let f = &fleet;
+        let (r, fs) = (&mut registry, &mut families);
+        reg(r, fs, "vmplug_autoscale_rounds", "Rounds the beat started", false, f.rounds.clone());
+        reg(
+            r,
+            fs,
+            "vmplug_autoscale_rounds_skipped",
+            "Rounds of the beat skipped because the daemon was behind it",
+            false,
+            f.rounds_skipped.clone(),
+        );
+        reg(r, fs, "vmplug_autoscale_missed_samples", "Domain samples a round missed: the domain's previous step, or its host's listing, was still running, or the round was skipped", false, f.missed.clone());
+        reg(
+            r,
+            fs,
+            "vmplug_autoscale_listing",
+            "The host's last listing: from the round's due instant to its selection ready",
+            true,
+            f.listing.clone(),
+        );
+        reg(
+            r,
+            fs,
+            "vmplug_autoscale_round",
+            "The host's last round: from its due instant to the end of its last step",
+            true,
+            f.round.clone(),
+        );
+        reg(
+            r,
+            fs,
+            "vmplug_autoscale_answered",
+            "The host's last round: from its due instant to the end of its last step whose agent answered",
+            true,
+            f.answered.clone(),
+        );
+        reg(
+            r,
+            fs,
+            "vmplug_domain_xml_reads",
+            "Live domain XML reads (only domains new, changed, invalidated or due by age are read)",
+            false,
+            f.xml_reads.clone(),
+        );
+        reg(
+            r,
+            fs,
+            "vmplug_agent_sessions_open",
+            "Agent sessions open: kept between rounds and in use by steps",
+            false,
+            f.sessions_open.clone(),
+        );
+        reg(r, fs, "vmplug_agent_sessions_kept", "Agent sessions kept between rounds", false, f.sessions_kept.clone());
+        reg(
+            r,
+            fs,
+            "vmplug_agent_session_budget",
+            "Agent sessions the file-descriptor budget allows (RLIMIT_NOFILE less a reserve)",
+            false,
+            f.session_budget.clone(),
+        );
+        reg(r, fs, "vmplug_agent_sessions_evicted", "Kept agent sessions closed, least recently used first, to stay within the budget; each such domain connects again at its next sample", false, f.evicted.clone());
+        reg(r, fs, "vmplug_agent_sessions_refused", "New agent sessions refused because every session of the budget was in use by a running step (the sample is reported failed)", false, f.refused.clone());
         // Families whose label values are a fixed set are whole from the
         // first scrape: a rate over them needs no first event.
         for result in ALERT_RESULTS {
@@ -214,6 +344,7 @@ impl Default for Metrics {
             families,
             alerts,
             sessions,
+            fleet,
             vcpus,
             vcpus_max,
             memory,
@@ -367,11 +498,67 @@ impl Metrics {
         }
     }
 
+    /// The session budget in force.
+    pub(crate) fn set_session_budget(&self, n: usize) {
+        self.fleet.session_budget.set(as_i64(n as u64));
+    }
+
+    /// A kept session was closed to make room for another.
+    pub(crate) fn session_evicted(&self) {
+        self.fleet.evicted.inc();
+    }
+
+    /// A new session was refused: the budget was all in use.
+    pub(crate) fn session_refused(&self) {
+        self.fleet.refused.inc();
+    }
+
+    /// A round started, `skipped` rounds of the beat after the last one.
+    pub(crate) fn round_started(&self, skipped: u64, open: usize, kept: usize) {
+        self.fleet.rounds.inc();
+        self.fleet.rounds_skipped.inc_by(skipped);
+        self.fleet.sessions_open.set(as_i64(open as u64));
+        self.fleet.sessions_kept.set(as_i64(kept as u64));
+    }
+
+    /// `n` domain samples were missed.
+    pub(crate) fn missed(&self, n: u64) {
+        self.fleet.missed.inc_by(n);
+    }
+
+    /// A host's listing ended `took` after its round was due; `reads` live
+    /// XML reads on it since the start.
+    pub(crate) fn listed(&self, uri: &str, took: Duration, reads: u64) {
+        let l = UriLabels { uri: uri.into() };
+        self.fleet.listing.get_or_create(&l).set(took.as_secs_f64());
+        let c = self.fleet.xml_reads.get_or_create(&l);
+        c.inc_by(reads.saturating_sub(c.get()));
+    }
+
+    /// A host's round ended (its last step) `took` after it was due; its last
+    /// answered sample ended `answered` after.
+    pub(crate) fn round_ended(&self, uri: &str, took: Duration, answered: Option<Duration>) {
+        let l = UriLabels { uri: uri.into() };
+        self.fleet.round.get_or_create(&l).set(took.as_secs_f64());
+        if let Some(a) = answered {
+            self.fleet.answered.get_or_create(&l).set(a.as_secs_f64());
+        }
+    }
+
+    /// Drops every series of `uri`'s domains not in `live`.
+    pub(crate) fn retain_uri(&self, uri: &str, live: &std::collections::HashSet<String>) {
+        self.retain_where(|l| l.uri != uri || live.contains(&l.domain));
+    }
+
     /// Drops every series of the domains not in `live` (stopped, undefined, or
     /// no longer selected on any host), so a scrape shows only what exists.
     pub fn retain(&self, live: &std::collections::HashSet<DomainLabels>) {
+        self.retain_where(|l| live.contains(l));
+    }
+
+    fn retain_where(&self, keep: impl Fn(&DomainLabels) -> bool) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<DomainLabels> = seen.keys().filter(|l| !live.contains(*l)).cloned().collect();
+        let gone: Vec<DomainLabels> = seen.keys().filter(|l| !keep(l)).cloned().collect();
         for l in gone {
             let Some(series) = seen.remove(&l) else { continue };
             for f in [
@@ -840,7 +1027,8 @@ mod tests {
             ],
             "made-up names are summed under 'other'"
         );
-        assert!(text.len() < 8 * 1024, "a scrape of one domain stays small: {} bytes", text.len());
+        // The daemon's own families (beat, listing, sessions) are 3 KiB of it.
+        assert!(text.len() < 12 * 1024, "a scrape of one domain stays small: {} bytes", text.len());
 
         // Facts replaced: the zones no longer reported lose their series.
         m.record(&event("db1", None), &cap, Some(&guest(&[("Movable", 3), ("DMA32", 1)])));

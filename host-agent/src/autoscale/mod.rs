@@ -6,10 +6,13 @@
 //! daemon, which only samples, decides, applies, and records every decision as
 //! one JSON event.
 
+pub mod beat;
 pub mod decision;
 pub mod events;
+pub mod listing;
 pub mod metrics;
 pub mod policy;
+pub mod sessions;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -23,6 +26,9 @@ pub use decision::{
 };
 pub use metrics::{metrics_addr, metrics_response, serve_metrics, DomainLabels, Format, Metrics, ALERT_RESULTS};
 pub use policy::{glob, Limits, Policy, PolicyError, MAX_CONCURRENCY, MAX_TIMING_S};
+
+pub(crate) use listing::select_running;
+use sessions::{Session, SessionPool};
 
 use crate::domain::{Affect, Connection, DomainError};
 use crate::facts::gather_timed_with;
@@ -45,6 +51,8 @@ pub struct Host {
     /// Hot-plugs allowed at once on this host (`[host] concurrency`). Only actions
     /// take a permit; sampling never waits for another domain.
     pub actions: Arc<tokio::sync::Semaphore>,
+    /// The parsed live XML of its domains between rounds.
+    pub xml: Arc<listing::XmlCache>,
 }
 
 impl Host {
@@ -52,7 +60,7 @@ impl Host {
     /// anything else before a host is made; a semaphore that large panics).
     pub fn new(uri: String, conn: Arc<dyn Connection>, concurrency: usize) -> Host {
         let permits = concurrency.clamp(1, MAX_CONCURRENCY);
-        Host { uri, conn, actions: Arc::new(tokio::sync::Semaphore::new(permits)) }
+        Host { uri, conn, actions: Arc::new(tokio::sync::Semaphore::new(permits)), xml: Default::default() }
     }
 }
 
@@ -70,26 +78,52 @@ pub struct Engine {
     pub dry_run: bool,
     pub states: States,
     /// The agent session kept per domain between rounds (vsock and hybrid vsock;
-    /// see [`Engine::keep_session`]).
-    pub sessions: std::sync::Mutex<std::collections::HashMap<(String, String), GuestLink>>,
+    /// see [`Engine::keep_session`]), within the file-descriptor budget.
+    pub sessions: SessionPool<GuestLink>,
+    /// The round the daemon is in (the webhook reads the cached XML of it).
+    pub round: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
+    /// An engine whose sessions may use every descriptor of the process's
+    /// `RLIMIT_NOFILE` but [`sessions::RESERVED_FDS`].
     pub fn new(policy: Policy, limits: Limits, dry_run: bool) -> Engine {
-        Engine {
-            policy,
-            limits,
-            metrics: Metrics::default(),
-            dry_run,
-            states: States::default(),
-            sessions: Default::default(),
-        }
+        Engine::with_session_budget(policy, limits, dry_run, sessions::budget_for(sessions::nofile()))
+    }
+
+    pub fn with_session_budget(policy: Policy, limits: Limits, dry_run: bool, budget: usize) -> Engine {
+        let metrics = Metrics::default();
+        let sessions = SessionPool::new(budget);
+        metrics.set_session_budget(sessions.budget());
+        Engine { policy, limits, metrics, dry_run, states: States::default(), sessions, round: Default::default() }
+    }
+
+    /// The round the daemon is in.
+    pub fn round(&self) -> u64 {
+        self.round.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The session kept for this domain, if any (taken while its step runs: a
     /// domain has one step in flight at most, see [`Engine::begin`]).
-    pub fn take_session(&self, key: &(String, String)) -> Option<GuestLink> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(key)
+    pub fn take_session(&self, key: &(String, String)) -> Session<GuestLink> {
+        self.sessions.take(key)
+    }
+
+    /// A descriptor of the budget for a new session: a free one, else the
+    /// least recently used kept session's (closed, and counted).
+    fn session_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, LinkError> {
+        match self.sessions.permit() {
+            Ok((permit, evicted)) => {
+                if evicted.is_some() {
+                    self.metrics.session_evicted();
+                }
+                Ok(permit)
+            }
+            Err(e) => {
+                self.metrics.session_refused();
+                Err(LinkError::Io(std::io::Error::other(e.to_string())))
+            }
+        }
     }
 
     /// Keeps a session for the domain's next round — unless it is virtio-serial:
@@ -98,18 +132,19 @@ impl Engine {
     /// operator's `vmplug`, which retries its connection for `--agent-wait`, gets
     /// it in between. vsock admits several sessions (the agent serves
     /// `MAX_VSOCK_SESSIONS`), so there autoscale keeps its one.
-    pub fn keep_session(&self, key: (String, String), link: Option<GuestLink>) {
-        if let Some(link) = link.filter(|l| !matches!(l.addr, AgentAddr::Serial { .. })) {
-            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, link);
+    pub fn keep_session(&self, key: (String, String), mut s: Session<GuestLink>) {
+        s.link = s.link.filter(|l| !matches!(l.addr, AgentAddr::Serial { .. }));
+        if s.link.is_none() {
+            return;
+        }
+        if self.sessions.keep(key, s).is_some() {
+            self.metrics.session_evicted();
         }
     }
 
-    /// Closes the sessions of domains no longer selected or running.
-    fn retain_sessions(&self, live: &std::collections::HashSet<DomainLabels>) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(uri, domain), _| live.contains(&DomainLabels { uri: uri.clone(), domain: domain.clone() }));
+    /// Closes the sessions of `uri`'s domains no longer selected or running.
+    fn retain_sessions(&self, uri: &str, live: &std::collections::HashSet<String>) {
+        self.sessions.retain(|(u, domain)| u != uri || live.contains(domain));
     }
 
     /// Marks the domain's step as running and returns its state, or `None` when
@@ -193,25 +228,30 @@ pub async fn step_domain(
     let started = std::time::Instant::now();
     let mut ev = DecisionEvent::new(&host.uri, &facts.name, &cap, now_s(), engine.dry_run);
     let key = (host.uri.clone(), facts.name.clone());
-    let mut link = engine.take_session(&key);
-    let sample = match sample(engine, &host.uri, facts, &mut link).await {
+    let mut session = engine.take_session(&key);
+    let sample = match sample(engine, &host.uri, facts, &mut session).await {
         Ok(p) => Sample::from(&p),
         Err(e) => {
             // A silent agent: the domain is left alone, and that is reported.
+            // Its XML is read again next round (its agent may have moved).
+            host.xml.invalidate(&facts.name);
             ev.reason = format!("no pressure from the guest agent: {e}");
             engine.metrics.record(&ev, &cap, None);
             return Ok(ev);
         }
     };
-    let guest = link.as_ref().map(|l| l.info.clone());
+    let guest = session.link.as_ref().map(|l| l.info.clone());
     ev.inputs = Some(sample);
     state.samples.push_back(sample);
     while state.samples.len() > KEPT_SAMPLES {
         state.samples.pop_front();
     }
     let d = decide(&engine.limits, state, &cap, ev.ts);
-    apply(engine, host, d, &mut ev, state, &mut link).await;
-    engine.keep_session(key, link);
+    apply(engine, host, d, &mut ev, state, &mut session.link).await;
+    if ev.outcome.is_some() {
+        host.xml.invalidate(&facts.name);
+    }
+    engine.keep_session(key, session);
     ev.duration_ms = started.elapsed().as_millis() as u64;
     engine.metrics.record(&ev, &cap, guest.as_ref());
     Ok(ev)
@@ -222,15 +262,16 @@ pub const SAMPLE_CONNECT_WAIT: Duration = Duration::from_secs(3);
 
 /// The guest's pressure and fresh facts, through the held session when it still
 /// answers (an agent restart or the vsock idle limit ends it), else a new one
-/// (counted in `vmplug_agent_sessions_total`). `link` holds the session after.
+/// (counted in `vmplug_agent_sessions_total`), within the descriptor budget.
+/// `session` holds the session after.
 async fn sample(
     engine: &Engine,
     uri: &str,
     facts: &DomainFacts,
-    link: &mut Option<GuestLink>,
+    session: &mut Session<GuestLink>,
 ) -> Result<vmplug_common::protocol::Pressure, LinkError> {
     let want = discover(facts).ok();
-    if let Some(l) = link.as_mut().filter(|l| want.as_ref() == Some(&l.addr)) {
+    if let Some(l) = session.link.as_mut().filter(|l| want.as_ref() == Some(&l.addr)) {
         match l.refresh().await {
             Ok(()) => return l.pressure().await,
             Err(e) => {
@@ -239,11 +280,20 @@ async fn sample(
         }
     }
     // Closed before connecting again: a virtio-serial channel admits one client.
-    *link = None;
-    let mut l = ops::connect_agent(facts, None, SAMPLE_CONNECT_WAIT).await?;
+    session.link = None;
+    if session.permit.is_none() {
+        session.permit = Some(engine.session_permit()?);
+    }
+    let mut l = match ops::connect_agent(facts, None, SAMPLE_CONNECT_WAIT).await {
+        Ok(l) => l,
+        Err(e) => {
+            session.permit = None;
+            return Err(e);
+        }
+    };
     engine.metrics.session_opened(&DomainLabels { uri: uri.into(), domain: facts.name.clone() });
     let p = l.pressure().await;
-    *link = Some(l);
+    session.link = Some(l);
     p
 }
 
@@ -309,12 +359,28 @@ async fn act(
     }
 }
 
-/// The daemon: every interval, every selected running domain on every host,
-/// a task per domain with bounded concurrency per host. `once` runs until each
-/// domain has had `sustain` samples and one decision.
+/// What the beat knows of one host between rounds.
+#[derive(Debug, Default)]
+struct HostBeat {
+    /// Its listing of an earlier round is still running.
+    listing: std::sync::atomic::AtomicBool,
+    /// Domains it selected in its last listing (the ones a skipped round misses).
+    selected: std::sync::atomic::AtomicUsize,
+}
+
+/// The daemon: on a fixed beat (every `interval_s`, rounds never pushed back
+/// by a slow one, skipped ones counted), every host listed at the same time
+/// and every selected running domain stepped in its own task; a domain whose
+/// step is still running, or whose host is still listing, misses the round
+/// (counted in `vmplug_autoscale_missed_samples_total`) without holding up
+/// any other. `once` runs until each domain has had `sustain` samples and one
+/// decision.
 pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) -> Result<(), PolicyError> {
     let limits = policy.limits()?;
-    let engine = Arc::new(Engine::new(policy, limits, dry_run));
+    let nofile = sessions::raise_nofile();
+    let budget = sessions::budget_for(nofile);
+    tracing::info!(nofile, sessions = budget, "agent session budget from RLIMIT_NOFILE");
+    let engine = Arc::new(Engine::with_session_budget(policy, limits, dry_run, budget));
     if let Some(addr) = engine.policy.metrics_listen.clone() {
         let e = engine.clone();
         let bound = serve_metrics(&addr, e)
@@ -328,49 +394,83 @@ pub async fn run(hosts: Vec<Host>, policy: Policy, dry_run: bool, once: bool) ->
             .map_err(|err| PolicyError::Invalid(format!("webhook_listen {addr}: {err}")))?;
         tracing::info!(%bound, "receiving Alertmanager webhooks at /alerts");
     }
-    // A domain whose step is still running (a slow action, a stalling guest) is
-    // marked in flight and skipped by later rounds instead of holding them up: one
-    // guest never delays the sampling of another. `--once` waits for each round.
-    let rounds = if once { engine.limits.sustain } else { usize::MAX };
-    let mut tasks = tokio::task::JoinSet::new();
+    let rounds = if once { engine.limits.sustain as u64 } else { u64::MAX };
+    let beats: Vec<Arc<HostBeat>> = hosts.iter().map(|_| Arc::default()).collect();
+    let mut beat = beat::Beat::new(Duration::from_secs(engine.policy.timing.interval_s.max(1)));
     for round in 0..rounds {
-        let mut live = std::collections::HashSet::new();
-        for host in &hosts {
-            let (selected, room) = select_running(&engine.policy, host).await;
-            live.extend(selected.iter().map(|f| DomainLabels { uri: host.uri.clone(), domain: f.name.clone() }));
-            let room = Arc::new(room);
-            for facts in selected {
-                let key = (host.uri.clone(), facts.name.clone());
-                let Some(mut st) = engine.begin(&key) else {
-                    tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
-                    continue;
-                };
-                let (host, engine, room) = (host.clone(), engine.clone(), room.clone());
-                tasks.spawn(async move {
-                    let name = facts.name.clone();
-                    let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
-                    engine.end(key, st);
-                    match res {
-                        Ok(ev) => events::print_event(&ev),
-                        Err(e) => eprintln!("autoscale: {name}: {e}"),
-                    }
-                });
+        let (due, skipped) = beat.tick().await;
+        engine.round.store(round, std::sync::atomic::Ordering::Relaxed);
+        engine.metrics.round_started(skipped, engine.sessions.open(), engine.sessions.kept());
+        if skipped > 0 {
+            let known: usize = beats.iter().map(|b| b.selected.load(std::sync::atomic::Ordering::Relaxed)).sum();
+            engine.metrics.missed(known as u64 * skipped);
+            tracing::warn!(skipped, "rounds skipped: the daemon fell behind its beat");
+        }
+        let mut rounds_here = tokio::task::JoinSet::new();
+        for (host, hb) in hosts.iter().zip(&beats) {
+            if hb.listing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                // Its previous listing is still running: this round misses it.
+                engine.metrics.missed(hb.selected.load(std::sync::atomic::Ordering::Relaxed) as u64);
+                tracing::debug!(uri = %host.uri, "previous listing still running; skipped this round");
+                continue;
             }
+            let (engine, host, hb) = (engine.clone(), host.clone(), hb.clone());
+            rounds_here.spawn(host_round(engine, host, hb, round, due));
         }
-        // Series and sessions of domains that stopped or left the selection go.
-        engine.metrics.retain(&live);
-        engine.retain_sessions(&live);
         if once {
-            while tasks.join_next().await.is_some() {}
+            while rounds_here.join_next().await.is_some() {}
         } else {
-            while tasks.try_join_next().is_some() {}
-        }
-        if round + 1 < rounds {
-            tokio::time::sleep(Duration::from_secs(engine.policy.timing.interval_s.max(1))).await;
+            rounds_here.detach_all();
         }
     }
-    while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// One host's round: list it, step each selected domain in its own task,
+/// and (once they all ended) record how long the round took.
+async fn host_round(engine: Arc<Engine>, host: Host, hb: Arc<HostBeat>, round: u64, due: tokio::time::Instant) {
+    let (selected, room) = select_running(&engine.policy, &host, round).await;
+    engine.metrics.listed(&host.uri, due.elapsed(), host.xml.reads());
+    hb.selected.store(selected.len(), std::sync::atomic::Ordering::Relaxed);
+    // Series and sessions of domains that stopped or left the selection go.
+    let live: std::collections::HashSet<String> = selected.iter().map(|f| f.name.clone()).collect();
+    engine.metrics.retain_uri(&host.uri, &live);
+    engine.retain_sessions(&host.uri, &live);
+    let room = Arc::new(room);
+    let mut steps = tokio::task::JoinSet::new();
+    for facts in selected {
+        let key = (host.uri.clone(), facts.name.clone());
+        let Some(mut st) = engine.begin(&key) else {
+            engine.metrics.missed(1);
+            tracing::debug!(domain = %facts.name, "previous step still running; skipped this round");
+            continue;
+        };
+        let (host, engine, room) = (host.clone(), engine.clone(), room.clone());
+        steps.spawn(async move {
+            let name = facts.name.clone();
+            let res = step_domain(&engine, &host, &facts, &room, &mut st).await;
+            engine.end(key, st);
+            match res {
+                Ok(ev) => {
+                    events::print_event(&ev);
+                    ev.inputs.is_some()
+                }
+                Err(e) => {
+                    eprintln!("autoscale: {name}: {e}");
+                    false
+                }
+            }
+        });
+    }
+    // The next round may list this host: its listing is done.
+    hb.listing.store(false, std::sync::atomic::Ordering::Release);
+    let mut answered_by = None;
+    while let Some(r) = steps.join_next().await {
+        if matches!(r, Ok(true)) {
+            answered_by = Some(due.elapsed());
+        }
+    }
+    engine.metrics.round_ended(&host.uri, due.elapsed(), answered_by);
 }
 
 /// A host's room for growth, read once per round for all its domains.
@@ -380,76 +480,4 @@ pub struct HostRoom {
     pub cpus: u32,
     /// vCPUs of the running selected domains.
     pub vcpus: u32,
-}
-
-/// The running domains of `host` the policy selects (their live XML, read once
-/// per round) and the host's room.
-pub(crate) async fn select_running(policy: &Policy, host: &Host) -> (Vec<DomainFacts>, HostRoom) {
-    let conn = host.conn.clone();
-    let (names, host_facts) = ops::blocking(move || {
-        let names = conn.list_domains()?;
-        // Free memory and CPUs only: no domain capabilities needed here.
-        Ok((names, ops::host_facts(conn.as_ref(), &DomainFacts::default())?))
-    })
-    .await
-    .unwrap_or_default();
-    let mut selected = Vec::new();
-    let mut vcpus = 0u32;
-    for name in names {
-        let conn = host.conn.clone();
-        let facts = ops::blocking(move || {
-            let d = conn.lookup(&name)?;
-            if !d.is_active()? {
-                return Ok(None);
-            }
-            // A paused, crashed or guest-suspended domain runs no code: its
-            // agent cannot answer, so it is not sampled (no connection waits
-            // for it); its vCPUs still count against the host.
-            let runs = matches!(d.state()?, crate::domain::DomainState::Running | crate::domain::DomainState::Blocked);
-            DomainFacts::parse(&d.xml(crate::domain::XmlView::Live)?)
-                .map(|f| Some((f, runs)))
-                .map_err(|e| DomainError::Other(e.to_string()))
-        })
-        .await;
-        if let Ok(Some((f, runs))) = facts {
-            if policy.selects(&f.name, &f.tags) {
-                vcpus = vcpus.saturating_add(f.vcpus_current);
-                if runs {
-                    selected.push(f);
-                }
-            }
-        }
-    }
-    let room =
-        HostRoom { free: Bytes(host_facts.free.iter().map(|b| b.get()).sum()), cpus: host_facts.cpus.max(1), vcpus };
-    (selected, room)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::{DomainState as State, PauseReason};
-    use crate::fake::{FakeConnection, FakeDomain};
-
-    const XML: &str = include_str!("../../tests/fixtures/x86-ready.xml");
-    const CAPS: &str = include_str!("../../tests/fixtures/caps.xml");
-
-    #[tokio::test]
-    async fn a_domain_that_runs_no_code_is_not_sampled_but_its_vcpus_count() {
-        let names = ["a", "b", "c"];
-        let domains: Vec<_> = names
-            .iter()
-            .map(|n| FakeDomain::new(n, &XML.replace("<name>web1</name>", &format!("<name>{n}</name>")), None))
-            .collect();
-        domains[1].set_state(State::Paused(PauseReason::User));
-        domains[2].set_state(State::PmSuspended);
-        let conn = FakeConnection::new(CAPS, domains.clone());
-        let policy = Policy::parse("p", "[select]\nglobs = ['*']\n").expect("policy");
-        let host = Host::new("test:///".into(), conn, 1);
-        let (selected, room) = select_running(&policy, &host).await;
-        let picked: Vec<&str> = selected.iter().map(|f| f.name.as_str()).collect();
-        assert_eq!(picked, ["a"], "only the running domain is sampled");
-        let each = selected[0].vcpus_current;
-        assert_eq!(room.vcpus, 3 * each, "the paused and suspended domains' vCPUs still count");
-    }
 }

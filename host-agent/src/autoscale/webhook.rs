@@ -174,7 +174,7 @@ pub async fn handle(engine: &Arc<Engine>, hosts: &[Host], body: &[u8]) -> Answer
     for (i, host) in hosts.iter().enumerate() {
         if requests.iter().any(|(_, r)| r.host.as_deref().is_none_or(|n| names_host(&host.uri, n))) {
             let (engine, host) = (engine.clone(), host.clone());
-            reads.spawn(async move { (i, select_running(&engine.policy, &host).await) });
+            reads.spawn(async move { (i, select_running(&engine.policy, &host, engine.round()).await) });
         }
     }
     let mut running = std::collections::BTreeMap::new();
@@ -246,9 +246,12 @@ async fn act_on_alert(
         return ev;
     };
     let d = decide_alert(&engine.limits, &st, &cap, req.resource, &req.alert, ev.ts);
-    let mut link = engine.take_session(&key);
-    apply(engine, host, d, &mut ev, &mut st, &mut link).await;
-    engine.keep_session(key.clone(), link);
+    let mut session = engine.take_session(&key);
+    apply(engine, host, d, &mut ev, &mut st, &mut session.link).await;
+    if ev.outcome.is_some() {
+        host.xml.invalidate(&facts.name);
+    }
+    engine.keep_session(key.clone(), session);
     engine.end(key, st);
     ev.duration_ms = started.elapsed().as_millis() as u64;
     engine.metrics.record_action(&ev);
