@@ -182,3 +182,23 @@ async fn a_pathless_agent_channel_is_defined_and_its_missing_path_named() {
     let e = st.agent_error.expect("no agent");
     assert!(e.contains("names no socket path") && e.contains("'pathless'"), "{e}");
 }
+
+/// Issue #31: the bulk listing (virConnectGetAllDomainStats through the raw
+/// binding) gives each active domain's handle, ID and state, and its handle
+/// answers without a lookup; a domain that stops leaves the listing.
+#[test]
+fn the_bulk_listing_gives_handles_and_states() {
+    use vmplug::domain::DomainState;
+    let c = conn();
+    let listed = c.list_running().expect("bulk listing");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].dom.name(), "test");
+    assert_eq!(listed[0].id, Some(1));
+    assert_eq!(listed[0].state, DomainState::Running);
+    let f = DomainFacts::parse(&listed[0].dom.xml(XmlView::Live).expect("xml from the listed handle")).expect("xml");
+    assert_eq!(f.name, "test");
+    // Twice: the records' references are freed and the handles stay valid.
+    for _ in 0..100 {
+        assert_eq!(c.list_running().expect("again").len(), 1);
+    }
+}

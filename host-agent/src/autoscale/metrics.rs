@@ -372,35 +372,55 @@ impl Metrics {
     /// The exposition in Prometheus' text format 0.0.4, what a scraper that
     /// does not ask for OpenMetrics (and `promtool check metrics`) reads.
     pub fn render(&self) -> String {
-        to_prometheus_text(&self.render_openmetrics())
+        self.render_as(Format::Prometheus)
     }
 
     /// The exposition in OpenMetrics' text format 1.0.0.
     pub fn render_openmetrics(&self) -> String {
+        self.render_as(Format::OpenMetrics)
+    }
+
+    /// The exposition in `format`, as one string (tests, small registries;
+    /// the endpoint streams [`Metrics::render_chunks`]).
+    pub fn render_as(&self, format: Format) -> String {
         let mut s = String::new();
-        if prometheus_client::encoding::text::encode(&mut s, &self.registry).is_err() {
-            s = "# encoding failed\n# EOF\n".into();
-        }
-        // The families with no series yet still say what they are.
-        let mut empty = String::new();
-        for (name, help, kind, unit) in &self.families {
-            if !s.contains(&format!("# TYPE {name} ")) {
-                empty.push_str(&format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n"));
-                if !unit.is_empty() {
-                    empty.push_str(&format!("# UNIT {name} {unit}\n"));
-                }
-            }
-        }
-        let at = s.rfind("# EOF").unwrap_or(s.len());
-        s.insert_str(at, &empty);
+        self.render_chunks(format, &mut |c| {
+            s.push_str(&c);
+            true
+        });
         s
     }
 
-    /// The exposition in `format`.
-    pub fn render_as(&self, format: Format) -> String {
-        match format {
-            Format::Prometheus => self.render(),
-            Format::OpenMetrics => self.render_openmetrics(),
+    /// The exposition in `format`, handed to `sink` in pieces of about
+    /// [`CHUNK`] bytes as the encoder writes it: a scrape of 160k series is
+    /// never one string (it was 19 MB, held three times over: the encoding,
+    /// its Prometheus conversion, the response). `sink` returns false to stop.
+    pub fn render_chunks(&self, format: Format, sink: &mut dyn FnMut(String) -> bool) {
+        let mut w = ChunkWriter {
+            format,
+            families: &self.families,
+            sink,
+            out: String::with_capacity(CHUNK + 1024),
+            line: String::new(),
+            help: None,
+            typed: std::collections::HashSet::new(),
+            stopped: false,
+        };
+        if prometheus_client::encoding::text::encode(&mut w, &self.registry).is_err() && !w.stopped {
+            w.out.clear();
+            w.line.clear();
+            w.out.push_str("# encoding failed\n");
+            if format == Format::OpenMetrics {
+                w.out.push_str("# EOF\n");
+            }
+        }
+        if !w.line.is_empty() {
+            let line = std::mem::take(&mut w.line);
+            w.take_line(&line);
+        }
+        if !w.stopped && !w.out.is_empty() {
+            let out = std::mem::take(&mut w.out);
+            (w.sink)(out);
         }
     }
 
@@ -595,33 +615,132 @@ impl Metrics {
     }
 }
 
-/// OpenMetrics text → Prometheus text 0.0.4: a counter family's HELP and TYPE
-/// name its `_total` series (OpenMetrics names the family without it), `unknown`
-/// is `untyped`, and there are no `# UNIT` or `# EOF` lines. Series lines are
-/// the same in both.
-fn to_prometheus_text(om: &str) -> String {
-    let counters: std::collections::HashSet<&str> =
-        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(om.len() + 64 * counters.len());
-    for line in om.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
-        match meta {
-            Some((prefix, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                let tail = if prefix == "# TYPE " && tail == "unknown" { "untyped" } else { tail };
-                let suffix = if counters.contains(name) { "_total" } else { "" };
-                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
+/// The size of the pieces a scrape is encoded and written in.
+pub const CHUNK: usize = 64 * 1024;
+
+/// What the encoder writes, line by line, in the format asked for, into
+/// pieces of [`CHUNK`] bytes. OpenMetrics is the encoder's; Prometheus text
+/// 0.0.4 differs in that a counter family's HELP and TYPE name its `_total`
+/// series (OpenMetrics names the family without it), `unknown` is `untyped`,
+/// and there are no `# UNIT` or `# EOF` lines. Series lines are the same in
+/// both. Before the end, the families with no series yet still say what they
+/// are (the encoder writes nothing for them).
+struct ChunkWriter<'a> {
+    format: Format,
+    families: &'a [(String, &'static str, &'static str, &'static str)],
+    sink: &'a mut dyn FnMut(String) -> bool,
+    out: String,
+    /// The part of a line written so far.
+    line: String,
+    /// A HELP line held until its family's TYPE line says whether it is a counter.
+    help: Option<String>,
+    /// Families whose TYPE line was written.
+    typed: std::collections::HashSet<String>,
+    stopped: bool,
+}
+
+impl ChunkWriter<'_> {
+    fn emit(&mut self, text: &str) {
+        self.out.push_str(text);
+        if self.out.len() >= CHUNK && !self.stopped {
+            let full = std::mem::replace(&mut self.out, String::with_capacity(CHUNK + 1024));
+            if !(self.sink)(full) {
+                self.stopped = true;
             }
         }
     }
-    out
+
+    /// One whole line (without its newline).
+    fn take_line(&mut self, line: &str) {
+        if line == "# EOF" {
+            let missing: Vec<(String, &str, &str, &str)> = self
+                .families
+                .iter()
+                .filter(|(name, ..)| !self.typed.contains(name))
+                .map(|(n, h, k, u)| (n.clone(), *h, *k, *u))
+                .collect();
+            for (name, help, kind, unit) in missing {
+                self.take_line(&format!("# HELP {name} {help}."));
+                self.take_line(&format!("# TYPE {name} {kind}"));
+                if !unit.is_empty() {
+                    self.take_line(&format!("# UNIT {name} {unit}"));
+                }
+            }
+            if self.format == Format::OpenMetrics {
+                self.emit("# EOF\n");
+            }
+            return;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(held) = self.help.replace(rest.to_string()) {
+                // A HELP with no TYPE after it: as it is.
+                self.meta("# HELP ", &held, false);
+            }
+            return;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            self.typed.insert(name.to_string());
+            let counter = kind == "counter";
+            if let Some(help) = self.help.take() {
+                self.meta("# HELP ", &help, counter);
+            }
+            self.meta("# TYPE ", rest, counter);
+            return;
+        }
+        if let Some(help) = self.help.take() {
+            self.meta("# HELP ", &help, false);
+        }
+        if self.format == Format::Prometheus && line.starts_with("# UNIT ") {
+            return;
+        }
+        self.emit(line);
+        self.emit("\n");
+    }
+
+    /// A HELP or TYPE line (`rest`: after its prefix), its name with `_total`
+    /// for a counter in Prometheus text.
+    fn meta(&mut self, prefix: &str, rest: &str, counter: bool) {
+        if self.format == Format::OpenMetrics {
+            self.emit(prefix);
+            self.emit(rest);
+            self.emit("\n");
+            return;
+        }
+        let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        let tail = if prefix == "# TYPE " && tail == "unknown" { "untyped" } else { tail };
+        let suffix = if counter { "_total" } else { "" };
+        self.emit(prefix);
+        self.emit(name);
+        self.emit(suffix);
+        self.emit(" ");
+        self.emit(tail);
+        self.emit("\n");
+    }
+}
+
+impl std::fmt::Write for ChunkWriter<'_> {
+    fn write_str(&mut self, mut s: &str) -> std::fmt::Result {
+        if self.stopped {
+            return Err(std::fmt::Error);
+        }
+        while let Some(i) = s.find('\n') {
+            if self.line.is_empty() {
+                self.take_line(&s[..i]);
+            } else {
+                self.line.push_str(&s[..i]);
+                let line = std::mem::take(&mut self.line);
+                self.take_line(&line);
+            }
+            s = &s[i + 1..];
+        }
+        self.line.push_str(s);
+        if self.stopped {
+            Err(std::fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// The two text expositions the endpoint serves.
@@ -712,9 +831,17 @@ pub fn metrics_addr(listen: &str) -> Result<std::net::SocketAddr, String> {
     listen.parse().map_err(|e| format!("'{listen}' is not PORT or ADDRESS:PORT ({e})"))
 }
 
-/// The status line, `Content-Type` and body of the answer to one HTTP request
-/// head: the metrics in the format its `Accept` header asks for ([`Format::negotiate`]).
-pub fn metrics_response(head: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String) {
+/// What one HTTP request head asks for: the metrics in a format, or a fixed
+/// answer (status line, `Content-Type`, body).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Metrics(Format),
+    Fixed(&'static str, &'static str, &'static str),
+}
+
+/// The answer to one HTTP request head: the metrics in the format its
+/// `Accept` header asks for ([`Format::negotiate`]) at `/metrics`, else an error.
+pub fn route(head: &[u8]) -> Answer {
     const PLAIN: &str = "text/plain; charset=utf-8";
     let head = String::from_utf8_lossy(head);
     let line = head.lines().next().unwrap_or_default();
@@ -722,14 +849,20 @@ pub fn metrics_response(head: &[u8], metrics: &Metrics) -> (&'static str, &'stat
     let (method, path, version) = (parts.next(), parts.next(), parts.next());
     match (method, path, version) {
         (Some(m), Some(p), Some(v)) if v.starts_with("HTTP/") => match (m, p.split('?').next()) {
-            ("GET" | "HEAD", Some("/metrics")) => {
-                let format = Format::negotiate(header(&head, "accept"));
-                ("200 OK", format.content_type(), metrics.render_as(format))
-            }
-            ("GET" | "HEAD", _) => ("404 Not Found", PLAIN, "not found: metrics are at /metrics\n".into()),
-            _ => ("405 Method Not Allowed", PLAIN, "only GET /metrics\n".into()),
+            ("GET" | "HEAD", Some("/metrics")) => Answer::Metrics(Format::negotiate(header(&head, "accept"))),
+            ("GET" | "HEAD", _) => Answer::Fixed("404 Not Found", PLAIN, "not found: metrics are at /metrics\n"),
+            _ => Answer::Fixed("405 Method Not Allowed", PLAIN, "only GET /metrics\n"),
         },
-        _ => ("400 Bad Request", PLAIN, "bad request\n".into()),
+        _ => Answer::Fixed("400 Bad Request", PLAIN, "bad request\n"),
+    }
+}
+
+/// The status line, `Content-Type` and body of the answer to one HTTP request
+/// head, the body whole (the endpoint streams it instead).
+pub fn metrics_response(head: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String) {
+    match route(head) {
+        Answer::Metrics(format) => ("200 OK", format.content_type(), metrics.render_as(format)),
+        Answer::Fixed(status, kind, body) => (status, kind, body.into()),
     }
 }
 
@@ -760,7 +893,7 @@ pub async fn serve_metrics(addr: &str, engine: Arc<Engine>) -> std::io::Result<s
             pause = Duration::from_millis(10);
             let engine = engine.clone();
             tokio::spawn(async move {
-                answer_metrics(stream, &engine.metrics).await;
+                answer_metrics(stream, &engine).await;
                 drop(permit);
             });
         }
@@ -769,7 +902,7 @@ pub async fn serve_metrics(addr: &str, engine: Arc<Engine>) -> std::io::Result<s
 }
 
 /// Reads one request head (at most 4 KiB, within [`METRICS_READ_TIMEOUT`]) and answers it.
-async fn answer_metrics(mut s: tokio::net::TcpStream, metrics: &Metrics) {
+async fn answer_metrics(mut s: tokio::net::TcpStream, engine: &Arc<Engine>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::with_capacity(512);
     let read = tokio::time::timeout(METRICS_READ_TIMEOUT, async {
@@ -785,18 +918,138 @@ async fn answer_metrics(mut s: tokio::net::TcpStream, metrics: &Metrics) {
     if read.is_err() {
         return;
     }
-    let (status, kind, body) = metrics_response(&head, metrics);
-    let resp = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(METRICS_READ_TIMEOUT, s.write_all(resp.as_bytes())).await;
+    match route(&head) {
+        Answer::Fixed(status, kind, body) => {
+            let resp = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tokio::time::timeout(METRICS_READ_TIMEOUT, s.write_all(resp.as_bytes())).await;
+        }
+        Answer::Metrics(format) => {
+            // The body's end is the connection's (HTTP/1.0, no length known
+            // before the last piece is encoded).
+            let head =
+                format!("HTTP/1.0 200 OK\r\nContent-Type: {}\r\nConnection: close\r\n\r\n", format.content_type());
+            if !matches!(tokio::time::timeout(METRICS_READ_TIMEOUT, s.write_all(head.as_bytes())).await, Ok(Ok(()))) {
+                return;
+            }
+            // Encoded on the blocking pool, piece by piece, each written as it
+            // comes. The encoder never waits for the client (a slow one must
+            // not hold the families' locks, which sampling takes): the pieces
+            // not yet written queue, and each is freed once written.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let engine = engine.clone();
+            let encoder = tokio::task::spawn_blocking(move || {
+                engine.metrics.render_chunks(format, &mut |chunk| tx.send(chunk).is_ok());
+            });
+            while let Some(chunk) = rx.recv().await {
+                match tokio::time::timeout(METRICS_READ_TIMEOUT, s.write_all(chunk.as_bytes())).await {
+                    Ok(Ok(())) => {}
+                    // A client that stops reading, or went: the encoder stops at
+                    // its next piece.
+                    _ => break,
+                }
+            }
+            drop(rx);
+            let _ = encoder.await;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::report::Outcome;
+
+    /// The render before issue #31, whole: the encoder's string, the empty
+    /// families put before `# EOF`, and the Prometheus text converted from it.
+    fn old_render(m: &Metrics, format: Format) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &m.registry).expect("encode");
+        let mut empty = String::new();
+        for (name, help, kind, unit) in &m.families {
+            if !s.contains(&format!("# TYPE {name} ")) {
+                empty.push_str(&format!("# HELP {name} {help}.\n# TYPE {name} {kind}\n"));
+                if !unit.is_empty() {
+                    empty.push_str(&format!("# UNIT {name} {unit}\n"));
+                }
+            }
+        }
+        let at = s.rfind("# EOF").unwrap_or(s.len());
+        s.insert_str(at, &empty);
+        if format == Format::OpenMetrics {
+            return s;
+        }
+        let counters: std::collections::HashSet<&str> =
+            s.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+        let mut out = String::new();
+        for line in s.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+            match meta {
+                Some((prefix, rest)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let tail = if prefix == "# TYPE " && tail == "unknown" { "untyped" } else { tail };
+                    let suffix = if counters.contains(name) { "_total" } else { "" };
+                    out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+                }
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Issue #31: a scrape of 160k series was one 19 MB string, built three
+    /// times over. It is encoded in pieces of about CHUNK bytes, and what the
+    /// pieces say is, byte for byte, what the whole string said, in both
+    /// formats, empty, with a few domains and with thousands.
+    #[test]
+    fn the_chunked_render_says_what_the_whole_one_said() {
+        let cap = crate::autoscale::decision::tests::cap();
+        let m = Metrics::default();
+        let check = |m: &Metrics, many: bool| {
+            for format in [Format::Prometheus, Format::OpenMetrics] {
+                let mut chunks = Vec::new();
+                m.render_chunks(format, &mut |c| {
+                    chunks.push(c);
+                    true
+                });
+                let whole = old_render(m, format);
+                assert_eq!(chunks.concat(), whole, "{format:?}");
+                assert!(chunks.iter().all(|c| c.len() < CHUNK + 4096), "pieces stay near CHUNK bytes");
+                if many {
+                    assert!(chunks.len() > 8, "{} pieces for {} bytes", chunks.len(), whole.len());
+                }
+            }
+        };
+        check(&m, false);
+        m.session_opened(&DomainLabels { domain: "db1".into(), uri: "qemu:///system".into() });
+        m.record(&event("db1", Some(Outcome::Ok)), &cap, Some(&guest(&[("Normal", 7), ("Movable", 2)])));
+        m.record(&event("we\"ird\\\n", Some(Outcome::GuestTimeout)), &cap, None);
+        m.count_alerts("accepted", 2);
+        m.listed("qemu:///system", Duration::from_millis(30), 12);
+        m.round_ended("qemu:///system", Duration::from_millis(900), Some(Duration::from_millis(400)));
+        check(&m, false);
+        for i in 0..3000 {
+            let d = format!("guest-{i}");
+            m.session_opened(&DomainLabels { domain: d.clone(), uri: "qemu+ssh://h/system".into() });
+            m.record(&event(&d, (i % 7 == 0).then_some(Outcome::Ok)), &cap, Some(&guest(&[("Normal", 7)])));
+        }
+        check(&m, true);
+        // A sink that stops (the client went) stops the encoding.
+        let mut n = 0;
+        m.render_chunks(Format::Prometheus, &mut |_| {
+            n += 1;
+            false
+        });
+        assert_eq!(n, 1, "nothing encoded for a client that went");
+    }
 
     /// Security finding 7: the endpoint answered every path; it answers /metrics only.
     #[test]
