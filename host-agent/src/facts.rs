@@ -177,13 +177,32 @@ pub async fn read_domain(conn: Arc<dyn Connection>, name: &str, want_live: bool)
         let running = dom.is_active()?;
         let state = if running { dom.state()? } else { DomainState::ShutOff };
         let view = if running && want_live { XmlView::Live } else { XmlView::Inactive };
-        let facts = DomainFacts::parse(&dom.xml(view)?)
-            .map_err(|e| DomainError::Other(format!("domain XML of '{name}': {e}")))?;
+        let parse = |xml: String| {
+            DomainFacts::parse(&xml).map_err(|e| DomainError::Other(format!("domain XML of '{name}': {e}")))
+        };
+        let mut facts = parse(dom.xml(view)?)?;
+        // A virtio-mem device whose `<current>` is not its `<requested>` may
+        // only be libvirt's view lagging (QEMU sends a device's size at most
+        // once a second, and a verdict may come from the guest's blocks
+        // before it): a plan on that view would start from a stale size.
+        let lagging = |f: &DomainFacts| f.virtio_mems.iter().any(|v| v.current.is_some_and(|c| c != v.requested));
+        if view == XmlView::Live && lagging(&facts) {
+            let end = std::time::Instant::now() + VIRTIO_MEM_CATCH_UP;
+            while lagging(&facts) && std::time::Instant::now() < end {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                facts = parse(dom.xml(view)?)?;
+            }
+        }
         let job_running = dom.job_running().unwrap_or(false);
         Ok(DomainRead { dom, running, state, job_running, facts })
     })
     .await
 }
+
+/// How long a read waits for libvirt's `<current>` of a virtio-mem device to
+/// reach its `<requested>` (QEMU's size event comes at most a second late); a
+/// device still changing after that is read as it stands.
+pub const VIRTIO_MEM_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// [`host_facts`] off the async threads.
 pub async fn read_host(conn: Arc<dyn Connection>, facts: DomainFacts) -> Result<HostFacts, DomainError> {

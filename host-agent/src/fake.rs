@@ -54,6 +54,9 @@ struct State {
     /// A virtio-mem device's `current` never drops below this (a guest that
     /// cannot release its memory).
     virtio_mem_floor: u64,
+    /// libvirt's `<current>` of a virtio-mem device keeps its old value after
+    /// a change, as when QEMU's throttled size event has not come yet.
+    virtio_mem_current_lags: bool,
 }
 
 pub struct FakeDomain {
@@ -247,6 +250,25 @@ impl FakeDomain {
         self.st().virtio_mem_floor = bytes;
     }
 
+    /// libvirt's `<current>` stays behind what the simulated driver plugged
+    /// (QEMU's size event not sent yet) until [`Self::catch_up_virtio_mem`].
+    pub fn lag_virtio_mem_current(&self, lags: bool) {
+        self.st().virtio_mem_current_lags = lags;
+    }
+
+    /// QEMU's size event arrives: each virtio-mem device's `<current>` in the
+    /// live XML becomes what it holds (its `<requested>`, above any floor).
+    pub fn catch_up_virtio_mem(&self) {
+        let mut st = self.st();
+        let Ok(f) = crate::xml::DomainFacts::parse(&st.live) else { return };
+        for v in f.virtio_mems {
+            if let Some(alias) = &v.alias {
+                let held = v.requested.get().max(st.virtio_mem_floor.min(v.plugged().get()));
+                st.live = set_virtio_mem(&st.live, alias, v.requested.get(), Some(held));
+            }
+        }
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.st().calls.clone()
     }
@@ -421,7 +443,8 @@ impl Domain for FakeDomain {
                 .map_or(0, |b| b.get());
             // Growth always completes; a shrink stops at the floor.
             let current = if req >= cur_before { req } else { req.max(floor.min(cur_before)) };
-            st.live = set_virtio_mem(&st.live, &alias, req, Some(current));
+            let shown = if st.virtio_mem_current_lags { cur_before } else { current };
+            st.live = set_virtio_mem(&st.live, &alias, req, Some(shown));
             if let Some(base) = live_base(&st.live, &alias) {
                 let ev = FakeEvent::VirtioMem { base, size: dev.size.get(), current, node: dev.node.unwrap_or(0) };
                 drop(st);

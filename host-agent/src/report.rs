@@ -220,7 +220,11 @@ impl OpReport {
                 d.before,
                 d.requested,
                 d.current,
-                if d.requested_reset { " (requested set back)" } else { "" },
+                match (d.requested_reset, d.current_lags) {
+                    (true, _) => " (requested set back)",
+                    (_, true) => " (libvirt's view, not caught up yet: the guest shows the requested size)",
+                    _ => "",
+                },
                 d.blocks,
                 d.blocks_online,
                 if zones.is_empty() { String::new() } else { format!(" ({})", zones.join(", ")) }
@@ -296,8 +300,11 @@ pub struct DeviceOutcome {
     pub size: Bytes,
     pub before: Bytes,
     pub requested: Bytes,
-    /// What the device reports plugged at the end.
+    /// What libvirt's `<current>` says the device holds, read at the end.
     pub current: Bytes,
+    /// `current` had not yet caught up when the guest's blocks proved the
+    /// requested size (QEMU reports a device's size at most once a second).
+    pub current_lags: bool,
     /// `<requested>` was set back to `current` (a shrink the guest could not finish).
     pub requested_reset: bool,
     /// The guest's blocks in the region (present ones), by zone.

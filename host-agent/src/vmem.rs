@@ -36,6 +36,9 @@ use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
 
 /// How often the live XML is read while the guest's driver plugs or unplugs.
 const POLL: Duration = Duration::from_millis(50);
+/// How often the guest's blocks are read while they can prove a growth: one
+/// small request to the agent, answered from sysfs.
+const PROOF_POLL: Duration = Duration::from_millis(10);
 /// While growing, the agent is asked to online what is present at most this often
 /// (the driver adds at most about 1 GiB offline before it waits for onlining).
 const ONLINE_EVERY: Duration = Duration::from_secs(1);
@@ -304,6 +307,10 @@ fn refusal(findings: Vec<Finding>, hard: Vec<Finding>) -> Refusal {
 pub enum Settled {
     /// Every device's `<current>` reached its `<requested>`.
     Reached,
+    /// The guest's blocks prove every device holds what it was asked (see
+    /// [`guest_proves_growth`]); libvirt's `<current>`, read then, may lag:
+    /// QEMU reports a device's size to libvirt at most once a second.
+    GuestReached,
     /// The deadline passed first.
     TimedOut,
     /// A shrink stopped making progress: the guest cannot release more.
@@ -397,8 +404,14 @@ pub fn judge_resize(
             *zones.entry(b.zone.clone().unwrap_or_else(|| "?".into())).or_insert(0u32) += 1;
         }
         let online = mine.iter().filter(|b| b.online).count() as u32;
-        if current != step.to {
+        // The guest's blocks proved the size: a libvirt `<current>` short of it
+        // is libvirt's view lagging, not the device.
+        let current_lags = settled == Settled::GuestReached && current != step.to;
+        if current != step.to && !current_lags {
             problems.push(format!("{} holds {current} of the {} asked", d.label(), step.to));
+        }
+        if current_lags && d.requested != step.to {
+            problems.push(format!("{}: libvirt's requested is {}, not the {} asked", d.label(), d.requested, step.to));
         }
         if let (Some(Ok(_)), Some(bs)) = (&ev.blocks, block_size) {
             problems.extend(block_problems(d, &mine, bs, plan.grows().then_some(plan.zone)));
@@ -410,13 +423,18 @@ pub fn judge_resize(
             before: step.from,
             requested: if ev.reset.contains(&d.index) { current } else { step.to },
             current,
+            current_lags,
             requested_reset: ev.reset.contains(&d.index),
             blocks: mine.len() as u32,
             blocks_online: online,
             zones,
         });
     }
-    let held: u64 = out.iter().map(|d| d.current.get()).sum();
+    // What each device holds: libvirt's `<current>`, or what the guest proved.
+    let held: u64 =
+        out.iter().zip(&plan.steps).map(|(d, s)| if d.current_lags { s.to.get() } else { d.current.get() }).sum();
+    let lagging: Vec<String> =
+        out.iter().filter(|d| d.current_lags).map(|d| format!("{} current {}", d.device, d.current)).collect();
     let asked: u64 = plan.steps.iter().map(|s| s.to.get()).sum();
     let from: u64 = plan.steps.iter().map(|s| s.from.get()).sum();
     let moved = Bytes(held.abs_diff(from));
@@ -440,6 +458,18 @@ pub fn judge_resize(
             Outcome::Ok,
             format!("{} {verb} by {moved} to {}; guest not verified (--no-wait or no agent)", plan.scope, plan.after),
         ),
+        (Some(Ok(_)), _) if !lagging.is_empty() => {
+            let blocks: u32 = out.iter().map(|d| d.blocks_online).sum();
+            (
+                Outcome::Ok,
+                format!(
+                    "{} {verb} by {moved} to {}; the guest shows it ({blocks} block(s) of the devices added and online); libvirt's view had not caught up yet ({}: QEMU reports a device's size at most once a second)",
+                    plan.scope,
+                    plan.after,
+                    lagging.join(", ")
+                ),
+            )
+        }
         (Some(Ok(_)), _) => {
             let blocks: u32 = out.iter().map(|d| d.blocks_online).sum();
             (
@@ -500,10 +530,17 @@ async fn execute_resize<A: GuestAgent>(
 ) -> Result<OpReport, DomainError> {
     let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
     let ranges = plan.ranges();
+    let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
+    let mut proof = None;
     if let (true, Some(agent)) = (plan.confirm && plan.grows(), link.as_deref_mut()) {
         // First the regions and their zone: blocks the device plugs from now on
         // are onlined there by the agent's own uevent path.
         let _ = agent.online(online_round(&ranges, plan.zone)).await;
+        // What the regions hold now decides whether the guest's blocks can
+        // prove the growth on their own.
+        if let Ok(before) = agent.blocks(ranges.clone()).await {
+            proof = bs.filter(|_| guest_proves_growth(&plan, bs, &before));
+        }
     }
     let mut applied = Vec::new();
     let t = Instant::now();
@@ -526,12 +563,11 @@ async fn execute_resize<A: GuestAgent>(
         return Ok(persistent_only(ResizeMemory::NAME, name, affect, message, plan.findings, applied, &run));
     }
     let t = Instant::now();
-    let (settled, mut ev) = wait_settled(facts, link.as_deref_mut(), &plan, r, opts).await?;
+    let (settled, mut ev) = wait_settled(facts, link.as_deref_mut(), &plan, r, opts, proof).await?;
     if settled != Settled::Reached && !plan.grows() {
         reset_requested(facts, &plan, &mut ev, &mut applied).await;
     }
-    let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
-    if let (true, Some(agent)) = (plan.confirm, link) {
+    if let (true, None, Some(agent)) = (plan.confirm, &ev.blocks, link) {
         let deadline = t + opts.timeout;
         ev.blocks = Some(final_blocks(agent, &plan, &ev.devices, bs, deadline).await);
     }
@@ -635,21 +671,74 @@ async fn live_devices(facts: &Facts) -> Result<Vec<VirtioMem>, DomainError> {
     Ok(DomainFacts::parse(&xml).map_err(|e| DomainError::Other(format!("live XML: {e}")))?.virtio_mems)
 }
 
-/// Polls the live XML until every changed device holds what it was asked, the
-/// timeout passes, or a shrink stops moving; a growing guest is asked to online
-/// what its driver plugged (once a second) on the way.
+/// Whether the guest's blocks alone can prove a growth done (pure): every
+/// changed device grows between whole memory blocks (`bs`), and its region's
+/// present blocks before the change are exactly what it held, all online.
+/// The virtio-mem driver adds a memory block only after the device plugged all
+/// of it (and a device block bigger than a memory block as a whole), so then
+/// `to / bs` online blocks in the region mean the device holds `to`. Any other
+/// growth (a partly plugged block the driver may fill later) waits for
+/// libvirt's `<current>`.
+pub fn guest_proves_growth(plan: &ResizePlan, bs: Option<u64>, before: &[BlockState]) -> bool {
+    let Some(bs) = bs.filter(|b| *b > 0) else { return false };
+    plan.grows()
+        && plan.confirm
+        && !plan.steps.is_empty()
+        && plan.steps.iter().all(|s| {
+            let Some(r) = s.device.range() else { return false };
+            let mine: Vec<&BlockState> =
+                before.iter().filter(|b| b.present && b.start >= r.start && b.start < r.end()).collect();
+            s.from.get() % bs == 0
+                && s.to.get() % bs == 0
+                && s.to > s.from
+                && mine.len() as u64 * bs == s.from.get()
+                && mine.iter().all(|b| b.online)
+        })
+}
+
+/// The guest's side of a growth [`guest_proves_growth`] accepted is done
+/// (pure): each device's region has `to / bs` present blocks, all online.
+pub fn guest_grew(plan: &ResizePlan, bs: u64, blocks: &[BlockState]) -> bool {
+    plan.steps.iter().all(|s| {
+        let Some(r) = s.device.range() else { return false };
+        let mine: Vec<&BlockState> =
+            blocks.iter().filter(|b| b.present && b.start >= r.start && b.start < r.end()).collect();
+        mine.len() as u64 * bs == s.to.get() && mine.iter().all(|b| b.online)
+    })
+}
+
+/// Waits until every changed device holds what it was asked, the timeout
+/// passes, or a shrink stops moving. The evidence is the guest's blocks when
+/// they can prove the growth (`proof`: the guest's block size; polled through
+/// the agent, then libvirt's live XML read once), else the live XML's
+/// `<current>`, polled. A growing guest is asked to online what its driver
+/// plugged (once a second) on the way.
 async fn wait_settled<A: GuestAgent>(
     facts: &Facts,
     mut link: Option<&mut A>,
     plan: &ResizePlan,
     r: &ResizeOpts,
     opts: &HotplugOpts,
+    proof: Option<u64>,
 ) -> Result<(Settled, Evidence), DomainError> {
     let started = Instant::now();
     let (mut last_move, mut last_online) = (Instant::now(), Instant::now());
     let mut seen: Vec<Bytes> = plan.steps.iter().map(|s| s.from).collect();
     let ranges = plan.ranges();
     loop {
+        if let (Some(bs), Some(agent)) = (proof, link.as_deref_mut()) {
+            // A failed read is not evidence: the XML below still decides.
+            if let Ok(blocks) = agent.blocks(ranges.clone()).await {
+                if guest_grew(plan, bs, &blocks) {
+                    let devices = live_devices(facts).await?;
+                    let libvirt_agrees = plan.steps.iter().all(|s| {
+                        devices.iter().find(|d| d.index == s.device.index).is_some_and(|d| d.plugged() == s.to)
+                    });
+                    let settled = if libvirt_agrees { Settled::Reached } else { Settled::GuestReached };
+                    return Ok((settled, Evidence { devices, blocks: Some(Ok(blocks)), ..Default::default() }));
+                }
+            }
+        }
         let devices = live_devices(facts).await?;
         let now: Vec<Bytes> = plan
             .steps
@@ -676,7 +765,7 @@ async fn wait_settled<A: GuestAgent>(
                 last_online = Instant::now();
             }
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(if proof.is_some() { PROOF_POLL } else { POLL }).await;
     }
 }
 
@@ -924,6 +1013,63 @@ mod tests {
         let ev = Evidence { devices: vec![after], blocks: Some(Ok(outside)), reset: vec![] };
         let (o, _, devs) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
         assert_eq!((o, devs[0].blocks), (Outcome::GuestFailed, 0));
+    }
+
+    #[test]
+    fn the_guest_proves_a_growth_only_between_whole_blocks_it_fully_holds() {
+        let d = dev(1, 2048, 256);
+        let b0 = d.base.expect("base") / (128 * MIB);
+        let held = vec![block(b0, true, "Movable", 1), block(b0 + 1, true, "Movable", 1)];
+        let grow = |from: u64, to: u64| {
+            plan(vec![DeviceStep { device: d.clone(), from: Bytes(from * MIB), to: Bytes(to * MIB) }], from, to)
+        };
+        let bs = Some(128 * MIB);
+        assert!(guest_proves_growth(&grow(256, 1024), bs, &held));
+        assert!(!guest_proves_growth(&grow(256, 1000), bs, &held), "a partly plugged last block");
+        assert!(!guest_proves_growth(&grow(200, 1024), bs, &held), "a partly plugged block before");
+        assert!(!guest_proves_growth(&grow(256, 1024), bs, &held[..1]), "blocks fewer than it holds");
+        let mut offline = held.clone();
+        offline[1].online = false;
+        assert!(!guest_proves_growth(&grow(256, 1024), bs, &offline), "a block in passage");
+        assert!(!guest_proves_growth(&grow(256, 1024), None, &held), "no block size");
+        assert!(!guest_proves_growth(&grow(1024, 256), bs, &held), "a shrink");
+        let mut unconfirmed = grow(256, 1024);
+        unconfirmed.confirm = false;
+        assert!(!guest_proves_growth(&unconfirmed, bs, &held));
+
+        let p = grow(256, 512);
+        let mut blocks = held.clone();
+        assert!(!guest_grew(&p, 128 * MIB, &blocks));
+        blocks.push(block(b0 + 2, false, "Movable", 1));
+        blocks.push(block(b0 + 3, true, "Movable", 1));
+        assert!(!guest_grew(&p, 128 * MIB, &blocks), "one block still offline");
+        blocks[2].online = true;
+        assert!(guest_grew(&p, 128 * MIB, &blocks));
+        blocks.push(block(b0 + 4, true, "Movable", 1));
+        assert!(!guest_grew(&p, 128 * MIB, &blocks), "more than asked is not what was asked");
+    }
+
+    #[test]
+    fn a_lagging_current_is_ok_only_when_the_guest_proved_it() {
+        let d = dev(1, 2048, 0);
+        let b0 = d.base.expect("base") / (128 * MIB);
+        let p = plan(vec![DeviceStep { device: d.clone(), from: Bytes(0), to: Bytes(256 * MIB) }], 768, 1024);
+        let lagging = VirtioMem { requested: Bytes(256 * MIB), current: Some(Bytes(128 * MIB)), ..d.clone() };
+        let good = vec![block(b0, true, "Movable", 1), block(b0 + 1, true, "Movable", 1)];
+        let ev = Evidence { devices: vec![lagging.clone()], blocks: Some(Ok(good)), reset: vec![] };
+        let (o, m, devs) = judge_resize(&p, &ev, Settled::GuestReached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::Ok, "{m}");
+        assert!(devs[0].current_lags && devs[0].current == Bytes(128 * MIB), "{devs:?}");
+        assert!(m.contains("grew by 256 MiB") && m.contains("current 128 MiB"), "{m}");
+        // The same view reached through libvirt alone is a device short.
+        let (o, m, devs) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::GuestFailed, "{m}");
+        assert!(!devs[0].current_lags);
+        // libvirt not holding the asked `<requested>` is never a lag.
+        let wrong = VirtioMem { requested: Bytes(128 * MIB), ..lagging };
+        let ev = Evidence { devices: vec![wrong], ..ev };
+        let (o, m, _) = judge_resize(&p, &ev, Settled::GuestReached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::GuestFailed, "{m}");
     }
 
     #[test]

@@ -67,3 +67,46 @@ async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
     assert_eq!(live_device(&dom, 0), (Bytes(256 * MIB), Some(Bytes(256 * MIB))), "requested is what the guest holds");
     assert!(r.host.applied.iter().any(|a| a.contains("what the guest still holds")), "{:?}", r.host.applied);
 }
+
+/// QEMU reports a device's size to libvirt at most once a second: the growth
+/// is proven by the guest's blocks, and the report says libvirt's `<current>`
+/// had not caught up instead of waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = common::kernel(dir.path(), 8, 8);
+    let (agent, sock) = common::serve_agent(dir.path(), &kernel);
+    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent)));
+    dom.lag_virtio_mem_current(true);
+    let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
+    let mut o = opts(AgentAddr::Serial { path: sock });
+    // Far beyond the test: only the guest's evidence can end the wait in time.
+    o.timeout = Duration::from_secs(600);
+
+    let grow = ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_secs(1) };
+    let r = tokio::time::timeout(Duration::from_secs(60), resize_memory(conn.clone(), "mem1", &grow, &o))
+        .await
+        .expect("the guest's blocks end the wait, not libvirt's <current>")
+        .expect("report");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    let d = &r.virtio_mem[0];
+    assert_eq!((d.requested, d.current, d.current_lags), (Bytes(512 * MIB), Bytes(0), true), "{d:?}");
+    assert_eq!((d.blocks, d.blocks_online), (4, 4), "{d:?}");
+    assert!(r.message.contains("grew by 512 MiB") && r.message.contains("not caught up"), "{}", r.message);
+    assert!(r.render_text().contains("not caught up yet"), "{}", r.render_text());
+    assert_eq!(live_device(&dom, 0), (Bytes(512 * MIB), Some(Bytes(0))), "libvirt's view as the report says");
+
+    // The next verb, 0.3 s later, as QEMU's event lands: it plans from the
+    // caught-up view (from the stale 0, a shrink of 512 MiB would be refused).
+    let later = dom.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        later.catch_up_virtio_mem();
+    });
+    dom.lag_virtio_mem_current(false);
+    let shrink =
+        ResizeOpts { change: SizeChange::Shrink(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_secs(1) };
+    let r = resize_memory(conn.clone(), "mem1", &shrink, &o).await.expect("report");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert_eq!(live_device(&dom, 0), (Bytes(0), Some(Bytes(0))));
+}

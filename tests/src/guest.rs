@@ -692,6 +692,32 @@ impl Guest {
         doc
     }
 
+    /// A grown virtio-mem device of a report (`d`, one of its `virtio_mem`)
+    /// holds `bytes`: libvirt's `<current>` says so, or the guest's blocks
+    /// proved it while libvirt's view lagged (`current_lags`), and then
+    /// libvirt's view catches up within 5 s (QEMU reports a device's size at
+    /// most once a second). Returns whether it lagged.
+    pub fn assert_vmem_holds(&self, d: &serde_json::Value, bytes: u64) -> bool {
+        assert_eq!(d["requested"].as_u64(), Some(bytes), "requested: {d}");
+        if d["current_lags"] != true {
+            assert_eq!(d["current"].as_u64(), Some(bytes), "libvirt's current: {d}");
+            return false;
+        }
+        assert!(d["current"].as_u64().is_some_and(|c| c < bytes), "a lag is a current short of the size: {d}");
+        let alias = d["device"].as_str().expect("device");
+        let name = self.name.clone();
+        crate::procs::wait_for(
+            &format!("libvirt's <current> of {alias} to reach {bytes}"),
+            Duration::from_secs(5),
+            || {
+                let st = self.vmplug_json(&["status", &name]);
+                let v = st["virtio_mem"].as_array()?.iter().find(|v| v["alias"] == alias)?.clone();
+                (v["current"].as_u64() == Some(bytes)).then_some(())
+            },
+        );
+        true
+    }
+
     /// `vmplug autoscale --once` with `policy` (TOML): its JSON events.
     pub fn autoscale_once(&self, policy: &str) -> Vec<serde_json::Value> {
         let path = self.dir.join("policy.toml");

@@ -52,7 +52,11 @@ fn grow_a_node_by_1g_and_shrink_back() {
     let r = g.vmplug_json(&["resize-memory", &name, "+1G", "--node", "1"]);
     assert_eq!(r["outcome"], "ok", "{r}");
     let d = device(&r, 1);
-    assert_eq!(d["current"].as_u64(), Some(GIB), "{d}");
+    let lagged = g.assert_vmem_holds(&d, GIB);
+    eprintln!(
+        "+1G: libvirt's <current> {}",
+        if lagged { "caught up after the verdict" } else { "agreed at the verdict" }
+    );
     assert_eq!(d["blocks_online"].as_u64(), Some(8), "eight 128 MiB blocks online: {d}");
     assert_eq!(d["zones"]["Movable"].as_u64(), Some(8), "movable by default: {d}");
     assert_eq!(g.mem_total_kib() - before, GIB / 1024, "MemTotal grew by exactly 1 GiB");
@@ -78,10 +82,8 @@ fn grow_a_node_by_1g_and_shrink_back() {
     // A total, balanced over both nodes: 768 MiB boot + 512 MiB.
     let r = g.vmplug_json(&["resize-memory", &name, "1280M"]);
     assert_eq!(r["outcome"], "ok", "{r}");
-    assert_eq!(
-        (device(&r, 0)["current"].as_u64(), device(&r, 1)["current"].as_u64()),
-        (Some(256 * MIB), Some(256 * MIB))
-    );
+    g.assert_vmem_holds(&device(&r, 0), 256 * MIB);
+    g.assert_vmem_holds(&device(&r, 1), 256 * MIB);
     assert_eq!(g.mem_total_kib() - before, 512 * 1024);
     let r = g.vmplug_json(&["resize-memory", &name, "768M"]);
     assert_eq!(r["outcome"], "ok", "{r}");
@@ -165,9 +167,11 @@ fn a_device_is_added_to_the_definition_and_live_and_checked_before() {
     assert_eq!(live.matches("model='virtio-mem'").count(), 3, "attached live");
     let r = g.vmplug_json(&["resize-memory", &name, "+1G", "--node", "1"]);
     assert_eq!(r["outcome"], "ok", "{r}");
-    let held: Vec<u64> =
-        r["virtio_mem"].as_array().expect("devices").iter().filter_map(|d| d["current"].as_u64()).collect();
-    assert_eq!(held, vec![512 * MIB, 512 * MIB], "balanced over node 1's two devices: {r}");
+    let devices = r["virtio_mem"].as_array().expect("devices");
+    assert_eq!(devices.len(), 2, "balanced over node 1's two devices: {r}");
+    for d in devices {
+        g.assert_vmem_holds(d, 512 * MIB);
+    }
 }
 
 /// The live XML's alias of the virtio-mem device on `node`, if it lists one.
@@ -278,7 +282,7 @@ fn growth_far_over_32_times_available_arrives_in_the_drivers_steps() {
     let r = g.vmplug_json(&["resize-memory", &name, "+16G"]);
     assert_eq!(r["outcome"], "ok", "{r}");
     let d = device(&r, 0);
-    assert_eq!(d["current"].as_u64(), Some(16 * GIB), "{d}");
+    g.assert_vmem_holds(&d, 16 * GIB);
     assert_eq!(d["blocks_online"].as_u64(), Some(128), "every 128 MiB block online: {d}");
     assert_eq!(g.mem_total_kib() - before, 16 * GIB / 1024, "MemTotal grew by exactly 16 GiB");
     let oom = g.sh("dmesg | grep -c -i -E 'out of memory|oom-kill|page allocation failure' || true");
