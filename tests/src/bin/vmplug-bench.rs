@@ -194,6 +194,14 @@ enum Model {
 }
 
 impl Model {
+    /// Its name in `VMPLUG_BENCH_ONLY`.
+    fn label(self) -> &'static str {
+        match self {
+            Model::Dimm => "dimm",
+            Model::VirtioMem => "virtio-mem",
+        }
+    }
+
     fn op(self, size: u64) -> String {
         let gib = size / 1024 / MIB;
         match self {
@@ -473,10 +481,22 @@ fn main() {
     let idle_wakeups_per_min = (cs1.saturating_sub(cs0)) as f64 * 2.0;
 
     let mut cost = AgentCost::default();
+    // `VMPLUG_BENCH_ONLY=dimm|virtio-mem`: one model's latency table, printed
+    // only (a quick look while working; `make bench` runs everything).
+    let only = std::env::var("VMPLUG_BENCH_ONLY").ok();
     for model in [Model::Dimm, Model::VirtioMem] {
+        if only.as_deref().is_some_and(|o| o != model.label()) {
+            continue;
+        }
         for size in [1024 * MIB, 4096 * MIB] {
             bench_memory(&mut g, &mut samples, &mut own, &mut cost, model, size);
         }
+    }
+    if only.is_some() {
+        let raw: BTreeMap<String, Vec<f64>> =
+            samples.0.iter().map(|((op, m), v)| (format!("{op} / {m}"), v.clone())).collect();
+        print!("{}", latency_table(&raw, &[CPU_WRITE_ALONE]));
+        return;
     }
     let hwm = cost.peak_kib;
     let cpu_ms_per_block = cost.ticks as f64 * 10.0 / cost.blocks.max(1) as f64;
