@@ -38,7 +38,7 @@ use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
 const POLL: Duration = Duration::from_millis(50);
 /// How often the guest's blocks are read while they can prove a growth: one
 /// small request to the agent, answered from sysfs.
-const PROOF_POLL: Duration = Duration::from_millis(10);
+const PROOF_POLL: Duration = Duration::from_millis(20);
 /// While growing, the agent is asked to online what is present at most this often
 /// (the driver adds at most about 1 GiB offline before it waits for onlining).
 const ONLINE_EVERY: Duration = Duration::from_secs(1);

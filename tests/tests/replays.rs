@@ -8,7 +8,8 @@
 //!
 //! Sources (github.com/autotest): tp-libvirt
 //! `libvirt/tests/cfg/memory/memory_devices/change_virtio_mem_request_size.cfg`,
-//! `…/virtio_mem_hot_unplug.cfg`, `…/dimm_memory_hot_unplug.cfg`,
+//! `…/virtio_mem_hot_unplug.cfg`, `…/dimm_memory_hot_unplug.cfg`, the
+//! `maxMemory` limit of `…/virtio_mem_*` hot-plug,
 //! `libvirt/tests/cfg/libvirt_vcpu_plug_unplug.cfg`; tp-qemu
 //! `qemu/tests/cfg/hotplug_memory_repeat.cfg`, `…/hotplug_virtio_mem.cfg`.
 
@@ -30,6 +31,19 @@ fn refused(g: &Guest, args: &[&str]) -> Vec<String> {
         .filter(|f| f["severity"] == "error")
         .filter_map(|f| f["id"].as_str().map(str::to_string))
         .collect()
+}
+
+/// vmplug cannot reach the guest's agent: exit 7, `agent_unreachable`, the
+/// `agent.ready` finding, nothing applied.
+fn unreachable(g: &Guest, args: &[&str]) {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = g.vmplug(&a);
+    assert_eq!(out.status.code(), Some(7), "vmplug {} cannot reach the agent", args.join(" "));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["outcome"], "agent_unreachable", "{r}");
+    assert!(r["findings"].as_array().expect("findings").iter().any(|f| f["id"] == "agent.ready"), "{r}");
+    assert!(r["applied"].as_array().is_some_and(Vec::is_empty), "nothing applied: {r}");
 }
 
 /// libvirt's own answer to `virsh ARGS`: it fails, with `message` in its error.
@@ -346,4 +360,80 @@ fn kernel_selftests_pass_after_vmplugs_plugs() {
     );
     let r = g.vmplug_json(&["attach-memory", &name, "128M", "--live"]);
     assert_eq!(r["outcome"], "ok", "the next plug: {r}");
+}
+
+/// tp-libvirt `memory_devices/virtio_mem_*` hot-plug past `maxMemory`: a
+/// running guest of 512 MiB boot memory, a 1 GiB virtio-mem device and
+/// `maxMemory` 2 GiB has room for 512 MiB more; attaching a second 1 GiB
+/// device fails in libvirt ("would exceed domain's maxMemory config size"),
+/// and vmplug refuses it before acting, by its `maxMemory` rule. The 512 MiB
+/// that fits is accepted by both.
+#[test]
+fn tp_libvirt_virtio_mem_plug_past_max_memory() {
+    let spec =
+        GuestSpec { cells_mib: vec![512], max_memory_mib: 2048, virtio_mem: vec![(0, 1024)], ..GuestSpec::default() };
+    let g = Guest::boot("tp-vmem-max", spec);
+    let name = g.name.clone();
+    let ids = refused(&g, &["add-virtio-mem", &name, "1G", "--node", "0", "--live"]);
+    assert_eq!(ids, vec!["mem.max-size".to_string()], "vmplug refuses by its maxMemory rule");
+    let xml = g.dir.join("vmem-1g.xml");
+    std::fs::write(
+        &xml,
+        "<memory model='virtio-mem'><target><size unit='MiB'>1024</size><node>0</node>\
+         <block unit='MiB'>2</block><requested unit='MiB'>0</requested></target></memory>",
+    )
+    .expect("device XML");
+    libvirt_fails(
+        &g,
+        &["attach-device", &name, &xml.to_string_lossy(), "--live"],
+        "would exceed domain's maxMemory config size",
+    );
+    let live = g.daemon.virsh_ok(&["dumpxml", &name]);
+    assert_eq!(live.matches("model='virtio-mem'").count(), 1, "nothing attached");
+    // What fits is accepted, and the guest's driver takes it.
+    let r = g.vmplug_json(&["add-virtio-mem", &name, "512M", "--node", "0", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    assert_eq!(g.daemon.virsh_ok(&["dumpxml", &name]).matches("model='virtio-mem'").count(), 2);
+}
+
+/// tp-libvirt `libvirt_vcpu_plug_unplug.cfg`, negative_test: guest_plug with
+/// no agent channel, and with the agent not started — `setvcpus --guest`
+/// fails in libvirt ("QEMU guest agent is not configured"; with the channel,
+/// "Guest agent is not responding"), and vmplug, whose `--guest` needs its own
+/// agent the same way, fails as unreachable (exit 7, `agent.ready`) with
+/// nothing changed.
+#[test]
+fn tp_libvirt_vcpu_guest_plug_without_an_agent() {
+    let spec = GuestSpec { vcpus: 2, max_vcpus: 4, ..GuestSpec::default() };
+    let mut g = Guest::boot("tp-vcpu-ga", spec);
+    let name = g.name.clone();
+    let r = g.vmplug_json(&["setvcpus", &name, "3", "--live"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    // no_agent_channel, libvirt's side: this domain has no qemu-ga channel.
+    libvirt_fails(&g, &["setvcpus", &name, "2", "--guest"], "QEMU guest agent is not configured");
+
+    // agent_not_start: vmplug's channel is there, its agent stopped.
+    g.sh("onliner none");
+    unreachable(&g, &["setvcpus", &name, "2", "--guest", "--agent-timeout", "3"]);
+    let ga = g.dir.join("ga.xml");
+    std::fs::write(
+        &ga,
+        "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+    )
+    .expect("channel XML");
+    g.daemon.virsh_ok(&["attach-device", &name, &ga.to_string_lossy(), "--live"]);
+    libvirt_fails(&g, &["setvcpus", &name, "2", "--guest"], "Guest agent is not responding");
+    assert_eq!(g.online_cpus(), "0-2", "nothing offlined");
+
+    // no_agent_channel, vmplug's side: its channel detached from the domain.
+    let live = g.daemon.virsh_ok(&["dumpxml", &name]);
+    let start = live.find("<channel type='unix'>").expect("vmplug's channel");
+    let end = start + live[start..].find("</channel>").expect("end") + "</channel>".len();
+    assert!(live[start..end].contains(vmplug_e2e::guest::SERIAL_NAME), "{}", &live[start..end]);
+    let ch = g.dir.join("vmplug-channel.xml");
+    std::fs::write(&ch, &live[start..end]).expect("channel XML");
+    g.daemon.virsh_ok(&["detach-device", &name, &ch.to_string_lossy(), "--live"]);
+    unreachable(&g, &["setvcpus", &name, "2", "--guest", "--agent-timeout", "3"]);
+    assert_eq!(g.online_cpus(), "0-2", "nothing offlined");
+    assert_eq!(g.daemon.virsh_ok(&["vcpucount", &name, "--live", "--current"]).trim(), "3");
 }
