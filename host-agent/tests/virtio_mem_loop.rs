@@ -84,10 +84,11 @@ async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
     o.timeout = Duration::from_secs(600);
 
     let grow = ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_secs(1) };
-    let r = tokio::time::timeout(Duration::from_secs(60), resize_memory(conn.clone(), "mem1", &grow, &o))
-        .await
-        .expect("the guest's blocks end the wait, not libvirt's <current>")
-        .expect("report");
+    let r =
+        tokio::time::timeout(Duration::from_secs(60), verb::run(&ResizeMemory { r: grow }, conn.clone(), "mem1", &o))
+            .await
+            .expect("the guest's blocks end the wait, not libvirt's <current>")
+            .expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let d = &r.virtio_mem[0];
     assert_eq!((d.requested, d.current, d.current_lags), (Bytes(512 * MIB), Bytes(0), true), "{d:?}");
@@ -106,7 +107,7 @@ async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
     dom.lag_virtio_mem_current(false);
     let shrink =
         ResizeOpts { change: SizeChange::Shrink(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_secs(1) };
-    let r = resize_memory(conn.clone(), "mem1", &shrink, &o).await.expect("report");
+    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(live_device(&dom, 0), (Bytes(0), Some(Bytes(0))));
 }
