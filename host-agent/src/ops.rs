@@ -785,24 +785,7 @@ pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainE
         first_wave: Bytes(vmplug_common::MIB),
     };
     findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == RuleId::MemLinux4g.id()));
-    let usable = 64u32.saturating_sub(facts.virtio_nets);
-    if let Some(slots) = facts.slots.filter(|&s| s > usable) {
-        findings.push(Finding {
-            id: RuleId::MemSlots.id(),
-            severity: Severity::Error,
-            message: format!("{slots} memory slots, but only {usable} are usable (64 − {} virtio-net device(s)): pass --slots {usable} or fewer", facts.virtio_nets),
-        });
-    }
-    if facts.vcpus_max <= facts.vcpus_current {
-        findings.push(Finding {
-            id: RuleId::CpuMax.id(),
-            severity: Severity::Warning,
-            message: format!(
-                "max vCPUs equals the current {}: no vCPU can be hot-plugged; pass --max-vcpus",
-                facts.vcpus_current
-            ),
-        });
-    }
+    findings.extend(crate::preflight::check(&ctx, &crate::preflight::Operation::Prepared));
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     findings.dedup();
     Ok(findings)

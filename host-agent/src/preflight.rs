@@ -194,8 +194,18 @@ pub enum Operation {
         alias: String,
         devices: Vec<crate::xml::VirtioMem>,
     },
+    /// `add-virtio-mem`: a new device of `size` on guest node `node`, plugged
+    /// in `block` steps.
+    AddVirtioMem {
+        size: Bytes,
+        node: Option<u32>,
+        block: Bytes,
+    },
     /// General readiness (`vmplug check` with no operation).
     Readiness,
+    /// What `prepare` must leave beside readiness: usable slots, and room for
+    /// one more vCPU (warned: memory-only domains exist).
+    Prepared,
 }
 
 /// Why the guest agent gave no facts: told apart because each has another fix.
@@ -247,6 +257,10 @@ fn live_op(ctx: &Ctx, op: &Operation) -> bool {
 }
 
 fn rule_running(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::AddVirtioMem { .. } = op {
+        (ctx.affect.live() && !ctx.running).then_some(())?;
+        return error(RuleId::DomainRunning, format!("domain '{}' is not running: use --config", ctx.dom.name));
+    }
     (live_op(ctx, op) && !ctx.running).then_some(())?;
     error(RuleId::DomainRunning, format!("domain '{}' is not running (shut off): a --live change needs a running domain (use --config alone to change the definition)", ctx.dom.name))
 }
@@ -397,6 +411,31 @@ fn rule_unplug_address(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     )
 }
 
+/// A virtio-mem device's block: QEMU's minimum is the host's transparent
+/// hugepage size, and the region is whole blocks.
+fn rule_vmem_block(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::AddVirtioMem { block, .. } = *op else { return None };
+    (!block.get().is_power_of_two() || block.get() < 2 * vmplug_common::MIB).then_some(())?;
+    error(RuleId::VmemBlock, format!("block size {block} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)"))
+}
+
+fn rule_vmem_add_align(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::AddVirtioMem { size, block, .. } = *op else { return None };
+    let b = block.get();
+    // A wrong block is vmem.block's; the size is measured against a good one.
+    (b.is_power_of_two() && b >= 2 * vmplug_common::MIB && (size.get() == 0 || !size.is_multiple_of(b)))
+        .then_some(())?;
+    error(RuleId::VmemBlockAlign, format!("size {size} is not a positive multiple of the block size {block}"))
+}
+
+/// A guest with NUMA cells: the device belongs to one of them.
+fn rule_vmem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::AddVirtioMem { node: None, .. } = *op else { return None };
+    (!ctx.dom.cells.is_empty()).then_some(())?;
+    let ids: Vec<String> = ctx.dom.cells.iter().map(|c| c.id.to_string()).collect();
+    error(RuleId::VmemNode, format!("the guest has NUMA cells ({}): pass --node", ids.join(", ")))
+}
+
 fn rule_vmem_alias(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::VirtioMemDetach { alias, devices } = op else { return None };
     devices.iter().all(|d| d.alias.as_deref() != Some(alias.as_str())).then_some(())?;
@@ -475,6 +514,16 @@ fn rule_cpu_placement(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_cpu_max(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::Prepared = op {
+        (ctx.dom.vcpus_max <= ctx.dom.vcpus_current).then_some(())?;
+        return warning(
+            RuleId::CpuMax,
+            format!(
+                "max vCPUs equals the current {}: no vCPU can be hot-plugged; pass --max-vcpus",
+                ctx.dom.vcpus_current
+            ),
+        );
+    }
     let Operation::Vcpus { target } = *op else { return None };
     if target == 0 {
         return error(RuleId::CpuMax, "a domain needs at least one vCPU");
@@ -654,6 +703,13 @@ fn rule_mem_guest(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_maxmemory(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::AddVirtioMem { .. } = op {
+        ctx.dom.max_memory.is_none().then_some(())?;
+        return error(
+            RuleId::MemMaxMemory,
+            "no <maxMemory>: a memory device needs room reserved at creation (`vmplug prepare`)",
+        );
+    }
     if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
         return None;
     }
@@ -665,6 +721,11 @@ fn rule_mem_maxmemory(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::Prepared = op {
+        let (f, usable) = (ctx.dom, 64u32.saturating_sub(ctx.dom.virtio_nets));
+        let slots = f.slots.filter(|&s| s > usable)?;
+        return error(RuleId::MemSlots, format!("{slots} memory slots, but only {usable} are usable (64 − {} virtio-net device(s)): pass --slots {usable} or fewer", f.virtio_nets));
+    }
     let Operation::Memory { dimms, .. } = *op else { return None };
     ctx.dom.max_memory?;
     let free = ctx.dom.free_slots();
@@ -681,6 +742,17 @@ fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_headroom(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::AddVirtioMem { size, .. } = *op {
+        let max = ctx.dom.max_memory?;
+        (size > ctx.dom.memory_headroom()).then_some(())?;
+        return error(
+            RuleId::MemMaxSize,
+            format!(
+                "{} + {size} exceeds <maxMemory> {max} (<memory> counts every device's whole region)",
+                ctx.dom.memory
+            ),
+        );
+    }
     let Operation::Memory { size, .. } = *op else { return None };
     let max = ctx.dom.max_memory?;
     (size > ctx.dom.memory_headroom()).then_some(())?;
@@ -696,6 +768,18 @@ fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::AddVirtioMem { node: Some(n), .. } = *op {
+        return match ctx.dom.cells.is_empty() {
+            true => error(
+                RuleId::MemNode,
+                format!("the guest has no NUMA cells: node {n} does not exist (leave out --node)"),
+            ),
+            false if !ctx.dom.cells.iter().any(|c| c.id == n) => {
+                error(RuleId::MemNode, format!("guest NUMA node {n} does not exist"))
+            }
+            false => None,
+        };
+    }
     let (Operation::Memory { node: Some(n), .. } | Operation::Resize { node: Some(n), .. }) = *op else { return None };
     if ctx.dom.cells.is_empty() || ctx.dom.cells.iter().any(|c| c.id == n) {
         return None;
@@ -907,6 +991,9 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::MemWindowsNode0, rule_mem_windows_node0),
     (RuleId::UnplugLiveOnly, rule_unplug_live_only),
     (RuleId::UnplugNoAddress, rule_unplug_address),
+    (RuleId::VmemBlock, rule_vmem_block),
+    (RuleId::VmemBlockAlign, rule_vmem_add_align),
+    (RuleId::VmemNode, rule_vmem_node),
     (RuleId::VmemAlias, rule_vmem_alias),
     (RuleId::VmemPlugged, rule_vmem_plugged),
     (RuleId::SchedSharesRange, rule_shares),
@@ -1024,5 +1111,82 @@ mod tests {
             }
         }
         assert!(found.is_empty(), "rule ids written as strings:\n{}", found.join("\n"));
+    }
+
+    /// Every source file of the crate with its production code (test modules cut).
+    fn production_sources() -> Vec<(String, String)> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let (mut stack, mut out) = (vec![src.clone()], vec![]);
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("source directory") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).expect("source file");
+                    let code = text.split("\n#[cfg(test)]\nmod tests").next().unwrap_or_default().to_string();
+                    let rel = path.strip_prefix(&src).unwrap_or(&path).display().to_string();
+                    out.push((rel, code));
+                }
+            }
+        }
+        out
+    }
+
+    /// Where each rule id is emitted: `file::fn` of every `error(RuleId::X`,
+    /// `warning(RuleId::X`, `id: RuleId::X` and `=> RuleId::X` (an error
+    /// type's rule), by the function around it.
+    fn emitters() -> std::collections::BTreeMap<&'static str, std::collections::BTreeSet<String>> {
+        let mut out: std::collections::BTreeMap<&'static str, std::collections::BTreeSet<String>> = Default::default();
+        for (file, code) in production_sources() {
+            for (at, _) in code.match_indices("RuleId::") {
+                let before = code[..at].trim_end();
+                if !["error(", "warning(", "id:", "=>"].iter().any(|p| before.ends_with(p)) {
+                    continue;
+                }
+                let name: String =
+                    code[at + 8..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let Some(rule) = RuleId::ALL.iter().find(|r| format!("{r:?}") == name) else { continue };
+                let func = before
+                    .rfind("fn ")
+                    .map(|f| before[f + 3..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect())
+                    .unwrap_or_else(|| "?".to_string());
+                out.entry(rule.id()).or_default().insert(format!("{file}::{func}"));
+            }
+        }
+        out
+    }
+
+    /// Each rule id comes from one function. The ids listed here are still
+    /// emitted twice — the planner's and `prepare`'s own errors carry the
+    /// preflight rule of the same condition, and resize's alignment lives in
+    /// its plan — and the list must shrink, never grow: a new second emitter
+    /// of any id fails this test, and so does fixing one without listing it off.
+    #[test]
+    fn each_rule_id_is_emitted_from_one_place() {
+        const STILL_TWICE: &[&str] = &[
+            "cpu.cores-multiple",
+            "cpu.machine",
+            "cpu.max",
+            "cpu.socket-cell",
+            "mem.block-align",
+            "mem.max-memory",
+            "mem.node",
+            "mem.numa",
+            "mem.plan",
+            "mem.round-up",
+            "mem.slots",
+            "numatune.nodes",
+            "numatune.strict-free",
+            "vmem.block-align",
+        ];
+        let e = emitters();
+        let twice: Vec<String> =
+            e.iter().filter(|(_, places)| places.len() > 1).map(|(id, p)| format!("{id}: {p:?}")).collect();
+        let ids: Vec<&str> = e.iter().filter(|(_, p)| p.len() > 1).map(|(id, _)| *id).collect();
+        assert_eq!(ids, STILL_TWICE, "rule ids emitted from more than one function:\n{}", twice.join("\n"));
+        // The checker sees the rules this file's table runs.
+        assert!(e.get("vmem.plugged").is_some_and(|p| p.contains("preflight.rs::rule_vmem_plugged")), "{e:?}");
+        assert!(e.get("domain.running").is_some_and(|p| p.len() == 1), "{e:?}");
     }
 }

@@ -801,56 +801,6 @@ pub struct AddOpts {
     pub block: Bytes,
 }
 
-/// The rules of a new device: where it goes, its block size, its room under
-/// `<maxMemory>`.
-pub fn plan_add(dom: &DomainFacts, a: &AddOpts, running: bool, affect: Affect) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let b = a.block.get();
-    if !b.is_power_of_two() || b < 2 * vmplug_common::MIB {
-        out.push(Finding::error(RuleId::VmemBlock, format!("block size {} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)", a.block)));
-    } else if a.size.get() == 0 || !a.size.is_multiple_of(b) {
-        out.push(Finding::error(
-            RuleId::VmemBlockAlign,
-            format!("size {} is not a positive multiple of the block size {}", a.size, a.block),
-        ));
-    }
-    match (a.node, dom.cells.is_empty()) {
-        (None, false) => out.push(Finding::error(
-            RuleId::VmemNode,
-            format!(
-                "the guest has NUMA cells ({}): pass --node",
-                dom.cells.iter().map(|c| c.id.to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        )),
-        (Some(n), false) if !dom.cells.iter().any(|c| c.id == n) => {
-            out.push(Finding::error(RuleId::MemNode, format!("guest NUMA node {n} does not exist")))
-        }
-        (Some(n), true) => out.push(Finding::error(
-            RuleId::MemNode,
-            format!("the guest has no NUMA cells: node {n} does not exist (leave out --node)"),
-        )),
-        _ => {}
-    }
-    match dom.max_memory {
-        None => out.push(Finding::error(
-            RuleId::MemMaxMemory,
-            "no <maxMemory>: a memory device needs room reserved at creation (`vmplug prepare`)".into(),
-        )),
-        Some(max) if a.size > dom.memory_headroom() => out.push(Finding::error(
-            RuleId::MemMaxSize,
-            format!(
-                "{} + {} exceeds <maxMemory> {max} (<memory> counts every device's whole region)",
-                dom.memory, a.size
-            ),
-        )),
-        Some(_) => {}
-    }
-    if affect.live() && !running {
-        out.push(Finding::error(RuleId::DomainRunning, format!("domain '{}' is not running: use --config", dom.name)));
-    }
-    out
-}
-
 /// `vmplug add-virtio-mem`.
 pub async fn add_virtio_mem(
     conn: Arc<dyn Connection>,
@@ -861,7 +811,10 @@ pub async fn add_virtio_mem(
     let run = Run::new();
     let loaded = crate::facts::load(conn, name, true).await?;
     let affect = affect.resolve(loaded.running);
-    let findings = plan_add(&loaded.facts, a, loaded.running, affect);
+    // The rules of a new device: where it goes, its block size, its room under
+    // <maxMemory>, a running domain for a live one.
+    let op = Operation::AddVirtioMem { size: a.size, node: a.node, block: a.block };
+    let findings = preflight::check(&loaded.ctx(None, affect, true), &op);
     if preflight::has_errors(&findings) {
         let refusal = refusal(findings, vec![]);
         return not_planned("add-virtio-mem", name, affect, NotPlanned::Refused(refusal), &run);

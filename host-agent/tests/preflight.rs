@@ -675,3 +675,24 @@ fn vmem_detach_needs_an_empty_device_that_exists() {
     let f = unknown.iter().find(|f| f.id == "vmem.alias").expect("vmem.alias");
     assert!(f.message.contains("virtiomem0, virtiomem1"), "{}", f.message);
 }
+
+#[test]
+fn add_virtio_mem_places_a_whole_block_device_on_a_node() {
+    let add = |size: u64, node: Option<u32>, block: u64| Operation::AddVirtioMem {
+        size: Bytes(size),
+        node,
+        block: Bytes(block),
+    };
+    let mib = 1024 * 1024;
+    let ok = Case::new().run(&add(GIB, Some(1), 2 * mib));
+    assert!(ok.is_empty(), "{ok:#?}");
+    let b = Case::new().run(&add(GIB, Some(1), 3 * mib));
+    assert_eq!(ids(&b, Severity::Error), vec!["vmem.block"], "{b:#?}");
+    let b = Case::new().run(&add(GIB + mib, Some(1), 2 * mib));
+    assert_eq!(ids(&b, Severity::Error), vec!["vmem.block-align"], "{b:#?}");
+    let b = Case::new().run(&add(GIB, None, 2 * mib));
+    let f = b.iter().find(|f| f.id == "vmem.node").expect("vmem.node");
+    assert_eq!(f.message, "the guest has NUMA cells (0, 1): pass --node");
+    let b = Case::new().run(&add(GIB, Some(7), 2 * mib));
+    assert_eq!(ids(&b, Severity::Error), vec!["mem.node"], "{b:#?}");
+}
