@@ -64,11 +64,14 @@ pub enum Request {
     Blocks {
         memory: Vec<MemRange>,
     },
+    /// Read-only: the multiqueue virtio-net devices' channels and what the agent
+    /// last changed in them. Sent only to agents with the `queues` capability.
+    Queues,
 }
 
 impl Request {
     /// The names of every request type, for "unknown request" errors.
-    pub const TYPES: &'static [&'static str] = &["hello", "info", "online", "offline", "pressure", "blocks"];
+    pub const TYPES: &'static [&'static str] = &["hello", "info", "online", "offline", "pressure", "blocks", "queues"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -78,6 +81,7 @@ impl Request {
             Request::Offline(_) => "offline",
             Request::Pressure => "pressure",
             Request::Blocks { .. } => "blocks",
+            Request::Queues => "queues",
         }
     }
 }
@@ -167,6 +171,7 @@ pub enum Response {
     Blocks {
         blocks: Vec<BlockState>,
     },
+    Queues(Queues),
     Error(ErrorBody),
     /// Unsolicited (no id).
     Event(Event),
@@ -300,6 +305,12 @@ pub struct Report {
     /// The deadline passed before every requested device appeared.
     pub timed_out: bool,
     pub duration_ms: u64,
+    /// Multiqueue virtio-net devices whose combined channels the agent changed
+    /// (or failed to) to follow the CPUs since its last report, each with that
+    /// change in `last`. Sent only on a connection whose host has sent `queues`
+    /// (a host that predates the field refuses a report carrying it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueState>,
 }
 
 impl Report {
@@ -307,6 +318,43 @@ impl Report {
         self.cpus.iter().filter(|c| !c.outcome.is_success()).count()
             + self.blocks.iter().filter(|b| !b.outcome.is_success()).count()
     }
+}
+
+/// The answer to `Queues`: every multiqueue virtio-net device's combined
+/// channels, which the agent keeps at the online CPU count (bounded by the
+/// device's maximum) when `queues_follow_cpus` is on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queues {
+    /// `queues_follow_cpus` in the guest's configuration.
+    pub enabled: bool,
+    pub cpus_online: u32,
+    pub devices: Vec<QueueState>,
+}
+
+/// One virtio-net device with more than one queue pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueState {
+    /// The interface name (`eth0`).
+    pub device: String,
+    /// The device's maximum combined channels (its queue pairs).
+    pub max: u32,
+    /// Combined channels now; `None` when they could not be read.
+    pub combined: Option<u32>,
+    /// The agent's last change (or failed attempt) on this device since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<QueueChange>,
+}
+
+/// One change of a device's combined channels: `from` → `to`, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// No deny_unknown_fields: serde cannot combine it with `flatten`.
+pub struct QueueChange {
+    pub from: u32,
+    pub to: u32,
+    #[serde(flatten)]
+    pub outcome: Outcome,
 }
 
 /// PSI, meminfo and load: the autoscaler's input.

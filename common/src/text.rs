@@ -6,7 +6,7 @@
 //! every guest string once, where the frame is decoded ([`Response::escape_text`]),
 //! so nothing downstream (text, JSON, logs) can carry a control character.
 
-use crate::protocol::{Event, GuestInfo, Outcome, Report, Response};
+use crate::protocol::{Event, GuestInfo, Outcome, QueueState, Report, Response};
 
 /// Longest guest string kept, in characters; the rest is cut and marked.
 pub const MAX_TEXT_CHARS: usize = 512;
@@ -113,6 +113,16 @@ impl Report {
             escape_opt(&mut b.zone);
             escape_outcome(&mut b.outcome);
         }
+        self.queues.iter_mut().for_each(QueueState::escape_text);
+    }
+}
+
+impl QueueState {
+    fn escape_text(&mut self) {
+        escape_in_place(&mut self.device);
+        if let Some(c) = &mut self.last {
+            escape_outcome(&mut c.outcome);
+        }
     }
 }
 
@@ -123,6 +133,7 @@ impl Response {
             Response::GuestInfo(info) => info.escape_text(),
             Response::Report(r) => r.escape_text(),
             Response::Pressure(_) => {}
+            Response::Queues(q) => q.devices.iter_mut().for_each(QueueState::escape_text),
             Response::Blocks { blocks } => blocks.iter_mut().for_each(|b| escape_opt(&mut b.zone)),
             Response::Error(e) => escape_in_place(&mut e.message),
             Response::Event(ev) => match ev {
@@ -151,7 +162,7 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{BlockResult, ErrorBody, ErrorCode};
+    use crate::protocol::{BlockResult, ErrorBody, ErrorCode, QueueChange};
 
     #[test]
     fn control_and_invisible_characters_are_escaped() {
@@ -214,6 +225,16 @@ mod tests {
             complete: false,
             timed_out: false,
             duration_ms: 0,
+            queues: vec![QueueState {
+                device: "eth0\u{1b}[2J".into(),
+                max: 4,
+                combined: Some(2),
+                last: Some(QueueChange {
+                    from: 2,
+                    to: 4,
+                    outcome: Outcome::Failed { errno: 16, message: "x\ny".into() },
+                }),
+            }],
         });
         r.escape_text();
         let text = serde_json::to_string(&r).expect("json");

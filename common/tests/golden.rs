@@ -105,6 +105,42 @@ fn report() {
                 complete: false,
                 timed_out: false,
                 duration_ms: 412,
+                queues: vec![],
+            }),
+        ),
+    );
+}
+
+/// Queues follow CPUs: the answer to `queues`, and a report carrying a change
+/// (only ever sent to a host that asked for `queues` on its connection).
+#[test]
+fn queues() {
+    let eth0 = QueueState {
+        device: "eth0".into(),
+        max: 4,
+        combined: Some(4),
+        last: Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }),
+    };
+    check(
+        "queues.json",
+        &Envelope::new(
+            Some(3),
+            Response::Queues(Queues { enabled: true, cpus_online: 4, devices: vec![eth0.clone()] }),
+        ),
+    );
+    check(
+        "report_queues.json",
+        &Envelope::new(
+            Some(4),
+            Response::Report(Report {
+                cpus: vec![CpuResult { cpu: 3, outcome: Outcome::Done }],
+                blocks: vec![],
+                cpus_online: cpus("0-3"),
+                memory_online: Bytes(0),
+                complete: true,
+                timed_out: false,
+                duration_ms: 40,
+                queues: vec![eth0],
             }),
         ),
     );

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch, Mutex};
 use vmplug_common::protocol::{
-    ErrorBody, ErrorCode, Event, GuestInfo, MemRange, OfflineRequest, OnlineRequest, Outcome, Pressure, Report,
-    ZonePolicy, MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+    ErrorBody, ErrorCode, Event, GuestInfo, MemRange, OfflineRequest, OnlineRequest, Outcome, Pressure, QueueChange,
+    QueueState, Queues, Report, ZonePolicy, MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
 };
 use vmplug_common::Bytes;
 
 use crate::online::{blocks_of, merge, OnlineError, Onliner};
+use crate::queues::{ChannelControl, Ethtool};
 use crate::sysfs::{hugepage_size, Sysfs, SysfsError};
 use crate::uevent::{Action, Resource, Uevent};
 
@@ -25,7 +26,7 @@ pub const WAIT_RESCAN: Duration = Duration::from_millis(250);
 const ADD_SETTLE_TRIES: u32 = 400;
 const ADD_SETTLE_PAUSE: Duration = Duration::from_millis(5);
 
-pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events", "virtio-mem"];
+pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events", "virtio-mem", "queues"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -79,10 +80,30 @@ pub struct Agent {
     /// virtio-mem regions the host named, with the zone it asked for: blocks the
     /// device plugs there later are onlined in that zone, not the default one.
     virtio_mem: std::sync::Mutex<Vec<(MemRange, ZonePolicy)>>,
+    /// The network devices' channels (ethtool), and whether they follow the CPUs.
+    channels: Arc<dyn ChannelControl>,
+    queues_follow_cpus: bool,
+    /// The last change the agent made (or tried) on each device's channels.
+    queue_log: std::sync::Mutex<BTreeMap<String, QueueChange>>,
+    /// Changes not reported yet (the uevent onliner's, then a request's own):
+    /// the next CPU request's report carries them.
+    queue_unreported: std::sync::Mutex<BTreeMap<String, QueueState>>,
 }
 
 impl Agent {
     pub fn new(onliner: Onliner, zone: vmplug_common::protocol::ZonePolicy, online_on_add: bool) -> Arc<Self> {
+        Self::with_channels(onliner, zone, online_on_add, Arc::new(Ethtool), false)
+    }
+
+    /// An agent whose multiqueue network devices' channels follow the online
+    /// CPUs when `queues_follow_cpus`, set through `channels`.
+    pub fn with_channels(
+        onliner: Onliner,
+        zone: vmplug_common::protocol::ZonePolicy,
+        online_on_add: bool,
+        channels: Arc<dyn ChannelControl>,
+        queues_follow_cpus: bool,
+    ) -> Arc<Self> {
         let (changes, _) = watch::channel(0);
         let (events, _) = broadcast::channel(256);
         Arc::new(Agent {
@@ -94,7 +115,60 @@ impl Agent {
             online_on_add,
             self_onlined: Default::default(),
             virtio_mem: Default::default(),
+            channels,
+            queues_follow_cpus,
+            queue_log: Default::default(),
+            queue_unreported: Default::default(),
         })
+    }
+
+    /// Sets every multiqueue virtio-net device's combined channels to the online
+    /// CPUs (bounded by its maximum), when configured; remembers what changed.
+    /// The caller holds the writers' lock, or runs where no CPU changes.
+    async fn follow_cpus(&self) {
+        if !self.queues_follow_cpus {
+            return;
+        }
+        let sysfs = self.sysfs().clone();
+        let ctl = self.channels.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let cpus = sysfs.cpu_facts().map(|f| f.online.len() as u32)?;
+            Ok::<_, SysfsError>(crate::queues::align(&sysfs, ctl.as_ref(), cpus, true))
+        })
+        .await;
+        match res {
+            Ok(Ok(aligned)) => {
+                let mut log = self.queue_log.lock().unwrap_or_else(|e| e.into_inner());
+                let mut unreported = self.queue_unreported.lock().unwrap_or_else(|e| e.into_inner());
+                for a in aligned.into_iter().filter(|a| a.changed) {
+                    let Some(c) = a.state.last.clone() else { continue };
+                    log.insert(a.state.device.clone(), c.clone());
+                    // Two changes since the last report (3 then 4 CPUs) read as one: first `from`, last `to`.
+                    let from = unreported.get(&a.state.device).and_then(|u| u.last.as_ref()).map_or(c.from, |l| l.from);
+                    let last = QueueChange { from, ..c };
+                    unreported.insert(a.state.device.clone(), QueueState { last: Some(last), ..a.state });
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot count online CPUs for the network queues"),
+            Err(e) => tracing::warn!(error = %e, "network queue task failed"),
+        }
+    }
+
+    /// The queue changes not reported yet, oldest device name first.
+    fn take_queue_changes(&self) -> Vec<QueueState> {
+        std::mem::take(&mut *self.queue_unreported.lock().unwrap_or_else(|e| e.into_inner())).into_values().collect()
+    }
+
+    /// The multiqueue virtio-net devices now and the agent's last change to each.
+    pub fn queues(&self) -> Result<Queues, AgentError> {
+        let s = self.sysfs();
+        let cpus_online = s.cpu_facts()?.online.len() as u32;
+        let log = self.queue_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let devices = crate::queues::align(s, self.channels.as_ref(), cpus_online, false)
+            .into_iter()
+            .map(|a| QueueState { last: log.get(&a.state.device).cloned(), ..a.state })
+            .collect();
+        Ok(Queues { enabled: self.queues_follow_cpus, cpus_online, devices })
     }
 
     pub fn sysfs(&self) -> &Sysfs {
@@ -238,7 +312,15 @@ impl Agent {
                 _ = tokio::time::sleep(WAIT_RESCAN) => {}
             }
         };
-        self.finish(cpu_results, block_results, target, timed_out, started).await
+        if target.is_some() {
+            let _guard = self.lock.lock().await;
+            self.follow_cpus().await;
+        }
+        let mut report = self.finish(cpu_results, block_results, target, timed_out, started).await?;
+        if target.is_some() {
+            report.queues = self.take_queue_changes();
+        }
+        Ok(report)
     }
 
     async fn finish(
@@ -276,6 +358,7 @@ impl Agent {
             complete: all_ok && cpus_ok && !timed_out,
             timed_out,
             duration_ms: started.elapsed().as_millis() as u64,
+            queues: Vec::new(),
         })
     }
 
@@ -319,6 +402,13 @@ impl Agent {
                 Ok((cpus, blks))
             })
             .await?;
+        let queues = match target {
+            Some(_) => {
+                self.follow_cpus().await;
+                self.take_queue_changes()
+            }
+            None => Vec::new(),
+        };
         let (online, memory_online) = self.blocking(|o| Ok((o.sysfs.cpu_facts()?.online, o.memory_online()?))).await?;
         let complete = cpus.iter().all(|c| c.outcome.is_success())
             && blks.iter().all(|b| b.outcome.is_success())
@@ -331,6 +421,7 @@ impl Agent {
             complete,
             timed_out: false,
             duration_ms: started.elapsed().as_millis() as u64,
+            queues,
         })
     }
 
@@ -340,6 +431,7 @@ impl Agent {
         let zone = self.zone;
         let _guard = self.lock.lock().await;
         let (cpus, blocks) = self.blocking(move |o| Ok(o.online_everything(zone)?)).await?;
+        self.follow_cpus().await;
         drop(_guard);
         for c in &cpus {
             self.emit_result(Resource::Cpu(c.cpu), &c.outcome, None);
@@ -347,14 +439,17 @@ impl Agent {
         for b in &blocks {
             self.emit_result(Resource::MemoryBlock(b.index), &b.outcome, b.zone.clone());
         }
-        self.finish(
-            cpus.into_iter().map(|c| (c.cpu, c)).collect(),
-            blocks.into_iter().map(|b| (b.index, b)).collect(),
-            None,
-            false,
-            started,
-        )
-        .await
+        let mut report = self
+            .finish(
+                cpus.into_iter().map(|c| (c.cpu, c)).collect(),
+                blocks.into_iter().map(|b| (b.index, b)).collect(),
+                None,
+                false,
+                started,
+            )
+            .await?;
+        report.queues = self.take_queue_changes();
+        Ok(report)
     }
 
     fn emit_result(&self, what: Resource, outcome: &vmplug_common::protocol::Outcome, zone: Option<String>) {
@@ -424,6 +519,9 @@ impl Agent {
                         })
                     })
                     .await;
+                if matches!(resource, Resource::Cpu(_)) {
+                    self.follow_cpus().await;
+                }
                 drop(guard);
                 match res {
                     Ok((outcome, zone)) => {

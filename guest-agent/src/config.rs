@@ -36,6 +36,9 @@ pub struct Config {
     pub online_at_start: bool,
     /// Attempts per sysfs write on EBUSY/EAGAIN.
     pub write_attempts: u32,
+    /// After CPUs go online or offline, set every multiqueue virtio-net device's
+    /// combined channels to the online CPU count (bounded by its maximum).
+    pub queues_follow_cpus: bool,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log: String,
 }
@@ -54,6 +57,7 @@ impl Default for Config {
             online_on_add: true,
             online_at_start: true,
             write_attempts: 5,
+            queues_follow_cpus: true,
             log: "info".into(),
         }
     }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod notify;
 pub mod online;
+pub mod queues;
 pub mod server;
 pub mod sysfs;
 #[doc(hidden)]
@@ -30,5 +31,11 @@ pub fn agent_from_config(config: &Config) -> Arc<agent::Agent> {
         write_attempts: config.write_attempts.max(1),
         ..OnlinePolicy::default()
     };
-    agent::Agent::new(Onliner::new(sysfs, policy, Box::new(KernelWriter)), config.zone, config.online_on_add)
+    agent::Agent::with_channels(
+        Onliner::new(sysfs, policy, Box::new(KernelWriter)),
+        config.zone,
+        config.online_on_add,
+        Arc::new(queues::Ethtool),
+        config.queues_follow_cpus,
+    )
 }

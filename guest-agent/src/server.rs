@@ -70,6 +70,9 @@ where
     });
     let mut reader = FrameReader::new(tokio::io::AsyncReadExt::chain(std::io::Cursor::new(prefix), rd));
     let busy = Arc::new(AtomicBool::new(false));
+    // The host asked for `queues` on this connection: it knows the report's
+    // `queues` field (an older host refuses a report that carries it).
+    let queues_known = Arc::new(AtomicBool::new(false));
     let mut events: Option<tokio::task::JoinHandle<()>> = None;
     let started = tokio::time::Instant::now();
     let mut last_seen = started;
@@ -173,17 +176,23 @@ where
             Request::Pressure => {
                 let _ = tx.send(respond(id, agent.pressure().map(Response::Pressure))).await;
             }
+            Request::Queues => {
+                queues_known.store(true, Ordering::Release);
+                let _ = tx.send(respond(id, agent.queues().map(Response::Queues))).await;
+            }
             Request::Blocks { memory } => {
                 let res = agent.blocks(&memory).map(|blocks| Response::Blocks { blocks });
                 let _ = tx.send(respond(id, res)).await;
             }
             Request::Online(req) => {
                 let agent = agent.clone();
-                run_long(id, &busy, &tx, async move { agent.online(req).await });
+                let known = queues_known.clone();
+                run_long(id, &busy, &tx, async move { strip_queues(agent.online(req).await, &known) });
             }
             Request::Offline(req) => {
                 let agent = agent.clone();
-                run_long(id, &busy, &tx, async move { agent.offline(req).await });
+                let known = queues_known.clone();
+                run_long(id, &busy, &tx, async move { strip_queues(agent.offline(req).await, &known) });
             }
         }
     };
@@ -194,6 +203,19 @@ where
     // Running operations finish and their answers drain before the writer ends.
     let _ = writer.await;
     result
+}
+
+/// A report for a host that has not shown it knows the `queues` field loses it.
+fn strip_queues(
+    res: Result<vmplug_common::protocol::Report, crate::agent::AgentError>,
+    known: &AtomicBool,
+) -> Result<vmplug_common::protocol::Report, crate::agent::AgentError> {
+    res.map(|mut r| {
+        if !known.load(Ordering::Acquire) {
+            r.queues.clear();
+        }
+        r
+    })
 }
 
 /// Sleeps until `at`, or forever without one.

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use vmplug_common::CpuSet;
 
 use crate::online::AttrWriter;
+use crate::queues::{ChannelControl, Channels};
 use crate::sysfs::Sysfs;
 
 #[derive(Debug, Clone)]
@@ -22,6 +23,52 @@ pub struct FakeKernel {
     /// path → (what another writer puts there first, the errno the agent then gets)
     races: Arc<Mutex<HashMap<PathBuf, (String, i32)>>>,
     writes: Arc<Mutex<Vec<(PathBuf, String)>>>,
+    nets: FakeChannels,
+}
+
+/// The ethtool channel interface of the fake kernel's network devices.
+#[derive(Debug, Clone, Default)]
+pub struct FakeChannels {
+    state: Arc<Mutex<HashMap<String, Channels>>>,
+    sets: Arc<Mutex<Vec<(String, u32)>>>,
+    fail: Arc<Mutex<Option<i32>>>,
+}
+
+impl FakeChannels {
+    /// The combined channels of `device` now.
+    pub fn combined(&self, device: &str) -> u32 {
+        self.state.lock().expect("lock").get(device).map_or(0, |c| c.combined)
+    }
+
+    /// Every set the agent made, in order.
+    pub fn sets(&self) -> Vec<(String, u32)> {
+        self.sets.lock().expect("lock").clone()
+    }
+
+    /// Every later set fails with `errno` (as virtio_net's EBUSY while XDP is on).
+    pub fn fail_sets(&self, errno: i32) {
+        *self.fail.lock().expect("lock") = Some(errno);
+    }
+}
+
+impl ChannelControl for FakeChannels {
+    fn get(&self, device: &str) -> io::Result<Channels> {
+        self.state.lock().expect("lock").get(device).copied().ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))
+    }
+
+    fn set_combined(&self, device: &str, combined: u32) -> io::Result<()> {
+        self.sets.lock().expect("lock").push((device.to_string(), combined));
+        if let Some(errno) = *self.fail.lock().expect("lock") {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let mut st = self.state.lock().expect("lock");
+        let c = st.get_mut(device).ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+        if combined == 0 || combined > c.max_combined {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        c.combined = combined;
+        Ok(())
+    }
 }
 
 fn put(path: &Path, content: &str) {
@@ -40,6 +87,7 @@ impl FakeKernel {
             faults: Arc::default(),
             races: Arc::default(),
             writes: Arc::default(),
+            nets: FakeChannels::default(),
         };
         let cpu = k.sys().join("devices/system/cpu");
         put(&cpu.join("possible"), &format!("0-{}\n", possible - 1));
@@ -123,6 +171,22 @@ impl FakeKernel {
         for n in 0..devices {
             fs::create_dir_all(drv.join(format!("virtio{}", n + 1))).expect("virtio_mem device");
         }
+    }
+
+    /// A network interface `name` bound to `driver`, with `max` combined channels
+    /// of which `combined` are in use.
+    pub fn add_netdev(&self, name: &str, driver: &str, max: u32, combined: u32) {
+        let drv = self.sys().join("bus/virtio/drivers").join(driver);
+        fs::create_dir_all(&drv).expect("driver dir");
+        let dev = self.sys().join("class/net").join(name).join("device");
+        fs::create_dir_all(&dev).expect("net device dir");
+        std::os::unix::fs::symlink(&drv, dev.join("driver")).expect("driver link");
+        self.nets.state.lock().expect("lock").insert(name.to_string(), Channels { max_combined: max, combined });
+    }
+
+    /// The ethtool channel interface of the devices [`Self::add_netdev`] made.
+    pub fn channels(&self) -> FakeChannels {
+        self.nets.clone()
     }
 
     /// Hot-unplugs `memoryN` (the DIMM was ejected).

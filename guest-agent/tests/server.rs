@@ -348,3 +348,68 @@ async fn virtio_mem_regions_online_what_is_present_and_remember_the_zone() {
     let last = k.writes().last().cloned().expect("a write");
     assert!(last.0.ends_with("memory8/state") && last.1 == "online_kernel", "{last:?}");
 }
+
+/// Queues follow CPUs: an online request to 4 CPUs sets a 4-queue-pair virtio-net
+/// device from 2 to 4 combined channels, an offline to 1 back to 1; `queues`
+/// reports the device and the agent's last change, and once the host has sent it,
+/// reports carry the changes; a disabled agent reports and changes nothing.
+#[tokio::test(start_paused = true)]
+async fn queues_follow_the_online_cpus() {
+    for follow in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = FakeKernel::new(dir.path(), 4);
+        k.add_cpu(1, true);
+        k.add_netdev("eth0", "virtio_net", 4, 2);
+        let policy = OnlinePolicy { retry_pause: Duration::from_millis(1), ..OnlinePolicy::default() };
+        let agent = Agent::with_channels(
+            Onliner::new(k.sysfs(), policy, k.writer()),
+            ZonePolicy::Auto,
+            false,
+            Arc::new(k.channels()),
+            follow,
+        );
+        let (host, guest) = tokio::io::duplex(1 << 20);
+        let (_stop_tx, stop) = watch::channel(false);
+        tokio::spawn(serve_connection(agent.clone(), guest, Vec::new(), stop, SessionLimits::VSOCK));
+        let (r, w) = tokio::io::split(host);
+        let mut link = Link { reader: FrameReader::new(r), writer: w, next_id: 0, _stop: _stop_tx };
+        let info = link.hello().await;
+        assert!(info.capabilities.iter().any(|c| c == "queues"));
+        k.add_cpu(2, false);
+        k.add_cpu(3, false);
+        let online = OnlineRequest {
+            cpus: Some(4),
+            memory: vec![],
+            zone: ZonePolicy::Auto,
+            timeout_ms: 1000,
+            virtio_mem: vec![],
+        };
+        let Response::Report(r) = link.call(Request::Online(online)).await else { panic!("expected a report") };
+        assert!(r.complete && r.queues.is_empty(), "a host that never sent `queues` never gets the field: {r:?}");
+        let Response::Queues(q) = link.call(Request::Queues).await else { panic!("expected queues") };
+        assert_eq!((q.enabled, q.cpus_online), (follow, 4));
+        assert_eq!(q.devices.len(), 1);
+        let d = &q.devices[0];
+        assert_eq!((d.device.as_str(), d.max), ("eth0", 4));
+        if !follow {
+            assert_eq!((d.combined, &d.last), (Some(2), &None), "disabled: untouched");
+            assert!(k.channels().sets().is_empty());
+            continue;
+        }
+        assert_eq!(d.combined, Some(4));
+        assert_eq!(d.last, Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }));
+        let off = OfflineRequest { cpus: Some(1), memory: vec![], timeout_ms: 1000 };
+        let Response::Report(r) = link.call(Request::Offline(off)).await else { panic!("expected a report") };
+        assert!(r.complete, "{r:?}");
+        let change = QueueChange { from: 4, to: 1, outcome: Outcome::Done };
+        assert_eq!(r.queues.len(), 1, "after `queues` the report lists the change: {r:?}");
+        assert_eq!(
+            (r.queues[0].device.as_str(), r.queues[0].combined, &r.queues[0].last),
+            ("eth0", Some(1), &Some(change))
+        );
+        let Response::Queues(q) = link.call(Request::Queues).await else { panic!("expected queues") };
+        assert_eq!(q.devices[0].combined, Some(1));
+        assert_eq!(q.devices[0].last, Some(QueueChange { from: 4, to: 1, outcome: Outcome::Done }));
+        assert_eq!(k.channels().combined("eth0"), 1);
+    }
+}

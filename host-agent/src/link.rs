@@ -241,6 +241,9 @@ struct Wire {
     dropped_log: LogLimiter,
     /// Debug lines about the guest's events (bounded likewise).
     events_log: LogLimiter,
+    /// `queues` was sent since the last hello: the agent's reports on this
+    /// session may carry the network queue changes.
+    queues_asked: bool,
 }
 
 impl Drop for Wire {
@@ -465,6 +468,14 @@ impl GuestLink {
 
     async fn report(&mut self, req: Request, guest_wait: Duration) -> Result<Report, LinkError> {
         let kind = req.type_name();
+        let cpus = matches!(&req, Request::Online(r) if r.cpus.is_some())
+            || matches!(&req, Request::Offline(r) if r.cpus.is_some());
+        if cpus && !self.wire.queues_asked && self.info.capabilities.iter().any(|c| c == "queues") {
+            // Asking once tells the agent this host reads the report's `queues`.
+            if let Err(e) = self.queues().await {
+                tracing::debug!(error = %e, "the guest's network queues are unknown");
+            }
+        }
         match self.call(req, guest_wait + REPLY_SLACK).await? {
             Response::Report(r) => Ok(r),
             _ => Err(LinkError::Unexpected(kind)),
@@ -521,6 +532,16 @@ impl GuestLink {
         }
     }
 
+    /// The guest's multiqueue virtio-net devices (agents with the `queues` capability).
+    pub async fn queues(&mut self) -> Result<Queues, LinkError> {
+        let r = match self.call(Request::Queues, HELLO_TIMEOUT).await? {
+            Response::Queues(q) => Ok(q),
+            _ => Err(LinkError::Unexpected("queues")),
+        };
+        self.wire.queues_asked = r.is_ok();
+        r
+    }
+
     pub async fn pressure(&mut self) -> Result<Pressure, LinkError> {
         match self.call(Request::Pressure, HELLO_TIMEOUT).await? {
             Response::Pressure(p) => Ok(p),
@@ -539,11 +560,13 @@ impl Wire {
             events: EventLog::default(),
             dropped_log: LogLimiter::default(),
             events_log: LogLimiter::default(),
+            queues_asked: false,
         }
     }
 
     /// `Hello`, and the guest's facts in return (of this protocol version).
     async fn hello(&mut self) -> Result<GuestInfo, LinkError> {
+        self.queues_asked = false;
         let hello =
             Request::Hello { protocol: PROTOCOL_VERSION, host_agent: format!("vmplug {}", env!("CARGO_PKG_VERSION")) };
         match self.call_once(hello, HELLO_TIMEOUT).await? {
@@ -794,6 +817,7 @@ mod tests {
                             complete: true,
                             timed_out: false,
                             duration_ms: 80,
+                            queues: vec![],
                         };
                         w.write_all(send(Response::Report(report), id).as_bytes()).await.expect("write");
                     }

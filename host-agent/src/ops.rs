@@ -862,6 +862,7 @@ mod tests {
             complete: true,
             timed_out: false,
             duration_ms: 0,
+            queues: vec![],
         }
     }
 

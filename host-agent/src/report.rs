@@ -250,6 +250,9 @@ impl OpReport {
                     b.zone.as_ref().map(|z| format!(" ({z})")).unwrap_or_default()
                 ));
             }
+            for q in &g.queues {
+                s.push_str(&format!("  guest: {}\n", queue_text(q)));
+            }
             s.push_str(&format!(
                 "  guest: {} CPUs online ({}), {} memory online, {} in {} ms\n",
                 g.cpus_online.len(),
@@ -277,6 +280,32 @@ impl OpReport {
             t.preflight_ms, t.facts_ms, t.handshake_ms, t.libvirt_ms, t.guest_ms, t.total_ms
         ));
         s
+    }
+}
+
+/// One network device's queue change as the report shows it.
+pub fn queue_text(q: &vmplug_common::protocol::QueueState) -> String {
+    use vmplug_common::protocol::Outcome::*;
+    match &q.last {
+        Some(c) => match &c.outcome {
+            Done | Already => {
+                format!("{}: combined channels {} → {} (follow the CPUs; max {})", q.device, c.from, c.to, q.max)
+            }
+            NotFound => format!("{}: gone before its channels could be set to {}", q.device, c.to),
+            Failed { errno, message } => format!(
+                "{}: combined channels stay {} (max {}), not {}: FAILED (errno {errno}: {message})",
+                q.device,
+                q.combined.map_or("unknown".into(), |n| n.to_string()),
+                q.max,
+                c.to
+            ),
+        },
+        None => format!(
+            "{}: {} of {} combined channels",
+            q.device,
+            q.combined.map_or("unknown".into(), |n| n.to_string()),
+            q.max
+        ),
     }
 }
 
@@ -467,4 +496,25 @@ pub(crate) fn not_planned(
     };
     Ok(HostOnly { op, name, affect, findings: r.findings, applied: vec![], persistent: false }
         .report(outcome, message, run))
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use vmplug_common::protocol::{Outcome, QueueChange, QueueState};
+
+    use super::queue_text;
+
+    #[test]
+    fn a_queue_change_reads_as_from_to_or_why_not() {
+        let mut q = QueueState {
+            device: "eth0".into(),
+            max: 4,
+            combined: Some(4),
+            last: Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }),
+        };
+        assert_eq!(queue_text(&q), "eth0: combined channels 2 → 4 (follow the CPUs; max 4)");
+        q.combined = Some(2);
+        q.last = Some(QueueChange { from: 2, to: 4, outcome: Outcome::Failed { errno: 16, message: "busy".into() } });
+        assert_eq!(queue_text(&q), "eth0: combined channels stay 2 (max 4), not 4: FAILED (errno 16: busy)");
+    }
 }

@@ -54,6 +54,7 @@ fn report(cpus: &[u32], online: &str, blocks: &[u64]) -> Report {
         complete: true,
         timed_out: false,
         duration_ms: 1,
+        queues: vec![],
     }
 }
 

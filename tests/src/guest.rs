@@ -117,6 +117,9 @@ pub struct GuestSpec {
     /// The agent's virtio-serial channel names no socket path: libvirt places
     /// it under its own channel directory, as `vmplug prepare` leaves it.
     pub libvirt_channel: bool,
+    /// A virtio-net interface with this many queue pairs (a multiqueue tap that
+    /// libvirt creates and QEMU serves in userspace: no vhost-net needed).
+    pub nic_queues: Option<u32>,
 }
 
 impl Default for GuestSpec {
@@ -136,6 +139,7 @@ impl Default for GuestSpec {
             kernel: GuestKernel::Bookworm,
             machine: None,
             libvirt_channel: false,
+            nic_queues: None,
         }
     }
 }
@@ -200,6 +204,12 @@ impl GuestSpec {
                 )
             })
             .collect();
+        let nic = match self.nic_queues {
+            Some(q) => format!(
+                "<interface type='ethernet'><model type='virtio'/><driver name='qemu' queues='{q}'/></interface>"
+            ),
+            None => String::new(),
+        };
         let channel_source = if self.libvirt_channel {
             "<source mode='bind'/>".to_string()
         } else {
@@ -264,6 +274,7 @@ impl GuestSpec {
     {disk}
     {data_disk}
     {virtio_mem}
+    {nic}
     <memballoon model='none'/>
   </devices>
   {vsock}

@@ -20,6 +20,10 @@ const MODULES: &[&str] = &[
     "drivers/virtio/virtio_pci",
     "drivers/char/virtio_console",
     "drivers/virtio/virtio_mem",
+    // A multiqueue NIC's queues follow the CPUs (tests/tests/guest_effects.rs).
+    "net/core/failover",
+    "drivers/net/net_failover",
+    "drivers/net/virtio_net",
     "net/vmw_vsock/vsock",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common",
     "net/vmw_vsock/vmw_vsock_virtio_transport",
