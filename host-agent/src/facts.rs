@@ -187,9 +187,10 @@ pub async fn read_domain(conn: Arc<dyn Connection>, name: &str, want_live: bool)
         // before it): a plan on that view would start from a stale size.
         let lagging = |f: &DomainFacts| f.virtio_mems.iter().any(|v| v.current.is_some_and(|c| c != v.requested));
         if view == XmlView::Live && lagging(&facts) {
-            let end = std::time::Instant::now() + VIRTIO_MEM_CATCH_UP;
-            while lagging(&facts) && std::time::Instant::now() < end {
-                std::thread::sleep(std::time::Duration::from_millis(50));
+            let catch_up = crate::wait::Wait::new("libvirt's virtio-mem <current> to catch up", VIRTIO_MEM_CATCH_UP)
+                .every(std::time::Duration::from_millis(50));
+            let mut waiting = catch_up.start();
+            while lagging(&facts) && waiting.pause_blocking().is_ok() {
                 facts = parse(dom.xml(view)?)?;
             }
         }

@@ -969,10 +969,12 @@ impl Session {
                 }),
             )
         };
-        let end = Instant::now() + Duration::from_secs(60);
+        let chance =
+            Wait::new("a new memory block to kill the agent at", Duration::from_secs(60)).every(Duration::ZERO);
+        let mut waiting = chance.start();
         let mut killed = false;
         let mut finished_first = false;
-        while Instant::now() < end {
+        while waiting.pause().await.is_ok() {
             if task.is_finished() {
                 finished_first = true;
                 break;
