@@ -67,11 +67,16 @@ pub enum Request {
     /// Read-only: the multiqueue virtio-net devices' channels and what the agent
     /// last changed in them. Sent only to agents with the `queues` capability.
     Queues,
+    /// Read-only: how much memory the guest could release now, per node and per
+    /// device the host names, and, when `release` is given, whether the guest
+    /// agrees to give that much back. Sent only to agents with `forecast`.
+    Forecast(ForecastRequest),
 }
 
 impl Request {
     /// The names of every request type, for "unknown request" errors.
-    pub const TYPES: &'static [&'static str] = &["hello", "info", "online", "offline", "pressure", "blocks", "queues"];
+    pub const TYPES: &'static [&'static str] =
+        &["hello", "info", "online", "offline", "pressure", "blocks", "queues", "forecast"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -82,6 +87,7 @@ impl Request {
             Request::Pressure => "pressure",
             Request::Blocks { .. } => "blocks",
             Request::Queues => "queues",
+            Request::Forecast(_) => "forecast",
         }
     }
 }
@@ -172,6 +178,7 @@ pub enum Response {
         blocks: Vec<BlockState>,
     },
     Queues(Queues),
+    Forecast(Forecast),
     Error(ErrorBody),
     /// Unsolicited (no id).
     Event(Event),
@@ -355,6 +362,79 @@ pub struct QueueChange {
     pub to: u32,
     #[serde(flatten)]
     pub outcome: Outcome,
+}
+
+/// What a shrink could take: the host's DIMMs and virtio-mem regions, and the
+/// bytes it means to take (for the guest's veto).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dimms: Vec<MemRange>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio_mem: Vec<MemRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Bytes>,
+}
+
+/// The answer to `forecast`. A block can be released now when the kernel can
+/// offline it without a fight: it is offline already, or online in
+/// ZONE_MOVABLE (no unmovable allocations there) and `removable`. What is
+/// released must also fit: the pages in it move to what stays, so no more
+/// than `MemAvailable` can go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forecast {
+    pub block_size: BlockSize,
+    pub mem_available: Bytes,
+    /// Per guest node: online memory, and what of it could be released now.
+    pub nodes: Vec<NodeForecast>,
+    /// Per device the request named, in its order.
+    pub devices: Vec<DeviceForecast>,
+    /// The guest refuses to release `release` bytes, and why; `None` when it
+    /// agrees or was not asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub veto: Option<Veto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeForecast {
+    pub node: u32,
+    pub online: Bytes,
+    pub releasable: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Dimm,
+    VirtioMem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceForecast {
+    pub kind: DeviceKind,
+    pub start: u64,
+    pub size: Bytes,
+    /// Bytes of the device's blocks present in the guest (online or not).
+    pub present: Bytes,
+    /// What could be released now: a DIMM all or nothing (every block must
+    /// go), a virtio-mem region block by block.
+    pub releasable: Bytes,
+    /// Why not more, when something is held (`2 blocks in Normal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+}
+
+/// A guest's refusal to shrink, with the floor it would break.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Veto {
+    /// `min_available` or `memory_pressure`.
+    pub floor: String,
+    pub reason: String,
 }
 
 /// PSI, meminfo and load: the autoscaler's input.

@@ -134,6 +134,13 @@ impl Response {
             Response::Report(r) => r.escape_text(),
             Response::Pressure(_) => {}
             Response::Queues(q) => q.devices.iter_mut().for_each(QueueState::escape_text),
+            Response::Forecast(f) => {
+                f.devices.iter_mut().for_each(|d| escape_opt(&mut d.held));
+                if let Some(v) = &mut f.veto {
+                    escape_in_place(&mut v.floor);
+                    escape_in_place(&mut v.reason);
+                }
+            }
             Response::Blocks { blocks } => blocks.iter_mut().for_each(|b| escape_opt(&mut b.zone)),
             Response::Error(e) => escape_in_place(&mut e.message),
             Response::Event(ev) => match ev {

@@ -176,3 +176,43 @@ fn decode_request_classifies_bad_input() {
     let (id, _) = decode_request(br#"{"v":1,"id":77,"body":{"type":"nope"}}"#).expect_err("unknown");
     assert_eq!(id, Some(77), "the id of a bad request is echoed back");
 }
+
+/// A shrink forecast with the guest's veto on the release asked about.
+#[test]
+fn forecast() {
+    let range = MemRange { start: 0x1_0000_0000, size: Bytes(1024 * MIB) };
+    check(
+        "forecast_request.json",
+        &Envelope::new(
+            Some(5),
+            Request::Forecast(ForecastRequest {
+                dimms: vec![],
+                virtio_mem: vec![range],
+                release: Some(Bytes(512 * MIB)),
+            }),
+        ),
+    );
+    check(
+        "forecast.json",
+        &Envelope::new(
+            Some(5),
+            Response::Forecast(Forecast {
+                block_size: BlockSize::new(128 * MIB).expect("block size"),
+                mem_available: Bytes(600 * MIB),
+                nodes: vec![NodeForecast { node: 0, online: Bytes(1536 * MIB), releasable: Bytes(768 * MIB) }],
+                devices: vec![DeviceForecast {
+                    kind: DeviceKind::VirtioMem,
+                    start: range.start,
+                    size: range.size,
+                    present: Bytes(1024 * MIB),
+                    releasable: Bytes(768 * MIB),
+                    held: Some("2 block(s) online in Normal".into()),
+                }],
+                veto: Some(Veto {
+                    floor: "min_available".into(),
+                    reason: "releasing 512 MiB would leave MemAvailable at 88 MiB".into(),
+                }),
+            }),
+        ),
+    );
+}

@@ -26,7 +26,7 @@ pub const WAIT_RESCAN: Duration = Duration::from_millis(250);
 const ADD_SETTLE_TRIES: u32 = 400;
 const ADD_SETTLE_PAUSE: Duration = Duration::from_millis(5);
 
-pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events", "virtio-mem", "queues"];
+pub const CAPABILITIES: &[&str] = &["online", "offline", "pressure", "events", "virtio-mem", "queues", "forecast"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -88,6 +88,8 @@ pub struct Agent {
     /// Changes not reported yet (the uevent onliner's, then a request's own):
     /// the next CPU request's report carries them.
     queue_unreported: std::sync::Mutex<BTreeMap<String, QueueState>>,
+    /// The guest's own floors under which it vetoes a shrink.
+    floors: std::sync::Mutex<crate::forecast::Floors>,
 }
 
 impl Agent {
@@ -119,7 +121,24 @@ impl Agent {
             queues_follow_cpus,
             queue_log: Default::default(),
             queue_unreported: Default::default(),
+            floors: Default::default(),
         })
+    }
+
+    /// This agent with the guest's floors for its shrink veto.
+    pub fn with_floors(self: Arc<Self>, floors: crate::forecast::Floors) -> Arc<Self> {
+        *self.floors.lock().unwrap_or_else(|e| e.into_inner()) = floors;
+        self
+    }
+
+    /// How much memory the guest could release now, and its veto on `req.release`.
+    pub fn forecast(
+        &self,
+        req: &vmplug_common::protocol::ForecastRequest,
+    ) -> Result<vmplug_common::protocol::Forecast, AgentError> {
+        Self::check_bounds(1, req.dimms.len() + req.virtio_mem.len())?;
+        let floors = *self.floors.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(crate::forecast::forecast(self.sysfs(), req, &floors)?)
     }
 
     /// Sets every multiqueue virtio-net device's combined channels to the online

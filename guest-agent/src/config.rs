@@ -39,6 +39,10 @@ pub struct Config {
     /// After CPUs go online or offline, set every multiqueue virtio-net device's
     /// combined channels to the online CPU count (bounded by its maximum).
     pub queues_follow_cpus: bool,
+    /// Refuse a shrink that would leave MemAvailable under this many MiB (0: off).
+    pub veto_min_available_mib: u64,
+    /// Refuse a shrink while PSI memory `some avg10` is over this percentage (0: off).
+    pub veto_memory_pressure: f64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log: String,
 }
@@ -58,6 +62,8 @@ impl Default for Config {
             online_at_start: true,
             write_attempts: 5,
             queues_follow_cpus: true,
+            veto_min_available_mib: 0,
+            veto_memory_pressure: 0.0,
             log: "info".into(),
         }
     }
@@ -71,6 +77,8 @@ pub enum ConfigError {
     Parse(PathBuf, String),
     #[error("{0}: movable_ratio must be positive, got {1}")]
     BadRatio(PathBuf, f64),
+    #[error("{0}: veto_memory_pressure must be a percentage from 0 to 100, got {1}")]
+    BadPressure(PathBuf, f64),
 }
 
 impl Config {
@@ -89,6 +97,9 @@ impl Config {
             toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.message().to_string()))?;
         if c.movable_ratio <= 0.0 || c.movable_ratio.is_nan() {
             return Err(ConfigError::BadRatio(path.to_path_buf(), c.movable_ratio));
+        }
+        if !(0.0..=100.0).contains(&c.veto_memory_pressure) {
+            return Err(ConfigError::BadPressure(path.to_path_buf(), c.veto_memory_pressure));
         }
         Ok(c)
     }
@@ -117,5 +128,7 @@ mod tests {
         assert_eq!(c.vsock_port, 0);
         assert_eq!(c.serial_port, DEFAULT_SERIAL_NAME);
         assert!(Config::parse(Path::new("g.toml"), "movable_ratio = 0.0").is_err());
+        assert!(Config::parse(Path::new("g.toml"), "veto_memory_pressure = 101.0").is_err());
+        assert!(Config::parse(Path::new("g.toml"), "veto_memory_pressure = nan").is_err());
     }
 }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod config;
 pub mod daemon;
+pub mod forecast;
 pub mod notify;
 pub mod online;
 pub mod queues;
@@ -38,4 +39,8 @@ pub fn agent_from_config(config: &Config) -> Arc<agent::Agent> {
         Arc::new(queues::Ethtool),
         config.queues_follow_cpus,
     )
+    .with_floors(forecast::Floors {
+        min_available: vmplug_common::Bytes(config.veto_min_available_mib.saturating_mul(vmplug_common::MIB)),
+        memory_pressure: config.veto_memory_pressure,
+    })
 }

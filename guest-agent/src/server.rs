@@ -180,6 +180,9 @@ where
                 queues_known.store(true, Ordering::Release);
                 let _ = tx.send(respond(id, agent.queues().map(Response::Queues))).await;
             }
+            Request::Forecast(req) => {
+                let _ = tx.send(respond(id, agent.forecast(&req).map(Response::Forecast))).await;
+            }
             Request::Blocks { memory } => {
                 let res = agent.blocks(&memory).map(|blocks| Response::Blocks { blocks });
                 let _ = tx.send(respond(id, res)).await;
