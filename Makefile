@@ -20,7 +20,7 @@ TOOLS := $(or $(VMPLUG_CACHE),/var/tmp/vmplug-cache)/bin
 # The man pages' date: the last commit's (reproducible), else now.
 SOURCE_DATE := $(or $(SOURCE_DATE_EPOCH),$(shell git log -1 --format=%ct 2>/dev/null),$(shell date +%s))
 
-.PHONY: all setup setup-demo build guest-agent guest-agent-x86 lint unit e2e test demo demo-bins bench fuzz package package-test clean
+.PHONY: all setup setup-demo build guest-agent guest-agent-x86 lint unit e2e test demo demo-bins bench bench-fleet fuzz package package-test clean
 
 all: build
 
@@ -105,6 +105,15 @@ clean:
 bench: setup build
 	$(CARGO) build --release --locked -p vmplug -p vmplug-e2e --bins
 	VMPLUG_BIN=target/release/vmplug target/release/vmplug-bench
+
+# Autoscale at fleet scale: 100 to 10,000 domains over 1 and 10 private
+# libvirtd daemons (libvirt's test driver behind their RPC sockets), simulated
+# agents on the real protocol, the real `vmplug autoscale` on its 5 s beat.
+# Boots no guest (no guest lock), but loads both cores for about 10 minutes;
+# not part of `make test`. Needs libvirt-daemon-system (`make setup`).
+bench-fleet:
+	$(CARGO) build --release --locked -p vmplug -p vmplug-e2e --bin vmplug --bin vmplug-bench-fleet
+	VMPLUG_BIN=$(TARGET_DIR)/release/vmplug $(TARGET_DIR)/release/vmplug-bench-fleet
 
 # A bounded coverage-guided fuzz campaign (cargo-fuzz); FUZZ_SECONDS per target.
 fuzz:

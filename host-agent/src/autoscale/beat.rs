@@ -18,11 +18,14 @@ pub struct Beat {
 impl Beat {
     pub fn new(period: Duration) -> Beat {
         let period = period.max(Duration::from_millis(1));
-        let mut interval = tokio::time::interval(period);
+        // The grid's origin is the first tick's own instant (were it read
+        // after, every tick would index one round early).
+        let start = Instant::now();
+        let mut interval = tokio::time::interval_at(start, period);
         // Skip: a late tick fires once, and the next is the next instant of
         // the grid (neither a burst to catch up, nor a drift).
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        Beat { interval, period, start: Instant::now(), covered: None }
+        Beat { interval, period, start, covered: None }
     }
 
     fn index(&self, t: Instant) -> u128 {
