@@ -312,7 +312,17 @@ fn run_config(c: Config, work: &Path, daemons: &[Libvirtd], vmplug: &Path, me: &
     )
     .expect("policy");
     let log = std::fs::File::create(dir.join("vmplug.log")).expect("log");
-    let mut daemon = Command::new(vmplug)
+    // FLEET_NOFILE: the daemon under that descriptor limit (as a unit's
+    // LimitNOFILE), for a fleet larger than its session budget.
+    let mut cmd = match std::env::var("FLEET_NOFILE").ok().and_then(|n| n.parse::<u64>().ok()) {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(vmplug);
+            c
+        }
+        None => Command::new(vmplug),
+    };
+    let mut daemon = cmd
         .args(["autoscale", "--dry-run", "--policy", &policy.to_string_lossy()])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -475,12 +485,12 @@ fn run_config(c: Config, work: &Path, daemons: &[Libvirtd], vmplug: &Path, me: &
 
 fn table(runs: &[serde_json::Value]) -> String {
     let mut s = String::new();
-    s.push_str("| configuration | rounds | listing s (max) | last answered sample s (max) | last step s (max) | CPU s / round | CPU ms / domain·round | RSS MiB | fds | scrape | scrape s | missed samples | rounds skipped | healthy domains late / never | worst healthy gap s |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| configuration | rounds | listing s (max) | last answered sample s (max) | last step s (max) | CPU s / round | CPU ms / domain·round | RSS MiB | fds | scrape | scrape s | missed samples | rounds skipped | sessions evicted | healthy domains late / never | worst healthy gap s |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {:.1} MB | {:.2} | {:.0} | {:.0} | {:.0} / {:.0} of {:.0} | {:.2} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {:.1} MB | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} / {:.0} of {:.0} | {:.2} |\n",
             r["label"].as_str().unwrap_or(""),
             f("rounds"),
             f("listing_s_max"),
@@ -494,6 +504,7 @@ fn table(runs: &[serde_json::Value]) -> String {
             f("scrape_s_max"),
             f("missed_samples"),
             f("rounds_skipped"),
+            f("sessions_evicted"),
             f("healthy_gap_over_1_5_interval"),
             f("healthy_never_sampled"),
             f("healthy_domains"),
@@ -559,9 +570,10 @@ fn main() {
         .unwrap_or_default();
     let raw = serde_json::json!({ "date": date, "machine": machine, "interval_s": INTERVAL_S, "runs": runs });
     std::fs::create_dir_all("results").expect("results dir");
-    std::fs::write("results/fleet-raw.json", serde_json::to_string_pretty(&raw).expect("json")).expect("raw");
+    let name = std::env::var("FLEET_OUT").unwrap_or_else(|_| "fleet".into());
+    std::fs::write(format!("results/{name}-raw.json"), serde_json::to_string_pretty(&raw).expect("json")).expect("raw");
     let md =
         format!("# make bench-fleet, {date}\n\n{}", table(raw["runs"].as_array().map(Vec::as_slice).unwrap_or(&[])));
-    std::fs::write("results/fleet.md", &md).expect("md");
+    std::fs::write(format!("results/{name}.md"), &md).expect("md");
     print!("{md}");
 }
