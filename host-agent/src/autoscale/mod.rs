@@ -111,8 +111,10 @@ impl Engine {
 
     /// A descriptor of the budget for a new session: a free one, else the
     /// least recently used kept session's (closed, and counted).
-    fn session_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, LinkError> {
-        match self.sessions.permit() {
+    /// When the whole budget is in use by running steps, waits up to `wait`
+    /// for one of them to keep its session or end.
+    async fn session_permit(&self, wait: Duration) -> Result<tokio::sync::OwnedSemaphorePermit, LinkError> {
+        match self.sessions.permit_within(wait).await {
             Ok((permit, evicted)) => {
                 if evicted.is_some() {
                     self.metrics.session_evicted();
@@ -282,7 +284,7 @@ async fn sample(
     // Closed before connecting again: a virtio-serial channel admits one client.
     session.link = None;
     if session.permit.is_none() {
-        session.permit = Some(engine.session_permit()?);
+        session.permit = Some(engine.session_permit(SAMPLE_CONNECT_WAIT).await?);
     }
     let mut l = match ops::connect_agent(facts, None, SAMPLE_CONNECT_WAIT).await {
         Ok(l) => l,

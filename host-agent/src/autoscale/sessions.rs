@@ -95,6 +95,9 @@ pub struct SessionPool<L> {
     permits: Arc<Semaphore>,
     lru: Mutex<Lru<L>>,
     evicted: std::sync::atomic::AtomicU64,
+    /// Wakes one step waiting for a descriptor when a session is kept (it can
+    /// then be closed for the waiter).
+    kept_notify: tokio::sync::Notify,
 }
 
 impl<L> SessionPool<L> {
@@ -105,6 +108,7 @@ impl<L> SessionPool<L> {
             permits: Arc::new(Semaphore::new(budget)),
             lru: Mutex::new(Lru { kept: HashMap::new(), order: BTreeMap::new(), clock: 0 }),
             evicted: Default::default(),
+            kept_notify: tokio::sync::Notify::new(),
         }
     }
 
@@ -160,6 +164,33 @@ impl<L> SessionPool<L> {
         Ok((permit, Some(key)))
     }
 
+    /// A permit for one new session as [`SessionPool::permit`] gives it, but
+    /// when every permit is held by a running step, waiting up to `wait` for
+    /// one of them to end (freeing its permit) or to keep its session (which
+    /// is then closed for this one): a fleet larger than the budget is
+    /// sampled in turns, not refused.
+    pub async fn permit_within(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<(OwnedSemaphorePermit, Option<Key>), Exhausted> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Interest registered before the check: a session kept in between wakes it.
+            let notified = self.kept_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let exhausted = match self.permit() {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            tokio::select! {
+                p = self.permits.clone().acquire_owned() => return p.map(|p| (p, None)).map_err(|_| exhausted),
+                _ = &mut notified => continue,
+                _ = tokio::time::sleep_until(deadline) => return Err(exhausted),
+            }
+        }
+    }
+
     /// Keeps a step's session for the next round, as the most recently used.
     /// One without a permit gets one (closing the least recently used kept
     /// session if need be) or is closed; a permit without a session is freed.
@@ -180,6 +211,8 @@ impl<L> SessionPool<L> {
             lru.order.remove(&old);
         }
         lru.order.insert(stamp, key);
+        drop(lru);
+        self.kept_notify.notify_one();
         evicted
     }
 
@@ -238,6 +271,45 @@ mod tests {
         // b, closed, connects again at its next sample, in the room of the least recently used.
         assert!(pool.take(&key("b")).link.is_none(), "b has no kept session: its next sample connects");
         assert_eq!(open(&pool, "b", &closed), Some(key("a")));
+    }
+
+    /// A fleet larger than the budget: a new session waits for a running step
+    /// to keep its session (closed for it) or end, and is refused only when
+    /// none does within the wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_session_waits_its_turn_when_the_budget_is_in_use() {
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let pool = Arc::new(SessionPool::new(2));
+        open(&pool, "a", &closed);
+        open(&pool, "b", &closed);
+        let a = pool.take(&key("a"));
+        let b = pool.take(&key("b"));
+        // Nothing ends within the wait: refused, after the wait.
+        let t = tokio::time::Instant::now();
+        let r = pool.permit_within(std::time::Duration::from_secs(3)).await;
+        assert_eq!(r.err(), Some(Exhausted { budget: 2 }));
+        assert_eq!(t.elapsed(), std::time::Duration::from_secs(3));
+        // a's step keeps its session 1 s into the wait: it is closed for the waiter.
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.permit_within(std::time::Duration::from_secs(3)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        pool.keep(key("a"), a);
+        let (permit, evicted) = waiter.await.expect("task").expect("a permit once a was kept");
+        assert_eq!(evicted, Some(key("a")));
+        assert_eq!(*closed.lock().expect("log"), ["a"]);
+        // b's step ends without keeping: its permit goes to the next waiter.
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.permit_within(std::time::Duration::from_secs(3)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        drop(b);
+        let (_p2, evicted) = waiter.await.expect("task").expect("b's permit");
+        assert_eq!(evicted, None);
+        assert_eq!(pool.open(), 2, "never more open than the budget");
+        drop(permit);
     }
 
     #[test]
