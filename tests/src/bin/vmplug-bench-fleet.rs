@@ -40,8 +40,9 @@ struct Config {
 
 impl Config {
     fn label(&self) -> String {
+        let nofile = std::env::var("FLEET_NOFILE").map(|n| format!(", LimitNOFILE={n}")).unwrap_or_default();
         format!(
-            "{} domains / {} host{}{}",
+            "{} domains / {} host{}{}{nofile}",
             self.domains,
             self.hosts,
             if self.hosts > 1 { "s" } else { "" },
