@@ -103,8 +103,8 @@ clean:
 
 # Hot-plug latency of vmplug vs the guide's methods, and the agent's footprint.
 bench: setup build
-	$(CARGO) build --release --locked -p vmplug -p vmplug-e2e --bins
-	VMPLUG_BIN=target/release/vmplug target/release/vmplug-bench
+	$(CARGO) build --profile bench-run --locked -p vmplug -p vmplug-e2e --bins
+	VMPLUG_BIN=$(TARGET_DIR)/bench-run/vmplug $(TARGET_DIR)/bench-run/vmplug-bench
 
 # Autoscale at fleet scale: 100 to 10,000 domains over 1 and 10 private
 # libvirtd daemons (libvirt's test driver behind their RPC sockets), simulated

@@ -324,6 +324,10 @@ pub struct Evidence {
     pub devices: Vec<VirtioMem>,
     pub blocks: Option<Result<Vec<BlockState>, String>>,
     pub reset: Vec<usize>,
+    /// Blocks of the regions present before a growth: their zone was chosen
+    /// by an earlier request (a first stage in the kernel's zone, say), so
+    /// this one's zone is checked on the blocks it added.
+    pub earlier: Vec<u64>,
 }
 
 fn zone_ok(policy: ZonePolicy, zone: Option<&str>) -> bool {
@@ -337,7 +341,13 @@ fn zone_ok(policy: ZonePolicy, zone: Option<&str>) -> bool {
 /// What is wrong with a device's blocks in the guest: offline ones, too few for
 /// what the device holds, blocks on another node, and (for a growth, `zone`)
 /// blocks outside the asked zone.
-fn block_problems(d: &VirtioMem, mine: &[&BlockState], bs: u64, zone: Option<ZonePolicy>) -> Vec<String> {
+fn block_problems(
+    d: &VirtioMem,
+    mine: &[&BlockState],
+    bs: u64,
+    zone: Option<ZonePolicy>,
+    earlier: &[u64],
+) -> Vec<String> {
     let mut problems = Vec::new();
     let current = d.plugged();
     let offline: Vec<String> = mine.iter().filter(|b| !b.online).map(|b| format!("memory{}", b.index)).collect();
@@ -363,7 +373,7 @@ fn block_problems(d: &VirtioMem, mine: &[&BlockState], bs: u64, zone: Option<Zon
     let Some(zone) = zone else { return problems };
     let wrong_zone: Vec<String> = mine
         .iter()
-        .filter(|b| b.online && !zone_ok(zone, b.zone.as_deref()))
+        .filter(|b| b.online && !earlier.contains(&b.index) && !zone_ok(zone, b.zone.as_deref()))
         .map(|b| format!("memory{} ({})", b.index, b.zone.as_deref().unwrap_or("?")))
         .collect();
     if !wrong_zone.is_empty() {
@@ -414,7 +424,7 @@ pub fn judge_resize(
             problems.push(format!("{}: libvirt's requested is {}, not the {} asked", d.label(), d.requested, step.to));
         }
         if let (Some(Ok(_)), Some(bs)) = (&ev.blocks, block_size) {
-            problems.extend(block_problems(d, &mine, bs, plan.grows().then_some(plan.zone)));
+            problems.extend(block_problems(d, &mine, bs, plan.grows().then_some(plan.zone), &ev.earlier));
         }
         out.push(DeviceOutcome {
             device: d.label(),
@@ -531,7 +541,7 @@ async fn execute_resize<A: GuestAgent>(
     let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
     let ranges = plan.ranges();
     let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
-    let mut proof = None;
+    let (mut proof, mut earlier) = (None, vec![]);
     if let (true, Some(agent)) = (plan.confirm && plan.grows(), link.as_deref_mut()) {
         // First the regions and their zone: blocks the device plugs from now on
         // are onlined there by the agent's own uevent path.
@@ -540,6 +550,7 @@ async fn execute_resize<A: GuestAgent>(
         // prove the growth on their own.
         if let Ok(before) = agent.blocks(ranges.clone()).await {
             proof = bs.filter(|_| guest_proves_growth(&plan, bs, &before));
+            earlier = before.iter().filter(|b| b.present).map(|b| b.index).collect();
         }
     }
     let mut applied = Vec::new();
@@ -564,6 +575,7 @@ async fn execute_resize<A: GuestAgent>(
     }
     let t = Instant::now();
     let (settled, mut ev) = wait_settled(facts, link.as_deref_mut(), &plan, r, opts, proof).await?;
+    ev.earlier = earlier;
     if settled != Settled::Reached && !plan.grows() {
         reset_requested(facts, &plan, &mut ev, &mut applied).await;
     }
@@ -946,24 +958,42 @@ mod tests {
         let p = plan(vec![DeviceStep { device: d.clone(), from: Bytes(0), to: Bytes(256 * MIB) }], 768, 1024);
         let after = VirtioMem { requested: Bytes(256 * MIB), current: Some(Bytes(256 * MIB)), ..d.clone() };
         let good = vec![block(base_block, true, "Movable", 1), block(base_block + 1, true, "Movable", 1)];
-        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(good.clone())), reset: vec![] };
+        let ev =
+            Evidence { devices: vec![after.clone()], blocks: Some(Ok(good.clone())), reset: vec![], earlier: vec![] };
         let (o, m, devs) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
         assert_eq!(o, Outcome::Ok, "{m}");
         assert_eq!((devs[0].blocks, devs[0].blocks_online), (2, 2));
         // A block in Normal: the memory works but could never be unplugged.
         let mut normal = good.clone();
         normal[1].zone = Some("Normal".into());
-        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(normal)), reset: vec![] };
+        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(normal)), reset: vec![], earlier: vec![] };
         let (o, m, _) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
         assert_eq!(o, Outcome::GuestFailed, "{m}");
         assert!(m.contains("Normal") && m.contains("memhp_default_state=online_movable"), "{m}");
+        // A block an earlier request onlined in Normal (a first stage in the
+        // kernel's zone) is that request's choice, not this one's.
+        let mut staged = good.clone();
+        staged[0].zone = Some("Normal".into());
+        let ev = Evidence {
+            devices: vec![after.clone()],
+            blocks: Some(Ok(staged)),
+            reset: vec![],
+            earlier: vec![base_block],
+        };
+        let (o, m, _) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
+        assert_eq!(o, Outcome::Ok, "{m}");
         // One block missing for the 256 MiB plugged.
-        let ev = Evidence { devices: vec![after.clone()], blocks: Some(Ok(good[..1].to_vec())), reset: vec![] };
+        let ev = Evidence {
+            devices: vec![after.clone()],
+            blocks: Some(Ok(good[..1].to_vec())),
+            reset: vec![],
+            earlier: vec![],
+        };
         let (o, m, _) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
         assert_eq!(o, Outcome::GuestFailed, "{m}");
         // Blocks reported outside the region do not count.
         let outside = vec![block(3, true, "Movable", 1), block(4, true, "Movable", 1)];
-        let ev = Evidence { devices: vec![after], blocks: Some(Ok(outside)), reset: vec![] };
+        let ev = Evidence { devices: vec![after], blocks: Some(Ok(outside)), reset: vec![], earlier: vec![] };
         let (o, _, devs) = judge_resize(&p, &ev, Settled::Reached, Some(128 * MIB), Duration::from_secs(60));
         assert_eq!((o, devs[0].blocks), (Outcome::GuestFailed, 0));
     }
@@ -1009,7 +1039,7 @@ mod tests {
         let p = plan(vec![DeviceStep { device: d.clone(), from: Bytes(0), to: Bytes(256 * MIB) }], 768, 1024);
         let lagging = VirtioMem { requested: Bytes(256 * MIB), current: Some(Bytes(128 * MIB)), ..d.clone() };
         let good = vec![block(b0, true, "Movable", 1), block(b0 + 1, true, "Movable", 1)];
-        let ev = Evidence { devices: vec![lagging.clone()], blocks: Some(Ok(good)), reset: vec![] };
+        let ev = Evidence { devices: vec![lagging.clone()], blocks: Some(Ok(good)), reset: vec![], earlier: vec![] };
         let (o, m, devs) = judge_resize(&p, &ev, Settled::GuestReached, Some(128 * MIB), Duration::from_secs(60));
         assert_eq!(o, Outcome::Ok, "{m}");
         assert!(devs[0].current_lags && devs[0].current == Bytes(128 * MIB), "{devs:?}");
@@ -1030,7 +1060,7 @@ mod tests {
         let d = dev(0, 2048, 1024);
         let p = plan(vec![DeviceStep { device: d.clone(), from: Bytes(1024 * MIB), to: Bytes(0) }], 1792, 768);
         let held = VirtioMem { requested: Bytes(128 * MIB), current: Some(Bytes(128 * MIB)), ..d };
-        let ev = Evidence { devices: vec![held], blocks: Some(Ok(vec![])), reset: vec![0] };
+        let ev = Evidence { devices: vec![held], blocks: Some(Ok(vec![])), reset: vec![0], earlier: vec![] };
         let (o, m, devs) = judge_resize(&p, &ev, Settled::Stalled, None, Duration::from_secs(60));
         assert_eq!(o, Outcome::GuestFailed, "{m}");
         assert!(m.contains("released 896 MiB of 1 GiB") && m.contains("set back"), "{m}");
