@@ -529,7 +529,7 @@ impl HostFacts {
     /// The newest versioned machine type of `family` (`virt`, `pc-q35`) that
     /// libvirt offers: `virt-10.0` rather than the unversioned alias.
     pub fn newest_versioned(&self, family: &str) -> Option<&str> {
-        self.machines.iter().filter_map(|m| Some((machine_version(m, family)?, m.as_str()))).max().map(|(_, m)| m)
+        newest_versioned(&self.machines, family)
     }
 
     /// `<vcpu max='N'/>` of the domain capabilities XML.
@@ -550,6 +550,11 @@ impl HostFacts {
         let idx = self.nodes.iter().position(|n| n.id == id)?;
         self.free.get(idx).copied()
     }
+}
+
+/// The newest versioned machine type of `family` among `machines`.
+pub fn newest_versioned<'a>(machines: &'a [String], family: &str) -> Option<&'a str> {
+    machines.iter().filter_map(|m| Some((machine_version(m, family)?, m.as_str()))).max().map(|(_, m)| m)
 }
 
 /// `virt-4.1` → Some((4, 1)); the bare alias `virt` → None.

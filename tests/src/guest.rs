@@ -47,12 +47,8 @@ pub enum GuestKernel {
     Arm64Acpi,
 }
 
-/// The guest's architecture, from its kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    X86_64,
-    Aarch64,
-}
+/// The guest's architecture (vmplug's own: one type for verify-image and the suite).
+pub use vmplug::verify::domain::Arch;
 
 impl GuestKernel {
     pub fn arch(self) -> Arch {
@@ -74,19 +70,9 @@ impl GuestKernel {
 
 /// The newest versioned `virt-X.Y` machine type that `capabilities` (libvirt's
 /// host capabilities XML) offers for aarch64; never a hard-coded version.
+/// Parsed by vmplug's own capabilities reader and machine chooser.
 pub fn newest_virt_machine(capabilities: &str) -> Option<String> {
-    let guest = capabilities.split("<guest>").find(|g| g.contains("<arch name='aarch64'>"))?;
-    guest
-        .split("<machine")
-        .skip(1)
-        .filter_map(|m| m.split_once('>').and_then(|(_, rest)| rest.split_once('<')).map(|(name, _)| name.trim()))
-        .filter_map(|name| {
-            let v = name.strip_prefix("virt-")?;
-            let (major, minor) = v.split_once('.')?;
-            Some(((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?), name.to_string()))
-        })
-        .max()
-        .map(|(_, name)| name)
+    vmplug::verify::domain::default_machine(Arch::Aarch64, || Ok::<_, ()>(capabilities.to_string())).ok().flatten()
 }
 
 #[derive(Debug, Clone)]
@@ -392,11 +378,14 @@ impl Guest {
         // traverse), never from the cache (which may be private to root).
         let kernel = crate::env::Kernel { image: copy_in(&kernel.image, &dir.join("vmlinuz")), ..kernel };
         let initrd = copy_in(&initrd, &dir.join("initrd.img"));
-        let machine = match (&spec.machine, spec.kernel.arch()) {
-            (Some(m), _) => m.clone(),
-            (None, Arch::X86_64) => "q35".to_string(),
-            (None, Arch::Aarch64) => newest_virt_machine(&daemon.virsh_ok(&["capabilities"]))
-                .expect("libvirt's capabilities offer no versioned aarch64 'virt' machine"),
+        let machine = match &spec.machine {
+            Some(m) => m.clone(),
+            None => vmplug::verify::domain::default_machine(spec.kernel.arch(), || {
+                Ok::<_, ()>(daemon.virsh_ok(&["capabilities"]))
+            })
+            .ok()
+            .flatten()
+            .expect("libvirt's capabilities offer no versioned aarch64 'virt' machine"),
         };
         if let Some(img) = &spec.disk {
             // A private, sparse copy: the test may write to it and reboot.

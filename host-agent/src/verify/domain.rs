@@ -72,6 +72,20 @@ impl Accel {
 /// Whether KVM can run a stock guest kernel of `arch` on this host. `/dev/kvm`
 /// alone is not enough: on a PVM host (kvm_pvm, no VMX/SVM) it exists, libvirt
 /// offers it, and a stock guest kernel hangs under it (measured here).
+/// The machine type a guest of `arch` gets unless one is given: q35 on x86,
+/// and on aarch64 the newest versioned `virt` that libvirt's host capabilities
+/// offer (`caps`, read only then; never a hard-coded version). `Ok(None)`: the
+/// capabilities offer none. The one chooser for verify-image and the e2e suite.
+pub fn default_machine<E>(arch: Arch, caps: impl FnOnce() -> Result<String, E>) -> Result<Option<String>, E> {
+    match arch {
+        Arch::X86_64 => Ok(Some("q35".into())),
+        Arch::Aarch64 => {
+            let machines = crate::xml::HostFacts::parse_machines(&caps()?, "aarch64");
+            Ok(crate::xml::newest_versioned(&machines, "virt").map(str::to_string))
+        }
+    }
+}
+
 pub fn kvm_usable(arch: Arch) -> Result<(), String> {
     if Arch::host() != Some(arch) {
         return Err(format!(
@@ -283,5 +297,20 @@ mod tests {
         assert!(xml.contains("<driver name='qemu' type='raw'/>"));
         let disk = DirectBoot::default();
         assert!(plain_xml(&Plain { boot: &disk, ..p }).contains("<boot dev='hd'/>"));
+    }
+
+    #[test]
+    fn the_machine_is_q35_on_x86_and_the_newest_versioned_virt_on_aarch64() {
+        let caps = "<capabilities><host/><guest><os_type>hvm</os_type><arch name='aarch64'>\
+            <machine maxCpus='512'>virt-9.2</machine><machine canonical='virt-10.0' maxCpus='512'>virt</machine>\
+            <machine maxCpus='512'>virt-10.0</machine><machine maxCpus='512'>virt-4.1</machine></arch></guest>\
+            <guest><os_type>hvm</os_type><arch name='x86_64'><machine>virt-99.0</machine></arch></guest></capabilities>";
+        let pick = |arch| default_machine(arch, || Ok::<_, ()>(caps.to_string())).expect("no error");
+        assert_eq!(pick(Arch::Aarch64).as_deref(), Some("virt-10.0"));
+        assert_eq!(pick(Arch::X86_64).as_deref(), Some("q35"));
+        let none = default_machine(Arch::Aarch64, || Ok::<_, ()>("<capabilities/>".into()));
+        assert_eq!(none, Ok(None));
+        let unread = default_machine(Arch::X86_64, || Err("not read"));
+        assert_eq!(unread, Ok(Some("q35".into())), "x86 never reads the capabilities");
     }
 }

@@ -200,19 +200,9 @@ fn pick_machine(conn: &dyn Connection, o: &VerifyOpts) -> Result<String, Harness
     if let Some(m) = &o.machine {
         return Ok(m.clone());
     }
-    match o.arch {
-        Arch::X86_64 => Ok("q35".into()),
-        Arch::Aarch64 => {
-            let caps = conn.capabilities().map_err(harness)?;
-            let mut host = crate::xml::HostFacts::parse_capabilities(&caps).map_err(|e| HarnessError(e.to_string()))?;
-            host.machines = crate::xml::HostFacts::parse_machines(&caps, "aarch64");
-            host.newest_versioned("virt").map(str::to_string).ok_or_else(|| {
-                HarnessError::new(
-                    "this host's libvirt offers no versioned aarch64 'virt' machine (install qemu-system-arm)",
-                )
-            })
-        }
-    }
+    domain::default_machine(o.arch, || conn.capabilities().map_err(harness))?.ok_or_else(|| {
+        HarnessError::new("this host's libvirt offers no versioned aarch64 'virt' machine (install qemu-system-arm)")
+    })
 }
 
 /// A kernel option each guest-side refusal points at.
