@@ -32,7 +32,7 @@ use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::preflight::{RuleId, Severity};
 use crate::report::{OpReport, Outcome};
 use crate::unplug::DimmSelector;
-use crate::verb;
+use crate::verb::{self, Verb};
 use crate::vmem::{AddOpts, ResizeOpts, SizeChange};
 use crate::wait::Wait;
 use domain::{Accel, AccelChoice, Arch, DirectBoot};
@@ -398,6 +398,11 @@ impl Session {
         Ok(())
     }
 
+    /// One of vmplug's own verbs on the guest, live, as the matrix runs them.
+    async fn verb<V: Verb>(&self, verb: &V, no_wait: bool, zone: ZonePolicy) -> Result<OpReport, DomainError> {
+        verb::run(verb, self.conn.clone(), &self.name, &hotplug(no_wait, zone)).await
+    }
+
     /// Starts the guest and waits for its agent and its console shell, whichever
     /// it has. The boot case records how it went.
     async fn boot(&mut self, timeout: Duration) -> Result<GuestView, HarnessError> {
@@ -655,17 +660,14 @@ impl Session {
         let mark = self.dmesg_mark();
         let target = self.vcpus + 1;
         if self.agent.is_some() {
-            let r =
-                verb::run(&ops::Setvcpus { target }, self.conn.clone(), &self.name, &hotplug(false, ZonePolicy::Auto))
-                    .await;
+            let r = self.verb(&ops::Setvcpus { target }, false, ZonePolicy::Auto).await;
             if self.record("cpu-plug", started, mark, r).await == Verdict::Pass {
                 self.vcpus = target;
             }
             return;
         }
         // No agent: plug blind, then see in sysfs whether the image onlined it.
-        let r =
-            verb::run(&ops::Setvcpus { target }, self.conn.clone(), &self.name, &hotplug(true, ZonePolicy::Auto)).await;
+        let r = self.verb(&ops::Setvcpus { target }, true, ZonePolicy::Auto).await;
         let applied = matches!(&r, Ok(r) if r.outcome == Outcome::Ok);
         if !applied {
             self.record("cpu-plug", started, mark, r).await;
@@ -732,13 +734,7 @@ impl Session {
             request_id: request.clone(),
         };
         if self.agent.is_some() {
-            let r = verb::run(
-                &ops::AttachMemory { mem: mem.clone() },
-                self.conn.clone(),
-                &self.name,
-                &hotplug(false, ZonePolicy::Auto),
-            )
-            .await;
+            let r = self.verb(&ops::AttachMemory { mem: mem.clone() }, false, ZonePolicy::Auto).await;
             let v = self.record(&id, started, mark, r).await;
             if v == Verdict::Pass {
                 self.dimms.push(request);
@@ -746,13 +742,7 @@ impl Session {
             return v;
         }
         let before = self.blocks_online();
-        let r = verb::run(
-            &ops::AttachMemory { mem: mem.clone() },
-            self.conn.clone(),
-            &self.name,
-            &hotplug(true, ZonePolicy::Auto),
-        )
-        .await;
+        let r = self.verb(&ops::AttachMemory { mem: mem.clone() }, true, ZonePolicy::Auto).await;
         if !matches!(&r, Ok(r) if r.outcome == Outcome::Ok) {
             return self.record(&id, started, mark, r).await;
         }
@@ -806,13 +796,7 @@ impl Session {
             max_dimm: size,
             request_id: "verify-misaligned".into(),
         };
-        let r = verb::run(
-            &ops::AttachMemory { mem: mem.clone() },
-            self.conn.clone(),
-            &self.name,
-            &hotplug(false, ZonePolicy::Auto),
-        )
-        .await;
+        let r = self.verb(&ops::AttachMemory { mem: mem.clone() }, false, ZonePolicy::Auto).await;
         let after = self.daemon.virsh_out(&["dumpxml", &self.name]).map(|x| x.matches("model='dimm'").count()).ok();
         let mut c = match &r {
             Ok(r)
@@ -865,13 +849,7 @@ impl Session {
         };
         let mark = self.dmesg_mark();
         let sel = DimmSelector::Request(request.clone());
-        let r = verb::run(
-            &crate::unplug::DetachMemory { sel: sel.clone() },
-            self.conn.clone(),
-            &self.name,
-            &hotplug(false, ZonePolicy::Auto),
-        )
-        .await;
+        let r = self.verb(&crate::unplug::DetachMemory { sel: sel.clone() }, false, ZonePolicy::Auto).await;
         if self.record(id, started, mark, r).await == Verdict::Pass {
             self.dimms.retain(|d| *d != request);
         }
@@ -892,13 +870,7 @@ impl Session {
         let mark = self.dmesg_mark();
         let change = if grow { SizeChange::Grow(VIRTIO_MEM_STEP) } else { SizeChange::Shrink(VIRTIO_MEM_STEP) };
         let r = ResizeOpts { change, node: None, settle: Duration::from_secs(10) };
-        let res = verb::run(
-            &crate::vmem::ResizeMemory { r },
-            self.conn.clone(),
-            &self.name,
-            &hotplug(false, ZonePolicy::Movable),
-        )
-        .await;
+        let res = self.verb(&crate::vmem::ResizeMemory { r }, false, ZonePolicy::Movable).await;
         self.record(id, started, mark, res).await
     }
 
