@@ -33,16 +33,16 @@ pub const MAX_RANGES: usize = 256;
 /// An envelope: protocol version, request id (absent on unsolicited events), body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Envelope<B> {
+pub struct Message<B> {
     pub v: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     pub body: B,
 }
 
-impl<B> Envelope<B> {
+impl<B> Message<B> {
     pub fn new(id: Option<u64>, body: B) -> Self {
-        Envelope { v: PROTOCOL_VERSION, id, body }
+        Message { v: PROTOCOL_VERSION, id, body }
     }
 }
 
@@ -242,7 +242,7 @@ pub struct MemoryFacts {
 /// What happened to one CPU or memory block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Outcome {
+pub enum ItemOutcome {
     /// The agent changed its state, and a re-read confirmed it.
     Done,
     /// Already in the wanted state: nothing written.
@@ -253,9 +253,9 @@ pub enum Outcome {
     Failed { errno: i32, message: String },
 }
 
-impl Outcome {
+impl ItemOutcome {
     pub fn is_success(&self) -> bool {
-        matches!(self, Outcome::Done | Outcome::Already)
+        matches!(self, ItemOutcome::Done | ItemOutcome::Already)
     }
 }
 
@@ -264,7 +264,7 @@ impl Outcome {
 pub struct CpuResult {
     pub cpu: u32,
     #[serde(flatten)]
-    pub outcome: Outcome,
+    pub outcome: ItemOutcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,7 +280,7 @@ pub struct BlockResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     #[serde(flatten)]
-    pub outcome: Outcome,
+    pub outcome: ItemOutcome,
 }
 
 /// One memory block as the guest sees it (answer to `Blocks`).
@@ -361,7 +361,7 @@ pub struct QueueChange {
     pub from: u32,
     pub to: u32,
     #[serde(flatten)]
-    pub outcome: Outcome,
+    pub outcome: ItemOutcome,
 }
 
 /// What a shrink could take: the host's DIMMs and virtio-mem regions, and the
@@ -524,7 +524,7 @@ pub fn decode_request(frame: &[u8]) -> Result<DecodedRequest, (Option<u64>, Erro
         .map_err(|e| (None, ErrorBody { code: ErrorCode::Malformed, message: format!("not JSON: {e}") }))?;
     let id = raw.get("id").and_then(|v| v.as_u64());
     let err = |code, message: String| (id, ErrorBody { code, message });
-    let env: Envelope<serde_json::Value> =
+    let env: Message<serde_json::Value> =
         serde_json::from_value(raw).map_err(|e| err(ErrorCode::Malformed, format!("not an envelope: {e}")))?;
     if env.v != PROTOCOL_VERSION {
         return Err(err(
@@ -600,9 +600,9 @@ mod fuzz_properties {
         /// `host_response`: an answer the host accepts re-encodes to the same answer.
         #[test]
         fn host_side_accepted_answers_round_trip(frame in mutated()) {
-            if let Ok(env) = serde_json::from_slice::<Envelope<Response>>(&frame) {
+            if let Ok(env) = serde_json::from_slice::<Message<Response>>(&frame) {
                 let again = encode(&env).expect("re-encodes");
-                let back: Envelope<Response> = serde_json::from_slice(&again).expect("decodes");
+                let back: Message<Response> = serde_json::from_slice(&again).expect("decodes");
                 prop_assert_eq!(back, env);
             }
         }

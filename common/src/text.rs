@@ -6,7 +6,7 @@
 //! every guest string once, where the frame is decoded ([`Response::escape_text`]),
 //! so nothing downstream (text, JSON, logs) can carry a control character.
 
-use crate::protocol::{Event, GuestInfo, Outcome, QueueState, Report, Response};
+use crate::protocol::{Event, GuestInfo, ItemOutcome, QueueState, Report, Response};
 
 /// Longest guest string kept, in characters; the rest is cut and marked.
 pub const MAX_TEXT_CHARS: usize = 512;
@@ -88,8 +88,8 @@ fn escape_opt(s: &mut Option<String>) {
     }
 }
 
-fn escape_outcome(o: &mut Outcome) {
-    if let Outcome::Failed { message, .. } = o {
+fn escape_outcome(o: &mut ItemOutcome) {
+    if let ItemOutcome::Failed { message, .. } = o {
         escape_in_place(message);
     }
 }
@@ -225,7 +225,7 @@ mod tests {
                 start: 0,
                 node: None,
                 zone: Some("Movable\n  guest: memory9 onlined".into()),
-                outcome: Outcome::Failed { errno: 16, message: "busy\u{1b}]0;owned\u{7}".into() },
+                outcome: ItemOutcome::Failed { errno: 16, message: "busy\u{1b}]0;owned\u{7}".into() },
             }],
             cpus_online: Default::default(),
             memory_online: Default::default(),
@@ -239,7 +239,7 @@ mod tests {
                 last: Some(QueueChange {
                     from: 2,
                     to: 4,
-                    outcome: Outcome::Failed { errno: 16, message: "x\ny".into() },
+                    outcome: ItemOutcome::Failed { errno: 16, message: "x\ny".into() },
                 }),
             }],
         });

@@ -27,14 +27,14 @@ fn cpus(s: &str) -> CpuSet {
 
 #[test]
 fn hello() {
-    check("hello.json", &Envelope::new(Some(1), Request::Hello { protocol: 1, host_agent: "vmplug 0.1.0".into() }));
+    check("hello.json", &Message::new(Some(1), Request::Hello { protocol: 1, host_agent: "vmplug 0.1.0".into() }));
 }
 
 #[test]
 fn online_request() {
     check(
         "online.json",
-        &Envelope::new(
+        &Message::new(
             Some(2),
             Request::Online(OnlineRequest {
                 cpus: Some(4),
@@ -51,7 +51,7 @@ fn online_request() {
 fn guest_info() {
     check(
         "guest_info.json",
-        &Envelope::new(
+        &Message::new(
             Some(1),
             Response::GuestInfo(GuestInfo {
                 protocol: 1,
@@ -85,20 +85,20 @@ fn guest_info() {
 fn report() {
     check(
         "report.json",
-        &Envelope::new(
+        &Message::new(
             Some(2),
             Response::Report(Report {
                 cpus: vec![
-                    CpuResult { cpu: 1, outcome: Outcome::Already },
-                    CpuResult { cpu: 2, outcome: Outcome::Done },
-                    CpuResult { cpu: 3, outcome: Outcome::Failed { errno: 16, message: "EBUSY".into() } },
+                    CpuResult { cpu: 1, outcome: ItemOutcome::Already },
+                    CpuResult { cpu: 2, outcome: ItemOutcome::Done },
+                    CpuResult { cpu: 3, outcome: ItemOutcome::Failed { errno: 16, message: "EBUSY".into() } },
                 ],
                 blocks: vec![BlockResult {
                     index: 32,
                     start: 0x1_0000_0000,
                     node: Some(0),
                     zone: Some("Movable".into()),
-                    outcome: Outcome::Done,
+                    outcome: ItemOutcome::Done,
                 }],
                 cpus_online: cpus("0-2"),
                 memory_online: Bytes(1152 * MIB),
@@ -119,21 +119,18 @@ fn queues() {
         device: "eth0".into(),
         max: 4,
         combined: Some(4),
-        last: Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }),
+        last: Some(QueueChange { from: 2, to: 4, outcome: ItemOutcome::Done }),
     };
     check(
         "queues.json",
-        &Envelope::new(
-            Some(3),
-            Response::Queues(Queues { enabled: true, cpus_online: 4, devices: vec![eth0.clone()] }),
-        ),
+        &Message::new(Some(3), Response::Queues(Queues { enabled: true, cpus_online: 4, devices: vec![eth0.clone()] })),
     );
     check(
         "report_queues.json",
-        &Envelope::new(
+        &Message::new(
             Some(4),
             Response::Report(Report {
-                cpus: vec![CpuResult { cpu: 3, outcome: Outcome::Done }],
+                cpus: vec![CpuResult { cpu: 3, outcome: ItemOutcome::Done }],
                 blocks: vec![],
                 cpus_online: cpus("0-3"),
                 memory_online: Bytes(0),
@@ -150,7 +147,7 @@ fn queues() {
 fn error_and_event() {
     check(
         "error.json",
-        &Envelope::new(
+        &Message::new(
             Some(9),
             Response::Error(ErrorBody {
                 code: ErrorCode::Misaligned,
@@ -160,7 +157,7 @@ fn error_and_event() {
     );
     check(
         "event.json",
-        &Envelope::new(None, Response::Event(Event::MemoryOnlined { block: 33, zone: Some("Movable".into()) })),
+        &Message::new(None, Response::Event(Event::MemoryOnlined { block: 33, zone: Some("Movable".into()) })),
     );
 }
 
@@ -183,7 +180,7 @@ fn forecast() {
     let range = MemRange { start: 0x1_0000_0000, size: Bytes(1024 * MIB) };
     check(
         "forecast_request.json",
-        &Envelope::new(
+        &Message::new(
             Some(5),
             Request::Forecast(ForecastRequest {
                 dimms: vec![],
@@ -194,7 +191,7 @@ fn forecast() {
     );
     check(
         "forecast.json",
-        &Envelope::new(
+        &Message::new(
             Some(5),
             Response::Forecast(Forecast {
                 block_size: BlockSize::new(128 * MIB).expect("block size"),

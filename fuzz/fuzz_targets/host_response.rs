@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vmplug_common::frame::{encode, Decoded, FrameDecoder, MAX_FRAME_BYTES};
-use vmplug_common::protocol::{Envelope, Response};
+use vmplug_common::protocol::{Message, Response};
 
 /// Whether no string (key or value) in `v` holds a control character.
 fn no_control(v: &serde_json::Value) -> bool {
@@ -28,9 +28,9 @@ fuzz_target!(|data: &[u8]| {
     assert!(dec.pending() <= MAX_FRAME_BYTES);
     for item in out {
         let Decoded::Frame(f) = item else { continue };
-        let Ok(env) = serde_json::from_slice::<Envelope<Response>>(&f) else { continue };
+        let Ok(env) = serde_json::from_slice::<Message<Response>>(&f) else { continue };
         let again = encode(&env).expect("an accepted answer re-encodes");
-        let back: Envelope<Response> = serde_json::from_slice(&again[..again.len() - 1]).expect("and decodes");
+        let back: Message<Response> = serde_json::from_slice(&again[..again.len() - 1]).expect("and decodes");
         assert_eq!(back, env);
         let mut escaped = env.body;
         escaped.escape_text();

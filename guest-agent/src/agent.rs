@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch, Mutex};
 use vmplug_common::protocol::{
-    ErrorBody, ErrorCode, Event, GuestInfo, MemRange, OfflineRequest, OnlineRequest, Outcome, Pressure, QueueChange,
-    QueueState, Queues, Report, ZonePolicy, MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
+    ErrorBody, ErrorCode, Event, GuestInfo, ItemOutcome, MemRange, OfflineRequest, OnlineRequest, Pressure,
+    QueueChange, QueueState, Queues, Report, ZonePolicy, MAX_RANGES, MAX_TIMEOUT_MS, PROTOCOL_VERSION,
 };
 use vmplug_common::Bytes;
 
@@ -302,7 +302,7 @@ impl Agent {
                 .copied()
                 .filter(|b| {
                     !block_results.get(b).is_some_and(|r: &vmplug_common::protocol::BlockResult| {
-                        matches!(r.outcome, Outcome::Done | Outcome::Already)
+                        matches!(r.outcome, ItemOutcome::Done | ItemOutcome::Already)
                     })
                 })
                 .collect();
@@ -317,11 +317,13 @@ impl Agent {
                 .await?;
             drop(guard);
             merge(&mut cpu_results, cpus, |c| c.cpu, |c| &c.outcome);
-            let blks: Vec<vmplug_common::protocol::BlockResult> =
-                blks.into_iter().filter(|b| !(b.outcome == Outcome::NotFound && optional.contains(&b.index))).collect();
+            let blks: Vec<vmplug_common::protocol::BlockResult> = blks
+                .into_iter()
+                .filter(|b| !(b.outcome == ItemOutcome::NotFound && optional.contains(&b.index)))
+                .collect();
             merge(&mut block_results, blks, |b| b.index, |b| &b.outcome);
-            let missing = cpu_results.values().any(|c| c.outcome == Outcome::NotFound)
-                || block_results.values().any(|b| b.outcome == Outcome::NotFound);
+            let missing = cpu_results.values().any(|c| c.outcome == ItemOutcome::NotFound)
+                || block_results.values().any(|b| b.outcome == ItemOutcome::NotFound);
             if !missing {
                 break false;
             }
@@ -354,16 +356,16 @@ impl Agent {
         let mut cpus: Vec<_> = cpus.into_values().collect();
         let mut blocks: Vec<_> = blocks.into_values().collect();
         {
-            use vmplug_common::protocol::Outcome;
+            use vmplug_common::protocol::ItemOutcome;
             let mut mine = self.self_onlined.lock().unwrap_or_else(|e| e.into_inner());
-            for c in cpus.iter_mut().filter(|c| c.outcome == Outcome::Already) {
+            for c in cpus.iter_mut().filter(|c| c.outcome == ItemOutcome::Already) {
                 if mine.remove(&Resource::Cpu(c.cpu)) {
-                    c.outcome = Outcome::Done;
+                    c.outcome = ItemOutcome::Done;
                 }
             }
-            for b in blocks.iter_mut().filter(|b| b.outcome == Outcome::Already) {
+            for b in blocks.iter_mut().filter(|b| b.outcome == ItemOutcome::Already) {
                 if mine.remove(&Resource::MemoryBlock(b.index)) {
-                    b.outcome = Outcome::Done;
+                    b.outcome = ItemOutcome::Done;
                 }
             }
         }
@@ -471,12 +473,12 @@ impl Agent {
         Ok(report)
     }
 
-    fn emit_result(&self, what: Resource, outcome: &vmplug_common::protocol::Outcome, zone: Option<String>) {
-        use vmplug_common::protocol::Outcome;
+    fn emit_result(&self, what: Resource, outcome: &vmplug_common::protocol::ItemOutcome, zone: Option<String>) {
+        use vmplug_common::protocol::ItemOutcome;
         let event = match (what, outcome) {
-            (Resource::Cpu(cpu), Outcome::Done) => Event::CpuOnlined { cpu },
-            (Resource::MemoryBlock(block), Outcome::Done) => Event::MemoryOnlined { block, zone },
-            (r, Outcome::Failed { errno, .. }) => Event::OnlineFailed {
+            (Resource::Cpu(cpu), ItemOutcome::Done) => Event::CpuOnlined { cpu },
+            (Resource::MemoryBlock(block), ItemOutcome::Done) => Event::MemoryOnlined { block, zone },
+            (r, ItemOutcome::Failed { errno, .. }) => Event::OnlineFailed {
                 what: match r {
                     Resource::Cpu(c) => format!("cpu{c}"),
                     Resource::MemoryBlock(b) => format!("memory{b}"),
@@ -545,7 +547,7 @@ impl Agent {
                 match res {
                     Ok((outcome, zone)) => {
                         tracing::info!(?resource, ?outcome, "onlined on add");
-                        if outcome == vmplug_common::protocol::Outcome::Done {
+                        if outcome == vmplug_common::protocol::ItemOutcome::Done {
                             let mut mine = self.self_onlined.lock().unwrap_or_else(|e| e.into_inner());
                             // Bounded: a guest that is never asked must not grow this forever.
                             if mine.len() < 65_536 {

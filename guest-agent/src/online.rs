@@ -3,7 +3,7 @@
 //! simulated kernel in unit tests).
 //!
 //! Every write is retried a bounded number of times on EBUSY/EAGAIN and followed by
-//! a re-read; every item gets an [`Outcome`]. A resource already in the wanted state
+//! a re-read; every item gets an [`ItemOutcome`]. A resource already in the wanted state
 //! (a udev rule or kernel auto-online got there first) is success, not an error.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use vmplug_common::protocol::{BlockResult, CpuResult, MemRange, Outcome, ZonePolicy};
+use vmplug_common::protocol::{BlockResult, CpuResult, ItemOutcome, MemRange, ZonePolicy};
 use vmplug_common::{BlockSize, Bytes, CpuSet};
 
 use crate::sysfs::{Block, Sysfs, SysfsError};
@@ -148,8 +148,8 @@ pub fn choose_state(policy: ZonePolicy, valid_zones: &[String], counts: ZoneCoun
     }
 }
 
-fn errno_outcome(e: &io::Error) -> Outcome {
-    Outcome::Failed { errno: e.raw_os_error().unwrap_or(0), message: e.to_string() }
+fn errno_outcome(e: &io::Error) -> ItemOutcome {
+    ItemOutcome::Failed { errno: e.raw_os_error().unwrap_or(0), message: e.to_string() }
 }
 
 fn is_transient(e: &io::Error) -> bool {
@@ -208,44 +208,44 @@ impl Onliner {
     }
 
     /// Brings one CPU online. Re-reads after the write.
-    pub fn online_cpu(&self, id: u32) -> Result<Outcome, SysfsError> {
+    pub fn online_cpu(&self, id: u32) -> Result<ItemOutcome, SysfsError> {
         let Some(cpu) = self.sysfs.cpu(id)? else {
-            return Ok(Outcome::NotFound);
+            return Ok(ItemOutcome::NotFound);
         };
         if cpu.online {
-            return Ok(Outcome::Already);
+            return Ok(ItemOutcome::Already);
         }
         if let Err(e) = self.write(&self.sysfs.cpu_online_path(id), "1") {
             // Onlined by someone else meanwhile: already online, not a failure.
             return Ok(match self.sysfs.cpu(id)? {
-                Some(c) if c.online => Outcome::Already,
+                Some(c) if c.online => ItemOutcome::Already,
                 _ => errno_outcome(&e),
             });
         }
         Ok(match self.sysfs.cpu(id)? {
-            Some(c) if c.online => Outcome::Done,
-            Some(_) => Outcome::Failed { errno: 0, message: format!("cpu{id} still offline after the write") },
-            None => Outcome::NotFound,
+            Some(c) if c.online => ItemOutcome::Done,
+            Some(_) => ItemOutcome::Failed { errno: 0, message: format!("cpu{id} still offline after the write") },
+            None => ItemOutcome::NotFound,
         })
     }
 
-    pub fn offline_cpu(&self, id: u32) -> Result<Outcome, SysfsError> {
+    pub fn offline_cpu(&self, id: u32) -> Result<ItemOutcome, SysfsError> {
         let Some(cpu) = self.sysfs.cpu(id)? else {
-            return Ok(Outcome::NotFound);
+            return Ok(ItemOutcome::NotFound);
         };
         if !cpu.online {
-            return Ok(Outcome::Already);
+            return Ok(ItemOutcome::Already);
         }
         if !cpu.hotpluggable {
-            return Ok(Outcome::Failed { errno: libc::EPERM, message: format!("cpu{id} cannot be offlined") });
+            return Ok(ItemOutcome::Failed { errno: libc::EPERM, message: format!("cpu{id} cannot be offlined") });
         }
         if let Err(e) = self.write(&self.sysfs.cpu_online_path(id), "0") {
             return Ok(errno_outcome(&e));
         }
         Ok(match self.sysfs.cpu(id)? {
-            Some(c) if !c.online => Outcome::Done,
-            Some(_) => Outcome::Failed { errno: 0, message: format!("cpu{id} still online after the write") },
-            None => Outcome::Done,
+            Some(c) if !c.online => ItemOutcome::Done,
+            Some(_) => ItemOutcome::Failed { errno: 0, message: format!("cpu{id} still online after the write") },
+            None => ItemOutcome::Done,
         })
     }
 
@@ -267,7 +267,7 @@ impl Onliner {
             outcome,
         };
         let Some(block) = self.sysfs.block(index)? else {
-            return Ok(result(None, Outcome::NotFound));
+            return Ok(result(None, ItemOutcome::NotFound));
         };
         if block.online {
             // Onlined by the kernel or a udev rule first: an explicit zone is
@@ -275,18 +275,18 @@ impl Onliner {
             if let Some(state) = misplaced(zone, &block) {
                 return Ok(self.rezone(index, &block, state, result));
             }
-            return Ok(result(Some(&block), Outcome::Already));
+            return Ok(result(Some(&block), ItemOutcome::Already));
         }
         if !block.ready {
             // Still being registered by the kernel: not there yet for us.
-            return Ok(result(None, Outcome::NotFound));
+            return Ok(result(None, ItemOutcome::NotFound));
         }
         let state = choose_state(zone, &block.zones, *counts, self.policy.movable_ratio);
         if let Err(e) = self.write(&self.sysfs.block_state_path(index), state) {
             // A udev rule or the kernel onlined it between our read and our write
             // (the kernel then answers EINVAL): already online, not a failure.
             return Ok(match self.sysfs.block(index)? {
-                Some(b) if b.online => result(Some(&b), Outcome::Already),
+                Some(b) if b.online => result(Some(&b), ItemOutcome::Already),
                 _ => result(Some(&block), errno_outcome(&e)),
             });
         }
@@ -298,13 +298,13 @@ impl Onliner {
                 } else {
                     counts.kernel += 1;
                 }
-                Outcome::Done
+                ItemOutcome::Done
             }
-            Some(b) => Outcome::Failed {
+            Some(b) => ItemOutcome::Failed {
                 errno: 0,
                 message: format!("memory{index} reads '{}' after writing {state}", b.state),
             },
-            None => Outcome::NotFound,
+            None => ItemOutcome::NotFound,
         };
         Ok(result(after.as_ref(), outcome))
     }
@@ -318,16 +318,16 @@ impl Onliner {
         index: u64,
         block: &Block,
         state: &str,
-        result: impl Fn(Option<&Block>, Outcome) -> BlockResult,
+        result: impl Fn(Option<&Block>, ItemOutcome) -> BlockResult,
     ) -> BlockResult {
         if self.write(&self.sysfs.block_state_path(index), "offline").is_err() {
-            return result(Some(block), Outcome::Already);
+            return result(Some(block), ItemOutcome::Already);
         }
         let outcome = match self.write(&self.sysfs.block_state_path(index), state) {
-            Ok(()) => Outcome::Done,
+            Ok(()) => ItemOutcome::Done,
             Err(e) => {
                 let _ = self.write(&self.sysfs.block_state_path(index), "online");
-                Outcome::Failed {
+                ItemOutcome::Failed {
                     errno: e.raw_os_error().unwrap_or(0),
                     message: format!("memory{index}: offline to move it, then {state} failed: {e}"),
                 }
@@ -335,10 +335,10 @@ impl Onliner {
         };
         let after = self.sysfs.block(index).ok().flatten();
         match (&outcome, &after) {
-            (Outcome::Done, Some(b)) if b.online => result(after.as_ref(), Outcome::Done),
-            (Outcome::Done, _) => result(
+            (ItemOutcome::Done, Some(b)) if b.online => result(after.as_ref(), ItemOutcome::Done),
+            (ItemOutcome::Done, _) => result(
                 after.as_ref(),
-                Outcome::Failed { errno: 0, message: format!("memory{index} is not online after {state}") },
+                ItemOutcome::Failed { errno: 0, message: format!("memory{index} is not online after {state}") },
             ),
             _ => result(after.as_ref(), outcome),
         }
@@ -347,20 +347,20 @@ impl Onliner {
     pub fn offline_block(&self, index: u64) -> Result<BlockResult, SysfsError> {
         let start = self.block_size()?.map(|b| block_start(index, b)).unwrap_or(0);
         let Some(block) = self.sysfs.block(index)?.filter(|b| b.ready) else {
-            return Ok(BlockResult { index, start, node: None, zone: None, outcome: Outcome::Already });
+            return Ok(BlockResult { index, start, node: None, zone: None, outcome: ItemOutcome::Already });
         };
         let result = |outcome| BlockResult { index, start, node: block.node, zone: None, outcome };
         if !block.online {
-            return Ok(result(Outcome::Already));
+            return Ok(result(ItemOutcome::Already));
         }
         if let Err(e) = self.write(&self.sysfs.block_state_path(index), "offline") {
             return Ok(result(errno_outcome(&e)));
         }
         Ok(match self.sysfs.block(index)? {
             Some(b) if b.online => {
-                result(Outcome::Failed { errno: 0, message: format!("memory{index} still online after the write") })
+                result(ItemOutcome::Failed { errno: 0, message: format!("memory{index} still online after the write") })
             }
-            _ => result(Outcome::Done),
+            _ => result(ItemOutcome::Done),
         })
     }
 
@@ -376,10 +376,10 @@ impl Onliner {
                 break;
             }
             let outcome = if c.online {
-                Outcome::Already
+                ItemOutcome::Already
             } else if online < target {
                 let o = self.online_cpu(c.id)?;
-                if matches!(o, Outcome::Done) {
+                if matches!(o, ItemOutcome::Done) {
                     online += 1;
                 }
                 o
@@ -392,7 +392,7 @@ impl Onliner {
         let possible = self.sysfs.cpu_facts().map(|f| f.possible).unwrap_or_default();
         let missing = possible.difference(&present);
         for cpu in missing.iter().take(target.saturating_sub(out.len() as u32) as usize) {
-            out.push(CpuResult { cpu, outcome: Outcome::NotFound });
+            out.push(CpuResult { cpu, outcome: ItemOutcome::NotFound });
         }
         Ok(out)
     }
@@ -417,7 +417,7 @@ impl Onliner {
                 break;
             }
             let outcome = self.offline_cpu(c.id)?;
-            if matches!(outcome, Outcome::Done) {
+            if matches!(outcome, ItemOutcome::Done) {
                 online -= 1;
             }
             out.push(CpuResult { cpu: c.id, outcome });
@@ -435,7 +435,7 @@ impl Onliner {
     /// (guest-level vCPU scaling, `vmplug setvcpus --guest`): CPUs are onlined
     /// only while fewer than N are online.
     pub fn online_everything(&self, zone: ZonePolicy) -> Result<(Vec<CpuResult>, Vec<BlockResult>), SysfsError> {
-        let failed = |e: SysfsError| Outcome::Failed { errno: e.errno(), message: e.to_string() };
+        let failed = |e: SysfsError| ItemOutcome::Failed { errno: e.errno(), message: e.to_string() };
         let mut cpus = Vec::new();
         let entries = self.sysfs.cpu_entries()?;
         let limit = self.sysfs.boot_cpu_limit();
@@ -446,10 +446,10 @@ impl Onliner {
                 Ok(Some(_)) if limit.is_some_and(|l| online >= l) => continue,
                 Ok(Some(_)) => {
                     let o = self.online_cpu(id).unwrap_or_else(failed);
-                    online += u32::from(matches!(o, Outcome::Done | Outcome::Already));
+                    online += u32::from(matches!(o, ItemOutcome::Done | ItemOutcome::Already));
                     o
                 }
-                Ok(None) => Outcome::NotFound,
+                Ok(None) => ItemOutcome::NotFound,
                 Err(e) => failed(e),
             };
             cpus.push(CpuResult { cpu: id, outcome });
@@ -469,7 +469,7 @@ impl Onliner {
                     }
                     Err(e) => failed(e),
                 },
-                Ok(None) => Outcome::NotFound,
+                Ok(None) => ItemOutcome::NotFound,
                 Err(e) => failed(e),
             };
             blocks.push(BlockResult { index, start: start(index), node: None, zone: None, outcome });
@@ -496,12 +496,13 @@ pub fn merge<K: Ord + Copy, T: Clone>(
     acc: &mut BTreeMap<K, T>,
     new: impl IntoIterator<Item = T>,
     key: impl Fn(&T) -> K,
-    outcome: impl Fn(&T) -> &Outcome,
+    outcome: impl Fn(&T) -> &ItemOutcome,
 ) {
     for item in new {
         let k = key(&item);
         match acc.get(&k) {
-            Some(old) if matches!(outcome(old), Outcome::Done) && matches!(outcome(&item), Outcome::Already) => {}
+            Some(old)
+                if matches!(outcome(old), ItemOutcome::Done) && matches!(outcome(&item), ItemOutcome::Already) => {}
             _ => {
                 acc.insert(k, item);
             }
@@ -534,7 +535,7 @@ mod tests {
         let (_d, k, o) = setup(4);
         let cpu0 = o.sysfs.cpu(0).expect("readable").expect("present");
         assert!(cpu0.online && !cpu0.hotpluggable);
-        assert!(matches!(o.offline_cpu(0).expect("readable"), Outcome::Failed { errno: libc::EPERM, .. }));
+        assert!(matches!(o.offline_cpu(0).expect("readable"), ItemOutcome::Failed { errno: libc::EPERM, .. }));
         assert!(k.writes().is_empty(), "nothing written to cpu0");
     }
 
@@ -546,12 +547,12 @@ mod tests {
         k.add_cpu(3, false);
         let r = o.cpu_pass(3).expect("pass");
         let got: Vec<_> = r.iter().map(|c| (c.cpu, c.outcome.clone())).collect();
-        assert_eq!(got, vec![(0, Outcome::Already), (1, Outcome::Already), (2, Outcome::Done)]);
+        assert_eq!(got, vec![(0, ItemOutcome::Already), (1, ItemOutcome::Already), (2, ItemOutcome::Done)]);
         assert_eq!(k.writes().len(), 1, "only cpu2 written");
         assert_eq!(o.sysfs.cpu_facts().expect("facts").online.to_string(), "0-2");
         // Idempotent: the same target again writes nothing.
         let again = o.cpu_pass(3).expect("pass");
-        assert!(again.iter().all(|c| c.outcome == Outcome::Already));
+        assert!(again.iter().all(|c| c.outcome == ItemOutcome::Already));
         assert_eq!(k.writes().len(), 1);
     }
 
@@ -560,7 +561,7 @@ mod tests {
         let (_d, _k, o) = setup(4);
         let r = o.cpu_pass(3).expect("pass");
         let got: Vec<_> = r.iter().map(|c| (c.cpu, c.outcome.clone())).collect();
-        assert_eq!(got, vec![(0, Outcome::Already), (1, Outcome::NotFound), (2, Outcome::NotFound)]);
+        assert_eq!(got, vec![(0, ItemOutcome::Already), (1, ItemOutcome::NotFound), (2, ItemOutcome::NotFound)]);
     }
 
     #[test]
@@ -569,7 +570,7 @@ mod tests {
         k.add_cpu(1, false);
         k.fail_writes(o.sysfs.cpu_online_path(1), &[libc::EBUSY; 10]);
         let outcome = o.online_cpu(1).expect("readable");
-        assert!(matches!(outcome, Outcome::Failed { errno: libc::EBUSY, .. }), "{outcome:?}");
+        assert!(matches!(outcome, ItemOutcome::Failed { errno: libc::EBUSY, .. }), "{outcome:?}");
         assert_eq!(k.writes().len(), 5, "write_attempts bounds the retries");
     }
 
@@ -578,7 +579,7 @@ mod tests {
         let (_d, k, o) = setup(2);
         k.add_cpu(1, false);
         k.fail_writes(o.sysfs.cpu_online_path(1), &[libc::EAGAIN, libc::EBUSY]);
-        assert_eq!(o.online_cpu(1).expect("readable"), Outcome::Done);
+        assert_eq!(o.online_cpu(1).expect("readable"), ItemOutcome::Done);
         assert_eq!(k.writes().len(), 3);
     }
 
@@ -588,7 +589,7 @@ mod tests {
         k.add_block(8, false, "Normal Movable", 0);
         k.fail_writes(o.sysfs.block_state_path(8), &[libc::EINVAL]);
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert!(matches!(r[0].outcome, Outcome::Failed { errno: libc::EINVAL, .. }));
+        assert!(matches!(r[0].outcome, ItemOutcome::Failed { errno: libc::EINVAL, .. }));
         assert_eq!(k.writes().len(), 1);
     }
 
@@ -597,7 +598,7 @@ mod tests {
         let (_d, k, o) = setup(2);
         k.add_block(8, true, "Normal", 0);
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert_eq!(r[0].outcome, Outcome::Already);
+        assert_eq!(r[0].outcome, ItemOutcome::Already);
         assert_eq!(r[0].zone.as_deref(), Some("Normal"));
         assert!(k.writes().is_empty());
     }
@@ -609,20 +610,20 @@ mod tests {
         let (_d, k, o) = setup(2);
         k.add_block(8, true, "Normal", 0);
         let r = o.block_pass(&[8], ZonePolicy::Movable).expect("pass");
-        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (Outcome::Done, Some("Movable")));
+        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (ItemOutcome::Done, Some("Movable")));
         let writes: Vec<String> = k.writes().into_iter().map(|(_, v)| v).collect();
         assert_eq!(writes, ["offline", "online_movable"]);
         // In use: offlining fails with EBUSY every time; nothing else is written.
         k.add_block(9, true, "Normal", 0);
         k.fail_writes(k.sysfs().block_state_path(9), &[libc::EBUSY; 8]);
         let r = o.block_pass(&[9], ZonePolicy::Movable).expect("pass");
-        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (Outcome::Already, Some("Normal")));
+        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (ItemOutcome::Already, Some("Normal")));
         assert!(k.writes().iter().skip(2).all(|(_, v)| v == "offline"), "{:?}", k.writes());
         // `auto` leaves the kernel's choice alone.
         k.add_block(10, true, "Normal", 0);
         let before = k.writes().len();
         let r = o.block_pass(&[10], ZonePolicy::Auto).expect("pass");
-        assert_eq!(r[0].outcome, Outcome::Already);
+        assert_eq!(r[0].outcome, ItemOutcome::Already);
         assert_eq!(k.writes().len(), before);
     }
 
@@ -635,16 +636,16 @@ mod tests {
         k.add_block(8, false, "Normal Movable", 0);
         k.race_write(k.sysfs().block_state_path(8), "online\n", libc::EINVAL);
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert_eq!(r[0].outcome, Outcome::Already, "{r:?}");
+        assert_eq!(r[0].outcome, ItemOutcome::Already, "{r:?}");
         // The same for a CPU the rule onlined first.
         k.add_cpu(1, false);
         k.race_write(k.sysfs().cpu_online_path(1), "1\n", libc::EINVAL);
-        assert_eq!(o.online_cpu(1).expect("result"), Outcome::Already);
+        assert_eq!(o.online_cpu(1).expect("result"), ItemOutcome::Already);
         // A write that fails with the block still offline is still a failure.
         k.add_block(9, false, "Normal Movable", 0);
         k.fail_writes(k.sysfs().block_state_path(9), &[libc::EINVAL]);
         let r = o.block_pass(&[9], ZonePolicy::Auto).expect("pass");
-        assert!(matches!(r[0].outcome, Outcome::Failed { errno: 22, .. }), "{r:?}");
+        assert!(matches!(r[0].outcome, ItemOutcome::Failed { errno: 22, .. }), "{r:?}");
     }
 
     #[test]
@@ -652,7 +653,7 @@ mod tests {
         let (_d, k, o) = setup(2);
         k.add_block(8, false, "Normal", 0);
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (Outcome::Done, Some("Normal")));
+        assert_eq!((r[0].outcome.clone(), r[0].zone.as_deref()), (ItemOutcome::Done, Some("Normal")));
         assert_eq!(k.writes()[0].1, "online_kernel");
     }
 
@@ -667,7 +668,7 @@ mod tests {
         let r = o.block_pass(&[8, 9, 10, 11, 12], ZonePolicy::Auto).expect("pass");
         let zones: Vec<_> = r.iter().map(|b| b.zone.clone().unwrap_or_default()).collect();
         assert_eq!(zones, vec!["Movable", "Movable", "Movable", "Normal", "Movable"]);
-        assert!(r.iter().all(|b| b.outcome == Outcome::Done));
+        assert!(r.iter().all(|b| b.outcome == ItemOutcome::Done));
     }
 
     #[test]
@@ -732,13 +733,13 @@ mod tests {
 
         let (cpus, blocks) = o.online_everything(ZonePolicy::Auto).expect("a report, not an error");
         let cpu = |id| cpus.iter().find(|c| c.cpu == id).map(|c| c.outcome.clone());
-        assert_eq!(cpu(1), Some(Outcome::Done), "the good CPU is onlined: {cpus:?}");
-        assert!(matches!(cpu(2), Some(Outcome::Failed { errno: libc::EINVAL, .. })), "{cpus:?}");
-        assert_eq!(cpu(3), Some(Outcome::NotFound), "{cpus:?}");
+        assert_eq!(cpu(1), Some(ItemOutcome::Done), "the good CPU is onlined: {cpus:?}");
+        assert!(matches!(cpu(2), Some(ItemOutcome::Failed { errno: libc::EINVAL, .. })), "{cpus:?}");
+        assert_eq!(cpu(3), Some(ItemOutcome::NotFound), "{cpus:?}");
         let block = |i| blocks.iter().find(|b| b.index == i).map(|b| b.outcome.clone());
-        assert_eq!(block(8), Some(Outcome::Done), "the good block is onlined: {blocks:?}");
-        assert!(matches!(block(9), Some(Outcome::Failed { errno: libc::EISDIR, .. })), "{blocks:?}");
-        assert_eq!(block(10), Some(Outcome::NotFound), "{blocks:?}");
+        assert_eq!(block(8), Some(ItemOutcome::Done), "the good block is onlined: {blocks:?}");
+        assert!(matches!(block(9), Some(ItemOutcome::Failed { errno: libc::EISDIR, .. })), "{blocks:?}");
+        assert_eq!(block(10), Some(ItemOutcome::NotFound), "{blocks:?}");
     }
 
     /// Guest-level vCPU scaling: a guest booted with `maxcpus=2` keeps its
@@ -751,7 +752,7 @@ mod tests {
         }
         std::fs::write(d.path().join("proc/cmdline"), "console=ttyAMA0 maxcpus=2 quiet\n").expect("cmdline");
         let (cpus, _) = o.online_everything(ZonePolicy::Auto).expect("report");
-        assert_eq!(cpus.iter().map(|c| (c.cpu, c.outcome.clone())).collect::<Vec<_>>(), vec![(1, Outcome::Done)]);
+        assert_eq!(cpus.iter().map(|c| (c.cpu, c.outcome.clone())).collect::<Vec<_>>(), vec![(1, ItemOutcome::Done)]);
         assert_eq!(k.sysfs().cpu_facts().expect("facts").online.to_string(), "0-1");
         std::fs::write(d.path().join("proc/cmdline"), "console=ttyAMA0 quiet\n").expect("cmdline");
         o.online_everything(ZonePolicy::Auto).expect("report");
@@ -781,7 +782,7 @@ mod tests {
         std::fs::remove_file(d.path().join("sys/devices/system/memory/memory8/valid_zones")).expect("rm");
         std::fs::create_dir(d.path().join("sys/devices/system/memory/memory8/valid_zones")).expect("dir");
         let r = o.block_pass(&[8], ZonePolicy::Auto).expect("pass");
-        assert_eq!(r[0].outcome, Outcome::NotFound);
+        assert_eq!(r[0].outcome, ItemOutcome::NotFound);
         assert!(k.writes().is_empty());
     }
 
@@ -805,6 +806,6 @@ mod tests {
         let (cpus, blocks) = o.online_everything(ZonePolicy::Auto).expect("pass");
         assert_eq!(cpus.len(), 1);
         assert_eq!(blocks.len(), 1, "already-online blocks are not touched");
-        assert_eq!(blocks[0].outcome, Outcome::Done);
+        assert_eq!(blocks[0].outcome, ItemOutcome::Done);
     }
 }

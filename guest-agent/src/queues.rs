@@ -10,7 +10,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use vmplug_common::protocol::{Outcome, QueueChange, QueueState};
+use vmplug_common::protocol::{ItemOutcome, QueueChange, QueueState};
 
 use crate::sysfs::Sysfs;
 
@@ -169,24 +169,27 @@ pub fn align(sysfs: &Sysfs, ctl: &dyn ChannelControl, cpus: u32, apply: bool) ->
             Ok(()) => match ctl.get(&device) {
                 Ok(c) if c.combined == want => {
                     state.combined = Some(c.combined);
-                    Outcome::Done
+                    ItemOutcome::Done
                 }
                 Ok(c) => {
                     state.combined = Some(c.combined);
-                    Outcome::Failed {
+                    ItemOutcome::Failed {
                         errno: libc::EIO,
                         message: format!("set {want} combined channels, the device reads back {}", c.combined),
                     }
                 }
                 Err(e) => {
                     state.combined = None;
-                    Outcome::Failed { errno: e.raw_os_error().unwrap_or(libc::EIO), message: format!("re-read: {e}") }
+                    ItemOutcome::Failed {
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        message: format!("re-read: {e}"),
+                    }
                 }
             },
-            Err(e) => Outcome::Failed { errno: e.raw_os_error().unwrap_or(libc::EIO), message: e.to_string() },
+            Err(e) => ItemOutcome::Failed { errno: e.raw_os_error().unwrap_or(libc::EIO), message: e.to_string() },
         };
         match &outcome {
-            Outcome::Done => {
+            ItemOutcome::Done => {
                 tracing::info!(%device, from = now.combined, to = want, "combined channels follow the CPUs")
             }
             o => {
@@ -232,13 +235,13 @@ mod tests {
         let r = align(&k.sysfs(), &ctl, 4, true);
         assert_eq!(r.len(), 1, "the single-queue device is left out: {r:?}");
         assert_eq!(r[0].state.device, "eth0");
-        assert_eq!(r[0].state.last, Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }));
+        assert_eq!(r[0].state.last, Some(QueueChange { from: 2, to: 4, outcome: ItemOutcome::Done }));
         assert_eq!(ctl.combined("eth0"), 4);
         // 8 CPUs: bounded by the device's 4; nothing to write.
         let r = align(&k.sysfs(), &ctl, 8, true);
         assert!(!r[0].changed && r[0].state.last.is_none(), "{r:?}");
         let r = align(&k.sysfs(), &ctl, 1, true);
-        assert_eq!(r[0].state.last, Some(QueueChange { from: 4, to: 1, outcome: Outcome::Done }));
+        assert_eq!(r[0].state.last, Some(QueueChange { from: 4, to: 1, outcome: ItemOutcome::Done }));
         assert_eq!(ctl.combined("eth0"), 1);
         assert_eq!(ctl.sets(), vec![("eth0".to_string(), 4), ("eth0".to_string(), 1)]);
     }
@@ -255,7 +258,7 @@ mod tests {
         ctl.fail_sets(libc::EBUSY);
         let r = align(&k.sysfs(), &ctl, 4, true);
         match &r[0].state.last {
-            Some(QueueChange { from: 1, to: 4, outcome: Outcome::Failed { errno, .. } }) => {
+            Some(QueueChange { from: 1, to: 4, outcome: ItemOutcome::Failed { errno, .. } }) => {
                 assert_eq!(*errno, libc::EBUSY)
             }
             other => panic!("{other:?}"),

@@ -14,13 +14,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use vmplug_common::frame::{write_frame, Decoded, FrameError, FrameReader, MAX_FRAME_BYTES};
 use vmplug_common::protocol::{
-    decode_request, DecodedRequest, Envelope, ErrorBody, ErrorCode, Request, Response, PROTOCOL_VERSION,
+    decode_request, DecodedRequest, ErrorBody, ErrorCode, Message, Request, Response, PROTOCOL_VERSION,
 };
 
 use crate::agent::Agent;
 
-fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Envelope<Response> {
-    Envelope::new(id, Response::Error(ErrorBody { code, message: message.into() }))
+fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Message<Response> {
+    Message::new(id, Response::Error(ErrorBody { code, message: message.into() }))
 }
 
 /// A vsock session that has not said hello within this time is closed.
@@ -61,7 +61,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Envelope<Response>>(64);
+    let (tx, mut rx) = mpsc::channel::<Message<Response>>(64);
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             write_frame(&mut wr, &msg).await?;
@@ -111,7 +111,7 @@ where
             Ok(r) => r,
             Err((id, body)) => {
                 tracing::warn!(code = ?body.code, "{}", body.message);
-                let _ = tx.send(Envelope::new(id, Response::Error(body))).await;
+                let _ = tx.send(Message::new(id, Response::Error(body))).await;
                 continue;
             }
         };
@@ -147,7 +147,7 @@ where
                         loop {
                             match sub.recv().await {
                                 Ok(ev) => {
-                                    if tx.send(Envelope::new(None, Response::Event(ev))).await.is_err() {
+                                    if tx.send(Message::new(None, Response::Event(ev))).await.is_err() {
                                         break;
                                     }
                                 }
@@ -234,7 +234,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 fn run_long(
     id: Option<u64>,
     busy: &Arc<AtomicBool>,
-    tx: &mpsc::Sender<Envelope<Response>>,
+    tx: &mpsc::Sender<Message<Response>>,
     op: impl std::future::Future<Output = Result<vmplug_common::protocol::Report, crate::agent::AgentError>>
         + Send
         + 'static,
@@ -248,12 +248,12 @@ fn run_long(
     });
 }
 
-fn respond(id: Option<u64>, res: Result<Response, crate::agent::AgentError>) -> Envelope<Response> {
+fn respond(id: Option<u64>, res: Result<Response, crate::agent::AgentError>) -> Message<Response> {
     match res {
-        Ok(r) => Envelope::new(id, r),
+        Ok(r) => Message::new(id, r),
         Err(e) => {
             tracing::warn!(error = %e, "request failed");
-            Envelope::new(id, Response::Error(e.to_body()))
+            Message::new(id, Response::Error(e.to_body()))
         }
     }
 }

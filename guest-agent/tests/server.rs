@@ -28,19 +28,19 @@ impl Link {
 
     async fn send(&mut self, req: Request) -> u64 {
         self.next_id += 1;
-        write_frame(&mut self.writer, &Envelope::new(Some(self.next_id), req)).await.expect("send");
+        write_frame(&mut self.writer, &Message::new(Some(self.next_id), req)).await.expect("send");
         self.next_id
     }
 
     /// The next response, skipping unsolicited events.
-    async fn recv(&mut self) -> Envelope<Response> {
+    async fn recv(&mut self) -> Message<Response> {
         loop {
             let item = tokio::time::timeout(Duration::from_secs(10), self.reader.next())
                 .await
                 .expect("agent answered within 10 s")
                 .expect("frame");
             let Decoded::Frame(f) = item else { panic!("oversized frame from agent") };
-            let env: Envelope<Response> = serde_json::from_slice(&f).expect("valid response");
+            let env: Message<Response> = serde_json::from_slice(&f).expect("valid response");
             if !matches!(env.body, Response::Event(_)) {
                 return env;
             }
@@ -124,7 +124,7 @@ async fn online_waits_for_devices_that_appear_after_the_request() {
     assert!(r.complete && !r.timed_out, "{r:?}");
     assert_eq!(r.cpus_online.to_string(), "0-2");
     assert_eq!(r.blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![32, 33]);
-    assert!(r.blocks.iter().all(|b| b.outcome == Outcome::Done && b.node == Some(0)));
+    assert!(r.blocks.iter().all(|b| b.outcome == ItemOutcome::Done && b.node == Some(0)));
     assert_eq!(r.memory_online, Bytes(256 * MIB));
 }
 
@@ -143,7 +143,7 @@ async fn online_times_out_with_an_explicit_report() {
         .await;
     let Response::Report(r) = r else { panic!("expected report, got {r:?}") };
     assert!(r.timed_out && !r.complete);
-    assert_eq!(r.cpus.last().map(|c| (c.cpu, c.outcome.clone())), Some((1, Outcome::NotFound)));
+    assert_eq!(r.cpus.last().map(|c| (c.cpu, c.outcome.clone())), Some((1, ItemOutcome::NotFound)));
 }
 
 #[tokio::test(start_paused = true)]
@@ -268,7 +268,7 @@ async fn events_flow_after_hello() {
     agent.emit(Event::CpuAdded { cpu: 1 });
     let item = tokio::time::timeout(Duration::from_secs(5), link.reader.next()).await.expect("event").expect("frame");
     let Decoded::Frame(f) = item else { panic!("oversized") };
-    let env: Envelope<Response> = serde_json::from_slice(&f).expect("json");
+    let env: Message<Response> = serde_json::from_slice(&f).expect("json");
     assert_eq!(env.id, None);
     assert_eq!(env.body, Response::Event(Event::CpuAdded { cpu: 1 }));
 }
@@ -329,7 +329,7 @@ async fn virtio_mem_regions_online_what_is_present_and_remember_the_zone() {
     assert!(started.elapsed() < Duration::from_secs(1), "absent blocks of the region are not waited for");
     assert!(r.complete && !r.timed_out, "{r:?}");
     assert_eq!(r.blocks.iter().map(|b| b.index).collect::<Vec<_>>(), vec![48, 49]);
-    assert!(r.blocks.iter().all(|b| b.outcome == Outcome::Done), "{r:?}");
+    assert!(r.blocks.iter().all(|b| b.outcome == ItemOutcome::Done), "{r:?}");
     assert!(k.writes().iter().all(|(_, v)| v == "online_movable"), "{:?}", k.writes());
     // The device plugs another block: the uevent path uses the host's zone, not
     // the configured `kernel`.
@@ -397,11 +397,11 @@ async fn queues_follow_the_online_cpus() {
             continue;
         }
         assert_eq!(d.combined, Some(4));
-        assert_eq!(d.last, Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }));
+        assert_eq!(d.last, Some(QueueChange { from: 2, to: 4, outcome: ItemOutcome::Done }));
         let off = OfflineRequest { cpus: Some(1), memory: vec![], timeout_ms: 1000 };
         let Response::Report(r) = link.call(Request::Offline(off)).await else { panic!("expected a report") };
         assert!(r.complete, "{r:?}");
-        let change = QueueChange { from: 4, to: 1, outcome: Outcome::Done };
+        let change = QueueChange { from: 4, to: 1, outcome: ItemOutcome::Done };
         assert_eq!(r.queues.len(), 1, "after `queues` the report lists the change: {r:?}");
         assert_eq!(
             (r.queues[0].device.as_str(), r.queues[0].combined, &r.queues[0].last),
@@ -409,7 +409,7 @@ async fn queues_follow_the_online_cpus() {
         );
         let Response::Queues(q) = link.call(Request::Queues).await else { panic!("expected queues") };
         assert_eq!(q.devices[0].combined, Some(1));
-        assert_eq!(q.devices[0].last, Some(QueueChange { from: 4, to: 1, outcome: Outcome::Done }));
+        assert_eq!(q.devices[0].last, Some(QueueChange { from: 4, to: 1, outcome: ItemOutcome::Done }));
         assert_eq!(k.channels().combined("eth0"), 1);
     }
 }

@@ -580,7 +580,7 @@ impl Wire {
         let kind = req.type_name();
         self.next_id += 1;
         let id = self.next_id;
-        write_frame(&mut self.writer, &Envelope::new(Some(id), req)).await?;
+        write_frame(&mut self.writer, &Message::new(Some(id), req)).await?;
         // Reading and decoding both count against the wait.
         let deadline = Instant::now() + wait;
         tokio::time::timeout_at(deadline, self.answer(id, kind)).await.map_err(|_| LinkError::Timeout(kind, wait))?
@@ -599,7 +599,7 @@ impl Wire {
                 }
                 continue;
             };
-            let mut env: Envelope<Response> = match serde_json::from_slice(&frame) {
+            let mut env: Message<Response> = match serde_json::from_slice(&frame) {
                 Ok(e) => e,
                 Err(e) => {
                     if let Admit::Log { suppressed } = self.dropped_log.admit(Instant::now().into_std()) {
@@ -792,7 +792,7 @@ mod tests {
                 let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
                 let id = v["id"].as_u64();
                 let send = |body: Response, id: Option<u64>| {
-                    format!("{}\n", serde_json::to_string(&Envelope::new(id, body)).expect("json"))
+                    format!("{}\n", serde_json::to_string(&Message::new(id, body)).expect("json"))
                 };
                 match v["body"]["type"].as_str() {
                     Some("hello") => {
@@ -869,7 +869,7 @@ mod tests {
         let (host, mut guest) = tokio::io::duplex(64 * 1024);
         let mut wire = Wire::new(Box::new(host));
         tokio::spawn(async move {
-            let answer = Envelope::new(Some(1), Response::Blocks { blocks: vec![] });
+            let answer = Message::new(Some(1), Response::Blocks { blocks: vec![] });
             let answer = format!("{}\n", serde_json::to_string(&answer).expect("json"));
             let _ = guest.write_all(&frames).await;
             let _ = guest.write_all(answer.as_bytes()).await;

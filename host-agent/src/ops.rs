@@ -480,7 +480,7 @@ async fn online_wave<A: GuestAgent>(
     match r {
         Ok((r, _)) if r.complete && !r.timed_out => {
             let inside = |start: u64| wave.iter().any(|rg| start >= rg.start && start < rg.end());
-            let already = vmplug_common::protocol::Outcome::Already;
+            let already = vmplug_common::protocol::ItemOutcome::Already;
             Ok((wave.clone(), r.blocks.iter().filter(|b| inside(b.start) && b.outcome == already).count()))
         }
         Ok((r, _)) => Err(format!(
@@ -617,7 +617,7 @@ fn onlined_by_others(plan: &MemoryPlan, ranges: &[MemRange], r: &vmplug_common::
         .blocks
         .iter()
         .filter(|b| inside(ranges, b.start) && !inside(&plan.settled, b.start))
-        .filter(|b| b.outcome == vmplug_common::protocol::Outcome::Already)
+        .filter(|b| b.outcome == vmplug_common::protocol::ItemOutcome::Already)
         .count()
         + plan.settled_by_others;
     if n == 0 {
@@ -666,7 +666,7 @@ pub fn judge_memory(
         Some(Ok(r)) => r,
     };
     let (confirmed, expected) = confirmed_blocks(ranges, plan.block, r);
-    let missing = r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::Outcome::NotFound).count();
+    let missing = r.blocks.iter().filter(|b| b.outcome == vmplug_common::protocol::ItemOutcome::NotFound).count();
     let wrong_node = wrong_nodes(new, r);
     if r.timed_out {
         let m = format!(
@@ -841,7 +841,7 @@ pub async fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmplug_common::protocol::{BlockResult, Outcome as BlockOutcome, Report};
+    use vmplug_common::protocol::{BlockResult, ItemOutcome as BlockOutcome, Report};
     use vmplug_common::MIB;
 
     fn report(blocks: &[(u64, BlockOutcome)]) -> Report {

@@ -235,7 +235,7 @@ impl OpReport {
             let offline = self.operation == "detach-memory"
                 || g.cpus
                     .iter()
-                    .any(|c| c.outcome == vmplug_common::protocol::Outcome::Done && !g.cpus_online.contains(c.cpu));
+                    .any(|c| c.outcome == vmplug_common::protocol::ItemOutcome::Done && !g.cpus_online.contains(c.cpu));
             let outcome_text = |o| outcome_text(o, offline);
             for c in &g.cpus {
                 s.push_str(&format!("  guest: cpu{} {}\n", c.cpu, outcome_text(&c.outcome)));
@@ -285,7 +285,7 @@ impl OpReport {
 
 /// One network device's queue change as the report shows it.
 pub fn queue_text(q: &vmplug_common::protocol::QueueState) -> String {
-    use vmplug_common::protocol::Outcome::*;
+    use vmplug_common::protocol::ItemOutcome::*;
     match &q.last {
         Some(c) => match &c.outcome {
             Done | Already => {
@@ -309,8 +309,8 @@ pub fn queue_text(q: &vmplug_common::protocol::QueueState) -> String {
     }
 }
 
-pub fn outcome_text(o: &vmplug_common::protocol::Outcome, offline: bool) -> String {
-    use vmplug_common::protocol::Outcome::*;
+pub fn outcome_text(o: &vmplug_common::protocol::ItemOutcome, offline: bool) -> String {
+    use vmplug_common::protocol::ItemOutcome::*;
     match (o, offline) {
         (Done, false) => "onlined".into(),
         (Already, false) => "already online".into(),
@@ -500,7 +500,7 @@ pub(crate) fn not_planned(
 
 #[cfg(test)]
 mod queue_tests {
-    use vmplug_common::protocol::{Outcome, QueueChange, QueueState};
+    use vmplug_common::protocol::{ItemOutcome, QueueChange, QueueState};
 
     use super::queue_text;
 
@@ -510,11 +510,12 @@ mod queue_tests {
             device: "eth0".into(),
             max: 4,
             combined: Some(4),
-            last: Some(QueueChange { from: 2, to: 4, outcome: Outcome::Done }),
+            last: Some(QueueChange { from: 2, to: 4, outcome: ItemOutcome::Done }),
         };
         assert_eq!(queue_text(&q), "eth0: combined channels 2 → 4 (follow the CPUs; max 4)");
         q.combined = Some(2);
-        q.last = Some(QueueChange { from: 2, to: 4, outcome: Outcome::Failed { errno: 16, message: "busy".into() } });
+        q.last =
+            Some(QueueChange { from: 2, to: 4, outcome: ItemOutcome::Failed { errno: 16, message: "busy".into() } });
         assert_eq!(queue_text(&q), "eth0: combined channels stay 2 (max 4), not 4: FAILED (errno 16: busy)");
     }
 }

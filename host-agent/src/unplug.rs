@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmplug_common::protocol::{MemRange, OfflineRequest, OnlineRequest, Outcome as BlockOutcome};
+use vmplug_common::protocol::{ItemOutcome as BlockOutcome, MemRange, OfflineRequest, OnlineRequest};
 
 use crate::domain::{DomainError, XmlView};
 use crate::facts::{blocking, Facts, HotplugOpts};

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use vmplug::autoscale::{run, Host, Policy};
 use vmplug::fake::{FakeConnection, FakeDomain};
-use vmplug_common::protocol::{Envelope, Pressure, Psi, Response};
+use vmplug_common::protocol::{Message, Pressure, Psi, Response};
 use vmplug_common::{Bytes, MIB};
 
 const XML: &str = include_str!("fixtures/x86-ready.xml");
@@ -53,7 +53,7 @@ fn agent(path: std::path::PathBuf, hybrid: bool, log: Arc<Mutex<Vec<String>>>) {
                     log.lock().expect("log").push(ty.clone());
                     let mut answer = match ty.as_str() {
                         "hello" | "info" => serde_json::from_str(GUEST_INFO).expect("golden"),
-                        "pressure" => serde_json::to_value(Envelope::new(None, calm())).expect("json"),
+                        "pressure" => serde_json::to_value(Message::new(None, calm())).expect("json"),
                         _ => continue,
                     };
                     answer["id"] = v["id"].clone();

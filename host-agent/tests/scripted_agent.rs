@@ -11,12 +11,12 @@ use vmplug::plan::{gather, Facts};
 use vmplug::report::Outcome;
 use vmplug::verb::run_on;
 use vmplug_common::protocol::{
-    BlockResult, CpuResult, Envelope, GuestInfo, Outcome as Done, Report, Response, ZonePolicy,
+    BlockResult, CpuResult, GuestInfo, ItemOutcome as Done, Message, Report, Response, ZonePolicy,
 };
 use vmplug_common::{Bytes, GIB, MIB};
 
 fn info() -> GuestInfo {
-    let env: Envelope<Response> =
+    let env: Message<Response> =
         serde_json::from_str(include_str!("../../common/tests/golden/guest_info.json")).expect("golden");
     match env.body {
         Response::GuestInfo(i) => i,

@@ -259,7 +259,8 @@ fn op_evidence(r: &OpReport) -> Vec<String> {
             .filter(|b| {
                 matches!(
                     b.outcome,
-                    vmplug_common::protocol::Outcome::Failed { .. } | vmplug_common::protocol::Outcome::NotFound
+                    vmplug_common::protocol::ItemOutcome::Failed { .. }
+                        | vmplug_common::protocol::ItemOutcome::NotFound
                 )
             })
             .map(|b| format!("memory{} {}", b.index, crate::report::outcome_text(&b.outcome, false)))

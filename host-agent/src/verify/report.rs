@@ -478,7 +478,7 @@ mod tests {
     #[test]
     fn every_writer_stays_valid_for_any_guest_text() {
         let golden = include_str!("../../../common/tests/golden/guest_info.json");
-        let env: vmplug_common::protocol::Envelope<vmplug_common::protocol::Response> =
+        let env: vmplug_common::protocol::Message<vmplug_common::protocol::Response> =
             serde_json::from_str(golden).expect("golden");
         let vmplug_common::protocol::Response::GuestInfo(info) = env.body else { panic!("not guest info") };
         let strings = hostile_strings(6 * 300);

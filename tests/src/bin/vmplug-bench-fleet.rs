@@ -163,7 +163,7 @@ async fn serve_agent(s: tokio::net::UnixStream, info: Arc<serde_json::Value>, hu
                     vmplug_common::frame::encode(&v)
                 }
                 Some("pressure") => {
-                    vmplug_common::frame::encode(&vmplug_common::protocol::Envelope::new(id, calm_pressure()))
+                    vmplug_common::frame::encode(&vmplug_common::protocol::Message::new(id, calm_pressure()))
                 }
                 _ => continue,
             };
