@@ -70,3 +70,57 @@ fn a_cache_owned_by_another_user_is_refused() {
     let (ok, out) = source_lib(&cache);
     assert!(!ok && out.contains("owned by uid 65534"), "{out}");
 }
+
+/// `artefact` (scripts/lib.sh) SIGKILLed while its builder runs: the cache
+/// holds no finished-looking artefact, only the builder's temporary path, and
+/// the next run removes that and builds the artefact whole.
+#[test]
+fn a_killed_artefact_build_leaves_nothing_that_looks_finished() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let cache = t.path().join("cache");
+    let started = t.path().join("started");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root");
+    let run = |builder: &str| {
+        use std::os::unix::process::CommandExt;
+        Command::new("bash")
+            .process_group(0)
+            .args(["-c", &format!(". scripts/lib.sh && {builder} && artefact \"$VMPLUG_CACHE/thing\" build")])
+            .env("VMPLUG_CACHE", &cache)
+            .env("STARTED", &started)
+            .current_dir(repo)
+            .spawn()
+            .expect("bash")
+    };
+    // Half the artefact written, then the builder waits to be killed.
+    let mut slow = run("build() { mkdir \"$1\"; echo half > \"$1/part1\"; touch \"$STARTED\"; exec sleep 600; }");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !started.exists() {
+        assert!(slow.try_wait().expect("wait").is_none(), "the builder ended before it was killed");
+        assert!(std::time::Instant::now() < deadline, "the builder never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The whole group (its own): bash, the builder's subshell and its sleep.
+    // SAFETY: kill has no memory preconditions; the group is our child's.
+    unsafe { libc::kill(-(slow.id() as i32), libc::SIGKILL) };
+    let _ = slow.wait();
+    assert!(!cache.join("thing").exists(), "a killed build left something that looks finished");
+    let left: Vec<String> = std::fs::read_dir(&cache)
+        .expect("cache")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".thing.tmp."))
+        .collect();
+    assert_eq!(left.len(), 1, "the killed builder's temporary path stays, and only that: {left:?}");
+
+    let status = run("build() { mkdir \"$1\"; echo whole > \"$1/part1\"; echo whole > \"$1/part2\"; }")
+        .wait()
+        .expect("second run");
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(cache.join("thing/part1")).expect("part1"), "whole\n");
+    assert!(cache.join("thing/part2").exists(), "built whole, not on top of the half");
+    let still = std::fs::read_dir(&cache)
+        .expect("cache")
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(".thing.tmp."));
+    assert!(!still, "the dead run's temporary path is removed");
+}
