@@ -310,6 +310,9 @@ pub struct Facts {
     pub agent_trouble: Option<AgentTrouble>,
     /// The persistent definition, when a running domain's change also goes there.
     pub persistent: Option<DomainFacts>,
+    /// What the guest could release now, per node and per DIMM and virtio-mem
+    /// device (agents with the `forecast` capability).
+    pub forecast: Option<vmplug_common::protocol::Forecast>,
 }
 
 impl Facts {
@@ -358,7 +361,11 @@ async fn gather_phases(
         };
         (s, ms(t))
     };
-    let ((host, facts_ms), ((link, err), handshake_ms)) = tokio::join!(host, agent);
+    let ((host, facts_ms), ((mut link, err), handshake_ms)) = tokio::join!(host, agent);
+    let forecast = match link.as_mut() {
+        Some(l) => shrink_forecast(l, &d.facts).await,
+        None => None,
+    };
     let loaded = d.with_host(host?);
     let persistent = if affect.config() && loaded.running {
         let dom = loaded.dom.clone();
@@ -374,8 +381,27 @@ async fn gather_phases(
         loaded,
         affect,
         persistent,
+        forecast,
     };
     Ok((facts, link, (facts_ms, handshake_ms)))
+}
+
+/// The guest's forecast over every DIMM and virtio-mem region the live XML places.
+async fn shrink_forecast(link: &mut GuestLink, dom: &DomainFacts) -> Option<vmplug_common::protocol::Forecast> {
+    use vmplug_common::protocol::{ForecastRequest, MemRange};
+    let dimms: Vec<MemRange> =
+        dom.dimms.iter().filter_map(|d| Some(MemRange { start: d.base?, size: d.size })).collect();
+    let virtio_mem: Vec<MemRange> = dom.virtio_mems.iter().filter_map(|d| d.range()).collect();
+    if dimms.is_empty() && virtio_mem.is_empty() {
+        return None;
+    }
+    match link.forecast(ForecastRequest { dimms, virtio_mem, release: None }).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "no shrink forecast from the guest");
+            None
+        }
+    }
 }
 
 /// [`gather`], timed: the facts, the agent session, and the run whose

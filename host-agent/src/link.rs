@@ -182,6 +182,15 @@ pub trait GuestAgent: Send {
         memory: Vec<MemRange>,
     ) -> impl std::future::Future<Output = Result<Vec<BlockState>, LinkError>> + Send;
     fn pressure(&mut self) -> impl std::future::Future<Output = Result<Pressure, LinkError>> + Send;
+    /// The guest's shrink forecast and its veto on `req.release`; `None` from an
+    /// agent without the `forecast` capability.
+    fn forecast(
+        &mut self,
+        req: ForecastRequest,
+    ) -> impl std::future::Future<Output = Result<Option<Forecast>, LinkError>> + Send {
+        let _ = req;
+        async { Ok(None) }
+    }
     /// When, during the last `online`, the guest's last add and online events
     /// reached the host (none from an agent that sends no events).
     fn milestones(&self) -> Milestones {
@@ -221,6 +230,12 @@ impl GuestAgent for GuestLink {
     }
     fn pressure(&mut self) -> impl std::future::Future<Output = Result<Pressure, LinkError>> + Send {
         GuestLink::pressure(self)
+    }
+    fn forecast(
+        &mut self,
+        req: ForecastRequest,
+    ) -> impl std::future::Future<Output = Result<Option<Forecast>, LinkError>> + Send {
+        GuestLink::forecast(self, req)
     }
     fn milestones(&self) -> Milestones {
         let log = &self.wire.events;
@@ -529,6 +544,18 @@ impl GuestLink {
         match self.call(Request::Blocks { memory }, HELLO_TIMEOUT).await? {
             Response::Blocks { blocks } => Ok(blocks),
             _ => Err(LinkError::Unexpected("blocks")),
+        }
+    }
+
+    /// The guest's shrink forecast (and veto on `req.release`); `None` when the
+    /// agent predates the `forecast` capability (it is not asked).
+    pub async fn forecast(&mut self, req: ForecastRequest) -> Result<Option<Forecast>, LinkError> {
+        if !self.info.capabilities.iter().any(|c| c == "forecast") {
+            return Ok(None);
+        }
+        match self.call(Request::Forecast(req), HELLO_TIMEOUT).await? {
+            Response::Forecast(f) => Ok(Some(f)),
+            _ => Err(LinkError::Unexpected("forecast")),
         }
     }
 

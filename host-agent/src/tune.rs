@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use vmplug_common::protocol::{BlockState, GuestInfo, MemRange};
+use vmplug_common::protocol::{BlockState, DeviceKind, Forecast, ForecastRequest, GuestInfo, MemRange};
 use vmplug_common::{Bytes, CpuSet};
 
 use crate::domain::{Affect, Connection, DomainError, NumaMode, NumaParams, SchedParams};
@@ -354,6 +354,9 @@ pub struct CheckResult {
     pub findings: Vec<Finding>,
     /// What the verbs would do, step by step, when ready.
     pub plan: Vec<String>,
+    /// What the guest could release now (agents with the `forecast` capability).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
 }
 
 /// What `check` is asked: the same requests and options the verbs take.
@@ -427,7 +430,38 @@ pub async fn check_verbs(
     if !ready {
         plan.clear();
     }
-    Ok(CheckResult { domain: name.into(), ready, guest: facts.guest, agent_error: facts.agent_error, findings, plan })
+    Ok(CheckResult {
+        domain: name.into(),
+        ready,
+        guest: facts.guest,
+        agent_error: facts.agent_error,
+        findings,
+        plan,
+        forecast: facts.forecast,
+    })
+}
+
+/// The guest's shrink forecast as text lines: per node, then per device.
+pub fn forecast_lines(f: &Forecast) -> Vec<String> {
+    let mut out: Vec<String> = f
+        .nodes
+        .iter()
+        .map(|n| format!("node {}: {} of {} online could be released now", n.node, n.releasable, n.online))
+        .collect();
+    for d in &f.devices {
+        let kind = match d.kind {
+            DeviceKind::Dimm => "DIMM",
+            DeviceKind::VirtioMem => "virtio-mem",
+        };
+        out.push(format!(
+            "{kind} @{:#x} ({}): {} could be released now{}",
+            d.start,
+            d.size,
+            d.releasable,
+            d.held.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+        ));
+    }
+    out
 }
 
 pub fn render_check(c: &CheckResult) -> String {
@@ -437,6 +471,9 @@ pub fn render_check(c: &CheckResult) -> String {
     }
     if let Some(e) = &c.agent_error {
         let _ = writeln!(s, "  agent: {e}");
+    }
+    for line in c.forecast.iter().flat_map(forecast_lines) {
+        let _ = writeln!(s, "  forecast: {line}");
     }
     for f in &c.findings {
         let _ = writeln!(
@@ -472,6 +509,9 @@ pub struct Status {
     pub virtio_mem: Vec<VirtioMemStatus>,
     pub guest: Option<GuestInfo>,
     pub agent_error: Option<String>,
+    /// What the guest could release now (agents with the `forecast` capability).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -510,6 +550,7 @@ pub async fn status(
     let (link, err) = agent_if_running(&l, agent, agent_wait).await;
     let mut agent_error = err.map(|e| e.to_string());
     let mut guest = None;
+    let mut forecast = None;
     if let Some(mut link) = link {
         for v in virtio_mem.iter_mut() {
             if let Some(range) = v.device.range() {
@@ -525,6 +566,17 @@ pub async fn status(
                     Ok(b) => d.blocks = b,
                     Err(e) => agent_error = Some(e.to_string()),
                 }
+            }
+        }
+        let req = ForecastRequest {
+            dimms: dimms.iter().filter_map(|d| Some(MemRange { start: d.base?, size: d.size })).collect(),
+            virtio_mem: virtio_mem.iter().filter_map(|v| v.device.range()).collect(),
+            release: None,
+        };
+        if !req.dimms.is_empty() || !req.virtio_mem.is_empty() {
+            match link.forecast(req).await {
+                Ok(f) => forecast = f,
+                Err(e) => agent_error = Some(e.to_string()),
             }
         }
         guest = Some(link.info);
@@ -545,6 +597,7 @@ pub async fn status(
         virtio_mem,
         guest,
         agent_error,
+        forecast,
     })
 }
 
@@ -648,6 +701,9 @@ pub fn render_status(st: &Status) -> String {
                 )
             }
         );
+    }
+    for line in st.forecast.iter().flat_map(forecast_lines) {
+        let _ = writeln!(s, "{:<14} {line}", "forecast");
     }
     if let Some(e) = &st.agent_error {
         let _ = writeln!(s, "agent: {e}");

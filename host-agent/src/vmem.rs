@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmplug_common::protocol::{BlockState, MemRange, OnlineRequest, ZonePolicy};
+use vmplug_common::protocol::{BlockState, DeviceKind, ForecastRequest, MemRange, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
 use crate::domain::{Affect, Connection, DomainError, XmlView};
@@ -26,7 +26,7 @@ use crate::facts::{blocking, HotplugOpts};
 use crate::link::GuestAgent;
 use crate::preflight::{self, Finding, Operation, RuleId};
 use crate::preflight::{NotPlanned, Refusal};
-use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, Run};
+use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostOnly, Run};
 use crate::report::{HostSide, OpReport, Outcome};
 use crate::verb::Verb;
 use crate::wait::Wait;
@@ -272,6 +272,9 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let grow = Bytes(target.get().saturating_sub(plugged.get()));
     let confirm = f.affect.live() && f.guest.is_some() && !opts.no_wait;
     let mut findings = generic(grow);
+    if f.affect.live() && target < plugged {
+        findings.extend(forecast_finding(f, &scope, Bytes(plugged.get() - target.get()), &what));
+    }
     findings.extend(device_findings(f, &scope, confirm));
     if target == plugged && hard.is_empty() {
         hard.push(Finding::error(RuleId::VmemPlan, format!("{what} already has {before}: nothing to change")));
@@ -293,6 +296,52 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
         zone: opts.zone,
         scope: what,
     })
+}
+
+/// What the guest's forecast says `scope`'s devices could release now (each
+/// bounded by what it holds); `None` without a forecast covering all of them.
+pub fn releasable(f: &Facts, scope: &[VirtioMem]) -> Option<Bytes> {
+    let fc = f.forecast.as_ref()?;
+    let mut total = 0u64;
+    for d in scope {
+        let range = d.range()?;
+        let dev = fc.devices.iter().find(|x| x.kind == DeviceKind::VirtioMem && x.start == range.start)?;
+        total += dev.releasable.get().min(d.plugged().get());
+    }
+    Some(Bytes(total))
+}
+
+/// A shrink larger than the guest's forecast: refused (`--force` tries anyway).
+fn forecast_finding(f: &Facts, scope: &[VirtioMem], shrink: Bytes, what: &str) -> Option<Finding> {
+    let can = releasable(f, scope)?;
+    (shrink > can).then(|| {
+        let held: Vec<String> = f
+            .forecast
+            .iter()
+            .flat_map(|fc| fc.devices.iter())
+            .filter(|d| d.kind == DeviceKind::VirtioMem)
+            .filter_map(|d| d.held.clone())
+            .collect();
+        let why = if held.is_empty() { String::new() } else { format!(" ({})", held.join("; ")) };
+        Finding::error(
+            RuleId::MemForecast,
+            format!("{what} can release {can} now by the guest's forecast{why}: a shrink of {shrink} would stall; --force to try anyway"),
+        )
+    })
+}
+
+/// The guest's veto on releasing `release` from `ranges`, asked just before a
+/// shrink; `None` when it agrees, cannot say, or was not asked.
+async fn guest_veto<A: GuestAgent>(agent: &mut A, ranges: Vec<MemRange>, release: Bytes) -> Option<String> {
+    let req = ForecastRequest { dimms: vec![], virtio_mem: ranges, release: Some(release) };
+    match agent.forecast(req).await {
+        Ok(Some(f)) => f.veto.map(|v| v.reason),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "the guest's veto is unknown");
+            None
+        }
+    }
 }
 
 fn refusal(findings: Vec<Finding>, hard: Vec<Finding>) -> Refusal {
@@ -551,6 +600,18 @@ async fn execute_resize<A: GuestAgent>(
         if let Ok(before) = agent.blocks(ranges.clone()).await {
             proof = bs.filter(|_| guest_proves_growth(&plan, bs, &before));
             earlier = before.iter().filter(|b| b.present).map(|b| b.index).collect();
+        }
+    }
+    if let (true, Some(agent)) = (affect.live() && plan.after < plan.before, link.as_deref_mut()) {
+        if let Some(reason) = guest_veto(agent, ranges.clone(), Bytes(plan.before.get() - plan.after.get())).await {
+            let mut findings = plan.findings;
+            findings.insert(0, Finding::error(RuleId::GuestVeto, reason.clone()));
+            let host = HostOnly { op: ResizeMemory::NAME, name, affect, findings, applied: vec![], persistent: false };
+            return Ok(host.report(
+                Outcome::Refused,
+                format!("the guest vetoes the shrink: {reason}; nothing was changed"),
+                &run,
+            ));
         }
     }
     let mut applied = Vec::new();
@@ -852,8 +913,15 @@ pub async fn add_virtio_mem(
             format!("virtio-mem device of {} added to the persistent definition (present at the next start)", a.size);
         return Ok(persistent_only("add-virtio-mem", name, affect, message, findings, applied, &run));
     }
-    let f =
-        crate::facts::Facts { loaded, affect, guest: None, agent_error: None, agent_trouble: None, persistent: None };
+    let f = crate::facts::Facts {
+        loaded,
+        affect,
+        guest: None,
+        agent_error: None,
+        agent_trouble: None,
+        persistent: None,
+        forecast: None,
+    };
     let devices = live_devices(&f).await?;
     let (outcome, message, verified) = match devices.get(before) {
         Some(d) if devices.len() > before => (

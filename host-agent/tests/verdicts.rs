@@ -560,6 +560,11 @@ const POLICY: &[(&str, &str)] = &[
     ),
     ("mem.plan", "forced, a size that no DIMM can hold whole (the same floor) still cannot be planned"),
     (
+        "mem.forecast",
+        "the guest's own forecast (the real agent on the fake kernel) says it cannot release that much now: libvirt \
+         would lower the requested size, and the shrink would stall",
+    ),
+    (
         "agent.ready",
         "a live change waits for the guest agent's confirmation; without an agent vmplug refuses unless \
          --no-wait or --force, though libvirt would act",
