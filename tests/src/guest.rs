@@ -308,7 +308,55 @@ fn take_slot() {
 
 fn give_slot() {
     *SLOTS.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-    SLOTS.freed.notify_one();
+    // Every waiter: one waiting for several slots may not be the one that can go.
+    SLOTS.freed.notify_all();
+}
+
+thread_local! {
+    /// Slots this test thread holds through [`reserve_guests`], not yet booted.
+    static RESERVED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Slots for a test that runs `n` guests at once, taken together: two such
+/// tests each holding one slot and waiting for a second would wait forever.
+/// The next `n` guests this thread defines use them; dropping the guard gives
+/// back those not used.
+#[must_use = "the slots are held while the guard lives"]
+pub fn reserve_guests(n: usize) -> GuestSlots {
+    let mut used = SLOTS.used.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(n <= GUEST_LIMIT.load(Ordering::SeqCst), "{n} guests at once is more than this process may run");
+    while *used + n > GUEST_LIMIT.load(Ordering::SeqCst) {
+        used = SLOTS.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+    }
+    *used += n;
+    RESERVED.with(|r| r.set(r.get() + n));
+    GuestSlots
+}
+
+/// The guard of [`reserve_guests`].
+#[derive(Debug)]
+pub struct GuestSlots;
+
+impl Drop for GuestSlots {
+    fn drop(&mut self) {
+        let unused = RESERVED.with(|r| r.replace(0));
+        if unused > 0 {
+            *SLOTS.used.lock().unwrap_or_else(|e| e.into_inner()) -= unused;
+            SLOTS.freed.notify_all();
+        }
+    }
+}
+
+/// A slot for one guest: one reserved by this thread, else a free one.
+fn slot_for_guest() {
+    let reserved = RESERVED.with(|r| {
+        let n = r.get();
+        r.set(n.saturating_sub(1));
+        n > 0
+    });
+    if !reserved {
+        take_slot();
+    }
 }
 
 #[derive(Debug)]
@@ -365,7 +413,7 @@ impl Guest {
     pub fn define(test: &str, spec: GuestSpec) -> Guest {
         let env = Env::get();
         reap_stale(env);
-        take_slot();
+        slot_for_guest();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("vmplug-{test}-{}-{n}", std::process::id());
         let dir = vmplug::harness::workdir::fresh_dir(&env.work, &format!("{}-{n}", std::process::id()))

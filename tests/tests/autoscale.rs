@@ -95,6 +95,7 @@ fn a_silent_agent_is_left_alone_and_metrics_are_served() {
 #[test]
 fn two_hosts_by_uri_at_once() {
     // Two private libvirtd instances stand in for two hosts.
+    let _slots = vmplug_e2e::guest::reserve_guests(2);
     let a = Guest::boot("as-host-a", GuestSpec::default());
     let b = Guest::boot("as-host-b", GuestSpec::default());
     let policy = format!(
@@ -134,6 +135,7 @@ fn sessions_of(metrics: &str, domain: &str) -> Option<u64> {
 fn an_operator_and_a_running_autoscale_share_each_guest() {
     use vmplug_e2e::procs::{free_port, http, start, wait_for, Procs};
     use vmplug_e2e::Transport;
+    let _slots = vmplug_e2e::guest::reserve_guests(2);
     let mut serial = Guest::boot("as-share-serial", GuestSpec::default());
     let mut vsock = Guest::boot("as-share-vsock", GuestSpec { transport: Transport::Vsock, ..GuestSpec::default() });
     let port = free_port();
