@@ -291,6 +291,21 @@ fn shrink_virtio_mem(l: &Limits, cap: &Capacity, recent: &[&Sample]) -> Decision
     }
 }
 
+/// A shrink asks for no more than the guest forecasts it can give back now:
+/// its virtio-mem regions' releasable bytes, in whole blocks. Without a
+/// forecast (an agent older than the `forecast` capability) the size stays
+/// as decided, and the resize's own rules and the guest judge it.
+pub fn shrink_within_forecast(size: Bytes, forecast: Option<&vmplug_common::protocol::Forecast>) -> Bytes {
+    let Some(f) = forecast else { return size };
+    let releasable: u64 = f
+        .devices
+        .iter()
+        .filter(|d| d.kind == vmplug_common::protocol::DeviceKind::VirtioMem)
+        .map(|d| d.releasable.get())
+        .sum();
+    whole_blocks(size.get().min(releasable))
+}
+
 /// One recorded decision (a JSON line).
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionEvent {
@@ -334,6 +349,37 @@ impl DecisionEvent {
 pub(crate) mod tests {
     use super::*;
     use crate::autoscale::policy::Policy;
+
+    #[test]
+    fn a_shrink_never_asks_for_more_than_the_forecast() {
+        use vmplug_common::protocol::{DeviceForecast, DeviceKind, Forecast};
+        use vmplug_common::BlockSize;
+        let dev = |kind, releasable: u64| DeviceForecast {
+            kind,
+            start: 0,
+            size: Bytes(GIB),
+            present: Bytes(GIB),
+            releasable: Bytes(releasable),
+            held: None,
+        };
+        let f = Forecast {
+            block_size: BlockSize::new(128 * MIB).expect("block size"),
+            mem_available: Bytes(GIB),
+            nodes: vec![],
+            devices: vec![
+                dev(DeviceKind::VirtioMem, 200 * MIB),
+                dev(DeviceKind::Dimm, GIB),
+                dev(DeviceKind::VirtioMem, 128 * MIB),
+            ],
+            veto: None,
+        };
+        // 328 MiB releasable in virtio-mem (the DIMM's gigabyte is not this action's): 256 in whole blocks.
+        assert_eq!(shrink_within_forecast(Bytes(512 * MIB), Some(&f)), Bytes(256 * MIB));
+        assert_eq!(shrink_within_forecast(Bytes(128 * MIB), Some(&f)), Bytes(128 * MIB));
+        let none = Forecast { devices: vec![dev(DeviceKind::VirtioMem, 64 * MIB)], ..f };
+        assert_eq!(shrink_within_forecast(Bytes(512 * MIB), Some(&none)), Bytes(0), "less than a block: nothing");
+        assert_eq!(shrink_within_forecast(Bytes(512 * MIB), None), Bytes(512 * MIB), "no forecast: as decided");
+    }
     use vmplug_common::GIB;
     use vmplug_common::MIB;
 

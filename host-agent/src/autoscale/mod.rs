@@ -347,7 +347,16 @@ async fn act(
         Action::GrowVirtioMem { size } | Action::ShrinkVirtioMem { size } => {
             let change = match *action {
                 Action::GrowVirtioMem { .. } => SizeChange::Grow(size),
-                _ => SizeChange::Shrink(size),
+                _ => match decision::shrink_within_forecast(size, facts.forecast.as_ref()) {
+                    s if s.get() == 0 => {
+                        *link = held;
+                        return (
+                            Outcome::Refused,
+                            format!("the guest forecasts less than a block of its virtio-mem it can give back now (asked {size})"),
+                        );
+                    }
+                    s => SizeChange::Shrink(s),
+                },
             };
             let r = ResizeOpts { change, node: None, settle: Duration::from_secs(10) };
             verb::run_on(&crate::vmem::ResizeMemory { r }, &facts, held.as_mut(), &opts, run).await
