@@ -12,7 +12,7 @@
 //! fixture and a table of requests). Guest facts can narrow a plan (refuse,
 //! round within a ceiling) but never widen it past the request.
 
-use vmplug_common::protocol::MemRange;
+use vmplug_common::protocol::{DeviceKind, MemRange};
 use vmplug_common::Bytes;
 
 use crate::domain::Affect;
@@ -302,6 +302,27 @@ pub struct DetachPlan {
     pub offline_first: bool,
 }
 
+/// DIMMs the guest's forecast says it cannot release now: a DIMM goes whole
+/// or not at all, so each chosen one must be releasable in full. `None`
+/// without a forecast covering every chosen DIMM (an older agent).
+fn dimm_forecast(f: &Facts, chosen: &[Dimm]) -> Option<Finding> {
+    let fc = f.forecast.as_ref()?;
+    let mut can = 0u64;
+    let mut held = Vec::new();
+    for d in chosen {
+        let start = d.range()?.start;
+        let dev = fc.devices.iter().find(|x| x.kind == DeviceKind::Dimm && x.start == start)?;
+        if dev.releasable >= d.size {
+            can += d.size.get();
+        } else {
+            let alias = d.alias.as_deref().unwrap_or("?");
+            held.push(dev.held.as_ref().map_or_else(|| format!("{alias}: not all of it"), |h| format!("{alias}: {h}")));
+        }
+    }
+    let size = Bytes(chosen.iter().map(|d| d.size.get()).sum());
+    (can < size.get()).then(|| preflight::forecast_refusal("the DIMMs", Bytes(can), size, &held))
+}
+
 pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> Result<DetachPlan, NotPlanned> {
     let dom = &f.loaded.facts;
     let chosen: Vec<Dimm> = dom.dimms.iter().filter(|d| sel.matches(d)).cloned().collect();
@@ -329,7 +350,11 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
     let op = Operation::Unplug { live_only, without_address };
     // The guest must release the memory: with no agent even --no-wait refuses
     // (only --force leaves it to the guest's ACPI handler).
-    let findings = gate(preflight::check(&f.ctx_for(false), &op), opts.force, vec![])?;
+    let mut findings = preflight::check(&f.ctx_for(false), &op);
+    if f.affect.live() {
+        findings.extend(dimm_forecast(f, &chosen));
+    }
+    let findings = gate(findings, opts.force, vec![])?;
     Ok(DetachPlan {
         findings,
         ranges: chosen.iter().filter_map(Dimm::range).collect(),

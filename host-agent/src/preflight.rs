@@ -1044,6 +1044,23 @@ impl NotPlanned {
 
 /// Errors refuse, unless forced — except `hard` findings, which no `--force`
 /// overrides (there would be nothing to do, or it would widen the request).
+/// A shrink or unplug of `shrink` when the guest's forecast says `what` can
+/// release only `can` now (`held`: the guest's reasons): refused, since the
+/// guest would stall on it; `--force` tries anyway. The one emitter of
+/// `mem.forecast`, for virtio-mem shrinks and DIMM unplugs alike.
+pub fn forecast_refusal(
+    what: &str,
+    can: vmplug_common::Bytes,
+    shrink: vmplug_common::Bytes,
+    held: &[String],
+) -> Finding {
+    let why = if held.is_empty() { String::new() } else { format!(" ({})", held.join("; ")) };
+    Finding::error(
+        RuleId::MemForecast,
+        format!("{what} can release {can} now by the guest's forecast{why}: a shrink of {shrink} would stall; --force to try anyway"),
+    )
+}
+
 pub fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
     if hard.is_empty() && (force || !has_errors(&findings)) {
         let mut findings = findings;

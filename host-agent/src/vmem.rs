@@ -322,11 +322,7 @@ fn forecast_finding(f: &Facts, scope: &[VirtioMem], shrink: Bytes, what: &str) -
             .filter(|d| d.kind == DeviceKind::VirtioMem)
             .filter_map(|d| d.held.clone())
             .collect();
-        let why = if held.is_empty() { String::new() } else { format!(" ({})", held.join("; ")) };
-        Finding::error(
-            RuleId::MemForecast,
-            format!("{what} can release {can} now by the guest's forecast{why}: a shrink of {shrink} would stall; --force to try anyway"),
-        )
+        preflight::forecast_refusal(what, can, shrink, &held)
     })
 }
 

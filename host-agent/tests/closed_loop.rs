@@ -227,6 +227,31 @@ async fn detach_memory_offlines_first_then_detaches_and_the_guest_confirms() {
     assert_eq!(offline_writes, 4);
 }
 
+/// A DIMM onlined in the kernel's zone: the guest's forecast says it cannot
+/// release it now (a DIMM goes whole or not at all), so the detach is refused
+/// by `mem.forecast` before anything changes; `--force` tries anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dimm_the_guest_forecasts_it_cannot_release_is_refused_before_acting() {
+    let w = world(true).await;
+    let mem = mem_opts(256 * MIB, 0, 256 * MIB, "u5");
+    let kernel_zone = HotplugOpts { zone: ZonePolicy::Kernel, ..opts(&w, Duration::from_secs(10)) };
+    let r = verb::run(&AttachMemory { mem }, w.conn.clone(), "web1", &kernel_zone).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    let sel = DimmSelector::Request("u5".into());
+    let r = verb::run(&DetachMemory { sel: sel.clone() }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    assert!(r.findings.iter().any(|f| f.id == "mem.forecast"), "{}", r.render_text());
+    assert!(!w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was never asked");
+    let first = 64 * GIB / (128 * MIB);
+    assert_eq!(state(&w, first).as_deref(), Some("online"), "nothing offlined");
+    let forced = HotplugOpts { force: true, ..opts(&w, Duration::from_secs(5)) };
+    let r = verb::run(&DetachMemory { sel }, w.conn.clone(), "web1", &forced).await.expect("runs");
+    assert_ne!(r.outcome, Outcome::Refused, "--force tries anyway: {}", r.render_text());
+    assert!(w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was asked");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_the_guest_cannot_offline_means_nothing_is_detached() {
     let w = world(true).await;
