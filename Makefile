@@ -60,13 +60,16 @@ e2e: setup build
 
 # Guest .deb/.rpm (static agent, unit, config, rules, man pages) and host
 # .deb/.rpm; each with the licences and notices of every crate it links,
-# written from Cargo.lock by cargo-about (offline: what cargo fetched).
+# written from Cargo.lock by cargo-about (offline: what cargo fetched). cargo-about
+# reads every platform's dependencies, so the fetch covers them all: a build
+# fetches only this host's (anstyle-wincon is Windows-only).
 package: setup guest-agent
 	$(CARGO) build --release --locked -p vmplug
 	rm -rf target/assets && SOURCE_DATE_EPOCH=$(SOURCE_DATE) $(TARGET_DIR)/release/vmplug-assets target/assets
 	cp guest-agent/man/vmplug-guest.8 guest-agent/man/guest.toml.5 target/assets/man/
 	gzip -9n target/assets/man/*
 	mkdir -p target/assets/notices
+	$(CARGO) fetch --locked
 	$(TOOLS)/cargo-about generate --frozen -c about.toml -m host-agent/Cargo.toml -o target/assets/notices/vmplug about.hbs
 	$(TOOLS)/cargo-about generate --frozen -c about.toml -m guest-agent/Cargo.toml -o target/assets/notices/vmplug-guest about.hbs
 	rm -rf $(PKG_DIR) && mkdir -p $(PKG_DIR)
