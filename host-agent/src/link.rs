@@ -209,6 +209,20 @@ pub struct Milestones {
     pub onlined_ms: Option<u64>,
 }
 
+/// The guest's veto on releasing `req.release` from the ranges in `req`,
+/// asked just before a shrink or an unplug changes anything; `None` when it
+/// agrees, cannot say (an older agent, an error), or was not asked.
+pub async fn guest_veto<A: GuestAgent>(agent: &mut A, req: ForecastRequest) -> Option<String> {
+    match agent.forecast(req).await {
+        Ok(Some(f)) => f.veto.map(|v| v.reason),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "the guest's veto is unknown");
+            None
+        }
+    }
+}
+
 impl GuestAgent for GuestLink {
     fn facts(&self) -> &GuestInfo {
         &self.info

@@ -1042,8 +1042,6 @@ impl NotPlanned {
     }
 }
 
-/// Errors refuse, unless forced — except `hard` findings, which no `--force`
-/// overrides (there would be nothing to do, or it would widen the request).
 /// A shrink or unplug of `shrink` when the guest's forecast says `what` can
 /// release only `can` now (`held`: the guest's reasons): refused, since the
 /// guest would stall on it; `--force` tries anyway. The one emitter of
@@ -1061,6 +1059,15 @@ pub fn forecast_refusal(
     )
 }
 
+/// The guest refused to give back memory below a floor of its own
+/// (`guest.toml`), with its reason: a refusal no `--force` overrides. The one
+/// emitter of `guest.veto`, for virtio-mem shrinks and DIMM unplugs alike.
+pub fn guest_veto(reason: &str) -> Finding {
+    Finding::error(RuleId::GuestVeto, reason.to_string())
+}
+
+/// Errors refuse, unless forced — except `hard` findings, which no `--force`
+/// overrides (there would be nothing to do, or it would widen the request).
 pub fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
     if hard.is_empty() && (force || !has_errors(&findings)) {
         let mut findings = findings;

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmplug_common::protocol::{ItemOutcome as BlockOutcome, MemRange, OfflineRequest, OnlineRequest};
+use vmplug_common::protocol::{ForecastRequest, ItemOutcome as BlockOutcome, MemRange, OfflineRequest, OnlineRequest};
 
 use crate::domain::{DomainError, XmlView};
 use crate::facts::{blocking, Facts, HotplugOpts};
@@ -104,6 +104,11 @@ async fn execute<A: GuestAgent>(
     let name = facts.loaded.facts.name.as_str();
     let mut d = Detach { facts, plan, opts, run, applied: vec![], guest: None };
     if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
+        // The guest's own floors first (guest.toml): an unplug is a shrink too.
+        let ask = ForecastRequest { dimms: plan.ranges.clone(), virtio_mem: vec![], release: Some(plan.size) };
+        if let Some(reason) = crate::link::guest_veto(link, ask).await {
+            return Ok(d.vetoed(&reason));
+        }
         if let Err(report) = d.offline(link).await {
             return Ok(*report);
         }
@@ -153,6 +158,14 @@ impl Detach<'_> {
             virtio_mem: vec![],
             timings: self.run.timings(),
         }
+    }
+
+    /// The guest refused to give the memory up: a refusal, nothing changed.
+    fn vetoed(&self, reason: &str) -> OpReport {
+        let message = format!("the guest vetoes the detach: {reason}; nothing was changed");
+        let mut r = self.report(Outcome::Refused, message, None);
+        r.findings.insert(0, crate::preflight::guest_veto(reason));
+        r
     }
 
     /// Step 1: the guest lets go of the blocks, or nothing is detached.

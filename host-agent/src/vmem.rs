@@ -326,20 +326,6 @@ fn forecast_finding(f: &Facts, scope: &[VirtioMem], shrink: Bytes, what: &str) -
     })
 }
 
-/// The guest's veto on releasing `release` from `ranges`, asked just before a
-/// shrink; `None` when it agrees, cannot say, or was not asked.
-async fn guest_veto<A: GuestAgent>(agent: &mut A, ranges: Vec<MemRange>, release: Bytes) -> Option<String> {
-    let req = ForecastRequest { dimms: vec![], virtio_mem: ranges, release: Some(release) };
-    match agent.forecast(req).await {
-        Ok(Some(f)) => f.veto.map(|v| v.reason),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "the guest's veto is unknown");
-            None
-        }
-    }
-}
-
 fn refusal(findings: Vec<Finding>, hard: Vec<Finding>) -> Refusal {
     match crate::preflight::gate(findings, false, hard) {
         Err(NotPlanned::Refused(r)) => r,
@@ -599,9 +585,11 @@ async fn execute_resize<A: GuestAgent>(
         }
     }
     if let (true, Some(agent)) = (affect.live() && plan.after < plan.before, link.as_deref_mut()) {
-        if let Some(reason) = guest_veto(agent, ranges.clone(), Bytes(plan.before.get() - plan.after.get())).await {
+        let release = Bytes(plan.before.get() - plan.after.get());
+        let ask = ForecastRequest { dimms: vec![], virtio_mem: ranges.clone(), release: Some(release) };
+        if let Some(reason) = crate::link::guest_veto(agent, ask).await {
             let mut findings = plan.findings;
-            findings.insert(0, Finding::error(RuleId::GuestVeto, reason.clone()));
+            findings.insert(0, preflight::guest_veto(&reason));
             let host = HostOnly { op: ResizeMemory::NAME, name, affect, findings, applied: vec![], persistent: false };
             return Ok(host.report(
                 Outcome::Refused,

@@ -16,6 +16,7 @@ mod common;
 
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, GIB, MIB};
+use vmplug_guest::forecast::Floors;
 use vmplug_guest::testing::FakeKernel;
 
 const XML: &str = include_str!("fixtures/x86-ready.xml");
@@ -27,6 +28,7 @@ struct World {
     dom: Arc<FakeDomain>,
     conn: Arc<FakeConnection>,
     addr: AgentAddr,
+    agent: Arc<vmplug_guest::agent::Agent>,
 }
 
 /// `plays_hypervisor`: whether plugged devices show up in the guest kernel.
@@ -34,10 +36,10 @@ async fn world(plays_hypervisor: bool) -> World {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = common::kernel(dir.path(), 8, 64);
     let (agent, sock) = common::serve_agent(dir.path(), &kernel);
-    let hook: Option<Hook> = plays_hypervisor.then(|| common::plays_hypervisor(&kernel, agent));
+    let hook: Option<Hook> = plays_hypervisor.then(|| common::plays_hypervisor(&kernel, agent.clone()));
     let dom = FakeDomain::new("web1", XML, hook);
     let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
-    World { _dir: dir, kernel, dom, conn, addr: AgentAddr::Serial { path: sock } }
+    World { _dir: dir, kernel, dom, conn, addr: AgentAddr::Serial { path: sock }, agent }
 }
 
 /// `size` on guest node `node`, in DIMMs of at most `max_dimm`, as request `id`.
@@ -249,6 +251,33 @@ async fn a_dimm_the_guest_forecasts_it_cannot_release_is_refused_before_acting()
     let forced = HotplugOpts { force: true, ..opts(&w, Duration::from_secs(5)) };
     let r = verb::run(&DetachMemory { sel }, w.conn.clone(), "web1", &forced).await.expect("runs");
     assert_ne!(r.outcome, Outcome::Refused, "--force tries anyway: {}", r.render_text());
+    assert!(w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was asked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_the_guest_vetoes_is_refused_with_its_reason_and_nothing_changes() {
+    let w = world(true).await;
+    attached(&w, "u6", 256 * MIB).await;
+    // The fake guest has 900,000 kB available: 256 MiB less leaves ~623 MiB,
+    // under a floor of 700 MiB.
+    let floors = Floors { min_available: Bytes(700 * MIB), memory_pressure: 0.0 };
+    let _ = w.agent.clone().with_floors(floors);
+    let sel = DimmSelector::Request("u6".into());
+    let forced = HotplugOpts { force: true, ..opts(&w, Duration::from_secs(5)) };
+    let r = verb::run(&DetachMemory { sel: sel.clone() }, w.conn.clone(), "web1", &forced).await.expect("runs");
+    assert_eq!(r.outcome, Outcome::Refused, "--force does not override the guest: {}", r.render_text());
+    let veto = r.findings.iter().find(|f| f.id == "guest.veto").expect("guest.veto");
+    assert!(veto.message.contains("veto_min_available_mib"), "the guest's reason: {}", veto.message);
+    assert!(r.message.contains("nothing was changed"), "{}", r.message);
+    assert!(!w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was never asked");
+    let first = 64 * GIB / (128 * MIB);
+    assert!((first..first + 2).all(|b| state(&w, b).as_deref() == Some("online")), "nothing offlined");
+    // Under a floor it can keep, the same detach goes through.
+    let _ = w.agent.clone().with_floors(Floors { min_available: Bytes(500 * MIB), memory_pressure: 0.0 });
+    let r = verb::run(&DetachMemory { sel }, w.conn.clone(), "web1", &opts(&w, Duration::from_secs(5)))
+        .await
+        .expect("runs");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert!(w.dom.calls().iter().any(|c| c.starts_with("detach-device")), "libvirt was asked");
 }
 

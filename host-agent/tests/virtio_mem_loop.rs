@@ -15,6 +15,7 @@ use vmplug::vmem::{ResizeMemory, ResizeOpts, SizeChange};
 use vmplug::xml::DomainFacts;
 use vmplug_common::protocol::ZonePolicy;
 use vmplug_common::{Bytes, MIB};
+use vmplug_guest::forecast::Floors;
 
 const XML: &str = include_str!("fixtures/x86-virtio-mem.xml");
 const CAPS: &str = include_str!("fixtures/caps.xml");
@@ -110,4 +111,36 @@ async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
     let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     assert_eq!(live_device(&dom, 0), (Bytes(0), Some(Bytes(0))));
+}
+
+/// A shrink under the guest's own floor (guest.toml) is the guest's refusal:
+/// exit 2 with its reason, `<requested>` untouched, even with `--force`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_the_guest_vetoes_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = common::kernel(dir.path(), 8, 8);
+    let (agent, sock) = common::serve_agent(dir.path(), &kernel);
+    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent.clone())));
+    let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
+    let o = opts(AgentAddr::Serial { path: sock });
+    let grow =
+        ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
+    let r = verb::run(&ResizeMemory { r: grow }, conn.clone(), "mem1", &o).await.expect("report");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+
+    // The fake guest has 900,000 kB available: 256 MiB less is under 700 MiB.
+    let _ = agent.clone().with_floors(Floors { min_available: Bytes(700 * MIB), memory_pressure: 0.0 });
+    let shrink =
+        ResizeOpts { change: SizeChange::Shrink(Bytes(256 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
+    let forced = HotplugOpts { force: true, ..o.clone() };
+    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &forced).await.expect("report");
+    assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
+    let veto = r.findings.iter().find(|f| f.id == "guest.veto").expect("guest.veto");
+    assert!(veto.message.contains("veto_min_available_mib"), "the guest's reason: {}", veto.message);
+    assert_eq!(live_device(&dom, 0).0, Bytes(512 * MIB), "requested untouched");
+
+    let _ = agent.with_floors(Floors { min_available: Bytes(500 * MIB), memory_pressure: 0.0 });
+    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
+    assert_eq!(r.outcome, Outcome::Ok, "under a floor it keeps, the shrink goes: {}", r.render_text());
+    assert_eq!(live_device(&dom, 0).0, Bytes(256 * MIB));
 }

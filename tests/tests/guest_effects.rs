@@ -96,14 +96,18 @@ fn the_forecast_matches_what_a_shrink_releases() {
 }
 
 /// The guest's veto: a guest that fills 256 MiB of tmpfs and sets its own
-/// MemAvailable floor refuses a shrink that would go under it; the host reports a
-/// refusal (`guest.veto`, exit 2) with the guest's reason, and nothing changes.
+/// MemAvailable floor refuses a shrink, and a DIMM detach, that would go under
+/// it; the host reports a refusal (`guest.veto`, exit 2) with the guest's
+/// reason, and nothing changes.
 #[test]
 fn the_guest_vetoes_a_shrink_below_its_floor() {
     let mut g = virtio_mem_guest("veto");
     let name = g.name.clone();
     let r = g.vmplug_json(&["resize-memory", &name, "+1G"]);
     assert_eq!(r["outcome"], "ok", "{r}");
+    let r = g.vmplug_json(&["attach-memory", &name, "512M", "--node", "0"]);
+    assert_eq!(r["outcome"], "ok", "{r}");
+    let dimm = g.vmplug_json(&["status", &name])["dimms"][0]["alias"].as_str().expect("alias").to_string();
     g.sh("mkdir -p /fill && mount -t tmpfs -o size=300m tmpfs /fill && dd if=/dev/zero of=/fill/f bs=1M count=256 2>/dev/null");
     let avail: u64 =
         g.sh("sed -n 's/^MemAvailable: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo").trim().parse().expect("MemAvailable");
@@ -121,6 +125,16 @@ fn the_guest_vetoes_a_shrink_below_its_floor() {
     let veto = veto.unwrap_or_else(|| panic!("no guest.veto finding: {r}"));
     assert!(veto["message"].as_str().is_some_and(|m| m.contains("veto_min_available_mib")), "{veto}");
     assert_eq!(g.mem_total_kib(), before, "nothing was released");
+    // A DIMM is memory given back too: the same floor refuses its detach
+    // before the guest offlines a block of it.
+    let out = g.vmplug(&["detach-memory", &name, "--alias", &dimm, "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(out.status.code(), Some(2), "a refusal's exit code: {r}");
+    let veto = r["findings"].as_array().expect("findings").iter().find(|f| f["id"] == "guest.veto").cloned();
+    let veto = veto.unwrap_or_else(|| panic!("no guest.veto finding: {r}"));
+    assert!(veto["message"].as_str().is_some_and(|m| m.contains("veto_min_available_mib")), "{veto}");
+    assert!(g.daemon.virsh_ok(&["dumpxml", &name]).contains(&format!("<alias name='{dimm}'/>")), "still attached");
+    assert_eq!(g.mem_total_kib(), before, "no block of it was offlined");
     // Within the floor the guest agrees.
     let r = g.vmplug_json(&["resize-memory", &name, "-128M"]);
     assert_eq!(r["outcome"], "ok", "{r}");
