@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmplug::domain::Affect;
@@ -39,33 +40,46 @@ fn live_device(dom: &FakeDomain, node: u32) -> (Bytes, Option<Bytes>) {
     (d.requested, d.current)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
+/// The in-memory libvirt with one virtio-mem device on node 0, playing the
+/// driver into a fake guest kernel that the real agent serves.
+struct World {
+    _dir: tempfile::TempDir,
+    agent: Arc<vmplug_guest::agent::Agent>,
+    dom: Arc<FakeDomain>,
+    conn: Arc<FakeConnection>,
+    opts: HotplugOpts,
+}
+
+fn world() -> World {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = common::kernel(dir.path(), 8, 8);
     let (agent, sock) = common::serve_agent(dir.path(), &kernel);
-    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent)));
+    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent.clone())));
     let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
-    let o = opts(AgentAddr::Serial { path: sock });
+    World { _dir: dir, agent, dom, conn, opts: opts(AgentAddr::Serial { path: sock }) }
+}
 
-    let grow =
-        ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
-    let r = verb::run(&ResizeMemory { r: grow }, conn.clone(), "mem1", &o).await.expect("report");
+fn resize(change: SizeChange) -> ResizeMemory {
+    ResizeMemory { r: ResizeOpts { change, node: Some(0), settle: Duration::from_millis(500) } }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
+    let World { dom, conn, opts: o, .. } = &world();
+    let r = verb::run(&resize(SizeChange::Grow(Bytes(512 * MIB))), conn.clone(), "mem1", o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
     let d = &r.virtio_mem[0];
     assert_eq!((d.current, d.blocks, d.blocks_online), (Bytes(512 * MIB), 4, 4), "{d:?}");
     assert_eq!(d.zones.get("Movable"), Some(&4), "{d:?}");
-    assert_eq!(live_device(&dom, 0), (Bytes(512 * MIB), Some(Bytes(512 * MIB))));
+    assert_eq!(live_device(dom, 0), (Bytes(512 * MIB), Some(Bytes(512 * MIB))));
 
     // The guest cannot give back the last 256 MiB: reported, requested reset.
     dom.hold_virtio_mem(256 * MIB);
-    let shrink =
-        ResizeOpts { change: SizeChange::Shrink(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
-    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
+    let r = verb::run(&resize(SizeChange::Shrink(Bytes(512 * MIB))), conn.clone(), "mem1", o).await.expect("report");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert!(r.message.contains("released 256 MiB of 512 MiB"), "{}", r.message);
     assert!(r.virtio_mem[0].requested_reset);
-    assert_eq!(live_device(&dom, 0), (Bytes(256 * MIB), Some(Bytes(256 * MIB))), "requested is what the guest holds");
+    assert_eq!(live_device(dom, 0), (Bytes(256 * MIB), Some(Bytes(256 * MIB))), "requested is what the guest holds");
     assert!(r.host.applied.iter().any(|a| a.contains("what the guest still holds")), "{:?}", r.host.applied);
 }
 
@@ -74,13 +88,9 @@ async fn grow_is_confirmed_block_by_block_and_a_held_shrink_is_reset() {
 /// had not caught up instead of waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kernel = common::kernel(dir.path(), 8, 8);
-    let (agent, sock) = common::serve_agent(dir.path(), &kernel);
-    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent)));
+    let World { dom, conn, opts: o, .. } = &world();
     dom.lag_virtio_mem_current(true);
-    let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
-    let mut o = opts(AgentAddr::Serial { path: sock });
+    let mut o = o.clone();
     // Far beyond the test: only the guest's evidence can end the wait in time.
     o.timeout = Duration::from_secs(600);
 
@@ -96,7 +106,7 @@ async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
     assert_eq!((d.blocks, d.blocks_online), (4, 4), "{d:?}");
     assert!(r.message.contains("grew by 512 MiB") && r.message.contains("not caught up"), "{}", r.message);
     assert!(r.render_text().contains("not caught up yet"), "{}", r.render_text());
-    assert_eq!(live_device(&dom, 0), (Bytes(512 * MIB), Some(Bytes(0))), "libvirt's view as the report says");
+    assert_eq!(live_device(dom, 0), (Bytes(512 * MIB), Some(Bytes(0))), "libvirt's view as the report says");
 
     // The next verb, 0.3 s later, as QEMU's event lands: it plans from the
     // caught-up view (from the stale 0, a shrink of 512 MiB would be refused).
@@ -110,37 +120,29 @@ async fn growth_proven_by_the_guest_reports_libvirt_lagging() {
         ResizeOpts { change: SizeChange::Shrink(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_secs(1) };
     let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
-    assert_eq!(live_device(&dom, 0), (Bytes(0), Some(Bytes(0))));
+    assert_eq!(live_device(dom, 0), (Bytes(0), Some(Bytes(0))));
 }
 
 /// A shrink under the guest's own floor (guest.toml) is the guest's refusal:
 /// exit 2 with its reason, `<requested>` untouched, even with `--force`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shrink_the_guest_vetoes_changes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kernel = common::kernel(dir.path(), 8, 8);
-    let (agent, sock) = common::serve_agent(dir.path(), &kernel);
-    let dom = FakeDomain::new("mem1", XML, Some(common::plays_hypervisor(&kernel, agent.clone())));
-    let conn = FakeConnection::new(CAPS, vec![dom.clone()]);
-    let o = opts(AgentAddr::Serial { path: sock });
-    let grow =
-        ResizeOpts { change: SizeChange::Grow(Bytes(512 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
-    let r = verb::run(&ResizeMemory { r: grow }, conn.clone(), "mem1", &o).await.expect("report");
+    let World { agent, dom, conn, opts: o, .. } = &world();
+    let r = verb::run(&resize(SizeChange::Grow(Bytes(512 * MIB))), conn.clone(), "mem1", o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
 
     // The fake guest has 900,000 kB available: 256 MiB less is under 700 MiB.
     let _ = agent.clone().with_floors(Floors { min_available: Bytes(700 * MIB), memory_pressure: 0.0 });
-    let shrink =
-        ResizeOpts { change: SizeChange::Shrink(Bytes(256 * MIB)), node: Some(0), settle: Duration::from_millis(500) };
+    let shrink = resize(SizeChange::Shrink(Bytes(256 * MIB)));
     let forced = HotplugOpts { force: true, ..o.clone() };
-    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &forced).await.expect("report");
+    let r = verb::run(&shrink, conn.clone(), "mem1", &forced).await.expect("report");
     assert_eq!(r.outcome, Outcome::Refused, "{}", r.render_text());
     let veto = r.findings.iter().find(|f| f.id == "guest.veto").expect("guest.veto");
     assert!(veto.message.contains("veto_min_available_mib"), "the guest's reason: {}", veto.message);
-    assert_eq!(live_device(&dom, 0).0, Bytes(512 * MIB), "requested untouched");
+    assert_eq!(live_device(dom, 0).0, Bytes(512 * MIB), "requested untouched");
 
-    let _ = agent.with_floors(Floors { min_available: Bytes(500 * MIB), memory_pressure: 0.0 });
-    let r = verb::run(&ResizeMemory { r: shrink }, conn.clone(), "mem1", &o).await.expect("report");
+    let _ = agent.clone().with_floors(Floors { min_available: Bytes(500 * MIB), memory_pressure: 0.0 });
+    let r = verb::run(&shrink, conn.clone(), "mem1", o).await.expect("report");
     assert_eq!(r.outcome, Outcome::Ok, "under a floor it keeps, the shrink goes: {}", r.render_text());
-    assert_eq!(live_device(&dom, 0).0, Bytes(256 * MIB));
+    assert_eq!(live_device(dom, 0).0, Bytes(256 * MIB));
 }
