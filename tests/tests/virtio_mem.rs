@@ -125,7 +125,17 @@ fn a_shrink_the_guest_cannot_finish_is_reported_and_stops_retrying() {
     g.sh(&format!(
         "mkdir -p /fill && mount -t tmpfs -o size={fill_mib}M tmpfs /fill && dd if=/dev/zero of=/fill/x bs=1M count={fill_mib} 2>/dev/null; echo filled"
     ));
-    let out = g.vmplug(&["resize-memory", &name, "-512M", "--node", "1", "--settle", "5", "--json"]);
+    // The guest's forecast sees it first: MemAvailable cannot take the pages,
+    // so the shrink is refused before anything changes (mem.forecast).
+    let out = g.vmplug(&["resize-memory", &name, "-512M", "--node", "1", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(out.status.code(), Some(2), "refused by the forecast: {r}");
+    assert_eq!(r["findings"][0]["id"], "mem.forecast", "{r}");
+    assert!(r["applied"].as_array().is_some_and(Vec::is_empty), "nothing applied: {r}");
+    assert_eq!(live_current(&g, 1).0, 512 * MIB, "requested untouched");
+    // Forced past the forecast, the device tries, the guest holds on, and the
+    // wait ends after --settle with requested set back.
+    let out = g.vmplug(&["resize-memory", &name, "-512M", "--node", "1", "--settle", "5", "--force", "--json"]);
     assert_eq!(out.status.code(), Some(5), "the guest could not release it all");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     vmplug_e2e::schema::assert_valid(&r, &["(a run that exits non-zero)"]);
