@@ -55,8 +55,9 @@ lint:
 unit:
 	$(CARGO) test --locked --workspace --exclude vmplug-e2e
 
+# --no-fail-fast: one failing file does not hide how the others fare.
 e2e: setup build
-	$(CARGO) test --locked -p vmplug-e2e -- --test-threads=$(E2E_THREADS)
+	$(CARGO) test --locked --no-fail-fast -p vmplug-e2e -- --test-threads=$(E2E_THREADS)
 
 # Guest .deb/.rpm (static agent, unit, config, rules, man pages) and host
 # .deb/.rpm; each with the licences and notices of every crate it links,
