@@ -783,6 +783,7 @@ pub fn readiness_of(xml: &str, host: &HostFacts) -> Result<Vec<Finding>, DomainE
         node: None,
         dimms: 1,
         first_wave: Bytes(vmplug_common::MIB),
+        plan: Default::default(),
     };
     findings.extend(crate::preflight::check(&ctx, &probe).into_iter().filter(|f| f.id == RuleId::MemLinux4g.id()));
     findings.extend(crate::preflight::check(&ctx, &crate::preflight::Operation::Prepared));

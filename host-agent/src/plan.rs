@@ -18,7 +18,7 @@ use vmplug_common::Bytes;
 use crate::domain::Affect;
 use crate::facts::{HotplugOpts, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, Ctx, Finding, Operation, RuleId, Severity};
+use crate::preflight::{self, Ctx, DimmPlanning, Finding, Operation, RuleId};
 use crate::xml::{request_alias, request_index, Dimm, DomainFacts, NamedDimm};
 
 pub use crate::facts::{gather, gather_timed, gather_timed_with, Facts};
@@ -120,20 +120,6 @@ impl MemoryPlan {
     }
 }
 
-/// A planner refusal as a finding, under the rule id it belongs to.
-pub fn plan_finding(e: &PlanError) -> Finding {
-    let id = match e {
-        PlanError::Misaligned { .. } => RuleId::MemBlockAlign,
-        PlanError::RoundUpTooFar { .. } => RuleId::MemRoundUp,
-        PlanError::UnitOverMaxDimm { .. } => RuleId::MemMaxDimm,
-        PlanError::NoSlots { .. } => RuleId::MemSlots,
-        PlanError::NoSuchNode(..) => RuleId::MemNode,
-        PlanError::NoCells => RuleId::MemNuma,
-        PlanError::Zero => RuleId::MemPlan,
-    };
-    Finding::error(id, e.to_string())
-}
-
 /// Memory per guest cell: its initial memory plus its DIMMs.
 fn cell_fill(dom: &DomainFacts) -> Vec<(u32, Bytes)> {
     dom.cells
@@ -146,8 +132,8 @@ fn cell_fill(dom: &DomainFacts) -> Vec<(u32, Bytes)> {
 }
 
 /// The request's size after alignment (or rounding within its ceiling): `Ok`
-/// with the size and the unit the DIMMs are cut in, or the finding that refuses.
-fn aligned_size(f: &Facts, mem: &MemoryOpts, force: bool) -> Result<(Bytes, u64), Finding> {
+/// with the size and the unit the DIMMs are cut in, or why it cannot be.
+fn aligned_size(f: &Facts, mem: &MemoryOpts, force: bool) -> Result<(Bytes, u64), PlanError> {
     let dom = &f.loaded.facts;
     let block = f.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
     let hugepage = dom.hugepage_size.map(|h| h.get());
@@ -165,7 +151,7 @@ fn aligned_size(f: &Facts, mem: &MemoryOpts, force: bool) -> Result<(Bytes, u64)
         Err(PlanError::Misaligned { .. } | PlanError::RoundUpTooFar { .. }) if force => {
             Ok((mem.size, vmplug_common::MIB))
         }
-        Err(e) => Err(plan_finding(&e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -180,13 +166,21 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     let block = f.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
     let (size, unit) = match aligned_size(f, mem, opts.force) {
         Ok(s) => s,
-        Err(finding) => {
-            let mut rest = preflight::check(
-                &f.ctx_for(opts.no_wait),
-                &Operation::Memory { size: mem.size, node: mem.node, dimms: 1, first_wave: mem.size.min(mem.max_dimm) },
-            );
-            rest.retain(|r| r.id != finding.id);
-            return Err(refuse(rest, vec![finding]));
+        Err(e) => {
+            let plan = DimmPlanning {
+                error: Some(e),
+                total: mem.size,
+                request_id: mem.request_id.clone(),
+                ..Default::default()
+            };
+            let op = Operation::Memory {
+                size: mem.size,
+                node: mem.node,
+                dimms: 1,
+                first_wave: mem.size.min(mem.max_dimm),
+                plan,
+            };
+            return Err(refuse(preflight::check(&f.ctx_for(opts.no_wait), &op), vec![]));
         }
     };
     // Reconcile with the live XML: DIMMs of this request already there (an earlier
@@ -196,27 +190,12 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
     let already = Bytes(reconciled.iter().map(|d| d.size.get()).sum());
     let next = reconciled.iter().filter_map(|d| request_index(d, &mem.request_id)).max().map_or(0, |m| m + 1);
     let remaining = Bytes(size.get().saturating_sub(already.get()));
-    let mut hard = Vec::new();
-    if already > size {
-        hard.push(Finding::error(
-            RuleId::MemRequestId,
-            format!("request {} already attached {already}, more than the {size} asked now: repeat it with its own size, or use a new --request-id", mem.request_id),
-        ));
-    }
     let cells = cell_fill(dom);
     let plan = if remaining.get() == 0 {
         Ok(Vec::new())
     } else {
         plan_dimms(remaining, unit, mem.max_dimm, mem.node, &cells, dom.free_slots().max(1))
     };
-    match &plan {
-        Err(e) => hard.push(plan_finding(e)),
-        Ok(p) if p.is_empty() && reconciled.is_empty() => hard.push(Finding::error(
-            RuleId::MemPlan,
-            format!("{size} makes no DIMM (libvirt sizes DIMMs in whole MiB and the guest in blocks): nothing would be attached"),
-        )),
-        Ok(_) => {}
-    }
     let dimm_count = plan.as_ref().map(|p| p.len() as u32).unwrap_or(1);
     // Waves need the agent between them (to online one before the next).
     let sizes: Vec<u64> = plan.as_ref().map(|p| p.iter().map(|d| d.size.get()).collect()).unwrap_or_default();
@@ -232,18 +211,17 @@ pub fn plan_attach_memory(f: &Facts, mem: &MemoryOpts, opts: &HotplugOpts) -> Re
         Some(w) => Bytes(sizes.iter().take(w.first().copied().unwrap_or(0)).sum()),
         None => Bytes(sizes.first().copied().unwrap_or(0)),
     };
-    let op = Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count, first_wave };
-    let mut findings = preflight::check(&f.ctx_for(opts.no_wait), &op);
-    // A planner finding says more than the rule that saw the same problem.
-    findings.retain(|r| !hard.iter().any(|h| h.id == r.id));
-    if size != mem.size {
-        findings.push(Finding {
-            id: RuleId::MemRoundUp.id(),
-            severity: Severity::Warning,
-            message: format!("{} rounded up to {size} (alignment {})", mem.size, Bytes(unit)),
-        });
-    }
-    let findings = gate(findings, opts.force, hard)?;
+    let planning = DimmPlanning {
+        error: plan.as_ref().err().cloned(),
+        total: size,
+        rounded_from: (size != mem.size).then_some(mem.size),
+        unit: Bytes(unit),
+        empty: matches!(&plan, Ok(p) if p.is_empty() && reconciled.is_empty()),
+        request_id: mem.request_id.clone(),
+        already,
+    };
+    let op = Operation::Memory { size: remaining, node: mem.node, dimms: dimm_count, first_wave, plan: planning };
+    let findings = gate(preflight::check(&f.ctx_for(opts.no_wait), &op), opts.force, vec![])?;
     let dimms: Vec<NamedDimm> = plan
         .unwrap_or_default()
         .into_iter()

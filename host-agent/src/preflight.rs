@@ -6,6 +6,7 @@ use vmplug_common::protocol::GuestInfo;
 use vmplug_common::{Bytes, CpuSet, GIB};
 
 use crate::domain::{Affect, DomainState, NumaMode, PauseReason};
+use crate::planner::PlanError;
 use crate::xml::{machine_version, DomainFacts, HostFacts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -20,6 +21,10 @@ pub struct Finding {
     pub id: &'static str,
     pub severity: Severity,
     pub message: String,
+    /// An error no `--force` overrides: the planner found nothing it could
+    /// do, or doing it would widen the request (reports show it as an error).
+    #[serde(skip)]
+    pub hard: bool,
 }
 
 /// Declares [`RuleId`] from the one table of rule ids.
@@ -132,17 +137,26 @@ impl std::fmt::Display for RuleId {
 impl Finding {
     /// A broken rule: refuses unless forced.
     pub fn error(rule: RuleId, message: String) -> Finding {
-        Finding { id: rule.id(), severity: Severity::Error, message }
+        Finding { id: rule.id(), severity: Severity::Error, message, hard: false }
+    }
+
+    /// A broken rule that refuses even when forced.
+    pub fn hard(rule: RuleId, message: String) -> Finding {
+        Finding { hard: true, ..Finding::error(rule, message) }
     }
 
     /// A rule that advises: reported, never refuses.
     pub fn warning(rule: RuleId, message: String) -> Finding {
-        Finding { id: rule.id(), severity: Severity::Warning, message }
+        Finding { id: rule.id(), severity: Severity::Warning, message, hard: false }
     }
 }
 
 fn error(rule: RuleId, message: impl Into<String>) -> Option<Finding> {
     Some(Finding::error(rule, message.into()))
+}
+
+fn hard(rule: RuleId, message: impl Into<String>) -> Option<Finding> {
+    Some(Finding::hard(rule, message.into()))
 }
 
 fn warning(rule: RuleId, message: impl Into<String>) -> Option<Finding> {
@@ -157,12 +171,14 @@ pub enum Operation {
         target: u32,
     },
     /// `attach-memory`: total size, target node (None: balanced), DIMM count
-    /// planned, and the first wave (the most plugged before the guest onlines).
+    /// planned, the first wave (the most plugged before the guest onlines),
+    /// and what the DIMM planner made of the request.
     Memory {
         size: Bytes,
         node: Option<u32>,
         dimms: u32,
         first_wave: Bytes,
+        plan: DimmPlanning,
     },
     /// `resize-memory`: the virtio-mem devices in scope grow by `grow` (zero
     /// for a shrink), on guest node `node` (None: every device).
@@ -208,6 +224,27 @@ pub enum Operation {
     /// What `prepare` must leave beside readiness: usable slots, and room for
     /// one more vCPU (warned: memory-only domains exist).
     Prepared,
+}
+
+/// What the DIMM planner made of an `attach-memory` request: the input of the
+/// rules on alignment, rounding, slots, cells, the DIMM size limit and the
+/// request id, which say it in the planner's words (it knows the layout it
+/// tried). `Default`: nothing planned yet (`check`'s probes, tests).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DimmPlanning {
+    /// Why the request could not be cut into DIMMs.
+    pub error: Option<PlanError>,
+    /// The request's total after alignment.
+    pub total: Bytes,
+    /// The size asked, when alignment rounded it up to `total`.
+    pub rounded_from: Option<Bytes>,
+    /// The alignment unit.
+    pub unit: Bytes,
+    /// Nothing would be attached, by this run or an earlier one.
+    pub empty: bool,
+    /// The request id, and what earlier runs of it attached.
+    pub request_id: String,
+    pub already: Bytes,
 }
 
 /// Why the guest agent gave no facts: told apart because each has another fix.
@@ -723,6 +760,9 @@ fn rule_mem_maxmemory(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_slots(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::Memory { plan: DimmPlanning { error: Some(e @ PlanError::NoSlots { .. }), .. }, .. } = op {
+        return hard(RuleId::MemSlots, e.to_string());
+    }
     if let Operation::Prepared = op {
         let (f, usable) = (ctx.dom, 64u32.saturating_sub(ctx.dom.virtio_nets));
         let slots = f.slots.filter(|&s| s > usable)?;
@@ -762,6 +802,9 @@ fn rule_mem_headroom(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::Memory { plan: DimmPlanning { error: Some(e @ PlanError::NoCells), .. }, .. } = op {
+        return hard(RuleId::MemNuma, e.to_string());
+    }
     if !matches!(op, Operation::Memory { .. } | Operation::Readiness) {
         return None;
     }
@@ -770,6 +813,9 @@ fn rule_mem_numa(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Operation::Memory { plan: DimmPlanning { error: Some(e @ PlanError::NoSuchNode(..)), .. }, .. } = op {
+        return hard(RuleId::MemNode, e.to_string());
+    }
     if let Operation::AddVirtioMem { node: Some(n), .. } = *op {
         return match ctx.dom.cells.is_empty() {
             true => error(
@@ -813,7 +859,10 @@ fn rule_mem_guest_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
 }
 
 fn rule_mem_block_align(ctx: &Ctx, op: &Operation) -> Option<Finding> {
-    let Operation::Memory { size, .. } = *op else { return None };
+    let Operation::Memory { size, ref plan, .. } = *op else { return None };
+    if let Some(e @ PlanError::Misaligned { .. }) = &plan.error {
+        return hard(RuleId::MemBlockAlign, e.to_string());
+    }
     match ctx.guest.and_then(|g| g.memory.as_ref()) {
         Some(m) if !size.is_multiple_of(m.block_size.get()) => error(
             RuleId::MemBlockAlign,
@@ -822,6 +871,56 @@ fn rule_mem_block_align(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         None if ctx.guest.is_none() => warning(RuleId::MemBlockAlign, "guest facts unknown (no agent): cannot check the size against the guest's block_size_bytes"),
         _ => None,
     }
+}
+
+/// Rounding a misaligned size up (`--round-up`): said, and refused past the
+/// request's ceiling.
+fn rule_mem_round_up(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { ref plan, .. } = *op else { return None };
+    if let Some(e @ PlanError::RoundUpTooFar { .. }) = &plan.error {
+        return hard(RuleId::MemRoundUp, e.to_string());
+    }
+    let from = plan.rounded_from?;
+    warning(RuleId::MemRoundUp, format!("{from} rounded up to {} (alignment {})", plan.total, plan.unit))
+}
+
+/// DIMMs are cut in the alignment unit: one larger than `--max-dimm` cannot be made.
+fn rule_mem_max_dimm(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { plan: DimmPlanning { error: Some(e @ PlanError::UnitOverMaxDimm { .. }), .. }, .. } = op
+    else {
+        return None;
+    };
+    hard(RuleId::MemMaxDimm, e.to_string())
+}
+
+/// The plan must attach something.
+fn rule_mem_plan(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { ref plan, .. } = *op else { return None };
+    if let Some(e @ PlanError::Zero) = &plan.error {
+        return hard(RuleId::MemPlan, e.to_string());
+    }
+    plan.empty.then_some(())?;
+    hard(
+        RuleId::MemPlan,
+        format!(
+            "{} makes no DIMM (libvirt sizes DIMMs in whole MiB and the guest in blocks): nothing would be attached",
+            plan.total
+        ),
+    )
+}
+
+/// A request id names one request: repeating it with a smaller size would
+/// have to detach what it attached.
+fn rule_mem_request_id(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Memory { ref plan, .. } = *op else { return None };
+    (plan.already > plan.total).then_some(())?;
+    hard(
+        RuleId::MemRequestId,
+        format!(
+            "request {} already attached {}, more than the {} asked now: repeat it with its own size, or use a new --request-id",
+            plan.request_id, plan.already, plan.total
+        ),
+    )
 }
 
 fn rule_mem_hugepages(ctx: &Ctx, op: &Operation) -> Option<Finding> {
@@ -981,12 +1080,16 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::MemMachine, rule_mem_machine),
     (RuleId::MemGuest, rule_mem_guest),
     (RuleId::MemMaxMemory, rule_mem_maxmemory),
+    (RuleId::MemRequestId, rule_mem_request_id),
     (RuleId::MemSlots, rule_mem_slots),
     (RuleId::MemMaxSize, rule_mem_headroom),
     (RuleId::MemNuma, rule_mem_numa),
     (RuleId::MemNode, rule_mem_node),
     (RuleId::MemGuestNode, rule_mem_guest_node),
     (RuleId::MemBlockAlign, rule_mem_block_align),
+    (RuleId::MemRoundUp, rule_mem_round_up),
+    (RuleId::MemMaxDimm, rule_mem_max_dimm),
+    (RuleId::MemPlan, rule_mem_plan),
     (RuleId::MemHugepageAlign, rule_mem_hugepages),
     (RuleId::MemVhostUser, rule_mem_vhost_user),
     (RuleId::MemLinux4g, rule_mem_linux_4g),
@@ -1004,10 +1107,10 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::NumaCellPinning, rule_cell_pinning),
 ];
 
-/// Runs every rule; errors first.
+/// Runs every rule; errors first, the hard ones leading.
 pub fn check(ctx: &Ctx, op: &Operation) -> Vec<Finding> {
     let mut out: Vec<Finding> = RULES.iter().filter_map(|(_, rule)| rule(ctx, op)).collect();
-    out.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    out.sort_by_key(|f| (std::cmp::Reverse(f.severity), !f.hard));
     out
 }
 
@@ -1066,10 +1169,11 @@ pub fn guest_veto(reason: &str) -> Finding {
     Finding::error(RuleId::GuestVeto, reason.to_string())
 }
 
-/// Errors refuse, unless forced — except `hard` findings, which no `--force`
-/// overrides (there would be nothing to do, or it would widen the request).
+/// Errors refuse, unless forced — except hard findings (and `hard`, found
+/// outside the rules), which no `--force` overrides (there would be nothing to
+/// do, or it would widen the request).
 pub fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<Vec<Finding>, NotPlanned> {
-    if hard.is_empty() && (force || !has_errors(&findings)) {
+    if hard.is_empty() && !findings.iter().any(|f| f.hard) && (force || !has_errors(&findings)) {
         let mut findings = findings;
         findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
         return Ok(findings);
@@ -1077,9 +1181,10 @@ pub fn gate(findings: Vec<Finding>, force: bool, hard: Vec<Finding>) -> Result<V
     Err(refuse(findings, hard))
 }
 
+/// Every finding, errors first and among them the hard ones.
 pub(crate) fn refuse(mut findings: Vec<Finding>, hard: Vec<Finding>) -> NotPlanned {
-    findings.splice(0..0, hard);
-    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    findings.splice(0..0, hard.into_iter().map(|f| Finding { hard: true, ..f }));
+    findings.sort_by_key(|f| (std::cmp::Reverse(f.severity), !f.hard));
     let errors: Vec<&Finding> = findings.iter().filter(|f| f.severity == Severity::Error).collect();
     let agent_unreachable = !errors.is_empty() && errors.iter().all(|f| f.id == RuleId::AgentReady.id());
     NotPlanned::Refused(Refusal { findings, agent_unreachable })
@@ -1184,9 +1289,9 @@ mod tests {
     }
 
     /// Each rule id comes from one function. The ids listed here are still
-    /// emitted twice — the planner's and `prepare`'s own errors carry the
-    /// preflight rule of the same condition, and resize's alignment lives in
-    /// its plan — and the list must shrink, never grow: a new second emitter
+    /// emitted twice — `prepare`'s own errors carry the preflight rule of the
+    /// same condition, and resize's alignment lives in its plan — and the list
+    /// must shrink, never grow: a new second emitter
     /// of any id fails this test, and so does fixing one without listing it off.
     #[test]
     fn each_rule_id_is_emitted_from_one_place() {
@@ -1195,12 +1300,7 @@ mod tests {
             "cpu.machine",
             "cpu.max",
             "cpu.socket-cell",
-            "mem.block-align",
             "mem.max-memory",
-            "mem.node",
-            "mem.numa",
-            "mem.plan",
-            "mem.round-up",
             "mem.slots",
             "numatune.nodes",
             "numatune.strict-free",

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use vmplug::domain::{Affect, DomainState, NumaMode, PauseReason};
-use vmplug::preflight::{check, AgentTrouble, Ctx, Finding, Operation, Severity};
+use vmplug::planner::PlanError;
+use vmplug::preflight::{check, gate, AgentTrouble, Ctx, DimmPlanning, Finding, NotPlanned, Operation, Severity};
 use vmplug::xml::{DomainFacts, HostFacts};
 use vmplug_common::protocol::{CpuFacts, GuestInfo, MemoryFacts};
 use vmplug_common::{BlockSize, Bytes, CpuSet, GIB, MIB};
@@ -127,7 +128,7 @@ fn cpus(target: u32) -> Operation {
 }
 
 fn mem(size: u64, node: Option<u32>) -> Operation {
-    Operation::Memory { size: Bytes(size), node, dimms: 1, first_wave: Bytes(size) }
+    Operation::Memory { size: Bytes(size), node, dimms: 1, first_wave: Bytes(size), plan: Default::default() }
 }
 
 #[test]
@@ -407,7 +408,13 @@ fn mem_guest_kernel_acpi_and_free() {
     assert_rule("mem.guest-free", Severity::Error, &tight, &Case::new(), &mem(GIB, Some(0)));
     // The rule is about the first wave, not the whole request: 64 GiB in waves
     // whose first is 256 MiB needs 8 MiB.
-    let staged = Operation::Memory { size: Bytes(64 * GIB), node: Some(0), dimms: 16, first_wave: Bytes(256 * MIB) };
+    let staged = Operation::Memory {
+        size: Bytes(64 * GIB),
+        node: Some(0),
+        dimms: 16,
+        first_wave: Bytes(256 * MIB),
+        plan: Default::default(),
+    };
     assert!(!tight.run(&staged).iter().any(|f| f.id == "mem.guest-free"));
     // With memmap_on_memory the new memory carries its own page structures.
     let mut self_hosted = Case::new();
@@ -443,16 +450,34 @@ fn mem_max_memory() {
 #[test]
 fn mem_slots() {
     // One DIMM present of 8 slots: 7 free; 8 DIMMs do not fit.
-    let op = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 8, first_wave: Bytes(GIB) };
+    let op = Operation::Memory {
+        size: Bytes(GIB),
+        node: Some(0),
+        dimms: 8,
+        first_wave: Bytes(GIB),
+        plan: Default::default(),
+    };
     assert!(ids(&Case::new().run(&op), Severity::Error).contains(&"mem.slots"));
-    let fits = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 7, first_wave: Bytes(GIB) };
+    let fits = Operation::Memory {
+        size: Bytes(GIB),
+        node: Some(0),
+        dimms: 7,
+        first_wave: Bytes(GIB),
+        plan: Default::default(),
+    };
     assert!(!Case::new().run(&fits).iter().any(|f| f.id == "mem.slots"));
     // min(max_slot, 64 - virtio NICs): 62 NICs leave 2 slots, one used.
     let nic =
         "<interface type='network'>\n      <source network='default'/>\n      <model type='virtio'/>\n    </interface>";
     let many_nics = READY.replace("<maxMemory slots='8'", "<maxMemory slots='200'").replace(nic, &nic.repeat(62));
     let many = Case { dom: dom(&many_nics), ..Case::new() };
-    let two = Operation::Memory { size: Bytes(GIB), node: Some(0), dimms: 2, first_wave: Bytes(GIB) };
+    let two = Operation::Memory {
+        size: Bytes(GIB),
+        node: Some(0),
+        dimms: 2,
+        first_wave: Bytes(GIB),
+        plan: Default::default(),
+    };
     assert!(ids(&many.run(&two), Severity::Error).contains(&"mem.slots"));
 }
 
@@ -574,6 +599,90 @@ fn unknown_elements_do_not_disturb_the_reading() {
     assert_eq!(f.free_slots(), 7);
     assert_eq!(f.channels.get("org.vmplug.guest.0").and_then(|p| p.as_deref()), Some("/run/vmplug/web1.agent"));
     assert_eq!(f.memnodes.get(&1).map(|(m, s)| (m.as_str(), s.to_string())), Some(("strict", "1".to_string())));
+}
+
+fn planned(plan: DimmPlanning) -> Operation {
+    Operation::Memory { size: Bytes(GIB), node: Some(1), dimms: 1, first_wave: Bytes(GIB), plan }
+}
+
+/// What the DIMM planner could not do is its rule's hard error, in the
+/// planner's words (it knows the layout it tried): first among the errors,
+/// and `--force` does not pass it.
+#[test]
+fn the_dimm_planners_verdicts_are_hard_rules() {
+    let unit = Bytes(128 * MIB);
+    let cases = [
+        (
+            "mem.block-align",
+            PlanError::Misaligned {
+                size: Bytes(100 * MIB),
+                what: "the guest's memory block size",
+                unit,
+                down: Bytes(0),
+                up: unit,
+            },
+        ),
+        (
+            "mem.round-up",
+            PlanError::RoundUpTooFar {
+                size: Bytes(100 * MIB),
+                what: "the guest's memory block size",
+                unit,
+                up: unit,
+                ceiling: Bytes(64 * MIB),
+            },
+        ),
+        ("mem.max-dimm", PlanError::UnitOverMaxDimm { what: "the hugepage size", unit: Bytes(GIB), max_dimm: unit }),
+        ("mem.slots", PlanError::NoSlots { needed: 9, free: 7 }),
+        ("mem.node", PlanError::NoSuchNode(5, "0, 1".into())),
+        ("mem.numa", PlanError::NoCells),
+        ("mem.plan", PlanError::Zero),
+    ];
+    let c = Case::new();
+    for (id, e) in cases {
+        let f = c.run(&planned(DimmPlanning { error: Some(e.clone()), ..Default::default() }));
+        let errors: Vec<&Finding> = f.iter().filter(|x| x.severity == Severity::Error).collect();
+        assert_eq!(errors.len(), 1, "{id}: {f:#?}");
+        assert_eq!((errors[0].id, errors[0].message.as_str(), errors[0].hard), (id, e.to_string().as_str(), true));
+        let Err(NotPlanned::Refused(r)) = gate(f, true, vec![]) else { panic!("{id}: forced past a hard rule") };
+        assert_eq!(r.findings[0].id, id);
+    }
+    // Without a planner verdict, none of them fires on the ready fixture.
+    assert!(ids(&c.run(&planned(DimmPlanning::default())), Severity::Error).is_empty());
+}
+
+#[test]
+fn the_dimm_plans_own_rules() {
+    let c = Case::new();
+    // Rounded up: said, not refused.
+    let f = c.run(&planned(DimmPlanning {
+        total: Bytes(GIB),
+        rounded_from: Some(Bytes(1000 * MIB)),
+        unit: Bytes(128 * MIB),
+        ..Default::default()
+    }));
+    let w: Vec<&Finding> = f.iter().filter(|x| x.id == "mem.round-up").collect();
+    assert_eq!(w.len(), 1, "{f:#?}");
+    assert_eq!(
+        (w[0].severity, w[0].message.as_str()),
+        (Severity::Warning, "1000 MiB rounded up to 1 GiB (alignment 128 MiB)")
+    );
+    // A plan of nothing, and a request id that already attached more.
+    let nothing = c.run(&planned(DimmPlanning { total: Bytes(MIB / 2), empty: true, ..Default::default() }));
+    assert!(
+        nothing.iter().any(|x| x.id == "mem.plan" && x.hard && x.message.contains("makes no DIMM")),
+        "{nothing:#?}"
+    );
+    let again =
+        DimmPlanning { total: Bytes(GIB), request_id: "r1".into(), already: Bytes(2 * GIB), ..Default::default() };
+    let f = c.run(&planned(again.clone()));
+    assert!(
+        f.iter()
+            .any(|x| x.id == "mem.request-id" && x.hard && x.message.starts_with("request r1 already attached 2 GiB")),
+        "{f:#?}"
+    );
+    let fits = c.run(&planned(DimmPlanning { already: Bytes(GIB), ..again }));
+    assert!(!fits.iter().any(|x| x.id == "mem.request-id"), "{fits:#?}");
 }
 
 #[test]
