@@ -181,10 +181,12 @@ pub enum Operation {
         plan: DimmPlanning,
     },
     /// `resize-memory`: the virtio-mem devices in scope grow by `grow` (zero
-    /// for a shrink), on guest node `node` (None: every device).
+    /// for a shrink), on guest node `node` (None: every device), and what the
+    /// plan measured of them (`None`: not planned, as in a probe).
     Resize {
         grow: Bytes,
         node: Option<u32>,
+        plan: Option<ResizePlanning>,
     },
     Shares(u64),
     Pin {
@@ -245,6 +247,39 @@ pub struct DimmPlanning {
     /// The request id, and what earlier runs of it attached.
     pub request_id: String,
     pub already: Bytes,
+}
+
+/// What `resize-memory`'s plan measured of the virtio-mem devices in scope:
+/// the input of the rules on their number, the floor, block alignment,
+/// capacity and a change of nothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResizePlanning {
+    /// Whose memory changes, in words: "the guest", "guest node 1".
+    pub scope: String,
+    /// How many virtio-mem devices are in scope.
+    pub devices: usize,
+    /// The memory in scope now, and the part of it no device in scope holds
+    /// (boot memory, DIMMs, other nodes' devices).
+    pub before: Bytes,
+    pub fixed: Bytes,
+    /// What the devices hold now, and at most.
+    pub plugged: Bytes,
+    pub capacity: Bytes,
+    /// The devices' largest block.
+    pub unit: Bytes,
+    /// What the devices would hold after the change (what they hold now when
+    /// the request breaks the floor).
+    pub target: Bytes,
+    pub floor: Option<FloorBreach>,
+}
+
+/// How a resize asks for less than virtio-mem can give back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorBreach {
+    /// A total below the memory no device holds.
+    BelowFixed,
+    /// A shrink by more than the devices hold.
+    GiveBack(Bytes),
 }
 
 /// Why the guest agent gave no facts: told apart because each has another fix.
@@ -458,7 +493,74 @@ fn rule_vmem_block(_: &Ctx, op: &Operation) -> Option<Finding> {
     error(RuleId::VmemBlock, format!("block size {block} must be a power of two of at least 2 MiB (QEMU's minimum is the host's transparent hugepage size)"))
 }
 
+/// A resize's planning, when there is a device to resize.
+fn resizing(op: &Operation) -> Option<&ResizePlanning> {
+    match op {
+        Operation::Resize { plan: Some(p), .. } if p.devices > 0 => Some(p),
+        _ => None,
+    }
+}
+
+/// `resize-memory` needs a virtio-mem device in its scope.
+fn rule_vmem_device(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Resize { node, plan: Some(p), .. } = op else { return None };
+    (p.devices == 0).then_some(())?;
+    let where_ = node.map_or(String::new(), |n| format!(" on guest node {n}"));
+    hard(
+        RuleId::VmemDevice,
+        format!("'{}' has no virtio-mem device{where_}: add one with `vmplug add-virtio-mem` (or use attach-memory for DIMMs)", ctx.dom.name),
+    )
+}
+
+/// virtio-mem holds only what it plugged: boot memory and DIMMs stay.
+fn rule_vmem_floor(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let p = resizing(op)?;
+    let message = match p.floor? {
+        FloorBreach::BelowFixed => format!(
+            "{} cannot go below {}: that is its boot memory and DIMMs, which virtio-mem does not hold",
+            p.scope, p.fixed
+        ),
+        FloorBreach::GiveBack(d) => {
+            format!("{}'s virtio-mem devices hold {}: they cannot give back {d}", p.scope, p.plugged)
+        }
+    };
+    hard(RuleId::VmemFloor, message)
+}
+
+/// The devices can hold at most their regions.
+fn rule_vmem_size(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let p = resizing(op)?;
+    (p.target.is_multiple_of(p.unit.get()) && p.target > p.capacity).then_some(())?;
+    hard(
+        RuleId::VmemSize,
+        format!(
+            "{}'s virtio-mem devices hold at most {} ({} plugged): {} does not fit; add a device (`vmplug add-virtio-mem`) or use DIMMs",
+            p.scope, p.capacity, p.plugged, p.target
+        ),
+    )
+}
+
+/// A resize must change something.
+fn rule_vmem_plan(_: &Ctx, op: &Operation) -> Option<Finding> {
+    let p = resizing(op)?;
+    let fits = p.target.is_multiple_of(p.unit.get()) && p.target <= p.capacity;
+    (p.floor.is_none() && fits && p.target == p.plugged).then_some(())?;
+    hard(RuleId::VmemPlan, format!("{} already has {}: nothing to change", p.scope, p.before))
+}
+
+/// A new device's size, and a resize's change, in whole blocks.
 fn rule_vmem_add_align(_: &Ctx, op: &Operation) -> Option<Finding> {
+    if let Some(p) = resizing(op) {
+        (!p.target.is_multiple_of(p.unit.get())).then_some(())?;
+        return hard(
+            RuleId::VmemBlockAlign,
+            format!(
+                "{} is not a multiple of the devices' block size {}: use a multiple",
+                Bytes(p.target.get().abs_diff(p.plugged.get())),
+                p.unit
+            ),
+        );
+    }
     let Operation::AddVirtioMem { size, block, .. } = *op else { return None };
     let b = block.get();
     // A wrong block is vmem.block's; the size is measured against a good one.
@@ -829,6 +931,10 @@ fn rule_mem_node(ctx: &Ctx, op: &Operation) -> Option<Finding> {
         };
     }
     let (Operation::Memory { node: Some(n), .. } | Operation::Resize { node: Some(n), .. }) = *op else { return None };
+    // A node without devices is vmem.device's to say.
+    if let Operation::Resize { plan: Some(ResizePlanning { devices: 0, .. }), .. } = op {
+        return None;
+    }
     if ctx.dom.cells.is_empty() || ctx.dom.cells.iter().any(|c| c.id == n) {
         return None;
     }
@@ -1096,8 +1202,12 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::MemWindowsNode0, rule_mem_windows_node0),
     (RuleId::UnplugLiveOnly, rule_unplug_live_only),
     (RuleId::UnplugNoAddress, rule_unplug_address),
+    (RuleId::VmemDevice, rule_vmem_device),
+    (RuleId::VmemFloor, rule_vmem_floor),
     (RuleId::VmemBlock, rule_vmem_block),
     (RuleId::VmemBlockAlign, rule_vmem_add_align),
+    (RuleId::VmemSize, rule_vmem_size),
+    (RuleId::VmemPlan, rule_vmem_plan),
     (RuleId::VmemNode, rule_vmem_node),
     (RuleId::VmemAlias, rule_vmem_alias),
     (RuleId::VmemPlugged, rule_vmem_plugged),
@@ -1304,7 +1414,6 @@ mod tests {
             "mem.slots",
             "numatune.nodes",
             "numatune.strict-free",
-            "vmem.block-align",
         ];
         let e = emitters();
         let twice: Vec<String> =

@@ -24,7 +24,7 @@ use crate::domain::{Affect, Connection, DomainError, XmlView};
 use crate::facts::Facts;
 use crate::facts::{blocking, HotplugOpts};
 use crate::link::GuestAgent;
-use crate::preflight::{self, Finding, Operation, RuleId};
+use crate::preflight::{self, Finding, FloorBreach, Operation, ResizePlanning, RuleId};
 use crate::preflight::{NotPlanned, Refusal};
 use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostOnly, Run};
 use crate::report::{HostSide, OpReport, Outcome};
@@ -216,70 +216,43 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     let dom = &f.loaded.facts;
     let scope: Vec<VirtioMem> =
         dom.virtio_mems.iter().filter(|d| r.node.is_none() || d.node == r.node).cloned().collect();
-    let generic = |grow| preflight::check(&f.ctx_for(opts.no_wait), &Operation::Resize { grow, node: r.node });
-    if scope.is_empty() {
-        let where_ = r.node.map_or(String::new(), |n| format!(" on guest node {n}"));
-        let hard = Finding::error(
-            RuleId::VmemDevice,
-            format!("'{}' has no virtio-mem device{where_}: add one with `vmplug add-virtio-mem` (or use attach-memory for DIMMs)", dom.name),
-        );
-        let mut rest = generic(Bytes(0));
-        rest.retain(|x| x.id != RuleId::MemNode.id());
-        return Err(NotPlanned::Refused(refusal(rest, vec![hard])));
-    }
     let (before, fixed) = scope_memory(dom, r.node, &scope);
     let plugged = Bytes(before.get() - fixed.get());
     let capacity = Bytes(scope.iter().map(|d| d.size.get()).sum());
     let unit = scope.iter().map(|d| d.block.get()).max().unwrap_or(0).max(1);
     let what = r.node.map_or("the guest".to_string(), |n| format!("guest node {n}"));
-    let mut hard = Vec::new();
-    let target = match r.change {
-        SizeChange::To(t) if t < fixed => {
-            hard.push(Finding::error(
-                RuleId::VmemFloor,
-                format!(
-                    "{what} cannot go below {fixed}: that is its boot memory and DIMMs, which virtio-mem does not hold"
-                ),
-            ));
-            plugged
-        }
-        SizeChange::To(t) => Bytes(t.get() - fixed.get()),
-        SizeChange::Grow(d) => Bytes(plugged.get().saturating_add(d.get())),
-        SizeChange::Shrink(d) if d > plugged => {
-            hard.push(Finding::error(
-                RuleId::VmemFloor,
-                format!("{what}'s virtio-mem devices hold {plugged}: they cannot give back {d}"),
-            ));
-            plugged
-        }
-        SizeChange::Shrink(d) => Bytes(plugged.get() - d.get()),
+    // A request below the floor is planned as no change; the rule refuses it.
+    let (target, floor) = match r.change {
+        SizeChange::To(t) if t < fixed => (plugged, Some(FloorBreach::BelowFixed)),
+        SizeChange::To(t) => (Bytes(t.get() - fixed.get()), None),
+        SizeChange::Grow(d) => (Bytes(plugged.get().saturating_add(d.get())), None),
+        SizeChange::Shrink(d) if d > plugged => (plugged, Some(FloorBreach::GiveBack(d))),
+        SizeChange::Shrink(d) => (Bytes(plugged.get() - d.get()), None),
     };
-    if !target.is_multiple_of(unit) {
-        hard.push(Finding::error(
-            RuleId::VmemBlockAlign,
-            format!(
-                "{} is not a multiple of the devices' block size {}: use a multiple",
-                Bytes(target.get().abs_diff(plugged.get())),
-                Bytes(unit)
-            ),
-        ));
-    } else if target > capacity {
-        hard.push(Finding::error(
-            RuleId::VmemSize,
-            format!("{what}'s virtio-mem devices hold at most {capacity} ({} plugged): {target} does not fit; add a device (`vmplug add-virtio-mem`) or use DIMMs", plugged),
-        ));
+    // Nothing to grow without a device (the rules of a grow would only add noise).
+    let grow = if scope.is_empty() { Bytes(0) } else { Bytes(target.get().saturating_sub(plugged.get())) };
+    let planning = ResizePlanning {
+        scope: what.clone(),
+        devices: scope.len(),
+        before,
+        fixed,
+        plugged,
+        capacity,
+        unit: Bytes(unit),
+        target,
+        floor,
+    };
+    let mut findings =
+        preflight::check(&f.ctx_for(opts.no_wait), &Operation::Resize { grow, node: r.node, plan: Some(planning) });
+    if scope.is_empty() {
+        return Err(NotPlanned::Refused(refusal(findings, vec![])));
     }
-    let grow = Bytes(target.get().saturating_sub(plugged.get()));
     let confirm = f.affect.live() && f.guest.is_some() && !opts.no_wait;
-    let mut findings = generic(grow);
     if f.affect.live() && target < plugged {
         findings.extend(forecast_finding(f, &scope, Bytes(plugged.get() - target.get()), &what));
     }
     findings.extend(device_findings(f, &scope, confirm));
-    if target == plugged && hard.is_empty() {
-        hard.push(Finding::error(RuleId::VmemPlan, format!("{what} already has {before}: nothing to change")));
-    }
-    let findings = crate::preflight::gate(findings, opts.force, hard)?;
+    let findings = crate::preflight::gate(findings, opts.force, vec![])?;
     let sizes = distribute(&scope, target, unit).unwrap_or_else(|| scope.iter().map(|d| d.plugged()).collect());
     let steps = scope
         .into_iter()

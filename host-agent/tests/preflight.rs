@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use vmplug::domain::{Affect, DomainState, NumaMode, PauseReason};
 use vmplug::planner::PlanError;
-use vmplug::preflight::{check, gate, AgentTrouble, Ctx, DimmPlanning, Finding, NotPlanned, Operation, Severity};
+use vmplug::preflight::{
+    check, gate, AgentTrouble, Ctx, DimmPlanning, Finding, FloorBreach, NotPlanned, Operation, ResizePlanning, Severity,
+};
 use vmplug::xml::{DomainFacts, HostFacts};
 use vmplug_common::protocol::{CpuFacts, GuestInfo, MemoryFacts};
 use vmplug_common::{BlockSize, Bytes, CpuSet, GIB, MIB};
@@ -429,7 +431,7 @@ fn mem_guest_kernel_acpi_and_free() {
     if let Some(g) = roomy.guest.as_mut() {
         g.mem_available = Bytes(40 * MIB);
     }
-    let resize = |grow| Operation::Resize { grow: Bytes(grow), node: None };
+    let resize = |grow| Operation::Resize { grow: Bytes(grow), node: None, plan: None };
     assert!(
         !roomy.run(&resize(64 * GIB)).iter().any(|f| f.id == "mem.guest-free"),
         "64 GiB of virtio-mem, 40 MiB free"
@@ -683,6 +685,64 @@ fn the_dimm_plans_own_rules() {
     );
     let fits = c.run(&planned(DimmPlanning { already: Bytes(GIB), ..again }));
     assert!(!fits.iter().any(|x| x.id == "mem.request-id"), "{fits:#?}");
+}
+
+/// resize-memory's own rules, on what its plan measured: each one hard (no
+/// `--force` passes it), and none on a change that fits.
+#[test]
+fn the_resize_plans_rules() {
+    let fits = ResizePlanning {
+        scope: "guest node 1".into(),
+        devices: 1,
+        before: Bytes(5 * GIB),
+        fixed: Bytes(4 * GIB),
+        plugged: Bytes(GIB),
+        capacity: Bytes(4 * GIB),
+        unit: Bytes(2 * MIB),
+        target: Bytes(2 * GIB),
+        floor: None,
+    };
+    let run = |p: &ResizePlanning| {
+        Case::new().run(&Operation::Resize { grow: Bytes(GIB), node: Some(1), plan: Some(p.clone()) })
+    };
+    let only = |p: ResizePlanning, id: &str, message: &str| {
+        let f = run(&p);
+        let errors: Vec<&Finding> = f.iter().filter(|x| x.severity == Severity::Error).collect();
+        assert_eq!(errors.len(), 1, "{id}: {f:#?}");
+        assert_eq!((errors[0].id, errors[0].message.as_str(), errors[0].hard), (id, message, true));
+        assert!(matches!(gate(f, true, vec![]), Err(NotPlanned::Refused(_))), "{id} forced");
+    };
+    assert!(ids(&run(&fits), Severity::Error).is_empty(), "{:#?}", run(&fits));
+    only(
+        ResizePlanning { devices: 0, ..fits.clone() },
+        "vmem.device",
+        "'web1' has no virtio-mem device on guest node 1: add one with `vmplug add-virtio-mem` (or use attach-memory for DIMMs)",
+    );
+    only(
+        ResizePlanning { target: Bytes(GIB), floor: Some(FloorBreach::BelowFixed), ..fits.clone() },
+        "vmem.floor",
+        "guest node 1 cannot go below 4 GiB: that is its boot memory and DIMMs, which virtio-mem does not hold",
+    );
+    only(
+        ResizePlanning { target: Bytes(GIB), floor: Some(FloorBreach::GiveBack(Bytes(2 * GIB))), ..fits.clone() },
+        "vmem.floor",
+        "guest node 1's virtio-mem devices hold 1 GiB: they cannot give back 2 GiB",
+    );
+    only(
+        ResizePlanning { target: Bytes(GIB + MIB), ..fits.clone() },
+        "vmem.block-align",
+        "1 MiB is not a multiple of the devices' block size 2 MiB: use a multiple",
+    );
+    only(
+        ResizePlanning { target: Bytes(6 * GIB), ..fits.clone() },
+        "vmem.size",
+        "guest node 1's virtio-mem devices hold at most 4 GiB (1 GiB plugged): 6 GiB does not fit; add a device (`vmplug add-virtio-mem`) or use DIMMs",
+    );
+    only(
+        ResizePlanning { target: Bytes(GIB), ..fits.clone() },
+        "vmem.plan",
+        "guest node 1 already has 5 GiB: nothing to change",
+    );
 }
 
 #[test]
