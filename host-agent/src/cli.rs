@@ -14,7 +14,6 @@ use crate::ops::{self, HotplugOpts, MemoryOpts};
 use crate::preflight::Severity;
 use crate::report::{Envelope, OpReport, Outcome as ReportOutcome};
 use crate::tune::{self, Refused, TuneError};
-use crate::unplug::{self, DimmSelector};
 use crate::verb::{self, Verb, VerbArgs};
 
 #[derive(Parser, Debug)]
@@ -84,14 +83,14 @@ macro_rules! registered_verbs {
             /// The verb for `check`, with the options its command line gives.
             fn preview(&self) -> Result<(Box<dyn verb::Preview>, crate::facts::HotplugOpts), CliError> {
                 match self {
-                    $(Registered::$variant(a) => Ok((Box::new(a.verb()), a.opts()?)),)*
+                    $(Registered::$variant(a) => Ok((Box::new(a.verb()?), a.opts()?)),)*
                 }
             }
 
             async fn run(&self, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
                 match self {
                     $(Registered::$variant(a) => {
-                        Ok(Done::op(verb::run(&a.verb(), conn, a.domain(), &a.opts()?).await?))
+                        Ok(Done::op(verb::run(&a.verb()?, conn, a.domain(), &a.opts()?).await?))
                     })*
                 }
             }
@@ -100,6 +99,9 @@ macro_rules! registered_verbs {
 }
 
 registered_verbs! {
+    DetachMemory(crate::unplug::DetachMemoryArgs),
+    AddVirtioMem(crate::vmem_add::AddVirtioMemArgs),
+    ResizeMemory(crate::vmem::ResizeMemoryArgs),
     DetachVirtioMem(crate::vmem_detach::DetachVirtioMemArgs),
 }
 
@@ -191,58 +193,6 @@ pub enum Command {
         /// attaches only what is missing. Default: a fresh id, printed in the report.
         #[arg(long)]
         request_id: Option<String>,
-        #[command(flatten)]
-        hotplug: HotplugArgs,
-    },
-    /// Hot-unplug DIMMs: the guest offlines their blocks, libvirt detaches them,
-    /// vmplug waits for QEMU to remove them and the guest to confirm.
-    DetachMemory {
-        /// Domain name, ID or UUID (as virsh takes them).
-        domain: String,
-        /// One DIMM by alias (`ua-vmplug-ID-N`, or libvirt's `dimmN`).
-        #[arg(long, conflicts_with = "request_id", required_unless_present = "request_id")]
-        alias: Option<String>,
-        /// Every DIMM that `attach-memory --request-id ID` attached.
-        #[arg(long)]
-        request_id: Option<String>,
-        #[command(flatten)]
-        hotplug: HotplugArgs,
-    },
-    /// Add a virtio-mem device (one per guest node): a region the guest's memory
-    /// can later grow into and shrink out of with resize-memory.
-    AddVirtioMem {
-        /// Domain name, ID or UUID (as virsh takes them).
-        domain: String,
-        /// The region's size, with a unit (the most this device can ever plug).
-        #[arg(value_parser = parse_size)]
-        size: Bytes,
-        /// Guest NUMA node (required when the guest has NUMA cells).
-        #[arg(long)]
-        node: Option<u32>,
-        /// The device's block size: the step it plugs and unplugs in.
-        #[arg(long, default_value = "2M", value_parser = parse_size)]
-        block: Bytes,
-        #[command(flatten)]
-        affect: AffectArgs,
-    },
-    /// Grow or shrink guest memory through virtio-mem (virsh update-memory-device
-    /// --requested-size); waits until the devices hold it and the guest has every
-    /// plugged block online, or has released it.
-    ResizeMemory {
-        /// Domain name, ID or UUID (as virsh takes them).
-        domain: String,
-        /// The guest's memory as a total (4G; on the node with --node), or a
-        /// change (+1G, -512M). Boot memory and DIMMs stay; virtio-mem moves.
-        #[arg(allow_hyphen_values = true)]
-        size: crate::vmem::SizeChange,
-        /// Only the virtio-mem device(s) on this guest node (default: every
-        /// device, balanced).
-        #[arg(long)]
-        node: Option<u32>,
-        /// Seconds a shrink may make no progress before it is over (the guest
-        /// cannot release more; requested is then set back to what it holds).
-        #[arg(long, default_value_t = 10)]
-        settle: u64,
         #[command(flatten)]
         hotplug: HotplugArgs,
     },
@@ -455,9 +405,6 @@ macro_rules! named_domain {
             | Command::Vcpupin { domain, .. }
             | Command::Setvcpus { domain, .. }
             | Command::AttachMemory { domain, .. }
-            | Command::DetachMemory { domain, .. }
-            | Command::AddVirtioMem { domain, .. }
-            | Command::ResizeMemory { domain, .. }
             | Command::Numatune { domain, .. }
             | Command::Numa { domain }
             | Command::Check { domain, .. }
@@ -478,9 +425,6 @@ impl Command {
             Command::Vcpupin { .. } => "vcpupin",
             Command::Setvcpus { .. } => <crate::ops::Setvcpus as Verb>::NAME,
             Command::AttachMemory { .. } => <crate::ops::AttachMemory as Verb>::NAME,
-            Command::DetachMemory { .. } => <crate::unplug::DetachMemory as Verb>::NAME,
-            Command::AddVirtioMem { .. } => "add-virtio-mem",
-            Command::ResizeMemory { .. } => <crate::vmem::ResizeMemory as Verb>::NAME,
             Command::Numatune { .. } => "numatune",
             Command::Numa { .. } => "numa",
             Command::Check { .. } => "check",
@@ -709,24 +653,6 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
                 request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
             };
             attach(conn, domain, &mem, &hotplug.opts()?).await?
-        }
-        Command::DetachMemory { domain, alias, request_id, hotplug } => {
-            let sel = alias.clone().map(DimmSelector::Alias).or_else(|| request_id.clone().map(DimmSelector::Request));
-            let sel = sel.ok_or_else(|| CliError::Usage("give --alias or --request-id".into()))?;
-            Done::op(verb::run(&unplug::DetachMemory { sel }, conn, domain, &hotplug.opts()?).await?)
-        }
-        Command::AddVirtioMem { domain, size, node, block, affect } => {
-            let a = crate::vmem::AddOpts { size: *size, node: *node, block: *block };
-            Done::op(crate::vmem::add_virtio_mem(conn, domain, &a, affect.affect()?).await?)
-        }
-        Command::ResizeMemory { domain, size, node, settle, hotplug } => {
-            let r = crate::vmem::ResizeOpts {
-                change: *size,
-                node: *node,
-                settle: Duration::from_secs((*settle).clamp(1, 3600)),
-            };
-            let opts = hotplug.opts_with_zone(ZonePolicy::Movable)?;
-            Done::op(verb::run(&crate::vmem::ResizeMemory { r }, conn, domain, &opts).await?)
         }
         Command::Registered(r) => r.run(conn).await?,
         Command::Numatune { domain, mode, nodeset, affect } => {

@@ -330,7 +330,7 @@ pub async fn gather(
     name: &str,
     opts: &HotplugOpts,
 ) -> Result<(Facts, Option<GuestLink>), DomainError> {
-    gather_phases(conn, name, opts, None).await.map(|(f, l, _)| (f, l))
+    gather_phases(conn, name, opts, None, true).await.map(|(f, l, _)| (f, l))
 }
 
 /// [`gather`], and how long the libvirt facts and the agent's handshake took (ms).
@@ -339,13 +339,14 @@ async fn gather_phases(
     name: &str,
     opts: &HotplugOpts,
     held: Option<GuestLink>,
+    ask_guest: bool,
 ) -> Result<(Facts, Option<GuestLink>, (u64, u64)), DomainError> {
     // The domain first (it says where the agent is), then the host's facts and
     // the agent's handshake at the same time: neither waits for the other.
     let t = std::time::Instant::now();
     let d = read_domain(conn.clone(), name, true).await?;
     let affect = opts.affect.resolve(d.running);
-    let blind = opts.no_wait && opts.agent.is_none() && discover(&d.facts).is_err();
+    let blind = !ask_guest || (opts.no_wait && opts.agent.is_none() && discover(&d.facts).is_err());
     let host = async {
         let h = read_host(conn.clone(), d.facts.clone()).await;
         (h, ms(t))
@@ -404,14 +405,16 @@ async fn shrink_forecast(link: &mut GuestLink, dom: &DomainFacts) -> Option<vmpl
     }
 }
 
-/// [`gather`], timed: the facts, the agent session, and the run whose
-/// preflight phase the reading was (every verb's entry point starts so).
+/// [`gather`], timed: the facts, the agent session (none unless `ask_guest`),
+/// and the run whose preflight phase the reading was (every verb's entry
+/// point starts so).
 pub async fn gather_timed(
     conn: Arc<dyn Connection>,
     name: &str,
     opts: &HotplugOpts,
+    ask_guest: bool,
 ) -> Result<(Facts, Option<GuestLink>, Run), DomainError> {
-    gather_timed_with(conn, name, opts, None).await
+    timed(conn, name, opts, None, ask_guest).await
 }
 
 /// [`gather_timed`] with an agent session the caller already holds (autoscale
@@ -423,9 +426,19 @@ pub async fn gather_timed_with(
     opts: &HotplugOpts,
     held: Option<GuestLink>,
 ) -> Result<(Facts, Option<GuestLink>, Run), DomainError> {
+    timed(conn, name, opts, held, true).await
+}
+
+async fn timed(
+    conn: Arc<dyn Connection>,
+    name: &str,
+    opts: &HotplugOpts,
+    held: Option<GuestLink>,
+    ask_guest: bool,
+) -> Result<(Facts, Option<GuestLink>, Run), DomainError> {
     let mut run = Run::new();
     let t = std::time::Instant::now();
-    let (facts, link, (facts_ms, handshake_ms)) = gather_phases(conn, name, opts, held).await?;
+    let (facts, link, (facts_ms, handshake_ms)) = gather_phases(conn, name, opts, held, ask_guest).await?;
     run.preflight_ms = ms(t);
     (run.facts_ms, run.handshake_ms) = (facts_ms, handshake_ms);
     Ok((facts, link, run))

@@ -28,6 +28,7 @@ pub mod unplug;
 pub mod verb;
 pub mod verify;
 pub mod vmem;
+pub mod vmem_add;
 pub mod vmem_detach;
 pub mod wait;
 pub mod xml;

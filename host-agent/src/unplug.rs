@@ -15,7 +15,7 @@ use crate::link::GuestAgent;
 use crate::plan::{plan_detach_memory, DetachPlan};
 use crate::preflight::{Finding, NotPlanned};
 use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostSide, OpReport, Outcome, Run};
-use crate::verb::Verb;
+use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::wait::Wait;
 use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
 
@@ -67,6 +67,44 @@ fn first_failure(r: &vmplug_common::protocol::Report) -> String {
 #[derive(Debug, Clone)]
 pub struct DetachMemory {
     pub sel: DimmSelector,
+}
+
+/// Hot-unplug DIMMs: the guest offlines their blocks, libvirt detaches them,
+/// vmplug waits for QEMU to remove them and the guest to confirm.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DetachMemoryArgs {
+    /// Domain name, ID or UUID (as virsh takes them).
+    pub domain: String,
+    /// One DIMM by alias (`ua-vmplug-ID-N`, or libvirt's `dimmN`).
+    #[arg(long, conflicts_with = "request_id", required_unless_present = "request_id")]
+    pub alias: Option<String>,
+    /// Every DIMM that `attach-memory --request-id ID` attached.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    #[command(flatten)]
+    pub hotplug: HotplugArgs,
+}
+
+impl VerbArgs for DetachMemoryArgs {
+    type Verb = DetachMemory;
+
+    fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    fn domain_mut(&mut self) -> &mut String {
+        &mut self.domain
+    }
+
+    fn verb(&self) -> Result<DetachMemory, DomainError> {
+        let sel =
+            self.alias.clone().map(DimmSelector::Alias).or_else(|| self.request_id.clone().map(DimmSelector::Request));
+        Ok(DetachMemory { sel: sel.ok_or_else(|| DomainError::Usage("give --alias or --request-id".into()))? })
+    }
+
+    fn opts(&self) -> Result<HotplugOpts, DomainError> {
+        self.hotplug.opts()
+    }
 }
 
 impl Verb for DetachMemory {

@@ -30,6 +30,10 @@ use crate::report::{ms, not_planned, OpReport, Run};
 pub trait Verb: Sync {
     /// The verb as typed, as reports and the `--json` schema name it.
     const NAME: &'static str;
+    /// Whether the runner opens the guest agent's session for a live change
+    /// (a verb that gives the guest nothing yet, such as a new empty device,
+    /// does not ask it).
+    const ASKS_GUEST: bool = true;
     /// What the plan decided: the steps, and the findings preflight left.
     type Plan: Send + Sync;
 
@@ -57,7 +61,7 @@ pub trait VerbArgs {
     type Verb: Verb;
     fn domain(&self) -> &str;
     fn domain_mut(&mut self) -> &mut String;
-    fn verb(&self) -> Self::Verb;
+    fn verb(&self) -> Result<Self::Verb, DomainError>;
     fn opts(&self) -> Result<HotplugOpts, DomainError>;
 }
 
@@ -68,7 +72,7 @@ pub async fn run<V: Verb>(
     name: &str,
     opts: &HotplugOpts,
 ) -> Result<OpReport, DomainError> {
-    let (facts, mut link, run) = gather_timed(conn, name, opts).await?;
+    let (facts, mut link, run) = gather_timed(conn, name, opts, V::ASKS_GUEST).await?;
     run_on(verb, &facts, link.as_mut(), opts, run).await
 }
 

@@ -14,25 +14,24 @@
 //! back to what the device still holds, and the report says how much that is.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmplug_common::protocol::{BlockState, DeviceKind, ForecastRequest, MemRange, OnlineRequest, ZonePolicy};
 use vmplug_common::Bytes;
 
-use crate::domain::{Affect, Connection, DomainError, XmlView};
+use crate::domain::{Affect, DomainError, XmlView};
 use crate::facts::Facts;
 use crate::facts::{blocking, HotplugOpts};
 use crate::link::GuestAgent;
 use crate::preflight::{self, Finding, FloorBreach, Operation, ResizePlanning, RuleId};
 use crate::preflight::{NotPlanned, Refusal};
-use crate::report::{affect_text, libvirt_failed, ms, not_planned, persistent_only, HostOnly, Run};
+use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostOnly, Run};
 use crate::report::{HostSide, OpReport, Outcome};
-use crate::verb::Verb;
+use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::wait::Wait;
 
 pub use crate::report::DeviceOutcome;
-use crate::xml::{virtio_mem_update_xml, virtio_mem_xml, DomainFacts, VirtioMem};
+use crate::xml::{virtio_mem_update_xml, DomainFacts, VirtioMem};
 
 /// How often the live XML is read while the guest's driver plugs or unplugs.
 const POLL: Duration = Duration::from_millis(50);
@@ -505,6 +504,52 @@ pub struct ResizeMemory {
     pub r: ResizeOpts,
 }
 
+/// Grow or shrink guest memory through virtio-mem (virsh update-memory-device
+/// --requested-size); waits until the devices hold it and the guest has every
+/// plugged block online, or has released it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ResizeMemoryArgs {
+    /// Domain name, ID or UUID (as virsh takes them).
+    pub domain: String,
+    /// The guest's memory as a total (4G; on the node with --node), or a
+    /// change (+1G, -512M). Boot memory and DIMMs stay; virtio-mem moves.
+    #[arg(allow_hyphen_values = true)]
+    pub size: SizeChange,
+    /// Only the virtio-mem device(s) on this guest node (default: every
+    /// device, balanced).
+    #[arg(long)]
+    pub node: Option<u32>,
+    /// Seconds a shrink may make no progress before it is over (the guest
+    /// cannot release more; requested is then set back to what it holds).
+    #[arg(long, default_value_t = 10)]
+    pub settle: u64,
+    #[command(flatten)]
+    pub hotplug: HotplugArgs,
+}
+
+impl VerbArgs for ResizeMemoryArgs {
+    type Verb = ResizeMemory;
+
+    fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    fn domain_mut(&mut self) -> &mut String {
+        &mut self.domain
+    }
+
+    fn verb(&self) -> Result<ResizeMemory, DomainError> {
+        let settle = Duration::from_secs(self.settle.clamp(1, 3600));
+        Ok(ResizeMemory { r: ResizeOpts { change: self.size, node: self.node, settle } })
+    }
+
+    /// virtio-mem's blocks go to ZONE_MOVABLE unless told otherwise, so that
+    /// the memory can shrink again.
+    fn opts(&self) -> Result<HotplugOpts, DomainError> {
+        self.hotplug.opts_with_zone(ZonePolicy::Movable)
+    }
+}
+
 impl Verb for ResizeMemory {
     const NAME: &'static str = "resize-memory";
     type Plan = ResizePlan;
@@ -695,7 +740,7 @@ async fn update_requested(facts: &Facts, index: usize, to: Bytes, affect: Affect
     Ok(())
 }
 
-async fn live_devices(facts: &Facts) -> Result<Vec<VirtioMem>, DomainError> {
+pub(crate) async fn live_devices(facts: &Facts) -> Result<Vec<VirtioMem>, DomainError> {
     let dom = facts.loaded.dom.clone();
     let xml = blocking(move || dom.xml(XmlView::Live)).await?;
     Ok(DomainFacts::parse(&xml).map_err(|e| DomainError::Other(format!("live XML: {e}")))?.virtio_mems)
@@ -821,95 +866,6 @@ async fn reset_requested(facts: &Facts, plan: &ResizePlan, ev: &mut Evidence, ap
             Err(e) => applied.push(format!("could not set {} requested back to {held}: {e}", d.label())),
         }
     }
-}
-
-/// `add-virtio-mem`: a new device of `size` on a guest node, nothing requested.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AddOpts {
-    pub size: Bytes,
-    pub node: Option<u32>,
-    pub block: Bytes,
-}
-
-/// `vmplug add-virtio-mem`.
-pub async fn add_virtio_mem(
-    conn: Arc<dyn Connection>,
-    name: &str,
-    a: &AddOpts,
-    affect: Affect,
-) -> Result<OpReport, DomainError> {
-    let run = Run::new();
-    let loaded = crate::facts::load(conn, name, true).await?;
-    let affect = affect.resolve(loaded.running);
-    // The rules of a new device: where it goes, its block size, its room under
-    // <maxMemory>, a running domain for a live one.
-    let op = Operation::AddVirtioMem { size: a.size, node: a.node, block: a.block };
-    let findings = preflight::check(&loaded.ctx(None, affect, true), &op);
-    if preflight::has_errors(&findings) {
-        let refusal = refusal(findings, vec![]);
-        return not_planned("add-virtio-mem", name, affect, NotPlanned::Refused(refusal), &run);
-    }
-    let before = loaded.facts.virtio_mems.len();
-    let xml = virtio_mem_xml(a.size, a.node, a.block);
-    let dom = loaded.dom.clone();
-    let t = Instant::now();
-    if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
-        return Ok(libvirt_failed("add-virtio-mem", name, affect, vec![], findings, &e, &run));
-    }
-    let applied = vec![format!(
-        "attach virtio-mem {} on node {} (block {}) ({})",
-        a.size,
-        a.node.map_or("-".into(), |n| n.to_string()),
-        a.block,
-        affect_text(affect)
-    )];
-    let mut run = run;
-    run.libvirt_ms = ms(t);
-    if !affect.live() {
-        let message =
-            format!("virtio-mem device of {} added to the persistent definition (present at the next start)", a.size);
-        return Ok(persistent_only("add-virtio-mem", name, affect, message, findings, applied, &run));
-    }
-    let f = crate::facts::Facts {
-        loaded,
-        affect,
-        guest: None,
-        agent_error: None,
-        agent_trouble: None,
-        persistent: None,
-        forecast: None,
-    };
-    let devices = live_devices(&f).await?;
-    let (outcome, message, verified) = match devices.get(before) {
-        Some(d) if devices.len() > before => (
-            Outcome::Ok,
-            format!(
-                "libvirt added {}, nothing plugged yet (the guest's driver is checked when it grows): `vmplug resize-memory {name} +SIZE`",
-                d.label()
-            ),
-            Some(format!(
-                "{}: {} on node {} at {:#x}, block {}",
-                d.label(),
-                d.size,
-                d.node.map_or("-".into(), |n| n.to_string()),
-                d.base.unwrap_or(0),
-                d.block
-            )),
-        ),
-        _ => (Outcome::LibvirtError, "libvirt accepted the device but the live XML does not show it".into(), None),
-    };
-    Ok(OpReport {
-        operation: "add-virtio-mem".into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
-        guest: None,
-        virtio_mem: vec![],
-        timings: run.timings(),
-    })
 }
 
 #[cfg(test)]

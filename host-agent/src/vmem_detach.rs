@@ -58,8 +58,8 @@ impl VerbArgs for DetachVirtioMemArgs {
         &mut self.domain
     }
 
-    fn verb(&self) -> DetachVirtioMem {
-        DetachVirtioMem { alias: self.alias.clone() }
+    fn verb(&self) -> Result<DetachVirtioMem, DomainError> {
+        Ok(DetachVirtioMem { alias: self.alias.clone() })
     }
 
     fn opts(&self) -> Result<HotplugOpts, DomainError> {

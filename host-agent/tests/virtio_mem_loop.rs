@@ -146,3 +146,30 @@ async fn a_shrink_the_guest_vetoes_changes_nothing() {
     assert_eq!(r.outcome, Outcome::Ok, "under a floor it keeps, the shrink goes: {}", r.render_text());
     assert_eq!(live_device(dom, 0).0, Bytes(256 * MIB));
 }
+
+/// add-virtio-mem gives the guest nothing yet, so it does not ask the guest:
+/// an agent named on the command line is never connected to, and the device
+/// is read back from the live XML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_device_is_read_back_without_asking_the_guest() {
+    use vmplug::vmem_add::AddVirtioMem;
+    let World { conn, opts: o, _dir: dir, .. } = &world();
+    let path = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let o = HotplugOpts { agent: Some(AgentAddr::Serial { path }), agent_wait: Duration::from_secs(2), ..o.clone() };
+    let add = AddVirtioMem { size: Bytes(512 * MIB), node: Some(1), block: Bytes(2 * MIB) };
+    let r = verb::run(&add, conn.clone(), "mem1", &o).await.expect("report");
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.render_text());
+    assert!(
+        r.message.starts_with("libvirt added virtiomem") && r.message.contains("nothing plugged yet"),
+        "{}",
+        r.message
+    );
+    assert!(r.guest.is_none(), "{}", r.render_text());
+    let asked = listener.accept();
+    assert!(
+        matches!(&asked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the agent's socket was connected to: {asked:?}"
+    );
+}

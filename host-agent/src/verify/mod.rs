@@ -33,7 +33,8 @@ use crate::preflight::{RuleId, Severity};
 use crate::report::{OpReport, Outcome};
 use crate::unplug::DimmSelector;
 use crate::verb::{self, Verb};
-use crate::vmem::{AddOpts, ResizeOpts, SizeChange};
+use crate::vmem::{ResizeOpts, SizeChange};
+use crate::vmem_add::AddVirtioMem;
 use crate::wait::Wait;
 use domain::{Accel, AccelChoice, Arch, DirectBoot};
 use report::{Case, GuestView, Summary, Verdict, VerifyReport};
@@ -388,9 +389,10 @@ impl Session {
         if let Some(why) = r.refused {
             return Err(HarnessError(format!("prepare refused the throwaway guest's definition: {why}")));
         }
-        let add = AddOpts { size: VIRTIO_MEM_REGION, node: Some(0), block: Bytes(2 * MIB) };
-        let r =
-            crate::vmem::add_virtio_mem(self.conn.clone(), &self.name, &add, Affect::Config).await.map_err(harness)?;
+        let add = AddVirtioMem { size: VIRTIO_MEM_REGION, node: Some(0), block: Bytes(2 * MIB) };
+        let r = crate::verb::run(&add, self.conn.clone(), &self.name, &AddVirtioMem::opts(Affect::Config))
+            .await
+            .map_err(harness)?;
         if r.outcome != Outcome::Ok {
             self.virtio_mem = Err(format!("add-virtio-mem: {}", r.message));
         }
