@@ -122,6 +122,7 @@ async fn execute_vcpus<A: GuestAgent>(
         guest: guest_report,
         virtio_mem: vec![],
         timings: run.timings(),
+        guest_offlined: false,
     })
 }
 
@@ -581,6 +582,7 @@ async fn confirm_memory<A: GuestAgent>(
         guest: confirmation.and_then(Result::ok),
         virtio_mem: vec![],
         timings: run.timings(),
+        guest_offlined: false,
     })
 }
 

@@ -174,6 +174,10 @@ pub struct OpReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub virtio_mem: Vec<DeviceOutcome>,
     pub timings: Timings,
+    /// The guest took memory offline (an unplug): its `done` items read
+    /// "offlined" in the text. Not in the JSON, whose items say `done`.
+    #[serde(skip)]
+    pub guest_offlined: bool,
 }
 
 impl OpReport {
@@ -232,7 +236,7 @@ impl OpReport {
         }
         if let Some(g) = &self.guest {
             // An offline report (unplug, shrink): a CPU it took down is not online after it.
-            let offline = self.operation == "detach-memory"
+            let offline = self.guest_offlined
                 || g.cpus
                     .iter()
                     .any(|c| c.outcome == vmplug_common::protocol::ItemOutcome::Done && !g.cpus_online.contains(c.cpu));
@@ -426,6 +430,7 @@ impl HostOnly<'_> {
             guest: None,
             virtio_mem: vec![],
             timings: run.timings(),
+            guest_offlined: false,
         }
     }
 }

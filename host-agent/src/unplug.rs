@@ -195,6 +195,7 @@ impl Detach<'_> {
             guest: self.guest.clone(),
             virtio_mem: vec![],
             timings: self.run.timings(),
+            guest_offlined: true,
         }
     }
 

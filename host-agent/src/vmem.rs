@@ -666,6 +666,7 @@ async fn execute_resize<A: GuestAgent>(
         guest: None,
         virtio_mem: devices,
         timings: run.timings(),
+        guest_offlined: false,
     })
 }
 
