@@ -131,7 +131,8 @@ impl Default for GuestSpec {
 }
 
 impl GuestSpec {
-    /// The domain XML of a hot-plug-ready test guest on `machine`.
+    /// The domain XML of a hot-plug-ready test guest on `machine`, written by
+    /// vmplug's one definition writer (verify-image's too).
     pub fn domain_xml(
         &self,
         name: &str,
@@ -140,136 +141,70 @@ impl GuestSpec {
         initrd: &std::path::Path,
         machine: &str,
     ) -> String {
-        let total: u64 = self.cells_mib.iter().sum();
-        let ncells = self.cells_mib.len() as u32;
-        let per_cell = self.max_vcpus / ncells;
-        let mut cells = String::new();
-        for (i, mib) in self.cells_mib.iter().enumerate() {
-            let i = i as u32;
-            let last = if i + 1 == ncells { self.max_vcpus - 1 } else { (i + 1) * per_cell - 1 };
-            let _ = write!(cells, "<cell id='{i}' cpus='{}-{last}' memory='{mib}' unit='MiB'/>", i * per_cell);
-        }
+        use vmplug::verify::domain::{domain_xml, Definition, DirectBoot, Disk, Extras, Hotplug};
         let d = dir.display();
-        let (backing, vsock) = match self.transport {
-            Transport::Serial => (String::new(), String::new()),
-            Transport::Vsock => (
-                "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>".to_string(),
-                format!(
-                    "<qemu:commandline><qemu:arg value='-chardev'/><qemu:arg value='socket,id=vmplugvsock,path={d}/vhu.sock'/>\
-                     <qemu:arg value='-device'/><qemu:arg value='vhost-user-vsock-pci,chardev=vmplugvsock,bus=pcie.0,addr=0x10'/></qemu:commandline>"
-                ),
-            ),
-        };
-        let (max_memory, numa, vcpu) = if self.plain {
-            (String::new(), String::new(), format!("<vcpu placement='static'>{}</vcpu>", self.vcpus))
-        } else {
-            (
-                format!("<maxMemory slots='{}' unit='MiB'>{}</maxMemory>", self.slots, self.max_memory_mib),
-                format!("<topology sockets='{maxv}' dies='1' clusters='1' cores='1' threads='1'/>\n    <numa>{cells}</numa>", maxv = self.max_vcpus),
-                format!("<vcpu placement='static' current='{}'>{}</vcpu>", self.vcpus, self.max_vcpus),
-            )
-        };
-        let (disk, root_arg) = match &self.disk {
-            Some(_) => (
-                format!("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{d}/root.img'/><target dev='vda' bus='virtio'/></disk>"),
-                "vmplug.root=/dev/vda",
-            ),
-            None => (String::new(), ""),
-        };
-        let data_disk = match &self.data_disk {
-            Some(_) => format!("<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{d}/data.img'/><target dev='vdb' bus='virtio'/><readonly/></disk>"),
-            None => String::new(),
-        };
-        let virtio_mem: String = self
-            .virtio_mem
-            .iter()
-            .map(|(node, mib)| {
-                format!(
-                    "<memory model='virtio-mem'><target><size unit='MiB'>{mib}</size><node>{node}</node>\
-                     <block unit='MiB'>2</block><requested unit='MiB'>0</requested></target></memory>"
-                )
-            })
-            .collect();
-        let nic = match self.nic_queues {
-            Some(q) => format!(
-                "<interface type='ethernet'><model type='virtio'/><driver name='qemu' queues='{q}'/></interface>"
-            ),
-            None => String::new(),
-        };
-        let channel_source = if self.libvirt_channel {
-            "<source mode='bind'/>".to_string()
-        } else {
-            format!("<source mode='bind' path='{d}/agent.sock'/>")
-        };
-        let metadata = match self.transport {
-            Transport::Serial => String::new(),
-            Transport::Vsock => format!(
+        let mut extras = Extras::default();
+        if self.transport == Transport::Vsock {
+            extras.metadata = format!(
                 "<metadata><vmplug:domain xmlns:vmplug='https://vmplug.dev/xmlns/domain/1'><vmplug:agent transport='hybrid' path='{d}/vsock.sock' port='{AGENT_PORT}'/></vmplug:domain></metadata>"
+            );
+            extras.memory_backing =
+                "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>".to_string();
+            extras.qemu_args = format!(
+                "<qemu:arg value='-chardev'/><qemu:arg value='socket,id=vmplugvsock,path={d}/vhu.sock'/>\
+                 <qemu:arg value='-device'/><qemu:arg value='vhost-user-vsock-pci,chardev=vmplugvsock,bus=pcie.0,addr=0x10'/>"
+            );
+        }
+        for (node, mib) in &self.virtio_mem {
+            let _ = write!(
+                extras.devices,
+                "<memory model='virtio-mem'><target><size unit='MiB'>{mib}</size><node>{node}</node>\
+                 <block unit='MiB'>2</block><requested unit='MiB'>0</requested></target></memory>"
+            );
+        }
+        if let Some(q) = self.nic_queues {
+            let _ = write!(
+                extras.devices,
+                "<interface type='ethernet'><model type='virtio'/><driver name='qemu' queues='{q}'/></interface>"
+            );
+        }
+        let mut disks = Vec::new();
+        if self.disk.is_some() {
+            disks.push(Disk { file: "root.img", format: "raw", dev: "vda", readonly: false });
+        }
+        if self.data_disk.is_some() {
+            disks.push(Disk { file: "data.img", format: "raw", dev: "vdb", readonly: true });
+        }
+        let root = if self.disk.is_some() { " vmplug.root=/dev/vda" } else { "" };
+        let acpi = if self.kernel.arch() == Arch::Aarch64 { " acpi=force" } else { "" };
+        let boot = DirectBoot {
+            kernel: Some(kernel.to_path_buf()),
+            initrd: Some(initrd.to_path_buf()),
+            append: Some(
+                format!("quiet loglevel=1 panic=-1{root}{acpi} {}", self.cmdline_extra).trim_end().to_string(),
             ),
         };
-        // aarch64: UEFI (AAVMF, which libvirt requires for ACPI there) hands
-        // QEMU's ACPI tables to the kernel; the kernel still comes from <kernel>.
-        let (arch, firmware, console, features, model, emulator) = match self.kernel.arch() {
-            Arch::X86_64 => ("x86_64", String::new(), "ttyS0", "<acpi/><apic/>", "qemu64", "qemu-system-x86_64"),
-            Arch::Aarch64 => (
-                "aarch64",
-                "<loader readonly='yes' type='pflash'>/usr/share/AAVMF/AAVMF_CODE.fd</loader>\
-                 <nvram template='/usr/share/AAVMF/AAVMF_VARS.fd'/>"
-                    .to_string(),
-                "ttyAMA0 acpi=force",
-                "<acpi/><gic version='3'/>",
-                "cortex-a57",
-                "qemu-system-aarch64",
-            ),
-        };
-        format!(
-            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  {metadata}
-  <memory unit='MiB'>{total}</memory>
-  {max_memory}
-  {vcpu}
-  {backing}
-  <os>
-    <type arch='{arch}' machine='{machine}'>hvm</type>
-    {firmware}
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console={console} quiet loglevel=1 panic=-1 {root_arg} {extra}</cmdline>
-  </os>
-  <features>{features}</features>
-  <cpu mode='custom' match='exact' check='none'>
-    <model fallback='allow'>{model}</model>
-    {numa}
-  </cpu>
-  <clock offset='utc'/>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/{emulator}</emulator>
-    <serial type='unix'>
-      <source mode='bind' path='{d}/console.sock'/>
-      <log file='{d}/console.log' append='on'/>
-      <target port='0'/>
-    </serial>
-    <channel type='unix'>
-      {channel_source}
-      <target type='virtio' name='{SERIAL_NAME}'/>
-    </channel>
-    {disk}
-    {data_disk}
-    {virtio_mem}
-    {nic}
-    <memballoon model='none'/>
-  </devices>
-  {vsock}
-</domain>
-",
-            kernel = kernel.display(),
-            initrd = initrd.display(),
-            extra = self.cmdline_extra,
-        )
+        let hotplug = (!self.plain).then_some(Hotplug {
+            max_vcpus: self.max_vcpus,
+            cells_mib: &self.cells_mib,
+            slots: self.slots,
+            max_memory_mib: self.max_memory_mib,
+        });
+        domain_xml(&Definition {
+            name,
+            dir,
+            arch: self.kernel.arch(),
+            machine,
+            kvm: false,
+            memory_mib: self.cells_mib.iter().sum(),
+            vcpus: self.vcpus,
+            hotplug,
+            boot: &boot,
+            disks,
+            agent_channel: SERIAL_NAME,
+            channel_in_dir: !self.libvirt_channel,
+            extras,
+        })
     }
 }
 
@@ -832,5 +767,52 @@ impl Drop for Guest {
             let _ = fs::remove_dir_all(&self.dir);
         }
         give_slot();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The suite's guests through the one writer: what each spec asks is in
+    /// the definition vmplug itself reads.
+    #[test]
+    fn a_test_guests_definition_says_what_its_spec_asks() {
+        let spec = GuestSpec {
+            vcpus: 2,
+            max_vcpus: 4,
+            cells_mib: vec![384, 384],
+            transport: Transport::Vsock,
+            cmdline_extra: "memhp_default_state=offline".into(),
+            disk: Some(PathBuf::from("/img")),
+            virtio_mem: vec![(1, 1024)],
+            nic_queues: Some(4),
+            ..GuestSpec::default()
+        };
+        let dir = std::path::Path::new("/run/g");
+        let xml = spec.domain_xml("g1", dir, "/run/g/vmlinuz".as_ref(), "/run/g/initrd.img".as_ref(), "q35");
+        let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+        let f = vmplug::xml::DomainFacts::parse(&xml).expect("vmplug reads it");
+        assert_eq!((f.vcpus_current, f.vcpus_max, f.cells.len(), f.slots), (2, 4, 2, Some(8)));
+        assert_eq!(f.virtio_mems.len(), 1);
+        assert_eq!(f.channels.get(SERIAL_NAME).cloned().flatten().as_deref(), Some("/run/g/agent.sock"));
+        let cmdline = doc.descendants().find(|n| n.has_tag_name("cmdline")).and_then(|n| n.text()).unwrap_or_default();
+        assert_eq!(cmdline, "console=ttyS0 quiet loglevel=1 panic=-1 vmplug.root=/dev/vda memhp_default_state=offline");
+        assert!(
+            xml.contains("<qemu:arg value='vhost-user-vsock-pci,chardev=vmplugvsock,bus=pcie.0,addr=0x10'/>"),
+            "{xml}"
+        );
+        assert!(xml.contains("<memoryBacking><source type='memfd'/>") && xml.contains("port='"), "{xml}");
+        assert!(xml.contains("<driver name='qemu' queues='4'/>"), "{xml}");
+        assert!(xml.starts_with("<domain type='qemu' xmlns:qemu="), "{xml}");
+
+        let arm =
+            GuestSpec { kernel: GuestKernel::Arm64Acpi, plain: true, libvirt_channel: true, ..GuestSpec::default() };
+        let xml = arm.domain_xml("g2", dir, "/k".as_ref(), "/i".as_ref(), "virt-9.2");
+        let f = vmplug::xml::DomainFacts::parse(&xml).expect("vmplug reads it");
+        assert_eq!((f.vcpus_current, f.max_memory, f.cells.len()), (1, None, 0));
+        assert_eq!(f.channels.get(SERIAL_NAME).cloned(), Some(None), "libvirt places the socket");
+        assert!(xml.contains("console=ttyAMA0 quiet loglevel=1 panic=-1 acpi=force</cmdline>"), "{xml}");
+        assert!(xml.contains("AAVMF_CODE.fd") && xml.contains("<domain type='qemu'>"), "{xml}");
     }
 }

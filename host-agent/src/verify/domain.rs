@@ -132,20 +132,67 @@ pub struct DirectBoot {
     pub append: Option<String>,
 }
 
-/// Everything the plain definition needs.
+/// A disk of the guest: a file in its work directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Disk<'a> {
+    /// The file's name in the work directory.
+    pub file: &'a str,
+    /// Its format (`raw`, `qcow2`); its chain ends here (`<backingStore/>`):
+    /// nothing an image names is followed.
+    pub format: &'a str,
+    pub dev: &'a str,
+    pub readonly: bool,
+}
+
+/// What makes a definition hot-plug-ready from the start: vCPUs up to `max_vcpus`
+/// (one socket each), guest NUMA cells, and `<maxMemory>` with slots.
+#[derive(Debug, Clone, Copy)]
+pub struct Hotplug<'a> {
+    pub max_vcpus: u32,
+    /// Each cell's initial memory (MiB); the vCPUs are split evenly over them.
+    pub cells_mib: &'a [u64],
+    pub slots: u32,
+    pub max_memory_mib: u64,
+}
+
+/// Test-only parts, already XML, written where they belong: the vsock
+/// backend's `<metadata>`, `<memoryBacking>` and QEMU arguments, more devices.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    pub metadata: String,
+    pub memory_backing: String,
+    pub devices: String,
+    /// `<qemu:arg>` elements (the QEMU namespace is declared when there are any).
+    pub qemu_args: String,
+}
+
+/// A guest definition: verify-image's throwaway guest and the e2e suite's test
+/// guests differ only in these. [`domain_xml`] is the one writer of either.
 #[derive(Debug, Clone)]
-pub struct Plain<'a> {
+pub struct Definition<'a> {
     pub name: &'a str,
+    /// The work directory: the console's socket and log, the agent's socket and
+    /// the disks are there.
     pub dir: &'a Path,
     pub arch: Arch,
     pub machine: &'a str,
-    pub accel: &'a Accel,
+    /// KVM (host CPU passed through) or TCG (the architecture's generic CPU).
+    pub kvm: bool,
+    /// The initial memory (MiB): the cells' sum when hot-plug-ready.
     pub memory_mib: u64,
+    /// vCPUs present at boot.
     pub vcpus: u32,
+    /// `None`: plain, as an operator writes it without hot-plug in mind (every
+    /// vCPU present, no `<maxMemory>`, no guest NUMA): `prepare` makes it ready.
+    pub hotplug: Option<Hotplug<'a>>,
     pub boot: &'a DirectBoot,
+    pub disks: Vec<Disk<'a>>,
+    /// The agent's virtio-serial channel name.
     pub agent_channel: &'a str,
-    /// The format of the run's private copy of the image (`disk` in `dir`).
-    pub disk_format: &'a str,
+    /// The channel's socket is `agent.sock` in the work directory; else libvirt
+    /// places it under its own channel directory (as `prepare` leaves it).
+    pub channel_in_dir: bool,
+    pub extras: Extras,
 }
 
 /// The kernel command line: the operator's, with the serial console added
@@ -167,11 +214,25 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
 
-/// A definition as an operator would write it without hot-plug in mind (every
-/// vCPU present, no `<maxMemory>`, no guest NUMA): `prepare` makes it ready.
-pub fn plain_xml(p: &Plain) -> String {
+/// Guest NUMA cells over `max` vCPUs: the vCPUs split evenly, the last cell
+/// taking the remainder.
+fn cells_xml(max: u32, cells_mib: &[u64]) -> String {
+    let n = cells_mib.len().max(1) as u32;
+    let per = max / n;
+    let mut out = String::new();
+    for (i, mib) in cells_mib.iter().enumerate() {
+        let i = i as u32;
+        let last = if i + 1 == n { max - 1 } else { (i + 1) * per - 1 };
+        out.push_str(&format!("<cell id='{i}' cpus='{}-{last}' memory='{mib}' unit='MiB'/>", i * per));
+    }
+    out
+}
+
+/// The definition's XML. aarch64 boots through UEFI (AAVMF, which libvirt
+/// requires for ACPI there) and still takes the kernel from `<kernel>`.
+pub fn domain_xml(p: &Definition) -> String {
     let d = esc(&p.dir.display().to_string());
-    let (firmware, features, cpu, emulator) = match p.arch {
+    let (firmware, features, model, emulator) = match p.arch {
         Arch::X86_64 => (String::new(), "<acpi/><apic/>", "qemu64", "qemu-system-x86_64"),
         Arch::Aarch64 => (
             "<loader readonly='yes' type='pflash'>/usr/share/AAVMF/AAVMF_CODE.fd</loader>\
@@ -182,10 +243,24 @@ pub fn plain_xml(p: &Plain) -> String {
             "qemu-system-aarch64",
         ),
     };
-    let cpu = if p.accel.kind == "kvm" {
-        "<cpu mode='host-passthrough' check='none'/>".to_string()
-    } else {
-        format!("<cpu mode='custom' match='exact' check='none'><model fallback='allow'>{cpu}</model></cpu>")
+    let (vcpu, max_memory, numa) = match &p.hotplug {
+        None => (format!("<vcpu placement='static'>{}</vcpu>", p.vcpus), String::new(), String::new()),
+        Some(h) => (
+            format!("<vcpu placement='static' current='{}'>{}</vcpu>", p.vcpus, h.max_vcpus),
+            format!("<maxMemory slots='{}' unit='MiB'>{}</maxMemory>", h.slots, h.max_memory_mib),
+            format!(
+                "<topology sockets='{}' dies='1' clusters='1' cores='1' threads='1'/><numa>{}</numa>",
+                h.max_vcpus,
+                cells_xml(h.max_vcpus, h.cells_mib)
+            ),
+        ),
+    };
+    let cpu = match (p.kvm, numa.is_empty()) {
+        (true, true) => "<cpu mode='host-passthrough' check='none'/>".to_string(),
+        (true, false) => format!("<cpu mode='host-passthrough' check='none'>{numa}</cpu>"),
+        (false, _) => {
+            format!("<cpu mode='custom' match='exact' check='none'><model fallback='allow'>{model}</model>{numa}</cpu>")
+        }
     };
     let boot = match &p.boot.kernel {
         Some(k) => format!(
@@ -200,11 +275,47 @@ pub fn plain_xml(p: &Plain) -> String {
         ),
         None => "<boot dev='hd'/>".to_string(),
     };
+    let disks: String = p
+        .disks
+        .iter()
+        .map(|k| {
+            format!(
+                "<disk type='file' device='disk'>
+      <driver name='qemu' type='{format}'/>
+      <source file='{d}/{file}'/>
+      <backingStore/>
+      <target dev='{dev}' bus='virtio'/>{ro}
+    </disk>
+    ",
+                format = esc(k.format),
+                file = esc(k.file),
+                dev = esc(k.dev),
+                ro = if k.readonly { "<readonly/>" } else { "" },
+            )
+        })
+        .collect();
+    let channel = if p.channel_in_dir {
+        format!("<source mode='bind' path='{d}/agent.sock'/>")
+    } else {
+        "<source mode='bind'/>".into()
+    };
+    let e = &p.extras;
+    let (ns, qemu) = if e.qemu_args.is_empty() {
+        ("", String::new())
+    } else {
+        (
+            " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'",
+            format!("<qemu:commandline>{}</qemu:commandline>", e.qemu_args),
+        )
+    };
     format!(
-        "<domain type='{virt}'>
+        "<domain type='{virt}'{ns}>
   <name>{name}</name>
+  {metadata}
   <memory unit='MiB'>{mem}</memory>
-  <vcpu placement='static'>{vcpus}</vcpu>
+  {max_memory}
+  {vcpu}
+  {backing}
   <os>
     <type arch='{arch}' machine='{machine}'>hvm</type>
     {firmware}
@@ -218,33 +329,30 @@ pub fn plain_xml(p: &Plain) -> String {
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/{emulator}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='{disk_format}'/>
-      <source file='{d}/disk'/>
-      <backingStore/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <serial type='unix'>
+    {disks}<serial type='unix'>
       <source mode='bind' path='{d}/console.sock'/>
       <log file='{d}/console.log' append='on'/>
       <target port='0'/>
     </serial>
     <channel type='unix'>
-      <source mode='bind' path='{d}/agent.sock'/>
-      <target type='virtio' name='{channel}'/>
+      {channel}
+      <target type='virtio' name='{channel_name}'/>
     </channel>
+    {devices}
     <memballoon model='none'/>
   </devices>
+  {qemu}
 </domain>
 ",
-        virt = p.accel.domain_type(),
+        virt = if p.kvm { "kvm" } else { "qemu" },
         name = esc(p.name),
+        metadata = e.metadata,
         mem = p.memory_mib,
-        vcpus = p.vcpus,
+        backing = e.memory_backing,
         arch = p.arch.name(),
         machine = esc(p.machine),
-        channel = esc(p.agent_channel),
-        disk_format = esc(p.disk_format),
+        channel_name = esc(p.agent_channel),
+        devices = e.devices,
     )
 }
 
@@ -271,23 +379,29 @@ mod tests {
         assert!(pick_accel(AccelChoice::Kvm, foreign).is_err(), "kvm for a foreign architecture is refused");
     }
 
-    #[test]
-    fn the_plain_definition_is_escaped_and_boots_what_it_was_given() {
-        let accel = Accel { kind: "tcg", reason: String::new() };
-        let boot = DirectBoot { kernel: Some("/k&1".into()), initrd: None, append: Some("a<b".into()) };
-        let p = Plain {
+    fn plain<'a>(accel_kvm: bool, boot: &'a DirectBoot, dir: &'a Path) -> Definition<'a> {
+        Definition {
             name: "n",
-            dir: Path::new("/w/a'b&c"),
+            dir,
             arch: Arch::X86_64,
             machine: "q35",
-            accel: &accel,
+            kvm: accel_kvm,
             memory_mib: 1024,
             vcpus: 1,
-            boot: &boot,
+            hotplug: None,
+            boot,
+            disks: vec![Disk { file: "disk", format: "raw", dev: "vda", readonly: false }],
             agent_channel: "org.vmplug.guest.0",
-            disk_format: "raw",
-        };
-        let xml = plain_xml(&p);
+            channel_in_dir: true,
+            extras: Extras::default(),
+        }
+    }
+
+    #[test]
+    fn the_plain_definition_is_escaped_and_boots_what_it_was_given() {
+        let boot = DirectBoot { kernel: Some("/k&1".into()), initrd: None, append: Some("a<b".into()) };
+        let p = plain(false, &boot, Path::new("/w/a'b&c"));
+        let xml = domain_xml(&p);
         assert!(roxmltree::Document::parse(&xml).is_ok(), "{xml}");
         assert!(xml.contains("<kernel>/k&amp;1</kernel>") && xml.contains("console=ttyS0 a&lt;b"));
         assert!(xml.contains("<domain type='qemu'>") && !xml.contains("<initrd>"));
@@ -295,8 +409,38 @@ mod tests {
         // where libvirt is told: nothing the image names is followed.
         assert!(xml.contains("<source file='/w/a&apos;b&amp;c/disk'/>\n      <backingStore/>"), "{xml}");
         assert!(xml.contains("<driver name='qemu' type='raw'/>"));
+        assert!(!xml.contains("maxMemory") && !xml.contains("<numa>") && !xml.contains("qemu:"), "{xml}");
         let disk = DirectBoot::default();
-        assert!(plain_xml(&Plain { boot: &disk, ..p }).contains("<boot dev='hd'/>"));
+        assert!(domain_xml(&Definition { boot: &disk, ..p }).contains("<boot dev='hd'/>"));
+    }
+
+    #[test]
+    fn a_hot_plug_ready_definition_has_cells_slots_and_its_extras() {
+        let boot = DirectBoot { kernel: Some("/k".into()), initrd: Some("/i".into()), append: None };
+        let cells = [512, 256];
+        let p = Definition {
+            hotplug: Some(Hotplug { max_vcpus: 5, cells_mib: &cells, slots: 8, max_memory_mib: 8192 }),
+            memory_mib: 768,
+            vcpus: 2,
+            channel_in_dir: false,
+            extras: Extras {
+                qemu_args: "<qemu:arg value='-x'/>".into(),
+                devices: "<rng model='virtio'/>".into(),
+                ..Extras::default()
+            },
+            ..plain(true, &boot, Path::new("/w"))
+        };
+        let xml = domain_xml(&p);
+        let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+        let facts = crate::xml::DomainFacts::parse(&xml).expect("vmplug reads it");
+        assert_eq!((facts.vcpus_current, facts.vcpus_max, facts.slots), (2, 5, Some(8)));
+        let cpus: Vec<String> = facts.cells.iter().map(|c| format!("{}:{}", c.id, c.memory)).collect();
+        assert_eq!(cpus, ["0:512 MiB", "1:256 MiB"]);
+        assert!(xml.contains("<cell id='0' cpus='0-1'") && xml.contains("<cell id='1' cpus='2-4'"), "{xml}");
+        assert!(xml.contains("<cpu mode='host-passthrough' check='none'><topology"), "{xml}");
+        assert!(xml.contains("<channel type='unix'>\n      <source mode='bind'/>"), "{xml}");
+        assert!(doc.descendants().any(|n| n.has_tag_name("rng")));
+        assert!(xml.contains("<qemu:commandline><qemu:arg value='-x'/></qemu:commandline>"), "{xml}");
     }
 
     #[test]

@@ -362,20 +362,23 @@ impl Session {
         let dir = self.daemon.dir.clone();
         let boot = self.boot.clone();
         let memory_mib = (o.memory.get() / MIB).max(256 * u64::from(o.cells));
-        let plain = domain::Plain {
+        let plain = domain::Definition {
             name: &self.name,
             dir: &dir,
             arch: o.arch,
             machine,
-            accel,
+            kvm: accel.domain_type() == "kvm",
             memory_mib,
             vcpus: 1,
+            hotplug: None,
             boot: &boot,
+            disks: vec![domain::Disk { file: "disk", format: &self.disk_format, dev: "vda", readonly: false }],
             agent_channel: AGENT_CHANNEL,
-            disk_format: &self.disk_format,
+            channel_in_dir: true,
+            extras: domain::Extras::default(),
         };
         let path = dir.join("plain.xml");
-        std::fs::write(&path, domain::plain_xml(&plain))
+        std::fs::write(&path, domain::domain_xml(&plain))
             .map_err(|e| HarnessError(format!("{}: {e}", path.display())))?;
         self.daemon.virsh_out(&["define", &path.to_string_lossy()])?;
         let p = crate::prepare::PrepareOpts {
