@@ -10,7 +10,7 @@ use vmplug_common::{Bytes, CpuSet};
 use crate::autoscale::{Host, Policy, PolicyError};
 use crate::domain::{Connection, DomainError, NumaMode, NumaParams};
 use crate::link::AgentAddr;
-use crate::ops::{self, HotplugOpts, MemoryOpts};
+use crate::ops::{self, MemoryOpts};
 use crate::preflight::Severity;
 use crate::report::{Envelope, OpReport, Outcome as ReportOutcome};
 use crate::tune::{self, Refused, TuneError};
@@ -87,10 +87,19 @@ macro_rules! registered_verbs {
                 }
             }
 
+            /// What the verb's command line asks that vmplug does not do.
+            fn unsupported(&self) -> Option<String> {
+                match self {
+                    $(Registered::$variant(a) => a.unsupported(),)*
+                }
+            }
+
             async fn run(&self, conn: Arc<dyn Connection>) -> Result<Done, CliError> {
                 match self {
                     $(Registered::$variant(a) => {
-                        Ok(Done::op(verb::run(&a.verb()?, conn, a.domain(), &a.opts()?).await?))
+                        let v = a.verb()?;
+                        let r = verb::run(&v, conn, a.domain(), &a.opts()?).await;
+                        Ok(Done::op(r.map_err(|e| verb_error(v.request_id(), e))?))
                     })*
                 }
             }
@@ -99,6 +108,8 @@ macro_rules! registered_verbs {
 }
 
 registered_verbs! {
+    Setvcpus(crate::ops::SetvcpusArgs),
+    AttachMemory(crate::ops::AttachMemoryArgs),
     DetachMemory(crate::unplug::DetachMemoryArgs),
     AddVirtioMem(crate::vmem_add::AddVirtioMemArgs),
     ResizeMemory(crate::vmem::ResizeMemoryArgs),
@@ -150,51 +161,6 @@ pub enum Command {
         cpulist: Option<CpuSet>,
         #[command(flatten)]
         affect: AffectArgs,
-    },
-    /// Set the number of vCPUs; waits until the guest has them online.
-    Setvcpus {
-        /// Domain name, ID or UUID (as virsh takes them).
-        domain: String,
-        /// The total number of vCPUs wanted (not a delta).
-        #[arg(required_unless_present = "count_flag")]
-        count: Option<u32>,
-        /// The count, as virsh setvcpus --count (instead of COUNT).
-        #[arg(long = "count", value_name = "COUNT", conflicts_with = "count")]
-        count_flag: Option<u32>,
-        /// virsh's --maximum (change the most vCPUs the definition allows) is
-        /// refused: `vmplug prepare DOMAIN --max-vcpus N` does that.
-        #[arg(long)]
-        maximum: bool,
-        /// Guest-level scaling (virsh setvcpus --guest): online or offline CPUs
-        /// inside the guest, among the vCPUs it has; nothing is plugged. The way
-        /// to scale where QEMU cannot hot-plug vCPUs (upstream aarch64).
-        #[arg(long, conflicts_with_all = ["no_wait", "force", "config"])]
-        guest: bool,
-        #[command(flatten)]
-        hotplug: HotplugArgs,
-    },
-    /// Hot-plug memory as DIMMs; waits until the guest has every block online.
-    AttachMemory {
-        /// Domain name, ID or UUID (as virsh takes them).
-        domain: String,
-        /// Memory to add, with a unit: 512M, 1G, 2GiB (binary: 1G = 1024M; a bare number is refused).
-        #[arg(value_parser = parse_size)]
-        size: Bytes,
-        /// Guest NUMA node (default: balanced over the cells).
-        #[arg(long)]
-        node: Option<u32>,
-        /// Round a misaligned size up to the guest's block size.
-        #[arg(long)]
-        round_up: bool,
-        /// Largest single DIMM (a size with a unit); larger requests are split.
-        #[arg(long, default_value = "4G", value_parser = parse_size)]
-        max_dimm: Bytes,
-        /// Idempotency key: repeating the command with the same id (after a crash)
-        /// attaches only what is missing. Default: a fresh id, printed in the report.
-        #[arg(long)]
-        request_id: Option<String>,
-        #[command(flatten)]
-        hotplug: HotplugArgs,
     },
     #[command(flatten)]
     Registered(Registered),
@@ -403,8 +369,6 @@ macro_rules! named_domain {
             Command::Schedinfo { domain, .. }
             | Command::Emulatorpin { domain, .. }
             | Command::Vcpupin { domain, .. }
-            | Command::Setvcpus { domain, .. }
-            | Command::AttachMemory { domain, .. }
             | Command::Numatune { domain, .. }
             | Command::Numa { domain }
             | Command::Check { domain, .. }
@@ -423,8 +387,6 @@ impl Command {
             Command::Schedinfo { .. } => "schedinfo",
             Command::Emulatorpin { .. } => "emulatorpin",
             Command::Vcpupin { .. } => "vcpupin",
-            Command::Setvcpus { .. } => <crate::ops::Setvcpus as Verb>::NAME,
-            Command::AttachMemory { .. } => <crate::ops::AttachMemory as Verb>::NAME,
             Command::Numatune { .. } => "numatune",
             Command::Numa { .. } => "numa",
             Command::Check { .. } => "check",
@@ -578,12 +540,20 @@ pub fn json_line(v: &serde_json::Value) -> String {
 /// Refuses what the command line says but vmplug does not do, before
 /// anything is read.
 fn refuse_unsupported(cmd: &Command) -> Result<(), CliError> {
-    if let Command::Setvcpus { domain, maximum: true, .. } = cmd {
-        return Err(CliError::Usage(format!(
-            "setvcpus --maximum is not supported: change the most vCPUs '{domain}' may have with `vmplug prepare {domain} --max-vcpus N` (persistent definition, effective at the next start)"
-        )));
+    match cmd {
+        Command::Registered(r) => r.unsupported().map_or(Ok(()), |why| Err(CliError::Usage(why))),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// A verb's error; one that carries an idempotency key (attach-memory's
+/// request id) names it, so the request can be repeated — unless the request
+/// itself was wrong or its domain is not there.
+fn verb_error(request_id: Option<&str>, e: DomainError) -> CliError {
+    match (request_id, e) {
+        (_, e @ (DomainError::Usage(_) | DomainError::NotFound(_))) | (None, e) => CliError::Domain(e),
+        (Some(id), e) => CliError::Request { id: id.to_string(), source: e },
+    }
 }
 
 /// The domain the command names, by its name however it was given (name, ID
@@ -633,26 +603,6 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
             };
             let t = tune::vcpupin(conn, domain, affect.affect()?, pin).await?;
             Done::shown(cmd, &t, tune::render_pins(&t))
-        }
-        Command::Setvcpus { domain, count, count_flag, guest, hotplug, .. } => {
-            let count =
-                count.or(*count_flag).ok_or_else(|| CliError::Usage("setvcpus: give COUNT or --count".into()))?;
-            if *guest {
-                Done::op(verb::run(&ops::GuestVcpus { target: count }, conn, domain, &hotplug.opts()?).await?)
-            } else {
-                Done::op(verb::run(&ops::Setvcpus { target: count }, conn, domain, &hotplug.opts()?).await?)
-            }
-        }
-        Command::AttachMemory { domain, size, node, round_up, max_dimm, request_id, hotplug } => {
-            let mem = MemoryOpts {
-                size: *size,
-                node: *node,
-                round_up: *round_up,
-                ceiling: None,
-                max_dimm: *max_dimm,
-                request_id: request_id.clone().unwrap_or_else(ops::new_request_id),
-            };
-            attach(conn, domain, &mem, &hotplug.opts()?).await?
         }
         Command::Registered(r) => r.run(conn).await?,
         Command::Numatune { domain, mode, nodeset, affect } => {
@@ -732,19 +682,6 @@ pub async fn run(cli: &mut Cli, conn: Arc<dyn Connection>) -> Result<Done, CliEr
 
 /// `attach-memory`: the request id is what makes a repeat safe, so an error
 /// after the start names it.
-async fn attach(
-    conn: Arc<dyn Connection>,
-    domain: &str,
-    mem: &MemoryOpts,
-    opts: &HotplugOpts,
-) -> Result<Done, CliError> {
-    let r = verb::run(&ops::AttachMemory { mem: mem.clone() }, conn, domain, opts).await.map_err(|e| match e {
-        DomainError::Usage(_) | DomainError::NotFound(_) => CliError::Domain(e),
-        e => CliError::Request { id: mem.request_id.clone(), source: e },
-    })?;
-    Ok(Done::op(r))
-}
-
 async fn check(
     cmd: &Command,
     conn: Arc<dyn Connection>,
@@ -987,10 +924,10 @@ mod tests {
 
     #[test]
     fn setvcpus_takes_count_either_way_and_refuses_maximum() {
-        let Command::Setvcpus { count, count_flag, .. } = ok(&["setvcpus", "d", "--count", "3"]).command else {
+        let Command::Registered(Registered::Setvcpus(a)) = ok(&["setvcpus", "d", "--count", "3"]).command else {
             panic!("setvcpus")
         };
-        assert_eq!((count, count_flag), (None, Some(3)));
+        assert_eq!((a.count, a.count_flag), (None, Some(3)));
         assert!(parse(&["setvcpus", "d", "3"]).is_ok());
         assert_eq!(kind(&["setvcpus", "d", "3", "--count", "3"]), ErrorKind::ArgumentConflict);
         assert_eq!(kind(&["setvcpus", "d"]), ErrorKind::MissingRequiredArgument);

@@ -14,7 +14,7 @@ use crate::plan::{plan_attach_memory, plan_setvcpus, MemoryPlan, VcpuPlan};
 use crate::preflight::NotPlanned;
 use crate::preflight::{Ctx, Finding, RuleId, Severity};
 use crate::report::{libvirt_failed, ms, not_planned, persistent_only, HostOnly, HostSide, OpReport, Outcome};
-use crate::verb::Verb;
+use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
 pub use crate::facts::{
@@ -52,6 +52,109 @@ impl Verb for Setvcpus {
         run: Run,
     ) -> Result<OpReport, DomainError> {
         execute_vcpus(facts, link, plan, opts, run).await
+    }
+}
+
+/// Set the number of vCPUs; waits until the guest has them online.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SetvcpusArgs {
+    /// Domain name, ID or UUID (as virsh takes them).
+    pub domain: String,
+    /// The total number of vCPUs wanted (not a delta).
+    #[arg(required_unless_present = "count_flag")]
+    pub count: Option<u32>,
+    /// The count, as virsh setvcpus --count (instead of COUNT).
+    #[arg(long = "count", value_name = "COUNT", conflicts_with = "count")]
+    pub count_flag: Option<u32>,
+    /// virsh's --maximum (change the most vCPUs the definition allows) is
+    /// refused: `vmplug prepare DOMAIN --max-vcpus N` does that.
+    #[arg(long)]
+    pub maximum: bool,
+    /// Guest-level scaling (virsh setvcpus --guest): online or offline CPUs
+    /// inside the guest, among the vCPUs it has; nothing is plugged. The way
+    /// to scale where QEMU cannot hot-plug vCPUs (upstream aarch64).
+    #[arg(long, conflicts_with_all = ["no_wait", "force", "config"])]
+    pub guest: bool,
+    #[command(flatten)]
+    pub hotplug: HotplugArgs,
+}
+
+impl VerbArgs for SetvcpusArgs {
+    type Verb = VcpuVerb;
+
+    fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    fn domain_mut(&mut self) -> &mut String {
+        &mut self.domain
+    }
+
+    fn verb(&self) -> Result<VcpuVerb, DomainError> {
+        let target = self
+            .count
+            .or(self.count_flag)
+            .ok_or_else(|| DomainError::Usage("setvcpus: give COUNT or --count".into()))?;
+        Ok(if self.guest { VcpuVerb::Guest(GuestVcpus { target }) } else { VcpuVerb::Plug(Setvcpus { target }) })
+    }
+
+    fn opts(&self) -> Result<HotplugOpts, DomainError> {
+        self.hotplug.opts()
+    }
+
+    fn unsupported(&self) -> Option<String> {
+        self.maximum.then(|| {
+            let d = &self.domain;
+            format!("setvcpus --maximum is not supported: change the most vCPUs '{d}' may have with `vmplug prepare {d} --max-vcpus N` (persistent definition, effective at the next start)")
+        })
+    }
+}
+
+/// `setvcpus` as its command line asks: vCPUs plugged by libvirt, or (with
+/// `--guest`) CPUs onlined among those the guest has.
+#[derive(Debug, Clone, Copy)]
+pub enum VcpuVerb {
+    Plug(Setvcpus),
+    Guest(GuestVcpus),
+}
+
+/// The plan of the one `setvcpus` asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VcpuVerbPlan {
+    Plug(VcpuPlan),
+    Guest(crate::plan::GuestVcpuPlan),
+}
+
+impl Verb for VcpuVerb {
+    const NAME: &'static str = Setvcpus::NAME;
+    type Plan = VcpuVerbPlan;
+
+    fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<VcpuVerbPlan, NotPlanned> {
+        match self {
+            VcpuVerb::Plug(v) => v.plan(facts, opts).map(VcpuVerbPlan::Plug),
+            VcpuVerb::Guest(v) => v.plan(facts, opts).map(VcpuVerbPlan::Guest),
+        }
+    }
+
+    fn preview(&self, facts: &Facts, p: VcpuVerbPlan) -> (Vec<Finding>, Vec<String>) {
+        match p {
+            VcpuVerbPlan::Plug(p) => Setvcpus { target: p.target }.preview(facts, p),
+            VcpuVerbPlan::Guest(p) => GuestVcpus { target: p.target }.preview(facts, p),
+        }
+    }
+
+    async fn execute<A: GuestAgent>(
+        &self,
+        facts: &Facts,
+        link: Option<&mut A>,
+        plan: VcpuVerbPlan,
+        opts: &HotplugOpts,
+        run: Run,
+    ) -> Result<OpReport, DomainError> {
+        match plan {
+            VcpuVerbPlan::Plug(p) => execute_vcpus(facts, link, p, opts, run).await,
+            VcpuVerbPlan::Guest(p) => execute_guest_vcpus(facts, link, p, opts, run).await,
+        }
     }
 }
 
@@ -310,9 +413,67 @@ pub struct AttachMemory {
     pub mem: MemoryOpts,
 }
 
+/// Hot-plug memory as DIMMs; waits until the guest has every block online.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AttachMemoryArgs {
+    /// Domain name, ID or UUID (as virsh takes them).
+    pub domain: String,
+    /// Memory to add, with a unit: 512M, 1G, 2GiB (binary: 1G = 1024M; a bare number is refused).
+    #[arg(value_parser = vmplug_common::size::parse_size)]
+    pub size: Bytes,
+    /// Guest NUMA node (default: balanced over the cells).
+    #[arg(long)]
+    pub node: Option<u32>,
+    /// Round a misaligned size up to the guest's block size.
+    #[arg(long)]
+    pub round_up: bool,
+    /// Largest single DIMM (a size with a unit); larger requests are split.
+    #[arg(long, default_value = "4G", value_parser = vmplug_common::size::parse_size)]
+    pub max_dimm: Bytes,
+    /// Idempotency key: repeating the command with the same id (after a crash)
+    /// attaches only what is missing. Default: a fresh id, printed in the report.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    #[command(flatten)]
+    pub hotplug: HotplugArgs,
+}
+
+impl VerbArgs for AttachMemoryArgs {
+    type Verb = AttachMemory;
+
+    fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    fn domain_mut(&mut self) -> &mut String {
+        &mut self.domain
+    }
+
+    fn verb(&self) -> Result<AttachMemory, DomainError> {
+        Ok(AttachMemory {
+            mem: MemoryOpts {
+                size: self.size,
+                node: self.node,
+                round_up: self.round_up,
+                ceiling: None,
+                max_dimm: self.max_dimm,
+                request_id: self.request_id.clone().unwrap_or_else(new_request_id),
+            },
+        })
+    }
+
+    fn opts(&self) -> Result<HotplugOpts, DomainError> {
+        self.hotplug.opts()
+    }
+}
+
 impl Verb for AttachMemory {
     const NAME: &'static str = "attach-memory";
     type Plan = MemoryPlan;
+
+    fn request_id(&self) -> Option<&str> {
+        Some(&self.mem.request_id)
+    }
 
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<MemoryPlan, NotPlanned> {
         plan_attach_memory(facts, &self.mem, opts)

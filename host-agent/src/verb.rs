@@ -40,6 +40,12 @@ pub trait Verb: Sync {
     /// Pure: the facts and the request give the steps, or a refusal.
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<Self::Plan, NotPlanned>;
 
+    /// The request's idempotency key, when it has one (`attach-memory
+    /// --request-id`): an error after acting names it, to repeat the request.
+    fn request_id(&self) -> Option<&str> {
+        None
+    }
+
     /// The plan's findings and its steps in words: `check` prints them.
     fn preview(&self, facts: &Facts, plan: Self::Plan) -> (Vec<Finding>, Vec<String>);
 
@@ -63,6 +69,11 @@ pub trait VerbArgs {
     fn domain_mut(&mut self) -> &mut String;
     fn verb(&self) -> Result<Self::Verb, DomainError>;
     fn opts(&self) -> Result<HotplugOpts, DomainError>;
+    /// What the command line asks that vmplug does not do (refused before the
+    /// domain is looked up).
+    fn unsupported(&self) -> Option<String> {
+        None
+    }
 }
 
 /// `vmplug VERB DOMAIN …`: gather, plan, execute, judge, report.
