@@ -82,13 +82,7 @@ pub struct SetvcpusArgs {
 impl VerbArgs for SetvcpusArgs {
     type Verb = VcpuVerb;
 
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    fn domain_mut(&mut self) -> &mut String {
-        &mut self.domain
-    }
+    crate::domain_field!();
 
     fn verb(&self) -> Result<VcpuVerb, DomainError> {
         let target = self
@@ -441,13 +435,7 @@ pub struct AttachMemoryArgs {
 impl VerbArgs for AttachMemoryArgs {
     type Verb = AttachMemory;
 
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    fn domain_mut(&mut self) -> &mut String {
-        &mut self.domain
-    }
+    crate::domain_field!();
 
     fn verb(&self) -> Result<AttachMemory, DomainError> {
         Ok(AttachMemory {

@@ -88,13 +88,7 @@ pub struct DetachMemoryArgs {
 impl VerbArgs for DetachMemoryArgs {
     type Verb = DetachMemory;
 
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    fn domain_mut(&mut self) -> &mut String {
-        &mut self.domain
-    }
+    crate::domain_field!();
 
     fn verb(&self) -> Result<DetachMemory, DomainError> {
         let sel =

@@ -61,6 +61,21 @@ pub trait Verb: Sync {
     ) -> impl Future<Output = Result<OpReport, DomainError>> + Send;
 }
 
+/// `VerbArgs::domain` and `domain_mut` over the arguments' `domain` field,
+/// which every verb's command line names its domain by.
+#[macro_export]
+macro_rules! domain_field {
+    () => {
+        fn domain(&self) -> &str {
+            &self.domain
+        }
+
+        fn domain_mut(&mut self) -> &mut String {
+            &mut self.domain
+        }
+    };
+}
+
 /// A registered verb's command line (its clap arguments, flattened into the
 /// CLI by one line in `cli.rs`): the domain it names, the verb and its options.
 pub trait VerbArgs {

@@ -530,13 +530,7 @@ pub struct ResizeMemoryArgs {
 impl VerbArgs for ResizeMemoryArgs {
     type Verb = ResizeMemory;
 
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    fn domain_mut(&mut self) -> &mut String {
-        &mut self.domain
-    }
+    crate::domain_field!();
 
     fn verb(&self) -> Result<ResizeMemory, DomainError> {
         let settle = Duration::from_secs(self.settle.clamp(1, 3600));

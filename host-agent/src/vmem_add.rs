@@ -45,13 +45,7 @@ pub struct AddVirtioMemArgs {
 impl VerbArgs for AddVirtioMemArgs {
     type Verb = AddVirtioMem;
 
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    fn domain_mut(&mut self) -> &mut String {
-        &mut self.domain
-    }
+    crate::domain_field!();
 
     fn verb(&self) -> Result<AddVirtioMem, DomainError> {
         Ok(AddVirtioMem { size: self.size, node: self.node, block: self.block })

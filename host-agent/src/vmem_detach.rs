@@ -50,13 +50,7 @@ pub struct DetachVirtioMemArgs {
 impl VerbArgs for DetachVirtioMemArgs {
     type Verb = DetachVirtioMem;
 
-    fn domain(&self) -> &str {
-        &self.domain
-    }
-
-    fn domain_mut(&mut self) -> &mut String {
-        &mut self.domain
-    }
+    crate::domain_field!();
 
     fn verb(&self) -> Result<DetachVirtioMem, DomainError> {
         Ok(DetachVirtioMem { alias: self.alias.clone() })
