@@ -14,6 +14,7 @@ use vmplug_common::protocol::*;
 
 use crate::lograte::{Admit, LogLimiter};
 use crate::trust::{self, SocketTrust};
+use crate::wait::Wait;
 use crate::xml::{AgentHint, DomainFacts};
 
 /// How often a refused or unanswered connection is retried while waiting.
@@ -425,7 +426,8 @@ impl GuestLink {
         wait: Duration,
     ) -> Result<GuestLink, LinkError> {
         let started = Instant::now();
-        let deadline = started + wait;
+        let patience = Wait::new(format!("the guest agent at {addr}"), wait).every(CONNECT_RETRY);
+        let mut waiting = patience.start();
         let mut last;
         loop {
             match timeout(HELLO_TIMEOUT, Self::try_connect(addr, expect)).await {
@@ -437,11 +439,11 @@ impl GuestLink {
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = format!("no answer to hello within {HELLO_TIMEOUT:?}"),
             }
-            if Instant::now() + CONNECT_RETRY >= deadline {
+            // Another try only when a whole retry interval is left before the end.
+            if waiting.left() <= CONNECT_RETRY || waiting.pause().await.is_err() {
                 return Err(LinkError::Unreachable { addr: addr.to_string(), waited: started.elapsed(), last });
             }
             tracing::debug!(%addr, %last, "agent not ready, retrying");
-            tokio::time::sleep(CONNECT_RETRY).await;
         }
     }
 
@@ -516,21 +518,22 @@ impl GuestLink {
     /// an answer (agent killed, link dropped) reconnects and asks again. Totals,
     /// not deltas, make the repeat harmless. Ends by `req.timeout_ms` overall.
     pub async fn online_until_done(&mut self, req: OnlineRequest) -> Result<(Report, u32), LinkError> {
-        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
+        let budget = Wait::new("the guest to reach the request's targets", Duration::from_millis(req.timeout_ms));
+        let waiting = budget.start();
         self.wire.events.start_timing();
         let mut reconnects = 0;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = waiting.left();
             let round = left.min(ONLINE_ROUND).max(Duration::from_millis(1));
             let r = OnlineRequest { timeout_ms: round.as_millis() as u64, ..req.clone() };
             let res = self.report(Request::Online(r), round.saturating_sub(REPLY_SLACK) + ROUND_SLACK).await;
             match res {
-                Ok(report) if report.complete || !report.timed_out || Instant::now() >= deadline => {
+                Ok(report) if report.complete || !report.timed_out || waiting.left().is_zero() => {
                     return Ok((report, reconnects))
                 }
                 Ok(_) => continue,
                 Err(e @ (LinkError::Timeout(..) | LinkError::Frame(_) | LinkError::Io(_))) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    let left = waiting.left();
                     if left.is_zero() {
                         return Err(e);
                     }

@@ -791,7 +791,12 @@ async fn wait_settled<A: GuestAgent>(
     opts: &HotplugOpts,
     proof: Option<u64>,
 ) -> Result<(Settled, Evidence), DomainError> {
-    let started = Instant::now();
+    let settle = Wait::new("the devices to hold what they were asked", opts.timeout).every(if proof.is_some() {
+        PROOF_POLL
+    } else {
+        POLL
+    });
+    let mut waiting = settle.start();
     let (mut last_move, mut last_online) = (Instant::now(), Instant::now());
     let mut seen: Vec<Bytes> = plan.steps.iter().map(|s| s.from).collect();
     let ranges = plan.ranges();
@@ -823,7 +828,7 @@ async fn wait_settled<A: GuestAgent>(
             seen = now;
             last_move = Instant::now();
         }
-        if started.elapsed() >= opts.timeout {
+        if waiting.left().is_zero() {
             return Ok((Settled::TimedOut, ev));
         }
         if !plan.grows() && last_move.elapsed() >= r.settle {
@@ -835,7 +840,8 @@ async fn wait_settled<A: GuestAgent>(
                 last_online = Instant::now();
             }
         }
-        tokio::time::sleep(if proof.is_some() { PROOF_POLL } else { POLL }).await;
+        // Past the deadline the pause ends at once; the check above then says so.
+        let _ = waiting.pause().await;
     }
 }
 

@@ -8,7 +8,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the same as std's outside a runtime, and paused with a
+// test's paused runtime, so a wait's deadline follows the clock its pauses
+// sleep on.
+use tokio::time::Instant;
 
 /// How long the first pause between two polls is, unless said otherwise.
 pub const FIRST_PAUSE: Duration = Duration::from_millis(50);

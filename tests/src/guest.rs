@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use vmplug::wait::Wait;
 
 use crate::console::Console;
 use crate::initramfs::{initramfs, READY_MARKER};
@@ -405,11 +407,10 @@ impl Guest {
             .spawn()
             .expect("start vhost-device-vsock");
         fs::write(self.dir.join("vhost-vsock.pid"), child.id().to_string()).expect("pid");
-        let end = Instant::now() + Duration::from_secs(10);
-        while !self.dir.join("vhu.sock").exists() {
-            assert!(Instant::now() < end, "vhost-device-vsock did not create its socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Wait::new("vhost-device-vsock to create its socket", Duration::from_secs(10))
+            .every(Duration::from_millis(20))
+            .until_blocking(|| self.dir.join("vhu.sock").exists().then_some(()))
+            .unwrap_or_else(|e| panic!("{e}"));
         // QEMU (the unprivileged user) connects to the backend's socket itself:
         // it is handed to that user, as an operator would.
         let (uid, gid) = self.daemon.qemu_user().unwrap_or_else(|e| panic!("{e}"));
@@ -454,18 +455,17 @@ impl Guest {
     pub fn guest_poweroff(&mut self) -> String {
         self.sh("(sleep 1; poweroff -f) >/dev/null 2>&1 & true");
         self.console = None;
-        let end = Instant::now() + BOOT_TIMEOUT;
-        loop {
-            let state = self.daemon.virsh_ok(&["domstate", "--reason", &self.name]);
-            if state.starts_with("shut off") {
-                return state.trim().to_string();
-            }
-            if Instant::now() > end {
-                self.dump_logs();
-                panic!("guest {} did not power off within {BOOT_TIMEOUT:?}: {state}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut state = String::new();
+        let off = Wait::new(format!("guest {} to power off", self.name), BOOT_TIMEOUT)
+            .every(Duration::from_millis(200))
+            .until_blocking(|| {
+                state = self.daemon.virsh_ok(&["domstate", "--reason", &self.name]);
+                state.starts_with("shut off").then(|| state.trim().to_string())
+            });
+        off.unwrap_or_else(|e| {
+            self.dump_logs();
+            panic!("{e}: {state}")
+        })
     }
 
     /// Starts a live migration of this guest to a second private libvirtd on
@@ -543,13 +543,12 @@ impl Guest {
     }
 
     fn wait_boots(&mut self, n: usize) {
-        let end = Instant::now() + BOOT_TIMEOUT;
-        while self.boots() < n {
-            if Instant::now() > end {
-                self.dump_logs();
-                panic!("guest {} did not boot within {BOOT_TIMEOUT:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let booted = Wait::new(format!("guest {} to boot", self.name), BOOT_TIMEOUT)
+            .every(Duration::from_millis(100))
+            .until_blocking(|| (self.boots() >= n).then_some(()));
+        if let Err(e) = booted {
+            self.dump_logs();
+            panic!("{e}");
         }
         match Console::connect(&self.dir.join("console.sock"), EXEC_TIMEOUT) {
             Ok(c) => self.console = Some(c),

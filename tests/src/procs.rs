@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::libvirtd::stop_pid;
 
@@ -62,13 +62,9 @@ pub fn start(dir: &Path, name: &str, cmd: &mut Command) -> Child {
         .unwrap_or_else(|e| panic!("start {name}: {e} (make test installs Debian's prometheus packages)"))
 }
 
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+pub fn wait_for<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) -> T {
+    vmplug::wait::Wait::new(what, limit)
+        .every(Duration::from_millis(500))
+        .until_blocking(f)
+        .unwrap_or_else(|e| panic!("{e}"))
 }

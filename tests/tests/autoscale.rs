@@ -154,15 +154,17 @@ fn an_operator_and_a_running_autoscale_share_each_guest() {
         std::process::Command::new(&env.vmplug).args(["autoscale", "--policy", &path.to_string_lossy()]),
     )]);
     let scrape = || http(port, "GET", "/metrics", "").map(|(_, body)| body);
-    let end = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = scrape().unwrap_or_default();
-        if sessions_of(&m, &serial.name).is_some_and(|n| n >= 2) && sessions_of(&m, &vsock.name).is_some() {
-            break;
-        }
+    let mut m = String::new();
+    let sampling = vmplug::wait::Wait::new("autoscale to sample both guests", Duration::from_secs(30))
+        .every(Duration::from_millis(500))
+        .until_blocking(|| {
+            m = scrape().unwrap_or_default();
+            (sessions_of(&m, &serial.name).is_some_and(|n| n >= 2) && sessions_of(&m, &vsock.name).is_some())
+                .then_some(())
+        });
+    if let Err(e) = sampling {
         let log = std::fs::read_to_string(serial.dir.join("autoscale.log")).unwrap_or_default();
-        assert!(std::time::Instant::now() < end, "autoscale sampling both guests within 30 s:\n{m}\n{log}");
-        std::thread::sleep(Duration::from_millis(500));
+        panic!("{e}:\n{m}\n{log}");
     }
 
     // The operator, while autoscale samples every second.

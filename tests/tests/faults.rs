@@ -4,7 +4,9 @@
 //! there, and reports tried / landed / survived / lost; every try must end
 //! with the guest's confirmation, never with an offline block unreported.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use vmplug::wait::Wait;
 
 use vmplug_e2e::{Guest, GuestSpec};
 
@@ -146,22 +148,18 @@ fn libvirtd_restarted_mid_attach_converges() {
             let blocks_before: usize =
                 g.sh("ls -d /sys/devices/system/memory/memory* | wc -l").trim().parse().expect("count");
             let mut child = g.vmplug_spawn(&args);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let hit = match phase {
-                    "libvirt" => g.daemon.virsh_ok(&["dumpxml", &name]).contains(&format!("ua-vmplug-{id}-")),
-                    _ => g
-                        .sh("ls -d /sys/devices/system/memory/memory* | wc -l")
-                        .trim()
-                        .parse::<usize>()
-                        .is_ok_and(|n| n > blocks_before),
-                };
-                if hit {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the attach never reached the {phase} phase");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let mut reached = || match phase {
+                "libvirt" => g.daemon.virsh_ok(&["dumpxml", &name]).contains(&format!("ua-vmplug-{id}-")),
+                _ => g
+                    .sh("ls -d /sys/devices/system/memory/memory* | wc -l")
+                    .trim()
+                    .parse::<usize>()
+                    .is_ok_and(|n| n > blocks_before),
+            };
+            Wait::new(format!("the attach to reach the {phase} phase"), Duration::from_secs(60))
+                .every(Duration::from_millis(5))
+                .until_blocking(|| reached().then_some(()))
+                .unwrap_or_else(|e| panic!("{e}"));
             let running_at_restart = child.try_wait().expect("try_wait").is_none();
             let down = g.daemon.restart();
             let out = child.wait_with_output().expect("vmplug finished");
@@ -247,11 +245,12 @@ fn guest_reset_mid_operation_converges() {
                 }
             };
             let mut child = g.vmplug_spawn(&[&args[..], &["--json"]].concat());
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !g.sh(&format!("ls -d /sys/devices/system/{device} 2>/dev/null")).contains(&device) {
-                assert!(Instant::now() < deadline, "{device} never appeared in the guest");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            Wait::new(format!("{device} to appear in the guest"), Duration::from_secs(60))
+                .every(Duration::from_millis(10))
+                .until_blocking(|| {
+                    g.sh(&format!("ls -d /sys/devices/system/{device} 2>/dev/null")).contains(&device).then_some(())
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
             let running_at_reset = child.try_wait().expect("try_wait").is_none();
             g.reset();
             let out = child.wait_with_output().expect("vmplug finished");

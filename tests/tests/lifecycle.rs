@@ -9,6 +9,8 @@
 
 use std::time::{Duration, Instant};
 
+use vmplug::wait::Wait;
+
 use vmplug_e2e::{Guest, GuestSpec};
 
 const MIB: u64 = 1024 * 1024;
@@ -67,16 +69,16 @@ fn disagreement(g: &mut Guest, w: Want) -> Option<String> {
 /// Waits (bounded) until libvirt's view and the guest's agree on `w`: after a
 /// boot the agent onlines what is present as it starts.
 fn agree(g: &mut Guest, w: Want, after: &str) {
-    let end = Instant::now() + Duration::from_secs(120);
-    loop {
-        match disagreement(g, w) {
-            None => return,
-            Some(why) if Instant::now() > end => {
-                g.dump_logs();
-                panic!("after {after}: libvirt and the guest disagree: {why}");
-            }
-            Some(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
+    let mut why = None;
+    let agreed = Wait::new(format!("libvirt and the guest to agree after {after}"), Duration::from_secs(120))
+        .every(Duration::from_millis(500))
+        .until_blocking(|| {
+            why = disagreement(g, w);
+            why.is_none().then_some(())
+        });
+    if let Err(e) = agreed {
+        g.dump_logs();
+        panic!("{e}: they disagree: {}", why.unwrap_or_default());
     }
 }
 
@@ -217,14 +219,16 @@ fn plugged_resources_survive_a_live_migration_and_the_next_plug_works() {
     // Slowly at first (1 MiB/s), so a plug can be tried while the job runs:
     // the source refuses it at once by the job's rule.
     let m = g.start_migration(1);
-    let end = Instant::now() + Duration::from_secs(60);
-    while !g.daemon.virsh_ok(&["domjobinfo", &name]).lines().any(|l| {
-        l.strip_prefix("Memory processed:")
-            .is_some_and(|v| !v.trim().starts_with("0.000") && !v.trim().starts_with("0 "))
-    }) {
-        assert!(Instant::now() < end, "the migration did not start sending memory");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let sending = || {
+        g.daemon.virsh_ok(&["domjobinfo", &name]).lines().any(|l| {
+            l.strip_prefix("Memory processed:")
+                .is_some_and(|v| !v.trim().starts_with("0.000") && !v.trim().starts_with("0 "))
+        })
+    };
+    Wait::new("the migration to start sending memory", Duration::from_secs(60))
+        .every(Duration::from_millis(100))
+        .until_blocking(|| sending().then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
     refused_at_once(&mut g, "domain.job");
     // Then at full speed. libvirt sets the job's own bandwidth as QEMU
     // starts sending (measured: a raise made just before was undone), so it

@@ -127,11 +127,12 @@ fn tp_libvirt_virtio_mem_hot_unplug() {
     assert_eq!(r["outcome"], "ok", "{r}");
     assert_eq!(vmem_sizes(&g), (0, 0));
     g.daemon.virsh_ok(&["detach-device-alias", &name, "virtiomem0", "--live"]);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while g.daemon.virsh_ok(&["dumpxml", &name]).contains("<alias name='virtiomem0'/>") {
-        assert!(std::time::Instant::now() < end, "the device was not removed");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    vmplug::wait::Wait::new("QEMU to remove virtiomem0", std::time::Duration::from_secs(30))
+        .every(std::time::Duration::from_millis(200))
+        .until_blocking(|| {
+            (!g.daemon.virsh_ok(&["dumpxml", &name]).contains("<alias name='virtiomem0'/>")).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(g.sh("grep -l offline /sys/devices/system/memory/memory*/state | wc -l").trim(), "0");
 }
 

@@ -8,20 +8,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use vmplug::wait::Wait;
 
 use vmplug_e2e::images::systemd_image;
 use vmplug_e2e::{Env, Guest, GuestSpec};
 
 fn wait_in_guest(g: &mut Guest, what: &str, cond: &str) {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        if g.sh(&format!("{cond} && echo YES")).contains("YES") {
-            return;
-        }
-        assert!(Instant::now() < end, "{what} did not happen within 60 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Wait::new(what, Duration::from_secs(60))
+        .every(Duration::from_millis(200))
+        .until_blocking(|| g.sh(&format!("{cond} && echo YES")).contains("YES").then_some(()))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Security finding 8: the unit left `/proc/sys`, `/proc/sysrq-trigger` and the

@@ -7,7 +7,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use vmplug::wait::Wait;
 
 use vmplug_e2e::env::Kernel;
 use vmplug_e2e::guest::Arch;
@@ -84,16 +86,14 @@ fn blank_disk(dir: &Path) -> PathBuf {
 /// Waits until the run of `pid` under `work` has a QEMU process: the guest is
 /// booting. Returns the run directory.
 fn wait_guest_started(work: &Path, pid: u32) -> PathBuf {
-    let end = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(dir) = run_dirs_of(work, pid).into_iter().next() {
-            if recorded_pids(&dir).iter().any(|(f, p)| f.starts_with("vmplug-verify") && running(*p)) {
-                return dir;
-            }
-        }
-        assert!(Instant::now() < end, "verify-image started no guest within 180 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let started = || {
+        let dir = run_dirs_of(work, pid).into_iter().next()?;
+        recorded_pids(&dir).iter().any(|(f, p)| f.starts_with("vmplug-verify") && running(*p)).then_some(dir)
+    };
+    Wait::new("verify-image to start a guest", Duration::from_secs(180))
+        .every(Duration::from_millis(100))
+        .until_blocking(started)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
