@@ -61,6 +61,9 @@ macro_rules! registered_verbs {
         }
 
         impl Registered {
+            /// Every registered verb's name, in registration order.
+            pub const NAMES: &[&'static str] = &[$(<<$args as VerbArgs>::Verb as Verb>::NAME,)*];
+
             /// The verb, as typed.
             pub fn name(&self) -> &'static str {
                 match self {
@@ -871,6 +874,32 @@ async fn autoscale_on(
 mod tests {
     use super::*;
     use clap::error::ErrorKind;
+
+    /// The `--json` schema's operations are the CLI's verbs: every
+    /// subcommand, by the name it is typed as, and "usage"; a registered
+    /// verb's report name (`Verb::NAME`) is the name it is typed as.
+    #[test]
+    fn the_schema_names_every_verb_as_it_is_typed() {
+        use clap::CommandFactory;
+        let typed: Vec<String> =
+            Cli::command().get_subcommands().map(|c| c.get_name().to_string()).filter(|n| n != "help").collect();
+        for name in Registered::NAMES {
+            assert!(typed.iter().any(|t| t == name), "{name} is registered but typed otherwise: {typed:?}");
+        }
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schema/vmplug-report.schema.json")).expect("the schema is JSON");
+        let mut listed: Vec<String> = schema["properties"]["operation"]["enum"]
+            .as_array()
+            .expect("an enum of operations")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        let mut want = typed.clone();
+        want.push("usage".into());
+        listed.sort();
+        want.sort();
+        assert_eq!(listed, want, "the schema's operations and the CLI's verbs");
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vmplug").chain(args.iter().copied()))
