@@ -18,7 +18,7 @@ use vmplug_common::Bytes;
 use crate::domain::Affect;
 use crate::facts::{HotplugOpts, MemoryOpts};
 use crate::planner::{align, alignment, plan_dimms, plan_vcpus, PlanError, RoundUp};
-use crate::preflight::{self, Ctx, DimmPlanning, Finding, Operation, RuleId};
+use crate::preflight::{self, Ctx, DimmPlanning, Finding, Operation};
 use crate::xml::{request_alias, request_index, Dimm, DomainFacts, NamedDimm};
 
 pub use crate::facts::{gather, gather_timed, gather_timed_with, Facts};
@@ -305,19 +305,12 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
     let dom = &f.loaded.facts;
     let chosen: Vec<Dimm> = dom.dimms.iter().filter(|d| sel.matches(d)).cloned().collect();
     if chosen.is_empty() {
-        let known: Vec<&str> = dom.dimms.iter().map(|d| d.alias.as_deref().unwrap_or("?")).collect();
-        // The domain was read to know this: not a usage error but a refusal,
-        // naming what is there (no --force makes a DIMM appear).
-        let none = Finding::error(
-            RuleId::UnplugDimm,
-            format!(
-                "no DIMM of '{}' has {}; its DIMMs: {}",
-                dom.name,
-                sel.describe(),
-                if known.is_empty() { "none".into() } else { known.join(", ") }
-            ),
-        );
-        return Err(refuse(vec![], vec![none]));
+        // The domain was read to know this: not a usage error but a refusal
+        // (unplug.dimm, hard), naming what is there, and only that: the
+        // other rules would judge a detach of nothing.
+        let op = Operation::Unplug { live_only: vec![], without_address: vec![], unmatched: Some(sel.describe()) };
+        let none: Vec<Finding> = preflight::check(&f.ctx_for(false), &op).into_iter().filter(|x| x.hard).collect();
+        return Err(refuse(none, vec![]));
     }
     let alias = |d: &Dimm| d.alias.clone().unwrap_or_else(|| "?".into());
     let live_only = match &f.persistent {
@@ -325,7 +318,7 @@ pub fn plan_detach_memory(f: &Facts, sel: &DimmSelector, opts: &HotplugOpts) -> 
         None => vec![],
     };
     let without_address = chosen.iter().filter(|d| d.base.is_none()).map(alias).collect();
-    let op = Operation::Unplug { live_only, without_address };
+    let op = Operation::Unplug { live_only, without_address, unmatched: None };
     // The guest must release the memory: with no agent even --no-wait refuses
     // (only --force leaves it to the guest's ACPI handler).
     let mut findings = preflight::check(&f.ctx_for(false), &op);

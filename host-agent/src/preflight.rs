@@ -198,10 +198,12 @@ pub enum Operation {
         nodeset: Option<CpuSet>,
     },
     /// `detach-memory`: the chosen DIMMs' aliases that are only in the live
-    /// domain (not in its definition), and those the live XML gives no address.
+    /// domain (not in its definition), and those the live XML gives no address;
+    /// `unmatched`: the selector, in words, when it chose no DIMM.
     Unplug {
         live_only: Vec<String>,
         without_address: Vec<String>,
+        unmatched: Option<String>,
     },
     /// `setvcpus --guest`: `target` CPUs online inside the guest, among the
     /// vCPUs it already has (nothing is plugged; libvirt is not changed).
@@ -461,6 +463,20 @@ fn rule_agent(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     )
 }
 
+/// The DIMMs to unplug must be there: no `--force` makes one appear.
+fn rule_unplug_dimm(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    let Operation::Unplug { unmatched: Some(sel), .. } = op else { return None };
+    let known: Vec<&str> = ctx.dom.dimms.iter().map(|d| d.alias.as_deref().unwrap_or("?")).collect();
+    hard(
+        RuleId::UnplugDimm,
+        format!(
+            "no DIMM of '{}' has {sel}; its DIMMs: {}",
+            ctx.dom.name,
+            if known.is_empty() { "none".into() } else { known.join(", ") }
+        ),
+    )
+}
+
 fn rule_unplug_live_only(ctx: &Ctx, op: &Operation) -> Option<Finding> {
     let Operation::Unplug { live_only, .. } = op else { return None };
     (ctx.affect.config() && !live_only.is_empty()).then_some(())?;
@@ -546,6 +562,66 @@ fn rule_vmem_plan(_: &Ctx, op: &Operation) -> Option<Finding> {
     let fits = p.target.is_multiple_of(p.unit.get()) && p.target <= p.capacity;
     (p.floor.is_none() && fits && p.target == p.plugged).then_some(())?;
     hard(RuleId::VmemPlan, format!("{} already has {}: nothing to change", p.scope, p.before))
+}
+
+/// The devices a resize plans for: the domain's virtio-mem devices on its
+/// node (every one without `--node`).
+fn resize_scope<'a>(ctx: &'a Ctx, op: &Operation) -> Vec<&'a crate::xml::VirtioMem> {
+    let Operation::Resize { node, .. } = *op else { return vec![] };
+    ctx.dom.virtio_mems.iter().filter(|d| node.is_none() || d.node == node).collect()
+}
+
+/// The guest's agent confirms a live resize unless `--no-wait`.
+fn resize_confirmed(ctx: &Ctx) -> bool {
+    ctx.affect.live() && ctx.guest.is_some() && !ctx.no_wait
+}
+
+/// A live resize needs the guest's virtio_mem driver, and an agent that can
+/// see it to confirm the change.
+fn rule_vmem_guest_driver(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    resizing(op)?;
+    let g = ctx.guest.filter(|_| ctx.affect.live())?;
+    g.virtio_mem_devices.is_none().then_some(())?;
+    if g.capabilities.iter().any(|c| c == "virtio-mem") {
+        return error(RuleId::VmemGuestDriver, "the guest kernel's virtio_mem driver is not loaded (no /sys/bus/virtio/drivers/virtio_mem): nothing would plug or unplug; load the module (Linux 5.8+, CONFIG_VIRTIO_MEM) or use DIMMs");
+    }
+    if resize_confirmed(ctx) {
+        return error(RuleId::VmemGuestDriver, "the guest agent predates virtio-mem support: it cannot confirm the plug; upgrade vmplug-guest (or --no-wait to resize unverified)");
+    }
+    warning(
+        RuleId::VmemGuestDriver,
+        "the guest agent predates virtio-mem support: cannot check the guest's virtio_mem driver",
+    )
+}
+
+/// A device still moving toward an earlier request is planned from what it
+/// holds now: said.
+fn rule_vmem_settling(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    resizing(op)?;
+    let moving: Vec<String> = resize_scope(ctx, op)
+        .into_iter()
+        .filter(|d| d.current.is_some_and(|c| c != d.requested))
+        .map(|d| format!("{} still moves from {} to its requested {}", d.label(), d.plugged(), d.requested))
+        .collect();
+    (!moving.is_empty()).then_some(())?;
+    warning(RuleId::VmemSettling, format!("{}: planned from what it holds now", moving.join("; ")))
+}
+
+/// The agent is told which blocks are a device's by its region: a confirmed
+/// resize needs the live XML to place every device.
+fn rule_vmem_no_address(ctx: &Ctx, op: &Operation) -> Option<Finding> {
+    resizing(op)?;
+    resize_confirmed(ctx).then_some(())?;
+    let unplaced: Vec<String> =
+        resize_scope(ctx, op).into_iter().filter(|d| d.base.is_none()).map(|d| d.label()).collect();
+    (!unplaced.is_empty()).then_some(())?;
+    error(
+        RuleId::VmemNoAddress,
+        format!(
+            "the live XML gives {} no region base: vmplug cannot tell the guest which blocks are its",
+            unplaced.join(", ")
+        ),
+    )
 }
 
 /// A new device's size, and a resize's change, in whole blocks.
@@ -1200,6 +1276,7 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::MemVhostUser, rule_mem_vhost_user),
     (RuleId::MemLinux4g, rule_mem_linux_4g),
     (RuleId::MemWindowsNode0, rule_mem_windows_node0),
+    (RuleId::UnplugDimm, rule_unplug_dimm),
     (RuleId::UnplugLiveOnly, rule_unplug_live_only),
     (RuleId::UnplugNoAddress, rule_unplug_address),
     (RuleId::VmemDevice, rule_vmem_device),
@@ -1208,6 +1285,9 @@ pub const RULES: &[(RuleId, Rule)] = &[
     (RuleId::VmemBlockAlign, rule_vmem_add_align),
     (RuleId::VmemSize, rule_vmem_size),
     (RuleId::VmemPlan, rule_vmem_plan),
+    (RuleId::VmemGuestDriver, rule_vmem_guest_driver),
+    (RuleId::VmemSettling, rule_vmem_settling),
+    (RuleId::VmemNoAddress, rule_vmem_no_address),
     (RuleId::VmemNode, rule_vmem_node),
     (RuleId::VmemAlias, rule_vmem_alias),
     (RuleId::VmemPlugged, rule_vmem_plugged),

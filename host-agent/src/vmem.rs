@@ -23,7 +23,7 @@ use crate::domain::{Affect, DomainError, XmlView};
 use crate::facts::Facts;
 use crate::facts::{blocking, HotplugOpts};
 use crate::link::GuestAgent;
-use crate::preflight::{self, Finding, FloorBreach, Operation, ResizePlanning, RuleId};
+use crate::preflight::{self, Finding, FloorBreach, Operation, ResizePlanning};
 use crate::preflight::{NotPlanned, Refusal};
 use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostOnly, Run};
 use crate::report::{HostSide, OpReport, Outcome};
@@ -148,54 +148,6 @@ pub fn distribute(devices: &[VirtioMem], total: Bytes, unit: u64) -> Option<Vec<
     Some(to.into_iter().map(Bytes).collect())
 }
 
-/// The findings only virtio-mem has: the guest's driver, devices still settling,
-/// regions the live XML does not place.
-fn device_findings(f: &Facts, scope: &[VirtioMem], confirm: bool) -> Vec<Finding> {
-    let mut out = Vec::new();
-    if f.affect.live() {
-        if let Some(g) = &f.guest {
-            match g.virtio_mem_devices {
-                None if g.capabilities.iter().any(|c| c == "virtio-mem") => out.push(Finding::error(
-                    RuleId::VmemGuestDriver,
-                    "the guest kernel's virtio_mem driver is not loaded (no /sys/bus/virtio/drivers/virtio_mem): nothing would plug or unplug; load the module (Linux 5.8+, CONFIG_VIRTIO_MEM) or use DIMMs".into(),
-                )),
-                None if confirm => out.push(Finding::error(
-                    RuleId::VmemGuestDriver,
-                    "the guest agent predates virtio-mem support: it cannot confirm the plug; upgrade vmplug-guest (or --no-wait to resize unverified)".into(),
-                )),
-                None => out.push(Finding::warning(
-                    RuleId::VmemGuestDriver,
-                    "the guest agent predates virtio-mem support: cannot check the guest's virtio_mem driver".into(),
-                )),
-                Some(_) => {}
-            }
-        }
-    }
-    for d in scope {
-        if d.current.is_some_and(|c| c != d.requested) {
-            out.push(Finding::warning(
-                RuleId::VmemSettling,
-                format!(
-                    "{} still moves from {} to its requested {}: planned from what it holds now",
-                    d.label(),
-                    d.plugged(),
-                    d.requested
-                ),
-            ));
-        }
-        if confirm && d.base.is_none() {
-            out.push(Finding::error(
-                RuleId::VmemNoAddress,
-                format!(
-                    "the live XML gives {} no region base: vmplug cannot tell the guest which blocks are its",
-                    d.label()
-                ),
-            ));
-        }
-    }
-    out
-}
-
 /// The guest memory in scope now, and the part of it no virtio-mem device in
 /// scope can change (boot memory, DIMMs, other nodes' devices).
 fn scope_memory(dom: &DomainFacts, node: Option<u32>, scope: &[VirtioMem]) -> (Bytes, Bytes) {
@@ -250,7 +202,6 @@ pub fn plan_resize(f: &Facts, r: &ResizeOpts, opts: &HotplugOpts) -> Result<Resi
     if f.affect.live() && target < plugged {
         findings.extend(forecast_finding(f, &scope, Bytes(plugged.get() - target.get()), &what));
     }
-    findings.extend(device_findings(f, &scope, confirm));
     let findings = crate::preflight::gate(findings, opts.force, vec![])?;
     let sizes = distribute(&scope, target, unit).unwrap_or_else(|| scope.iter().map(|d| d.plugged()).collect());
     let steps = scope

@@ -745,6 +745,73 @@ fn the_resize_plans_rules() {
     );
 }
 
+/// detach-memory of a DIMM the domain lacks: refused, naming what it has, and
+/// no --force passes it.
+#[test]
+fn unplug_dimm() {
+    let op = Operation::Unplug { live_only: vec![], without_address: vec![], unmatched: Some("alias 'x'".into()) };
+    let f = Case::new().run(&op);
+    let e: Vec<&Finding> = f.iter().filter(|x| x.id == "unplug.dimm").collect();
+    assert_eq!(e.len(), 1, "{f:#?}");
+    assert!(e[0].hard && e[0].message == "no DIMM of 'web1' has alias 'x'; its DIMMs: dimm0", "{f:#?}");
+    assert!(!Case::new().run(&unplug(&[], &[])).iter().any(|x| x.id == "unplug.dimm"));
+}
+
+/// resize-memory's device rules over the domain's virtio-mem devices in the
+/// resize's scope: the guest's driver, a device still settling, a device the
+/// live XML does not place (only when the guest confirms).
+#[test]
+fn the_resize_device_rules() {
+    const VMEM: &str = include_str!("fixtures/x86-virtio-mem.xml");
+    let plan = ResizePlanning {
+        devices: 1,
+        unit: Bytes(2 * MIB),
+        target: Bytes(GIB),
+        capacity: Bytes(2 * GIB),
+        ..Default::default()
+    };
+    let op = |node| Operation::Resize { grow: Bytes(GIB), node: Some(node), plan: Some(plan.clone()) };
+    let mut c = Case { dom: dom(VMEM), affect: Affect::Live, ..Case::new() };
+    let errors = |c: &Case, node| ids(&c.run(&op(node)), Severity::Error);
+    assert!(errors(&c, 0).is_empty(), "{:#?}", c.run(&op(0)));
+    // The driver: not loaded, or an agent too old to say.
+    if let Some(g) = c.guest.as_mut() {
+        g.virtio_mem_devices = None;
+    }
+    let e = c.run(&op(0));
+    assert!(
+        e.iter().any(|x| x.id == "vmem.guest-driver"
+            && x.severity == Severity::Error
+            && x.message.contains("cannot confirm")),
+        "{e:#?}"
+    );
+    let unwaited = Case { no_wait: true, ..c.clone() }.run(&op(0));
+    assert!(unwaited.iter().any(|x| x.id == "vmem.guest-driver" && x.severity == Severity::Warning), "{unwaited:#?}");
+    if let Some(g) = c.guest.as_mut() {
+        g.capabilities = vec!["virtio-mem".into()];
+    }
+    assert!(errors(&c, 0).contains(&"vmem.guest-driver"), "{:#?}", c.run(&op(0)));
+    // Settling: node 1's device has not reached what it was asked.
+    let moving = Case {
+        dom: dom(&VMEM.replace("<current unit='KiB'>524288</current>", "<current unit='KiB'>262144</current>")),
+        ..c.clone()
+    };
+    let w = moving.run(&op(1));
+    assert!(
+        w.iter().any(|x| x.id == "vmem.settling"
+            && x.severity == Severity::Warning
+            && x.message.starts_with("virtiomem1 still moves from 256 MiB to its requested 512 MiB")),
+        "{w:#?}"
+    );
+    assert!(!moving.run(&op(0)).iter().any(|x| x.id == "vmem.settling"), "node 0's device is not in scope");
+    // No region base: an error only when the guest confirms.
+    let unplaced =
+        Case { dom: dom(&VMEM.replace("<address base='0x300000000'/>", "")), guest: Some(guest()), ..c.clone() };
+    assert!(errors(&unplaced, 0).contains(&"vmem.no-address"), "{:#?}", unplaced.run(&op(0)));
+    let blind = Case { no_wait: true, ..unplaced.clone() };
+    assert!(!blind.run(&op(0)).iter().any(|x| x.id == "vmem.no-address"));
+}
+
 #[test]
 fn every_rule_has_a_test_here() {
     let src = include_str!("preflight.rs");
@@ -758,6 +825,7 @@ fn unplug(live_only: &[&str], without_address: &[&str]) -> Operation {
     Operation::Unplug {
         live_only: live_only.iter().map(|s| s.to_string()).collect(),
         without_address: without_address.iter().map(|s| s.to_string()).collect(),
+        unmatched: None,
     }
 }
 
