@@ -965,7 +965,7 @@ pub async fn prepare(
     };
     let p = match crate::prepare::prepare(&old, &l.host, opts) {
         Err(e) => {
-            report.findings = vec![Finding::error(e.rule(), e.to_string())];
+            report.findings = e.findings();
             report.refused = Some(format!("{e}; nothing was defined"));
             return Ok(report);
         }

@@ -10,22 +10,13 @@ use std::fmt::Write as _;
 use roxmltree::{Document, Node};
 use vmplug_common::{Bytes, CpuSet, MIB};
 
-use crate::domain::NumaMode;
-use crate::preflight::RuleId;
+use crate::domain::{Affect, DomainState, NumaMode};
+use crate::preflight::{self, Ctx, Finding, Operation, Proposal, RuleId, Severity, StrictCell};
 use crate::xml::{DomainFacts, HostFacts, XmlError};
 
-/// The most memory slots: the guide's limit, and QEMU's (`ACPI_MAX_RAM_SLOTS`),
-/// which libvirt checks too.
-pub const MAX_SLOTS: u32 = 256;
-
-/// The most vCPUs `prepare` writes: KVM allows at most 4096 per VM (x86's
-/// `KVM_MAX_VCPUS` ceiling; arm64's is lower), so no machine vmplug prepares
-/// (pc, q35, virt) can start with more. A larger count could never run, and
-/// laying it out over cells took minutes.
-pub const MAX_VCPUS: u32 = 4096;
-
-/// The most guest NUMA cells: QEMU's `MAX_NODES`.
-pub const MAX_CELLS: u32 = 128;
+/// The limits `prepare` holds a definition to (the rules that do are in
+/// preflight, beside the live verbs' rules of the same constraint).
+pub use crate::preflight::{MAX_CELLS, MAX_SLOTS, MAX_VCPUS};
 
 #[derive(Debug, Clone, Default)]
 pub struct PrepareOpts {
@@ -40,58 +31,35 @@ pub struct PrepareOpts {
     pub channel_path: Option<String>,
 }
 
+/// Why `prepare` wrote nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrepareError {
     #[error("domain XML: {0}")]
     Xml(String),
-    #[error("{0} memory slots requested: the guide allows at most {MAX_SLOTS}")]
-    TooManySlots(u32),
-    #[error("max memory {max} is below the current memory {current}")]
-    MaxMemoryBelowCurrent { max: Bytes, current: Bytes },
-    #[error("{0} vCPUs requested: at most {MAX_VCPUS} (KVM's most per VM)")]
-    TooManyVcpus(u32),
-    #[error("{0} guest NUMA cells requested: at most {MAX_CELLS} (QEMU's most)")]
-    CellsOverLimit(u32),
-    #[error("{max} vCPUs is below the {current} the domain has now")]
-    MaxVcpusBelowCurrent { max: u32, current: u32 },
-    #[error("{max} vCPUs is not a multiple of the topology's {per_socket} vCPUs per socket")]
-    NotWholeSockets { max: u32, per_socket: u32 },
-    #[error("{cells} guest NUMA cells for {sockets} sockets: every cell needs at least one whole socket")]
-    TooManyCells { cells: u32, sockets: u32 },
-    #[error("machine '{machine}' ({arch}) cannot hot-plug: {why}")]
-    Machine { machine: String, arch: String, why: String },
-    #[error("--host-nodes is empty: name at least one host NUMA node (host nodes: {0})")]
-    NoHostNodes(String),
-    #[error("0 memory slots: memory hot-plug needs at least one (the guide allows up to {MAX_SLOTS})")]
-    NoSlots,
-    #[error("host NUMA node {0} does not exist (host nodes: {1})")]
-    NoSuchHostNode(u32, String),
-    #[error("channel path '{0}' is not absolute")]
-    ChannelPath(String),
-    #[error("strict binding of cell {cell} ({need}) to host node {node} with {free} free would fail at start")]
-    NodeTooSmall { cell: u32, node: u32, need: Bytes, free: Bytes },
+    /// The guide's constraints refuse the definition prepare would write:
+    /// preflight's findings, errors first.
+    #[error("{}", errors_text(.0))]
+    Refused(Vec<Finding>),
+}
+
+fn errors_text(findings: &[Finding]) -> String {
+    let errors: Vec<&str> =
+        findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.message.as_str()).collect();
+    errors.join("; ")
 }
 
 impl PrepareError {
-    /// The id of the rule this refusal belongs to (listed in README with the others).
-    pub fn id(&self) -> &'static str {
-        self.rule().id()
+    /// The findings behind the refusal (a broken XML is `prepare.xml`'s).
+    pub fn findings(&self) -> Vec<Finding> {
+        match self {
+            PrepareError::Xml(_) => vec![Finding::error(RuleId::PrepareXml, self.to_string())],
+            PrepareError::Refused(f) => f.clone(),
+        }
     }
 
-    /// The rule this refusal belongs to.
-    pub fn rule(&self) -> RuleId {
-        match self {
-            PrepareError::Xml(_) => RuleId::PrepareXml,
-            PrepareError::TooManySlots(_) | PrepareError::NoSlots => RuleId::MemSlots,
-            PrepareError::MaxMemoryBelowCurrent { .. } => RuleId::MemMaxMemory,
-            PrepareError::MaxVcpusBelowCurrent { .. } | PrepareError::TooManyVcpus(_) => RuleId::CpuMax,
-            PrepareError::NotWholeSockets { .. } => RuleId::CpuCoresMultiple,
-            PrepareError::TooManyCells { .. } | PrepareError::CellsOverLimit(_) => RuleId::CpuSocketCell,
-            PrepareError::Machine { .. } => RuleId::CpuMachine,
-            PrepareError::NoHostNodes(_) | PrepareError::NoSuchHostNode(..) => RuleId::NumatuneNodes,
-            PrepareError::NodeTooSmall { .. } => RuleId::NumatuneStrictFree,
-            PrepareError::ChannelPath(_) => RuleId::PrepareChannelPath,
-        }
+    /// The ids of the rules that refused.
+    pub fn ids(&self) -> Vec<&'static str> {
+        self.findings().iter().filter(|f| f.severity == Severity::Error).map(|f| f.id).collect()
     }
 }
 
@@ -125,31 +93,51 @@ fn indent_of(xml: &str, n: Node) -> String {
     xml[line..start].chars().take_while(|c| c.is_whitespace()).collect()
 }
 
-/// The machine must be able to hot-plug on this host: judged from libvirt's
-/// capabilities and, on aarch64, what the domain's QEMU says it can do.
-fn check_machine(f: &DomainFacts, host: &HostFacts, notes: &mut Vec<String>) -> Result<(), PrepareError> {
-    let err = |why: String| Err(PrepareError::Machine { machine: f.machine.clone(), arch: f.arch.clone(), why });
-    match f.arch.as_str() {
-        "x86_64" | "i686" if f.machine == "pc" || f.machine == "q35" || f.machine.starts_with("pc-") => Ok(()),
-        "aarch64" if f.machine == "virt" || f.machine.starts_with("virt-") => {
-            let newest = host
-                .newest_versioned("virt")
-                .map_or(String::new(), |n| format!("; use {n}, the newest this host's QEMU offers"));
-            let upstream = host.cpu_hotplug == Some(false);
-            match crate::xml::machine_version(&f.machine, "virt") {
-                Some(v) if v < (4, 1) => return err(format!("the guide requires virt-4.1 or newer{newest}")),
-                Some(v) if v < (4, 2) && upstream => {
-                    return err(format!("this host's QEMU has no ACPI GED device on virt-4.1 (upstream adds it from virt-4.2), so neither DIMMs nor vCPUs can be hot-plugged there{newest}"))
-                }
-                _ => {}
-            }
-            if upstream {
-                notes.push(format!("vCPUs: this host's QEMU cannot hot-plug vCPUs on '{}' (query-machines); scale with `vmplug setvcpus --guest` among vCPUs defined at boot (boot with maxcpus= to keep the surplus offline)", f.machine));
-            }
-            Ok(())
-        }
-        "aarch64" => err("only the 'virt' machine can hot-plug on aarch64".into()),
-        _ => err("vmplug knows hot-plug on x86 pc/q35 and aarch64 virt".into()),
+/// What `prepare` says of a machine the rules accept: on aarch64, a QEMU
+/// that cannot hot-plug vCPUs there (upstream's) scales them inside the guest.
+fn machine_note(f: &DomainFacts, host: &HostFacts) -> Option<String> {
+    let virt = f.arch == "aarch64" && (f.machine == "virt" || f.machine.starts_with("virt-"));
+    (virt && host.cpu_hotplug == Some(false)).then(|| {
+        format!("vCPUs: this host's QEMU cannot hot-plug vCPUs on '{}' (query-machines); scale with `vmplug setvcpus --guest` among vCPUs defined at boot (boot with maxcpus= to keep the surplus offline)", f.machine)
+    })
+}
+
+/// The rules over what prepare would write: refused with every finding when
+/// one breaks.
+fn judge(f: &DomainFacts, host: &HostFacts, proposal: &Proposal) -> Result<(), PrepareError> {
+    let ctx = Ctx {
+        dom: f,
+        host,
+        guest: None,
+        agent_trouble: None,
+        running: false,
+        state: DomainState::ShutOff,
+        job_running: false,
+        affect: Affect::Config,
+        no_wait: true,
+    };
+    let findings = preflight::check(&ctx, &Operation::Prepare(Box::new(proposal.clone())));
+    if preflight::has_errors(&findings) {
+        return Err(PrepareError::Refused(findings));
+    }
+    Ok(())
+}
+
+/// The counts prepare would write (vCPUs, cells, slots, the memory ceiling),
+/// as asked or kept from the definition.
+fn propose(f: &DomainFacts, o: &PrepareOpts) -> Proposal {
+    let current = f.vcpus_current;
+    let (cores, threads) = f.topology.as_ref().map(|t| (t.cores.max(1), t.threads.max(1))).unwrap_or((1, 1));
+    Proposal {
+        current,
+        max_vcpus: o.max_vcpus.unwrap_or(f.vcpus_max.max(current)),
+        cells: o.cells.unwrap_or(u32::try_from(f.cells.len().max(1)).unwrap_or(u32::MAX)),
+        per_socket: cores.saturating_mul(threads),
+        slots: o.slots.unwrap_or(f.slots.unwrap_or(16)),
+        max_memory: o.max_memory.or(f.max_memory).unwrap_or(Bytes(f.boot_memory().get() * 4)),
+        host_nodes: o.host_nodes.clone(),
+        strict: vec![],
+        channel_path: o.channel_path.clone(),
     }
 }
 
@@ -174,12 +162,19 @@ type Edit = (std::ops::Range<usize>, String);
 /// Computes the prepared definition of `xml` (the persistent one) on `host`.
 pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared, PrepareError> {
     let f = DomainFacts::parse(xml)?;
-    let mut notes = Vec::new();
-    check_machine(&f, host, &mut notes)?;
     let doc = Document::parse(xml).map_err(|e| PrepareError::Xml(e.to_string()))?;
     let dom = doc.root_element();
-    let l = layout(&f, o)?;
-    let (pins, memnodes) = placement(&l, host, o, &mut notes)?;
+    // The counts are judged before anything is laid out (a layout's work grows
+    // with them); strict placement once the cells' memory is known.
+    let mut proposal = propose(&f, o);
+    judge(&f, host, &proposal)?;
+    let mut notes: Vec<String> = machine_note(&f, host).into_iter().collect();
+    let l = layout(&f, &proposal);
+    let (pins, memnodes, strict) = placement(&l, host, o, &mut notes);
+    if !strict.is_empty() {
+        proposal.strict = strict;
+        judge(&f, host, &proposal)?;
+    }
     let mut edits = size_edits(xml, dom, &f, &l, &mut notes)?;
     edits.extend(cpu_edits(xml, dom, &l)?);
     notes.push(format!("guest NUMA: {} cell(s) of whole sockets ({} vCPU(s) each)", l.ncells, l.per_socket));
@@ -198,43 +193,15 @@ pub fn prepare(xml: &str, host: &HostFacts, o: &PrepareOpts) -> Result<Prepared,
     Ok(Prepared { xml: out, notes })
 }
 
-/// vCPUs, sockets, cells, slots and memory of the prepared definition.
-fn layout(f: &DomainFacts, o: &PrepareOpts) -> Result<Layout, PrepareError> {
-    let current = f.vcpus_current;
-    let max = o.max_vcpus.unwrap_or(f.vcpus_max.max(current));
-    // Bounded before anything is laid out: the layout's work grows with both.
-    if max > MAX_VCPUS {
-        return Err(PrepareError::TooManyVcpus(max));
-    }
-    if max < current {
-        return Err(PrepareError::MaxVcpusBelowCurrent { max, current });
-    }
-    let ncells = o.cells.unwrap_or(u32::try_from(f.cells.len().max(1)).unwrap_or(u32::MAX));
-    if ncells > MAX_CELLS {
-        return Err(PrepareError::CellsOverLimit(ncells));
-    }
+/// vCPUs, sockets, cells, slots and memory of the prepared definition, from
+/// counts the rules accepted.
+fn layout(f: &DomainFacts, p: &Proposal) -> Layout {
+    let (current, max, ncells, per_socket, slots, max_memory) =
+        (p.current, p.max_vcpus, p.cells, p.per_socket, p.slots, p.max_memory);
     let (cores, threads) = f.topology.as_ref().map(|t| (t.cores.max(1), t.threads.max(1))).unwrap_or((1, 1));
-    let per_socket = cores.saturating_mul(threads);
-    if !max.is_multiple_of(per_socket) {
-        return Err(PrepareError::NotWholeSockets { max, per_socket });
-    }
     let sockets = max / per_socket;
-    if ncells == 0 || ncells > sockets {
-        return Err(PrepareError::TooManyCells { cells: ncells, sockets });
-    }
-    let slots = o.slots.unwrap_or(f.slots.unwrap_or(16));
-    if slots > MAX_SLOTS {
-        return Err(PrepareError::TooManySlots(slots));
-    }
-    if slots == 0 {
-        return Err(PrepareError::NoSlots);
-    }
     // The initial memory stays; only the ceiling and the layout change.
     let initial = f.boot_memory();
-    let max_memory = o.max_memory.or(f.max_memory).unwrap_or(Bytes(initial.get() * 4));
-    if max_memory < f.memory {
-        return Err(PrepareError::MaxMemoryBelowCurrent { max: max_memory, current: f.memory });
-    }
 
     // Cells: whole sockets each (the guide: a socket's vCPUs in one vNode), memory
     // split evenly in MiB, or in hugepages when hugepages back the guest.
@@ -250,60 +217,48 @@ fn layout(f: &DomainFacts, o: &PrepareOpts) -> Result<Layout, PrepareError> {
         cells.push((i, cpus, Bytes(cell_units * unit)));
     }
 
-    Ok(Layout { current, max, cores, threads, per_socket, sockets, ncells, slots, max_memory, cells })
+    Layout { current, max, cores, threads, per_socket, sockets, ncells, slots, max_memory, cells }
 }
 
 /// Host placement: each cell's memory on a host node (round-robin over
-/// `--host-nodes`) and its vCPUs pinned to that node's CPUs.
+/// `--host-nodes`, which the rules have found on the host) and its vCPUs
+/// pinned to that node's CPUs; with strict binding, what each cell asks of
+/// its node, for the rule that judges it.
 #[allow(clippy::type_complexity)]
 fn placement(
     l: &Layout,
     host: &HostFacts,
     o: &PrepareOpts,
     notes: &mut Vec<String>,
-) -> Result<(Vec<(u32, CpuSet)>, Vec<(u32, u32)>), PrepareError> {
+) -> (Vec<(u32, CpuSet)>, Vec<(u32, u32)>, Vec<StrictCell>) {
     let cells = &l.cells;
-    let mut pins: Vec<(u32, CpuSet)> = Vec::new();
-    let mut memnodes: Vec<(u32, u32)> = Vec::new();
-    if let Some(nodes) = &o.host_nodes {
-        let host_ids: CpuSet = host.nodes.iter().map(|n| n.id).collect();
-        let list: Vec<u32> = nodes.iter().collect();
-        if list.is_empty() {
-            return Err(PrepareError::NoHostNodes(host_ids.to_string()));
+    let (mut pins, mut memnodes, mut strict) = (Vec::new(), Vec::new(), Vec::new());
+    let Some(list) = o.host_nodes.as_ref().map(|n| n.iter().collect::<Vec<u32>>()).filter(|l| !l.is_empty()) else {
+        return (pins, memnodes, strict);
+    };
+    let mut need = std::collections::BTreeMap::<u32, u64>::new();
+    for (i, cpus, mem) in cells {
+        let node = list[*i as usize % list.len()];
+        *need.entry(node).or_default() += mem.get();
+        memnodes.push((*i, node));
+        let node_cpus = host.node(node).map(|n| n.cpus.clone()).unwrap_or_default();
+        for v in cpus.iter() {
+            pins.push((v, node_cpus.clone()));
         }
-        for n in &list {
-            if !host_ids.contains(*n) {
-                return Err(PrepareError::NoSuchHostNode(*n, host_ids.to_string()));
-            }
-        }
-        let mode = o.mode.unwrap_or(NumaMode::Strict);
-        let mut need = std::collections::BTreeMap::<u32, u64>::new();
-        for (i, cpus, mem) in cells {
-            let node = list[*i as usize % list.len()];
-            *need.entry(node).or_default() += mem.get();
-            memnodes.push((*i, node));
-            let node_cpus = host.node(node).map(|n| n.cpus.clone()).unwrap_or_default();
-            for v in cpus.iter() {
-                pins.push((v, node_cpus.clone()));
-            }
-        }
-        if mode == NumaMode::Strict {
-            for (i, _, mem) in cells {
-                let node = list[*i as usize % list.len()];
-                if let Some(free) = host.free_on(node) {
-                    if free.get() < need[&node] {
-                        return Err(PrepareError::NodeTooSmall { cell: *i, node, need: *mem, free });
-                    }
-                }
-            }
-        }
-        notes.push(format!(
-            "cells → host nodes: {}",
-            memnodes.iter().map(|(c, n)| format!("{c}→{n}")).collect::<Vec<_>>().join(", ")
-        ));
     }
-
-    Ok((pins, memnodes))
+    if o.mode.unwrap_or(NumaMode::Strict) == NumaMode::Strict {
+        for (i, _, mem) in cells {
+            let node = list[*i as usize % list.len()];
+            if let Some(free) = host.free_on(node) {
+                strict.push(StrictCell { cell: *i, node, memory: *mem, free, node_need: Bytes(need[&node]) });
+            }
+        }
+    }
+    notes.push(format!(
+        "cells → host nodes: {}",
+        memnodes.iter().map(|(c, n)| format!("{c}→{n}")).collect::<Vec<_>>().join(", ")
+    ));
+    (pins, memnodes, strict)
 }
 
 /// `<vcpu>` and `<maxMemory>`.
@@ -440,9 +395,6 @@ fn channel_edits(
     notes: &mut Vec<String>,
 ) -> Result<Vec<Edit>, PrepareError> {
     use vmplug_common::protocol::DEFAULT_SERIAL_NAME;
-    if let Some(p) = path.filter(|p| !p.starts_with('/')) {
-        return Err(PrepareError::ChannelPath(p.to_string()));
-    }
     let existing = f.channels.get(DEFAULT_SERIAL_NAME);
     match (existing, path) {
         (Some(have), Some(want)) if have.as_deref() == Some(want) => return Ok(vec![]),

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use vmplug::domain::{Affect, DomainState, NumaMode, PauseReason};
 use vmplug::planner::PlanError;
 use vmplug::preflight::{
-    check, gate, AgentTrouble, Ctx, DimmPlanning, Finding, FloorBreach, NotPlanned, Operation, ResizePlanning, Severity,
+    check, gate, AgentTrouble, Ctx, DimmPlanning, Finding, FloorBreach, NotPlanned, Operation, Proposal,
+    ResizePlanning, Severity, StrictCell,
 };
 use vmplug::xml::{DomainFacts, HostFacts};
 use vmplug_common::protocol::{CpuFacts, GuestInfo, MemoryFacts};
@@ -810,6 +811,84 @@ fn the_resize_device_rules() {
     assert!(errors(&unplaced, 0).contains(&"vmem.no-address"), "{:#?}", unplaced.run(&op(0)));
     let blind = Case { no_wait: true, ..unplaced.clone() };
     assert!(!blind.run(&op(0)).iter().any(|x| x.id == "vmem.no-address"));
+}
+
+/// `prepare`'s proposal, judged by the same rules as the live verbs: each
+/// bound and count by its rule, and a sound proposal by none at all (no rule
+/// of a live verb speaks about a definition not yet written).
+#[test]
+fn a_prepare_proposal_is_judged_by_the_rules_of_its_constraints() {
+    let ok = Proposal {
+        current: 2,
+        max_vcpus: 8,
+        cells: 2,
+        per_socket: 1,
+        slots: 16,
+        max_memory: Bytes(32 * GIB),
+        host_nodes: Some("0-1".parse().expect("set")),
+        strict: vec![StrictCell {
+            cell: 0,
+            node: 0,
+            memory: Bytes(4 * GIB),
+            free: Bytes(16 * GIB),
+            node_need: Bytes(4 * GIB),
+        }],
+        channel_path: Some("/run/vmplug/web1.agent".into()),
+    };
+    let c = Case { running: false, state: DomainState::ShutOff, guest: None, affect: Affect::Config, ..Case::new() };
+    let run = |p: Proposal| c.run(&Operation::Prepare(Box::new(p)));
+    assert_eq!(run(ok.clone()), vec![], "a sound proposal");
+    let only = |p: Proposal, id: &str, text: &str| {
+        let f = run(p);
+        let errors: Vec<&Finding> = f.iter().filter(|x| x.severity == Severity::Error).collect();
+        assert!(errors.len() == 1 && errors[0].id == id && errors[0].message.contains(text), "{id}: {f:#?}");
+    };
+    only(Proposal { max_vcpus: 5000, ..ok.clone() }, "cpu.max", "5000 vCPUs requested: at most 4096");
+    only(Proposal { max_vcpus: 1, cells: 1, ..ok.clone() }, "cpu.max", "1 vCPUs is below the 2");
+    only(
+        Proposal { per_socket: 3, ..ok.clone() },
+        "cpu.cores-multiple",
+        "8 vCPUs is not a multiple of the topology's 3",
+    );
+    only(Proposal { cells: 200, ..ok.clone() }, "cpu.socket-cell", "200 guest NUMA cells requested: at most 128");
+    only(Proposal { cells: 9, ..ok.clone() }, "cpu.socket-cell", "9 guest NUMA cells for 8 sockets");
+    only(Proposal { slots: 0, ..ok.clone() }, "mem.slots", "0 memory slots");
+    only(Proposal { slots: 300, ..ok.clone() }, "mem.slots", "300 memory slots requested");
+    only(
+        Proposal { max_memory: Bytes(GIB), ..ok.clone() },
+        "mem.max-memory",
+        "max memory 1 GiB is below the current memory",
+    );
+    only(
+        Proposal { host_nodes: Some(vmplug_common::CpuSet::new()), ..ok.clone() },
+        "numatune.nodes",
+        "--host-nodes is empty",
+    );
+    only(
+        Proposal { host_nodes: Some("3".parse().expect("set")), ..ok.clone() },
+        "numatune.nodes",
+        "host NUMA node 3 does not exist",
+    );
+    let tight = StrictCell { free: Bytes(GIB), ..ok.strict[0].clone() };
+    only(
+        Proposal { strict: vec![tight], ..ok.clone() },
+        "numatune.strict-free",
+        "strict binding of cell 0 (4 GiB) to host node 0 with 1 GiB free",
+    );
+    only(
+        Proposal { channel_path: Some("agent.sock".into()), ..ok.clone() },
+        "prepare.channel-path",
+        "'agent.sock' is not absolute",
+    );
+    let arm = Case {
+        dom: dom(&READY.replace("arch='x86_64' machine='pc-q35-10.0'", "arch='aarch64' machine='virt-4.0'")),
+        ..c.clone()
+    };
+    let f = arm.run(&Operation::Prepare(Box::new(ok.clone())));
+    assert!(
+        f.iter().any(|x| x.id == "cpu.machine" && x.message.contains("the guide requires virt-4.1 or newer")),
+        "{f:#?}"
+    );
 }
 
 #[test]
