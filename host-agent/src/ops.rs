@@ -261,6 +261,25 @@ impl Verb for GuestVcpus {
     }
 }
 
+/// The verdict of `setvcpus --guest` from the agent's answer to its `verb`
+/// ("online" or "offline") request (pure): `target` CPUs online, confirmed.
+pub fn judge_guest_vcpus(
+    target: u32,
+    verb: &str,
+    answer: &Result<vmplug_common::protocol::Report, LinkError>,
+    libvirt: u32,
+    timeout: Duration,
+) -> (Outcome, String) {
+    match answer {
+        Ok(r) if r.complete && r.cpus_online.len() as u32 == target => {
+            (Outcome::Ok, format!("{target} CPUs online in the guest ({}), confirmed by its agent; libvirt's {libvirt} vCPUs unchanged (guest-level scaling)", r.cpus_online))
+        }
+        Ok(r) if r.timed_out => (Outcome::GuestTimeout, format!("the guest has {} CPUs online ({}) after {timeout:?}, not {target}", r.cpus_online.len(), r.cpus_online)),
+        Ok(r) => (Outcome::GuestFailed, format!("the guest has {} CPUs online ({}), not {target}: {} CPU(s) could not be {verb}d", r.cpus_online.len(), r.cpus_online, r.failures())),
+        Err(e) => (Outcome::GuestFailed, format!("the guest agent did not answer the {verb} request: {e}")),
+    }
+}
+
 async fn execute_guest_vcpus<A: GuestAgent>(
     facts: &Facts,
     link: Option<&mut A>,
@@ -298,14 +317,7 @@ async fn execute_guest_vcpus<A: GuestAgent>(
     run.guest_ms += ms(t);
     let applied =
         vec![format!("guest: {verb} CPUs to {target} online (guest-level; libvirt's {libvirt} vCPUs unchanged)")];
-    let (outcome, message) = match &answer {
-        Ok(r) if r.complete && r.cpus_online.len() as u32 == target => {
-            (Outcome::Ok, format!("{target} CPUs online in the guest ({}), confirmed by its agent; libvirt's {libvirt} vCPUs unchanged (guest-level scaling)", r.cpus_online))
-        }
-        Ok(r) if r.timed_out => (Outcome::GuestTimeout, format!("the guest has {} CPUs online ({}) after {:?}, not {target}", r.cpus_online.len(), r.cpus_online, opts.timeout)),
-        Ok(r) => (Outcome::GuestFailed, format!("the guest has {} CPUs online ({}), not {target}: {} CPU(s) could not be {verb}d", r.cpus_online.len(), r.cpus_online, r.failures())),
-        Err(e) => (Outcome::GuestFailed, format!("the guest agent did not answer the {verb} request: {e}")),
-    };
+    let (outcome, message) = judge_guest_vcpus(target, verb, &answer, libvirt, opts.timeout);
     let mut report = host(applied).report(outcome, message, &run);
     report.guest = answer.ok();
     Ok(report)

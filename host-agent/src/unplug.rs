@@ -7,11 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use vmplug_common::protocol::{ForecastRequest, ItemOutcome as BlockOutcome, MemRange, OfflineRequest, OnlineRequest};
+use vmplug_common::protocol::{
+    BlockState, ForecastRequest, ItemOutcome as BlockOutcome, MemRange, OfflineRequest, OnlineRequest,
+};
+use vmplug_common::Bytes;
 
 use crate::domain::{DomainError, XmlView};
 use crate::facts::{blocking, Facts, HotplugOpts};
-use crate::link::GuestAgent;
+use crate::link::{GuestAgent, LinkError};
 use crate::plan::{plan_detach_memory, DetachPlan};
 use crate::preflight::{Finding, NotPlanned};
 use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostSide, OpReport, Outcome, Run};
@@ -297,24 +300,57 @@ impl Detach<'_> {
         let t = Instant::now();
         let blocks = link.blocks(self.plan.ranges.clone()).await;
         self.run.guest_ms += ms(t);
-        match blocks {
-            Ok(b) => {
-                let still: Vec<String> = b.iter().filter(|s| s.present).map(|s| format!("memory{}", s.index)).collect();
-                if still.is_empty() {
-                    (Outcome::Ok, format!("{size} detached; libvirt and the guest agree ({} block(s) gone)", b.len()))
-                } else {
-                    let m = format!("QEMU removed the DIMM(s) but the guest still lists {}", still.join(", "));
-                    (Outcome::GuestFailed, m)
-                }
+        judge_gone(size, &blocks)
+    }
+}
+
+/// The verdict of a detach once QEMU removed the DIMMs, from the guest's
+/// view of their blocks (pure): none of them may still be present.
+pub fn judge_gone(size: Bytes, blocks: &Result<Vec<BlockState>, LinkError>) -> (Outcome, String) {
+    match blocks {
+        Ok(b) => {
+            let still: Vec<String> = b.iter().filter(|s| s.present).map(|s| format!("memory{}", s.index)).collect();
+            if still.is_empty() {
+                (Outcome::Ok, format!("{size} detached; libvirt and the guest agree ({} block(s) gone)", b.len()))
+            } else {
+                (
+                    Outcome::GuestFailed,
+                    format!("QEMU removed the DIMM(s) but the guest still lists {}", still.join(", ")),
+                )
             }
-            Err(e) => (Outcome::GuestFailed, format!("{size} detached in libvirt; the guest did not confirm: {e}")),
         }
+        Err(e) => (Outcome::GuestFailed, format!("{size} detached in libvirt; the guest did not confirm: {e}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detach_is_ok_only_when_the_guest_lists_none_of_its_blocks() {
+        let block = |index, present| BlockState {
+            index,
+            start: (index * 128) << 20,
+            present,
+            online: false,
+            zone: None,
+            node: None,
+        };
+        let size = Bytes(256 << 20);
+        let gone = judge_gone(size, &Ok(vec![block(32, false), block(33, false)]));
+        assert_eq!(gone, (Outcome::Ok, "256 MiB detached; libvirt and the guest agree (2 block(s) gone)".into()));
+        let (o, m) = judge_gone(size, &Ok(vec![block(32, false), block(33, true)]));
+        assert_eq!(
+            (o, m.as_str()),
+            (Outcome::GuestFailed, "QEMU removed the DIMM(s) but the guest still lists memory33")
+        );
+        let (o, m) = judge_gone(size, &Err(LinkError::NoAddress));
+        assert!(
+            o == Outcome::GuestFailed && m.starts_with("256 MiB detached in libvirt; the guest did not confirm"),
+            "{m}"
+        );
+    }
 
     fn dimm(alias: Option<&str>) -> Dimm {
         Dimm { alias: alias.map(str::to_string), ..Dimm::default() }
