@@ -13,7 +13,7 @@ use crate::link::{GuestAgent, LinkError};
 use crate::plan::{plan_attach_memory, plan_setvcpus, MemoryPlan, VcpuPlan};
 use crate::preflight::NotPlanned;
 use crate::preflight::{Ctx, Finding, RuleId, Severity};
-use crate::report::{libvirt_failed, ms, not_planned, persistent_only, HostOnly, HostSide, OpReport, Outcome};
+use crate::report::{libvirt_failed, ms, persistent_only, HostOnly, HostSide, OpReport, Outcome};
 use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
@@ -33,6 +33,7 @@ pub struct Setvcpus {
 impl Verb for Setvcpus {
     const NAME: &'static str = "setvcpus";
     type Plan = VcpuPlan;
+    type Evidence = VcpuEvidence;
 
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<VcpuPlan, NotPlanned> {
         plan_setvcpus(facts, self.target, opts)
@@ -49,9 +50,13 @@ impl Verb for Setvcpus {
         link: Option<&mut A>,
         plan: VcpuPlan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> Result<OpReport, DomainError> {
-        execute_vcpus(facts, link, plan, opts, run).await
+        run: &mut Run,
+    ) -> Result<VcpuEvidence, DomainError> {
+        Ok(execute_vcpus(facts, link, plan, opts, run).await)
+    }
+
+    fn judge(&self, facts: &Facts, ev: VcpuEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        judge_setvcpus(facts, ev, opts, run)
     }
 }
 
@@ -119,9 +124,17 @@ pub enum VcpuVerbPlan {
     Guest(crate::plan::GuestVcpuPlan),
 }
 
+/// The evidence of the one `setvcpus` that ran.
+#[derive(Debug)]
+pub enum VcpuVerbEvidence {
+    Plug(VcpuEvidence),
+    Guest(GuestVcpuEvidence),
+}
+
 impl Verb for VcpuVerb {
     const NAME: &'static str = Setvcpus::NAME;
     type Plan = VcpuVerbPlan;
+    type Evidence = VcpuVerbEvidence;
 
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<VcpuVerbPlan, NotPlanned> {
         match self {
@@ -143,13 +156,45 @@ impl Verb for VcpuVerb {
         link: Option<&mut A>,
         plan: VcpuVerbPlan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> Result<OpReport, DomainError> {
-        match plan {
-            VcpuVerbPlan::Plug(p) => execute_vcpus(facts, link, p, opts, run).await,
-            VcpuVerbPlan::Guest(p) => execute_guest_vcpus(facts, link, p, opts, run).await,
+        run: &mut Run,
+    ) -> Result<VcpuVerbEvidence, DomainError> {
+        Ok(match plan {
+            VcpuVerbPlan::Plug(p) => VcpuVerbEvidence::Plug(execute_vcpus(facts, link, p, opts, run).await),
+            VcpuVerbPlan::Guest(p) => VcpuVerbEvidence::Guest(execute_guest_vcpus(link, p, opts, run).await?),
+        })
+    }
+
+    fn judge(&self, facts: &Facts, ev: VcpuVerbEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        match ev {
+            VcpuVerbEvidence::Plug(ev) => judge_setvcpus(facts, ev, opts, run),
+            VcpuVerbEvidence::Guest(ev) => judge_guest_scaling(facts, ev, opts, run),
         }
     }
+}
+
+/// What a `setvcpus` did and saw, with its plan.
+#[derive(Debug)]
+pub struct VcpuEvidence {
+    pub plan: VcpuPlan,
+    pub seen: VcpuSeen,
+}
+
+/// How a `setvcpus` went.
+#[derive(Debug)]
+pub enum VcpuSeen {
+    /// A live shrink the guest did not release (its answer); libvirt was not
+    /// touched. `back`: how onlining the CPUs again went.
+    NotReleased { answer: Result<vmplug_common::protocol::Report, LinkError>, back: String },
+    /// libvirt refused a step; `applied` are the steps before it.
+    Libvirt { applied: Vec<String>, error: DomainError },
+    /// Every step ran: libvirt's view after them, what the guest released
+    /// first (a shrink) and its confirmation.
+    Applied {
+        applied: Vec<String>,
+        released: Option<vmplug_common::protocol::Report>,
+        confirmation: Option<Result<vmplug_common::protocol::Report, LinkError>>,
+        after: Option<Box<DomainFacts>>,
+    },
 }
 
 async fn execute_vcpus<A: GuestAgent>(
@@ -157,23 +202,23 @@ async fn execute_vcpus<A: GuestAgent>(
     mut link: Option<&mut A>,
     plan: VcpuPlan,
     opts: &HotplugOpts,
-    mut run: Run,
-) -> Result<OpReport, DomainError> {
-    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
-    let mut guest_report = None;
+    run: &mut Run,
+) -> VcpuEvidence {
+    let affect = facts.affect;
+    let mut released = None;
     if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
-        match release_cpus(facts, link, &plan, opts, &mut run).await {
-            Ok(r) => guest_report = Some(r),
-            Err(report) => return Ok(*report),
+        match release_cpus(link, &plan, opts, run).await {
+            Ok(r) => released = Some(r),
+            Err((answer, back)) => return VcpuEvidence { plan, seen: VcpuSeen::NotReleased { answer, back } },
         }
     }
     let mut applied = Vec::new();
     let t = Instant::now();
     for step in plan.steps.iter().copied() {
         let dom = facts.loaded.dom.clone();
-        if let Err(e) = blocking(move || dom.set_vcpus(step, affect)).await {
+        if let Err(error) = blocking(move || dom.set_vcpus(step, affect)).await {
             run.libvirt_ms = ms(t);
-            return Ok(libvirt_failed(Setvcpus::NAME, name, affect, applied, plan.findings, &e, &run));
+            return VcpuEvidence { plan, seen: VcpuSeen::Libvirt { applied, error } };
         }
         applied.push(format!("setvcpus {step} ({})", affect_text(affect)));
     }
@@ -199,12 +244,39 @@ async fn execute_vcpus<A: GuestAgent>(
         }));
     }
     let (dom, view) = (facts.loaded.dom.clone(), if affect.live() { XmlView::Live } else { XmlView::Inactive });
-    let after = blocking(move || dom.xml(view)).await.ok().and_then(|x| DomainFacts::parse(&x).ok());
-    let (outcome, message) = judge_vcpus(&plan, affect, confirmation.as_ref(), after.as_ref(), opts.timeout);
-    if let Some(Ok(r)) = confirmation {
-        guest_report = Some(r);
-    }
-    Ok(OpReport {
+    let after = blocking(move || dom.xml(view)).await.ok().and_then(|x| DomainFacts::parse(&x).ok()).map(Box::new);
+    VcpuEvidence { plan, seen: VcpuSeen::Applied { applied, released, confirmation, after } }
+}
+
+/// `setvcpus`'s judge (pure): a shrink the guest did not release, a step
+/// libvirt refused, or [`judge_vcpus`] over libvirt's view and the guest's word.
+fn judge_setvcpus(facts: &Facts, ev: VcpuEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let VcpuEvidence { plan, seen } = ev;
+    let (applied, released, confirmation, after) = match seen {
+        VcpuSeen::NotReleased { answer, back } => {
+            let why = match &answer {
+                Ok(r) => format!("the guest could not take {} CPU(s) offline", r.failures().max(1)),
+                Err(e) => format!("the guest did not take the CPUs offline: {e}"),
+            };
+            let findings = plan.findings;
+            let host = HostOnly { op: Setvcpus::NAME, name, affect, findings, applied: vec![], persistent: false };
+            let message = format!("{why}; {back}; nothing was changed in libvirt");
+            let mut report = host.report(Outcome::GuestFailed, message, run);
+            report.guest = answer.ok();
+            return report;
+        }
+        VcpuSeen::Libvirt { applied, error } => {
+            return libvirt_failed(Setvcpus::NAME, name, affect, applied, plan.findings, &error, run)
+        }
+        VcpuSeen::Applied { applied, released, confirmation, after } => (applied, released, confirmation, after),
+    };
+    let (outcome, message) = judge_vcpus(&plan, affect, confirmation.as_ref(), after.as_deref(), opts.timeout);
+    let guest = match confirmation {
+        Some(Ok(r)) => Some(r),
+        _ => released,
+    };
+    OpReport {
         operation: Setvcpus::NAME.into(),
         domain: name.into(),
         affect,
@@ -216,11 +288,11 @@ async fn execute_vcpus<A: GuestAgent>(
             verified: after.as_ref().map(|f| format!("vcpu current={} max={}", f.vcpus_current, f.vcpus_max)),
             persistent: affect.config(),
         },
-        guest: guest_report,
+        guest,
         virtio_mem: vec![],
         timings: run.timings(),
         guest_offlined: false,
-    })
+    }
 }
 
 /// `setvcpus --guest`: virsh's `setvcpus --guest` done by vmplug's agent and
@@ -235,6 +307,7 @@ pub struct GuestVcpus {
 impl Verb for GuestVcpus {
     const NAME: &'static str = Setvcpus::NAME;
     type Plan = crate::plan::GuestVcpuPlan;
+    type Evidence = GuestVcpuEvidence;
 
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<Self::Plan, NotPlanned> {
         crate::plan::plan_guest_vcpus(facts, self.target, opts)
@@ -251,14 +324,27 @@ impl Verb for GuestVcpus {
 
     async fn execute<A: GuestAgent>(
         &self,
-        facts: &Facts,
+        _: &Facts,
         link: Option<&mut A>,
         plan: Self::Plan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> Result<OpReport, DomainError> {
-        execute_guest_vcpus(facts, link, plan, opts, run).await
+        run: &mut Run,
+    ) -> Result<GuestVcpuEvidence, DomainError> {
+        execute_guest_vcpus(link, plan, opts, run).await
     }
+
+    fn judge(&self, facts: &Facts, ev: GuestVcpuEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        judge_guest_scaling(facts, ev, opts, run)
+    }
+}
+
+/// What `setvcpus --guest` asked of the agent and its answer (none when the
+/// guest already had the count), with the plan.
+#[derive(Debug)]
+pub struct GuestVcpuEvidence {
+    pub plan: crate::plan::GuestVcpuPlan,
+    /// The request ("online" or "offline") and the agent's answer.
+    pub answer: Option<(&'static str, Result<vmplug_common::protocol::Report, LinkError>)>,
 }
 
 /// The verdict of `setvcpus --guest` from the agent's answer to its `verb`
@@ -281,74 +367,64 @@ pub fn judge_guest_vcpus(
 }
 
 async fn execute_guest_vcpus<A: GuestAgent>(
-    facts: &Facts,
     link: Option<&mut A>,
     plan: crate::plan::GuestVcpuPlan,
     opts: &HotplugOpts,
-    mut run: Run,
-) -> Result<OpReport, DomainError> {
-    let (name, target) = (facts.loaded.facts.name.as_str(), plan.target);
-    let Some(link) = link else {
-        let why = NotPlanned::Usage("--guest needs the guest agent".into());
-        return not_planned(GuestVcpus::NAME, name, facts.affect, why, &run);
-    };
-    let libvirt = facts.loaded.facts.vcpus_current;
-    let host = |applied| HostOnly {
-        op: Setvcpus::NAME,
-        name,
-        affect: Affect::Live,
-        findings: plan.findings.clone(),
-        applied,
-        persistent: false,
-    };
+    run: &mut Run,
+) -> Result<GuestVcpuEvidence, DomainError> {
+    let Some(link) = link else { return Err(DomainError::Usage("--guest needs the guest agent".into())) };
     if plan.target == plan.online {
-        let msg =
-            format!("{target} CPUs are already online in the guest; nothing was changed (libvirt: {libvirt} vCPUs)");
-        return Ok(host(vec![]).report(Outcome::Ok, msg, &run));
+        return Ok(GuestVcpuEvidence { plan, answer: None });
     }
-    let timeout_ms = opts.timeout.as_millis() as u64;
+    let (target, timeout_ms) = (plan.target, opts.timeout.as_millis() as u64);
     let t = Instant::now();
-    let (verb, answer) = if plan.target > plan.online {
+    let answer = if plan.target > plan.online {
         let req = OnlineRequest { cpus: Some(target), memory: vec![], zone: opts.zone, timeout_ms, virtio_mem: vec![] };
         ("online", link.online(req).await.map(|(r, _)| r))
     } else {
         ("offline", link.offline(OfflineRequest { cpus: Some(target), memory: vec![], timeout_ms }).await)
     };
     run.guest_ms += ms(t);
+    Ok(GuestVcpuEvidence { plan, answer: Some(answer) })
+}
+
+/// `setvcpus --guest`'s judge (pure): nothing to do, or
+/// [`judge_guest_vcpus`] over the agent's answer.
+fn judge_guest_scaling(facts: &Facts, ev: GuestVcpuEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+    let (name, target, libvirt) = (facts.loaded.facts.name.as_str(), ev.plan.target, facts.loaded.facts.vcpus_current);
+    let findings = ev.plan.findings;
+    let host =
+        |applied| HostOnly { op: Setvcpus::NAME, name, affect: Affect::Live, findings, applied, persistent: false };
+    let Some((verb, answer)) = ev.answer else {
+        let msg =
+            format!("{target} CPUs are already online in the guest; nothing was changed (libvirt: {libvirt} vCPUs)");
+        return host(vec![]).report(Outcome::Ok, msg, run);
+    };
     let applied =
         vec![format!("guest: {verb} CPUs to {target} online (guest-level; libvirt's {libvirt} vCPUs unchanged)")];
     let (outcome, message) = judge_guest_vcpus(target, verb, &answer, libvirt, opts.timeout);
-    let mut report = host(applied).report(outcome, message, &run);
+    let mut report = host(applied).report(outcome, message, run);
     report.guest = answer.ok();
-    Ok(report)
+    report
 }
 
 /// A live shrink's first step: the guest takes the CPUs offline. libvirt never
 /// unplugs a CPU the guest has not released: on failure the CPUs are onlined
-/// again and the report says nothing changed in libvirt.
+/// again, and the agent's answer and how that went are returned.
 async fn release_cpus<A: GuestAgent>(
-    facts: &Facts,
     link: &mut A,
     plan: &VcpuPlan,
     opts: &HotplugOpts,
     run: &mut Run,
-) -> Result<vmplug_common::protocol::Report, Box<OpReport>> {
+) -> Result<vmplug_common::protocol::Report, (Result<vmplug_common::protocol::Report, LinkError>, String)> {
     let t = Instant::now();
     let req = OfflineRequest { cpus: Some(plan.target), memory: vec![], timeout_ms: opts.timeout.as_millis() as u64 };
     let r = link.offline(req).await;
     run.guest_ms += ms(t);
-    let why = match r {
-        Ok(r) if r.complete => return Ok(r),
-        Ok(ref r) => format!("the guest could not take {} CPU(s) offline", r.failures().max(1)),
-        Err(ref e) => format!("the guest did not take the CPUs offline: {e}"),
-    };
-    let back = put_cpus_back(link, plan.current, opts).await;
-    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
-    let findings = plan.findings.clone();
-    let host = HostOnly { op: Setvcpus::NAME, name, affect, findings, applied: vec![], persistent: false };
-    let mut report = host.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was changed in libvirt"), run);
-    report.guest = r.ok();
-    Err(Box::new(report))
+    match r {
+        Ok(r) if r.complete => Ok(r),
+        answer => Err((answer, put_cpus_back(link, plan.current, opts).await)),
+    }
 }
 
 /// Onlines CPUs up to `count` again after a shrink the guest could not finish.
@@ -399,6 +475,16 @@ pub fn judge_vcpus(
         Some(Ok(r)) if !r.complete => {
             (Outcome::GuestFailed, format!("the guest could not bring {target} CPUs online ({} failed)", r.failures()))
         }
+        // The host counts: a report that calls itself complete with another
+        // number of CPUs online is not agreement.
+        Some(Ok(r)) if r.cpus_online.len() as u32 != target => (
+            Outcome::GuestFailed,
+            format!(
+                "libvirt set {target} vCPUs but the guest reports {} online ({})",
+                r.cpus_online.len(),
+                r.cpus_online
+            ),
+        ),
         Some(Ok(r)) => (Outcome::Ok, format!("{target} vCPUs: libvirt and the guest agree ({} online)", r.cpus_online)),
         Some(Err(e)) => (Outcome::GuestFailed, format!("libvirt set {target} vCPUs; the guest did not confirm: {e}")),
         None if plan.offline_first => {
@@ -470,6 +556,7 @@ impl VerbArgs for AttachMemoryArgs {
 impl Verb for AttachMemory {
     const NAME: &'static str = "attach-memory";
     type Plan = MemoryPlan;
+    type Evidence = MemoryEvidence;
 
     fn request_id(&self) -> Option<&str> {
         Some(&self.mem.request_id)
@@ -494,10 +581,50 @@ impl Verb for AttachMemory {
         link: Option<&mut A>,
         plan: MemoryPlan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> Result<OpReport, DomainError> {
-        execute_memory(facts, link, plan, &self.mem, opts, run).await
+        run: &mut Run,
+    ) -> Result<MemoryEvidence, DomainError> {
+        Ok(execute_memory(facts, link, plan, &self.mem, opts, run).await)
     }
+
+    fn judge(&self, facts: &Facts, ev: MemoryEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        judge_attach(facts, &self.mem.request_id, ev, opts, run)
+    }
+}
+
+/// What an `attach-memory` did and saw: its plan (with what earlier waves
+/// settled), the steps applied, and how it ended.
+#[derive(Debug)]
+pub struct MemoryEvidence {
+    pub plan: MemoryPlan,
+    pub applied: Vec<String>,
+    /// The plan's waves (1 when it was not staged).
+    pub waves: usize,
+    pub seen: MemorySeen,
+}
+
+/// How an `attach-memory` ended.
+#[derive(Debug)]
+pub enum MemorySeen {
+    /// libvirt refused a DIMM; `applied` lists the ones before it.
+    Libvirt(DomainError),
+    /// A staged plug stopped after wave `done`.
+    WaveStopped { done: usize, why: WaveEnd },
+    /// Only the persistent definition changed.
+    Persistent,
+    /// The DIMMs were attached but the live XML could not be read after.
+    Unread(DomainError),
+    /// The live XML after the attach and, when the plan asked, the guest's
+    /// answer to onlining the request's ranges.
+    Placed { after: Box<DomainFacts>, confirmation: Option<Result<vmplug_common::protocol::Report, LinkError>> },
+}
+
+/// Why a staged plug stopped between waves.
+#[derive(Debug)]
+pub enum WaveEnd {
+    /// The guest did not online the wave.
+    NotOnline(String),
+    /// The guest has too little available for the next wave, or did not say.
+    NoRoom(String),
 }
 
 async fn execute_memory<A: GuestAgent>(
@@ -506,8 +633,8 @@ async fn execute_memory<A: GuestAgent>(
     plan: MemoryPlan,
     mem: &MemoryOpts,
     opts: &HotplugOpts,
-    mut run: Run,
-) -> Result<OpReport, DomainError> {
+    run: &mut Run,
+) -> MemoryEvidence {
     let name = facts.loaded.facts.name.as_str();
     let (affect, id) = (facts.affect, mem.request_id.as_str());
     let mut applied = Vec::new();
@@ -521,6 +648,7 @@ async fn execute_memory<A: GuestAgent>(
     }
     let (mut link, mut plan) = (link, plan);
     let waves = plan.waves.clone();
+    let ended = |plan, applied, seen| MemoryEvidence { plan, applied, waves: waves.len(), seen };
     let mut at = 0;
     for (k, n) in waves.iter().copied().enumerate() {
         let last = k + 1 == waves.len();
@@ -536,9 +664,7 @@ async fn execute_memory<A: GuestAgent>(
             tracing::debug!(%xml, "attaching");
             if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
                 run.libvirt_ms += ms(t);
-                let mut r = libvirt_failed(AttachMemory::NAME, name, affect, applied, plan.findings, &e, &run);
-                r.message = format!("{}; repeat with --request-id {id} to attach only what is missing", r.message);
-                return Ok(r);
+                return ended(plan, applied, MemorySeen::Libvirt(e));
             }
             applied.push(format!(
                 "attach dimm {} on node {} as {} ({})",
@@ -557,49 +683,99 @@ async fn execute_memory<A: GuestAgent>(
         // it has available; the next wave must fit 1:32 in that.
         if let Some(l) = link.as_deref_mut() {
             let aliases: Vec<String> = plan.dimms[at - n..at].iter().map(|d| d.alias.clone()).collect();
-            match online_wave(facts, l, id, &aliases, opts, &mut run).await {
+            match online_wave(facts, l, id, &aliases, opts, run).await {
                 Ok((ranges, by_others)) => {
                     plan.settled.extend(ranges);
                     plan.settled_by_others += by_others;
                 }
                 Err(why) => {
-                    let (f, total) = (plan.findings, waves.len());
-                    let (done, out) = ((k + 1, total), Outcome::GuestFailed);
-                    return Ok(wave_stopped(out, name, affect, f, applied, done, why, id, &run));
+                    return ended(plan, applied, MemorySeen::WaveStopped { done: k + 1, why: WaveEnd::NotOnline(why) })
                 }
             }
             let next: u64 =
                 plan.dimms[at..(at + waves[k + 1]).min(plan.dimms.len())].iter().map(|d| d.spec.size.get()).sum();
-            match l.pressure().await {
-                Ok(p) if next <= p.mem_available.get().saturating_mul(32) => {}
-                Ok(p) => {
-                    let why = format!(
-                        "the guest has {} available after it, and the next wave, {}, needs {} (1/32)",
-                        p.mem_available,
-                        Bytes(next),
-                        Bytes(next.div_ceil(32))
-                    );
-                    let (f, total) = (plan.findings, waves.len());
-                    return Ok(wave_stopped(Outcome::Partial, name, affect, f, applied, (k + 1, total), why, id, &run));
-                }
-                Err(e) => {
-                    let why = format!("the guest did not say how much memory it has available: {e}");
-                    let (f, total) = (plan.findings, waves.len());
-                    return Ok(wave_stopped(Outcome::Partial, name, affect, f, applied, (k + 1, total), why, id, &run));
-                }
-            }
+            let why = match l.pressure().await {
+                Ok(p) if next <= p.mem_available.get().saturating_mul(32) => continue,
+                Ok(p) => format!(
+                    "the guest has {} available after it, and the next wave, {}, needs {} (1/32)",
+                    p.mem_available,
+                    Bytes(next),
+                    Bytes(next.div_ceil(32))
+                ),
+                Err(e) => format!("the guest did not say how much memory it has available: {e}"),
+            };
+            return ended(plan, applied, MemorySeen::WaveStopped { done: k + 1, why: WaveEnd::NoRoom(why) });
         }
     }
     if !affect.live() {
-        let message = format!("{} added to the persistent definition (effective at the next start)", plan.size);
-        return Ok(persistent_only(AttachMemory::NAME, name, affect, message, plan.findings, applied, &run));
+        return ended(plan, applied, MemorySeen::Persistent);
     }
-    let staged = waves.len();
-    let mut r = confirm_memory(facts, link, plan, mem, opts, applied, run).await?;
-    if staged > 1 && r.outcome == Outcome::Ok {
-        r.message = format!("{} (in {staged} waves, each at most 32× what the guest had available)", r.message);
+    let seen = confirm_memory(facts, link, &plan, mem, opts, &mut applied, run).await;
+    ended(plan, applied, seen)
+}
+
+/// `attach-memory`'s judge (pure): how the steps ended, or [`judge_memory`]
+/// over the request's DIMMs in the live XML and the guest's per-block answer.
+fn judge_attach(facts: &Facts, id: &str, ev: MemoryEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let MemoryEvidence { plan, applied, waves, seen } = ev;
+    let (after, confirmation) = match seen {
+        MemorySeen::Libvirt(e) => {
+            let mut r = libvirt_failed(AttachMemory::NAME, name, affect, applied, plan.findings, &e, run);
+            r.message = format!("{}; repeat with --request-id {id} to attach only what is missing", r.message);
+            return r;
+        }
+        MemorySeen::WaveStopped { done, why } => {
+            let (outcome, why) = match why {
+                WaveEnd::NotOnline(why) => (Outcome::GuestFailed, why),
+                WaveEnd::NoRoom(why) => (Outcome::Partial, why),
+            };
+            return wave_stopped(outcome, name, affect, plan.findings, applied, (done, waves), why, id, run);
+        }
+        MemorySeen::Persistent => {
+            let message = format!("{} added to the persistent definition (effective at the next start)", plan.size);
+            return persistent_only(AttachMemory::NAME, name, affect, message, plan.findings, applied, run);
+        }
+        // libvirtd restarted or the connection dropped after the attach: the DIMMs
+        // are there, the guest side is unknown; the repeat reconciles.
+        MemorySeen::Unread(e) => {
+            let mut r = libvirt_failed(AttachMemory::NAME, name, affect, applied, plan.findings, &e, run);
+            r.message = format!(
+                "{}; the DIMMs were attached but not verified: repeat with --request-id {id} to verify and finish",
+                r.message
+            );
+            return r;
+        }
+        MemorySeen::Placed { after, confirmation } => (after, confirmation),
+    };
+    let new: Vec<_> = after.dimms.iter().filter(|d| request_index(d, id).is_some()).cloned().collect();
+    let placed: Vec<String> =
+        new.iter().map(|d| format!("{} node {} @{:#x}", d.size, d.node.unwrap_or(0), d.base.unwrap_or(0))).collect();
+    let verified = Some(format!(
+        "request {id}: {} DIMM(s), memory {}, {} slot(s) free; this request: {}",
+        after.dimms.len(),
+        after.memory,
+        after.free_slots(),
+        placed.join(", ")
+    ));
+    let ranges: Vec<MemRange> = new.iter().filter_map(crate::xml::Dimm::range).collect();
+    let (outcome, mut message) = judge_memory(&plan, &new, &ranges, confirmation.as_ref(), opts.timeout);
+    if waves > 1 && outcome == Outcome::Ok {
+        message = format!("{message} (in {waves} waves, each at most 32× what the guest had available)");
     }
-    Ok(r)
+    OpReport {
+        operation: AttachMemory::NAME.into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings: plan.findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest: confirmation.and_then(Result::ok),
+        virtio_mem: vec![],
+        timings: run.timings(),
+        guest_offlined: false,
+    }
 }
 
 /// A line of progress on stderr when it is a terminal (waves of a large plug).
@@ -676,51 +852,33 @@ fn wave_stopped(
     )
 }
 
-/// The guest side of `attach-memory`: the request's DIMMs as QEMU placed them,
-/// the guest onlining exactly their blocks, and the verdict.
+/// The guest side of `attach-memory`: the request's DIMMs as QEMU placed them
+/// (the live XML), and the guest onlining exactly their blocks.
 async fn confirm_memory<A: GuestAgent>(
     facts: &Facts,
     link: Option<&mut A>,
-    plan: MemoryPlan,
+    plan: &MemoryPlan,
     mem: &MemoryOpts,
     opts: &HotplugOpts,
-    mut applied: Vec<String>,
-    mut run: Run,
-) -> Result<OpReport, DomainError> {
-    let (name, affect, id) = (facts.loaded.facts.name.as_str(), facts.affect, mem.request_id.as_str());
+    applied: &mut Vec<String>,
+    run: &mut Run,
+) -> MemorySeen {
+    let id = mem.request_id.as_str();
     let dom = facts.loaded.dom.clone();
     let after = match blocking(move || dom.xml(XmlView::Live))
         .await
         .and_then(|x| DomainFacts::parse(&x).map_err(|e| DomainError::Other(format!("live XML: {e}"))))
     {
         Ok(f) => f,
-        // libvirtd restarted or the connection dropped after the attach: the DIMMs
-        // are there, the guest side is unknown; the repeat reconciles.
-        Err(e) => {
-            let mut r = libvirt_failed(AttachMemory::NAME, name, affect, applied, plan.findings, &e, &run);
-            r.message = format!(
-                "{}; the DIMMs were attached but not verified: repeat with --request-id {id} to verify and finish",
-                r.message
-            );
-            return Ok(r);
-        }
+        Err(e) => return MemorySeen::Unread(e),
     };
-    let new: Vec<_> = after.dimms.iter().filter(|d| request_index(d, id).is_some()).cloned().collect();
-    let placed: Vec<String> =
-        new.iter().map(|d| format!("{} node {} @{:#x}", d.size, d.node.unwrap_or(0), d.base.unwrap_or(0))).collect();
-    let verified = Some(format!(
-        "request {id}: {} DIMM(s), memory {}, {} slot(s) free; this request: {}",
-        after.dimms.len(),
-        after.memory,
-        after.free_slots(),
-        placed.join(", ")
-    ));
-    let ranges: Vec<MemRange> = new.iter().filter_map(crate::xml::Dimm::range).collect();
+    let ranges: Vec<MemRange> =
+        after.dimms.iter().filter(|d| request_index(d, id).is_some()).filter_map(crate::xml::Dimm::range).collect();
     let mut confirmation = None;
     if let (true, Some(link)) = (plan.confirm, link) {
         let t = Instant::now();
         let timeout_ms = opts.timeout.as_millis() as u64;
-        let req = OnlineRequest { cpus: None, memory: ranges.clone(), zone: opts.zone, timeout_ms, virtio_mem: vec![] };
+        let req = OnlineRequest { cpus: None, memory: ranges, zone: opts.zone, timeout_ms, virtio_mem: vec![] };
         let r = link.online(req).await;
         run.guest_ms = ms(t);
         run.milestones = link.milestones();
@@ -731,20 +889,7 @@ async fn confirm_memory<A: GuestAgent>(
             r
         }));
     }
-    let (outcome, message) = judge_memory(&plan, &new, &ranges, confirmation.as_ref(), opts.timeout);
-    Ok(OpReport {
-        operation: AttachMemory::NAME.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings: plan.findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
-        guest: confirmation.and_then(Result::ok),
-        virtio_mem: vec![],
-        timings: run.timings(),
-        guest_offlined: false,
-    })
+    MemorySeen::Placed { after: Box::new(after), confirmation }
 }
 
 /// The blocks of `ranges` outside an explicit zone (`movable`, `kernel`): the

@@ -107,6 +107,7 @@ impl VerbArgs for DetachMemoryArgs {
 impl Verb for DetachMemory {
     const NAME: &'static str = "detach-memory";
     type Plan = DetachPlan;
+    type Evidence = DetachEvidence;
 
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<DetachPlan, NotPlanned> {
         plan_detach_memory(facts, &self.sel, opts)
@@ -123,125 +124,127 @@ impl Verb for DetachMemory {
         link: Option<&mut A>,
         plan: DetachPlan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> Result<OpReport, DomainError> {
-        execute(facts, link, &plan, opts, run).await
+        run: &mut Run,
+    ) -> Result<DetachEvidence, DomainError> {
+        let mut d = Detach { facts, plan: &plan, opts, run, applied: vec![], guest: None };
+        let seen = d.steps(link).await;
+        let (applied, guest) = (d.applied, d.guest);
+        Ok(DetachEvidence { plan, applied, guest, seen })
     }
-}
 
-async fn execute<A: GuestAgent>(
-    facts: &Facts,
-    mut link: Option<&mut A>,
-    plan: &DetachPlan,
-    opts: &HotplugOpts,
-    run: Run,
-) -> Result<OpReport, DomainError> {
-    let name = facts.loaded.facts.name.as_str();
-    let mut d = Detach { facts, plan, opts, run, applied: vec![], guest: None };
-    if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
-        // The guest's own floors first (guest.toml): an unplug is a shrink too.
-        let ask = ForecastRequest { dimms: plan.ranges.clone(), virtio_mem: vec![], release: Some(plan.size) };
-        if let Some(reason) = crate::link::guest_veto(link, ask).await {
-            return Ok(d.vetoed(&reason));
-        }
-        if let Err(report) = d.offline(link).await {
-            return Ok(*report);
-        }
+    fn judge(&self, facts: &Facts, ev: DetachEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        judge_detach(facts, ev, opts, run)
     }
-    if let Err(report) = d.detach(link.as_deref_mut()).await {
-        return Ok(*report);
-    }
-    if !facts.affect.live() {
-        let message = format!("{} removed from the persistent definition (effective at the next start)", plan.size);
-        return Ok(persistent_only(OP, name, facts.affect, message, plan.findings.clone(), d.applied, &d.run));
-    }
-    let (left, after) = d.wait_removed().await;
-    let verified = after
-        .as_ref()
-        .map(|f| format!("{} DIMM(s) left, memory {}, {} slot(s) free", f.dimms.len(), f.memory, f.free_slots()));
-    let (outcome, message) = if !left.is_empty() { d.removal_pending(&left) } else { d.confirm_gone(link).await };
-    Ok(d.report(outcome, message, verified))
 }
 
 const OP: &str = DetachMemory::NAME;
+
+/// What a detach did and saw: its plan, the steps applied, the guest's
+/// answer to offlining the blocks, and how it ended.
+#[derive(Debug)]
+pub struct DetachEvidence {
+    pub plan: DetachPlan,
+    pub applied: Vec<String>,
+    pub guest: Option<vmplug_common::protocol::Report>,
+    pub seen: DetachSeen,
+}
+
+/// How a detach ended.
+#[derive(Debug)]
+pub enum DetachSeen {
+    /// The guest refused to give the memory up (its floors): nothing changed.
+    Vetoed(String),
+    /// The guest did not offline every block (its answer); `back`: how
+    /// onlining them again went. Nothing was detached.
+    NotOffline { answer: Result<vmplug_common::protocol::Report, LinkError>, back: String },
+    /// libvirt refused a DIMM; `back`: how onlining the blocks of the DIMMs
+    /// still attached went (when the guest had offlined them).
+    Libvirt { error: DomainError, back: Option<String> },
+    /// Only the persistent definition changed.
+    Persistent,
+    /// The live XML after the wait for QEMU's removal (`None`: unreadable),
+    /// the DIMMs it still lists, and once none is left, the guest's view of
+    /// their blocks (`None`: no agent to ask).
+    Live { after: Option<Box<DomainFacts>>, left: Vec<String>, gone: Option<Result<Vec<BlockState>, LinkError>> },
+}
 
 /// One detach in progress: the plan, what was applied, the guest's report.
 struct Detach<'a> {
     facts: &'a Facts,
     plan: &'a DetachPlan,
     opts: &'a HotplugOpts,
-    run: Run,
+    run: &'a mut Run,
     applied: Vec<String>,
     guest: Option<vmplug_common::protocol::Report>,
 }
 
 impl Detach<'_> {
-    fn name(&self) -> &str {
-        &self.facts.loaded.facts.name
-    }
-
-    fn report(&self, outcome: Outcome, message: String, verified: Option<String>) -> OpReport {
-        OpReport {
-            operation: OP.into(),
-            domain: self.name().into(),
-            affect: self.facts.affect,
-            outcome,
-            message,
-            findings: self.plan.findings.clone(),
-            host: HostSide { applied: self.applied.clone(), verified, persistent: self.facts.affect.config() },
-            guest: self.guest.clone(),
-            virtio_mem: vec![],
-            timings: self.run.timings(),
-            guest_offlined: true,
+    /// The steps in order, each ending the detach when it fails.
+    async fn steps<A: GuestAgent>(&mut self, mut link: Option<&mut A>) -> DetachSeen {
+        let plan = self.plan;
+        if let (true, Some(link)) = (plan.offline_first, link.as_deref_mut()) {
+            // The guest's own floors first (guest.toml): an unplug is a shrink too.
+            let ask = ForecastRequest { dimms: plan.ranges.clone(), virtio_mem: vec![], release: Some(plan.size) };
+            if let Some(reason) = crate::link::guest_veto(link, ask).await {
+                return DetachSeen::Vetoed(reason);
+            }
+            if let Err(seen) = self.offline(link).await {
+                return seen;
+            }
         }
-    }
-
-    /// The guest refused to give the memory up: a refusal, nothing changed.
-    fn vetoed(&self, reason: &str) -> OpReport {
-        let message = format!("the guest vetoes the detach: {reason}; nothing was changed");
-        let mut r = self.report(Outcome::Refused, message, None);
-        r.findings.insert(0, crate::preflight::guest_veto(reason));
-        r
+        if let Err(seen) = self.detach(link.as_deref_mut()).await {
+            return seen;
+        }
+        if !self.facts.affect.live() {
+            return DetachSeen::Persistent;
+        }
+        let (left, after) = self.wait_removed().await;
+        let gone = match link {
+            Some(link) if left.is_empty() => {
+                let t = Instant::now();
+                let blocks = link.blocks(plan.ranges.clone()).await;
+                self.run.guest_ms += ms(t);
+                Some(blocks)
+            }
+            _ => None,
+        };
+        DetachSeen::Live { after: after.map(Box::new), left, gone }
     }
 
     /// Step 1: the guest lets go of the blocks, or nothing is detached.
-    async fn offline<A: GuestAgent>(&mut self, link: &mut A) -> Result<(), Box<OpReport>> {
+    async fn offline<A: GuestAgent>(&mut self, link: &mut A) -> Result<(), DetachSeen> {
         let t = Instant::now();
         let timeout_ms = self.opts.timeout.as_millis() as u64;
         let res = link.offline(OfflineRequest { cpus: None, memory: self.plan.ranges.clone(), timeout_ms }).await;
         self.run.guest_ms += ms(t);
-        let why = match res {
+        match res {
             Ok(r) if r.complete => {
                 self.guest = Some(r);
-                return Ok(());
+                Ok(())
             }
-            Ok(r) => {
-                let why = format!("the guest could not offline {} block(s) ({})", r.failures(), first_failure(&r));
-                self.guest = Some(r);
-                why
+            answer => {
+                let back = put_back(link, self.plan.ranges.clone(), self.opts).await;
+                Err(DetachSeen::NotOffline { answer, back })
             }
-            Err(e) => format!("the guest did not offline the blocks: {e}"),
-        };
-        let back = put_back(link, self.plan.ranges.clone(), self.opts).await;
-        Err(Box::new(self.report(Outcome::GuestFailed, format!("{why}; {back}; nothing was detached"), None)))
+        }
     }
 
     /// Step 2: libvirt detaches; a refusal puts the remaining DIMMs' blocks back online.
-    async fn detach<A: GuestAgent>(&mut self, link: Option<&mut A>) -> Result<(), Box<OpReport>> {
+    async fn detach<A: GuestAgent>(&mut self, link: Option<&mut A>) -> Result<(), DetachSeen> {
         let affect = self.facts.affect;
         let t = Instant::now();
         for (i, d) in self.plan.chosen.iter().enumerate() {
             let (dom, xml) = (self.facts.loaded.dom.clone(), dimm_detach_xml(d));
-            if let Err(e) = blocking(move || dom.detach_device(&xml, affect)).await {
+            if let Err(error) = blocking(move || dom.detach_device(&xml, affect)).await {
                 self.run.libvirt_ms = ms(t);
-                let findings = self.plan.findings.clone();
-                let mut r = libvirt_failed(OP, self.name(), affect, self.applied.clone(), findings, &e, &self.run);
-                if let Some(link) = link {
-                    let still: Vec<&Dimm> = self.plan.chosen[i..].iter().collect();
-                    let back = put_back(link, ranges(&still), self.opts).await;
-                    r.message = format!("{}; for the DIMM(s) still attached: {back}", r.message);
-                }
-                return Err(Box::new(r));
+                let back = match link {
+                    Some(link) => {
+                        let still: Vec<&Dimm> = self.plan.chosen[i..].iter().collect();
+                        Some(put_back(link, ranges(&still), self.opts).await)
+                    }
+                    None => None,
+                };
+                return Err(DetachSeen::Libvirt { error, back });
             }
             let node = d.node.unwrap_or(0);
             self.applied.push(format!("detach dimm {} ({}, node {node}) ({})", alias(d), d.size, affect_text(affect)));
@@ -274,34 +277,97 @@ impl Detach<'_> {
             }
         }
     }
+}
 
-    fn removal_pending(&self, left: &[String]) -> (Outcome, String) {
-        let size = self.plan.size;
-        if self.opts.no_wait {
-            return (
-                Outcome::Ok,
-                format!("detach of {size} requested; not waiting for QEMU to remove {}", left.join(", ")),
-            );
+/// `detach-memory`'s judge (pure): the step that ended it, or the DIMMs
+/// still listed, or [`judge_gone`] over the guest's view of their blocks.
+fn judge_detach(facts: &Facts, ev: DetachEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let DetachEvidence { plan, applied, mut guest, seen } = ev;
+    let size = plan.size;
+    let (outcome, message, verified) = match seen {
+        DetachSeen::Vetoed(reason) => {
+            let message = format!("the guest vetoes the detach: {reason}; nothing was changed");
+            let mut r = report(facts, plan.findings, applied, guest, (Outcome::Refused, message, None), run);
+            r.findings.insert(0, crate::preflight::guest_veto(&reason));
+            return r;
         }
-        let m = format!(
-            "libvirt accepted the detach but {} still in the live XML after {:?} (the guest has not ejected it); its blocks are offline: repeat the command to finish",
-            left.join(", "),
-            self.opts.timeout
-        );
-        (Outcome::GuestTimeout, m)
-    }
+        DetachSeen::NotOffline { answer, back } => {
+            let why = match answer {
+                Ok(r) => {
+                    let why = format!("the guest could not offline {} block(s) ({})", r.failures(), first_failure(&r));
+                    guest = Some(r);
+                    why
+                }
+                Err(e) => format!("the guest did not offline the blocks: {e}"),
+            };
+            (Outcome::GuestFailed, format!("{why}; {back}; nothing was detached"), None)
+        }
+        DetachSeen::Libvirt { error, back } => {
+            let mut r = libvirt_failed(OP, name, affect, applied, plan.findings, &error, run);
+            if let Some(back) = back {
+                r.message = format!("{}; for the DIMM(s) still attached: {back}", r.message);
+            }
+            return r;
+        }
+        DetachSeen::Persistent => {
+            let message = format!("{size} removed from the persistent definition (effective at the next start)");
+            return persistent_only(OP, name, affect, message, plan.findings, applied, run);
+        }
+        DetachSeen::Live { after, left, gone } => {
+            let verified = after.as_ref().map(|f| {
+                format!("{} DIMM(s) left, memory {}, {} slot(s) free", f.dimms.len(), f.memory, f.free_slots())
+            });
+            let (outcome, message) = match gone {
+                _ if !left.is_empty() => removal_pending(size, &left, opts),
+                None => (Outcome::Ok, format!("{size} detached; guest not verified (--force, no agent)")),
+                Some(blocks) => judge_gone(size, &blocks),
+            };
+            (outcome, message, verified)
+        }
+    };
+    report(facts, plan.findings, applied, guest, (outcome, message, verified), run)
+}
 
-    /// Step 4: the guest confirms the blocks are gone.
-    async fn confirm_gone<A: GuestAgent>(&mut self, link: Option<&mut A>) -> (Outcome, String) {
-        let size = self.plan.size;
-        let Some(link) = link else {
-            return (Outcome::Ok, format!("{size} detached; guest not verified (--force, no agent)"));
-        };
-        let t = Instant::now();
-        let blocks = link.blocks(self.plan.ranges.clone()).await;
-        self.run.guest_ms += ms(t);
-        judge_gone(size, &blocks)
+fn report(
+    facts: &Facts,
+    findings: Vec<Finding>,
+    applied: Vec<String>,
+    guest: Option<vmplug_common::protocol::Report>,
+    (outcome, message, verified): (Outcome, String, Option<String>),
+    run: &Run,
+) -> OpReport {
+    let affect = facts.affect;
+    OpReport {
+        operation: OP.into(),
+        domain: facts.loaded.facts.name.clone(),
+        affect,
+        outcome,
+        message,
+        findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest,
+        virtio_mem: vec![],
+        timings: run.timings(),
+        guest_offlined: true,
     }
+}
+
+/// The DIMMs QEMU still lists after the wait (pure): not waited for
+/// (`--no-wait`), or the guest has not ejected them.
+fn removal_pending(size: Bytes, left: &[String], opts: &HotplugOpts) -> (Outcome, String) {
+    if opts.no_wait {
+        return (
+            Outcome::Ok,
+            format!("detach of {size} requested; not waiting for QEMU to remove {}", left.join(", ")),
+        );
+    }
+    let m = format!(
+        "libvirt accepted the detach but {} still in the live XML after {:?} (the guest has not ejected it); its blocks are offline: repeat the command to finish",
+        left.join(", "),
+        opts.timeout
+    );
+    (Outcome::GuestTimeout, m)
 }
 
 /// The verdict of a detach once QEMU removed the DIMMs, from the guest's

@@ -4,7 +4,8 @@
 //! ```text
 //! run():     gather (libvirt + agent) → Verb::plan (pure: facts + request →
 //!            plan | refusal) → Verb::execute (libvirt steps, the guest's
-//!            confirmation, the verb's pure judge) → one OpReport
+//!            answers: the evidence, no verdict) → Verb::judge (pure:
+//!            evidence → outcome and message) → one OpReport
 //! preview(): gather → Verb::plan → Verb::preview   (what `check` prints)
 //! ```
 //!
@@ -26,7 +27,7 @@ use crate::preflight::{Finding, NotPlanned};
 use crate::report::{ms, not_planned, OpReport, Run};
 
 /// One verb: its name, its pure plan, what the plan would do in words (for
-/// `check`), and its execution (which ends with the verb's pure judge).
+/// `check`), its execution (which gathers evidence) and its pure judge.
 pub trait Verb: Sync {
     /// The verb as typed, as reports and the `--json` schema name it.
     const NAME: &'static str;
@@ -36,6 +37,10 @@ pub trait Verb: Sync {
     const ASKS_GUEST: bool = true;
     /// What the plan decided: the steps, and the findings preflight left.
     type Plan: Send + Sync;
+    /// What carrying the plan out showed, and the plan itself: what libvirt
+    /// did or refused, what it lists afterwards, what the guest answered.
+    /// Never a verdict: that is [`Verb::judge`]'s.
+    type Evidence: Send;
 
     /// Pure: the facts and the request give the steps, or a refusal.
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<Self::Plan, NotPlanned>;
@@ -49,16 +54,21 @@ pub trait Verb: Sync {
     /// The plan's findings and its steps in words: `check` prints them.
     fn preview(&self, facts: &Facts, plan: Self::Plan) -> (Vec<Finding>, Vec<String>);
 
-    /// Carries the plan out through libvirt and the guest's agent, then judges
-    /// the evidence: the report.
+    /// Carries the plan out through libvirt and the guest's agent (undoing
+    /// what a failed step leaves half-done) and returns what it saw. Timings
+    /// go to `run`. An `Err` is an error of the request itself (a usage error).
     fn execute<A: GuestAgent>(
         &self,
         facts: &Facts,
         link: Option<&mut A>,
         plan: Self::Plan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> impl Future<Output = Result<OpReport, DomainError>> + Send;
+        run: &mut Run,
+    ) -> impl Future<Output = Result<Self::Evidence, DomainError>> + Send;
+
+    /// Pure: the evidence gives the report, its outcome and message, what was
+    /// applied and what was verified. Only the runner calls it.
+    fn judge(&self, facts: &Facts, evidence: Self::Evidence, opts: &HotplugOpts, run: &Run) -> OpReport;
 }
 
 /// `VerbArgs::domain` and `domain_mut` over the arguments' `domain` field,
@@ -115,7 +125,10 @@ pub async fn run_on<V: Verb, A: GuestAgent>(
     let plan = verb.plan(facts, opts);
     run.preflight_ms += ms(t);
     match plan {
-        Ok(plan) => verb.execute(facts, link, plan, opts, run).await,
+        Ok(plan) => {
+            let evidence = verb.execute(facts, link, plan, opts, &mut run).await?;
+            Ok(verb.judge(facts, evidence, opts, &run))
+        }
         Err(why) => not_planned(V::NAME, &facts.loaded.facts.name, facts.affect, why, &run),
     }
 }

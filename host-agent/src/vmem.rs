@@ -498,6 +498,7 @@ impl VerbArgs for ResizeMemoryArgs {
 impl Verb for ResizeMemory {
     const NAME: &'static str = "resize-memory";
     type Plan = ResizePlan;
+    type Evidence = ResizeEvidence;
 
     fn plan(&self, facts: &Facts, opts: &HotplugOpts) -> Result<ResizePlan, NotPlanned> {
         plan_resize(facts, &self.r, opts)
@@ -518,9 +519,81 @@ impl Verb for ResizeMemory {
         link: Option<&mut A>,
         plan: ResizePlan,
         opts: &HotplugOpts,
-        run: Run,
-    ) -> Result<OpReport, DomainError> {
+        run: &mut Run,
+    ) -> Result<ResizeEvidence, DomainError> {
         execute_resize(facts, link, plan, &self.r, opts, run).await
+    }
+
+    fn judge(&self, facts: &Facts, ev: ResizeEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        judge_resize_run(facts, ev, opts, run)
+    }
+}
+
+/// What a resize did and saw: its plan, the steps applied, how it ended.
+#[derive(Debug)]
+pub struct ResizeEvidence {
+    pub plan: ResizePlan,
+    pub applied: Vec<String>,
+    pub seen: ResizeSeen,
+}
+
+/// How a resize ended.
+#[derive(Debug)]
+pub enum ResizeSeen {
+    /// The guest refused the shrink (its floors): nothing changed.
+    Vetoed(String),
+    /// libvirt refused a device's update; `applied` lists those before it.
+    Libvirt(DomainError),
+    /// Only the persistent definition changed.
+    Persistent,
+    /// How the wait ended, and the devices and the guest's blocks at its end.
+    Settled { settled: Settled, ev: Evidence },
+}
+
+/// `resize-memory`'s judge (pure): the guest's veto, libvirt's refusal, or
+/// [`judge_resize`] over the devices and blocks the wait ended with.
+fn judge_resize_run(facts: &Facts, ev: ResizeEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let ResizeEvidence { plan, applied, seen } = ev;
+    let (settled, ev) = match seen {
+        ResizeSeen::Vetoed(reason) => {
+            let mut findings = plan.findings;
+            findings.insert(0, preflight::guest_veto(&reason));
+            let host = HostOnly { op: ResizeMemory::NAME, name, affect, findings, applied, persistent: false };
+            let message = format!("the guest vetoes the shrink: {reason}; nothing was changed");
+            return host.report(Outcome::Refused, message, run);
+        }
+        ResizeSeen::Libvirt(e) => {
+            return libvirt_failed(ResizeMemory::NAME, name, affect, applied, plan.findings, &e, run);
+        }
+        ResizeSeen::Persistent => {
+            let message =
+                format!("requested sizes set in the persistent definition ({} at the next start)", plan.after);
+            return persistent_only(ResizeMemory::NAME, name, affect, message, plan.findings, applied, run);
+        }
+        ResizeSeen::Settled { settled, ev } => (settled, ev),
+    };
+    let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
+    let (outcome, message, devices) = judge_resize(&plan, &ev, settled, bs, opts.timeout);
+    let verified = Some(
+        devices
+            .iter()
+            .map(|d| format!("{}: requested {}, current {}", d.device, d.requested, d.current))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    OpReport {
+        operation: ResizeMemory::NAME.into(),
+        domain: name.into(),
+        affect,
+        outcome,
+        message,
+        findings: plan.findings,
+        host: HostSide { applied, verified, persistent: affect.config() },
+        guest: None,
+        virtio_mem: devices,
+        timings: run.timings(),
+        guest_offlined: false,
     }
 }
 
@@ -530,9 +603,9 @@ async fn execute_resize<A: GuestAgent>(
     plan: ResizePlan,
     r: &ResizeOpts,
     opts: &HotplugOpts,
-    mut run: Run,
-) -> Result<OpReport, DomainError> {
-    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    run: &mut Run,
+) -> Result<ResizeEvidence, DomainError> {
+    let affect = facts.affect;
     let ranges = plan.ranges();
     let bs = facts.guest.as_ref().and_then(|g| g.memory.as_ref()).map(|m| m.block_size.get());
     let (mut proof, mut earlier) = (None, vec![]);
@@ -547,26 +620,19 @@ async fn execute_resize<A: GuestAgent>(
             earlier = before.iter().filter(|b| b.present).map(|b| b.index).collect();
         }
     }
+    let mut applied = Vec::new();
     if let (true, Some(agent)) = (affect.live() && plan.after < plan.before, link.as_deref_mut()) {
         let release = Bytes(plan.before.get() - plan.after.get());
         let ask = ForecastRequest { dimms: vec![], virtio_mem: ranges.clone(), release: Some(release) };
         if let Some(reason) = crate::link::guest_veto(agent, ask).await {
-            let mut findings = plan.findings;
-            findings.insert(0, preflight::guest_veto(&reason));
-            let host = HostOnly { op: ResizeMemory::NAME, name, affect, findings, applied: vec![], persistent: false };
-            return Ok(host.report(
-                Outcome::Refused,
-                format!("the guest vetoes the shrink: {reason}; nothing was changed"),
-                &run,
-            ));
+            return Ok(ResizeEvidence { plan, applied, seen: ResizeSeen::Vetoed(reason) });
         }
     }
-    let mut applied = Vec::new();
     let t = Instant::now();
     for step in &plan.steps {
         if let Err(e) = update_requested(facts, step.device.index, step.to, affect).await {
             run.libvirt_ms = ms(t);
-            return Ok(libvirt_failed(ResizeMemory::NAME, name, affect, applied, plan.findings, &e, &run));
+            return Ok(ResizeEvidence { plan, applied, seen: ResizeSeen::Libvirt(e) });
         }
         applied.push(format!(
             "update {} requested {} → {} ({})",
@@ -578,8 +644,7 @@ async fn execute_resize<A: GuestAgent>(
     }
     run.libvirt_ms = ms(t);
     if !affect.live() {
-        let message = format!("requested sizes set in the persistent definition ({} at the next start)", plan.after);
-        return Ok(persistent_only(ResizeMemory::NAME, name, affect, message, plan.findings, applied, &run));
+        return Ok(ResizeEvidence { plan, applied, seen: ResizeSeen::Persistent });
     }
     let t = Instant::now();
     let (settled, mut ev) = wait_settled(facts, link.as_deref_mut(), &plan, r, opts, proof).await?;
@@ -592,27 +657,7 @@ async fn execute_resize<A: GuestAgent>(
         ev.blocks = Some(final_blocks(agent, &plan, &ev.devices, bs, deadline).await);
     }
     run.guest_ms = ms(t);
-    let (outcome, message, devices) = judge_resize(&plan, &ev, settled, bs, opts.timeout);
-    let verified = Some(
-        devices
-            .iter()
-            .map(|d| format!("{}: requested {}, current {}", d.device, d.requested, d.current))
-            .collect::<Vec<_>>()
-            .join("; "),
-    );
-    Ok(OpReport {
-        operation: ResizeMemory::NAME.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings: plan.findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
-        guest: None,
-        virtio_mem: devices,
-        timings: run.timings(),
-        guest_offlined: false,
-    })
+    Ok(ResizeEvidence { plan, applied, seen: ResizeSeen::Settled { settled, ev } })
 }
 
 fn online_round(ranges: &[MemRange], zone: ZonePolicy) -> OnlineRequest {

@@ -89,6 +89,7 @@ impl Verb for AddVirtioMem {
     const NAME: &'static str = "add-virtio-mem";
     const ASKS_GUEST: bool = false;
     type Plan = AddPlan;
+    type Evidence = AddEvidence;
 
     fn plan(&self, facts: &Facts, _: &HotplugOpts) -> Result<AddPlan, NotPlanned> {
         // The rules of a new device: where it goes, its block size, its room
@@ -108,32 +109,58 @@ impl Verb for AddVirtioMem {
         _: Option<&mut A>,
         plan: AddPlan,
         _: &HotplugOpts,
-        mut run: Run,
-    ) -> Result<OpReport, DomainError> {
-        let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+        run: &mut Run,
+    ) -> Result<AddEvidence, DomainError> {
+        let affect = facts.affect;
         let before = facts.loaded.facts.virtio_mems.len();
         let (xml, dom) = (virtio_mem_xml(self.size, self.node, self.block), facts.loaded.dom.clone());
         let t = Instant::now();
-        if let Err(e) = blocking(move || dom.attach_device(&xml, affect)).await {
-            return Ok(libvirt_failed(Self::NAME, name, affect, vec![], plan.findings, &e, &run));
-        }
+        let attached = blocking(move || dom.attach_device(&xml, affect)).await;
         run.libvirt_ms = ms(t);
-        let applied = vec![self.applied(affect)];
-        if !affect.live() {
-            let message = format!(
-                "virtio-mem device of {} added to the persistent definition (present at the next start)",
-                self.size
-            );
-            return Ok(persistent_only(Self::NAME, name, affect, message, plan.findings, applied, &run));
-        }
-        let after = crate::vmem::live_devices(facts).await?;
-        let (outcome, message, verified) = judge(name, before, &after);
-        let host =
-            HostOnly { op: Self::NAME, name, affect, findings: plan.findings, applied, persistent: affect.config() };
-        let mut report = host.report(outcome, message, &run);
-        report.host.verified = verified;
-        Ok(report)
+        let seen = match attached {
+            Err(e) => AddSeen::Libvirt(e),
+            Ok(()) if !affect.live() => AddSeen::Persistent,
+            Ok(()) => AddSeen::Live { before, after: crate::vmem::live_devices(facts).await? },
+        };
+        Ok(AddEvidence { plan, seen })
     }
+
+    fn judge(&self, facts: &Facts, ev: AddEvidence, _: &HotplugOpts, run: &Run) -> OpReport {
+        let (name, affect, findings) = (facts.loaded.facts.name.as_str(), facts.affect, ev.plan.findings);
+        let (before, after) = match ev.seen {
+            AddSeen::Libvirt(e) => return libvirt_failed(Self::NAME, name, affect, vec![], findings, &e, run),
+            AddSeen::Persistent => {
+                let message = format!(
+                    "virtio-mem device of {} added to the persistent definition (present at the next start)",
+                    self.size
+                );
+                let applied = vec![self.applied(affect)];
+                return persistent_only(Self::NAME, name, affect, message, findings, applied, run);
+            }
+            AddSeen::Live { before, after } => (before, after),
+        };
+        let (outcome, message, verified) = judge(name, before, &after);
+        let applied = vec![self.applied(affect)];
+        let host = HostOnly { op: Self::NAME, name, affect, findings, applied, persistent: affect.config() };
+        let mut report = host.report(outcome, message, run);
+        report.host.verified = verified;
+        report
+    }
+}
+
+/// What an add did: the plan, and libvirt's refusal, a persistent-only
+/// change, or the live devices before (a count) and after it.
+#[derive(Debug)]
+pub struct AddEvidence {
+    pub plan: AddPlan,
+    pub seen: AddSeen,
+}
+
+#[derive(Debug)]
+pub enum AddSeen {
+    Libvirt(DomainError),
+    Persistent,
+    Live { before: usize, after: Vec<VirtioMem> },
 }
 
 impl AddVirtioMem {

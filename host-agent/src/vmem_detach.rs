@@ -85,6 +85,7 @@ pub struct DetachVmemPlan {
 impl Verb for DetachVirtioMem {
     const NAME: &'static str = "detach-virtio-mem";
     type Plan = DetachVmemPlan;
+    type Evidence = DetachVmemEvidence;
 
     fn plan(&self, facts: &Facts, _: &HotplugOpts) -> Result<DetachVmemPlan, NotPlanned> {
         let devices = facts.loaded.facts.virtio_mems.clone();
@@ -108,9 +109,9 @@ impl Verb for DetachVirtioMem {
         _: Option<&mut A>,
         plan: DetachVmemPlan,
         opts: &HotplugOpts,
-        mut run: Run,
-    ) -> Result<OpReport, DomainError> {
-        let (name, affect, label) = (facts.loaded.facts.name.as_str(), facts.affect, plan.device.label());
+        run: &mut Run,
+    ) -> Result<DetachVmemEvidence, DomainError> {
+        let (affect, label) = (facts.affect, plan.device.label());
         let mut applied = Vec::new();
         let t = Instant::now();
         for (view, a) in views(facts, affect) {
@@ -123,14 +124,13 @@ impl Verb for DetachVirtioMem {
             .await;
             if let Err(e) = r {
                 run.libvirt_ms = ms(t);
-                return Ok(libvirt_failed(Self::NAME, name, affect, applied, plan.findings, &e, &run));
+                return Ok(DetachVmemEvidence { plan, applied, seen: DetachVmemSeen::Libvirt(e) });
             }
             applied.push(format!("detach {label} ({})", affect_text(a)));
         }
         run.libvirt_ms = ms(t);
         if !affect.live() {
-            let message = format!("{label} removed from the persistent definition (effective at the next start)");
-            return Ok(persistent_only(Self::NAME, name, affect, message, plan.findings, applied, &run));
+            return Ok(DetachVmemEvidence { plan, applied, seen: DetachVmemSeen::Persistent });
         }
         let t = Instant::now();
         let timeout = if opts.no_wait { Duration::ZERO } else { opts.timeout };
@@ -144,17 +144,48 @@ impl Verb for DetachVirtioMem {
             }
         };
         run.guest_ms = ms(t);
-        let (outcome, message) = judge(&label, after.as_ref(), &self.alias, opts);
+        Ok(DetachVmemEvidence { plan, applied, seen: DetachVmemSeen::Live { after: after.map(Box::new) } })
+    }
+
+    fn judge(&self, facts: &Facts, ev: DetachVmemEvidence, opts: &HotplugOpts, run: &Run) -> OpReport {
+        let (name, affect, label) = (facts.loaded.facts.name.as_str(), facts.affect, ev.plan.device.label());
+        let (findings, applied) = (ev.plan.findings, ev.applied);
+        let after = match ev.seen {
+            DetachVmemSeen::Libvirt(e) => return libvirt_failed(Self::NAME, name, affect, applied, findings, &e, run),
+            DetachVmemSeen::Persistent => {
+                let message = format!("{label} removed from the persistent definition (effective at the next start)");
+                return persistent_only(Self::NAME, name, affect, message, findings, applied, run);
+            }
+            DetachVmemSeen::Live { after } => after,
+        };
+        let (outcome, message) = judge(&label, after.as_deref(), &self.alias, opts);
         let verified = after.as_ref().map(|f| {
             let left: Vec<String> = f.virtio_mems.iter().map(VirtioMem::label).collect();
             format!("virtio-mem devices left: {}", if left.is_empty() { "none".into() } else { left.join(", ") })
         });
-        let host =
-            HostOnly { op: Self::NAME, name, affect, findings: plan.findings, applied, persistent: affect.config() };
-        let mut report = host.report(outcome, message, &run);
+        let host = HostOnly { op: Self::NAME, name, affect, findings, applied, persistent: affect.config() };
+        let mut report = host.report(outcome, message, run);
         report.host.verified = verified;
-        Ok(report)
+        report
     }
+}
+
+/// What a detach did: the plan, the steps applied, and how it ended.
+#[derive(Debug)]
+pub struct DetachVmemEvidence {
+    pub plan: DetachVmemPlan,
+    pub applied: Vec<String>,
+    pub seen: DetachVmemSeen,
+}
+
+#[derive(Debug)]
+pub enum DetachVmemSeen {
+    /// libvirt refused a step.
+    Libvirt(DomainError),
+    /// Only the persistent definition changed.
+    Persistent,
+    /// The live XML after the wait for QEMU's removal (unreadable: `None`).
+    Live { after: Option<Box<DomainFacts>> },
 }
 
 /// The views a change goes to, each with the XML libvirt matches the device in.

@@ -114,3 +114,89 @@ async fn vcpus_are_confirmed_and_a_refused_shrink_is_put_back() {
         ["online cpus=Some(4) ranges=0", "offline cpus=Some(2) ranges=0", "online cpus=Some(4) ranges=0"]
     );
 }
+
+/// The judges decide from evidence alone: each is called here with evidence
+/// made by hand, nothing reaches libvirt or the agent, and the outcome follows
+/// the evidence (the same plan, different evidence, another verdict).
+#[tokio::test]
+async fn a_verbs_judge_decides_from_its_evidence_alone() {
+    use vmplug::ops::{MemoryEvidence, MemorySeen, VcpuEvidence, VcpuSeen, WaveEnd};
+    use vmplug::unplug::{DetachEvidence, DetachMemory, DetachSeen};
+    use vmplug::verb::Verb;
+
+    let dom = FakeDomain::new("web1", include_str!("fixtures/x86-ready.xml"), None);
+    let agent = ScriptedAgent::new(info());
+    let f = facts(&dom, &agent).await;
+    let o = opts();
+
+    // setvcpus: a report that calls itself complete is believed only when the
+    // guest's own count of online CPUs is the target.
+    let verb = Setvcpus { target: 4 };
+    let seen = |online: &str| VcpuSeen::Applied {
+        applied: vec!["setvcpus 4 (live)".into()],
+        released: None,
+        confirmation: Some(Ok(report(&[2, 3], online, &[]))),
+        after: None,
+    };
+    let plan = verb.plan(&f, &o).expect("plans");
+    let r = verb.judge(&f, VcpuEvidence { plan: plan.clone(), seen: seen("0-3") }, &o, &Run::new());
+    assert_eq!((r.outcome, r.message.as_str()), (Outcome::Ok, "4 vCPUs: libvirt and the guest agree (0-3 online)"));
+    let r = verb.judge(&f, VcpuEvidence { plan: plan.clone(), seen: seen("0-2") }, &o, &Run::new());
+    assert_eq!(
+        (r.outcome, r.message.as_str()),
+        (Outcome::GuestFailed, "libvirt set 4 vCPUs but the guest reports 3 online (0-2)")
+    );
+    let not_released =
+        VcpuSeen::NotReleased { answer: Err(vmplug::link::LinkError::NoAddress), back: "4 CPU(s) online again".into() };
+    let r = verb.judge(&f, VcpuEvidence { plan, seen: not_released }, &o, &Run::new());
+    assert_eq!(r.outcome, Outcome::GuestFailed);
+    assert!(r.message.ends_with("; 4 CPU(s) online again; nothing was changed in libvirt"), "{}", r.message);
+
+    // attach-memory: a staged plug stopped between waves is partial when the
+    // guest lacked room for the next wave, a failure when it did not online one.
+    let mem = MemoryOpts {
+        size: Bytes(256 * MIB),
+        node: Some(0),
+        round_up: false,
+        ceiling: None,
+        max_dimm: Bytes(4 * GIB),
+        request_id: "w".into(),
+    };
+    let verb = AttachMemory { mem };
+    let plan = verb.plan(&f, &o).expect("plans");
+    let stopped = |why| MemoryEvidence {
+        plan: plan.clone(),
+        applied: vec![],
+        waves: 2,
+        seen: MemorySeen::WaveStopped { done: 1, why },
+    };
+    let r = verb.judge(&f, stopped(WaveEnd::NoRoom("no room".into())), &o, &Run::new());
+    assert_eq!(r.outcome, Outcome::Partial, "{}", r.message);
+    assert!(r.message.starts_with("stopped after wave 1 of 2: no room;"), "{}", r.message);
+    let r = verb.judge(&f, stopped(WaveEnd::NotOnline("not onlined".into())), &o, &Run::new());
+    assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.message);
+
+    // detach-memory: a DIMM QEMU still lists is a timeout, unless the
+    // operator asked not to wait.
+    let verb = DetachMemory { sel: vmplug::unplug::DimmSelector::Alias("dimm0".into()) };
+    let plan = vmplug::plan::DetachPlan {
+        findings: vec![],
+        chosen: vec![],
+        ranges: vec![],
+        size: Bytes(128 * MIB),
+        offline_first: true,
+    };
+    let still = || DetachEvidence {
+        plan: plan.clone(),
+        applied: vec![],
+        guest: None,
+        seen: DetachSeen::Live { after: None, left: vec!["dimm0".into()], gone: None },
+    };
+    let r = verb.judge(&f, still(), &o, &Run::new());
+    assert_eq!(r.outcome, Outcome::GuestTimeout, "{}", r.message);
+    let r = verb.judge(&f, still(), &HotplugOpts { no_wait: true, ..opts() }, &Run::new());
+    assert_eq!(r.outcome, Outcome::Ok, "{}", r.message);
+
+    assert!(dom.calls().is_empty(), "a judge acted: {:?}", dom.calls());
+    assert!(agent.requests.is_empty(), "a judge asked the guest: {:?}", agent.requests);
+}
