@@ -13,7 +13,7 @@ use crate::link::{GuestAgent, LinkError};
 use crate::plan::{plan_attach_memory, plan_setvcpus, MemoryPlan, VcpuPlan};
 use crate::preflight::NotPlanned;
 use crate::preflight::{Ctx, Finding, RuleId, Severity};
-use crate::report::{libvirt_failed, ms, persistent_only, HostOnly, HostSide, OpReport, Outcome};
+use crate::report::{libvirt_failed, ms, persistent_only, HostOnly, OpReport, Outcome};
 use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::xml::{request_index, DomainFacts, HostFacts};
 
@@ -276,23 +276,12 @@ fn judge_setvcpus(facts: &Facts, ev: VcpuEvidence, opts: &HotplugOpts, run: &Run
         Some(Ok(r)) => Some(r),
         _ => released,
     };
-    OpReport {
-        operation: Setvcpus::NAME.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings: plan.findings,
-        host: HostSide {
-            applied,
-            verified: after.as_ref().map(|f| format!("vcpu current={} max={}", f.vcpus_current, f.vcpus_max)),
-            persistent: affect.config(),
-        },
-        guest,
-        virtio_mem: vec![],
-        timings: run.timings(),
-        guest_offlined: false,
-    }
+    let host =
+        HostOnly { op: Setvcpus::NAME, name, affect, findings: plan.findings, applied, persistent: affect.config() };
+    let mut report = host.report(outcome, message, run);
+    report.host.verified = after.as_ref().map(|f| format!("vcpu current={} max={}", f.vcpus_current, f.vcpus_max));
+    report.guest = guest;
+    report
 }
 
 /// `setvcpus --guest`: virsh's `setvcpus --guest` done by vmplug's agent and
@@ -763,19 +752,12 @@ fn judge_attach(facts: &Facts, id: &str, ev: MemoryEvidence, opts: &HotplugOpts,
     if waves > 1 && outcome == Outcome::Ok {
         message = format!("{message} (in {waves} waves, each at most 32× what the guest had available)");
     }
-    OpReport {
-        operation: AttachMemory::NAME.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings: plan.findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
-        guest: confirmation.and_then(Result::ok),
-        virtio_mem: vec![],
-        timings: run.timings(),
-        guest_offlined: false,
-    }
+    let findings = plan.findings;
+    let host = HostOnly { op: AttachMemory::NAME, name, affect, findings, applied, persistent: affect.config() };
+    let mut report = host.report(outcome, message, run);
+    report.host.verified = verified;
+    report.guest = confirmation.and_then(Result::ok);
+    report
 }
 
 /// A line of progress on stderr when it is a terminal (waves of a large plug).

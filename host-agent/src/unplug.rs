@@ -17,7 +17,7 @@ use crate::facts::{blocking, Facts, HotplugOpts};
 use crate::link::{GuestAgent, LinkError};
 use crate::plan::{plan_detach_memory, DetachPlan};
 use crate::preflight::{Finding, NotPlanned};
-use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostSide, OpReport, Outcome, Run};
+use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostOnly, OpReport, Outcome, Run};
 use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::wait::Wait;
 use crate::xml::{dimm_detach_xml, Dimm, DomainFacts};
@@ -337,20 +337,13 @@ fn report(
     (outcome, message, verified): (Outcome, String, Option<String>),
     run: &Run,
 ) -> OpReport {
-    let affect = facts.affect;
-    OpReport {
-        operation: OP.into(),
-        domain: facts.loaded.facts.name.clone(),
-        affect,
-        outcome,
-        message,
-        findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
-        guest,
-        virtio_mem: vec![],
-        timings: run.timings(),
-        guest_offlined: true,
-    }
+    let (name, affect) = (facts.loaded.facts.name.as_str(), facts.affect);
+    let host = HostOnly { op: OP, name, affect, findings, applied, persistent: affect.config() };
+    let mut report = host.report(outcome, message, run);
+    report.host.verified = verified;
+    report.guest = guest;
+    report.guest_offlined = true;
+    report
 }
 
 /// The DIMMs QEMU still lists after the wait (pure): not waited for

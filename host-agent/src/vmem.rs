@@ -26,7 +26,7 @@ use crate::link::GuestAgent;
 use crate::preflight::{self, Finding, FloorBreach, Operation, ResizePlanning};
 use crate::preflight::{NotPlanned, Refusal};
 use crate::report::{affect_text, libvirt_failed, ms, persistent_only, HostOnly, Run};
-use crate::report::{HostSide, OpReport, Outcome};
+use crate::report::{OpReport, Outcome};
 use crate::verb::{HotplugArgs, Verb, VerbArgs};
 use crate::wait::Wait;
 
@@ -582,19 +582,12 @@ fn judge_resize_run(facts: &Facts, ev: ResizeEvidence, opts: &HotplugOpts, run: 
             .collect::<Vec<_>>()
             .join("; "),
     );
-    OpReport {
-        operation: ResizeMemory::NAME.into(),
-        domain: name.into(),
-        affect,
-        outcome,
-        message,
-        findings: plan.findings,
-        host: HostSide { applied, verified, persistent: affect.config() },
-        guest: None,
-        virtio_mem: devices,
-        timings: run.timings(),
-        guest_offlined: false,
-    }
+    let findings = plan.findings;
+    let host = HostOnly { op: ResizeMemory::NAME, name, affect, findings, applied, persistent: affect.config() };
+    let mut report = host.report(outcome, message, run);
+    report.host.verified = verified;
+    report.virtio_mem = devices;
+    report
 }
 
 async fn execute_resize<A: GuestAgent>(

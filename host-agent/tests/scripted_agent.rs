@@ -58,6 +58,18 @@ fn report(cpus: &[u32], online: &str, blocks: &[u64]) -> Report {
     }
 }
 
+/// attach-memory 256M on node 0 as request `id`.
+fn mem_256m(id: &str) -> MemoryOpts {
+    MemoryOpts {
+        size: Bytes(256 * MIB),
+        node: Some(0),
+        round_up: false,
+        ceiling: None,
+        max_dimm: Bytes(4 * GIB),
+        request_id: id.into(),
+    }
+}
+
 /// The x86-ready domain's facts, with the scripted agent's handshake as the guest's.
 async fn facts(dom: &std::sync::Arc<FakeDomain>, agent: &ScriptedAgent) -> Facts {
     let conn = FakeConnection::new(include_str!("fixtures/caps.xml"), vec![dom.clone()]);
@@ -75,15 +87,8 @@ async fn a_guest_that_confirms_blocks_outside_the_dimm_is_not_believed() {
     // "Complete", with two blocks at guest-physical 0: not the new DIMM's.
     agent.online.push_back(Ok((report(&[], "0-1", &[0, 128 * MIB]), 0)));
     let f = facts(&dom, &agent).await;
-    let mem = MemoryOpts {
-        size: Bytes(256 * MIB),
-        node: Some(0),
-        round_up: false,
-        ceiling: None,
-        max_dimm: Bytes(4 * GIB),
-        request_id: "lie".into(),
-    };
-    let r = run_on(&AttachMemory { mem }, &f, Some(&mut agent), &opts(), Run::new()).await.expect("runs");
+    let r =
+        run_on(&AttachMemory { mem: mem_256m("lie") }, &f, Some(&mut agent), &opts(), Run::new()).await.expect("runs");
     assert_eq!(r.outcome, Outcome::GuestFailed, "{}", r.render_text());
     assert!(r.message.contains("confirmed 0 of them"), "{}", r.message);
     assert_eq!(agent.requests, ["online cpus=None ranges=1"]);
@@ -154,15 +159,7 @@ async fn a_verbs_judge_decides_from_its_evidence_alone() {
 
     // attach-memory: a staged plug stopped between waves is partial when the
     // guest lacked room for the next wave, a failure when it did not online one.
-    let mem = MemoryOpts {
-        size: Bytes(256 * MIB),
-        node: Some(0),
-        round_up: false,
-        ceiling: None,
-        max_dimm: Bytes(4 * GIB),
-        request_id: "w".into(),
-    };
-    let verb = AttachMemory { mem };
+    let verb = AttachMemory { mem: mem_256m("w") };
     let plan = verb.plan(&f, &o).expect("plans");
     let stopped = |why| MemoryEvidence {
         plan: plan.clone(),
